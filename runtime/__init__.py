@@ -1,0 +1,15 @@
+"""kontext-rt: an inference runtime for FLUX.1 Kontext image editing and FLUX.1 generation.
+
+    import kontext_rt as krt
+    pipe = krt.Pipeline.from_pretrained("path/to/FLUX.1-Kontext-dev", device="cuda", dtype=torch.bfloat16)
+    out = pipe.edit(image, "make the sky purple")
+"""
+
+from .config import PRESETS, VAE_PRESETS, VARIANTS, FluxConfig, VAEConfig, Variant
+from .pipeline import EditSession, Pipeline, RunReport
+from .safetensors_io import CheckpointError
+
+__all__ = [
+    "Pipeline", "EditSession", "RunReport", "CheckpointError",
+    "FluxConfig", "VAEConfig", "Variant", "PRESETS", "VAE_PRESETS", "VARIANTS",
+]

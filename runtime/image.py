@@ -1,0 +1,96 @@
+"""Image I/O and the latent layout: validation, preferred Kontext resolutions, packing (REFERENCE.md 3.5, 4.1)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MULTIPLE = 16  # VAE /8 and the 2x2 patch
+MAX_PIXELS = 64 * 2**20  # refuse larger inputs before decoding them (decompression bombs)
+
+PREFERRED_KONTEXT_RESOLUTIONS = [  # (width, height)
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+]
+
+
+def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A PIL image or a path -> an RGB PIL image; bad input raises ValueError naming the problem."""
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.is_file():
+            raise ValueError(f"image {path}: file not found")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(path)
+                _check_size(img.size, str(path), max_pixels)
+                img.load()
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"image {path}: not a readable image ({e})") from None
+        except OSError as e:
+            raise ValueError(f"image {path}: unreadable ({e})") from None
+    elif isinstance(src, Image.Image):
+        img = src
+        _check_size(img.size, "image", max_pixels)
+    else:
+        raise TypeError(f"image must be a PIL image or a path, got {type(src).__name__}")
+    return img.convert("RGB")
+
+
+def _check_size(size, name: str, max_pixels: int):
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ValueError(f"{name} has zero size ({w}x{h})")
+    if w * h > max_pixels:
+        raise ValueError(f"{name} is {w}x{h} = {w * h / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit")
+    if w < MULTIPLE or h < MULTIPLE:
+        raise ValueError(f"{name} is {w}x{h}: both sides must be at least {MULTIPLE} pixels")
+
+
+def context_size(width: int, height: int, auto_resize: bool) -> tuple[int, int]:
+    """Floor to multiples of 16; with auto_resize, the preferred resolution of nearest aspect ratio."""
+    width, height = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
+    if auto_resize:
+        ar = width / height
+        _, width, height = min((abs(ar - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return width, height
+
+
+def check_size(width, height):
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if v % MULTIPLE:
+            raise ValueError(f"{name} {v} is not a multiple of {MULTIPLE}")
+
+
+def to_tensor(img: Image.Image, width: int, height: int) -> torch.Tensor:
+    """RGB PIL -> (1, 3, H, W) float32 in [-1, 1], LANCZOS-resized to (width, height) as diffusers does."""
+    if img.size != (width, height):
+        img = img.resize((width, height), resample=Image.LANCZOS)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(x).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> uint8 images, rounded (diffusers' postprocess)."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in x]
+
+
+def pack(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, 2h, 2w) -> (B, h*w, 4C): tokens row-major, channel index c*4 + ph*2 + pw."""
+    b, c, hh, ww = z.shape
+    return z.view(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (hh // 2) * (ww // 2), c * 4)
+
+
+def unpack(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(B, rows*cols, 4C) -> (B, C, 2*rows, 2*cols), the inverse of pack."""
+    b, _, d = x.shape
+    return x.view(b, rows, cols, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, rows * 2, cols * 2)

@@ -1,0 +1,200 @@
+"""The FLUX MMDiT (REFERENCE.md sections 1-3), BFL parameter names, one op table for the hot ops.
+
+Shapes: img (B, N, 64) target tokens, ctx (B, M, 64) context tokens, txt (B, T, context_in_dim),
+pooled (B, vec_in_dim), timesteps/guidance (B,) as sigma and the guidance scale (both x1000 inside),
+cos/sin (T+N+M, head_dim/2) from rope.rope_table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FluxConfig
+from .ops import EAGER_OPS, Ops
+
+TIME_FACTOR = 1000.0  # t and guidance are embedded as 1000 * value
+TIME_EMBED_DIM = 256
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM, max_period: float = 10_000.0) -> torch.Tensor:
+    """[cos | sin] sinusoid of 1000 * t, float32: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * TIME_FACTOR)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class ModulationOut(NamedTuple):
+    shift: torch.Tensor  # (B, 1, C)
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
+class Modulation(nn.Module):
+    """lin(SiLU(vec)) chunked into (shift, scale, gate) x (2 if double else 1)."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim)
+
+    def forward(self, vec: torch.Tensor) -> list[ModulationOut]:
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        return [ModulationOut(*out[i : i + 3]) for i in range(0, self.multiplier, 3)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+
+class SelfAttention(nn.Module):
+    """The per-stream projections of a double block; attention itself is joint across streams."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) -> (3, B, H, L, D)."""
+        return self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+
+
+def mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.img_mod = Modulation(dim, double=True)
+        self.img_attn = SelfAttention(dim, cfg.num_heads)
+        self.img_mlp = mlp(dim, cfg.mlp_hidden)
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_attn = SelfAttention(dim, cfg.num_heads)
+        self.txt_mlp = mlp(dim, cfg.mlp_hidden)
+
+    def forward(self, img, txt, vec, cos, sin, ops: Ops):
+        img_m1, img_m2 = self.img_mod(vec)
+        txt_m1, txt_m2 = self.txt_mod(vec)
+
+        # projections per stream, then one joint attention over [txt | img]
+        img_q, img_k, img_v = self.img_attn.qkv_heads(ops.modulate(img, img_m1.shift, img_m1.scale))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(ops.modulate(txt, txt_m1.shift, txt_m1.scale))
+        t = txt.shape[1]
+        txt_q, txt_k = ops.qk_norm_rope(
+            txt_q, txt_k, self.txt_attn.norm.query_norm.scale, self.txt_attn.norm.key_norm.scale, cos[:t], sin[:t]
+        )
+        img_q, img_k = ops.qk_norm_rope(
+            img_q, img_k, self.img_attn.norm.query_norm.scale, self.img_attn.norm.key_norm.scale, cos[t:], sin[t:]
+        )
+        attn = ops.attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2))
+        txt_attn, img_attn = attn[:, :t], attn[:, t:]
+
+        # gated residuals: attention, then MLP
+        img = ops.gated_residual(img, img_m1.gate, self.img_attn.proj(img_attn))
+        img = ops.gated_residual(img, img_m2.gate, self.img_mlp(ops.modulate(img, img_m2.shift, img_m2.scale)))
+        txt = ops.gated_residual(txt, txt_m1.gate, self.txt_attn.proj(txt_attn))
+        txt = ops.gated_residual(txt, txt_m2.gate, self.txt_mlp(ops.modulate(txt, txt_m2.shift, txt_m2.scale)))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP over the joint sequence; linear1 fuses q, k, v and the MLP input."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.split = [3 * dim, cfg.mlp_hidden]
+        self.linear1 = nn.Linear(dim, 3 * dim + cfg.mlp_hidden)
+        self.linear2 = nn.Linear(dim + cfg.mlp_hidden, dim)
+        self.norm = QKNorm(cfg.head_dim)
+        self.modulation = Modulation(dim, double=False)
+
+    def forward(self, x, vec, cos, sin, ops: Ops):
+        (mod,) = self.modulation(vec)
+        qkv, mlp_in = torch.split(self.linear1(ops.modulate(x, mod.shift, mod.scale)), self.split, -1)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k = ops.qk_norm_rope(q, k, self.norm.query_norm.scale, self.norm.key_norm.scale, cos, sin)
+        out = self.linear2(torch.cat((ops.attention(q, k, v), F.gelu(mlp_in, approximate="tanh")), -1))
+        return ops.gated_residual(x, mod.gate, out)
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, vec, ops: Ops):
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift, scale
+        return self.linear(ops.modulate(x, shift, scale))
+
+
+class FluxTransformer(nn.Module):
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.hidden_size
+        self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.time_in = MLPEmbedder(TIME_EMBED_DIM, dim)
+        self.vector_in = MLPEmbedder(cfg.vec_in_dim, dim)
+        self.guidance_in = MLPEmbedder(TIME_EMBED_DIM, dim) if cfg.guidance_embed else None
+        self.txt_in = nn.Linear(cfg.context_in_dim, dim)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks))
+        self.final_layer = LastLayer(dim, cfg.in_channels)
+
+    def conditioning(self, timesteps, guidance, pooled) -> torch.Tensor:
+        """vec = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(pooled): (B, C)."""
+        dtype = self.img_in.weight.dtype
+        vec = self.time_in(timestep_embedding(timesteps).to(dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this model was distilled with guidance: pass a guidance value")
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
+        return vec + self.vector_in(pooled.to(dtype))
+
+    def forward(self, img, ctx, txt, pooled, timesteps, guidance, cos, sin, ops: Ops = EAGER_OPS):
+        """Velocity of the target tokens, (B, N, in_channels). ctx may be None (text-to-image)."""
+        n = img.shape[1]
+        x = img if ctx is None else torch.cat((img, ctx), 1)
+        x = self.img_in(x)
+        vec = self.conditioning(timesteps, guidance, pooled)
+        txt = self.txt_in(txt)
+        for block in self.double_blocks:
+            x, txt = block(x, txt, vec, cos, sin, ops)
+        t = txt.shape[1]
+        x = torch.cat((txt, x), 1)
+        for block in self.single_blocks:
+            x = block(x, vec, cos, sin, ops)
+        # only the target tokens leave the model: the final layer is per token, context outputs are never used
+        return self.final_layer(x[:, t : t + n], vec, ops)

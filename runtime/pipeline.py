@@ -1,0 +1,216 @@
+"""The public API: Pipeline (edit, generate, session) over the runtime's model, VAE and text encoders."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import backends, image as im
+from .checkpoint import detect_layout, load_transformer, load_vae, variant_of
+from .config import Variant
+from .rope import rope_table, sequence_ids
+from .safetensors_io import CheckpointError
+from .sampler import Conditioning, denoise, explicit_schedule, schedule
+from .text import TextEmbeddingCache, TextEncoders
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUTPUTS = ("pil", "latent")
+LATENT_CHANNELS = 16
+
+
+@dataclass
+class RunReport:
+    """Filled in by edit/generate when passed as report=: what ran and how long each stage took (seconds)."""
+
+    seed: int | None = None
+    steps: int = 0
+    text_cache_hit: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Stage:
+    def __init__(self, report: RunReport | None, name: str, device: torch.device):
+        self.report, self.name, self.device = report, name, device
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.report is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.report.timings[self.name] = self.report.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but no CUDA GPU is available; use device='cpu'")
+    return device
+
+
+class Pipeline:
+    def __init__(self, transformer, vae, text: TextEncoders, variant: Variant, device, dtype, backend: str,
+                 ops, max_sequence_length: int, text_cache: TextEmbeddingCache):
+        self.transformer, self.vae, self.text = transformer, vae, text
+        self.variant, self.device, self.dtype = variant, device, dtype
+        self.backend, self.ops = backend, ops
+        self.max_sequence_length = max_sequence_length
+        self.text_cache = text_cache
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, backend="eager", max_sequence_length=None,
+                        ae=None, text_encoders=None, text_cache_dir=None, text_cache_size=64) -> Pipeline:
+        """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder)."""
+        device = _check_device(device)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
+        backend, ops = backends.resolve(backend, device)
+        layout = detect_layout(path, ae=ae, text_encoders=text_encoders)
+        if layout.text_encoders is None:
+            raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
+                                  "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+        transformer = load_transformer(layout, dtype, device)
+        vae = load_vae(layout, dtype, device)
+        variant = variant_of(layout, transformer.cfg)
+        msl = max_sequence_length or variant.max_sequence_length
+        if not isinstance(msl, int) or not 1 <= msl <= 512:
+            raise ValueError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
+        text = TextEncoders(layout.text_encoders, device, dtype)
+        cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
+        return cls(transformer, vae, text, variant, device, dtype, backend, ops, msl, cache)
+
+    # ---- public entry points ----------------------------------------------------------------------------------
+
+    def edit(self, image, prompt: str, steps=None, guidance=None, seed=None, width=None, height=None,
+             auto_resize=True, latents=None, output="pil", sigmas=None, progress=None, report=None):
+        """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction."""
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ValueError("edit needs at least one context image")
+        with _Stage(report, "vae_encode", self.device):
+            contexts = [self._encode_context(img, auto_resize) for img in images]
+        (w0, h0) = contexts[0][1]
+        width, height = width or w0, height or h0
+        guidance = self.variant.edit_guidance if guidance is None else guidance
+        return self._run(prompt, contexts, width, height, steps, guidance, seed, latents, output, sigmas, progress,
+                         report)
+
+    def generate(self, prompt: str, width=1024, height=1024, steps=None, guidance=None, seed=None, latents=None,
+                 output="pil", sigmas=None, progress=None, report=None):
+        """Text-to-image: the same sampler with no context tokens."""
+        guidance = self.variant.generate_guidance if guidance is None else guidance
+        return self._run(prompt, [], width, height, steps, guidance, seed, latents, output, sigmas, progress, report)
+
+    def session(self, image, **defaults) -> EditSession:
+        """Multi-turn editing: each turn's output becomes the next turn's context image."""
+        return EditSession(self, image, **defaults)
+
+    # ---- internals --------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _encode_context(self, img, auto_resize: bool):
+        pil = im.load_image(img)
+        w, h = im.context_size(*pil.size, auto_resize)
+        x = im.to_tensor(pil, w, h).to(self.device, self.dtype)
+        return im.pack(self.vae.encode(x)), (w, h)
+
+    def encode_prompt(self, prompt: str, report: RunReport | None = None):
+        """(txt, pooled) for a prompt, from the cache when possible."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+        key = TextEmbeddingCache.key(prompt, self.max_sequence_length, self.text.fingerprint)
+        hit = self.text_cache.get(key)
+        if report is not None:
+            report.text_cache_hit = hit is not None
+        if hit is None:
+            hit = self.text.encode(prompt, self.max_sequence_length)
+            self.text_cache.put(key, hit, prompt)
+        return tuple(t.to(self.device, self.dtype) for t in hit)
+
+    def _check_run_args(self, width, height, guidance, output):
+        im.check_size(width, height)
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance != guidance:
+            raise ValueError(f"guidance must be a number, got {guidance!r}")
+
+    def _initial_noise(self, latents, batch, rows, cols, seed):
+        if latents is not None:
+            want = (rows * cols, LATENT_CHANNELS * 4)
+            if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or tuple(latents.shape[1:]) != want:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"latents must be packed noise of shape [B, {want[0]}, {want[1]}], got {got}")
+            return latents.to(self.device, torch.float32), None
+        if seed is None:
+            seed = secrets.randbits(63)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        gen = torch.Generator().manual_seed(seed)  # noise drawn on the CPU: the same seed gives the same image anywhere
+        noise = torch.randn(batch, LATENT_CHANNELS, 2 * rows, 2 * cols, generator=gen)
+        return im.pack(noise).to(self.device), seed
+
+    @torch.inference_mode()
+    def _run(self, prompt, contexts, width, height, steps, guidance, seed, latents, output, sigmas, progress, report):
+        self._check_run_args(width, height, guidance, output)
+        rows, cols = height // im.MULTIPLE, width // im.MULTIPLE
+        x, used_seed = self._initial_noise(latents, 1, rows, cols, seed)
+        batch = x.shape[0]
+        if sigmas is not None:
+            sig = explicit_schedule(sigmas)
+        else:
+            sig = schedule(self.variant.steps if steps is None else steps, rows * cols, self.variant.shift_schedule)
+        with _Stage(report, "text_encode", self.device):
+            txt, pooled = self.encode_prompt(prompt, report)
+        ctx = torch.cat([c for c, _ in contexts], 1).expand(batch, -1, -1) if contexts else None
+        grids = [(rows, cols)] + [(h // im.MULTIPLE, w // im.MULTIPLE) for _, (w, h) in contexts]
+        cos, sin = rope_table(sequence_ids(txt.shape[1], grids, self.device), self.transformer.cfg.axes_dim,
+                              self.transformer.cfg.theta)
+        g = torch.full((batch,), float(guidance), device=self.device) if self.transformer.cfg.guidance_embed else None
+        cond = Conditioning(ctx, txt.expand(batch, -1, -1), pooled.expand(batch, -1), g, cos, sin)
+        denoiser = self._denoiser()
+        with _Stage(report, "denoise", self.device):
+            x = denoise(denoiser, x, sig, cond, self.dtype, progress)
+        if report is not None:
+            report.seed, report.steps = used_seed, len(sig) - 1
+        if output == "latent":
+            return x
+        with _Stage(report, "vae_decode", self.device):
+            images = im.to_pil(self.vae.decode(im.unpack(x, rows, cols)))
+        return images[0] if batch == 1 else images
+
+    def _denoiser(self):
+        model, ops = self.transformer, self.ops
+
+        def call(img, ctx, txt, pooled, t, g, cos, sin):
+            return model(img, ctx, txt, pooled, t, g, cos, sin, ops)
+
+        return call
+
+
+class EditSession:
+    """A chain of edits: turn k edits turn k-1's output (the first turn edits the given image)."""
+
+    def __init__(self, pipe: Pipeline, image, **defaults):
+        self.pipe, self.defaults = pipe, defaults
+        self.history = [im.load_image(image)]
+
+    @property
+    def image(self):
+        return self.history[-1]
+
+    def edit(self, prompt: str, **kwargs):
+        args = {**self.defaults, **kwargs}
+        if args.get("output", "pil") != "pil":
+            raise ValueError("a session edits images: output must be 'pil'")
+        out = self.pipe.edit(self.image, prompt, **args)
+        self.history.append(out)
+        return out

@@ -1,0 +1,184 @@
+"""T5 + CLIP text encoding behind a text-embedding cache (REFERENCE.md section 5.4).
+
+The encoders load lazily, on the first cache miss: a server whose prompts are all cached never loads T5-XXL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .safetensors_io import CheckpointError, read_header
+
+SUBFOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+_SAMPLES, _SAMPLE_BYTES = 16, 64 * 1024
+
+
+def _missing(folder: Path) -> list[str]:
+    return [s for s in SUBFOLDERS if not (folder / s).is_dir()]
+
+
+def fingerprint(folder: Path) -> str:
+    """A hash that changes with the text-encoder weights without reading 9.5 GB.
+
+    Covers every config and tokenizer file in full, and of each safetensors file its header, its size and 16
+    evenly spaced 64 KiB windows of its data.
+    """
+    h = hashlib.sha256()
+    for sub in SUBFOLDERS:
+        for path in sorted((folder / sub).iterdir()):
+            if not path.is_file():
+                continue
+            h.update(f"{sub}/{path.name}\0".encode())
+            if path.suffix != ".safetensors":
+                h.update(path.read_bytes())
+                continue
+            read_header(path)  # validates before sampling
+            size = path.stat().st_size
+            h.update(str(size).encode())
+            with open(path, "rb") as f:
+                for i in range(_SAMPLES):
+                    f.seek(size * i // _SAMPLES)
+                    h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:32]
+
+
+class TextEncoders:
+    """CLIP-L (pooled) + T5 (sequence) from a diffusers-layout folder, loaded on first use, thread-safe."""
+
+    def __init__(self, folder: Path, device, dtype: torch.dtype):
+        folder = Path(folder)
+        if missing := _missing(folder):
+            raise CheckpointError(f"{folder}: text encoders missing ({', '.join(missing)})")
+        self.folder, self.device, self.dtype = folder, torch.device(device), dtype
+        self._lock = threading.Lock()
+        self._models = None
+        self._fingerprint = None
+
+    @property
+    def fingerprint(self) -> str:
+        with self._lock:
+            if self._fingerprint is None:
+                self._fingerprint = fingerprint(self.folder)
+            return self._fingerprint
+
+    @property
+    def loaded(self) -> bool:
+        return self._models is not None
+
+    def _load(self):
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        kw = dict(local_files_only=True)
+        mkw = dict(kw, use_safetensors=True, dtype=self.dtype)
+        try:
+            tok = CLIPTokenizer.from_pretrained(self.folder / "tokenizer", **kw)
+            tok2 = T5TokenizerFast.from_pretrained(self.folder / "tokenizer_2", **kw)
+            clip = CLIPTextModel.from_pretrained(self.folder / "text_encoder", **mkw)
+            t5 = T5EncoderModel.from_pretrained(self.folder / "text_encoder_2", **mkw)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.folder}: cannot load the text encoders ({e})") from None
+        clip, t5 = (m.to(self.device).eval().requires_grad_(False) for m in (clip, t5))
+        return tok, tok2, clip, t5
+
+    @torch.inference_mode()
+    def encode(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> txt (1, max_sequence_length, D_t5), pooled (1, D_clip). Padded to full length, no attention mask."""
+        with self._lock:
+            if self._models is None:
+                self._models = self._load()
+        tok, tok2, clip, t5 = self._models
+        ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        pooled = clip(ids.to(self.device)).pooler_output
+        ids2 = tok2([prompt], padding="max_length", max_length=max_sequence_length, truncation=True,
+                    return_tensors="pt").input_ids
+        txt = t5(ids2.to(self.device)).last_hidden_state
+        return txt, pooled
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # memory or disk
+    disk_hits: int = 0
+    misses: int = 0
+
+
+class TextEmbeddingCache:
+    """LRU in memory plus an optional folder of safetensors files, keyed by prompt, length and encoder hash."""
+
+    def __init__(self, capacity: int = 64, folder: Path | None = None):
+        if capacity < 0:
+            raise ValueError(f"cache capacity must be >= 0, got {capacity}")
+        self.capacity, self.folder = capacity, Path(folder) if folder else None
+        self._lru: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = CacheStats()
+
+    @staticmethod
+    def key(prompt: str, max_sequence_length: int, encoder_hash: str) -> str:
+        return hashlib.sha256(json.dumps([encoder_hash, max_sequence_length, prompt]).encode()).hexdigest()
+
+    def get(self, key: str):
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                self.stats.hits += 1
+                return self._lru[key]
+        value = self._read(key)
+        with self._lock:
+            if value is None:
+                self.stats.misses += 1
+                return None
+            self.stats.hits += 1
+            self.stats.disk_hits += 1
+            self._remember(key, value)
+        return value
+
+    def put(self, key: str, value: tuple[torch.Tensor, torch.Tensor], prompt: str = ""):
+        with self._lock:
+            self._remember(key, value)
+        if self.folder is not None:
+            self._write(key, value, prompt)
+
+    def _remember(self, key, value):
+        if self.capacity == 0:
+            return
+        self._lru[key] = value
+        self._lru.move_to_end(key)
+        while len(self._lru) > self.capacity:
+            self._lru.popitem(last=False)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def _read(self, key: str):
+        if self.folder is None or not self._path(key).is_file():
+            return None
+        try:
+            t = load_file(self._path(key))
+            return t["txt"], t["pooled"]
+        except Exception:  # a damaged cache entry is a miss, never an error: it is rewritten
+            return None
+
+    def _write(self, key, value, prompt: str):
+        """Atomic: a temporary file in the same folder, then a rename; readers never see a partial entry."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        txt, pooled = (v.detach().cpu().contiguous() for v in value)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"txt": txt, "pooled": pooled}, tmp, metadata={"prompt": prompt})
+            os.replace(tmp, self._path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
