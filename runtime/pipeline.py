@@ -57,6 +57,11 @@ def _check_device(device) -> torch.device:
     return device
 
 
+def _check_prompt(prompt):
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must be a non-empty string")
+
+
 class Pipeline:
     def __init__(self, transformer, vae, text: TextEncoders, variant: Variant, device, dtype, backend: str,
                  ops, max_sequence_length: int, text_cache: TextEmbeddingCache):
@@ -93,6 +98,7 @@ class Pipeline:
     def edit(self, image, prompt: str, steps=None, guidance=None, seed=None, width=None, height=None,
              auto_resize=True, latents=None, output="pil", sigmas=None, progress=None, report=None):
         """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction."""
+        _check_prompt(prompt)
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise ValueError("edit needs at least one context image")
@@ -107,6 +113,7 @@ class Pipeline:
     def generate(self, prompt: str, width=1024, height=1024, steps=None, guidance=None, seed=None, latents=None,
                  output="pil", sigmas=None, progress=None, report=None):
         """Text-to-image: the same sampler with no context tokens."""
+        _check_prompt(prompt)
         guidance = self.variant.generate_guidance if guidance is None else guidance
         return self._run(prompt, [], width, height, steps, guidance, seed, latents, output, sigmas, progress, report)
 
@@ -125,8 +132,7 @@ class Pipeline:
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt must be a non-empty string")
+        _check_prompt(prompt)
         key = TextEmbeddingCache.key(prompt, self.max_sequence_length, self.text.fingerprint)
         hit = self.text_cache.get(key)
         if report is not None:

@@ -1,0 +1,223 @@
+"""`kontext-rt`: edit, generate and demo from the command line.
+
+The only place that reads the environment (the cache folder). Bad input: one `error: ...` line on stderr, exit
+status 2, no traceback and no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import secrets
+from pathlib import Path
+
+EXIT_USAGE = 2
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must not be negative")
+    return v
+
+
+def _finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+    return v
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("KONTEXT_RT_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kontext-rt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kontext-rt", description="FLUX.1 Kontext editing and FLUX.1 generation.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sp, needs_checkpoint=True):
+        if needs_checkpoint:
+            sp.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
+            sp.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
+            sp.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
+        sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...)")
+        sp.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
+        sp.add_argument("--guidance", type=_finite_float, help="distilled guidance scale")
+        sp.add_argument("--seed", type=_nonneg_int, help="noise seed (default: random, printed)")
+        sp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+        sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
+        sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
+        sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
+        sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing summary")
+
+    e = sub.add_parser("edit", help="edit an image from an instruction")
+    e.add_argument("image")
+    e.add_argument("prompt")
+    e.add_argument("--extra-image", action="append", default=[], help="another context image (repeatable)")
+    e.add_argument("--width", type=_positive_int)
+    e.add_argument("--height", type=_positive_int)
+    e.add_argument("--no-auto-resize", action="store_true", help="keep the context size (floored to 16 px)")
+    common(e)
+    g = sub.add_parser("generate", help="text-to-image")
+    g.add_argument("prompt")
+    g.add_argument("--width", type=_positive_int, default=1024)
+    g.add_argument("--height", type=_positive_int, default=1024)
+    common(g)
+    d = sub.add_parser("demo", help="edit with a small random-weight checkpoint on the CPU (no downloads)")
+    common(d, needs_checkpoint=False)
+    return p
+
+
+def _check_output(path: str | None) -> Path:
+    from PIL import Image
+
+    if not path:
+        raise UsageError("an output file is required (-o OUT.png)")
+    out = Path(path)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"output {out}: unknown image extension {out.suffix!r} (use .png, .jpg, .webp)")
+    if not out.parent.is_dir():
+        raise UsageError(f"output {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _save(img, out: Path):
+    """Write to a temporary file beside the target, then rename: never a partial output file."""
+    tmp = out.parent / f".{out.stem}.{secrets.token_hex(6)}.partial{out.suffix}"
+    try:
+        img.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _device_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = DTYPE_NAMES[args.dtype] if args.dtype else ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, getattr(torch, name)
+
+
+def _summary(report, steps_label: str) -> str:
+    names = [("text_encode", "text encode"), ("vae_encode", "VAE encode"), ("denoise", "denoise"),
+             ("vae_decode", "VAE decode")]
+    parts = []
+    for key, label in names:
+        if key in report.timings:
+            extra = " (cache hit)" if key == "text_encode" and report.text_cache_hit else ""
+            if key == "denoise" and report.steps:
+                extra = f" ({report.steps} steps, {report.timings[key] / report.steps * 1000:.1f} ms/step)"
+            parts.append(f"{label} {report.timings[key]:.2f} s{extra}")
+    return f"{steps_label} | " + " | ".join(parts) + f" | seed {report.seed}"
+
+
+def _run(args) -> int:
+    import kontext_rt as krt
+    from kontext_rt import demo
+
+    out = _check_output(args.output) if args.command != "demo" or args.output else None
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.command == "demo":
+        out = out or cache_dir / "demo-output.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print("demo: the weights are RANDOM (a tiny model written locally): the picture will be noise; this only "
+              "proves the install runs end to end", file=sys.stderr)
+        args.checkpoint = demo.demo_checkpoint(cache_dir)
+        args.ae = args.text_encoders = None
+        args.device = args.device or "cpu"
+    device, dtype = _device_dtype(args)
+    pipe = krt.Pipeline.from_pretrained(
+        args.checkpoint, device=device, dtype=dtype, backend=args.backend, ae=args.ae,
+        text_encoders=args.text_encoders, text_cache_dir=None if args.no_text_cache else cache_dir / "text",
+    )
+    report = krt.RunReport()
+    bar = _progress(args.quiet)
+    common = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, progress=bar, report=report)
+    if args.command == "generate":
+        img = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
+    elif args.command == "edit":
+        images = [args.image, *args.extra_image]
+        img = pipe.edit(images, args.prompt, width=args.width, height=args.height,
+                        auto_resize=not args.no_auto_resize, **common)
+    else:
+        img = pipe.edit(demo.demo_image(), "turn the disc into a red apple", auto_resize=False, **common)
+    bar.close()
+    _save(img, out)
+    if not args.quiet:
+        print(_summary(report, f"{img.size[0]}x{img.size[1]} -> {out}"), file=sys.stderr)
+    return 0
+
+
+class _progress:
+    """A tqdm bar over denoising steps on stderr, created on the first step."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, done: int, total: int):
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        # ValueError covers CheckpointError and every validation error of the public API.
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

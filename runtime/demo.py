@@ -1,0 +1,119 @@
+"""A small random-weight checkpoint in the real diffusers layout, written by the runtime itself (no downloads).
+
+`kontext-rt demo` runs an edit on it so a fresh install proves itself in seconds; the tests check that diffusers
+loads the same folder and computes the same outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import PRESETS, VAE_PRESETS, FluxConfig, VAEConfig
+from .mapping import diffusers_transformer_rules, diffusers_vae_rules
+from .model import FluxTransformer
+from .tiny_text import clip_config, t5_config
+from .tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
+from .vae import AutoEncoder
+
+DEMO_VERSION = "1"  # bump when the demo checkpoint's contents change
+
+
+def _write_json(path: Path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def transformer_config_json(cfg: FluxConfig) -> dict:
+    return {
+        "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": cfg.in_channels,
+        "out_channels": None, "num_layers": cfg.depth, "num_single_layers": cfg.depth_single_blocks,
+        "attention_head_dim": cfg.head_dim, "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_in_dim, "pooled_projection_dim": cfg.vec_in_dim,
+        "guidance_embeds": cfg.guidance_embed, "axes_dims_rope": list(cfg.axes_dim),
+    }
+
+
+def vae_config_json(cfg: VAEConfig) -> dict:
+    n = len(cfg.ch_mult)
+    return {
+        "_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
+        "act_fn": "silu", "latent_channels": cfg.z_channels, "norm_num_groups": cfg.norm_groups,
+        "sample_size": 1024, "scaling_factor": cfg.scale_factor, "shift_factor": cfg.shift_factor,
+        "latents_mean": None, "latents_std": None, "force_upcast": True, "use_quant_conv": False,
+        "use_post_quant_conv": False, "mid_block_add_attention": True,
+    }
+
+
+def _save_mapped(module: torch.nn.Module, rules, path: Path):
+    state = module.state_dict()
+    out = {}
+    for rule in rules:
+        for name, t in zip(rule.sources, rule.separate(state[rule.target])):
+            out[name] = t.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, path)
+
+
+def write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae: AutoEncoder, seed: int = 0):
+    """Write the runtime's modules (plus tiny text encoders and tokenizers) as a diffusers folder."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tshapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
+    _save_mapped(transformer, diffusers_transformer_rules(tshapes), folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    _write_json(folder / "transformer" / "config.json", transformer_config_json(transformer.cfg))
+    vshapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    _save_mapped(vae, diffusers_vae_rules(vshapes, len(vae.cfg.ch_mult)), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    _write_json(folder / "vae" / "config.json", vae_config_json(vae.cfg))
+    tok = write_clip_tokenizer(folder / "tokenizer")
+    tok2 = write_t5_tokenizer(folder / "tokenizer_2")
+    CLIPTextModel(clip_config(len(tok), tok.eos_token_id, tok.bos_token_id)).save_pretrained(folder / "text_encoder")
+    T5EncoderModel(t5_config(len(tok2))).save_pretrained(folder / "text_encoder_2")
+    guided = transformer.cfg.guidance_embed
+    _write_json(folder / "scheduler" / "scheduler_config.json", {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+        "shift": 3.0 if guided else 1.0, "use_dynamic_shifting": guided, "base_shift": 0.5, "max_shift": 1.15,
+        "base_image_seq_len": 256, "max_image_seq_len": 4096,
+    })
+    _write_json(folder / "model_index.json", {
+        "_class_name": "FluxKontextPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None], "feature_extractor": [None, None],
+    })
+
+
+def demo_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
+    """The demo checkpoint in cache_dir, written once (built in a temporary folder, then renamed into place)."""
+    target = Path(cache_dir) / f"demo-checkpoint-v{DEMO_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".demo-"))
+    try:
+        torch.manual_seed(seed)
+        write_diffusers_checkpoint(tmp, FluxTransformer(PRESETS["tiny"]), AutoEncoder(VAE_PRESETS["tiny"]), seed)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def demo_image(width: int = 96, height: int = 64):
+    """A deterministic synthetic picture (gradients and a disc) to edit."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    disc = ((x - width * 0.6) ** 2 + (y - height * 0.5) ** 2) < (height * 0.3) ** 2
+    rgb = np.stack([x / width, y / height, disc.astype(np.float32)], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
