@@ -188,7 +188,8 @@ def load_into(module: nn.Module, rules: list[Rule], files: TensorFiles, names: d
                     raise CheckpointError(f"{files.where[names[src]]}: tensor {names[src]!r} has shape "
                                           f"{list(got)}, the model expects {list(shape)}")
             tensors = [files.get(names[s]) for s in rule.sources]
-            state[rule.target] = rule.combine(tensors).to(device=device, dtype=dtype)
+            # a fresh, aligned copy: never a view of the mmapped file (results then do not depend on file offsets)
+            state[rule.target] = rule.combine(tensors).to(device=device, dtype=dtype, copy=True).contiguous()
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
