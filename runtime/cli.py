@@ -146,9 +146,19 @@ def _summary(report, steps_label: str) -> str:
     return f"{steps_label} | " + " | ".join(parts) + f" | seed {report.seed}"
 
 
+def _quiet_libraries():
+    """The application, not the library, decides what third-party packages print: only their errors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _run(args) -> int:
     import kontext_rt as krt
     from kontext_rt import demo
+
+    _quiet_libraries()
 
     out = _check_output(args.output) if args.command != "demo" or args.output else None
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
