@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests import builders  # noqa: E402
-
 from kontext_rt import Pipeline  # noqa: E402
 from kontext_rt.checkpoint import Layout, load_transformer  # noqa: E402
 from kontext_rt.rope import rope_table, sequence_ids  # noqa: E402
+
+from tests import builders  # noqa: E402
 
 TEXT, GRID = 64, (16, 16)  # 64 text + 256 target + 256 context tokens
 H, W, STEPS = 48, 80, 4

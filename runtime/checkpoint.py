@@ -182,7 +182,7 @@ def load_into(module: nn.Module, rules: list[Rule], files: TensorFiles, names: d
     with files:
         for rule in rules:
             want = rule.source_shapes(targets[rule.target])
-            for src, shape in zip(rule.sources, want):
+            for src, shape in zip(rule.sources, want, strict=True):
                 got = files.shapes[names[src]]
                 if got != shape:
                     raise CheckpointError(f"{files.where[names[src]]}: tensor {names[src]!r} has shape "
@@ -229,11 +229,3 @@ def load_vae(layout: Layout, dtype, device) -> AutoEncoder:
     model = _meta(lambda: AutoEncoder(cfg))
     rules = identity_rules({k: tuple(v.shape) for k, v in model.state_dict().items()})
     return load_into(model, rules, files, names, dtype, device, layout.vae)
-
-
-def transformer_config(layout: Layout) -> FluxConfig:
-    if layout.kind == "diffusers":
-        return diffusers_transformer_config(layout.transformer)
-    files = TensorFiles([layout.transformer])
-    names = _strip_prefix(files, BFL_PREFIXES)
-    return bfl_transformer_config({k: files.shapes[v] for k, v in names.items()}, layout.transformer)

@@ -56,7 +56,7 @@ def _save_mapped(module: torch.nn.Module, rules, path: Path):
     state = module.state_dict()
     out = {}
     for rule in rules:
-        for name, t in zip(rule.sources, rule.separate(state[rule.target])):
+        for name, t in zip(rule.sources, rule.separate(state[rule.target]), strict=True):
             out[name] = t.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, path)
@@ -68,10 +68,11 @@ def write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae: 
 
     torch.manual_seed(seed)
     tshapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
-    _save_mapped(transformer, diffusers_transformer_rules(tshapes), folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    weights = "diffusion_pytorch_model.safetensors"
+    _save_mapped(transformer, diffusers_transformer_rules(tshapes), folder / "transformer" / weights)
     _write_json(folder / "transformer" / "config.json", transformer_config_json(transformer.cfg))
     vshapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    _save_mapped(vae, diffusers_vae_rules(vshapes, len(vae.cfg.ch_mult)), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    _save_mapped(vae, diffusers_vae_rules(vshapes, len(vae.cfg.ch_mult)), folder / "vae" / weights)
     _write_json(folder / "vae" / "config.json", vae_config_json(vae.cfg))
     tok = write_clip_tokenizer(folder / "tokenizer")
     tok2 = write_t5_tokenizer(folder / "tokenizer_2")

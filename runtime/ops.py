@@ -7,8 +7,8 @@ cos/sin (L, D/2) float32, one angle per interleaved pair.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

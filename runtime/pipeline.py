@@ -6,11 +6,11 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from . import backends, image as im
+from . import backends
+from . import image as im
 from .checkpoint import detect_layout, load_transformer, load_vae, variant_of
 from .config import Variant
 from .rope import rope_table, sequence_ids

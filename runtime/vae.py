@@ -85,7 +85,9 @@ class Encoder(nn.Module):
         cin = cfg.ch
         for i, cout in enumerate(chs):
             level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(cfg, cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks))
+            level.block = nn.ModuleList(
+                ResnetBlock(cfg, cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks)
+            )
             if i < len(chs) - 1:
                 level.downsample = Downsample(cout)
             self.down.append(level)

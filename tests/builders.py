@@ -6,11 +6,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from kontext_rt.config import PRESETS, VAE_PRESETS
 from kontext_rt.tiny_text import clip_config, t5_config
 from kontext_rt.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
+from safetensors.torch import save_file
 
 
 def _jitter(module: torch.nn.Module, gen: torch.Generator):

@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from kontext_rt.cli import main
+from PIL import Image
 
 
 def run(args, capsys):
@@ -50,7 +49,6 @@ def test_demo_checkpoint_is_a_real_diffusers_folder(tmp_path):
     """diffusers loads what the runtime writes, and computes the same transformer output."""
     import torch
     from diffusers import FluxTransformer2DModel
-
     from kontext_rt import Pipeline
     from kontext_rt.demo import demo_checkpoint
     from kontext_rt.rope import rope_table, sequence_ids
@@ -78,7 +76,7 @@ def test_demo_checkpoint_is_a_real_diffusers_folder(tmp_path):
         (["edit", "{pic}", "x", "--checkpoint", "{tmp}/none"], "no such checkpoint"),
         (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--steps", "0"], "--steps: 0 must be at least 1"),
         (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--guidance", "nan"], "not a finite number"),
-        (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--seed", "-4"], "must not be negative"),
+        (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--seed", "-4"], "-4 must be at least 0"),
         (["generate", "x", "--checkpoint", "{ckpt}", "--width", "100"], "width 100 is not a multiple of 16"),
         (["generate", "x", "--checkpoint", "{ckpt}", "--backend", "warp"], "unknown backend 'warp'"),
         (["generate", "x", "--checkpoint", "{ckpt}", "--device", "tpu:9"], "device"),

@@ -4,9 +4,8 @@ import struct
 import zlib
 
 import pytest
-from PIL import Image
-
 from kontext_rt.image import load_image
+from PIL import Image
 
 
 def _png_claiming(path, w, h):

@@ -6,18 +6,18 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from kontext_rt import CheckpointError, Pipeline
 from kontext_rt.checkpoint import detect_layout, load_transformer, load_vae
+from safetensors.torch import save_file
+
 from tests.builders import bfl_checkpoint
 
 H, W = 48, 80
 
 
 def _edit_latent(pipe, seed=7):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (H, W, 3), dtype=np.uint8))
     noise = torch.randn(1, (H // 16) * (W // 16), 64, generator=torch.Generator().manual_seed(seed))
@@ -41,7 +41,7 @@ def test_prefixed_ae_file_loads(kontext_dir, tmp_path):
     save_file({"first_stage_model." + k: v for k, v in load_file(files["ae"]).items()}, tmp_path / "ae2.safetensors")
     vae = load_vae(detect_layout(files["flux"], ae=tmp_path / "ae2.safetensors"), torch.float32, "cpu")
     ref = load_vae(detect_layout(kontext_dir), torch.float32, "cpu")
-    for (k, a), (_, b) in zip(vae.state_dict().items(), ref.state_dict().items()):
+    for (k, a), (_, b) in zip(vae.state_dict().items(), ref.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 
@@ -122,7 +122,8 @@ def test_unexpected_key_is_named(bfl):
 
 def test_wrong_shape_is_named(bfl):
     _rewrite(bfl["flux"], lambda s: s.update({"double_blocks.1.txt_mlp.2.weight": torch.zeros(64, 255)}))
-    with pytest.raises(CheckpointError, match=r"'double_blocks.1.txt_mlp.2.weight' has shape \[64, 255\], the model expects \[64, 256\]"):
+    expected = r"'double_blocks.1.txt_mlp.2.weight' has shape \[64, 255\], the model expects \[64, 256\]"
+    with pytest.raises(CheckpointError, match=expected):
         load_transformer(detect_layout(bfl["flux"]), torch.float32, "cpu")
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from kontext_rt.checkpoint import detect_layout, load_transformer, load_vae
 from kontext_rt.image import pack, unpack
 from kontext_rt.rope import image_ids, rope_table, sequence_ids

@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from kontext_rt import Pipeline, RunReport
 from kontext_rt.image import PREFERRED_KONTEXT_RESOLUTIONS, context_size
 from kontext_rt.sampler import explicit_schedule, schedule
+from PIL import Image
 
 REL_TOL = 1e-4  # the bound for a full edit
 

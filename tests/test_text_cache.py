@@ -4,7 +4,6 @@ import shutil
 
 import pytest
 import torch
-
 from kontext_rt import Pipeline
 from kontext_rt.text import TextEmbeddingCache, fingerprint
 
@@ -19,7 +18,8 @@ def test_disk_hit_never_loads_encoders(kontext_dir, tmp_path):
     second = Pipeline.from_pretrained(kontext_dir, text_cache_dir=cache)  # a fresh process, in effect
     b = second.generate("a red house", width=32, height=32, steps=1, seed=0, output="latent")
     assert not second.text.loaded  # T5 and CLIP were never loaded
-    assert (second.text_cache.stats.hits, second.text_cache.stats.disk_hits, second.text_cache.stats.misses) == (1, 1, 0)
+    stats = second.text_cache.stats
+    assert (stats.hits, stats.disk_hits, stats.misses) == (1, 1, 0)
     assert torch.equal(a, b)
 
 
