@@ -64,9 +64,15 @@ def _save_mapped(module: torch.nn.Module, rules, path: Path):
 
 def write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae: AutoEncoder, seed: int = 0):
     """Write the runtime's modules (plus tiny text encoders and tokenizers) as a diffusers folder."""
+
+    with torch.random.fork_rng(devices=[]):  # seeded text encoders without touching the caller's global RNG
+        torch.manual_seed(seed)
+        _write_diffusers_checkpoint(folder, transformer, vae)
+
+
+def _write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae: AutoEncoder):
     from transformers import CLIPTextModel, T5EncoderModel
 
-    torch.manual_seed(seed)
     tshapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
     weights = "diffusion_pytorch_model.safetensors"
     _save_mapped(transformer, diffusers_transformer_rules(tshapes), folder / "transformer" / weights)
@@ -101,8 +107,10 @@ def demo_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".demo-"))
     try:
-        torch.manual_seed(seed)
-        write_diffusers_checkpoint(tmp, FluxTransformer(PRESETS["tiny"]), AutoEncoder(VAE_PRESETS["tiny"]), seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            modules = FluxTransformer(PRESETS["tiny"]), AutoEncoder(VAE_PRESETS["tiny"])
+        write_diffusers_checkpoint(tmp, *modules, seed)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

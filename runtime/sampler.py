@@ -69,10 +69,13 @@ def denoise(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: Con
     """Euler steps x <- x + (s_next - s) * v; the state stays float32, the model sees `dtype`."""
     x = x.float()
     steps = len(sigmas) - 1
+    # the schedule moves to the device once: no host-to-device copy inside the loop
+    sigmas = sigmas.to(x.device)
+    timesteps = sigmas[:-1, None].expand(-1, x.shape[0])  # (steps, B)
+    dts = sigmas[1:] - sigmas[:-1]
     for i in range(steps):
-        t = sigmas[i].expand(x.shape[0]).to(x.device)
-        v = denoiser(x.to(dtype), cond.ctx, cond.txt, cond.pooled, t, cond.guidance, cond.cos, cond.sin)
-        x = x + (sigmas[i + 1] - sigmas[i]).to(x.device) * v.float()
+        v = denoiser(x.to(dtype), cond.ctx, cond.txt, cond.pooled, timesteps[i], cond.guidance, cond.cos, cond.sin)
+        x = x + dts[i] * v.float()
         if progress is not None:
             progress(i + 1, steps)
     return x

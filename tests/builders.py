@@ -53,8 +53,8 @@ def diffusers_checkpoint(folder: Path, guidance: bool, vae_channels=None, vae_gr
 
     gen = torch.Generator().manual_seed(1234)
     torch.manual_seed(1234)
-    tok = write_clip_tokenizer(folder / "_tok")
-    tok2 = write_t5_tokenizer(folder / "_tok2")
+    write_clip_tokenizer(folder / "_tok")
+    write_t5_tokenizer(folder / "_tok2")
     tok, tok2 = CLIPTokenizer.from_pretrained(folder / "_tok"), T5TokenizerFast.from_pretrained(folder / "_tok2")
     clip = CLIPTextModel(clip_config(len(tok), tok.eos_token_id, tok.bos_token_id)).eval()
     t5 = T5EncoderModel(t5_config(len(tok2))).eval()

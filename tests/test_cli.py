@@ -107,3 +107,14 @@ def test_console_script_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kontext_rt.cli", "edit", str(tmp_path / "a.png"), "x",
                         "--checkpoint", str(tmp_path), "-o", str(tmp_path / "o.png")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+
+
+def test_demo_checkpoint_leaves_the_global_rng_alone(tmp_path):
+    import torch
+    from kontext_rt.demo import demo_checkpoint
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    demo_checkpoint(tmp_path)
+    assert torch.equal(torch.rand(3), expected)
