@@ -109,13 +109,10 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.qkv_heads(ops.modulate(img, img_m1.shift, img_m1.scale))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(ops.modulate(txt, txt_m1.shift, txt_m1.scale))
         t = txt.shape[1]
-        txt_q, txt_k = ops.qk_norm_rope(
-            txt_q, txt_k, self.txt_attn.norm.query_norm.scale, self.txt_attn.norm.key_norm.scale, cos[:t], sin[:t]
-        )
-        img_q, img_k = ops.qk_norm_rope(
-            img_q, img_k, self.img_attn.norm.query_norm.scale, self.img_attn.norm.key_norm.scale, cos[t:], sin[t:]
-        )
-        attn = ops.attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2))
+        q_scales = (self.txt_attn.norm.query_norm.scale, self.img_attn.norm.query_norm.scale)
+        k_scales = (self.txt_attn.norm.key_norm.scale, self.img_attn.norm.key_norm.scale)
+        q, k, v = (torch.cat(pair, 2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        attn = ops.attention(q, k, v, q_scales, k_scales, t, cos, sin)  # text tokens normed with the text scales
         txt_attn, img_attn = attn[:, :t], attn[:, t:]
 
         # gated residuals: attention, then MLP
@@ -143,8 +140,9 @@ class SingleStreamBlock(nn.Module):
         (mod,) = self.modulation(vec)
         qkv, mlp_in = torch.split(self.linear1(ops.modulate(x, mod.shift, mod.scale)), self.split, -1)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        q, k = ops.qk_norm_rope(q, k, self.norm.query_norm.scale, self.norm.key_norm.scale, cos, sin)
-        out = self.linear2(torch.cat((ops.attention(q, k, v), F.gelu(mlp_in, approximate="tanh")), -1))
+        q_scales, k_scales = (self.norm.query_norm.scale,) * 2, (self.norm.key_norm.scale,) * 2
+        attn = ops.attention(q, k, v, q_scales, k_scales, 0, cos, sin)
+        out = self.linear2(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")), -1))
         return ops.gated_residual(x, mod.gate, out)
 
 

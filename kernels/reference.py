@@ -1,0 +1,74 @@
+"""Plain-torch references for every kernel in this package: the spec the kernels are tested against.
+
+They are also the runtime's eager ops, so the numerics here are FLUX's own (BFL `math.py`, `layers.py`): QK
+RMSNorm in float32 cast back before the learned scale, RoPE on interleaved pairs in float32, LayerNorm without
+affine, eps 1e-6. Every function computes in float32 at least and in float64 when given float64, so the tests can
+call them on float64 copies as the exact reference and on the kernel's own dtype as "what torch does in that dtype".
+
+Shapes (once, for the whole package):
+    q, k, v      (B, H, L, D)   L = T + N + M: text, target and context tokens in one sequence
+    cos, sin     (L, D/2)       float32, one angle per interleaved pair (x[2j], x[2j+1])
+    q/k scales   (D,) each, a pair (for tokens < split, for tokens >= split): text and image scales of a
+                 double block; a single block passes the same scale twice
+    x, y         (B, L, C)      shift, scale, gate (B, 1, C)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-6  # every LayerNorm and QK RMSNorm in FLUX
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs (the exact reference in tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def rms_norm(x: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor], split: int = 0) -> torch.Tensor:
+    """Per-head RMSNorm over D in float32, cast back, times the learned scale: scales[0] for tokens < split
+    (dim -2), scales[1] for the rest."""
+    y = F.rms_norm(x.to(compute_dtype(x)), x.shape[-1:], eps=EPS).to(x.dtype)
+    if split <= 0:
+        return y * scales[1].to(x.dtype)
+    y[..., :split, :] *= scales[0].to(x.dtype)
+    y[..., split:, :] *= scales[1].to(x.dtype)
+    return y
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) by the per-pair angle, in float32."""
+    cd = compute_dtype(x)
+    xf = x.to(cd).unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos.to(cd), sin.to(cd)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def qk_norm_rope(q, k, q_scales, k_scales, split, cos, sin):
+    """QK RMSNorm then RoPE, for one block's q and k."""
+    return apply_rope(rms_norm(q, q_scales, split), cos, sin), apply_rope(rms_norm(k, k_scales, split), cos, sin)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Joint non-causal attention, scale 1/sqrt(D); (B, H, L, D) -> (B, L, H*D)."""
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def rope_attention(q, k, v, q_scales, k_scales, split, cos, sin):
+    """What one FLUX block does between its qkv projection and its output projection: (B, L, H*D)."""
+    q, k = qk_norm_rope(q, k, q_scales, k_scales, split, cos, sin)
+    return attention(q, k, v)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(1 + scale) * LayerNorm(x) + shift, LayerNorm without affine."""
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=EPS) + shift
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y."""
+    return x + gate * y
