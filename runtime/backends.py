@@ -5,6 +5,8 @@ An explicitly requested backend that cannot run here fails with the reason; only
 
 from __future__ import annotations
 
+import torch
+
 from .ops import EAGER_OPS, Ops
 
 
@@ -16,6 +18,34 @@ def _eager(device) -> Ops:
     return EAGER_OPS
 
 
+def _triton(device) -> Ops:
+    try:
+        from .kernels import ops as kernels
+    except ImportError as err:
+        raise BackendUnavailable(f"backend 'triton' needs the triton package ({err}); install triton or use "
+                                 "backend='eager'") from err
+    device = torch.device(device)
+    if device.type == "cuda":
+        if kernels.interpreted():
+            raise BackendUnavailable("backend 'triton' was asked for on a CUDA device, but its kernels were "
+                                     "compiled for the Triton interpreter (TRITON_INTERPRET=1): unset it, or use "
+                                     "backend='eager'")
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("backend 'triton' needs a CUDA GPU and none is visible; use backend='eager'")
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            name = torch.cuda.get_device_name(device)
+            raise BackendUnavailable(f"backend 'triton' needs compute capability 8.0 or newer (bf16), {name} has "
+                                     f"{torch.cuda.get_device_capability(device)}; use backend='eager'")
+    elif device.type == "cpu":
+        if not kernels.interpreted():
+            raise BackendUnavailable("backend 'triton' needs a CUDA GPU; on the CPU its kernels run only under "
+                                     "the Triton interpreter (TRITON_INTERPRET=1, for tests); use backend='eager'")
+    else:
+        raise BackendUnavailable(f"backend 'triton' runs on CUDA devices, not {device.type}; use backend='eager'")
+    return Ops(attention=kernels.attention, modulate=kernels.modulate, gated_residual=kernels.gated_residual,
+               head_dims=kernels.HEAD_DIMS)
+
+
 def _not_in_this_release(name: str):
     def make(device) -> Ops:
         raise BackendUnavailable(f"backend {name!r} is not part of this release yet; use backend='eager'")
@@ -23,7 +53,8 @@ def _not_in_this_release(name: str):
     return make
 
 
-REGISTRY = {"eager": _eager, "triton": _not_in_this_release("triton"), "tensorrt": _not_in_this_release("tensorrt")}
+REGISTRY = {"eager": _eager, "triton": _triton, "tensorrt": _not_in_this_release("tensorrt")}
+# auto stays on the reference path until the triton kernels have been timed on a GPU (benchmarks/kernels_gpu.py)
 AUTO_ORDER = ("eager",)
 
 

@@ -24,6 +24,7 @@ class Ops:
     attention: Callable = reference.rope_attention
     modulate: Callable = reference.modulate
     gated_residual: Callable = reference.gated_residual
+    head_dims: tuple[int, ...] | None = None  # the head dims the ops support; None: any
 
 
 EAGER_OPS = Ops()

@@ -84,6 +84,10 @@ class Pipeline:
             raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
                                   "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
         transformer = load_transformer(layout, dtype, device)
+        if ops.head_dims is not None and transformer.cfg.head_dim not in ops.head_dims:
+            raise backends.BackendUnavailable(
+                f"backend {backend!r} supports head dims {ops.head_dims}, this model has {transformer.cfg.head_dim}; "
+                "use backend='eager'")
         vae = load_vae(layout, dtype, device)
         variant = variant_of(layout, transformer.cfg)
         msl = max_sequence_length or variant.max_sequence_length

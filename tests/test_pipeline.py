@@ -195,8 +195,8 @@ def test_bad_arguments(pipe, kwargs, match):
 def test_bad_pipeline_options(kontext_dir):
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         Pipeline.from_pretrained(kontext_dir, backend="fast")
-    with pytest.raises(RuntimeError, match="backend 'triton' is not part of this release"):
-        Pipeline.from_pretrained(kontext_dir, backend="triton")
+    with pytest.raises(RuntimeError, match="backend 'tensorrt' is not part of this release"):
+        Pipeline.from_pretrained(kontext_dir, backend="tensorrt")
     with pytest.raises(ValueError, match="dtype must be one of"):
         Pipeline.from_pretrained(kontext_dir, dtype=torch.int8)
     if not torch.cuda.is_available():

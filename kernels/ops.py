@@ -1,0 +1,30 @@
+"""The kernels as registered torch ops (kontext_rt::*), with the signatures of the runtime's op table.
+
+Importing this module imports triton and registers the ops; the runtime does so only when the `triton` backend
+is chosen.
+"""
+
+from __future__ import annotations
+
+from . import _launch, modulation, qk_norm_rope, rope_attention
+
+HEAD_DIMS = _launch.HEAD_DIMS
+modulate = modulation.modulate_op
+gated_residual = modulation.gated_residual_op
+
+
+def attention(q, k, v, q_scales, k_scales, split, cos, sin):
+    """QK RMSNorm and RoPE applied as q and k tiles are loaded, inside the flash attention kernel."""
+    return rope_attention.rope_attention_op(q, k, v, *q_scales, *k_scales, split, cos, sin, True, True)
+
+
+def attention_prerotated(q, k, v, q_scales, k_scales, split, cos, sin):
+    """The same result in two kernels: one pass writes normalized, rotated q and k; plain flash attention reads
+    them. It moves 4 (B, H, L, D) tensors more through memory but keeps the attention loop free of RoPE work."""
+    q, k = qk_norm_rope.qk_norm_rope_op(q, k, *q_scales, *k_scales, split, cos, sin)
+    return rope_attention.rope_attention_op(q, k, v, q, q, q, q, 0, cos, sin, False, False)
+
+
+def interpreted() -> bool:
+    """True when the kernels were compiled for the Triton interpreter (TRITON_INTERPRET=1 at first import)."""
+    return _launch.interpreted(rope_attention._rope_attention_kernel)

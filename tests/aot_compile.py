@@ -1,0 +1,81 @@
+"""Compile the Triton kernels for NVIDIA GPUs without one (ahead of time, to cubin with the ptxas that ships with
+triton) and report each compile's registers and spill bytes, as JSON on stdout.
+
+Run as `python -m tests.aot_compile` in a process without TRITON_INTERPRET (the interpreter replaces the kernels
+with Python functions that cannot be compiled); tests/test_kernel_compile.py does so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def resource_usage(cubin: bytes) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(item.split(":") for line in text.splitlines() if "REG:" in line for item in line.split()
+                  if ":" in item and item.split(":")[1].isdigit())
+    return {"registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"])}
+
+
+def compile_kernel(kernel, types: dict, constexprs: dict, warps: int, stages: int, arch: int) -> dict:
+    """types: triton type strings for pointer and float arguments; other runtime arguments are i32."""
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
+    target = GPUTarget("cuda", arch, 32)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
+                              options={"num_warps": warps, "num_stages": stages})
+    return resource_usage(compiled.asm["cubin"]) | {"arch": arch, "warps": warps, "stages": stages,
+                                                    "wgmma": "wgmma" in compiled.asm["ptx"]}
+
+
+def jobs():
+    from kontext_rt.kernels import modulation, qk_norm_rope, rope_attention
+
+    def attention_types(dt):
+        ptrs = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "qs0_ptr", "qs1_ptr", "ks0_ptr", "ks1_ptr")
+        return {p: f"*{dt}" for p in ptrs} | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "qk_scale": "fp32",
+                                              "eps": "fp32"}
+
+    kernel = rope_attention._rope_attention_kernel
+    for d, table in rope_attention.GPU_CONFIGS.items():
+        for fused in (True, False):
+            for bm, bn, w, s in table if d == 128 else table[:1]:  # every tuned config at FLUX's head dim
+                const = dict(HALF=d // 2, NORM=fused, ROPE=fused, DOT_FP32=False, BLOCK_M=bm, BLOCK_N=bn)
+                name = f"rope_attention D={d} fused={fused} {bm}x{bn} w{w} s{s}"
+                yield name, kernel, attention_types("bf16"), const, w, s, 90
+    const = dict(HALF=64, NORM=True, ROPE=True, DOT_FP32=False, BLOCK_M=128, BLOCK_N=32)
+    yield "rope_attention D=128 fused sm_80", kernel, attention_types("bf16"), const, 8, 3, 80
+    yield "rope_attention D=128 fused fp32", kernel, attention_types("fp32"), const | {"DOT_FP32": True}, 8, 2, 90
+
+    types = {p: "*bf16" for p in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qs0_ptr", "qs1_ptr", "ks0_ptr",
+                                  "ks1_ptr")} | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32"}
+    yield ("qk_norm_rope D=128", qk_norm_rope._qk_norm_rope_kernel, types,
+           dict(HALF=64, BLOCK=qk_norm_rope.BLOCK_L_GPU), 4, 1, 90)
+    block = triton.next_power_of_2(3072)
+    types = {p: "*bf16" for p in ("x_ptr", "shift_ptr", "scale_ptr", "gate_ptr", "y_ptr", "out_ptr")} | {"eps": "fp32"}
+    yield "modulate C=3072", modulation._modulate_kernel, types, dict(BLOCK_C=block), modulation._warps(block), 1, 90
+    yield ("gated_residual C=3072", modulation._gated_residual_kernel, types, dict(BLOCK_C=block),
+           modulation._warps(block), 1, 90)
+
+
+def main() -> int:
+    results = {name: compile_kernel(kernel, types, const, w, s, arch)
+               for name, kernel, types, const, w, s, arch in jobs()}
+    json.dump(results, sys.stdout, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The `triton` backend: the kernels as registered torch ops, the backend's capability checks, and the whole
+tiny model with backend="triton" against backend="eager" on the same weights (CPU, TRITON_INTERPRET)."""
+
+import copy
+
+import pytest
+import torch
+from kontext_rt import Pipeline
+from kontext_rt.backends import BackendUnavailable, resolve
+from kontext_rt.checkpoint import detect_layout, load_transformer
+from kontext_rt.kernels import ops as kernel_ops
+from kontext_rt.ops import EAGER_OPS
+from kontext_rt.rope import rope_table, sequence_ids
+
+from tests.kernel_inputs import LAYOUTS, assert_close, norm_scales, qkv, rope_tables
+
+
+def _attention_args(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    text, grids = LAYOUTS["one-context"]
+    cos, sin = rope_tables(text, grids, 32)
+    q, k, v = qkv(1, 2, cos.shape[0], 32, dtype, gen)
+    return q, k, v, norm_scales(32, dtype, gen), norm_scales(32, dtype, gen), text, cos, sin
+
+
+def _flat(q, k, v, qs, ks, split, cos, sin):
+    return (q, k, v, *qs, *ks, split, cos, sin)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and dispatch of every kontext_rt op, as torch.library checks them."""
+    q, k, v, qs, ks, split, cos, sin = _attention_args()
+    x = torch.randn(2, 5, 32)
+    shift, scale, gate = torch.randn(2, 1, 96).chunk(3, -1)
+    cases = [
+        (torch.ops.kontext_rt.rope_attention.default, (*_flat(q, k, v, qs, ks, split, cos, sin), True, True)),
+        (torch.ops.kontext_rt.qk_norm_rope.default, (q, k, *qs, *ks, split, cos, sin)),
+        (torch.ops.kontext_rt.modulate.default, (x, shift, scale)),
+        (torch.ops.kontext_rt.gated_residual.default, (x, gate, torch.randn(2, 5, 32))),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_export_sees_one_op_per_kernel():
+    """torch.export traces the attention op as a single node (no SDPA, no RoPE arithmetic around it)."""
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v, qs0, qs1, ks0, ks1, cos, sin):
+            return kernel_ops.attention(q, k, v, (qs0, qs1), (ks0, ks1), 7, cos, sin)
+
+    q, k, v, qs, ks, split, cos, sin = _attention_args()
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    graph = torch.export.export(Block(), (q, k, v, *qs, *ks, cos, sin)).graph
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.kontext_rt.rope_attention.default]
+
+
+def test_prerotated_variant_matches_fused():
+    args = _attention_args()
+    fused, two_pass = kernel_ops.attention(*args), kernel_ops.attention_prerotated(*args)
+    torch.testing.assert_close(two_pass, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_resolves_on_the_interpreter():
+    name, ops = resolve("triton", "cpu")
+    assert name == "triton" and ops.attention is kernel_ops.attention and ops.head_dims == (32, 64, 128)
+    assert resolve("auto", "cpu")[0] == "eager"  # auto stays on the reference path (see backends.AUTO_ORDER)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
+def test_backend_on_cuda_without_a_gpu_says_why():
+    with pytest.raises(BackendUnavailable, match="backend 'triton'.*use backend='eager'"):
+        resolve("triton", "cuda")
+
+
+def test_a_head_dim_the_kernels_lack_is_refused_at_load(kontext_dir, monkeypatch):
+    monkeypatch.setattr(kernel_ops, "HEAD_DIMS", (64, 128))
+    with pytest.raises(BackendUnavailable, match=r"supports head dims \(64, 128\), this model has 32"):
+        Pipeline.from_pretrained(kontext_dir, backend="triton")
+
+
+@pytest.fixture(scope="module")
+def tiny(kontext_dir):
+    return load_transformer(detect_layout(kontext_dir), torch.float32, "cpu")
+
+
+def _model_inputs(cfg, text, grids, dtype):
+    gen = torch.Generator().manual_seed(text)
+    n, m = grids[0][0] * grids[0][1], sum(r * c for r, c in grids[1:])
+    img = torch.randn(2, n, cfg.in_channels, generator=gen).to(dtype)
+    ctx = torch.randn(2, m, cfg.in_channels, generator=gen).to(dtype) if m else None
+    txt = torch.randn(2, text, cfg.context_in_dim, generator=gen).to(dtype)
+    pooled = torch.randn(2, cfg.vec_in_dim, generator=gen).to(dtype)
+    cos, sin = rope_table(sequence_ids(text, grids), cfg.axes_dim, cfg.theta)
+    return img, ctx, txt, pooled, torch.tensor([0.3, 0.9]), torch.tensor([2.5, 4.0]), cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["one-context", "two-contexts", "text-to-image"])
+@torch.no_grad()
+def test_whole_model_triton_matches_eager(tiny, dtype, layout):
+    """Same weights, same inputs: the triton op table against the eager one, with the float64 eager model as the
+    truth; the triton model may be off by at most twice the eager model's own error in that dtype (+1 ulp)."""
+    _, ops = resolve("triton", "cpu")
+    text, grids = LAYOUTS[layout]
+    inputs = _model_inputs(tiny.cfg, text, grids, dtype)
+    img, ctx, txt, pooled, t, g, cos, sin = inputs
+    as64 = [None if x is None else x.double() for x in (img, ctx, txt, pooled)]
+    truth = copy.deepcopy(tiny).double()(*as64, t, g, cos, sin)  # the RoPE tables stay float32 everywhere
+    model = copy.deepcopy(tiny).to(dtype)
+    eager = model(*inputs, ops=EAGER_OPS)
+    fast = model(*inputs, ops=ops)
+    assert_close(fast, truth, eager, dtype, f"whole model {dtype} {layout}")
+
+
+def test_pipeline_with_the_triton_backend(kontext_dir):
+    """End to end: an edit with backend='triton' gives the eager pipeline's latents (the issue-2 edit bound)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (48, 32), (200, 40, 90))
+    latents = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for backend in ("eager", "triton"):
+        pipe = Pipeline.from_pretrained(kontext_dir, backend=backend, max_sequence_length=16)
+        outs.append(pipe.edit(image, "a red car", steps=3, latents=latents, output="latent", auto_resize=False))
+    rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    assert rel < 1e-4, rel
