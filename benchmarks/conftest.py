@@ -1,3 +1,8 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # diffusers imports triton; there is no GPU driver on CPU machines
+import torch
+
+# Kernel benchmarks need the compiled kernels on a GPU. Without one, the CPU benchmarks still import diffusers,
+# which imports triton: choose the interpreter first, or that import fails for want of a GPU driver.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

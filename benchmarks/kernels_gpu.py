@@ -1,0 +1,231 @@
+"""One call on a GPU machine: check the Triton kernels at FLUX.1 shapes, time them against their baselines, and
+write benchmarks/results/kernels-<device>-<date>.json.
+
+    pip install --no-deps -e .          # if kontext_rt is not installed yet
+    python benchmarks/kernels_gpu.py [--out PATH] [--reps 30]
+    python benchmarks/kernels_gpu.py --smoke --out /tmp/smoke.json   # CPU + Triton interpreter, tiny shapes
+
+Attention (B=1, H=24, D=128, bf16, L = 4608 / 8704 / 12800): the fused kernel (QK norm + RoPE on load), the
+two-kernel variant (norm+RoPE pass, then plain flash attention), and torch SDPA with each of its flash / cuDNN /
+efficient backends, alone and with norm + RoPE done separately (torch ops, as the eager backend does, or the
+Triton norm+RoPE kernel). TFLOP/s = 4 * B * H * L^2 * D / time, the attention FLOPs only, so a variant that
+also spends time on RoPE shows it as a lower rate. The norm+RoPE and modulation kernels are reported in GB/s
+against the device-to-device copy rate measured in the same run (their memory floor).
+
+Every timed kernel is first checked against the float32 reference: its error may be at most twice that of the
+eager bf16 path, plus one bf16 ulp (tests/kernel_inputs.py's rule). --smoke runs the whole script on the CPU
+to check that it works; its timings are the interpreter's and say nothing about kernel speed, and it refuses
+to write into benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GOAL_TFLOPS = 400.0  # the issue's bar for the fused kernel at L=8704 on an H100
+
+
+def _error_bound(out, truth, eager):
+    import torch
+
+    err = (out.float() - truth).abs().max().item()
+    eager_err = (eager.float() - truth).abs().max().item()
+    bound = 2 * eager_err + torch.finfo(out.dtype).eps * truth.abs().max().item()
+    return {"max_error": err, "eager_max_error": eager_err, "bound": bound, "ok": bool(err <= bound)}
+
+
+def _timed(fn, device, reps, flops=None, nbytes=None, copy_gbs=None):
+    import kernel_cases as cases
+
+    try:
+        ms = cases.time_ms(fn, device, warmup=max(2, reps // 5), reps=reps)
+    except Exception as err:  # e.g. an SDPA backend this GPU or build lacks
+        return {"error": f"{type(err).__name__}: {err}"[:300]}
+    row = {"ms": ms}
+    if flops is not None:
+        row["tflops"] = flops / (ms * 1e-3) / 1e12
+    if nbytes is not None:
+        row["gbs"] = nbytes / (ms * 1e-3) / 1e9
+        row["fraction_of_copy_rate"] = row["gbs"] / copy_gbs
+    return row
+
+
+def attention_section(shape, device, reps):
+    import kernel_cases as cases
+    import torch
+    from kontext_rt.kernels import ops, reference
+    from kontext_rt.kernels.qk_norm_rope import qk_norm_rope
+    from kontext_rt.kernels.rope_attention import _rope_attention_tuned, rope_attention
+
+    section = {}
+    for name, length in shape["lengths"].items():
+        args = cases.attention_inputs(length, device, heads=shape["heads"], head_dim=shape["head_dim"],
+                                      text=shape["text"])
+        q, k, v, qs, ks, split, cos, sin = args
+        flops = cases.attention_flops(1, shape["heads"], length, shape["head_dim"])
+        as32 = [t.float() for t in (q, k, v)]
+        truth = reference.rope_attention(*as32, [s.float() for s in qs], [s.float() for s in ks], split, cos, sin)
+        eager = reference.rope_attention(*args)
+        checks = {"triton-fused": _error_bound(ops.attention(*args), truth, eager),
+                  "triton-prerotated": _error_bound(ops.attention_prerotated(*args), truth, eager)}
+        del truth, as32
+        qr, kr = qk_norm_rope(q, k, qs, ks, split, cos, sin)  # rotated once, for the attention-only rows
+        rows = {
+            "triton-fused": _timed(lambda: ops.attention(*args), device, reps, flops),
+            "triton-prerotated": _timed(lambda: ops.attention_prerotated(*args), device, reps, flops),
+            "triton-attention-only": _timed(lambda: rope_attention(qr, kr, v, norm=False, rope=False), device, reps,
+                                            flops),
+            "eager (torch norm+rope, sdpa default)": _timed(lambda: cases.eager_attention(*args), device, reps, flops),
+        }
+        for bname, backend in cases.sdpa_backends().items():
+            rows[f"sdpa-{bname}-attention-only"] = _timed(lambda b=backend: cases.sdpa(qr, kr, v, b), device, reps,
+                                                          flops)
+            rows[f"sdpa-{bname} + torch norm+rope"] = _timed(
+                lambda b=backend: cases.eager_attention(*args, backend=b), device, reps, flops)
+            rows[f"sdpa-{bname} + triton norm+rope"] = _timed(
+                lambda b=backend: cases.sdpa(*qk_norm_rope(q, k, qs, ks, split, cos, sin), v, b), device, reps, flops)
+        tuned = getattr(_rope_attention_tuned, "best_config", None) if device == "cuda" else None
+        section[name] = {"length": length, "checks": checks, "timings": rows,
+                         "autotuned_config_last_call": str(tuned) if tuned else None}
+        del args, q, k, v, qr, kr
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return section
+
+
+def norm_rope_section(shape, device, reps, copy_gbs):
+    import kernel_cases as cases
+    from kontext_rt.kernels import reference
+    from kontext_rt.kernels.qk_norm_rope import qk_norm_rope
+
+    section = {}
+    for name, length in shape["lengths"].items():
+        q, k, _, qs, ks, split, cos, sin = cases.attention_inputs(length, device, heads=shape["heads"],
+                                                                  head_dim=shape["head_dim"], text=shape["text"])
+        nbytes = cases.norm_rope_bytes(q, cos)
+        truth = reference.qk_norm_rope(q.float(), k.float(), [s.float() for s in qs], [s.float() for s in ks],
+                                       split, cos, sin)
+        eager = reference.qk_norm_rope(q, k, qs, ks, split, cos, sin)
+        got = qk_norm_rope(q, k, qs, ks, split, cos, sin)
+        section[name] = {
+            "length": length, "bytes": nbytes,
+            "checks": {n: _error_bound(g, t, e) for n, g, t, e in zip("qk", got, truth, eager, strict=True)},
+            "timings": {"triton": _timed(lambda: qk_norm_rope(q, k, qs, ks, split, cos, sin), device, reps,
+                                         nbytes=nbytes, copy_gbs=copy_gbs),
+                        "eager": _timed(lambda: reference.qk_norm_rope(q, k, qs, ks, split, cos, sin), device, reps,
+                                        nbytes=nbytes, copy_gbs=copy_gbs)},
+        }
+    return section
+
+
+def modulation_section(shape, device, reps, copy_gbs):
+    import kernel_cases as cases
+    from kontext_rt.kernels import modulation, reference
+
+    length = shape["lengths"]["one-context"]
+    x, y, shift, scale, gate = cases.rows_inputs(length, device, width=shape["width"])
+    section = {}
+    for name, fused, eager, args, passes in (
+        ("modulate", modulation.modulate, reference.modulate, (x, shift, scale), 2),
+        ("gated_residual", modulation.gated_residual, reference.gated_residual, (x, gate, y), 3),
+    ):
+        nbytes = passes * x.numel() * x.element_size()
+        truth = eager(*(t.float() for t in args))
+        section[name] = {
+            "shape": list(x.shape), "bytes": nbytes,
+            "checks": _error_bound(fused(*args), truth, eager(*args)),
+            "timings": {"triton": _timed(lambda f=fused, a=args: f(*a), device, reps, nbytes=nbytes, copy_gbs=copy_gbs),
+                        "eager": _timed(lambda f=eager, a=args: f(*a), device, reps, nbytes=nbytes, copy_gbs=copy_gbs)},
+        }
+    return section
+
+
+def goals(attention):
+    """The issue's bar at L=8704: the fused kernel no slower than SDPA + separate RoPE, and above 400 TFLOP/s."""
+    case = attention.get("one-context")
+    if case is None:
+        return {}
+    rows = case["timings"]
+    fused = rows["triton-fused"].get("ms")
+    separate = {n: r["ms"] for n, r in rows.items() if n.startswith("sdpa-") and "+" in n and "ms" in r}
+    best_name = min(separate, key=separate.get) if separate else None
+    return {
+        "fused_ms": fused,
+        "best_sdpa_with_separate_rope": best_name,
+        "best_sdpa_with_separate_rope_ms": separate.get(best_name),
+        "fused_not_slower": bool(fused is not None and best_name is not None and fused <= separate[best_name]),
+        "fused_tflops": rows["triton-fused"].get("tflops"),
+        "fused_above_goal_tflops": bool((rows["triton-fused"].get("tflops") or 0) > GOAL_TFLOPS),
+        "goal_tflops": GOAL_TFLOPS,
+    }
+
+
+def run(smoke: bool, reps: int) -> dict:
+    import kernel_cases as cases
+    import torch
+    import triton
+
+    if smoke:
+        device, reps = "cpu", 2
+        shape = {"lengths": {"one-context": 100}, "heads": 2, "head_dim": 64, "text": 12, "width": 96}
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("error: no CUDA GPU visible; this script times kernels on a GPU (--smoke checks it runs)")
+        device = "cuda"
+        shape = {"lengths": cases.LENGTHS, "heads": cases.HEADS, "head_dim": cases.HEAD_DIM, "text": cases.TEXT,
+                 "width": cases.WIDTH}
+    copy_gbs = cases.copy_bandwidth_gbs(device, nbytes=(1 << 30) if device == "cuda" else (1 << 22))
+    attention = attention_section(shape, device, reps)
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
+        "timings_are_kernel_speeds": device == "cuda",
+        "date": datetime.date.today().isoformat(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
+        "shape": shape, "dtype": "bfloat16", "reps": reps,
+        "copy_rate_gbs": copy_gbs,
+        "attention": attention,
+        "qk_norm_rope": norm_rope_section(shape, device, reps, copy_gbs),
+        "modulation": modulation_section(shape, device, reps, copy_gbs),
+        "goals_one_context": goals(attention) if device == "cuda" else "not evaluated: interpreter timings",
+    }
+    checks = [c for s in attention.values() for c in s["checks"].values()]
+    checks += [c for s in result["qk_norm_rope"].values() for c in s["checks"].values()]
+    checks += [s["checks"] for s in result["modulation"].values()]
+    result["all_checks_ok"] = all(c["ok"] for c in checks)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/kernels-<device>-<date>.json)")
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per row (median reported)")
+    parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes: not a timing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        if args.out is None or HERE / "results" in args.out.resolve().parents:
+            parser.error("--smoke needs --out outside benchmarks/results (its timings are not kernel speeds)")
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    sys.path.insert(0, str(HERE))
+    result = run(args.smoke, args.reps)
+    out = args.out
+    if out is None:
+        slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+        out = HERE / "results" / f"kernels-{slug}-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}; checks {'ok' if result['all_checks_ok'] else 'FAILED'}; goals {result['goals_one_context']}")
+    return 0 if result["all_checks_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""benchmarks/kernels_gpu.py is the one call a GPU machine gets: check here, on the CPU, that it runs through,
+that its checks pass on the interpreter, and that its smoke mode never writes into benchmarks/results."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels_gpu.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("kernels_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_writes_checked_json(tmp_path):
+    out = tmp_path / "smoke.json"
+    assert _script().main(["--smoke", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["all_checks_ok"] and result["timings_are_kernel_speeds"] is False
+    rows = result["attention"]["one-context"]["timings"]
+    assert {"triton-fused", "triton-prerotated", "sdpa-flash + torch norm+rope"} <= set(rows)
+    assert rows["triton-fused"]["ms"] > 0 and "gbs" in result["qk_norm_rope"]["one-context"]["timings"]["triton"]
+    assert set(result["modulation"]) == {"modulate", "gated_residual"}
+
+
+def test_smoke_refuses_the_results_folder():
+    with pytest.raises(SystemExit):
+        _script().main(["--smoke", "--out", str(SCRIPT.parent / "results" / "x.json")])
