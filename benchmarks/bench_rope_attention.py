@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 def _variants():
     from kontext_rt.kernels import ops
 
-    return {"eager": cases.eager_attention, "triton-fused": ops.attention, "triton-prerotated": ops.attention_prerotated}
+    return {"eager": cases.eager_attention, "triton-fused": ops.attention,
+            "triton-prerotated": ops.attention_prerotated}
 
 
 @pytest.mark.parametrize("length", list(cases.LENGTHS.values()))

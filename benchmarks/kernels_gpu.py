@@ -58,72 +58,75 @@ def _timed(fn, device, reps, flops=None, nbytes=None, copy_gbs=None):
     return row
 
 
-def attention_section(shape, device, reps):
+def attention_case(length, shape, device, reps):
+    """One sequence length: check both Triton variants against the float32 reference, then time every row."""
     import kernel_cases as cases
-    import torch
     from kontext_rt.kernels import ops, reference
     from kontext_rt.kernels.qk_norm_rope import qk_norm_rope
     from kontext_rt.kernels.rope_attention import _rope_attention_tuned, rope_attention
 
+    args = cases.attention_inputs(length, device, heads=shape["heads"], head_dim=shape["head_dim"],
+                                  text=shape["text"])
+    q, k, v, qs, ks, split, cos, sin = args
+    flops = cases.attention_flops(1, shape["heads"], length, shape["head_dim"])
+    truth = reference.rope_attention(q.float(), k.float(), v.float(), [s.float() for s in qs],
+                                     [s.float() for s in ks], split, cos, sin)
+    eager = reference.rope_attention(*args)
+    checks = {"triton-fused": _error_bound(ops.attention(*args), truth, eager),
+              "triton-prerotated": _error_bound(ops.attention_prerotated(*args), truth, eager)}
+    del truth
+    qr, kr = qk_norm_rope(q, k, qs, ks, split, cos, sin)  # rotated once, for the attention-only rows
+    calls = {
+        "triton-fused": lambda: ops.attention(*args),
+        "triton-prerotated": lambda: ops.attention_prerotated(*args),
+        "triton-attention-only": lambda: rope_attention(qr, kr, v, norm=False, rope=False),
+        "eager (torch norm+rope, sdpa default)": lambda: cases.eager_attention(*args),
+    }
+    for name, backend in cases.sdpa_backends().items():
+        calls[f"sdpa-{name}-attention-only"] = lambda b=backend: cases.sdpa(qr, kr, v, b)
+        calls[f"sdpa-{name} + torch norm+rope"] = lambda b=backend: cases.eager_attention(*args, backend=b)
+        calls[f"sdpa-{name} + triton norm+rope"] = lambda b=backend: cases.sdpa(
+            *qk_norm_rope(q, k, qs, ks, split, cos, sin), v, b)
+    rows = {name: _timed(call, device, reps, flops) for name, call in calls.items()}
+    tuned = getattr(_rope_attention_tuned, "best_config", None) if device == "cuda" else None
+    return {"length": length, "checks": checks, "timings": rows,
+            "autotuned_config_last_call": str(tuned) if tuned else None}
+
+
+def attention_section(shape, device, reps):
+    import torch
+
     section = {}
     for name, length in shape["lengths"].items():
-        args = cases.attention_inputs(length, device, heads=shape["heads"], head_dim=shape["head_dim"],
-                                      text=shape["text"])
-        q, k, v, qs, ks, split, cos, sin = args
-        flops = cases.attention_flops(1, shape["heads"], length, shape["head_dim"])
-        as32 = [t.float() for t in (q, k, v)]
-        truth = reference.rope_attention(*as32, [s.float() for s in qs], [s.float() for s in ks], split, cos, sin)
-        eager = reference.rope_attention(*args)
-        checks = {"triton-fused": _error_bound(ops.attention(*args), truth, eager),
-                  "triton-prerotated": _error_bound(ops.attention_prerotated(*args), truth, eager)}
-        del truth, as32
-        qr, kr = qk_norm_rope(q, k, qs, ks, split, cos, sin)  # rotated once, for the attention-only rows
-        rows = {
-            "triton-fused": _timed(lambda: ops.attention(*args), device, reps, flops),
-            "triton-prerotated": _timed(lambda: ops.attention_prerotated(*args), device, reps, flops),
-            "triton-attention-only": _timed(lambda: rope_attention(qr, kr, v, norm=False, rope=False), device, reps,
-                                            flops),
-            "eager (torch norm+rope, sdpa default)": _timed(lambda: cases.eager_attention(*args), device, reps, flops),
-        }
-        for bname, backend in cases.sdpa_backends().items():
-            rows[f"sdpa-{bname}-attention-only"] = _timed(lambda b=backend: cases.sdpa(qr, kr, v, b), device, reps,
-                                                          flops)
-            rows[f"sdpa-{bname} + torch norm+rope"] = _timed(
-                lambda b=backend: cases.eager_attention(*args, backend=b), device, reps, flops)
-            rows[f"sdpa-{bname} + triton norm+rope"] = _timed(
-                lambda b=backend: cases.sdpa(*qk_norm_rope(q, k, qs, ks, split, cos, sin), v, b), device, reps, flops)
-        tuned = getattr(_rope_attention_tuned, "best_config", None) if device == "cuda" else None
-        section[name] = {"length": length, "checks": checks, "timings": rows,
-                         "autotuned_config_last_call": str(tuned) if tuned else None}
-        del args, q, k, v, qr, kr
+        section[name] = attention_case(length, shape, device, reps)
         if device == "cuda":
             torch.cuda.empty_cache()
     return section
 
 
-def norm_rope_section(shape, device, reps, copy_gbs):
+def norm_rope_case(length, shape, device, reps, copy_gbs):
     import kernel_cases as cases
     from kontext_rt.kernels import reference
     from kontext_rt.kernels.qk_norm_rope import qk_norm_rope
 
-    section = {}
-    for name, length in shape["lengths"].items():
-        q, k, _, qs, ks, split, cos, sin = cases.attention_inputs(length, device, heads=shape["heads"],
-                                                                  head_dim=shape["head_dim"], text=shape["text"])
-        nbytes = cases.norm_rope_bytes(q, cos)
-        truth = reference.qk_norm_rope(q.float(), k.float(), [s.float() for s in qs], [s.float() for s in ks],
-                                       split, cos, sin)
-        eager = reference.qk_norm_rope(q, k, qs, ks, split, cos, sin)
-        got = qk_norm_rope(q, k, qs, ks, split, cos, sin)
-        section[name] = {
-            "length": length, "bytes": nbytes,
-            "checks": {n: _error_bound(g, t, e) for n, g, t, e in zip("qk", got, truth, eager, strict=True)},
-            "timings": {"triton": _timed(lambda: qk_norm_rope(q, k, qs, ks, split, cos, sin), device, reps,
-                                         nbytes=nbytes, copy_gbs=copy_gbs),
-                        "eager": _timed(lambda: reference.qk_norm_rope(q, k, qs, ks, split, cos, sin), device, reps,
-                                        nbytes=nbytes, copy_gbs=copy_gbs)},
-        }
-    return section
+    q, k, _, qs, ks, split, cos, sin = cases.attention_inputs(length, device, heads=shape["heads"],
+                                                              head_dim=shape["head_dim"], text=shape["text"])
+    nbytes = cases.norm_rope_bytes(q, cos)
+    truth = reference.qk_norm_rope(q.float(), k.float(), [s.float() for s in qs], [s.float() for s in ks],
+                                   split, cos, sin)
+    eager = reference.qk_norm_rope(q, k, qs, ks, split, cos, sin)
+    got = qk_norm_rope(q, k, qs, ks, split, cos, sin)
+    calls = {"triton": lambda: qk_norm_rope(q, k, qs, ks, split, cos, sin),
+             "eager": lambda: reference.qk_norm_rope(q, k, qs, ks, split, cos, sin)}
+    return {
+        "length": length, "bytes": nbytes,
+        "checks": {n: _error_bound(g, t, e) for n, g, t, e in zip("qk", got, truth, eager, strict=True)},
+        "timings": {n: _timed(c, device, reps, nbytes=nbytes, copy_gbs=copy_gbs) for n, c in calls.items()},
+    }
+
+
+def norm_rope_section(shape, device, reps, copy_gbs):
+    return {name: norm_rope_case(length, shape, device, reps, copy_gbs) for name, length in shape["lengths"].items()}
 
 
 def modulation_section(shape, device, reps, copy_gbs):
