@@ -18,6 +18,7 @@ With norm=False, rope=False it is a plain flash attention (for q and k already r
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import triton
@@ -169,6 +170,7 @@ def _rope_attention_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
+_AUTOTUNER_LOCK = threading.Lock()  # serving threads share the kernel object; launches are asynchronous, so cheap
 _rope_attention_tuned = triton.autotune(
     _gpu_configs(), key=["L", "HALF", "NORM", "ROPE"], prune_configs_by={"early_config_prune": _prune}
 )(_rope_attention_kernel)
@@ -214,7 +216,8 @@ def rope_attention(q, k, v, q_scales=None, k_scales=None, split: int = 0, cos=No
     # fp32 inputs get true fp32 products (not TF32); the interpreter multiplies bf16 wrongly, so it upcasts too
     flags = dict(HALF=D // 2, NORM=norm, ROPE=rope, DOT_FP32=q.dtype == torch.float32 or q.device.type == "cpu")
     if kernel is _rope_attention_tuned:
-        kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **flags)
+        with _AUTOTUNER_LOCK:  # the autotuner keeps the current call's arguments on itself while it runs
+            kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **flags)
     else:
         block = BLOCK_INTERPRET
         kernel[(triton.cdiv(L, block), B * H)](*args, **flags, BLOCK_M=block, BLOCK_N=block, num_warps=4)

@@ -87,3 +87,14 @@ def test_a_compiled_kernel_on_the_cpu_is_refused():
 
     with pytest.raises(RuntimeError, match="on the CPU they run only under the Triton interpreter"):
         _launch.check_device(object(), torch.zeros(1))
+
+
+def test_gpu_configs_are_pruned_per_head_dim():
+    """The autotuner tries, for each head dim, exactly the configs listed for it (tests/aot_compile.py compiles
+    them for sm_90); a head dim without a list would fail loudly."""
+    from kontext_rt.kernels import rope_attention as ra
+
+    for d, wanted in ra.GPU_CONFIGS.items():
+        kept = ra._prune(ra._gpu_configs(), {}, HALF=d // 2)
+        assert sorted(ra._config_key(c) for c in kept) == sorted(wanted)
+        assert ra._prune(ra._gpu_configs(), {"HALF": d // 2}) == kept  # as older autotuners pass it
