@@ -199,6 +199,15 @@ def _meta(factory):
         return factory()
 
 
+def transformer_config(layout: Layout) -> FluxConfig:
+    """The transformer's config from its config.json or its tensor headers, without reading any weights."""
+    if layout.kind == "diffusers":
+        return diffusers_transformer_config(layout.transformer)
+    with TensorFiles([layout.transformer]) as files:
+        names = _strip_prefix(files, BFL_PREFIXES)
+        return bfl_transformer_config({k: files.shapes[v] for k, v in names.items()}, layout.transformer)
+
+
 def load_transformer(layout: Layout, dtype, device) -> FluxTransformer:
     if layout.kind == "diffusers":
         cfg = diffusers_transformer_config(layout.transformer)

@@ -11,7 +11,7 @@ import torch
 
 from . import backends
 from . import image as im
-from .checkpoint import detect_layout, load_transformer, load_vae, variant_of
+from .checkpoint import detect_layout, load_transformer, load_vae, transformer_config, variant_of
 from .config import Variant
 from .rope import rope_table, sequence_ids
 from .safetensors_io import CheckpointError
@@ -83,11 +83,12 @@ class Pipeline:
         if layout.text_encoders is None:
             raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
                                   "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
-        transformer = load_transformer(layout, dtype, device)
-        if ops.head_dims is not None and transformer.cfg.head_dim not in ops.head_dims:
+        head_dim = transformer_config(layout).head_dim  # refuse before reading ~24 GB of weights
+        if ops.head_dims is not None and head_dim not in ops.head_dims:
             raise backends.BackendUnavailable(
-                f"backend {backend!r} supports head dims {ops.head_dims}, this model has {transformer.cfg.head_dim}; "
+                f"backend {backend!r} supports head dims {ops.head_dims}, this model has {head_dim}; "
                 "use backend='eager'")
+        transformer = load_transformer(layout, dtype, device)
         vae = load_vae(layout, dtype, device)
         variant = variant_of(layout, transformer.cfg)
         msl = max_sequence_length or variant.max_sequence_length

@@ -80,10 +80,19 @@ def test_backend_on_cuda_without_a_gpu_says_why():
         resolve("triton", "cuda")
 
 
-def test_a_head_dim_the_kernels_lack_is_refused_at_load(kontext_dir, monkeypatch):
+@pytest.mark.parametrize("fmt", ["diffusers", "bfl"])
+def test_a_head_dim_the_kernels_lack_is_refused_before_loading(kontext_dir, bfl_files, fmt, monkeypatch):
+    """Refused from the config alone: no weights are read (load_transformer is never reached)."""
+    import kontext_rt.pipeline
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the backend check")
+
     monkeypatch.setattr(kernel_ops, "HEAD_DIMS", (64, 128))
+    monkeypatch.setattr(kontext_rt.pipeline, "load_transformer", must_not_load)
+    path, encoders = (kontext_dir, None) if fmt == "diffusers" else (bfl_files["flux"], bfl_files["text_encoders"])
     with pytest.raises(BackendUnavailable, match=r"supports head dims \(64, 128\), this model has 32"):
-        Pipeline.from_pretrained(kontext_dir, backend="triton")
+        Pipeline.from_pretrained(path, backend="triton", text_encoders=encoders)
 
 
 @pytest.fixture(scope="module")
