@@ -6,6 +6,7 @@ key set and shapes, cast once and assigned: peak host memory is one copy of the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from torch import nn
 from .config import VARIANTS, FluxConfig, VAEConfig, Variant, infer_axes_dim
 from .mapping import Rule, diffusers_transformer_rules, diffusers_vae_rules, identity_rules
 from .model import FluxTransformer
-from .safetensors_io import CheckpointError, TensorFiles
+from .safetensors_io import CheckpointError, TensorFiles, digest_file
 from .vae import AutoEncoder
 
 BFL_PREFIXES = ("model.diffusion_model.",)
@@ -197,6 +198,17 @@ def load_into(module: nn.Module, rules: list[Rule], files: TensorFiles, names: d
 def _meta(factory):
     with torch.device("meta"):
         return factory()
+
+
+def fingerprint(layout: Layout) -> str:
+    """Identity of the transformer and VAE an export is made from (weights sampled, configs in full): exported
+    graphs and engines record it, and the runtime refuses engines whose fingerprint differs from the checkpoint's."""
+    h = hashlib.sha256()
+    for part in (layout.transformer, layout.vae):
+        files = sorted(p for p in part.iterdir() if p.suffix in (".safetensors", ".json")) if part.is_dir() else [part]
+        for path in files:
+            digest_file(h, path)
+    return h.hexdigest()[:32]
 
 
 def transformer_config(layout: Layout) -> FluxConfig:

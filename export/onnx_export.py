@@ -1,0 +1,181 @@
+"""Trace the runtime's own modules to ONNX: the transformer, the VAE encoder and the VAE decoder.
+
+Two exporters, chosen by what the graph needs:
+- "dynamo" (torch.export based, opset 20), for fp32/fp16/bf16 graphs. It keeps the weights as references to the
+  module's tensors and streams them into the external-data file while saving, so peak host memory stays near one
+  copy of the weights (benchmarks/export_memory.py measures it).
+- "torchscript" (the legacy tracer), for ModelOpt's FP8 graphs: only it calls the quantizers' ONNX symbolics that
+  emit TensorRT's FP8 Q/DQ nodes.
+Both trace the model with export/graph_ops.EXPORT_OPS and mark every named dim of the I/O contract dynamic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from kontext_rt.model import FluxTransformer
+from kontext_rt.vae import AutoEncoder
+from torch import nn
+
+from .graph_ops import EXPORT_OPS
+from .specs import GraphSpec
+
+OPSET = 20
+PROTOBUF_LIMIT = 2**31  # a ModelProto cannot exceed 2 GB: larger graphs keep their weights in external data
+EXPORTERS = ("dynamo", "torchscript")
+
+
+class TransformerGraph(nn.Module):
+    """The transformer with the context tokens already appended to `img`; returns every img token's velocity."""
+
+    def __init__(self, model: FluxTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, img, txt, pooled, timesteps, guidance, cos, sin):
+        return self.model(img, None, txt, pooled, timesteps, guidance, cos, sin, EXPORT_OPS)
+
+
+class _UnguidedTransformerGraph(TransformerGraph):
+    """schnell: no guidance input (the exporters need the exact argument list)."""
+
+    def forward(self, img, txt, pooled, timesteps, cos, sin):
+        return self.model(img, None, txt, pooled, timesteps, None, cos, sin, EXPORT_OPS)
+
+
+def transformer_graph(model: FluxTransformer) -> TransformerGraph:
+    return (TransformerGraph if model.cfg.guidance_embed else _UnguidedTransformerGraph)(model)
+
+
+class VAEEncoderGraph(nn.Module):
+    def __init__(self, vae: AutoEncoder):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image)
+
+
+class VAEDecoderGraph(nn.Module):
+    def __init__(self, vae: AutoEncoder):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent)
+
+
+def example_inputs(spec: GraphSpec, dtype: torch.dtype, device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs at the spec's example sizes (timesteps in [0, 1), guidance 2.5)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for s in spec.inputs:
+        shape = spec.example_shape(s)
+        if s.name == "timesteps":
+            t = torch.rand(shape, generator=gen)
+        elif s.name == "guidance":
+            t = torch.full(shape, 2.5)
+        else:
+            t = torch.randn(shape, generator=gen)
+        out.append(t.to(device, spec.dtype_of(s, dtype)))
+    return tuple(out)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, dtype: torch.dtype, exporter: str = "dynamo",
+                external_data: bool | None = None) -> Path:
+    """Write graph to path (an .onnx file; weights in path + '.data' when external). Returns path.
+
+    external_data None: only when the weights would push the protobuf past 2 GB. The file is written under a
+    temporary name and renamed, so an interrupted export never leaves a graph that looks finished.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = next(graph.parameters()).device
+    args = example_inputs(spec, dtype, device)
+    if external_data is None:
+        external_data = weight_bytes(graph) > PROTOBUF_LIMIT * 0.9
+    tmp = path.with_name(f".{path.name}.partial")
+    data = path.with_name(path.name + ".data")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and exporter chatter; correctness is checked by the tests
+        if exporter == "dynamo":
+            _dynamo(graph, spec, args, tmp, external_data)
+        else:
+            _torchscript(graph, spec, args, tmp, external_data)
+    tmp_data = tmp.with_name(tmp.name + ".data")
+    if tmp_data.exists():  # the graph names its data file: keep the name it was saved with, beside the final file
+        _rename_external_data(tmp, tmp_data.name, data.name)
+        os.replace(tmp_data, data)
+    elif data.exists():
+        data.unlink()
+    os.replace(tmp, path)
+    return path
+
+
+def _dynamo(graph, spec: GraphSpec, args, tmp: Path, external_data: bool):
+    auto = torch.export.Dim.AUTO
+    dynamic = {s.name: {i: auto for i, d in enumerate(s.shape) if isinstance(d, str)} for s in spec.inputs}
+    program = torch.onnx.export(
+        graph, args, dynamo=True, opset_version=OPSET, dynamic_shapes=tuple(dynamic.values()),
+        input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs], verbose=False,
+    )
+    program.save(str(tmp), external_data=external_data)
+
+
+def _torchscript(graph, spec: GraphSpec, args, tmp: Path, external_data: bool):
+    """The legacy exporter splits a graph past 2 GB into one file per tensor: it writes into a scratch folder,
+    and the graph is then saved again with its weights in one data file (or inline)."""
+    import onnx
+
+    axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in (*spec.inputs, *spec.outputs)}
+    scratch = tmp.with_name(tmp.name + ".d")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        torch.onnx.export(
+            graph, args, str(scratch / "graph.onnx"), dynamo=False, opset_version=OPSET,
+            input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs],
+            dynamic_axes=axes, do_constant_folding=True,
+        )
+        model = onnx.load(str(scratch / "graph.onnx"))
+        if external_data:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(tmp))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _rename_external_data(model_path: Path, old: str, new: str):
+    """Point every external tensor of the graph at the data file's final name (the protobuf stores the name)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    onnx.save_model(model, str(model_path))
+
+
+def _external_tensors(model):
+    import onnx
+
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            yield t
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                yield attr.t
