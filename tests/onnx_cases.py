@@ -71,3 +71,28 @@ def run_ort(path, inputs: dict[str, torch.Tensor], opt_level=None) -> torch.Tens
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def standard_fp8_qdq(model):
+    """TensorRT's FP8 Q/DQ custom ops rewritten as the standard opset-19+ ops ORT runs (same math: x / scale,
+    saturated to e4m3; q * scale). For a numeric check of the graph's semantics only."""
+    import onnx
+
+    model = copy.deepcopy(model)
+    zero = onnx.helper.make_tensor("fp8_e4m3_zero", onnx.TensorProto.FLOAT8E4M3FN, [], [0.0])
+    renamed = set()
+    for node in model.graph.node:
+        if node.domain == "trt" and node.op_type in ("TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"):
+            quantize = node.op_type == "TRT_FP8QuantizeLinear"
+            node.domain, node.op_type = "", "QuantizeLinear" if quantize else "DequantizeLinear"
+            if quantize:
+                node.input.append(zero.name)
+                renamed.update(node.output)
+    model.graph.initializer.append(zero)
+    kept = [v for v in model.graph.value_info if v.name not in renamed]  # typed uint8 by the exporter
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    kept_imports = [o for o in model.opset_import if o.domain != "trt"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept_imports)
+    return model
