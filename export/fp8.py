@@ -171,7 +171,10 @@ class CalibrationSet:
     auto_resize: bool = True  # snap context images to a preferred Kontext resolution, as edits do by default
 
     def describe(self) -> dict:
-        return {"prompts": list(self.prompts), "images": [str(i) for i in self.images] or "generated",
+        """JSON-able and stable: paths as given, in-memory images by a digest of their pixels."""
+        images = [str(i) if isinstance(i, (str, Path)) else hashlib.sha256(i.tobytes()).hexdigest()[:16]
+                  for i in self.images]
+        return {"prompts": list(self.prompts), "images": images or "generated",
                 "steps": self.steps, "size": self.size,
                 "auto_resize": self.auto_resize}
 

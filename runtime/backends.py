@@ -46,14 +46,20 @@ def _triton(device) -> Ops:
                head_dims=kernels.HEAD_DIMS)
 
 
-def _not_in_this_release(name: str):
-    def make(device) -> Ops:
-        raise BackendUnavailable(f"backend {name!r} is not part of this release yet; use backend='eager'")
+def _tensorrt(device) -> Ops:
+    """Engines replace the whole transformer and VAE; the op table is unused. Needs a GPU and TensorRT."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise BackendUnavailable(f"backend 'tensorrt' needs a CUDA GPU (device is {device}); use backend='eager'")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as err:  # PyPI's tensorrt stubs fail here too, on a missing libnvinfer
+        raise BackendUnavailable(f"backend 'tensorrt' needs TensorRT, which is not importable here ({err}); "
+                                 "install it from NVIDIA's package index, or use backend='eager'") from err
+    return EAGER_OPS
 
-    return make
 
-
-REGISTRY = {"eager": _eager, "triton": _triton, "tensorrt": _not_in_this_release("tensorrt")}
+REGISTRY = {"eager": _eager, "triton": _triton, "tensorrt": _tensorrt}
 # auto stays on the reference path until the triton kernels have been timed on a GPU (benchmarks/kernels_gpu.py)
 AUTO_ORDER = ("eager",)
 

@@ -220,6 +220,15 @@ def transformer_config(layout: Layout) -> FluxConfig:
         return bfl_transformer_config({k: files.shapes[v] for k, v in names.items()}, layout.transformer)
 
 
+def vae_config(layout: Layout) -> VAEConfig:
+    """The autoencoder's config from its config.json or its tensor headers, without reading any weights."""
+    if layout.kind == "diffusers":
+        return diffusers_vae_config(layout.vae)
+    with TensorFiles([layout.vae]) as files:
+        names = _strip_prefix(files, AE_PREFIXES)
+        return bfl_vae_config({k: files.shapes[v] for k, v in names.items()}, layout.vae)
+
+
 def load_transformer(layout: Layout, dtype, device) -> FluxTransformer:
     if layout.kind == "diffusers":
         cfg = diffusers_transformer_config(layout.transformer)

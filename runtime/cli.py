@@ -1,4 +1,4 @@
-"""`kontext-rt`: edit, generate and demo from the command line.
+"""`kontext-rt`: edit, generate, demo and export from the command line.
 
 The only place that reads the environment (the cache folder). Bad input: one `error: ...` line on stderr, exit
 status 2, no traceback and no output file.
@@ -94,7 +94,60 @@ def build_parser() -> argparse.ArgumentParser:
     common(g)
     d = sub.add_parser("demo", help="edit with a small random-weight checkpoint on the CPU (no downloads)")
     common(d, needs_checkpoint=False)
+    _export_parser(sub)
     return p
+
+
+def _export_parser(sub):
+    x = sub.add_parser("export", help="ONNX graphs, FP8 calibration and TensorRT engines for backend='tensorrt'")
+    x.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
+    x.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
+    x.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (fp8 calibration, BFL files)")
+    x.add_argument("--out", required=True, help="output folder (stages already finished there are reused)")
+    x.add_argument("--precision", required=True, choices=["fp16", "bf16", "fp8"])
+    x.add_argument("--onnx-only", action="store_true", help="stop after the ONNX graphs (no TensorRT needed)")
+    x.add_argument("--device", help="where to load, calibrate and trace (default: cuda if available)")
+    x.add_argument("--max-batch", type=_positive_int, default=1, help="largest batch the engines accept")
+    x.add_argument("--workspace-gib", type=_finite_float, help="TensorRT builder workspace limit")
+    x.add_argument("--calibration-prompts", help="fp8: a text file, one edit instruction per line")
+    x.add_argument("--calibration-images", nargs="+", default=[], help="fp8: context images (default: generated "
+                   "from the prompts by the model itself)")
+    x.add_argument("--calibration-steps", type=_positive_int, default=8, help="fp8: sampling steps per edit")
+    x.add_argument("--calibration-size", type=_positive_int, default=1024, help="fp8: side of generated images")
+    x.add_argument("--calibration-no-auto-resize", action="store_true",
+                   help="fp8: keep the calibration images' size instead of a preferred Kontext resolution")
+    x.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+def _export(args) -> int:
+    import torch
+    from kontext_rt.export.fp8 import DEFAULT_PROMPTS, CalibrationSet
+    from kontext_rt.export.stages import Export, ExportOptions
+
+    prompts = DEFAULT_PROMPTS
+    if args.calibration_prompts:
+        prompts = tuple(line.strip() for line in Path(args.calibration_prompts).read_text().splitlines()
+                        if line.strip())
+        if not prompts:
+            raise UsageError(f"{args.calibration_prompts}: no prompts in it")
+    for image in args.calibration_images:
+        if not Path(image).is_file():
+            raise UsageError(f"calibration image {image}: no such file")
+    calibration = CalibrationSet(prompts, tuple(args.calibration_images), args.calibration_steps,
+                                 args.calibration_size, not args.calibration_no_auto_resize)
+    opts = ExportOptions(
+        Path(args.checkpoint), Path(args.out), args.precision, args.onnx_only,
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.ae, args.text_encoders,
+        args.max_batch, calibration, args.workspace_gib,
+    )
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        Export(opts, log).run()
+    except ImportError as e:  # onnx, onnxscript or modelopt missing
+        raise UsageError(f"export needs the export extra (pip install 'kontext-rt[export]'): {e}") from None
+    if not args.quiet:
+        print(f"export finished: {args.out}", file=sys.stderr)
+    return 0
 
 
 def _check_output(path: str | None) -> Path:
@@ -155,6 +208,8 @@ def _run(args) -> int:
     from kontext_rt import demo
 
     _quiet_libraries()
+    if args.command == "export":
+        return _export(args)
 
     out = _check_output(args.output) if args.command != "demo" or args.output else None
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()

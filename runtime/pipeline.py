@@ -11,7 +11,15 @@ import torch
 
 from . import backends
 from . import image as im
-from .checkpoint import detect_layout, load_transformer, load_vae, transformer_config, variant_of
+from .checkpoint import (
+    detect_layout,
+    fingerprint,
+    load_transformer,
+    load_vae,
+    transformer_config,
+    vae_config,
+    variant_of,
+)
 from .config import Variant
 from .rope import rope_table, sequence_ids
 from .safetensors_io import CheckpointError
@@ -73,24 +81,40 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, backend="eager", max_sequence_length=None,
-                        ae=None, text_encoders=None, text_cache_dir=None, text_cache_size=64) -> Pipeline:
-        """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder)."""
+                        ae=None, text_encoders=None, text_cache_dir=None, text_cache_size=64, engines=None,
+                        engine_precision=None) -> Pipeline:
+        """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
+
+        backend="tensorrt" runs the engines in `engines` (a folder made by `kontext-rt export --out`; with several
+        precisions there, engine_precision picks one) and reads no transformer or VAE weights at all.
+        """
         device = _check_device(device)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
+        if engines is not None and backend != "tensorrt":
+            raise ValueError(f"engines= is only used by backend='tensorrt', not {backend!r}")
         backend, ops = backends.resolve(backend, device)
         layout = detect_layout(path, ae=ae, text_encoders=text_encoders)
         if layout.text_encoders is None:
             raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
                                   "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
-        head_dim = transformer_config(layout).head_dim  # refuse before reading ~24 GB of weights
-        if ops.head_dims is not None and head_dim not in ops.head_dims:
+        cfg = transformer_config(layout)  # refuse before reading ~24 GB of weights
+        if ops.head_dims is not None and cfg.head_dim not in ops.head_dims:
             raise backends.BackendUnavailable(
-                f"backend {backend!r} supports head dims {ops.head_dims}, this model has {head_dim}; "
+                f"backend {backend!r} supports head dims {ops.head_dims}, this model has {cfg.head_dim}; "
                 "use backend='eager'")
-        transformer = load_transformer(layout, dtype, device)
-        vae = load_vae(layout, dtype, device)
-        variant = variant_of(layout, transformer.cfg)
+        if backend == "tensorrt":
+            if engines is None:
+                raise ValueError("backend='tensorrt' needs engines=DIR, the folder `kontext-rt export --out DIR` "
+                                 "wrote")
+            from .engines import open_engines
+
+            transformer, vae = open_engines(engines, layout, fingerprint(layout), path, device, cfg,
+                                            vae_config(layout), engine_precision)
+        else:
+            transformer = load_transformer(layout, dtype, device)
+            vae = load_vae(layout, dtype, device)
+        variant = variant_of(layout, cfg)
         msl = max_sequence_length or variant.max_sequence_length
         if not isinstance(msl, int) or not 1 <= msl <= 512:
             raise ValueError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")

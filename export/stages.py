@@ -1,0 +1,183 @@
+"""`kontext-rt export`: the stages from a checkpoint to engines, each resumable.
+
+    onnx vae_encoder -> onnx vae_decoder -> [fp8: calibration] -> onnx transformer -> engine x3 (unless --onnx-only)
+
+A stage is skipped when the manifest beside its output matches what it would make now (same checkpoint
+fingerprint, precision, I/O contract and profiles, tool versions, GPU) and its files are intact; otherwise it is
+redone and its manifest written last. Layout of --out DIR:
+
+    DIR/onnx-<precision>/{transformer,vae_encoder,vae_decoder}.onnx (+ .onnx.data past 2 GB) and .json
+    DIR/calibration/fp8.safetensors, fp8.json                   (fp8 only)
+    DIR/trt-<precision>/{transformer,vae_encoder,vae_decoder}.plan and .json, timing.cache
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from kontext_rt.checkpoint import (
+    detect_layout,
+    fingerprint,
+    load_transformer,
+    load_vae,
+    transformer_config,
+    vae_config,
+    variant_of,
+)
+from kontext_rt.manifest import PRECISIONS, Manifest, engine_folder, file_sizes, onnx_folder
+
+from . import specs
+from .fp8 import CalibrationSet
+
+# The dtype of each precision's graphs: fp8 keeps bf16 around its FP8 GEMMs, and its VAE in bf16.
+GRAPH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    checkpoint: Path
+    out: Path
+    precision: str
+    onnx_only: bool = False
+    device: str = "cpu"
+    ae: Path | None = None
+    text_encoders: Path | None = None
+    max_batch: int = 1
+    calibration: CalibrationSet = field(default_factory=CalibrationSet)
+    workspace_gib: float | None = None
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+class Export:
+    """One export run; `run()` goes through the stages and reports each through `log(line)`."""
+
+    def __init__(self, opts: ExportOptions, log: Callable[[str], None] = lambda line: None):
+        if opts.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {opts.precision!r}")
+        self.opts, self.log = opts, log
+        self.layout = detect_layout(opts.checkpoint, ae=opts.ae, text_encoders=opts.text_encoders)
+        self.fingerprint = fingerprint(self.layout)
+        self.cfg, self.vae_cfg = transformer_config(self.layout), vae_config(self.layout)
+        text_tokens = variant_of(self.layout, self.cfg).max_sequence_length
+        self.specs = {
+            "transformer": specs.transformer_spec(self.cfg, text_tokens, opts.max_batch),
+            "vae_encoder": specs.vae_encoder_spec(self.vae_cfg, opts.max_batch),
+            "vae_decoder": specs.vae_decoder_spec(self.vae_cfg, opts.max_batch),
+        }
+        self.dtype = GRAPH_DTYPE[opts.precision]
+        self._quantized = None  # the calibrated transformer, when calibration ran in this process
+
+    def stages(self) -> list[tuple[str, str]]:
+        out = [("onnx", "vae_encoder"), ("onnx", "vae_decoder")]
+        if self.opts.precision == "fp8":
+            out.append(("calibration", "fp8"))
+        out.append(("onnx", "transformer"))
+        if not self.opts.onnx_only:
+            out += [("engine", g) for g in ("vae_encoder", "vae_decoder", "transformer")]
+        return out
+
+    def run(self) -> list[str]:
+        """Run every stage; returns what happened to each ("made" or "reused")."""
+        if not self.opts.onnx_only:
+            from .engine_build import require_tensorrt
+
+            require_tensorrt()  # before hours of calibration, not after
+        results = []
+        stages = self.stages()
+        for i, (stage, graph) in enumerate(stages, 1):
+            label = f"[{i}/{len(stages)}] {stage} {graph}"
+            want, folder = self._manifest(stage, graph), self._folder(stage)
+            have = Manifest.read(folder / f"{graph}.json")
+            if have is not None and have.identity() == want.identity() and not have.files_intact(folder):
+                self.log(f"{label}: up to date, reused")
+                results.append("reused")
+                continue
+            self.log(f"{label}: ...")
+            t0 = time.perf_counter()
+            files, info = self._make(stage, graph, folder)
+            info["seconds"] = round(time.perf_counter() - t0, 1)
+            Manifest(**{**want.__dict__, "files": file_sizes(*files), "info": info}).write(folder / f"{graph}.json")
+            self.log(f"{label}: done in {info['seconds']} s -> {files[0]}")
+            results.append("made")
+        return results
+
+    # ---- per stage ------------------------------------------------------------------------------------------------
+
+    def _folder(self, stage: str) -> Path:
+        out, p = Path(self.opts.out), self.opts.precision
+        return {"onnx": onnx_folder(out, p), "calibration": out / "calibration", "engine": engine_folder(out, p)}[stage]
+
+    def _manifest(self, stage: str, graph: str) -> Manifest:
+        tools = {"kontext-rt": _version("kontext-rt"), "torch": torch.__version__, "onnx": _version("onnx")}
+        if self.opts.precision == "fp8":
+            tools["modelopt"] = _version("nvidia-modelopt")
+        gpu = None
+        if stage == "engine":
+            from .engine_build import gpu_name, tensorrt_version
+
+            tools["tensorrt"], gpu = tensorrt_version(), gpu_name()
+        io = self.specs[graph].to_json(self.dtype) if graph in self.specs else {}
+        if stage == "calibration":
+            io = {"data": self.opts.calibration.describe()}
+        return Manifest(stage, graph, self.opts.precision, self.fingerprint, io, tools, gpu)
+
+    def _make(self, stage: str, graph: str, folder: Path) -> tuple[list[Path], dict]:
+        if stage == "calibration":
+            return self._calibrate(folder)
+        if stage == "engine":
+            from .engine_build import build_engine
+
+            plan = folder / f"{graph}.plan"
+            folder.mkdir(parents=True, exist_ok=True)
+            info = build_engine(self._folder("onnx") / f"{graph}.onnx", plan, self.specs[graph],
+                                folder / "timing.cache", self.opts.workspace_gib, self.log)
+            return [plan], info
+        return self._export_onnx(graph, folder), {}
+
+    def _export_onnx(self, graph: str, folder: Path) -> list[Path]:
+        from .onnx_export import VAEDecoderGraph, VAEEncoderGraph, export_onnx, transformer_graph
+        from .trt_ops import check_parsable
+
+        path, spec = folder / f"{graph}.onnx", self.specs[graph]
+        if graph == "transformer":
+            module = transformer_graph(self._transformer())
+            exporter = "torchscript" if self.opts.precision == "fp8" else "dynamo"
+        else:
+            vae = load_vae(self.layout, self.dtype, self.opts.device)
+            module, exporter = (VAEEncoderGraph if graph == "vae_encoder" else VAEDecoderGraph)(vae), "dynamo"
+        export_onnx(module, spec, path, self.dtype, exporter)
+        check_parsable(path)
+        return [path, path.with_name(path.name + ".data")]
+
+    def _transformer(self):
+        if self.opts.precision != "fp8":
+            return load_transformer(self.layout, self.dtype, self.opts.device)
+        if self._quantized is not None:
+            return self._quantized
+        from .fp8 import restore_calibration
+
+        model = load_transformer(self.layout, self.dtype, self.opts.device)
+        return restore_calibration(model, self._folder("calibration") / "fp8.safetensors", self.fingerprint)
+
+    def _calibrate(self, folder: Path) -> tuple[list[Path], dict]:
+        from kontext_rt import Pipeline
+
+        from .fp8 import calibration_loop, quantize, save_calibration
+
+        pipe = Pipeline.from_pretrained(self.opts.checkpoint, device=self.opts.device, dtype=self.dtype,
+                                        ae=self.opts.ae, text_encoders=self.opts.text_encoders)
+        quantize(pipe.transformer, calibration_loop(pipe, self.opts.calibration, self.log))
+        self._quantized = pipe.transformer
+        path = save_calibration(pipe.transformer, folder / "fp8.safetensors", self.fingerprint)
+        return [path], {"data": self.opts.calibration.describe()}
