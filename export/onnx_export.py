@@ -133,8 +133,10 @@ def _dynamo(graph, spec: GraphSpec, args, tmp: Path, external_data: bool):
 
 
 def _torchscript(graph, spec: GraphSpec, args, tmp: Path, external_data: bool):
-    """The legacy exporter splits a graph past 2 GB into one file per tensor: it writes into a scratch folder,
-    and the graph is then saved again with its weights in one data file (or inline)."""
+    """The legacy tracer copies every weight into its graph and then into the protobuf (4x the weights at peak,
+    measured). So it exports the graph alone (export_params=False: each weight becomes an input named by its
+    state-dict key, nothing folded), and the weights are then streamed from the module into the file one tensor
+    at a time."""
     import onnx
 
     axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in (*spec.inputs, *spec.outputs)}
@@ -143,18 +145,48 @@ def _torchscript(graph, spec: GraphSpec, args, tmp: Path, external_data: bool):
     scratch.mkdir()
     try:
         torch.onnx.export(
-            graph, args, str(scratch / "graph.onnx"), dynamo=False, opset_version=OPSET,
-            input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs],
-            dynamic_axes=axes, do_constant_folding=True,
+            graph, args, str(scratch / "graph.onnx"), dynamo=False, opset_version=OPSET, export_params=False,
+            do_constant_folding=False, input_names=[s.name for s in spec.inputs],
+            output_names=[s.name for s in spec.outputs], dynamic_axes=axes,
         )
         model = onnx.load(str(scratch / "graph.onnx"))
-        if external_data:
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(model, str(tmp))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    data = tmp.with_name(tmp.name + ".data") if external_data else None
+    _attach_weights(model, graph.state_dict(keep_vars=True), {s.name for s in spec.inputs}, data)
+    onnx.save_model(model, str(tmp))
+
+
+def _attach_weights(model, state: dict, real_inputs: set[str], data: Path | None):
+    """Turn the graph's weight inputs into initializers holding the module's tensors, inline or in `data`."""
+    import onnx
+
+    inputs = list(model.graph.input)
+    del model.graph.input[:]
+    out = open(data, "wb") if data is not None else None  # noqa: SIM115 (closed below, also on error)
+    try:
+        offset = 0
+        for value in inputs:
+            if value.name in real_inputs:
+                model.graph.input.append(value)
+                continue
+            if value.name not in state:
+                raise RuntimeError(f"exported graph input {value.name!r} is neither an input nor a weight")
+            t = state[value.name].detach().cpu().contiguous()
+            raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            proto = onnx.TensorProto(name=value.name, data_type=value.type.tensor_type.elem_type, dims=t.shape)
+            if out is None:
+                proto.raw_data = raw
+            else:
+                out.write(raw)
+                proto.data_location = onnx.TensorProto.EXTERNAL
+                for key, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    proto.external_data.add(key=key, value=v)
+                offset += len(raw)
+            model.graph.initializer.append(proto)
+    finally:
+        if out is not None:
+            out.close()
 
 
 def _rename_external_data(model_path: Path, old: str, new: str):

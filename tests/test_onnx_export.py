@@ -25,7 +25,7 @@ def models(kontext_dir):
 
 @pytest.fixture(scope="module")
 def exported(models, tmp_path_factory):
-    """fp32 transformer through both exporters (dynamo with external data), fp16 transformer, VAE graphs."""
+    """fp32 transformer through both exporters (with external data), fp16 transformer, VAE graphs."""
     model, vae = models
     out = tmp_path_factory.mktemp("onnx")
     t_spec = specs.transformer_spec(model.cfg, text_tokens=8)
@@ -35,7 +35,7 @@ def exported(models, tmp_path_factory):
         "dynamo": export_onnx(transformer_graph(model), t_spec, out / "dynamo" / "transformer.onnx", torch.float32,
                               external_data=True),
         "torchscript": export_onnx(transformer_graph(model), t_spec, out / "ts" / "transformer.onnx", torch.float32,
-                                   exporter="torchscript"),
+                                   exporter="torchscript", external_data=True),
         "fp16": export_onnx(transformer_graph(cast(model, f16)), t_spec, out / "fp16" / "transformer.onnx", f16),
         "encoder": export_onnx(VAEEncoderGraph(vae), enc_spec, out / "vae" / "vae_encoder.onnx", torch.float32),
         "decoder": export_onnx(VAEDecoderGraph(vae), dec_spec, out / "vae" / "vae_decoder.onnx", torch.float32),
@@ -75,8 +75,9 @@ def test_transformer_fp16_within_torch_fp16_error(exported, models, layout):
     assert rel_err(run_ort(exported["fp16"], x16), truth) <= 2 * torch_err + 2**-10
 
 
-def test_external_data_is_saved_and_reloads(exported):
-    path = exported["dynamo"]
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_external_data_is_saved_and_reloads(exported, exporter):
+    path = exported[exporter]
     data = path.with_name(path.name + ".data")
     assert data.is_file() and data.stat().st_size > path.stat().st_size
     graph = onnx.load(str(path), load_external_data=False)
