@@ -211,22 +211,25 @@ def fingerprint(layout: Layout) -> str:
     return h.hexdigest()[:32]
 
 
+def _header_config(path: Path, prefixes: tuple[str, ...], parse):
+    """A BFL file's config, parsed from its tensor shapes (headers only)."""
+    with TensorFiles([path]) as files:
+        names = _strip_prefix(files, prefixes)
+        return parse({k: files.shapes[v] for k, v in names.items()}, path)
+
+
 def transformer_config(layout: Layout) -> FluxConfig:
     """The transformer's config from its config.json or its tensor headers, without reading any weights."""
     if layout.kind == "diffusers":
         return diffusers_transformer_config(layout.transformer)
-    with TensorFiles([layout.transformer]) as files:
-        names = _strip_prefix(files, BFL_PREFIXES)
-        return bfl_transformer_config({k: files.shapes[v] for k, v in names.items()}, layout.transformer)
+    return _header_config(layout.transformer, BFL_PREFIXES, bfl_transformer_config)
 
 
 def vae_config(layout: Layout) -> VAEConfig:
     """The autoencoder's config from its config.json or its tensor headers, without reading any weights."""
     if layout.kind == "diffusers":
         return diffusers_vae_config(layout.vae)
-    with TensorFiles([layout.vae]) as files:
-        names = _strip_prefix(files, AE_PREFIXES)
-        return bfl_vae_config({k: files.shapes[v] for k, v in names.items()}, layout.vae)
+    return _header_config(layout.vae, AE_PREFIXES, bfl_vae_config)
 
 
 def load_transformer(layout: Layout, dtype, device) -> FluxTransformer:

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
         sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
+        sp.add_argument("--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies "
+                        "--backend tensorrt)")
         sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
         sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing summary")
@@ -222,9 +224,11 @@ def _run(args) -> int:
         args.ae = args.text_encoders = None
         args.device = args.device or "cpu"
     device, dtype = _device_dtype(args)
+    backend = "tensorrt" if args.engines and args.backend == "auto" else args.backend
     pipe = krt.Pipeline.from_pretrained(
-        args.checkpoint, device=device, dtype=dtype, backend=args.backend, ae=args.ae,
+        args.checkpoint, device=device, dtype=dtype, backend=backend, ae=args.ae,
         text_encoders=args.text_encoders, text_cache_dir=None if args.no_text_cache else cache_dir / "text",
+        engines=args.engines,
     )
     report = krt.RunReport()
     bar = _progress(args.quiet)

@@ -94,3 +94,15 @@ def test_bad_export_arguments(kontext_dir, tmp_path, capsys, args, match):
         base += ["--precision", "fp16"]
     assert main(base + args) == 2
     assert match in capsys.readouterr().err
+
+
+def test_edit_with_engines_on_a_machine_without_gpu_says_why(kontext_dir, tmp_path, capsys):
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(img)
+    rc = main(["edit", str(img), "x", "--checkpoint", str(kontext_dir), "--engines", str(tmp_path), "--device",
+               "cpu", "-o", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "backend 'tensorrt' needs a CUDA GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "out.png").exists()
