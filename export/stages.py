@@ -128,8 +128,9 @@ class Export:
 
             tools["tensorrt"], gpu = tensorrt_version(), gpu_name()
         io = self.specs[graph].to_json(self.dtype) if graph in self.specs else {}
-        if stage == "calibration":
-            io = {"data": self.opts.calibration.describe()}
+        if self.opts.precision == "fp8" and graph in ("transformer", "fp8"):
+            # the FP8 graph and its engine carry the calibration's scales: other calibration data, other artifacts
+            io["calibration"] = self.opts.calibration.describe()
         return Manifest(stage, graph, self.opts.precision, self.fingerprint, io, tools, gpu)
 
     def _make(self, stage: str, graph: str, folder: Path) -> tuple[list[Path], dict]:

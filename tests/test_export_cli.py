@@ -72,6 +72,10 @@ def test_fp8_onnx_only_calibrates_then_reuses_the_calibration(kontext_dir, tmp_p
     assert main([*args, "--calibration-prompts", str(prompts)]) == 0
     err = capsys.readouterr().err
     assert "calibration fp8: up to date, reused" in err and "onnx transformer: done" in err
+    prompts.write_text("make it blue\n")  # other calibration data: calibration and the FP8 graph are redone
+    assert main([*args, "--calibration-prompts", str(prompts)]) == 0
+    err = capsys.readouterr().err
+    assert "calibration fp8: done" in err and "onnx transformer: done" in err and err.count("reused") == 2
 
 
 @pytest.mark.skipif(_tensorrt_importable(), reason="TensorRT is importable here: the refusal does not apply")
