@@ -53,7 +53,7 @@ def profile_shapes(spec: GraphSpec) -> list[dict[str, tuple[tuple[int, ...], ...
 
 
 def build_engine(onnx_path: Path, plan_path: Path, spec: GraphSpec, timing_cache: Path,
-                 workspace_gib: float | None = None, log=None) -> dict:
+                 workspace_gib: float | None = None) -> dict:
     """Parse onnx_path, build with spec's profiles, write plan_path atomically. Returns build facts."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -87,13 +87,12 @@ class Export:
             out += [("engine", g) for g in ("vae_encoder", "vae_decoder", "transformer")]
         return out
 
-    def run(self) -> list[str]:
-        """Run every stage; returns what happened to each ("made" or "reused")."""
+    def run(self) -> None:
+        """Run every stage, reusing those already finished."""
         if not self.opts.onnx_only:
             from .engine_build import require_tensorrt
 
             require_tensorrt()  # before hours of calibration, not after
-        results = []
         stages = self.stages()
         for i, (stage, graph) in enumerate(stages, 1):
             label = f"[{i}/{len(stages)}] {stage} {graph}"
@@ -101,7 +100,6 @@ class Export:
             have = Manifest.read(folder / f"{graph}.json")
             if have is not None and have.identity() == want.identity() and not have.files_intact(folder):
                 self.log(f"{label}: up to date, reused")
-                results.append("reused")
                 continue
             self.log(f"{label}: ...")
             t0 = time.perf_counter()
@@ -109,8 +107,6 @@ class Export:
             info["seconds"] = round(time.perf_counter() - t0, 1)
             Manifest(**{**want.__dict__, "files": file_sizes(*files), "info": info}).write(folder / f"{graph}.json")
             self.log(f"{label}: done in {info['seconds']} s -> {files[0]}")
-            results.append("made")
-        return results
 
     # ---- per stage ------------------------------------------------------------------------------------------------
 
@@ -142,7 +138,7 @@ class Export:
             plan = folder / f"{graph}.plan"
             folder.mkdir(parents=True, exist_ok=True)
             info = build_engine(self._folder("onnx") / f"{graph}.onnx", plan, self.specs[graph],
-                                folder / "timing.cache", self.opts.workspace_gib, self.log)
+                                folder / "timing.cache", self.opts.workspace_gib)
             return [plan], info
         return self._export_onnx(graph, folder), {}
 

@@ -181,7 +181,7 @@ class TensorRTVAE:
         return self.decoder(latent=z)["image"]
 
 
-def open_engines(engines, layout, fingerprint: str, checkpoint, device, cfg, vae_cfg, precision=None):
+def open_engines(engines, fingerprint: str, checkpoint, device, cfg, vae_cfg, precision=None):
     """(TensorRTTransformer, TensorRTVAE) from an engine folder, after every check that needs no TensorRT."""
     folder = locate(engines, checkpoint, precision)
     manifests = check_engines(folder, fingerprint, checkpoint)

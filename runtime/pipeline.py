@@ -109,7 +109,7 @@ class Pipeline:
                                  "wrote")
             from .engines import open_engines
 
-            transformer, vae = open_engines(engines, layout, fingerprint(layout), path, device, cfg,
+            transformer, vae = open_engines(engines, fingerprint(layout), path, device, cfg,
                                             vae_config(layout), engine_precision)
         else:
             transformer = load_transformer(layout, dtype, device)

@@ -47,15 +47,6 @@ def vae_input(cfg, size: str, decoder: bool, dtype=torch.float32, seed: int = 0)
     return (torch.rand(batch, cfg.in_channels, h, w, generator=gen) * 2 - 1).to(dtype)
 
 
-def run_torch(graph, inputs: dict[str, torch.Tensor], dtype=None) -> torch.Tensor:
-    """graph on inputs; dtype casts the floating inputs that follow the model's dtype (float64: the truth)."""
-    with torch.no_grad():
-        if dtype is not None:
-            graph = cast(graph, dtype)
-            inputs = {k: v.to(dtype) for k, v in inputs.items()}
-        return graph(*inputs.values()).double()
-
-
 def run_ort(path, inputs: dict[str, torch.Tensor], opt_level=None) -> torch.Tensor:
     import onnxruntime as ort
 
