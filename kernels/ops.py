@@ -6,11 +6,13 @@ is chosen.
 
 from __future__ import annotations
 
-from . import _launch, modulation, qk_norm_rope, rope_attention
+from . import _launch, fp8_quant, modulation, qk_norm_rope, rope_attention, row_linear
 
 HEAD_DIMS = _launch.HEAD_DIMS
 modulate = modulation.modulate_op
 gated_residual = modulation.gated_residual_op
+row_linear_op = row_linear.row_linear_op
+quantize_rows = fp8_quant.quantize_rows_op
 
 
 def attention(q, k, v, q_scales, k_scales, split, cos, sin):

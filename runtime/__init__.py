@@ -6,10 +6,12 @@
 """
 
 from .config import PRESETS, VAE_PRESETS, VARIANTS, FluxConfig, VAEConfig, Variant
+from .lora import LoRAError
+from .options import Optimizations
 from .pipeline import EditSession, Pipeline, RunReport
 from .safetensors_io import CheckpointError
 
 __all__ = [
-    "Pipeline", "EditSession", "RunReport", "CheckpointError",
+    "Pipeline", "EditSession", "RunReport", "CheckpointError", "Optimizations", "LoRAError",
     "FluxConfig", "VAEConfig", "Variant", "PRESETS", "VAE_PRESETS", "VARIANTS",
 ]

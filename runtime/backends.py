@@ -43,7 +43,7 @@ def _triton(device) -> Ops:
     else:
         raise BackendUnavailable(f"backend 'triton' runs on CUDA devices, not {device.type}; use backend='eager'")
     return Ops(attention=kernels.attention, modulate=kernels.modulate, gated_residual=kernels.gated_residual,
-               head_dims=kernels.HEAD_DIMS)
+               row_linear=kernels.row_linear_op, quantize_rows=kernels.quantize_rows, head_dims=kernels.HEAD_DIMS)
 
 
 def _tensorrt(device) -> Ops:

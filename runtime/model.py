@@ -35,8 +35,9 @@ class MLPEmbedder(nn.Module):
         self.in_layer = nn.Linear(in_dim, hidden)
         self.out_layer = nn.Linear(hidden, hidden)
 
-    def forward(self, x):
-        return self.out_layer(F.silu(self.in_layer(x)))
+    def forward(self, x, ops: Ops = EAGER_OPS):
+        h = F.silu(ops.row_linear(x, self.in_layer.weight, self.in_layer.bias))
+        return ops.row_linear(h, self.out_layer.weight, self.out_layer.bias)
 
 
 class ModulationOut(NamedTuple):
@@ -46,16 +47,18 @@ class ModulationOut(NamedTuple):
 
 
 class Modulation(nn.Module):
-    """lin(SiLU(vec)) chunked into (shift, scale, gate) x (2 if double else 1)."""
+    """lin(SiLU(vec)): (shift, scale, gate) x (2 if double else 1), computed by the model for all blocks at once."""
 
     def __init__(self, dim: int, double: bool):
         super().__init__()
         self.multiplier = 6 if double else 3
         self.lin = nn.Linear(dim, self.multiplier * dim)
 
-    def forward(self, vec: torch.Tensor) -> list[ModulationOut]:
-        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
-        return [ModulationOut(*out[i : i + 3]) for i in range(0, self.multiplier, 3)]
+
+def chunk_modulation(mod: torch.Tensor, multiplier: int) -> list[ModulationOut]:
+    """(B, multiplier * C) -> [ModulationOut] of (B, 1, C) views, in the order (shift, scale, gate)[, ...]."""
+    out = mod[:, None, :].chunk(multiplier, dim=-1)
+    return [ModulationOut(*out[i : i + 3]) for i in range(0, multiplier, 3)]
 
 
 class RMSNorm(nn.Module):
@@ -101,9 +104,10 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(dim, cfg.num_heads)
         self.txt_mlp = mlp(dim, cfg.mlp_hidden)
 
-    def forward(self, img, txt, vec, cos, sin, ops: Ops):
-        img_m1, img_m2 = self.img_mod(vec)
-        txt_m1, txt_m2 = self.txt_mod(vec)
+    def forward(self, img, txt, img_mod, txt_mod, cos, sin, ops: Ops):
+        """img_mod / txt_mod: (B, 6C) rows of the modulation table (FluxTransformer.modulations)."""
+        img_m1, img_m2 = chunk_modulation(img_mod, 6)
+        txt_m1, txt_m2 = chunk_modulation(txt_mod, 6)
 
         # projections per stream, then one joint attention over [txt | img]
         img_q, img_k, img_v = self.img_attn.qkv_heads(ops.modulate(img, img_m1.shift, img_m1.scale))
@@ -136,8 +140,9 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x, vec, cos, sin, ops: Ops):
-        (mod,) = self.modulation(vec)
+    def forward(self, x, mod, cos, sin, ops: Ops):
+        """mod: (B, 3C), this block's row of the modulation table."""
+        (mod,) = chunk_modulation(mod, 3)
         qkv, mlp_in = torch.split(self.linear1(ops.modulate(x, mod.shift, mod.scale)), self.split, -1)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q_scales, k_scales = (self.norm.query_norm.scale,) * 2, (self.norm.key_norm.scale,) * 2
@@ -152,8 +157,9 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(dim, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x, vec, ops: Ops):
-        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift, scale
+    def forward(self, x, mod, ops: Ops):
+        """mod: (B, 2C), the adaLN row of the modulation table (adaLN_modulation = SiLU, then its linear)."""
+        shift, scale = mod[:, None, :].chunk(2, dim=-1)  # BFL order: shift, scale
         return self.linear(ops.modulate(x, shift, scale))
 
 
@@ -171,28 +177,66 @@ class FluxTransformer(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks))
         self.final_layer = LastLayer(dim, cfg.in_channels)
 
-    def conditioning(self, timesteps, guidance, pooled) -> torch.Tensor:
+    def modulation_layers(self) -> list[nn.Linear]:
+        """Every linear applied to SiLU(vec), in the order of the modulation table's columns."""
+        layers = [lin for b in self.double_blocks for lin in (b.img_mod.lin, b.txt_mod.lin)]
+        layers += [b.modulation.lin for b in self.single_blocks]
+        return layers + [self.final_layer.adaLN_modulation[1]]
+
+    def conditioning(self, timesteps, guidance, pooled, ops: Ops = EAGER_OPS) -> torch.Tensor:
         """vec = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(pooled): (B, C)."""
         dtype = self.img_in.weight.dtype
-        vec = self.time_in(timestep_embedding(timesteps).to(dtype))
+        vec = self.time_in(timestep_embedding(timesteps).to(dtype), ops)
         if self.guidance_in is not None:
             if guidance is None:
                 raise ValueError("this model was distilled with guidance: pass a guidance value")
-            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
-        return vec + self.vector_in(pooled.to(dtype))
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype), ops)
+        return vec + self.vector_in(pooled.to(dtype), ops)
 
-    def forward(self, img, ctx, txt, pooled, timesteps, guidance, cos, sin, ops: Ops = EAGER_OPS):
-        """Velocity of the target tokens, (B, N, in_channels). ctx may be None (text-to-image)."""
+    def modulations(self, vec: torch.Tensor, ops: Ops = EAGER_OPS) -> torch.Tensor:
+        """The modulation table: every block's lin(SiLU(vec)) side by side, (R, K) for vec (R, C).
+
+        It depends on nothing but t, guidance and the pooled text, so the sampler computes it for all steps before
+        the loop (modulation_table): one matmul per layer over all steps' rows, instead of reading these 3.2B
+        parameters again at every step.
+        """
+        act = F.silu(vec)
+        return torch.cat([ops.row_linear(act, lin.weight, lin.bias) for lin in self.modulation_layers()], -1)
+
+    def modulation_table(self, timesteps, guidance, pooled, ops: Ops = EAGER_OPS) -> torch.Tensor:
+        """(S, B, K): the modulations of every step for timesteps (S, B), guidance (B,) or None, pooled (B, D).
+
+        Row (s, b) is computed exactly as forward computes it at step s: with a row-invariant row_linear (the
+        triton table) the two are equal bit for bit. The guidance and pooled-text terms are the same at every
+        step, so they are computed for B rows once and broadcast.
+        """
+        steps, batch = timesteps.shape
+        dtype = self.img_in.weight.dtype
+        vec = self.time_in(timestep_embedding(timesteps.reshape(-1)).to(dtype), ops).view(steps, batch, -1)
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this model was distilled with guidance: pass a guidance value")
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype), ops)
+        vec = vec + self.vector_in(pooled.to(dtype), ops)
+        return self.modulations(vec.reshape(steps * batch, -1), ops).view(steps, batch, -1)
+
+    def velocity(self, img, ctx, txt, mod, cos, sin, ops: Ops = EAGER_OPS):
+        """The transformer with its modulation given: mod (B, K), one step's rows of the modulation table."""
         n = img.shape[1]
         x = img if ctx is None else torch.cat((img, ctx), 1)
         x = self.img_in(x)
-        vec = self.conditioning(timesteps, guidance, pooled)
         txt = self.txt_in(txt)
+        mods = iter(mod.split([lin.out_features for lin in self.modulation_layers()], -1))
         for block in self.double_blocks:
-            x, txt = block(x, txt, vec, cos, sin, ops)
+            x, txt = block(x, txt, next(mods), next(mods), cos, sin, ops)
         t = txt.shape[1]
         x = torch.cat((txt, x), 1)
         for block in self.single_blocks:
-            x = block(x, vec, cos, sin, ops)
+            x = block(x, next(mods), cos, sin, ops)
         # only the target tokens leave the model: the final layer is per token, context outputs are never used
-        return self.final_layer(x[:, t : t + n], vec, ops)
+        return self.final_layer(x[:, t : t + n], next(mods), ops)
+
+    def forward(self, img, ctx, txt, pooled, timesteps, guidance, cos, sin, ops: Ops = EAGER_OPS):
+        """Velocity of the target tokens, (B, N, in_channels). ctx may be None (text-to-image)."""
+        mod = self.modulations(self.conditioning(timesteps, guidance, pooled, ops), ops)
+        return self.velocity(img, ctx, txt, mod, cos, sin, ops)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch.nn.functional as F
+
+from . import fp8
 from .kernels import reference
 
 
@@ -19,11 +22,16 @@ class Ops:
 
     attention(q, k, v, q_scales, k_scales, split, cos, sin) -> (B, L, H*D): QK RMSNorm (scales[0] for tokens
     before `split`, scales[1] after), RoPE, joint attention. modulate(x, shift, scale), gated_residual(x, gate, y).
+    row_linear(x (R, K), w, b): the conditioning and modulation linears, whose rows are one per image and step;
+    the triton table's kernel is row-invariant, so hoisting them out of the loop changes no bit (model.py).
+    quantize_rows(x (R, K)) -> (e4m3, scale (R, 1)): the activation quantizer of FP8 linears.
     """
 
     attention: Callable = reference.rope_attention
     modulate: Callable = reference.modulate
     gated_residual: Callable = reference.gated_residual
+    row_linear: Callable = F.linear
+    quantize_rows: Callable = fp8.quantize_rows
     head_dims: tuple[int, ...] | None = None  # the head dims the ops support; None: any
 
 

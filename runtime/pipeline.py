@@ -21,9 +21,12 @@ from .checkpoint import (
     variant_of,
 )
 from .config import Variant
+from .lora import LoRAStack
+from .options import Optimizations
 from .rope import rope_table, sequence_ids
 from .safetensors_io import CheckpointError
 from .sampler import Conditioning, denoise, explicit_schedule, schedule
+from .stepping import Stepper
 from .text import TextEmbeddingCache, TextEncoders
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,21 +75,30 @@ def _check_prompt(prompt):
 
 class Pipeline:
     def __init__(self, transformer, vae, text: TextEncoders, variant: Variant, device, dtype, backend: str,
-                 ops, max_sequence_length: int, text_cache: TextEmbeddingCache):
+                 ops, max_sequence_length: int, text_cache: TextEmbeddingCache, optimize: Optimizations | None = None,
+                 lora_stack: LoRAStack | None = None):
         self.transformer, self.vae, self.text = transformer, vae, text
         self.variant, self.device, self.dtype = variant, device, dtype
         self.backend, self.ops = backend, ops
         self.max_sequence_length = max_sequence_length
         self.text_cache = text_cache
+        self.optimize = optimize or Optimizations()
+        engines = backend == "tensorrt"
+        self._loras = None if engines else (lora_stack or LoRAStack(transformer))
+        self._stepper = None if engines or not self.optimize.hoist else Stepper(
+            transformer, ops, dtype, self.optimize.cuda_graphs, max_graphs=self.optimize.max_graphs)
+        self._weights_version = 0  # bumped whenever weights change: CUDA graphs of older weights are dropped
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, backend="eager", max_sequence_length=None,
                         ae=None, text_encoders=None, text_cache_dir=None, text_cache_size=64, engines=None,
-                        engine_precision=None) -> Pipeline:
+                        engine_precision=None, optimize: Optimizations | None = None, loras=()) -> Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
         backend="tensorrt" runs the engines in `engines` (a folder made by `kontext-rt export --out`; with several
         precisions there, engine_precision picks one) and reads no transformer or VAE weights at all.
+        optimize: speed options (Optimizations: hoisting, CUDA graphs, FP8 linears, compile). loras: LoRA files,
+        each a path or (path, strength), fused before FP8 quantization (the only way to use LoRAs with fp8).
         """
         device = _check_device(device)
         if dtype not in DTYPES:
@@ -94,6 +106,11 @@ class Pipeline:
         if engines is not None and backend != "tensorrt":
             raise ValueError(f"engines= is only used by backend='tensorrt', not {backend!r}")
         backend, ops = backends.resolve(backend, device)
+        optimize = optimize or Optimizations()
+        optimize.check(device, dtype, backend)
+        if loras and backend == "tensorrt":
+            raise ValueError("engines carry their LoRAs from export (`kontext-rt export --lora FILE`); loras= "
+                             "applies to the eager and triton backends")
         layout = detect_layout(path, ae=ae, text_encoders=text_encoders)
         if layout.text_encoders is None:
             raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
@@ -111,16 +128,18 @@ class Pipeline:
 
             transformer, vae = open_engines(engines, fingerprint(layout), path, device, cfg,
                                             vae_config(layout), engine_precision)
+            stack = None
         else:
             transformer = load_transformer(layout, dtype, device)
             vae = load_vae(layout, dtype, device)
+            stack = _prepare(transformer, ops, optimize, loras, layout)
         variant = variant_of(layout, cfg)
         msl = max_sequence_length or variant.max_sequence_length
         if not isinstance(msl, int) or not 1 <= msl <= 512:
             raise ValueError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
         text = TextEncoders(layout.text_encoders, device, dtype)
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
-        return cls(transformer, vae, text, variant, device, dtype, backend, ops, msl, cache)
+        return cls(transformer, vae, text, variant, device, dtype, backend, ops, msl, cache, optimize, stack)
 
     # ---- public entry points ----------------------------------------------------------------------------------
 
@@ -149,6 +168,34 @@ class Pipeline:
     def session(self, image, **defaults) -> EditSession:
         """Multi-turn editing: each turn's output becomes the next turn's context image."""
         return EditSession(self, image, **defaults)
+
+    def load_lora(self, path, strength: float = 1.0, name: str | None = None) -> str:
+        """Fuse a LoRA file into the transformer's weights (W += strength * alpha/r * B @ A); returns its name.
+
+        Several may be loaded; unload_lora restores the exact original weights.
+        """
+        self._lora_stack("load_lora")
+        name = self._loras.load(path, strength, name)
+        self._weights_version += 1
+        return name
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA by name, or all of them: the weights become bit for bit what they were without it."""
+        self._lora_stack("unload_lora")
+        self._loras.unload(name)
+        self._weights_version += 1
+
+    @property
+    def loras(self) -> list[str]:
+        return [] if self._loras is None else self._loras.names()
+
+    def _lora_stack(self, what: str):
+        if self._loras is None:
+            raise ValueError(f"{what}: backend 'tensorrt' runs engines; their LoRAs are fused at export "
+                             "(`kontext-rt export --lora FILE`)")
+        if self.optimize.fp8 is not None:
+            raise ValueError(f"{what}: the FP8 weights were quantized at load; pass loras=[...] to from_pretrained "
+                             "to fuse LoRAs before quantization")
 
     # ---- internals --------------------------------------------------------------------------------------------
 
@@ -211,9 +258,11 @@ class Pipeline:
                               self.transformer.cfg.theta)
         g = torch.full((batch,), float(guidance), device=self.device) if self.transformer.cfg.guidance_embed else None
         cond = Conditioning(ctx, txt.expand(batch, -1, -1), pooled.expand(batch, -1), g, cos, sin)
-        denoiser = self._denoiser()
         with _Stage(report, "denoise", self.device):
-            x = denoise(denoiser, x, sig, cond, self.dtype, progress)
+            if self._stepper is not None:
+                x = self._stepper.denoise(x, sig, cond, progress, version=self._weights_version)
+            else:
+                x = denoise(self._denoiser(), x, sig, cond, self.dtype, progress)
         if report is not None:
             report.seed, report.steps = used_seed, len(sig) - 1
         if output == "latent":
@@ -229,6 +278,26 @@ class Pipeline:
             return model(img, ctx, txt, pooled, t, g, cos, sin, ops)
 
         return call
+
+
+def _prepare(transformer, ops, optimize: Optimizations, loras, layout) -> LoRAStack:
+    """LoRAs fused, then FP8 quantization, then regional compile: the order each needs."""
+    from . import fp8
+
+    stack = LoRAStack(transformer)
+    for item in loras:
+        path, strength = (item, 1.0) if isinstance(item, (str, Path)) else item
+        stack.load(path, strength)
+    if optimize.fp8 is not None:
+        amax = None
+        if optimize.fp8 == "static":
+            amax = fp8.read_calibration(optimize.fp8_calibration, fingerprint(layout))
+        fp8.convert(transformer, ops.quantize_rows, amax)
+    if optimize.compile:
+        backend = "inductor" if optimize.compile is True else optimize.compile
+        for block in (*transformer.double_blocks, *transformer.single_blocks):
+            block.compile(backend=backend, fullgraph=True, dynamic=False)
+    return stack
 
 
 class EditSession:

@@ -1,0 +1,82 @@
+"""Dynamic per-token FP8 (e4m3) quantization of activations, one pass per row.
+
+    x      (R, K)  float32 / float16 / bfloat16, contiguous last dim
+    q      (R, K)  float8_e4m3fn, contiguous:  q = round_to_e4m3(clamp(x / scale, -448, 448))
+    scale  (R, 1)  float32:                    scale = max(amax(|x| of the row), AMAX_FLOOR) / 448
+
+so that x ~= q * scale row by row: the `scale_a` of torch._scaled_mm's row-wise scaling. Torch needs five passes
+(abs, amax, divide, clamp, cast); here each row is read twice from L2 (amax, then quantize) and written once.
+Rounding to the e4m3 grid is done explicitly in float32 (round half to even, subnormals included), so the result
+is torch's own cast bit for bit on every device, the Triton interpreter included (whose float->fp8 cast truncates).
+The reference is kontext_rt.fp8.quantize_rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+
+E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale, never a division by zero
+ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds v to an integer, half to even, for |v| < 2**22
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v (float32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, as a float32."""
+    bits = v.to(tl.int32, bitcast=True)
+    exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3: 3 mantissa bits, subnormal below 2**-6
+    step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2**(exp-3), exact
+    return ((v / step + ROUND_MAGIC) - ROUND_MAGIC) * step
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr,  # x (R, K) strided rows; q (R, K) contiguous; scale (R,)
+    K, stride_xr, amax_floor,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xr
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0), amax_floor) / 448.0
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
+        q = _round_e4m3(tl.minimum(tl.maximum(x / scale, -448.0), 448.0))
+        tl.store(q_ptr + row * K + ks, q.to(tl.float8e4nv), mask=ks < K)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (R, K) float8_e4m3fn, scale (R, 1) float32) with x ~= q * scale per row."""
+    _launch.check_float("x", x)
+    _launch.check_shape("x", x, (None, None))
+    _launch.check_last_dim_contiguous("x", x)
+    _launch.check_device(_quantize_rows_kernel, x)
+    R, K = x.shape
+    q = torch.empty(R, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(R, 1, dtype=torch.float32, device=x.device)
+    if R == 0:
+        return q, scale
+    block = min(4096, triton.next_power_of_2(max(K, 16)))
+    _quantize_rows_kernel[(R,)](x, q, scale, K, x.stride(0), AMAX_FLOOR, BLOCK_K=block,
+                                num_warps=max(1, min(8, block // 256)))
+    return q, scale
+
+
+@torch.library.custom_op("kontext_rt::quantize_rows", mutates_args=())
+def quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows(x)
+
+
+@quantize_rows_op.register_fake
+def _(x):
+    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[0], 1, dtype=torch.float32))

@@ -1,0 +1,134 @@
+"""FP8 (e4m3) linear layers through torch._scaled_mm, for Hopper GPUs without TensorRT.
+
+The transformer's large linears (each block's qkv, attention output, MLP; the single blocks' linear1/linear2) get
+weights quantized once, per output channel; activations are quantized per token at run time (dynamic: the fused
+Triton kernel in kontext_rt.kernels.fp8_quant, or `quantize_rows` below in torch), or with one static scale per
+layer from the export stage's ModelOpt calibration (`kontext-rt export --precision fp8` writes it). Modulation,
+norms, embedders and the final layer stay in the model dtype, as in the export recipe (export/fp8.HIGH_PRECISION
+gives the reasons; a test keeps the two selections equal).
+
+    y = (q_x * s_x) @ (q_w * s_w).T + b  =  _scaled_mm(q_x, q_w.T, scale_a=s_x (R, 1), scale_b=s_w (1, N)) + b
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .safetensors_io import CheckpointError
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-12  # the kernel's floor too: an all-zero row gets a tiny scale, not a division by zero
+MODES = ("dynamic", "static")
+FP8_LINEARS = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
+                         r"|single_blocks\.\d+\.linear[12])$")
+
+
+def fp8_eligible(name: str) -> bool:
+    """True for the linears that run in FP8 (module names of kontext_rt.model.FluxTransformer)."""
+    return FP8_LINEARS.match(name) is not None
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference per-row quantizer: (q (R, K) e4m3, scale (R, 1) float32), x ~= q * scale."""
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=AMAX_FLOOR) / E4M3_MAX
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (R, K) with one calibrated scale (a 0-d float32 tensor): q = e4m3(clamp(x / scale))."""
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+class FP8Linear(nn.Module):
+    """A linear with an e4m3 weight and per-output-channel scales; activations quantized per token or statically.
+
+    weight (N, K) e4m3, weight_scale (1, N) float32, bias (N,) in the model dtype, input_scale None (dynamic) or a
+    0-d float32 (static). `quantize` is the per-row activation quantizer (the Triton kernel or quantize_rows).
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 quantize: Callable = quantize_rows, input_scale: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("bias", bias)
+        self.register_buffer("input_scale", input_scale)
+        self.quantize = quantize
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quantize: Callable = quantize_rows,
+                    input_amax: torch.Tensor | None = None) -> FP8Linear:
+        q, scale = quantize_rows(linear.weight.detach())
+        bias = None if linear.bias is None else linear.bias.detach()
+        input_scale = None
+        if input_amax is not None:
+            input_scale = (input_amax.detach().float().reshape(()).clamp(min=AMAX_FLOOR) / E4M3_MAX).to(q.device)
+        return cls(q, scale.reshape(1, -1).contiguous(), bias, quantize, input_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is None:
+            q, scale = self.quantize(x2)
+        else:
+            q = quantize_static(x2, self.input_scale)
+            scale = self.input_scale.expand(x2.shape[0], 1).contiguous()
+        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
+                             out_dtype=x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        mode = "dynamic" if self.input_scale is None else "static"
+        return f"in_features={self.in_features}, out_features={self.out_features}, activations={mode}"
+
+
+def read_calibration(path, fingerprint: str | None) -> dict[str, torch.Tensor]:
+    """Input amax per layer name from the export stage's calibration file (safetensors, checked header)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: calibration file not found (made by `kontext-rt export --precision fp8`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a calibration file ({e})") from None
+    if meta.get("format") != "kontext-rt fp8 amax 1":
+        raise CheckpointError(f"{path}: not a kontext-rt FP8 calibration file (format {meta.get('format')!r})")
+    if fingerprint is not None and meta.get("checkpoint") != fingerprint:
+        raise CheckpointError(f"{path}: calibrated on another checkpoint ({meta.get('checkpoint')}, this one is "
+                              f"{fingerprint}): calibrate again with `kontext-rt export --precision fp8`")
+    suffix = ".input_quantizer._amax"
+    return {k.removesuffix(suffix): v for k, v in tensors.items() if k.endswith(suffix)}
+
+
+def convert(model: nn.Module, quantize: Callable = quantize_rows,
+            input_amax: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Replace every FP8-eligible nn.Linear by an FP8Linear, in place; returns the converted names.
+
+    input_amax (from read_calibration) makes the activations static; it must cover every eligible layer.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and fp8_eligible(n)]
+    if not names:
+        raise ValueError("the model has no FP8-eligible linear layers")
+    if input_amax is not None and (missing := [n for n in names if n not in input_amax]):
+        raise CheckpointError(f"the calibration has no input amax for {len(missing)} layers, e.g. {missing[:3]}")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        amax = None if input_amax is None else input_amax[name]
+        setattr(owner, child, FP8Linear.from_linear(getattr(owner, child), quantize, amax))
+    return names

@@ -1,0 +1,61 @@
+"""Speed options of a pipeline, chosen once at load (Pipeline.from_pretrained(..., optimize=Optimizations(...)))."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .fp8 import MODES as FP8_MODES
+
+FP8_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
+
+
+@dataclass(frozen=True)
+class Optimizations:
+    """
+    hoist           compute every step's modulation vectors before the loop (exactly the per-step values with
+                    backend='triton'; float32-rounding-close with 'eager', whose cuBLAS/BLAS is not row-invariant)
+    cuda_graphs     capture one denoising step per shape bucket and replay it (CUDA only; implies hoist)
+    fp8             None, "dynamic" (per-token activation scales at run time) or "static" (per-layer scales from
+                    the export stage's calibration file, fp8_calibration): the blocks' large linears in FP8 e4m3
+                    through torch._scaled_mm. bfloat16 models; CUDA compute capability 8.9+ (the CPU runs it too,
+                    slowly, for tests)
+    compile         torch.compile each transformer block (regional): True for inductor, or a backend name
+    max_graphs      CUDA graphs kept (one per shape bucket), least recently used dropped
+    """
+
+    hoist: bool = True
+    cuda_graphs: bool = False
+    fp8: str | None = None
+    fp8_calibration: str | Path | None = None
+    compile: bool | str = False
+    max_graphs: int = 8
+
+    def check(self, device: torch.device, dtype: torch.dtype, backend: str) -> None:
+        """Refuse combinations that cannot run, naming the fix (before any weights are read)."""
+        if backend == "tensorrt" and (self.cuda_graphs or self.fp8 or self.compile):
+            raise ValueError("backend='tensorrt' runs engines: cuda_graphs, fp8 and compile apply to the eager and "
+                             "triton backends (engines get FP8 from `kontext-rt export --precision fp8`)")
+        if self.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {device}; use Optimizations(cuda_graphs=False)")
+        if self.cuda_graphs and not self.hoist:
+            raise ValueError("cuda_graphs replays one step whose modulation comes from the hoisted table: "
+                             "it needs hoist=True")
+        if self.fp8 is not None:
+            if self.fp8 not in FP8_MODES:
+                raise ValueError(f"fp8 must be None or one of {FP8_MODES}, got {self.fp8!r}")
+            if dtype != torch.bfloat16:
+                raise ValueError(f"fp8 linears produce bfloat16: load with dtype=torch.bfloat16, not {dtype}")
+            if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
+                name = torch.cuda.get_device_name(device)
+                raise ValueError(f"fp8 needs compute capability {FP8_CAPABILITY} or newer (FP8 tensor cores); "
+                                 f"{name} has {torch.cuda.get_device_capability(device)}")
+            if (self.fp8 == "static") != (self.fp8_calibration is not None):
+                raise ValueError("fp8='static' needs fp8_calibration=FILE (the export stage's calibration "
+                                 "safetensors), and only it uses one")
+        if not isinstance(self.compile, (bool, str)):
+            raise ValueError(f"compile must be a bool or a torch.compile backend name, got {self.compile!r}")
+        if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
