@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from kontext_rt.fp8 import CALIBRATION_FORMAT
 from kontext_rt.safetensors_io import CheckpointError
 from torch import nn
 
@@ -104,7 +105,7 @@ def save_calibration(model: nn.Module, path: Path, fingerprint: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     save_file(state, str(tmp), metadata={"modelopt": modelopt_version, "recipe": recipe_digest(),
-                                          "checkpoint": fingerprint, "format": "kontext-rt fp8 amax 1"})
+                                          "checkpoint": fingerprint, "format": CALIBRATION_FORMAT})
     tmp.replace(path)
     return path
 

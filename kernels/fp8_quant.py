@@ -30,7 +30,8 @@ def _round_e4m3(v):
     bits = v.to(tl.int32, bitcast=True)
     exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3: 3 mantissa bits, subnormal below 2**-6
     step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2**(exp-3), exact
-    return ((v / step + ROUND_MAGIC) - ROUND_MAGIC) * step
+    r = ((v / step + ROUND_MAGIC) - ROUND_MAGIC) * step
+    return tl.where(r == 0.0, v * 0.0, r)  # keep the sign of values that round to zero, as torch's cast does
 
 
 @triton.jit

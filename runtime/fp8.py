@@ -25,6 +25,7 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-12  # the kernel's floor too: an all-zero row gets a tiny scale, not a division by zero
 MODES = ("dynamic", "static")
+CALIBRATION_FORMAT = "kontext-rt fp8 amax 1"  # the header tag of the export stage's calibration files
 FP8_LINEARS = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
                          r"|single_blocks\.\d+\.linear[12])$")
 
@@ -106,7 +107,7 @@ def read_calibration(path, fingerprint: str | None) -> dict[str, torch.Tensor]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: not a calibration file ({e})") from None
-    if meta.get("format") != "kontext-rt fp8 amax 1":
+    if meta.get("format") != CALIBRATION_FORMAT:
         raise CheckpointError(f"{path}: not a kontext-rt FP8 calibration file (format {meta.get('format')!r})")
     if fingerprint is not None and meta.get("checkpoint") != fingerprint:
         raise CheckpointError(f"{path}: calibrated on another checkpoint ({meta.get('checkpoint')}, this one is "

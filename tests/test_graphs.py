@@ -1,0 +1,108 @@
+"""The CUDA-graph cache's keys, reuse and invalidation, on the CPU: capture is replaced by a stand-in that reruns the
+step eagerly into the same static output buffer, so the static-buffer plumbing is exercised exactly as a replay
+would read it (a stale buffer or a graph reused for another shape shows as a wrong result)."""
+
+import copy
+
+import pytest
+import torch
+from kontext_rt import Optimizations, Pipeline
+from kontext_rt.checkpoint import detect_layout, load_transformer
+from kontext_rt.graphs import StepGraphs, signature
+from kontext_rt.lora import LoRAStack
+from kontext_rt.ops import EAGER_OPS
+from kontext_rt.sampler import schedule
+from kontext_rt.stepping import Stepper
+from tests.test_hoisting import conditioning
+
+
+def eager_capture(fn, inputs, pool):
+    """A stand-in for capture_cuda: the 'graph' recomputes fn from the static inputs into the static output."""
+    output = fn(**inputs)
+
+    def replay():
+        output.copy_(fn(**inputs))
+
+    return replay, output
+
+
+@pytest.fixture(scope="module")
+def model(kontext_dir):
+    return load_transformer(detect_layout(kontext_dir), torch.float32, "cpu")
+
+
+def test_signature_covers_every_argument():
+    a = dict(x=torch.zeros(1, 4, 64), ctx=None, txt=torch.zeros(1, 3, 8))
+    assert signature(a) == signature(dict(a, x=torch.ones(1, 4, 64)))  # values are not part of the key
+    others = [dict(a, x=torch.zeros(2, 4, 64)), dict(a, x=torch.zeros(1, 5, 64)), dict(a, ctx=torch.zeros(1, 4, 64)),
+              dict(a, txt=torch.zeros(1, 4, 8)), dict(a, txt=torch.zeros(1, 3, 8, dtype=torch.bfloat16))]
+    keys = {signature(o) for o in others}
+    assert len(keys) == len(others) and signature(a) not in keys
+
+
+def test_cache_reuses_captures_per_bucket_and_drops_all_on_new_weights():
+    graphs = StepGraphs(lambda x, y: x + y, eager_capture, max_graphs=2)
+    small, big = dict(x=torch.zeros(2), y=torch.ones(2)), dict(x=torch.zeros(3), y=torch.ones(3))
+    for args in (small, small, big, small):
+        with graphs.session(args, version=0):
+            pass
+    assert graphs.captures == 2 and len(graphs) == 2
+    with graphs.session(small, version=1):  # weights changed: nothing captured before may be replayed
+        pass
+    assert graphs.captures == 3 and graphs.keys() == [signature(small)]
+    for args in (big, dict(x=torch.zeros(4), y=torch.ones(4))):
+        with graphs.session(args, version=1):
+            pass
+    assert len(graphs) == 2 and signature(small) not in graphs.keys()  # least recently used dropped
+
+
+def test_loading_another_shape_or_dtype_is_refused():
+    graphs = StepGraphs(lambda x: x * 2, eager_capture)
+    with graphs.session(dict(x=torch.zeros(3)), 0) as g:
+        g.load(x=torch.full((3,), 2.0))
+        assert torch.equal(g.replay(), torch.full((3,), 4.0))
+        with pytest.raises(ValueError, match=r"captured as \(3,\) torch.float32, got \(4,\)"):
+            g.load(x=torch.zeros(4))
+        with pytest.raises(ValueError, match="another graph's bucket"):
+            g.load(x=torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_loop_equals_plain_loop_across_buckets(model, dtype):
+    m = copy.deepcopy(model).to(dtype)
+    plain = Stepper(m, EAGER_OPS, dtype)
+    graphed = Stepper(m, EAGER_OPS, dtype, cuda_graphs=True, capture=eager_capture)
+    gen = torch.Generator().manual_seed(3)
+    cases = [([(2, 3), (3, 2)], 1), ([(3, 3)], 2), ([(2, 3), (3, 2)], 1)]  # edit, text-to-image, the edit again
+    for grids, batch in cases:
+        cond = conditioning(m.cfg, batch, 5, grids, dtype, gen)
+        x = torch.randn(batch, grids[0][0] * grids[0][1], 64, generator=gen)  # new values in the same bucket
+        sigmas = schedule(3, x.shape[1])
+        assert torch.equal(graphed.denoise(x, sigmas, cond), plain.denoise(x, sigmas, cond))
+    assert graphed.graphs.captures == 2
+
+
+def test_graphs_follow_the_weights(model, tmp_path):
+    from safetensors.torch import save_file
+
+    m = copy.deepcopy(model)
+    graphed = Stepper(m, EAGER_OPS, torch.float32, cuda_graphs=True, capture=eager_capture)
+    gen = torch.Generator().manual_seed(4)
+    cond = conditioning(m.cfg, 1, 5, [(3, 3)], torch.float32, gen)
+    x, sigmas = torch.randn(1, 9, 64, generator=gen), schedule(2, 9)
+    before = graphed.denoise(x, sigmas, cond, version=0)
+    hidden = m.cfg.hidden_size
+    save_file({"double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, hidden, generator=gen),
+               "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * hidden, 2, generator=gen)},
+              str(tmp_path / "l.safetensors"))
+    LoRAStack(m).load(tmp_path / "l.safetensors")
+    after = graphed.denoise(x, sigmas, cond, version=1)
+    assert graphed.graphs.captures == 2 and not torch.equal(after, before)
+    assert torch.equal(after, Stepper(m, EAGER_OPS, torch.float32).denoise(x, sigmas, cond))
+
+
+def test_cuda_graphs_need_cuda(kontext_dir):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        Pipeline.from_pretrained(kontext_dir, optimize=Optimizations(cuda_graphs=True))
+    with pytest.raises(ValueError, match="needs hoist=True"):
+        Optimizations(cuda_graphs=True, hoist=False).check(torch.device("cuda"), torch.bfloat16, "eager")
