@@ -94,6 +94,7 @@ def model(kontext_dir):
 def test_selection_and_static_scales_match_the_export_recipe(kontext_dir, model, tmp_path):
     """A real calibration file from the export stage (ModelOpt's recipe, a forward pass, save_calibration)."""
     from kontext_rt.export import fp8 as export_fp8
+
     from tests.test_hoisting import conditioning
 
     m = copy.deepcopy(model).float()

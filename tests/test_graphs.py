@@ -13,6 +13,7 @@ from kontext_rt.lora import LoRAStack
 from kontext_rt.ops import EAGER_OPS
 from kontext_rt.sampler import schedule
 from kontext_rt.stepping import Stepper
+
 from tests.test_hoisting import conditioning
 
 
