@@ -176,6 +176,8 @@ class FluxTransformer(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks))
         self.final_layer = LastLayer(dim, cfg.in_channels)
+        # columns of the modulation table per layer, in modulation_layers() order (fixed by the config)
+        self.mod_widths = [6 * dim] * (2 * cfg.depth) + [3 * dim] * cfg.depth_single_blocks + [2 * dim]
 
     def modulation_layers(self) -> list[nn.Linear]:
         """Every linear applied to SiLU(vec), in the order of the modulation table's columns."""
@@ -226,7 +228,7 @@ class FluxTransformer(nn.Module):
         x = img if ctx is None else torch.cat((img, ctx), 1)
         x = self.img_in(x)
         txt = self.txt_in(txt)
-        mods = iter(mod.split([lin.out_features for lin in self.modulation_layers()], -1))
+        mods = iter(mod.split(self.mod_widths, -1))
         for block in self.double_blocks:
             x, txt = block(x, txt, next(mods), next(mods), cos, sin, ops)
         t = txt.shape[1]
