@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,15 +67,20 @@ def random_transformer(cfg, device, dtype, seed=0):
     with torch.device("meta"):
         model = FluxTransformer(cfg)
     model = model.to_empty(device=device).to(dtype)
+    return init_random(model, device, seed)
+
+
+@torch.no_grad()
+def init_random(model, device, seed=0):
+    """Matrices ~ N(0, (0.5 / sqrt(fan_in))^2) (activations stay finite through 57 blocks), norm scales 1, biases 0."""
     gen = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.5 / p.shape[1] ** 0.5, generator=gen)
-            elif name.endswith("scale"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            p.normal_(0, 0.5 / p.shape[1] ** 0.5, generator=gen)
+        elif name.endswith(("scale", "norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+            p.fill_(1.0)
+        else:
+            p.zero_()
     return model.eval().requires_grad_(False)
 
 
@@ -191,10 +197,7 @@ def diffusers_baseline(cfg, layout, device, dtype, steps, repeats):
             num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim,
             num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
             pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim)
-    ref = ref.to_empty(device=device).to(dtype).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.5 / p.shape[-1] ** 0.5) if p.ndim == 2 else p.zero_()
+    ref = init_random(ref.to_empty(device=device).to(dtype), device)
     text, target, context = layout
     x, cond = inputs(cfg, layout, device, dtype)
     from kontext_rt.rope import sequence_ids
@@ -309,20 +312,58 @@ def parse(argv):
     return args
 
 
+@dataclass
+class Suite:
+    """What every phase of one run shares."""
+
+    args: argparse.Namespace
+    device: str
+    cfg: object
+    layouts: dict
+    model: torch.nn.Module
+    ops: dict  # "eager" (and "triton" on a GPU) op tables
+    capture: object  # capture_cuda on a GPU, None in the smoke run
+    data: dict  # layout -> (x, cond)
+    result: dict
+    t_start: float
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def fast(self):
+        return self.ops.get("triton", self.ops["eager"])
+
+    def rung(self, name, ops, stepper, peak="bf16"):
+        self.result["ladder"][name] = measure(self.model, ops, self.dtype, name, stepper, self.data, self.cfg,
+                                              self.layouts, self.args, self.device, self.result["matmul_tflops"][peak])
+
+
 def main(argv=None) -> int:
     args = parse(argv)
-    from kontext_rt.backends import resolve
-    from kontext_rt.config import PRESETS, VAE_PRESETS
-    from kontext_rt.fp8 import convert
-    from kontext_rt.graphs import capture_cuda
-    from kontext_rt.stepping import Stepper
-    from kontext_rt.vae import AutoEncoder
-
-    t_start = time.perf_counter()
-    device = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
         print("error: no CUDA GPU here; run with --smoke on a CPU machine", file=sys.stderr)
         return 2
+    suite = setup(args)
+    from kontext_rt.config import VAE_PRESETS
+    from kontext_rt.vae import AutoEncoder
+
+    vae = AutoEncoder(VAE_PRESETS["tiny" if args.smoke else "flux"])
+    vae = vae.to(suite.device, suite.dtype).eval().requires_grad_(False)
+    e2e = bf16_rungs(suite, vae)
+    e2e.update(fp8_rungs(suite, vae))
+    suite.result["end_to_end_s"] = e2e
+    suite.result["goals_h100"] = goals(suite.result)
+    suite.result["wall_s"] = time.perf_counter() - suite.t_start
+    return write(suite.result, args, suite.result["device"])
+
+
+def setup(args) -> Suite:
+    """The matmul rates, the diffusers baseline (first: its 24 GB are freed before ours are drawn), the model."""
+    from kontext_rt.backends import resolve
+    from kontext_rt.config import PRESETS
+    from kontext_rt.graphs import capture_cuda
+
+    t_start = time.perf_counter()
+    device = "cpu" if args.smoke else "cuda"
     cfg = PRESETS["tiny" if args.smoke else "flux-kontext-dev"]
     layouts = SMOKE_LAYOUTS if args.smoke else LAYOUTS
     dtype = torch.bfloat16
@@ -330,60 +371,65 @@ def main(argv=None) -> int:
     result = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "python": platform.python_version(), "smoke": args.smoke, "layouts": layouts, "checks": {},
               "ladder": {}, "skipped": {}}
-    result["matmul_tflops"] = {"bf16": matmul_tflops(device, False, 256 if args.smoke else 8192),
-                               "fp8": matmul_tflops(device, True, 256 if args.smoke else 8192)}
+    n = 256 if args.smoke else 8192
+    result["matmul_tflops"] = {"bf16": matmul_tflops(device, False, n), "fp8": matmul_tflops(device, True, n)}
     if not args.no_diffusers and not args.smoke:
         result["diffusers"] = {k: diffusers_baseline(cfg, lay, device, dtype, args.steps_timed, args.repeats)
                                for k, lay in layouts.items()}
         torch.cuda.empty_cache()
-    model = random_transformer(cfg, device, dtype)
-    triton_ok = not args.smoke
     ops = {"eager": resolve("eager", device)[1]}
-    if triton_ok:
-        ops["triton"] = resolve("triton", device)[1]
-    else:
+    if args.smoke:
         result["skipped"]["triton"] = "the smoke run has no GPU (the interpreter is not timed)"
-    fast = ops.get("triton", ops["eager"])
-    capture = capture_cuda if device == "cuda" else None
-    data = {k: inputs(cfg, lay, device, dtype) for k, lay in layouts.items()}
-    steppers = {"hoisted": Stepper(model, fast, dtype)}
-    if capture is not None:
-        steppers["graphs"] = Stepper(model, fast, dtype, cuda_graphs=True, capture=capture)
-    else:
         result["skipped"]["graphs"] = "CUDA graphs need a GPU"
-    result["checks"].update(exactness_checks(model, fast, dtype, data["kontext"], steppers, device))
-    rungs = [("eager", ops["eager"], None)] + ([("triton", ops["triton"], None)] if triton_ok else [])
-    rungs += [(k, fast, s) for k, s in steppers.items()]
-    for rung, rung_ops, stepper in rungs:
-        result["ladder"][rung] = measure(model, rung_ops, dtype, rung, stepper, data, cfg, layouts, args, device,
-                                         result["matmul_tflops"]["bf16"])
-    vae = AutoEncoder(VAE_PRESETS["tiny" if args.smoke else "flux"]).to(device, dtype).eval().requires_grad_(False)
-    best = "graphs" if "graphs" in steppers else "hoisted"
-    e2e = {"eager": end_to_end(model, vae, ops["eager"], dtype, "eager", None, device, (4,) if args.smoke else
-                               (28, 8, 4), layouts["kontext"])}
-    e2e[best] = end_to_end(model, vae, fast, dtype, best, steppers[best], device, (28, 8, 4), layouts["kontext"])
-    # FP8: drift against bf16 first (it converts the model in place), then the fp8 rung on the fastest path
-    result["fp8_drift"] = fp8_drift(model, fast, dtype, data["kontext"], 4 if args.smoke else 8,
-                                    lambda: convert(model, fast.quantize_rows))
-    result["checks"]["fp8_quantizer_kernel"] = quantizer_check(device) if triton_ok else "skipped: no GPU"
-    fp8_stepper = Stepper(model, fast, dtype, cuda_graphs=capture is not None, capture=capture or None)
-    result["ladder"]["fp8"] = measure(model, fast, dtype, "fp8", fp8_stepper, data, cfg, layouts, args, device,
-                                      result["matmul_tflops"]["fp8"])
-    e2e["fp8"] = end_to_end(model, vae, fast, dtype, "fp8", fp8_stepper, device, (28, 8, 4), layouts["kontext"])
-    if args.no_compile or args.smoke:
-        result["skipped"]["compile"] = "--no-compile" if args.no_compile else "inductor needs the GPU run"
-    elif time.perf_counter() - t_start > BUDGET_S * 0.6:
-        result["skipped"]["compile"] = "time budget spent before the compile rung"
     else:
-        for block in (*model.double_blocks, *model.single_blocks):
+        ops["triton"] = resolve("triton", device)[1]
+    data = {k: inputs(cfg, lay, device, dtype) for k, lay in layouts.items()}
+    return Suite(args, device, cfg, layouts, random_transformer(cfg, device, dtype), ops,
+                 None if args.smoke else capture_cuda, data, result, t_start)
+
+
+def bf16_rungs(s: Suite, vae) -> dict:
+    """eager -> triton -> hoisted -> graphs, the on-device exactness checks, and the bf16 end-to-end edits."""
+    from kontext_rt.stepping import Stepper
+
+    steppers = {"hoisted": Stepper(s.model, s.fast, s.dtype)}
+    if s.capture is not None:
+        steppers["graphs"] = Stepper(s.model, s.fast, s.dtype, cuda_graphs=True, capture=s.capture)
+    s.result["checks"].update(exactness_checks(s.model, s.fast, s.dtype, s.data["kontext"], steppers, s.device))
+    for name, ops in s.ops.items():
+        s.rung(name, ops, None)
+    for name, stepper in steppers.items():
+        s.rung(name, s.fast, stepper)
+    best = "graphs" if "graphs" in steppers else "hoisted"
+    kontext = s.layouts["kontext"]
+    return {"eager": end_to_end(s.model, vae, s.ops["eager"], s.dtype, "eager", None, s.device,
+                                (4,) if s.args.smoke else (28, 8, 4), kontext),
+            best: end_to_end(s.model, vae, s.fast, s.dtype, best, steppers[best], s.device, (28, 8, 4), kontext)}
+
+
+def fp8_rungs(s: Suite, vae) -> dict:
+    """The FP8 drift against bf16 (it converts the model in place), the fp8 rung, then compile if time allows."""
+    from kontext_rt.fp8 import convert
+    from kontext_rt.stepping import Stepper
+
+    s.result["fp8_drift"] = fp8_drift(s.model, s.fast, s.dtype, s.data["kontext"], 4 if s.args.smoke else 8,
+                                      lambda: convert(s.model, s.fast.quantize_rows))
+    s.result["checks"]["fp8_quantizer_kernel"] = "skipped: no GPU" if s.args.smoke else quantizer_check(s.device)
+    graphs = s.capture is not None
+    stepper = Stepper(s.model, s.fast, s.dtype, cuda_graphs=graphs, capture=s.capture) if graphs else Stepper(
+        s.model, s.fast, s.dtype)
+    s.rung("fp8", s.fast, stepper, peak="fp8")
+    e2e = {"fp8": end_to_end(s.model, vae, s.fast, s.dtype, "fp8", stepper, s.device, (28, 8, 4),
+                             s.layouts["kontext"])}
+    if s.args.no_compile or s.args.smoke:
+        s.result["skipped"]["compile"] = "--no-compile" if s.args.no_compile else "inductor needs the GPU run"
+    elif time.perf_counter() - s.t_start > BUDGET_S * 0.6:
+        s.result["skipped"]["compile"] = "time budget spent before the compile rung"
+    else:
+        for block in (*s.model.double_blocks, *s.model.single_blocks):
             block.compile(fullgraph=True, dynamic=False)
-        comp = Stepper(model, fast, dtype, cuda_graphs=True, capture=capture)
-        result["ladder"]["compile"] = measure(model, fast, dtype, "compile", comp, data, cfg, layouts, args, device,
-                                              result["matmul_tflops"]["fp8"])
-    result["end_to_end_s"] = e2e
-    result["goals_h100"] = goals(result)
-    result["wall_s"] = time.perf_counter() - t_start
-    return write(result, args, name)
+        s.rung("compile", s.fast, Stepper(s.model, s.fast, s.dtype, cuda_graphs=True, capture=s.capture), "fp8")
+    return e2e
 
 
 def measure(model, ops, dtype, rung, stepper, data, cfg, layouts, args, device, peak_tflops):

@@ -217,6 +217,11 @@ class LoRAStack:
             self._fuse(entry[1], entry[2])
             self.loaded.append(entry)
 
+    def forget_originals(self) -> None:
+        """Drop the kept originals (the FP8 path quantizes the fused weights, which can no longer be unfused):
+        up to a full copy of the weights in host memory, otherwise held for nothing."""
+        self._originals.clear()
+
     @torch.no_grad()
     def _fuse(self, deltas: list[Delta], strength: float) -> None:
         params = dict(self.model.named_parameters())

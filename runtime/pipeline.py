@@ -293,6 +293,7 @@ def _prepare(transformer, ops, optimize: Optimizations, loras, layout) -> LoRASt
         if optimize.fp8 == "static":
             amax = fp8.read_calibration(optimize.fp8_calibration, fingerprint(layout))
         fp8.convert(transformer, ops.quantize_rows, amax)
+        stack.forget_originals()  # unloading is refused on FP8 pipelines
     if optimize.compile:
         backend = "inductor" if optimize.compile is True else optimize.compile
         for block in (*transformer.double_blocks, *transformer.single_blocks):

@@ -134,8 +134,8 @@ def test_fp8_pipeline_runs_the_converted_layers(kontext_dir, backend):
                                     max_sequence_length=8)
     layers = [n for n, m in pipe.transformer.named_modules() if isinstance(m, f8.FP8Linear)]
     assert layers and all(f8.fp8_eligible(n) for n in layers)
-    assert layers[0] in dict(pipe.transformer.named_modules()) and not any(
-        f8.fp8_eligible(n) for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear))
+    assert not any(f8.fp8_eligible(n) for n, m in pipe.transformer.named_modules()
+                   if isinstance(m, torch.nn.Linear))  # every eligible layer was converted
     out = pipe.generate("x", width=32, height=32, steps=2, seed=0, output="latent")
     bf16 = Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_sequence_length=8)
     ref = bf16.generate("x", width=32, height=32, steps=2, seed=0, output="latent")

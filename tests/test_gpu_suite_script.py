@@ -17,6 +17,7 @@ def _script():
     sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("gpu_suite", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_suite"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
