@@ -8,6 +8,9 @@ so that x ~= q * scale row by row: the `scale_a` of torch._scaled_mm's row-wise 
 (abs, amax, divide, clamp, cast); here each row is read twice from L2 (amax, then quantize) and written once.
 Rounding to the e4m3 grid is done explicitly in float32 (round half to even, subnormals included), so the result
 is torch's own cast bit for bit on every device, the Triton interpreter included (whose float->fp8 cast truncates).
+Both divisions are IEEE round-to-nearest (`tl.div_rn`), as torch's `/` is: Triton lowers a plain float32 `/` to
+an approximate `div.full.f32` on NVIDIA GPUs, which would move some quotients by an ulp and so change the scale or
+the rounded value (tests/test_kernel_compile.py reads the PTX to hold this).
 The reference is kontext_rt.fp8.quantize_rows.
 """
 
@@ -19,9 +22,9 @@ import triton.language as tl
 
 from . import _launch
 
-E4M3_MAX = 448.0
+E4M3_MAX = tl.constexpr(448.0)  # constexpr: compiled Triton refuses plain module globals inside a kernel
 AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale, never a division by zero
-ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds v to an integer, half to even, for |v| < 2**22
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds v to an integer, half to even, |v| < 2**22
 
 
 @triton.jit
@@ -30,7 +33,7 @@ def _round_e4m3(v):
     bits = v.to(tl.int32, bitcast=True)
     exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3: 3 mantissa bits, subnormal below 2**-6
     step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2**(exp-3), exact
-    r = ((v / step + ROUND_MAGIC) - ROUND_MAGIC) * step
+    r = ((tl.div_rn(v, step) + ROUND_MAGIC) - ROUND_MAGIC) * step  # step is a power of two: exact
     return tl.where(r == 0.0, v * 0.0, r)  # keep the sign of values that round to zero, as torch's cast does
 
 
@@ -47,11 +50,11 @@ def _quantize_rows_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0), amax_floor) / 448.0
+    scale = tl.div_rn(tl.maximum(tl.max(amax, 0), amax_floor), E4M3_MAX)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
-        q = _round_e4m3(tl.minimum(tl.maximum(x / scale, -448.0), 448.0))
+        q = _round_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, scale), -E4M3_MAX), E4M3_MAX))
         tl.store(q_ptr + row * K + ks, q.to(tl.float8e4nv), mask=ks < K)
     tl.store(scale_ptr + row, scale)
 

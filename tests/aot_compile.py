@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,18 +31,25 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"])}
 
 
+def fp32_divisions(ptx: str) -> dict:
+    """How each float32 division was lowered: `div.rn.f32` is IEEE (torch's `/`), `div.full.f32` and
+    `div.approx.f32` are approximate (Triton's default for `/` on float32)."""
+    return {kind: len(re.findall(rf"\bdiv\.{kind}(\.ftz)?\.f32\b", ptx)) for kind in ("rn", "full", "approx")}
+
+
 def compile_kernel(kernel, types: dict, constexprs: dict, warps: int, stages: int, arch: int) -> dict:
     """types: triton type strings for pointer and float arguments; other runtime arguments are i32."""
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     target = GPUTarget("cuda", arch, 32)
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
                               options={"num_warps": warps, "num_stages": stages})
+    ptx = compiled.asm["ptx"]
     return resource_usage(compiled.asm["cubin"]) | {"arch": arch, "warps": warps, "stages": stages,
-                                                    "wgmma": "wgmma" in compiled.asm["ptx"]}
+                                                    "wgmma": "wgmma" in ptx, "fp32_div": fp32_divisions(ptx)}
 
 
 def jobs():
-    from kontext_rt.kernels import modulation, qk_norm_rope, rope_attention
+    from kontext_rt.kernels import fp8_quant, modulation, qk_norm_rope, rope_attention, row_linear
 
     def attention_types(dt):
         ptrs = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "qs0_ptr", "qs1_ptr", "ks0_ptr", "ks1_ptr")
@@ -68,6 +76,17 @@ def jobs():
     yield "modulate C=3072", modulation._modulate_kernel, types, dict(BLOCK_C=block), modulation._warps(block), 1, 90
     yield ("gated_residual C=3072", modulation._gated_residual_kernel, types, dict(BLOCK_C=block),
            modulation._warps(block), 1, 90)
+
+    # the launchers' own constexprs and warps, at FLUX's widths (K = 3072 for qkv/linear1, 12288 for linear2)
+    for dt in ("bf16", "fp32"):
+        types = {"x_ptr": f"*{dt}", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "amax_floor": "fp32"}
+        block = min(4096, triton.next_power_of_2(12288))
+        yield (f"fp8_quant {dt} K=12288", fp8_quant._quantize_rows_kernel, types, dict(BLOCK_K=block),
+               max(1, min(8, block // 256)), 1, 90)
+        types = {p: f"*{dt}" for p in ("x_ptr", "w_ptr", "b_ptr", "out_ptr")}
+        const = dict(HAS_BIAS=True, INTERPRET=False, IEEE=dt == "fp32", BLOCK_M=row_linear.BLOCK_M,
+                     BLOCK_N=row_linear.BLOCK_N, BLOCK_K=row_linear.BLOCK_K)
+        yield f"row_linear {dt}", row_linear._row_linear_kernel, types, const, 4, 3, 90
 
 
 def main() -> int:

@@ -3,7 +3,9 @@
 The interpreter runs the kernels' Python semantics but never lowers them: layouts, tensor-core shapes and
 register allocation are only exercised by compiling. Triton compiles ahead of time for a named target with the
 ptxas it ships, so every tuned attention configuration at head dim 128 is compiled for sm_90 (H100/H200), the
-other kernels once, and register spills are read back from the cubin.
+other kernels once (fp8_quant and row_linear as their launchers call them), and register spills and the lowering
+of float32 divisions are read back from the cubin and the PTX. Compiling also refuses what the interpreter lets
+through, such as a plain module global read inside a kernel.
 """
 
 import json
@@ -34,7 +36,8 @@ def test_every_kernel_compiles_for_hopper_and_ampere(compiled):
 
     assert len([n for n in compiled if n.startswith("rope_attention D=128 fused=")]) == 2 * len(GPU_CONFIGS[128])
     for name in ("rope_attention D=128 fused sm_80", "qk_norm_rope D=128", "modulate C=3072",
-                 "gated_residual C=3072"):
+                 "gated_residual C=3072", "fp8_quant bf16 K=12288", "fp8_quant fp32 K=12288", "row_linear bf16",
+                 "row_linear fp32"):
         assert name in compiled
     # Hopper: the attention products run on warpgroup tensor-core instructions
     assert all(r["wgmma"] for n, r in compiled.items() if n.startswith("rope_attention") and r["arch"] == 90
@@ -51,5 +54,16 @@ def test_each_head_dim_and_mode_has_a_config_without_register_spills(compiled):
             groups.setdefault(name.split(" ")[1] + name.split(" ")[2], []).append(r["spill_bytes"])
     assert len(groups) == 6
     assert all(min(spills) == 0 for spills in groups.values()), groups
-    for name in ("qk_norm_rope D=128", "modulate C=3072", "gated_residual C=3072"):
+    for name in ("qk_norm_rope D=128", "modulate C=3072", "gated_residual C=3072", "fp8_quant bf16 K=12288",
+                 "row_linear bf16"):
         assert compiled[name]["spill_bytes"] == 0, (name, compiled[name])
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no ptxas to compile NVIDIA targets with")
+def test_fp8_quantizer_divides_as_torch_does(compiled):
+    """The quantizer claims torch's cast bit for bit, and torch's float32 `/` is IEEE round-to-nearest. Triton
+    lowers a plain `/` to the approximate div.full.f32 on the GPU (the interpreter divides exactly, so only the
+    compiled PTX shows it): every division in the quantizer must be div.rn."""
+    for name in ("fp8_quant bf16 K=12288", "fp8_quant fp32 K=12288"):
+        div = compiled[name]["fp32_div"]
+        assert div["rn"] > 0 and div["full"] == 0 and div["approx"] == 0, (name, div)
