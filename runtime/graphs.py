@@ -8,8 +8,8 @@ captures a new graph; a changed weights version drops every graph; loading a ten
 from the buffer's is an error, so a stale graph is never replayed on a buffer it was not captured with.
 
 Graphs share one memory pool (their intermediates are reused across buckets; replays never overlap: the cache
-holds a lock for a whole sampling loop). Capture is injected: tests run the cache's logic on the CPU with a
-stand-in that recomputes the step eagerly into the same static output.
+holds a lock for a whole sampling loop). Capture is injected: tests and the GPU suite's CPU rehearsal run the
+cache's logic with `capture_eager`, a stand-in that recomputes the step into the same static output.
 """
 
 from __future__ import annotations
@@ -68,6 +68,18 @@ def capture_cuda(fn, inputs: dict[str, torch.Tensor | None], pool):
     with torch.cuda.graph(graph, pool=pool):
         output = fn(**inputs)
     return graph.replay, output
+
+
+def capture_eager(fn, inputs: dict[str, torch.Tensor | None], pool):
+    """A stand-in for capture_cuda on any device: 'replay' recomputes fn from the static inputs into the static
+    output, so the static-buffer plumbing is exercised as a real replay reads it (a stale buffer, or a graph reused
+    for another shape, shows as a wrong result)."""
+    output = fn(**inputs)
+
+    def replay():
+        output.copy_(fn(**inputs))
+
+    return replay, output
 
 
 class StepGraphs:

@@ -37,9 +37,13 @@ class Stepper:
         mods = self.model.modulation_table(timesteps, cond.guidance, cond.pooled, self.ops)
         return mods, sigmas[1:] - sigmas[:-1]
 
+    @torch.inference_mode()
     def denoise(self, x: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
                 progress: Callable[[int, int], None] | None = None, version=0) -> torch.Tensor:
-        """The loop; `version` identifies the weights (graphs captured for other weights are dropped)."""
+        """The loop; `version` identifies the weights (graphs captured for other weights are dropped).
+
+        Always in inference mode: the graphs' static buffers are made on the first call and loaded on every later
+        one, and a tensor made in inference mode cannot be updated in place outside it (or the reverse)."""
         x = x.float()
         mods, dts = self.plan(x, sigmas, cond)
         steps = len(dts)

@@ -9,22 +9,13 @@ import torch
 from kontext_rt import Optimizations, Pipeline
 from kontext_rt.checkpoint import detect_layout, load_transformer
 from kontext_rt.graphs import StepGraphs, signature
+from kontext_rt.graphs import capture_eager as eager_capture
 from kontext_rt.lora import LoRAStack
 from kontext_rt.ops import EAGER_OPS
 from kontext_rt.sampler import schedule
 from kontext_rt.stepping import Stepper
 
 from tests.test_hoisting import conditioning
-
-
-def eager_capture(fn, inputs, pool):
-    """A stand-in for capture_cuda: the 'graph' recomputes fn from the static inputs into the static output."""
-    output = fn(**inputs)
-
-    def replay():
-        output.copy_(fn(**inputs))
-
-    return replay, output
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +72,21 @@ def test_graphed_loop_equals_plain_loop_across_buckets(model, dtype):
         sigmas = schedule(3, x.shape[1])
         assert torch.equal(graphed.denoise(x, sigmas, cond), plain.denoise(x, sigmas, cond))
     assert graphed.graphs.captures == 2
+
+
+@pytest.mark.parametrize("first_in_inference_mode", [True, False])
+def test_graphed_loop_runs_in_and_out_of_inference_mode(model, first_in_inference_mode):
+    """Graph buffers made in one autograd mode are loaded in the other: a caller that times its loop under
+    torch.inference_mode() and then runs a whole edit without it gets the same results, no error."""
+    graphed = Stepper(model, EAGER_OPS, torch.float32, cuda_graphs=True, capture=eager_capture)
+    gen = torch.Generator().manual_seed(5)
+    cond = conditioning(model.cfg, 1, 5, [(3, 3)], torch.float32, gen)
+    x, sigmas = torch.randn(1, 9, 64, generator=gen), schedule(2, 9)
+    want = Stepper(model, EAGER_OPS, torch.float32).denoise(x, sigmas, cond)
+    for inference in (first_in_inference_mode, not first_in_inference_mode):
+        with torch.inference_mode(inference):
+            assert torch.equal(graphed.denoise(x, sigmas, cond), want)
+    assert graphed.graphs.captures == 1
 
 
 def test_graphs_follow_the_weights(model, tmp_path):
