@@ -50,32 +50,64 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
 
+def scaled_mm_dequantized(a, b, *, scale_a, scale_b, bias=None, out_dtype):
+    """torch._scaled_mm's contract (row-wise scales, bias, out_dtype) computed from the dequantized operands in
+    float32: for a CPU whose torch lacks row-wise scaling (torch 2.11 takes per-tensor scales only there), so the
+    FP8 path runs through on a CPU rehearsal. Never the GPU path: it reads the e4m3 operands back at 4x the bytes."""
+    y = dequantize(a, scale_a) @ dequantize(b, scale_b)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def matmul_for(device) -> Callable:
+    """The FP8 matmul for `device`: torch._scaled_mm on CUDA (Optimizations.check has refused GPUs without FP8
+    tensor cores), and on a CPU too where its torch takes row-wise scales; else scaled_mm_dequantized."""
+    device = torch.device(device)
+    if device.type == "cuda" or rowwise_scaled_mm_works(device):
+        return torch._scaled_mm
+    return scaled_mm_dequantized
+
+
+def rowwise_scaled_mm_works(device) -> bool:
+    """Whether torch._scaled_mm takes row-wise scales on `device` (CUDA sm_89+ does; CPUs depend on torch)."""
+    a = torch.ones(16, 16, device=device).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                         out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 class FP8Linear(nn.Module):
     """A linear with an e4m3 weight and per-output-channel scales; activations quantized per token or statically.
 
     weight (N, K) e4m3, weight_scale (1, N) float32, bias (N,) in the model dtype, input_scale None (dynamic) or a
-    0-d float32 (static). `quantize` is the per-row activation quantizer (the Triton kernel or quantize_rows).
+    0-d float32 (static). `quantize` is the per-row activation quantizer (the Triton kernel or quantize_rows);
+    `matmul` is torch._scaled_mm, or scaled_mm_dequantized where a CPU torch lacks row-wise scales.
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 quantize: Callable = quantize_rows, input_scale: torch.Tensor | None = None):
+                 quantize: Callable = quantize_rows, input_scale: torch.Tensor | None = None,
+                 matmul: Callable = torch._scaled_mm):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", bias)
         self.register_buffer("input_scale", input_scale)
-        self.quantize = quantize
+        self.quantize, self.matmul = quantize, matmul
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantize: Callable = quantize_rows,
-                    input_amax: torch.Tensor | None = None) -> FP8Linear:
+                    input_amax: torch.Tensor | None = None, matmul: Callable = torch._scaled_mm) -> FP8Linear:
         q, scale = quantize_rows(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach()
         input_scale = None
         if input_amax is not None:
             input_scale = (input_amax.detach().float().reshape(()).clamp(min=AMAX_FLOOR) / E4M3_MAX).to(q.device)
-        return cls(q, scale.reshape(1, -1).contiguous(), bias, quantize, input_scale)
+        return cls(q, scale.reshape(1, -1).contiguous(), bias, quantize, input_scale, matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -85,8 +117,8 @@ class FP8Linear(nn.Module):
         else:
             q = quantize_static(x2, self.input_scale)
             scale = self.input_scale.expand(x2.shape[0], 1).contiguous()
-        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
-                             out_dtype=x.dtype)
+        y = self.matmul(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
+                        out_dtype=x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -117,7 +149,7 @@ def read_calibration(path, fingerprint: str | None) -> dict[str, torch.Tensor]:
 
 
 def convert(model: nn.Module, quantize: Callable = quantize_rows,
-            input_amax: dict[str, torch.Tensor] | None = None) -> list[str]:
+            input_amax: dict[str, torch.Tensor] | None = None, matmul: Callable = torch._scaled_mm) -> list[str]:
     """Replace every FP8-eligible nn.Linear by an FP8Linear, in place; returns the converted names.
 
     input_amax (from read_calibration) makes the activations static; it must cover every eligible layer.
@@ -131,5 +163,5 @@ def convert(model: nn.Module, quantize: Callable = quantize_rows,
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
         amax = None if input_amax is None else input_amax[name]
-        setattr(owner, child, FP8Linear.from_linear(getattr(owner, child), quantize, amax))
+        setattr(owner, child, FP8Linear.from_linear(getattr(owner, child), quantize, amax, matmul))
     return names

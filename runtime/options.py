@@ -21,7 +21,7 @@ class Optimizations:
     fp8             None, "dynamic" (per-token activation scales at run time) or "static" (per-layer scales from
                     the export stage's calibration file, fp8_calibration): the blocks' large linears in FP8 e4m3
                     through torch._scaled_mm. bfloat16 models; CUDA compute capability 8.9+ (the CPU runs it too,
-                    slowly, for tests)
+                    slowly, for tests: through fp8.scaled_mm_dequantized where its torch lacks row-wise scales)
     compile         torch.compile each transformer block (regional): True for inductor, or a backend name
     max_graphs      CUDA graphs kept (one per shape bucket), least recently used dropped
     """

@@ -292,7 +292,7 @@ def _prepare(transformer, ops, optimize: Optimizations, loras, layout) -> LoRASt
         amax = None
         if optimize.fp8 == "static":
             amax = fp8.read_calibration(optimize.fp8_calibration, fingerprint(layout))
-        fp8.convert(transformer, ops.quantize_rows, amax)
+        fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(transformer.img_in.weight.device))
         stack.forget_originals()  # unloading is refused on FP8 pipelines
     if optimize.compile:
         backend = "inductor" if optimize.compile is True else optimize.compile
