@@ -1,7 +1,8 @@
 """Regional torch.compile (each block compiled, fullgraph) with the custom ops of both backends.
 
 Compiled with dynamo's eager backend and with AOTAutograd (aot_eager): fullgraph=True fails on any graph break, so
-this checks every custom op traces as one op (habit 4); inductor itself needs a GPU run (benchmarks/gpu_suite.py).
+this checks every custom op traces as one op (habit 4); inductor itself needs a GPU run (the compile phase of
+bash benchmarks/gpu_run.sh).
 """
 
 import pytest

@@ -1,0 +1,240 @@
+"""The one command a GPU machine runs: every GPU figure of the project in one call, each phase under its deadline.
+
+    bash benchmarks/gpu_run.sh [--out DIR]              # on the GPU machine; DIR defaults to $OUT
+    bash benchmarks/gpu_run.sh --rehearse --out DIR     # the same control flow on a CPU machine (CI runs it)
+
+A GPU is lent rarely, for 15 minutes with its start, 10 minutes per command, no network; only the files under $OUT
+come back (at most 8). So the run is prepared and rehearsed on a CPU, and on the GPU it ends within BUDGET_S, its
+core inside the first CORE_END_S so a failed run leaves time to rerun. Phases, each a child process under its own
+deadline (a kill at the deadline keeps whatever the child had already written):
+
+    install   the carried wheels (wheels/, from `bash benchmarks/gpu_wheels.sh`) into a fresh folder, offline;
+              without wheels/, the installed kontext_rt (CI, a developer's environment)
+    env       GPU, driver, CUDA, packages, and what imports (gpu_env.py)
+    suite     gpu_suite.py --part core: the bf16 ladder, the diffusers baseline, the exactness checks, the end-to-end
+              edits and FP8; must end by CORE_END_S
+    kernels   kernels_gpu.py: the Triton kernels at FLUX shapes against SDPA
+    tensorrt  tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
+    compile   gpu_suite.py --part compile: the inductor rung, last, with the time that is left
+
+Files in DIR: run.json (this record: every phase's status, exit code, time and output tail; the environment),
+run.log (all output), suite.json, suite-compile.json, suite-ladder.png, kernels.json, tensorrt.json. run.json is
+rewritten after every phase. The exit status is 0 only when every phase succeeded.
+
+--rehearse: the tiny model on the CPU with the Triton interpreter, an eager stand-in for graph capture and, where
+the CPU's torch lacks row-wise FP8 scaling, a stand-in for it; the kernel script's --smoke mode. --break PHASE
+fails a phase on purpose (SUITE:PHASE, e.g. suite:fp8 or compile:compile, fails one inside the suite) to check
+that the others still run and are written; --only runs a subset (install and env always run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from phases import PhaseError, Record, say  # noqa: E402
+
+import wheels  # noqa: E402
+
+BUDGET_S = 540  # the whole run: inside one 10-minute command, with a margin for the machine's file transfers
+CORE_END_S = 300  # install + env + the suite's core end by then
+MAX_FILES = 8  # what the device tool brings back from $OUT
+DEADLINES = {"install": 60, "env": 45, "kernels": 120, "tensorrt": 60}  # seconds; suite and compile: see above
+PHASES = ("install", "env", "suite", "kernels", "tensorrt", "compile")
+MIN_COMPILE_S = 60  # below this the compile part would only be killed mid-way
+
+
+def installed(dist: str) -> bool:
+    try:
+        distribution(dist)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def run_child(cmd: list[str], timeout_s: float, env: dict, log, tag: str) -> dict:
+    """Run cmd, echoing and logging its output line by line; kill its process group at timeout_s. Raises
+    PhaseError on a non-zero exit or a timeout; returns the phase details otherwise."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                            cwd=ROOT, start_new_session=True)
+    killed = threading.Event()
+
+    def kill():
+        killed.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(max(timeout_s, 0.0), kill)
+    timer.start()
+    tail = deque(maxlen=25)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            log.write(f"[{tag}] {line}\n")
+            log.flush()
+            say(f"[{tag}] {line}")
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+    details = {"rc": rc, "timed_out": killed.is_set(), "timeout_s": round(timeout_s, 1),
+               "child_s": round(time.perf_counter() - t0, 2), "tail": list(tail)}
+    if killed.is_set():
+        raise PhaseError(f"killed at its {timeout_s:.0f} s deadline (what it wrote before is kept)", details)
+    if rc != 0:
+        raise PhaseError(f"exit status {rc}: {next((x for x in reversed(tail) if x.strip()), '')}"[:500], details)
+    return details
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.out: Path = args.out
+        self.env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if args.rehearse:
+            self.env["TRITON_INTERPRET"] = "1"  # the children's kernels run in the interpreter
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.python = sys.executable
+        mine = [b for b in args.broken if ":" not in b]
+        self.forward = [b.split(":", 1) for b in args.broken if ":" in b]  # (suite|compile, phase)
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.data = {"mode": "rehearse" if args.rehearse else "gpu", "started_utc": started, "budget_s": BUDGET_S,
+                     "core_end_s": CORE_END_S, "phases": {}}
+        self.record = Record(self.out / "run.json", self.data, BUDGET_S, "run", mine)
+        self.log = (self.out / "run.log").open("w")
+        self.site = None  # the wheels' install folder, when wheels/ was carried
+
+    def child(self, tag, cmd, timeout_s):
+        return run_child([self.python, *cmd], timeout_s, self.env, self.log, tag)
+
+    def install(self):
+        folder = ROOT / "wheels"
+        if not folder.is_dir():
+            try:
+                self.child("install", ["-c", "import kontext_rt"], DEADLINES["install"])
+            except PhaseError as err:
+                raise PhaseError("kontext_rt does not import and no wheels/ was carried: run `bash "
+                                 "benchmarks/gpu_wheels.sh` and carry [\"wheels\"]", err.details) from None
+            return {"source": "the installed environment (no wheels/ folder)"}
+        todo = wheels.plan(folder, installed)
+        self.site = tempfile.TemporaryDirectory(prefix="kontext-rt-site-")  # removed when the run ends
+        site = Path(self.site.name)
+        paths = [str(p) for p in todo["install"]]
+        if todo["project_wheel_stale"]:
+            say("[install] the carried kontext-rt wheel is older than the tree: building from the tree instead")
+            paths.append(str(ROOT))
+        pip = ["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-index", "--no-deps",
+               "--no-compile", "--no-build-isolation", "--target", str(site), *paths]
+        details = self.child("install", pip, DEADLINES["install"])
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), self.env.get("PYTHONPATH")]))
+        return {"site": str(site), "installed": [Path(p).name for p in paths],
+                "already_installed": todo["already_installed"], "built_from_tree": todo["project_wheel_stale"],
+                "child_s": details["child_s"]}
+
+    def env_probe(self):
+        details = self.child("env", [str(HERE / "gpu_env.py")], DEADLINES["env"])
+        try:
+            self.data["env"] = json.loads(details.pop("tail")[-1])
+        except (json.JSONDecodeError, IndexError):
+            self.data["env"] = {"error": "gpu_env.py printed more than its JSON; see run.log"}
+        return details
+
+    def suite(self, part, timeout_s):
+        cmd = [str(HERE / "gpu_suite.py"), "--out", str(self.out), "--part", part, "--deadline-s",
+               str(max(timeout_s - 15, 1))]
+        cmd += ["--rehearse"] * self.args.rehearse
+        cmd += [f"--break={phase}" for which, phase in self.forward if which == part]
+        return self.child("suite" if part == "core" else "compile", cmd, timeout_s)  # the phase's name
+
+    def script(self, name, out_name, timeout_s, *extra):
+        return self.child(name, [str(HERE / f"{name}_gpu.py"), "--out", str(self.out / out_name), *extra], timeout_s)
+
+    def main(self) -> int:
+        r, wanted = self.record, self.args.only
+        r.run("install", self.install)
+        r.run("env", self.env_probe)
+        steps = [
+            ("suite", lambda: self.suite("core", CORE_END_S - r.elapsed_s())),
+            ("kernels", lambda: self.script("kernels", "kernels.json", DEADLINES["kernels"],
+                                            *["--smoke"] * self.args.rehearse)),
+            ("tensorrt", lambda: self.script("tensorrt", "tensorrt.json", DEADLINES["tensorrt"])),
+            ("compile", lambda: self.suite("compile", r.left_s())),
+        ]
+        for name, fn in steps:
+            if wanted and name not in wanted:
+                self.data["phases"][name] = {"status": "skipped", "reason": "not selected (--only)"}
+                continue
+            r.run(name, fn, needs=["install"], estimate_s=MIN_COMPILE_S if name == "compile" else 0)
+        files = sorted(p.name for p in self.out.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+        self.data["files"] = files
+        if len(files) > MAX_FILES:
+            self.data["phases"]["files"] = {"status": "failed", "error": f"{len(files)} files in {self.out}: only "
+                                            f"{MAX_FILES} come back from the device"}
+        problems = [n for n, e in self.data["phases"].items() if e["status"] == "failed"
+                    or (e["status"] == "skipped" and "--only" not in e.get("reason", ""))]
+        self.data["ok"] = not problems
+        r.write()
+        say(f"[run {r.elapsed_s():.0f}s] {'all phases ok' if not problems else 'not ok: ' + ', '.join(problems)}; "
+            f"files: {', '.join(files)}")
+        self.log.close()
+        if self.site is not None:
+            self.site.cleanup()
+        return 0 if not problems else 1
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="results folder (default: $OUT)")
+    p.add_argument("--rehearse", action="store_true", help="the same run on a CPU machine: checks, times nothing")
+    p.add_argument("--only", type=lambda s: set(s.split(",")), default=None,
+                   help=f"comma-separated phases among {', '.join(PHASES[2:])} (install and env always run)")
+    p.add_argument("--break", dest="broken", action="append", default=[], metavar="PHASE",
+                   help="fail this phase on purpose; SUITE:PHASE for one inside gpu_suite (suite: or compile:)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        p.error("give --out DIR (on the GPU machine $OUT is the default)")
+    if args.only and (unknown := args.only - set(PHASES[2:])):
+        p.error(f"--only: unknown phases {sorted(unknown)}; choose among {', '.join(PHASES[2:])}")
+    for b in args.broken:
+        which, _, phase = b.rpartition(":")
+        if which not in ("", "suite", "compile") or (not which and phase not in PHASES):
+            p.error(f"--break {b}: name a phase ({', '.join(PHASES)}) or suite:PHASE / compile:PHASE")
+    args.out = args.out.resolve()
+    if args.rehearse and args.out.is_relative_to((HERE / "results").resolve()):
+        p.error("--rehearse timings are not GPU timings: write them outside benchmarks/results")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if not args.rehearse:
+        try:
+            subprocess.run(["nvidia-smi", "-L"], capture_output=True, check=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            print("error: no NVIDIA GPU here (nvidia-smi fails); on a CPU machine run with --rehearse",
+                  file=sys.stderr)
+            return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    return Run(args).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The README's GPU tables, as Markdown, from the files one `bash benchmarks/gpu_run.sh` brought back.
+
+    python benchmarks/ladder_table.py benchmarks/results/<device>-<date>/
+
+Reads suite.json, suite-compile.json (if present) and kernels.json (if present) from that folder and prints the
+speed ladder (with diffusers in the same run as the baseline), the end-to-end edits, the H100 goals beside what was
+measured, and the fused attention kernel's rate. Every figure is copied from the JSON, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(folder: Path, name: str) -> dict:
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _ms(row, layout):
+    cell = row.get(layout)
+    return f"{cell['ms_per_step']:.1f}" if cell else "-"
+
+
+def ladder(suite: dict, compiled: dict) -> list[str]:
+    rungs = {**suite.get("ladder", {}), **compiled.get("ladder", {})}
+    base = suite.get("diffusers", {})
+    base_ms = base.get("kontext", {}).get("ms_per_step")
+    lines = ["| rung | Kontext ms/step | x diffusers | MFU | host ms/step | text-to-image ms/step | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+    if base:
+        peak = base.get("kontext", {}).get("peak_gib")
+        lines.append(f"| diffusers (baseline, eager bf16) | {_ms(base, 'kontext')} | 1.00 | | "
+                     f"{base.get('kontext', {}).get('host_ms_per_step', 0):.1f} | {_ms(base, 'text-to-image')} | "
+                     f"{'' if peak is None else f'{peak:.1f}'} |")
+    for name, row in rungs.items():
+        k = row.get("kontext")
+        if not k:
+            continue
+        speedup = f"{base_ms / k['ms_per_step']:.2f}" if base_ms else ""
+        peak = "" if k.get("peak_gib") is None else f"{k['peak_gib']:.1f}"
+        lines.append(f"| {name} | {k['ms_per_step']:.1f} | {speedup} | {k['mfu']:.2f} | {k['host_ms_per_step']:.1f} | "
+                     f"{_ms(row, 'text-to-image')} | {peak} |")
+    return lines
+
+
+def edits(suite: dict) -> list[str]:
+    e2e = suite.get("end_to_end_s", {})
+    steps = sorted({int(s) for runs in e2e.values() for s in runs})
+    lines = ["| rung | " + " | ".join(f"{s}-step edit, s" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    lines += [f"| {rung} | " + " | ".join(f"{runs[str(s)]:.2f}" if str(s) in runs else "-" for s in steps) + " |"
+              for rung, runs in e2e.items()]
+    return lines
+
+
+def goals(suite: dict, compiled: dict) -> list[str]:
+    g = suite.get("goals_h100", {})
+    fp8 = [x for x in (g.get("kontext_fp8_ms_per_step"), compiled.get("goals_h100", {}).get("kontext_fp8_ms_per_step"))
+           if x is not None]
+    measured = {"kontext_bf16_ms_per_step": g.get("kontext_bf16_ms_per_step"),
+                "kontext_fp8_ms_per_step": min(fp8) if fp8 else None, "edit_28_steps_s": g.get("edit_28_steps_s")}
+    lines = [f"| goal (H100) | target | measured on {suite.get('device', '?')} | met |", "|---|---|---|---|"]
+    for key, target in g.get("targets", {}).items():
+        value = measured.get(key)
+        met = "" if value is None else ("yes" if value <= target else "no")
+        lines.append(f"| {key} | <= {target} | {'-' if value is None else f'{value:.2f}'} | {met} |")
+    return lines
+
+
+def kernels(data: dict) -> list[str]:
+    g = data.get("goals_one_context")
+    if not isinstance(g, dict) or not g:
+        return []
+    return [f"Fused attention at 8704 tokens: {g['fused_ms']:.3f} ms, {g['fused_tflops']:.0f} TFLOP/s; best SDPA with "
+            f"separate norm+RoPE ({g['best_sdpa_with_separate_rope']}): {g['best_sdpa_with_separate_rope_ms']:.3f} ms."]
+
+
+def render(folder: Path) -> str:
+    suite, compiled = _load(folder, "suite.json"), _load(folder, "suite-compile.json")
+    if not suite:
+        raise SystemExit(f"error: {folder / 'suite.json'} not found: give the folder gpu_run.sh wrote")
+    head = (f"Device: {suite['device']}, torch {suite['versions']['torch']}, triton {suite['versions']['triton']}, "
+            f"{suite['date']}" + (" (CPU REHEARSAL: not GPU figures)" if suite.get("rehearse") else ""))
+    parts = [[head], ladder(suite, compiled), edits(suite), goals(suite, compiled),
+             kernels(_load(folder, "kernels.json"))]
+    return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python benchmarks/ladder_table.py RESULTS_FOLDER", file=sys.stderr)
+        return 2
+    print(render(Path(argv[0])), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

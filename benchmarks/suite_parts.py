@@ -1,0 +1,328 @@
+"""The pieces of the GPU suite (gpu_suite.py): random full-size models, inputs, timed loops, exactness checks, the
+FP8 drift, end-to-end edits and the ladder chart. Every function takes its device, so the CPU rehearsal runs the
+very same code on a tiny model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def step_flops(cfg, text: int, target: int, context: int) -> float:
+    """Matmul + attention FLOPs of one transformer step (2 per multiply-add); the modulation rows are negligible.
+
+    Double block: per stream qkv (3C^2), proj (C^2), MLP (2*C*mlp) on its tokens; attention 4*L^2*C over all L.
+    Single block: linear1 (C*(3C+mlp)) and linear2 ((C+mlp)*C) on all L tokens, attention 4*L^2*C.
+    """
+    c, mlp = cfg.hidden_size, cfg.mlp_hidden
+    img, length = target + context, text + target + context
+    per_token_double = 2 * (3 * c * c + c * c + 2 * c * mlp)
+    double = per_token_double * (img + text) + 4 * length**2 * c
+    single = 2 * (c * (3 * c + mlp) + (c + mlp) * c) * length + 4 * length**2 * c
+    embed = 2 * (img * cfg.in_channels * c + text * cfg.context_in_dim * c + target * c * cfg.in_channels)
+    return cfg.depth * double + cfg.depth_single_blocks * single + embed
+
+
+def _on_device(make, device, dtype, seed):
+    """Build on the meta device, cast there (free), allocate on `device` in `dtype`: no float32 copy of 12B
+    parameters is ever made, on the host or the GPU."""
+    with torch.device("meta"):
+        model = make().to(dtype)
+    return init_random(model.to_empty(device=device), device, seed)
+
+
+def random_transformer(cfg, device, dtype, seed=0):
+    """The runtime's FluxTransformer at `cfg`'s size with random weights drawn on the device."""
+    from kontext_rt.model import FluxTransformer
+
+    return _on_device(lambda: FluxTransformer(cfg), device, dtype, seed)
+
+
+def random_diffusers(cfg, device, dtype, seed=0):
+    """diffusers' FluxTransformer2DModel at the same size, initialised by the same rule (the baseline)."""
+    from diffusers import FluxTransformer2DModel
+
+    return _on_device(lambda: FluxTransformer2DModel(
+        num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+        pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim),
+        device, dtype, seed)
+
+
+@torch.no_grad()
+def init_random(model, device, seed=0):
+    """Matrices ~ N(0, (0.5 / sqrt(fan_in))^2) (activations stay finite through 57 blocks), norm scales 1, biases 0."""
+    if any(True for _ in model.buffers()):
+        raise ValueError(f"{type(model).__name__} has buffers, which to_empty leaves uninitialised")
+    gen = torch.Generator(device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            p.normal_(0, 0.5 / p.shape[1] ** 0.5, generator=gen)
+        elif name.endswith(("scale", "norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+    return model.eval().requires_grad_(False)
+
+
+def grids_of(layout) -> list[tuple[int, int]]:
+    text, target, context = layout
+    side = int(round(target**0.5))
+    return [(side, target // side)] + ([(side, context // side)] if context else [])
+
+
+def inputs(cfg, layout, device, dtype, seed=1):
+    """(x (1, N, 64) float32 noise, Conditioning) for a (text, target, context) token layout."""
+    from kontext_rt.rope import rope_table, sequence_ids
+    from kontext_rt.sampler import Conditioning
+
+    text, target, context = layout
+    gen = torch.Generator(device).manual_seed(seed)
+    cos, sin = rope_table(sequence_ids(text, grids_of(layout), device), cfg.axes_dim, cfg.theta)
+    cond = Conditioning(
+        ctx=torch.randn(1, context, cfg.in_channels, device=device, generator=gen).to(dtype) if context else None,
+        txt=torch.randn(1, text, cfg.context_in_dim, device=device, generator=gen).to(dtype),
+        pooled=torch.randn(1, cfg.vec_in_dim, device=device, generator=gen).to(dtype),
+        guidance=torch.full((1,), 2.5, device=device) if cfg.guidance_embed else None, cos=cos, sin=sin)
+    return torch.randn(1, target, cfg.in_channels, device=device, generator=gen), cond
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
+
+
+def free_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def loop_fn(model, ops, dtype, stepper=None):
+    """A function (x, sigmas, cond) -> x: the per-step loop (sampler.denoise) or a Stepper's hoisted loop."""
+    from kontext_rt.sampler import denoise
+
+    if stepper is not None:
+        return stepper.denoise
+
+    def per_step(img, ctx, txt, pooled, t, g, cos, sin):
+        return model(img, ctx, txt, pooled, t, g, cos, sin, ops)
+
+    return lambda x, sigmas, cond: denoise(per_step, x, sigmas, cond, dtype)
+
+
+@torch.inference_mode()
+def time_loop(run, x, cond, device, steps, repeats, warmup_steps=2):
+    """(median ms per step, host ms per step) over `repeats` loops of `steps` steps, after one short warm-up loop
+    (autotuning, graph capture, compilation: a 2-step loop has the same shapes as a 28-step one)."""
+    from kontext_rt.sampler import schedule
+
+    run(x, schedule(warmup_steps, x.shape[1]), cond)
+    sync(device)
+    sigmas = schedule(steps, x.shape[1])
+    cuda = torch.device(device).type == "cuda"
+    per_step, host = [], []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        run(x, sigmas, cond)
+        host.append((time.perf_counter() - t0) * 1e3 / steps)
+        if cuda:
+            end.record()
+            end.synchronize()
+            per_step.append(start.elapsed_time(end) / steps)
+        else:
+            per_step.append((time.perf_counter() - t0) * 1e3 / steps)
+    return statistics.median(per_step), statistics.median(host)
+
+
+def matmul_tflops(device, fp8: bool, n=8192, reps=20) -> float:
+    """The dense matmul rate this device reaches in bf16 (or FP8 e4m3 through _scaled_mm): the MFU denominator."""
+    import kernel_cases
+
+    a = torch.randn(n, n, device=device).to(torch.bfloat16)
+    b = torch.randn(n, n, device=device).to(torch.bfloat16)
+    if fp8:
+        qa, qb = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+        fn = lambda: torch._scaled_mm(qa, qb.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+    else:
+        fn = lambda: a @ b  # noqa: E731
+    return 2 * n**3 / (kernel_cases.time_ms(fn, device, warmup=3, reps=reps) * 1e-3) / 1e12
+
+
+def diffusers_loop(ref, cfg, layout, data, device, dtype):
+    """The same loop shape around diffusers' transformer: one call + Euler update per step, context appended."""
+    from kontext_rt.rope import sequence_ids
+
+    text, target, context = layout
+    x, cond = data
+    ids = sequence_ids(text, grids_of(layout), device)
+
+    def run(_x, sigmas, _cond):
+        state = x.float()
+        sigmas = sigmas.to(device)
+        for i in range(len(sigmas) - 1):
+            hidden = torch.cat([state.to(dtype)] + ([cond.ctx] if context else []), 1)
+            v = ref(hidden_states=hidden, encoder_hidden_states=cond.txt, pooled_projections=cond.pooled,
+                    timestep=sigmas[i].expand(1), img_ids=ids[text:], txt_ids=ids[:text], guidance=cond.guidance,
+                    return_dict=False)[0]
+            state = state + (sigmas[i + 1] - sigmas[i]) * v[:, :target].float()
+        return state
+
+    return run
+
+
+@torch.inference_mode()
+def exactness(model, ops, dtype, data, hoisted, graphs, steps) -> dict:
+    """Hoisted == per-step and graphs == no graphs, bit for bit, on this device (Kontext layout)."""
+    from kontext_rt.sampler import schedule
+
+    x, cond = data
+    sigmas = schedule(steps, x.shape[1])
+    want = loop_fn(model, ops, dtype)(x, sigmas, cond)
+    out = {"hoisted_equals_per_step": bool(torch.equal(hoisted.denoise(x, sigmas, cond), want)),
+           "finite": bool(torch.isfinite(want).all())}
+    if graphs is not None:
+        out["graphs_equal_no_graphs"] = bool(torch.equal(graphs.denoise(x, sigmas, cond),
+                                                         hoisted.denoise(x, sigmas, cond)))
+    return out
+
+
+@torch.inference_mode()
+def trace(stepper, data, steps) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(velocity per step, final state) of a hoisted loop without graphs: what the FP8 drift compares."""
+    from kontext_rt.sampler import schedule
+
+    x, cond = data
+    mods, dts = stepper.plan(x, schedule(steps, x.shape[1]), cond)
+    state, velocities = x.float(), []
+    for i in range(steps):
+        nxt = stepper.step(state, mods[i], dts[i], cond.ctx, cond.txt, cond.cos, cond.sin)
+        velocities.append((nxt - state) / dts[i])
+        state = nxt
+    return velocities, state
+
+
+def drift(reference, fp8) -> dict:
+    """Relative error of the FP8 loop's velocities and final latents against the bf16 loop's (same inputs)."""
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    (ref_v, ref_x), (v, out) = reference, fp8
+    return {"steps": len(ref_v), "velocity_rel_error_per_step": [rel(a, b) for a, b in zip(v, ref_v, strict=True)],
+            "final_latent_rel_error": rel(out, ref_x)}
+
+
+def quantizer_check(device, rows=8704, cols=3072) -> dict:
+    """The Triton FP8 quantizer equals torch's quantize_rows bit for bit on this device (values and scales)."""
+    from kontext_rt.fp8 import quantize_rows
+    from kontext_rt.kernels.fp8_quant import quantize_rows as kernel
+
+    gen = torch.Generator(device).manual_seed(2)
+    x = (torch.randn(rows, cols, device=device, generator=gen) * 3).to(torch.bfloat16)
+    x[0] = 0  # an all-zero row takes the scale floor
+    q, s = kernel(x)
+    q_ref, s_ref = quantize_rows(x)
+    differ = (q.view(torch.uint8) != q_ref.view(torch.uint8)).sum().item()
+    return {"values_equal": differ == 0, "values_differing": differ, "scales_equal": bool(torch.equal(s, s_ref))}
+
+
+@torch.inference_mode()
+def end_to_end(model, vae, run, layout, data, device, dtype, steps_list) -> dict:
+    """Seconds for whole edits: VAE encode of the context image, the loop, VAE decode (embeddings as a cache hit).
+    One 1-step edit warms up first (VAE kernels; the loop's graphs and autotuning were warmed by the ladder)."""
+    from kontext_rt.image import pack, unpack
+    from kontext_rt.sampler import schedule
+
+    text, target, _ = layout
+    (rows, cols), *_ = grids_of(layout)
+    x, cond = data
+    gen = torch.Generator(device).manual_seed(3)
+    image = torch.rand(1, 3, rows * 16, cols * 16, device=device, generator=gen).to(dtype) * 2 - 1
+
+    def edit(steps):
+        latents = run(x, schedule(steps, target), dataclasses.replace(cond, ctx=pack(vae.encode(image))))
+        return vae.decode(unpack(latents.to(dtype), rows, cols))
+
+    edit(1)
+    out = {}
+    for steps in steps_list:
+        sync(device)
+        t0 = time.perf_counter()
+        edit(steps)
+        sync(device)
+        out[str(steps)] = time.perf_counter() - t0
+    return out
+
+
+def write_png(path: Path, labels: list[str], values: list[float], baseline: float | None) -> str:
+    """The ladder as a bar chart, written under a temporary name and renamed (a kill never leaves half a file)."""
+    tmp = path.with_name(path.stem + ".tmp.png")
+    how = _draw_png(tmp, labels, values, baseline)
+    os.replace(tmp, path)
+    return how
+
+
+def _draw_png(path: Path, labels: list[str], values: list[float], baseline: float | None) -> str:
+    """matplotlib when present, else a plain PNG of bars (order = the JSON's ladder)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.barh(labels[::-1], values[::-1], color="#3b7dd8")
+        if baseline:
+            ax.axvline(baseline, color="#d83b3b", linestyle="--", label="diffusers eager bf16")
+            ax.legend()
+        ax.set_xlabel("ms per Kontext step (1024x1024 + 1024x1024 context)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return "matplotlib"
+    except ImportError:
+        pass
+    width, bar, gap = 600, 30, 10
+    height = len(values) * (bar + gap) + gap
+    top = max(values + ([baseline] if baseline else [])) or 1.0
+    rows = []
+    for y in range(height):
+        i, within = divmod(y - gap, bar + gap)
+        row = bytearray([255] * width * 3)
+        if y >= gap and within < bar and i < len(values):
+            for px in range(int(values[i] / top * (width - 20))):
+                row[px * 3 : px * 3 + 3] = b"\x3b\x7d\xd8"
+        if baseline:
+            px = int(baseline / top * (width - 20))
+            row[px * 3 : px * 3 + 3] = b"\xd8\x3b\x3b"
+        rows.append(b"\x00" + bytes(row))
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+                     + chunk(b"IEND", b""))
+    return "plain bars (labels in the JSON's ladder order, red line: diffusers)"

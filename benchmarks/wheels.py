@@ -1,0 +1,87 @@
+"""The wheels a GPU machine installs offline: `bash benchmarks/gpu_wheels.sh` makes them here, gpu_run.py installs
+them there (no network on the GPU machines, so what the image lacks travels with the working tree).
+
+wheels/manifest.json records a digest of the sources the project's wheel was built from, so a wheel older than the
+tree is never measured by mistake: gpu_run.py rebuilds from the tree instead (setuptools is in the image) and says so.
+
+    python benchmarks/wheels.py manifest wheels     # after the downloads and the build (gpu_wheels.sh does this)
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("runtime", "kernels", "export", "pyproject.toml")  # what goes into the project's wheel
+PROJECT = "kontext-rt"
+
+
+def source_digest(root: Path = ROOT) -> str:
+    """sha256 over the package's source files (relative path and bytes, in path order)."""
+    h = hashlib.sha256()
+    for top in SOURCES:
+        path = root / top
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            if "__pycache__" in f.parts or f.suffix == ".pyc":
+                continue
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def dist_name(wheel: Path) -> str:
+    """The normalized distribution name of a wheel file (PEP 503: lower case, runs of -_. as one -)."""
+    return re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+
+
+def write_manifest(folder: Path, root: Path = ROOT) -> dict:
+    wheels = sorted(p.name for p in folder.glob("*.whl"))
+    if not any(dist_name(Path(w)) == PROJECT for w in wheels):
+        raise SystemExit(f"error: no {PROJECT} wheel in {folder}: build it first (pip wheel --no-deps .)")
+    manifest = {"source_digest": source_digest(root), "wheels": wheels, "made": datetime.date.today().isoformat()}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def plan(folder: Path, installed: Callable[[str], bool], root: Path = ROOT) -> dict:
+    """What to install from `folder`: every wheel whose distribution `installed` says is absent, the project's own
+    wheel always (unless stale: then `stale` is True and the caller builds from the tree)."""
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{manifest_file} is missing: make {folder} with `bash benchmarks/gpu_wheels.sh`")
+    manifest = json.loads(manifest_file.read_text())
+    install, present = [], []
+    stale = manifest["source_digest"] != source_digest(root)
+    for name in manifest["wheels"]:
+        wheel = folder / name
+        if not wheel.is_file():
+            raise FileNotFoundError(f"{wheel} is listed in {manifest_file} but missing: run gpu_wheels.sh again")
+        dist = dist_name(wheel)
+        if dist == PROJECT:
+            if not stale:
+                install.append(wheel)
+        elif installed(dist):
+            present.append(dist)
+        else:
+            install.append(wheel)
+    return {"install": install, "already_installed": present, "project_wheel_stale": stale}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "manifest":
+        print("usage: python benchmarks/wheels.py manifest WHEELS_DIR", file=sys.stderr)
+        return 2
+    manifest = write_manifest(Path(argv[1]))
+    print(f"{len(manifest['wheels'])} wheels, sources {manifest['source_digest'][:12]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The one GPU command (benchmarks/gpu_run.sh) and its suite, rehearsed on the CPU as a first GPU run would go:
+every phase of the real control flow (tiny model, the Triton interpreter, an eager stand-in for graph capture),
+the files that would come back from the device, a failure that must not lose the other phases, a kill that must
+keep what was written. Timings here are CPU timings of a tiny model and say nothing about GPU speed."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+RUNGS = {"eager", "triton", "hoisted", "graphs", "fp8"}
+
+
+def _module(name):
+    """A benchmarks/ script as a module (they import each other by plain name, as when run as scripts)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+def _gpu_run(out, *args, timeout=900):
+    env = dict(os.environ, PYTHON=sys.executable)
+    return subprocess.run(["bash", str(BENCH / "gpu_run.sh"), "--rehearse", "--out", str(out), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _load(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
+    run = _gpu_run(tmp_path)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert 1 <= len(files) <= 8 and not [f for f in files if f.endswith(".tmp")], files
+    record = _load(tmp_path / "run.json")
+    assert record["ok"] and set(record["phases"]) == {"install", "env", "suite", "kernels", "tensorrt", "compile"}
+    assert all(p["status"] == "ok" for p in record["phases"].values()), record["phases"]
+    assert record["env"]["imports"]["kontext_rt"]["ok"] and record["env"]["packages"]["torch"] == torch.__version__
+
+    suite = _load(tmp_path / "suite.json")
+    assert all(p["status"] == "ok" for p in suite["phases"].values())
+    assert set(suite["ladder"]) == RUNGS and all(set(r) == {"kontext", "text-to-image"}
+                                                 for r in suite["ladder"].values())
+    assert set(suite["diffusers"]) == {"kontext", "text-to-image"}
+    assert all(r["ms_per_step"] > 0 for r in suite["diffusers"].values())
+    # on-device checks: the triton table's hoisted loop and the graph stand-in are exact, the quantizer too
+    assert suite["checks"]["hoisted_equals_per_step"] and suite["checks"]["graphs_equal_no_graphs"]
+    assert suite["checks"]["finite"] and suite["checks"]["fp8_quantizer_kernel"]["values_equal"]
+    assert 0 < suite["fp8_drift"]["final_latent_rel_error"] < 0.1
+    assert set(suite["end_to_end_s"]) == {"eager", "graphs", "fp8"}
+    compiled = _load(tmp_path / "suite-compile.json")
+    assert set(compiled["ladder"]) == {"compile"} and compiled["compile_backend"] == "inductor"
+    assert _load(tmp_path / "kernels.json")["all_checks_ok"]
+    assert isinstance(_load(tmp_path / "tensorrt.json")["tensorrt"]["importable"], bool)
+    assert (tmp_path / "suite-ladder.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    log = (tmp_path / "run.log").read_text()
+    assert "[suite] [suite core" in log and "[compile] [suite compile" in log
+
+    # the README's tables are rendered from these files: a row per rung, the figures as in the JSON
+    table = _module("ladder_table").render(tmp_path)
+    assert "CPU REHEARSAL" in table
+    for rung in [*RUNGS, "compile"]:
+        row = {**suite["ladder"], **compiled["ladder"]}[rung]["kontext"]
+        assert f"| {rung} | {row['ms_per_step']:.1f} |" in table
+    assert f"| diffusers (baseline, eager bf16) | {suite['diffusers']['kontext']['ms_per_step']:.1f} |" in table
+
+
+def test_a_broken_phase_fails_the_run_and_the_others_are_still_written(tmp_path):
+    run = _gpu_run(tmp_path, "--only", "kernels,tensorrt", "--break", "kernels")
+    assert run.returncode == 1
+    record = _load(tmp_path / "run.json")
+    assert record["phases"]["kernels"]["status"] == "failed" and "on purpose" in record["phases"]["kernels"]["error"]
+    assert record["phases"]["tensorrt"]["status"] == "ok" and (tmp_path / "tensorrt.json").exists()
+    assert record["phases"]["suite"]["status"] == "skipped" and not record["ok"]
+
+
+def test_a_broken_suite_phase_skips_what_needs_it_and_runs_the_rest(tmp_path):
+    gpu_suite = _module("gpu_suite")
+    assert gpu_suite.main(["--rehearse", "--out", str(tmp_path), "--break", "triton-backend"]) == 1
+    suite = _load(tmp_path / "suite.json")
+    phases = suite["phases"]
+    assert phases["triton-backend"]["status"] == "failed"
+    for name in ("triton", "hoisted", "graphs", "checks", "fp8-convert", "fp8-quantizer"):
+        assert phases[name]["status"] == "skipped" and "triton-backend" in phases[name]["reason"]
+    for name, need in (("fp8-drift", "fp8-convert"), ("fp8", "fp8-convert"), ("edits-fp8", "fp8")):
+        assert phases[name]["status"] == "skipped" and phases[name]["reason"].startswith(f"needs {need},")
+    assert all(phases[n]["status"] == "ok" for n in ("setup", "diffusers", "model", "eager", "edits-bf16"))
+    assert set(suite["ladder"]) == {"eager"} and set(suite["end_to_end_s"]) == {"eager"}
+
+
+def test_a_killed_suite_keeps_every_phase_it_finished(tmp_path):
+    """The device tool returns only what is already written when a command hits its limit."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(BENCH / "gpu_suite.py"), "--rehearse", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        if "] triton ..." in line or time.monotonic() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    suite = _load(tmp_path / "suite.json")
+    assert [n for n, p in suite["phases"].items() if p["status"] == "ok"] == [
+        "setup", "triton-backend", "diffusers", "model", "eager"]
+    assert set(suite["ladder"]["eager"]) == {"kontext", "text-to-image"}
+    assert (tmp_path / "suite-ladder.png").exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_child_past_its_deadline_is_killed_and_recorded(tmp_path):
+    gpu_run = _module("gpu_run")
+    phases = _module("phases")
+    with (tmp_path / "log").open("w") as log, pytest.raises(phases.PhaseError, match="deadline") as err:
+        gpu_run.run_child([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], 1.0,
+                          dict(os.environ), log, "t")
+    assert err.value.details["timed_out"] and err.value.details["tail"] == ["started"]
+    assert err.value.details["child_s"] < 30
+
+
+def test_wheel_plan_installs_what_is_missing_and_never_a_stale_project_wheel(tmp_path):
+    wheels = _module("wheels")
+    names = ["kontext_rt-0.1.0-py3-none-any.whl", "diffusers-0.42.1-py3-none-any.whl",
+             "charset_normalizer-3.5.3-cp312-cp312-manylinux_2_28_x86_64.whl"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"")
+    manifest = {"source_digest": wheels.source_digest(), "wheels": names}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    plan = wheels.plan(tmp_path, installed=lambda dist: dist == "charset-normalizer")
+    assert [p.name for p in plan["install"]] == names[:2] and plan["already_installed"] == ["charset-normalizer"]
+    assert not plan["project_wheel_stale"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest | {"source_digest": "0" * 64}))
+    plan = wheels.plan(tmp_path, installed=lambda dist: False)
+    assert plan["project_wheel_stale"] and names[0] not in [p.name for p in plan["install"]]
+
+
+def test_rehearsal_refuses_the_results_folder():
+    with pytest.raises(SystemExit):
+        _module("gpu_suite").parse(["--rehearse", "--out", str(BENCH / "results")])
+    with pytest.raises(SystemExit):
+        _module("gpu_run").parse(["--rehearse", "--out", str(BENCH / "results" / "x")])
+
+
+def test_step_flops_is_the_published_kontext_figure():
+    from kontext_rt.config import PRESETS
+
+    flops = _module("suite_parts").step_flops(PRESETS["flux-kontext-dev"], 512, 4096, 4096)
+    assert abs(flops / 1e12 - 165) < 5  # the issue's 165 TFLOP per step at 8704 tokens
+
+
+def test_random_models_are_drawn_in_their_dtype_and_initialised():
+    from kontext_rt.config import PRESETS
+
+    parts = _module("suite_parts")
+    for model in (parts.random_transformer(PRESETS["tiny"], "cpu", torch.bfloat16),
+                  parts.random_diffusers(PRESETS["tiny"], "cpu", torch.bfloat16)):
+        assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+        matrices = [p for p in model.parameters() if p.ndim == 2]
+        assert all(p.std() > 0 for p in matrices)
