@@ -53,6 +53,11 @@ LAYOUTS = {"kontext": (512, 4096, 4096), "text-to-image": (512, 4096, 0)}  # tex
 # program per token row): 2x2-token images, and as few steps as still take every branch.
 REHEARSE_LAYOUTS = {"kontext": (4, 4, 4), "text-to-image": (4, 4, 0)}
 GRAPHED = ("graphs", "fp8", "compile")  # the rungs that replay CUDA graphs
+PHASES = {  # in order; core() and compile_part() run them
+    "core": ("setup", "triton-backend", "diffusers", "model", "eager", "triton", "hoisted", "graphs", "checks",
+             "edits-bf16", "fp8-convert", "fp8-drift", "fp8-quantizer", "fp8", "edits-fp8"),
+    "compile": ("setup", "triton-backend", "model", "fp8-convert", "compile-blocks", "compile"),
+}
 STEPS = {  # steps per timed loop, timed loops, warm-up loop, edits, FP8 drift trace, exactness loops
     "gpu": dict(steps_timed=6, repeats=3, warmup=2, edits=(4, 8, 28), drift=8, exactness=3),
     "rehearse": dict(steps_timed=2, repeats=1, warmup=1, edits=(1, 2), drift=2, exactness=2),
@@ -85,7 +90,7 @@ class Suite:
     # --- setup ---------------------------------------------------------------------------------------------------
 
     def setup(self):
-        """The matmul rates (the MFU denominators), the FP8 matmul, the eager op table, the VAE."""
+        """The matmul rates (the MFU denominators), the FP8 matmul, the eager op table, the VAE (core part)."""
         from kontext_rt.backends import resolve
         from kontext_rt.config import VAE_PRESETS
         from kontext_rt.fp8 import matmul_for
@@ -98,8 +103,9 @@ class Suite:
         self.result["fp8_matmul"] = ("torch._scaled_mm (row-wise scales)" if self.fp8_matmul is torch._scaled_mm
                                      else "stand-in: this torch's CPU _scaled_mm takes per-tensor scales only")
         self.ops["eager"] = resolve("eager", self.device)[1]
-        vae = AutoEncoder(VAE_PRESETS["tiny" if self.args.rehearse else "flux"])
-        self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        if self.args.part == "core":
+            vae = AutoEncoder(VAE_PRESETS["tiny" if self.args.rehearse else "flux"])
+            self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
 
     def triton_backend(self):
         """The triton op table and graph capture (the interpreter and an eager stand-in in the rehearsal)."""
@@ -172,9 +178,10 @@ class Suite:
 
     def checks(self):
         graphs = self.stepper("graphs") if self.capture is not None else None
-        self.result["checks"].update(parts.exactness(self.model, self.ops["triton"], self.dtype,
-                                                     self.data["kontext"], self.stepper("hoisted"), graphs,
-                                                     self.steps["exactness"]))
+        found = parts.exactness(self.model, self.ops["triton"], self.dtype, self.data["kontext"],
+                                self.stepper("hoisted"), graphs, self.steps["exactness"])
+        self.result["checks"].update(found)
+        require(found)
 
     def edits(self, rungs):
         for rung in rungs:
@@ -212,7 +219,9 @@ class Suite:
 
     def quantizer(self):
         rows, cols = (40, 96) if self.args.rehearse else (8704, 3072)
-        self.result["checks"]["fp8_quantizer_kernel"] = parts.quantizer_check(self.device, rows, cols)
+        found = parts.quantizer_check(self.device, rows, cols)
+        self.result["checks"]["fp8_quantizer_kernel"] = found
+        require({k: v for k, v in found.items() if isinstance(v, bool)})
 
     def compile_blocks(self):
         backend = self.args.compile_backend
@@ -229,10 +238,20 @@ class Suite:
         ladder = {**self.core.get("ladder", {}), **self.result["ladder"]}
         labels = [r for r in ladder if "kontext" in ladder[r]]
         if labels and len(labels) != self.charted:
+            self.charted = len(labels)
             base = {**self.core, **self.result}.get("diffusers", {}).get("kontext", {}).get("ms_per_step")
             values = [ladder[r]["kontext"]["ms_per_step"] for r in labels]
-            self.result["chart"] = parts.write_png(self.args.out / "suite-ladder.png", labels, values, base)
-            self.charted = len(labels)
+            try:  # a chart is a view of the JSON: its failure must not cost a measurement
+                parts.write_png(self.args.out / "suite-ladder.png", labels, values, base)
+                self.result.pop("chart_error", None)
+            except Exception as err:
+                self.result["chart_error"] = f"{type(err).__name__}: {err}"[:500]
+
+
+def require(checks: dict) -> None:
+    """A check that does not hold fails its phase (and so the run), after it was recorded."""
+    if failed := [name for name, ok in checks.items() if not ok]:
+        raise AssertionError(f"check(s) failed on this device: {', '.join(failed)}")
 
 
 def core(s: Suite) -> None:
@@ -265,7 +284,9 @@ def compile_part(s: Suite) -> None:
     r.run("model", s.build_model, needs=["setup"])
     r.run("fp8-convert", lambda: s.fp8_convert(keep_reference=False), needs=["model", "triton-backend"])
     r.run("compile-blocks", s.compile_blocks, needs=["fp8-convert"])
-    r.run("compile", lambda: s.rung("compile"), needs=["compile-blocks"], estimate_s=s.rung_estimate_s())
+    # inductor compiles 2 block types x 2 layouts on first use, inside the rung's warm-up loops
+    r.run("compile", lambda: s.rung("compile"), needs=["compile-blocks"],
+          estimate_s=s.rung_estimate_s() + (30 if s.args.rehearse else 120))
 
 
 def goals(result) -> dict:
@@ -293,6 +314,8 @@ def parse(argv):
     p.add_argument("--break", dest="broken", action="append", default=[], metavar="PHASE",
                    help="fail this phase on purpose (to check that the others still run and are written)")
     args = p.parse_args(argv)
+    if unknown := [b for b in args.broken if b not in PHASES[args.part]]:
+        p.error(f"--break {unknown[0]}: the {args.part} part has no such phase ({', '.join(PHASES[args.part])})")
     if args.rehearse and args.out.resolve().is_relative_to((HERE / "results").resolve()):
         p.error("--rehearse timings are not GPU timings: write them outside benchmarks/results")
     return args
@@ -311,11 +334,16 @@ def new_suite(args) -> Suite:
                            "python": platform.python_version()},
               "config": {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "single": cfg.depth_single_blocks},
               "layouts": layouts, "steps": STEPS["rehearse" if rehearse else "gpu"], "checks": {},
+              "mfu": "step FLOPs / time / the measured matmul rate: bf16 for bf16 rungs, FP8 for fp8 and compile "
+                     "(whose attention, a third of the FLOPs at 8704 tokens, still runs in bf16: their MFU reads low)",
               "ladder": {}, "end_to_end_s": {}}
     suite = Suite(args, device, cfg, layouts, result, step_s=0.05 if rehearse else 0.5)
     core_file = args.out / "suite.json"
     if args.part == "compile" and core_file.exists():
         suite.core = json.loads(core_file.read_text())
+        fp8 = suite.core.get("ladder", {}).get("fp8", {}).get("kontext")
+        if fp8:  # the compile rung's estimate starts from the fp8 rung the core measured
+            suite.step_s = fp8["ms_per_step"] / 1e3
     name = "suite.json" if args.part == "core" else "suite-compile.json"
     suite.record = Record(args.out / name, result, args.deadline_s, f"suite {args.part}", args.broken,
                           suite.before_write)

@@ -11,7 +11,9 @@ mkdir wheels
 "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d wheels -r benchmarks/gpu_wheels.txt
-# no build isolation: the GPU machines cannot fetch setuptools, and here it is already installed
+# no build isolation: the GPU machines cannot fetch setuptools, and here it is already installed; a fresh build/
+# (setuptools would copy files left in build/lib into the wheel, which the source digest would not see)
+rm -rf build
 "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w wheels .
 "$PY" benchmarks/wheels.py manifest wheels
 ls wheels

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -93,17 +92,6 @@ def attention_case(length, shape, device, reps):
             "autotuned_config_last_call": str(tuned) if tuned else None}
 
 
-def attention_section(shape, device, reps):
-    import torch
-
-    section = {}
-    for name, length in shape["lengths"].items():
-        section[name] = attention_case(length, shape, device, reps)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return section
-
-
 def norm_rope_case(length, shape, device, reps, copy_gbs):
     import kernel_cases as cases
     from kontext_rt.kernels import reference
@@ -171,7 +159,7 @@ def goals(attention):
     }
 
 
-def run(smoke: bool, reps: int) -> dict:
+def run(smoke: bool, reps: int, write) -> dict:
     import kernel_cases as cases
     import torch
     import triton
@@ -185,24 +173,30 @@ def run(smoke: bool, reps: int) -> dict:
         device = "cuda"
         shape = {"lengths": cases.LENGTHS, "heads": cases.HEADS, "head_dim": cases.HEAD_DIM, "text": cases.TEXT,
                  "width": cases.WIDTH}
-    copy_gbs = cases.copy_bandwidth_gbs(device, nbytes=(1 << 30) if device == "cuda" else (1 << 22))
-    attention = attention_section(shape, device, reps)
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
         "timings_are_kernel_speeds": device == "cuda",
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
-        "shape": shape, "dtype": "bfloat16", "reps": reps,
-        "copy_rate_gbs": copy_gbs,
-        "attention": attention,
-        "qk_norm_rope": norm_rope_section(shape, device, reps, copy_gbs),
-        "modulation": modulation_section(shape, device, reps, copy_gbs),
-        "goals_one_context": goals(attention) if device == "cuda" else "not evaluated: interpreter timings",
+        "shape": shape, "dtype": "bfloat16", "reps": reps, "attention": {},
     }
-    checks = [c for s in attention.values() for c in s["checks"].values()]
+    # written after every section: a run killed at its deadline keeps what it measured
+    result["copy_rate_gbs"] = copy_gbs = cases.copy_bandwidth_gbs(device, nbytes=(1 << 30) if device == "cuda"
+                                                                  else (1 << 22))
+    for name, length in shape["lengths"].items():
+        result["attention"][name] = attention_case(length, shape, device, reps)
+        write(result)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    result["qk_norm_rope"] = norm_rope_section(shape, device, reps, copy_gbs)
+    write(result)
+    result["modulation"] = modulation_section(shape, device, reps, copy_gbs)
+    result["goals_one_context"] = goals(result["attention"]) if device == "cuda" else "not evaluated: interpreter"
+    checks = [c for s in result["attention"].values() for c in s["checks"].values()]
     checks += [c for s in result["qk_norm_rope"].values() for c in s["checks"].values()]
     checks += [s["checks"] for s in result["modulation"].values()]
     result["all_checks_ok"] = all(c["ok"] for c in checks)
+    write(result)
     return result
 
 
@@ -217,16 +211,19 @@ def main(argv=None) -> int:
             parser.error("--smoke needs --out outside benchmarks/results (its timings are not kernel speeds)")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     sys.path.insert(0, str(HERE))
-    result = run(args.smoke, args.reps)
-    out = args.out
-    if out is None:
+    from phases import write_json
+
+    def path(result) -> Path:
         slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
-        out = HERE / "results" / f"kernels-{slug}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}; checks {'ok' if result['all_checks_ok'] else 'FAILED'}; goals {result['goals_one_context']}")
+        return args.out or HERE / "results" / f"kernels-{slug}-{result['date']}.json"
+
+    def write(result):
+        path(result).parent.mkdir(parents=True, exist_ok=True)
+        write_json(path(result), result)
+
+    result = run(args.smoke, args.reps, write)
+    print(f"wrote {path(result)}; checks {'ok' if result['all_checks_ok'] else 'FAILED'}; "
+          f"goals {result['goals_one_context']}")
     return 0 if result["all_checks_ok"] else 1
 
 

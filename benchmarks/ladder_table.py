@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def _load(folder: Path, name: str) -> dict:
     path = folder / name
@@ -55,17 +57,21 @@ def edits(suite: dict) -> list[str]:
     return lines
 
 
-def goals(suite: dict, compiled: dict) -> list[str]:
-    g = suite.get("goals_h100", {})
-    fp8 = [x for x in (g.get("kontext_fp8_ms_per_step"), compiled.get("goals_h100", {}).get("kontext_fp8_ms_per_step"))
-           if x is not None]
-    measured = {"kontext_bf16_ms_per_step": g.get("kontext_bf16_ms_per_step"),
-                "kontext_fp8_ms_per_step": min(fp8) if fp8 else None, "edit_28_steps_s": g.get("edit_28_steps_s")}
+def goals_table(suite: dict, compiled: dict) -> list[str]:
+    """The H100 goals against both parts' rungs (gpu_suite.goals over the merged ladder)."""
+    from gpu_suite import goals
+
+    merged = {**suite, "ladder": {**suite.get("ladder", {}), **compiled.get("ladder", {})}}
+    g = goals(merged)
     lines = [f"| goal (H100) | target | measured on {suite.get('device', '?')} | met |", "|---|---|---|---|"]
-    for key, target in g.get("targets", {}).items():
-        value = measured.get(key)
+    for key, target in g["targets"].items():
+        value = g.get(key)
         met = "" if value is None else ("yes" if value <= target else "no")
         lines.append(f"| {key} | <= {target} | {'-' if value is None else f'{value:.2f}'} | {met} |")
+    if g["faster_than_diffusers"]:
+        slower = [r for r, faster in g["faster_than_diffusers"].items() if not faster]
+        verdict = "yes" if not slower else f"no ({', '.join(slower)})"
+        lines.append(f"\nFaster than diffusers at every rung: {verdict}")
     return lines
 
 
@@ -83,7 +89,7 @@ def render(folder: Path) -> str:
         raise SystemExit(f"error: {folder / 'suite.json'} not found: give the folder gpu_run.sh wrote")
     head = (f"Device: {suite['device']}, torch {suite['versions']['torch']}, triton {suite['versions']['triton']}, "
             f"{suite['date']}" + (" (CPU REHEARSAL: not GPU figures)" if suite.get("rehearse") else ""))
-    parts = [[head], ladder(suite, compiled), edits(suite), goals(suite, compiled),
+    parts = [[head], ladder(suite, compiled), edits(suite), goals_table(suite, compiled),
              kernels(_load(folder, "kernels.json"))]
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
 

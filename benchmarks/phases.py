@@ -46,9 +46,10 @@ class Record:
     """One results file: `data` (with data["phases"][name] = status), rewritten after every phase."""
 
     def __init__(self, path: Path, data: dict, deadline_s: float, tag: str, broken: Iterable[str] = (),
-                 before_write: Callable[[], None] | None = None):
+                 before_write: Callable[[], None] | None = None, t0: float | None = None):
+        """deadline_s counts from t0 (a time.perf_counter() value; default: now)."""
         self.path, self.data, self.tag = Path(path), data, tag
-        self.t0, self.deadline_s = time.perf_counter(), deadline_s
+        self.t0, self.deadline_s = time.perf_counter() if t0 is None else t0, deadline_s
         self.broken = set(broken)
         self.before_write = before_write
         data.setdefault("phases", {})

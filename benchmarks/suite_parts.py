@@ -9,12 +9,10 @@ import dataclasses
 import os
 import statistics
 import time
-import zlib
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
+from kernel_cases import sync
 
 
 def step_flops(cfg, text: int, target: int, context: int) -> float:
@@ -96,11 +94,6 @@ def inputs(cfg, layout, device, dtype, seed=1):
     return torch.randn(1, target, cfg.in_channels, device=device, generator=gen), cond
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def reset_peak(device):
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -157,7 +150,7 @@ def time_loop(run, x, cond, device, steps, repeats, warmup_steps=2):
 
 def matmul_tflops(device, fp8: bool, n=8192, reps=20) -> float:
     """The dense matmul rate this device reaches in bf16 (or FP8 e4m3 through _scaled_mm): the MFU denominator."""
-    import kernel_cases
+    from kernel_cases import time_ms
 
     a = torch.randn(n, n, device=device).to(torch.bfloat16)
     b = torch.randn(n, n, device=device).to(torch.bfloat16)
@@ -167,7 +160,7 @@ def matmul_tflops(device, fp8: bool, n=8192, reps=20) -> float:
         fn = lambda: torch._scaled_mm(qa, qb.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
     else:
         fn = lambda: a @ b  # noqa: E731
-    return 2 * n**3 / (kernel_cases.time_ms(fn, device, warmup=3, reps=reps) * 1e-3) / 1e12
+    return 2 * n**3 / (time_ms(fn, device, warmup=3, reps=reps) * 1e-3) / 1e12
 
 
 def diffusers_loop(ref, cfg, layout, data, device, dtype):
@@ -276,53 +269,22 @@ def end_to_end(model, vae, run, layout, data, device, dtype, steps_list) -> dict
     return out
 
 
-def write_png(path: Path, labels: list[str], values: list[float], baseline: float | None) -> str:
-    """The ladder as a bar chart, written under a temporary name and renamed (a kill never leaves half a file)."""
+def write_png(path: Path, labels: list[str], values: list[float], baseline: float | None) -> None:
+    """The ladder as a bar chart (matplotlib), written under a temporary name and renamed: a kill never leaves half
+    a file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh(labels[::-1], values[::-1], color="#3b7dd8")
+    if baseline:
+        ax.axvline(baseline, color="#d83b3b", linestyle="--", label="diffusers eager bf16")
+        ax.legend()
+    ax.set_xlabel("ms per Kontext step (1024x1024 + 1024x1024 context)")
+    fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    how = _draw_png(tmp, labels, values, baseline)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
     os.replace(tmp, path)
-    return how
-
-
-def _draw_png(path: Path, labels: list[str], values: list[float], baseline: float | None) -> str:
-    """matplotlib when present, else a plain PNG of bars (order = the JSON's ladder)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.barh(labels[::-1], values[::-1], color="#3b7dd8")
-        if baseline:
-            ax.axvline(baseline, color="#d83b3b", linestyle="--", label="diffusers eager bf16")
-            ax.legend()
-        ax.set_xlabel("ms per Kontext step (1024x1024 + 1024x1024 context)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return "matplotlib"
-    except ImportError:
-        pass
-    width, bar, gap = 600, 30, 10
-    height = len(values) * (bar + gap) + gap
-    top = max(values + ([baseline] if baseline else [])) or 1.0
-    rows = []
-    for y in range(height):
-        i, within = divmod(y - gap, bar + gap)
-        row = bytearray([255] * width * 3)
-        if y >= gap and within < bar and i < len(values):
-            for px in range(int(values[i] / top * (width - 20))):
-                row[px * 3 : px * 3 + 3] = b"\x3b\x7d\xd8"
-        if baseline:
-            px = int(baseline / top * (width - 20))
-            row[px * 3 : px * 3 + 3] = b"\xd8\x3b\x3b"
-        rows.append(b"\x00" + bytes(row))
-
-    def chunk(kind, data):
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows)))
-                     + chunk(b"IEND", b""))
-    return "plain bars (labels in the JSON's ladder order, red line: diffusers)"

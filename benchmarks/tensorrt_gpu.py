@@ -142,7 +142,10 @@ def main(argv=None) -> int:
         record["skipped"] = "needs TensorRT and a CUDA GPU; recorded what was found"
     slug = device.lower().replace(" ", "-")
     out = args.out or Path(__file__).parent / "results" / f"tensorrt-{slug}-{record['date']}.json"
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from phases import write_json
+
+    write_json(out, record)
     print(json.dumps(record, indent=1))
     print(f"wrote {out}", file=sys.stderr)
     return 0

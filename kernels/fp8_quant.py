@@ -8,9 +8,9 @@ so that x ~= q * scale row by row: the `scale_a` of torch._scaled_mm's row-wise 
 (abs, amax, divide, clamp, cast); here each row is read twice from L2 (amax, then quantize) and written once.
 Rounding to the e4m3 grid is done explicitly in float32 (round half to even, subnormals included), so the result
 is torch's own cast bit for bit on every device, the Triton interpreter included (whose float->fp8 cast truncates).
-Both divisions are IEEE round-to-nearest (`tl.div_rn`), as torch's `/` is: Triton lowers a plain float32 `/` to
-an approximate `div.full.f32` on NVIDIA GPUs, which would move some quotients by an ulp and so change the scale or
-the rounded value (tests/test_kernel_compile.py reads the PTX to hold this).
+Both divisions are IEEE round-to-nearest (`tl.div_rn`), as the reference's are: Triton lowers a plain float32 `/`
+to an approximate `div.full.f32` on NVIDIA GPUs, which would move some quotients by an ulp and so change the scale
+or the rounded value (tests/test_kernel_compile.py reads the PTX to hold this).
 The reference is kontext_rt.fp8.quantize_rows.
 """
 

@@ -36,8 +36,13 @@ def fp8_eligible(name: str) -> bool:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference per-row quantizer: (q (R, K) e4m3, scale (R, 1) float32), x ~= q * scale."""
-    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=AMAX_FLOOR) / E4M3_MAX
+    """The reference per-row quantizer: (q (R, K) e4m3, scale (R, 1) float32), x ~= q * scale.
+
+    Both divisions are IEEE on every device. The 448 is a device tensor on purpose: on CUDA, torch divides by a
+    Python number as a multiplication by its float32 reciprocal, one ulp off the quotient for about half of all
+    amax values, so the scales would differ between the CPU and the GPU (and from the Triton kernel)."""
+    e4m3_max = torch.full((), E4M3_MAX, dtype=torch.float32, device=x.device)
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=AMAX_FLOOR) / e4m3_max
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
