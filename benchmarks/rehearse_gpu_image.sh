@@ -23,6 +23,7 @@ PYTHON="$VENV/bin/python" bash benchmarks/gpu_run.sh --rehearse --out "$OUT"
 echo "rehearsal files: $OUT"
 
 SITE=$(mktemp -d -t gpu-image-site-XXXX)
+trap 'rm -rf "$SITE"' EXIT
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$SITE" wheels/*.whl
 PYTHONPATH="$SITE" "$VENV/bin/python" -c 'import kontext_rt, diffusers; print("offline install imports kontext_rt", kontext_rt.__file__, "and diffusers", diffusers.__version__)'
 PYTHONPATH="$SITE" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_kernel_compile.py tests/test_fp8.py \
