@@ -154,7 +154,8 @@ class Run:
                "--no-compile", "--no-build-isolation", "--target", str(site), *paths]
         details = self.child("install", pip, self.deadline("install"))
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), self.env.get("PYTHONPATH")]))
-        return {"site": str(site), "installed": [Path(p).name for p in paths],
+        return {"site": str(site), "installed": [Path(p).name for p in todo["install"]]
+                + ["kontext-rt built from the tree"] * todo["project_wheel_stale"],
                 "already_installed": todo["already_installed"], "built_from_tree": todo["project_wheel_stale"],
                 "child_s": details["child_s"]}
 

@@ -156,10 +156,14 @@ class Suite:
         n = self.steps
         return parts.time_loop(run, *data, self.device, n["steps_timed"], n["repeats"], n["warmup"])
 
+    def loop(self, rung):
+        """The rung's sampling loop, (x, sigmas, cond) -> x."""
+        ops = self.ops["eager" if rung == "eager" else "triton"]
+        return parts.loop_fn(self.model, ops, self.dtype, self.stepper(rung))
+
     def rung(self, rung):
         """Time one rung on every layout, writing after each (a kill keeps the layouts done)."""
-        ops = self.ops["eager" if rung == "eager" else "triton"]
-        run = parts.loop_fn(self.model, ops, self.dtype, self.stepper(rung))
+        run = self.loop(rung)
         peak = self.result["matmul_tflops"]["fp8" if rung in ("fp8", "compile") else "bf16"]
         row = self.result["ladder"].setdefault(rung, {})
         for key, data in self.data.items():
@@ -185,9 +189,8 @@ class Suite:
 
     def edits(self, rungs):
         for rung in rungs:
-            ops = self.ops["eager" if rung == "eager" else "triton"]
-            run = parts.loop_fn(self.model, ops, self.dtype, self.stepper(rung))
-            self.result["end_to_end_s"][rung] = parts.end_to_end(self.model, self.vae, run, self.layouts["kontext"],
+            run = self.loop(rung)
+            self.result["end_to_end_s"][rung] = parts.end_to_end(self.vae, run, self.layouts["kontext"],
                                                                  self.data["kontext"], self.device, self.dtype,
                                                                  self.steps["edits"])
             self.record.write()

@@ -242,7 +242,7 @@ def quantizer_check(device, rows=8704, cols=3072) -> dict:
 
 
 @torch.inference_mode()
-def end_to_end(model, vae, run, layout, data, device, dtype, steps_list) -> dict:
+def end_to_end(vae, run, layout, data, device, dtype, steps_list) -> dict:
     """Seconds for whole edits: VAE encode of the context image, the loop, VAE decode (embeddings as a cache hit).
     One 1-step edit warms up first (VAE kernels; the loop's graphs and autotuning were warmed by the ladder)."""
     from kontext_rt.image import pack, unpack

@@ -59,6 +59,13 @@ def _quantize_rows_kernel(
     tl.store(scale_ptr + row, scale)
 
 
+def launch_config(K: int) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) for rows of K elements: one tile up to 4096 wide, 256 elements per warp (the
+    ahead-of-time compile test builds exactly this)."""
+    block = min(4096, triton.next_power_of_2(max(K, 16)))
+    return block, max(1, min(8, block // 256))
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q (R, K) float8_e4m3fn, scale (R, 1) float32) with x ~= q * scale per row."""
     _launch.check_float("x", x)
@@ -70,9 +77,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(R, 1, dtype=torch.float32, device=x.device)
     if R == 0:
         return q, scale
-    block = min(4096, triton.next_power_of_2(max(K, 16)))
-    _quantize_rows_kernel[(R,)](x, q, scale, K, x.stride(0), AMAX_FLOOR, BLOCK_K=block,
-                                num_warps=max(1, min(8, block // 256)))
+    block, warps = launch_config(K)
+    _quantize_rows_kernel[(R,)](x, q, scale, K, x.stride(0), AMAX_FLOOR, BLOCK_K=block, num_warps=warps)
     return q, scale
 
 

@@ -22,6 +22,7 @@ import triton.language as tl
 from . import _launch
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+NUM_WARPS, NUM_STAGES = 4, 3  # fixed like the tiles (the ahead-of-time compile test builds exactly this)
 
 
 @triton.jit
@@ -82,7 +83,8 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) 
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(R, BLOCK_M))
     _row_linear_kernel[grid](x, w, b if b is not None else w, out, R, N, K, x.stride(0), w.stride(0), out.stride(0),
                              HAS_BIAS=b is not None, INTERPRET=interpret, IEEE=x.dtype == torch.float32,
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+                             num_stages=NUM_STAGES)
     return out
 
 

@@ -32,8 +32,8 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def fp32_divisions(ptx: str) -> dict:
-    """How each float32 division was lowered: `div.rn.f32` is IEEE (torch's `/`), `div.full.f32` and
-    `div.approx.f32` are approximate (Triton's default for `/` on float32)."""
+    """How each float32 division was lowered: `div.rn.f32` is IEEE (torch's tensor-by-tensor `/`), `div.full.f32`
+    and `div.approx.f32` are approximate (Triton's default for `/` on float32)."""
     return {kind: len(re.findall(rf"\bdiv\.{kind}(\.ftz)?\.f32\b", ptx)) for kind in ("rn", "full", "approx")}
 
 
@@ -77,16 +77,16 @@ def jobs():
     yield ("gated_residual C=3072", modulation._gated_residual_kernel, types, dict(BLOCK_C=block),
            modulation._warps(block), 1, 90)
 
-    # the launchers' own constexprs and warps, at FLUX's widths (K = 3072 for qkv/linear1, 12288 for linear2)
+    # the launchers' own constexprs and warps, at FLUX's widest rows (K = 12288 for linear2)
     for dt in ("bf16", "fp32"):
         types = {"x_ptr": f"*{dt}", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "amax_floor": "fp32"}
-        block = min(4096, triton.next_power_of_2(12288))
-        yield (f"fp8_quant {dt} K=12288", fp8_quant._quantize_rows_kernel, types, dict(BLOCK_K=block),
-               max(1, min(8, block // 256)), 1, 90)
+        block, warps = fp8_quant.launch_config(12288)
+        yield f"fp8_quant {dt} K=12288", fp8_quant._quantize_rows_kernel, types, dict(BLOCK_K=block), warps, 1, 90
         types = {p: f"*{dt}" for p in ("x_ptr", "w_ptr", "b_ptr", "out_ptr")}
         const = dict(HAS_BIAS=True, INTERPRET=False, IEEE=dt == "fp32", BLOCK_M=row_linear.BLOCK_M,
                      BLOCK_N=row_linear.BLOCK_N, BLOCK_K=row_linear.BLOCK_K)
-        yield f"row_linear {dt}", row_linear._row_linear_kernel, types, const, 4, 3, 90
+        yield (f"row_linear {dt}", row_linear._row_linear_kernel, types, const, row_linear.NUM_WARPS,
+               row_linear.NUM_STAGES, 90)
 
 
 def main() -> int:
