@@ -6,12 +6,12 @@
 """
 
 from .config import PRESETS, VAE_PRESETS, VARIANTS, FluxConfig, VAEConfig, Variant
-from .lora import LoRAError
+from .errors import BackendUnavailable, CheckpointError, EngineError, InputError, KontextError, LoRAError
 from .options import Optimizations
 from .pipeline import EditSession, Pipeline, RunReport
-from .safetensors_io import CheckpointError
 
 __all__ = [
-    "Pipeline", "EditSession", "RunReport", "CheckpointError", "Optimizations", "LoRAError",
+    "Pipeline", "EditSession", "RunReport", "Optimizations",
+    "KontextError", "InputError", "CheckpointError", "LoRAError", "EngineError", "BackendUnavailable",
     "FluxConfig", "VAEConfig", "Variant", "PRESETS", "VAE_PRESETS", "VARIANTS",
 ]

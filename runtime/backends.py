@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import BackendUnavailable
 from .ops import EAGER_OPS, Ops
-
-
-class BackendUnavailable(RuntimeError):
-    pass
 
 
 def _eager(device) -> Ops:

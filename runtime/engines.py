@@ -13,12 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import EngineError
 from .manifest import GRAPHS, PRECISIONS, Manifest, engine_folder, export_command
-from .safetensors_io import CheckpointError
-
-
-class EngineError(CheckpointError):
-    """A missing, stale or unusable engine; the message says how to rebuild it."""
 
 
 def locate(engines, checkpoint, precision: str | None = None) -> Path:

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import CheckpointError, LoRAError
 from .mapping import _DOUBLE, _GLOBAL, _SINGLE
-from .safetensors_io import CheckpointError, TensorFiles
+from .safetensors_io import TensorFiles
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "lora_unet_",
             "lora_transformer_", "lycoris_")
@@ -34,10 +35,6 @@ UP = (".lora_B.weight", ".lora_up.weight")
 UP_BIAS = (".lora_B.bias", ".lora_up.bias")
 ALPHA = ".alpha"
 MAX_LISTED = 12
-
-
-class LoRAError(ValueError):
-    """A LoRA file that cannot be applied to this model: the message names the file and the keys."""
 
 
 @dataclass(frozen=True)
