@@ -6,9 +6,9 @@
 `bash benchmarks/gpu_run.sh` runs it (the core first, the compile part last); run it alone to repeat one part.
 Layouts: "kontext" = 512 text + 4096 target + 4096 context tokens (a 1024x1024 edit of a 1024x1024 image, 8704 in
 attention); "text-to-image" = 512 + 4096. Rungs, each adding to the previous one:
-    eager     the reference ops, the modulation computed inside every step (sampler.denoise)
+    eager     the reference ops, the modulation computed inside every step (denoisers.PerStep)
     triton    + the Triton kernels (attention with fused QK-norm/RoPE, modulation, row-invariant linears)
-    hoisted   + every step's modulation computed before the loop (stepping.Stepper)
+    hoisted   + every step's modulation computed before the loop (denoisers.Hoisted)
     graphs    + one CUDA graph per shape bucket, replayed per step
     fp8       + the blocks' linears in FP8 e4m3 through torch._scaled_mm, per-token activation scales
     compile   + torch.compile of each block (inductor): the `compile` part, run last and time-boxed
@@ -102,7 +102,7 @@ class Suite:
         self.fp8_matmul = matmul_for(self.device)
         self.result["fp8_matmul"] = ("torch._scaled_mm (row-wise scales)" if self.fp8_matmul is torch._scaled_mm
                                      else "stand-in: this torch's CPU _scaled_mm takes per-tensor scales only")
-        self.ops["eager"] = resolve("eager", self.device)[1]
+        self.ops["eager"] = resolve("eager", self.device).ops
         if self.args.part == "core":
             vae = AutoEncoder(VAE_PRESETS["tiny" if self.args.rehearse else "flux"])
             self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
@@ -112,7 +112,7 @@ class Suite:
         from kontext_rt.backends import resolve
         from kontext_rt.graphs import capture_cuda, capture_eager
 
-        self.ops["triton"] = resolve("triton", self.device)[1]
+        self.ops["triton"] = resolve("triton", self.device).ops
         self.capture = capture_eager if self.args.rehearse else capture_cuda
         self.result["graph_capture"] = "eager stand-in (CPU rehearsal)" if self.args.rehearse else "CUDA graphs"
 
@@ -137,15 +137,15 @@ class Suite:
     # --- the ladder ----------------------------------------------------------------------------------------------
 
     def stepper(self, rung):
-        """The rung's sampling loop object (None for the per-step rungs), made once per rung."""
-        from kontext_rt.stepping import Stepper
+        """The rung's hoisted or graphed denoiser (None for the per-step rungs), made once per rung."""
+        from kontext_rt.denoisers import Graphed, Hoisted
 
         if rung in ("eager", "triton"):
             return None
         if rung not in self.steppers:
-            graphed = rung in GRAPHED
-            self.steppers[rung] = Stepper(self.model, self.ops["triton"], self.dtype, cuda_graphs=graphed,
-                                          capture=self.capture if graphed else None)
+            ops = self.ops["triton"]
+            self.steppers[rung] = (Graphed(self.model, ops, self.dtype, self.capture) if rung in GRAPHED
+                                   else Hoisted(self.model, ops, self.dtype))
         return self.steppers[rung]
 
     @property

@@ -108,17 +108,13 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
-def loop_fn(model, ops, dtype, stepper=None):
-    """A function (x, sigmas, cond) -> x: the per-step loop (sampler.denoise) or a Stepper's hoisted loop."""
+def loop_fn(model, ops, dtype, denoiser=None):
+    """A function (x, sigmas, cond) -> x: the one sampling loop over `denoiser` (default: the per-step one)."""
+    from kontext_rt.denoisers import PerStep
     from kontext_rt.sampler import denoise
 
-    if stepper is not None:
-        return stepper.denoise
-
-    def per_step(img, ctx, txt, pooled, t, g, cos, sin):
-        return model(img, ctx, txt, pooled, t, g, cos, sin, ops)
-
-    return lambda x, sigmas, cond: denoise(per_step, x, sigmas, cond, dtype)
+    denoiser = denoiser or PerStep.of_model(model, ops, dtype)
+    return lambda x, sigmas, cond: denoise(denoiser, x, sigmas, cond)
 
 
 @torch.inference_mode()
@@ -188,29 +184,29 @@ def diffusers_loop(ref, cfg, layout, data, device, dtype):
 @torch.inference_mode()
 def exactness(model, ops, dtype, data, hoisted, graphs, steps) -> dict:
     """Hoisted == per-step and graphs == no graphs, bit for bit, on this device (Kontext layout)."""
-    from kontext_rt.sampler import schedule
+    from kontext_rt.sampler import denoise, schedule
 
     x, cond = data
     sigmas = schedule(steps, x.shape[1])
     want = loop_fn(model, ops, dtype)(x, sigmas, cond)
-    out = {"hoisted_equals_per_step": bool(torch.equal(hoisted.denoise(x, sigmas, cond), want)),
+    out = {"hoisted_equals_per_step": bool(torch.equal(denoise(hoisted, x, sigmas, cond), want)),
            "finite": bool(torch.isfinite(want).all())}
     if graphs is not None:
-        out["graphs_equal_no_graphs"] = bool(torch.equal(graphs.denoise(x, sigmas, cond),
-                                                         hoisted.denoise(x, sigmas, cond)))
+        out["graphs_equal_no_graphs"] = bool(torch.equal(denoise(graphs, x, sigmas, cond),
+                                                         denoise(hoisted, x, sigmas, cond)))
     return out
 
 
 @torch.inference_mode()
-def trace(stepper, data, steps) -> tuple[list[torch.Tensor], torch.Tensor]:
+def trace(hoisted, data, steps) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(velocity per step, final state) of a hoisted loop without graphs: what the FP8 drift compares."""
     from kontext_rt.sampler import schedule
 
     x, cond = data
-    mods, dts = stepper.plan(x, schedule(steps, x.shape[1]), cond)
+    mods, dts = hoisted.plan(schedule(steps, x.shape[1]), cond, x)
     state, velocities = x.float(), []
     for i in range(steps):
-        nxt = stepper.step(state, mods[i], dts[i], cond.ctx, cond.txt, cond.cos, cond.sin)
+        nxt = hoisted.step(state, mods[i], dts[i], cond.ctx, cond.txt, cond.cos, cond.sin)
         velocities.append((nxt - state) / dts[i])
         state = nxt
     return velocities, state

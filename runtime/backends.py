@@ -1,74 +1,209 @@
-"""Backends, chosen once by name: each supplies the op table the model runs with.
+"""Backends: each builds what it runs (a Denoiser and a VAE) and owns its checks; only `auto` falls back.
 
-An explicitly requested backend that cannot run here fails with the reason; only `auto` falls back.
+    backend = resolve(name, device)   # refuses, with the reason, a backend that cannot run here
+    backend.check(request)            # before any weights are read
+    loaded = backend.load(request)    # Loaded(denoiser, vae, transformer, loras)
+
+The eager and triton backends run the runtime's own model with their op table (the reference ops, or the Triton
+kernels); the tensorrt backend runs engines built by `kontext-rt export` and reads no transformer or VAE weights.
+Nothing outside this module compares backend names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
-from .errors import BackendUnavailable
+from . import denoisers
+from .config import FluxConfig
+from .errors import BackendUnavailable, InputError
+from .lora import LoRAStack
 from .ops import EAGER_OPS, Ops
+from .options import Optimizations
+from .sampler import Denoiser
 
 
-def _eager(device) -> Ops:
-    return EAGER_OPS
+@dataclass(frozen=True)
+class LoadRequest:
+    """Everything a backend needs to build a pipeline's model (Pipeline.from_pretrained fills it in)."""
+
+    checkpoint: object  # the detected checkpoint (runtime/checkpoint.py)
+    path: Path  # the checkpoint as the user named it: messages and export commands name it
+    cfg: FluxConfig
+    dtype: torch.dtype
+    optimize: Optimizations
+    loras: tuple = ()  # LoRA files, each a path or (path, strength), fused at load
+    engines: Path | None = None  # tensorrt: the folder `kontext-rt export --out` wrote
+    engine_precision: str | None = None
 
 
-def _triton(device) -> Ops:
-    try:
-        from .kernels import ops as kernels
-    except ImportError as err:
-        raise BackendUnavailable(f"backend 'triton' needs the triton package ({err}); install triton or use "
-                                 "backend='eager'") from err
-    device = torch.device(device)
-    if device.type == "cuda":
-        if kernels.interpreted():
-            raise BackendUnavailable("backend 'triton' was asked for on a CUDA device, but its kernels were "
-                                     "compiled for the Triton interpreter (TRITON_INTERPRET=1): unset it, or use "
+@dataclass
+class Loaded:
+    """What a backend built: the loop's denoiser, the VAE, and (for the runtime's own model) the transformer and
+    its LoRA stack; engines have neither (None)."""
+
+    denoiser: Denoiser
+    vae: object
+    transformer: torch.nn.Module | None = None
+    loras: LoRAStack | None = None
+
+
+class Backend:
+    name: str
+    engines = False  # True: runs prebuilt engines (needs engines=DIR, takes no runtime speed options or LoRAs)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def check(self, req: LoadRequest) -> None:
+        """Refuse what this backend cannot run, naming the fix (before any weights are read)."""
+
+    def load(self, req: LoadRequest) -> Loaded:
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """The runtime's own model, run with this backend's op table."""
+
+    ops: Ops = EAGER_OPS
+
+    def check(self, req: LoadRequest) -> None:
+        if req.engines is not None:
+            raise InputError(f"engines= is only used by backend='tensorrt', not {self.name!r}")
+        if self.ops.head_dims is not None and req.cfg.head_dim not in self.ops.head_dims:
+            raise BackendUnavailable(f"backend {self.name!r} supports head dims {self.ops.head_dims}, this model "
+                                     f"has {req.cfg.head_dim}; use backend='eager'")
+
+    def load(self, req: LoadRequest) -> Loaded:
+        from .checkpoint import load_transformer, load_vae
+
+        transformer = load_transformer(req.checkpoint, req.dtype, self.device)
+        vae = load_vae(req.checkpoint, req.dtype, self.device)
+        stack = _prepare(transformer, self.ops, req)
+        opt = req.optimize
+        denoiser = denoisers.for_model(transformer, self.ops, req.dtype, opt.hoist, opt.cuda_graphs,
+                                       max_graphs=opt.max_graphs)
+        return Loaded(denoiser, vae, transformer, stack)
+
+
+class Eager(TorchBackend):
+    name = "eager"
+
+
+class Triton(TorchBackend):
+    name = "triton"
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        try:
+            from .kernels import ops as kernels
+        except ImportError as err:
+            raise BackendUnavailable(f"backend 'triton' needs the triton package ({err}); install triton or use "
+                                     "backend='eager'") from err
+        if device.type == "cuda":
+            if kernels.interpreted():
+                raise BackendUnavailable("backend 'triton' was asked for on a CUDA device, but its kernels were "
+                                         "compiled for the Triton interpreter (TRITON_INTERPRET=1): unset it, or use "
+                                         "backend='eager'")
+            if not torch.cuda.is_available():
+                raise BackendUnavailable("backend 'triton' needs a CUDA GPU and none is visible; use "
+                                         "backend='eager'")
+            if torch.cuda.get_device_capability(device) < (8, 0):
+                name = torch.cuda.get_device_name(device)
+                raise BackendUnavailable(f"backend 'triton' needs compute capability 8.0 or newer (bf16), {name} "
+                                         f"has {torch.cuda.get_device_capability(device)}; use backend='eager'")
+        elif device.type == "cpu":
+            if not kernels.interpreted():
+                raise BackendUnavailable("backend 'triton' needs a CUDA GPU; on the CPU its kernels run only under "
+                                         "the Triton interpreter (TRITON_INTERPRET=1, for tests); use "
+                                         "backend='eager'")
+        else:
+            raise BackendUnavailable(f"backend 'triton' runs on CUDA devices, not {device.type}; use "
                                      "backend='eager'")
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("backend 'triton' needs a CUDA GPU and none is visible; use backend='eager'")
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            name = torch.cuda.get_device_name(device)
-            raise BackendUnavailable(f"backend 'triton' needs compute capability 8.0 or newer (bf16), {name} has "
-                                     f"{torch.cuda.get_device_capability(device)}; use backend='eager'")
-    elif device.type == "cpu":
-        if not kernels.interpreted():
-            raise BackendUnavailable("backend 'triton' needs a CUDA GPU; on the CPU its kernels run only under "
-                                     "the Triton interpreter (TRITON_INTERPRET=1, for tests); use backend='eager'")
-    else:
-        raise BackendUnavailable(f"backend 'triton' runs on CUDA devices, not {device.type}; use backend='eager'")
-    return Ops(attention=kernels.attention, modulate=kernels.modulate, gated_residual=kernels.gated_residual,
-               row_linear=kernels.row_linear_op, quantize_rows=kernels.quantize_rows, head_dims=kernels.HEAD_DIMS)
+        self.ops = Ops(attention=kernels.attention, modulate=kernels.modulate, gated_residual=kernels.gated_residual,
+                       row_linear=kernels.row_linear_op, quantize_rows=kernels.quantize_rows,
+                       head_dims=kernels.HEAD_DIMS)
 
 
-def _tensorrt(device) -> Ops:
-    """Engines replace the whole transformer and VAE; the op table is unused. Needs a GPU and TensorRT."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise BackendUnavailable(f"backend 'tensorrt' needs a CUDA GPU (device is {device}); use backend='eager'")
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as err:  # PyPI's tensorrt stubs fail here too, on a missing libnvinfer
-        raise BackendUnavailable(f"backend 'tensorrt' needs TensorRT, which is not importable here ({err}); "
-                                 "install it from NVIDIA's package index, or use backend='eager'") from err
-    return EAGER_OPS
+class TensorRT(Backend):
+    """Engines replace the whole transformer and VAE. Needs a CUDA GPU and TensorRT."""
+
+    name = "tensorrt"
+    engines = True
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise BackendUnavailable(f"backend 'tensorrt' needs a CUDA GPU (device is {device}); use "
+                                     "backend='eager'")
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as err:  # PyPI's tensorrt stubs fail here too, on a missing libnvinfer
+            raise BackendUnavailable(f"backend 'tensorrt' needs TensorRT, which is not importable here ({err}); "
+                                     "install it from NVIDIA's package index, or use backend='eager'") from err
+
+    def check(self, req: LoadRequest) -> None:
+        optimize = req.optimize
+        if req.engines is None:
+            raise InputError("backend='tensorrt' needs engines=DIR, the folder `kontext-rt export --out DIR` wrote")
+        if optimize.cuda_graphs or optimize.fp8 or optimize.compile:
+            raise InputError("backend='tensorrt' runs engines: cuda_graphs, fp8 and compile apply to the eager and "
+                             "triton backends (engines get FP8 from `kontext-rt export --precision fp8`)")
+        if req.loras:
+            raise InputError("backend='tensorrt' runs engines, which take no LoRAs: fuse a LoRA into the "
+                             "checkpoint's weights before exporting it, or use the eager or triton backend")
+
+    def load(self, req: LoadRequest) -> Loaded:
+        from .checkpoint import fingerprint, vae_config
+        from .engines import open_engines
+
+        transformer, vae = open_engines(req.engines, fingerprint(req.checkpoint), req.path, self.device, req.cfg,
+                                        vae_config(req.checkpoint), req.engine_precision)
+        return Loaded(denoisers.PerStep(transformer, req.dtype), vae)
 
 
-REGISTRY = {"eager": _eager, "triton": _triton, "tensorrt": _tensorrt}
+REGISTRY: dict[str, type[Backend]] = {"eager": Eager, "triton": Triton, "tensorrt": TensorRT}
 # auto stays on the reference path until the triton kernels have been timed on a GPU (benchmarks/kernels_gpu.py)
 AUTO_ORDER = ("eager",)
 
 
-def resolve(name: str, device) -> tuple[str, Ops]:
-    """(resolved name, op table) for a backend name; `auto` takes the first that can run on `device`."""
+def resolve(name: str, device, engines=None) -> Backend:
+    """The backend called `name`, ready for `device`. `auto` runs the engines when given a folder of them, else
+    takes the first backend in AUTO_ORDER that can run there."""
+    device = torch.device(device)
+    if name == "auto" and engines is not None:
+        return TensorRT(device)
     if name == "auto":
         for candidate in AUTO_ORDER:
             try:
-                return candidate, REGISTRY[candidate](device)
+                return REGISTRY[candidate](device)
             except BackendUnavailable:
                 continue
     if name not in REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}")
-    return name, REGISTRY[name](device)
+        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}")
+    return REGISTRY[name](device)
+
+
+def _prepare(transformer, ops: Ops, req: LoadRequest) -> LoRAStack:
+    """LoRAs fused, then FP8 quantization, then regional compile: the order each needs."""
+    from . import fp8
+    from .checkpoint import fingerprint
+
+    optimize = req.optimize
+    stack = LoRAStack(transformer)
+    for item in req.loras:
+        path, strength = (item, 1.0) if isinstance(item, (str, Path)) else item
+        stack.load(path, strength)
+    if optimize.fp8 is not None:
+        amax = None
+        if optimize.fp8 == "static":
+            amax = fp8.read_calibration(optimize.fp8_calibration, fingerprint(req.checkpoint))
+        fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(transformer.img_in.weight.device))
+        stack.forget_originals()  # unloading is refused on FP8 pipelines
+    if optimize.compile:
+        backend = "inductor" if optimize.compile is True else optimize.compile
+        for block in (*transformer.double_blocks, *transformer.single_blocks):
+            block.compile(backend=backend, fullgraph=True, dynamic=False)
+    return stack

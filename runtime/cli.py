@@ -224,9 +224,8 @@ def _run(args) -> int:
         args.ae = args.text_encoders = None
         args.device = args.device or "cpu"
     device, dtype = _device_dtype(args)
-    backend = "tensorrt" if args.engines and args.backend == "auto" else args.backend
     pipe = krt.Pipeline.from_pretrained(
-        args.checkpoint, device=device, dtype=dtype, backend=backend, ae=args.ae,
+        args.checkpoint, device=device, dtype=dtype, backend=args.backend, ae=args.ae,
         text_encoders=args.text_encoders, text_cache_dir=None if args.no_text_cache else cache_dir / "text",
         engines=args.engines,
     )

@@ -185,16 +185,6 @@ class FluxTransformer(nn.Module):
         layers += [b.modulation.lin for b in self.single_blocks]
         return layers + [self.final_layer.adaLN_modulation[1]]
 
-    def conditioning(self, timesteps, guidance, pooled, ops: Ops = EAGER_OPS) -> torch.Tensor:
-        """vec = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(pooled): (B, C)."""
-        dtype = self.img_in.weight.dtype
-        vec = self.time_in(timestep_embedding(timesteps).to(dtype), ops)
-        if self.guidance_in is not None:
-            if guidance is None:
-                raise ValueError("this model was distilled with guidance: pass a guidance value")
-            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype), ops)
-        return vec + self.vector_in(pooled.to(dtype), ops)
-
     def modulations(self, vec: torch.Tensor, ops: Ops = EAGER_OPS) -> torch.Tensor:
         """The modulation table: every block's lin(SiLU(vec)) side by side, (R, K) for vec (R, C).
 
@@ -208,9 +198,10 @@ class FluxTransformer(nn.Module):
     def modulation_table(self, timesteps, guidance, pooled, ops: Ops = EAGER_OPS) -> torch.Tensor:
         """(S, B, K): the modulations of every step for timesteps (S, B), guidance (B,) or None, pooled (B, D).
 
-        Row (s, b) is computed exactly as forward computes it at step s: with a row-invariant row_linear (the
-        triton table) the two are equal bit for bit. The guidance and pooled-text terms are the same at every
-        step, so they are computed for B rows once and broadcast.
+        vec = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(pooled), then every block's lin(SiLU(vec)). forward
+        calls it with S = 1; with a row-invariant row_linear (the triton table) row (s, b) of a many-step table
+        equals that one-step table bit for bit. The guidance and pooled-text terms are the same at every step, so
+        they are computed for B rows once and broadcast.
         """
         steps, batch = timesteps.shape
         dtype = self.img_in.weight.dtype
@@ -239,6 +230,8 @@ class FluxTransformer(nn.Module):
         return self.final_layer(x[:, t : t + n], next(mods), ops)
 
     def forward(self, img, ctx, txt, pooled, timesteps, guidance, cos, sin, ops: Ops = EAGER_OPS):
-        """Velocity of the target tokens, (B, N, in_channels). ctx may be None (text-to-image)."""
-        mod = self.modulations(self.conditioning(timesteps, guidance, pooled, ops), ops)
+        """Velocity of the target tokens, (B, N, in_channels). ctx may be None (text-to-image).
+
+        The modulation table of this one step, then velocity: the same code path as the hoisted loop's."""
+        mod = self.modulation_table(timesteps[None], guidance, pooled, ops)[0]
         return self.velocity(img, ctx, txt, mod, cos, sin, ops)

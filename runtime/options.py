@@ -33,11 +33,9 @@ class Optimizations:
     compile: bool | str = False
     max_graphs: int = 8
 
-    def check(self, device: torch.device, dtype: torch.dtype, backend: str) -> None:
-        """Refuse combinations that cannot run, naming the fix (before any weights are read)."""
-        if backend == "tensorrt" and (self.cuda_graphs or self.fp8 or self.compile):
-            raise ValueError("backend='tensorrt' runs engines: cuda_graphs, fp8 and compile apply to the eager and "
-                             "triton backends (engines get FP8 from `kontext-rt export --precision fp8`)")
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Refuse combinations that cannot run, naming the fix (before any weights are read); what a backend
+        cannot take is its own check (backends.py)."""
         if self.cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, not {device}; use Optimizations(cuda_graphs=False)")
         if self.cuda_graphs and not self.hoist:

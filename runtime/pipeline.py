@@ -11,22 +11,13 @@ import torch
 
 from . import backends
 from . import image as im
-from .checkpoint import (
-    detect_layout,
-    fingerprint,
-    load_transformer,
-    load_vae,
-    transformer_config,
-    vae_config,
-    variant_of,
-)
-from .config import Variant
-from .lora import LoRAStack
+from .backends import Loaded, LoadRequest
+from .checkpoint import detect_layout, transformer_config, variant_of
+from .config import FluxConfig, Variant
+from .errors import CheckpointError, InputError
 from .options import Optimizations
 from .rope import rope_table, sequence_ids
-from .safetensors_io import CheckpointError
 from .sampler import Conditioning, denoise, explicit_schedule, schedule
-from .stepping import Stepper
 from .text import TextEmbeddingCache, TextEncoders
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -74,20 +65,17 @@ def _check_prompt(prompt):
 
 
 class Pipeline:
-    def __init__(self, transformer, vae, text: TextEncoders, variant: Variant, device, dtype, backend: str,
-                 ops, max_sequence_length: int, text_cache: TextEmbeddingCache, optimize: Optimizations | None = None,
-                 lora_stack: LoRAStack | None = None):
-        self.transformer, self.vae, self.text = transformer, vae, text
-        self.variant, self.device, self.dtype = variant, device, dtype
-        self.backend, self.ops = backend, ops
+    def __init__(self, loaded: Loaded, cfg: FluxConfig, text: TextEncoders, variant: Variant, device, dtype,
+                 backend: str, max_sequence_length: int, text_cache: TextEmbeddingCache,
+                 optimize: Optimizations | None = None):
+        self.cfg = cfg
+        self.denoiser, self.vae, self.transformer = loaded.denoiser, loaded.vae, loaded.transformer
+        self._loras = loaded.loras  # None: the backend's weights take no LoRAs (engines)
+        self.text, self.variant, self.device, self.dtype = text, variant, device, dtype
+        self.backend = backend  # the resolved backend's name
         self.max_sequence_length = max_sequence_length
         self.text_cache = text_cache
         self.optimize = optimize or Optimizations()
-        engines = backend == "tensorrt"
-        self._loras = None if engines else (lora_stack or LoRAStack(transformer))
-        self._stepper = None if engines or not self.optimize.hoist else Stepper(
-            transformer, ops, dtype, self.optimize.cuda_graphs, max_graphs=self.optimize.max_graphs)
-        self._weights_version = 0  # bumped whenever weights change: CUDA graphs of older weights are dropped
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, backend="eager", max_sequence_length=None,
@@ -99,47 +87,30 @@ class Pipeline:
         precisions there, engine_precision picks one) and reads no transformer or VAE weights at all.
         optimize: speed options (Optimizations: hoisting, CUDA graphs, FP8 linears, compile). loras: LoRA files,
         each a path or (path, strength), fused before FP8 quantization (the only way to use LoRAs with fp8).
+        Every argument is checked before any weights are read; then the backend builds what it runs.
         """
         device = _check_device(device)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
-        if engines is not None and backend != "tensorrt":
-            raise ValueError(f"engines= is only used by backend='tensorrt', not {backend!r}")
-        backend, ops = backends.resolve(backend, device)
+            raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
+        chosen = backends.resolve(backend, device, engines)
         optimize = optimize or Optimizations()
-        optimize.check(device, dtype, backend)
-        if loras and backend == "tensorrt":
-            raise ValueError("engines carry their LoRAs from export (`kontext-rt export --lora FILE`); loras= "
-                             "applies to the eager and triton backends")
+        optimize.check(device, dtype)
         layout = detect_layout(path, ae=ae, text_encoders=text_encoders)
         if layout.text_encoders is None:
             raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
                                   "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
-        cfg = transformer_config(layout)  # refuse before reading ~24 GB of weights
-        if ops.head_dims is not None and cfg.head_dim not in ops.head_dims:
-            raise backends.BackendUnavailable(
-                f"backend {backend!r} supports head dims {ops.head_dims}, this model has {cfg.head_dim}; "
-                "use backend='eager'")
-        if backend == "tensorrt":
-            if engines is None:
-                raise ValueError("backend='tensorrt' needs engines=DIR, the folder `kontext-rt export --out DIR` "
-                                 "wrote")
-            from .engines import open_engines
-
-            transformer, vae = open_engines(engines, fingerprint(layout), path, device, cfg,
-                                            vae_config(layout), engine_precision)
-            stack = None
-        else:
-            transformer = load_transformer(layout, dtype, device)
-            vae = load_vae(layout, dtype, device)
-            stack = _prepare(transformer, ops, optimize, loras, layout)
+        cfg = transformer_config(layout)  # headers and configs only: refuse before reading ~24 GB of weights
         variant = variant_of(layout, cfg)
         msl = max_sequence_length or variant.max_sequence_length
-        if not isinstance(msl, int) or not 1 <= msl <= 512:
-            raise ValueError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
+        if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
+            raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
+        request = LoadRequest(layout, Path(path), cfg, dtype, optimize, tuple(loras),
+                              None if engines is None else Path(engines), engine_precision)
+        chosen.check(request)
+        loaded = chosen.load(request)
         text = TextEncoders(layout.text_encoders, device, dtype)
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
-        return cls(transformer, vae, text, variant, device, dtype, backend, ops, msl, cache, optimize, stack)
+        return cls(loaded, cfg, text, variant, device, dtype, chosen.name, msl, cache, optimize)
 
     # ---- public entry points ----------------------------------------------------------------------------------
 
@@ -176,14 +147,14 @@ class Pipeline:
         """
         self._lora_stack("load_lora")
         name = self._loras.load(path, strength, name)
-        self._weights_version += 1
+        self.denoiser.weights_changed()
         return name
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove one LoRA by name, or all of them: the weights become bit for bit what they were without it."""
         self._lora_stack("unload_lora")
         self._loras.unload(name)
-        self._weights_version += 1
+        self.denoiser.weights_changed()
 
     @property
     def loras(self) -> list[str]:
@@ -191,8 +162,8 @@ class Pipeline:
 
     def _lora_stack(self, what: str):
         if self._loras is None:
-            raise ValueError(f"{what}: backend 'tensorrt' runs engines; their LoRAs are fused at export "
-                             "(`kontext-rt export --lora FILE`)")
+            raise InputError(f"{what}: backend {self.backend!r} runs engines, which take no LoRAs: fuse a LoRA into "
+                             "the checkpoint's weights before exporting it, or use the eager or triton backend")
         if self.optimize.fp8 is not None:
             raise ValueError(f"{what}: the FP8 weights were quantized at load; pass loras=[...] to from_pretrained "
                              "to fuse LoRAs before quantization")
@@ -254,15 +225,11 @@ class Pipeline:
             txt, pooled = self.encode_prompt(prompt, report)
         ctx = torch.cat([c for c, _ in contexts], 1).expand(batch, -1, -1) if contexts else None
         grids = [(rows, cols)] + [(h // im.MULTIPLE, w // im.MULTIPLE) for _, (w, h) in contexts]
-        cos, sin = rope_table(sequence_ids(txt.shape[1], grids, self.device), self.transformer.cfg.axes_dim,
-                              self.transformer.cfg.theta)
-        g = torch.full((batch,), float(guidance), device=self.device) if self.transformer.cfg.guidance_embed else None
+        cos, sin = rope_table(sequence_ids(txt.shape[1], grids, self.device), self.cfg.axes_dim, self.cfg.theta)
+        g = torch.full((batch,), float(guidance), device=self.device) if self.cfg.guidance_embed else None
         cond = Conditioning(ctx, txt.expand(batch, -1, -1), pooled.expand(batch, -1), g, cos, sin)
         with _Stage(report, "denoise", self.device):
-            if self._stepper is not None:
-                x = self._stepper.denoise(x, sig, cond, progress, version=self._weights_version)
-            else:
-                x = denoise(self._denoiser(), x, sig, cond, self.dtype, progress)
+            x = denoise(self.denoiser, x, sig, cond, progress)
         if report is not None:
             report.seed, report.steps = used_seed, len(sig) - 1
         if output == "latent":
@@ -270,35 +237,6 @@ class Pipeline:
         with _Stage(report, "vae_decode", self.device):
             images = im.to_pil(self.vae.decode(im.unpack(x, rows, cols)))
         return images[0] if batch == 1 else images
-
-    def _denoiser(self):
-        model, ops = self.transformer, self.ops
-
-        def call(img, ctx, txt, pooled, t, g, cos, sin):
-            return model(img, ctx, txt, pooled, t, g, cos, sin, ops)
-
-        return call
-
-
-def _prepare(transformer, ops, optimize: Optimizations, loras, layout) -> LoRAStack:
-    """LoRAs fused, then FP8 quantization, then regional compile: the order each needs."""
-    from . import fp8
-
-    stack = LoRAStack(transformer)
-    for item in loras:
-        path, strength = (item, 1.0) if isinstance(item, (str, Path)) else item
-        stack.load(path, strength)
-    if optimize.fp8 is not None:
-        amax = None
-        if optimize.fp8 == "static":
-            amax = fp8.read_calibration(optimize.fp8_calibration, fingerprint(layout))
-        fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(transformer.img_in.weight.device))
-        stack.forget_originals()  # unloading is refused on FP8 pipelines
-    if optimize.compile:
-        backend = "inductor" if optimize.compile is True else optimize.compile
-        for block in (*transformer.double_blocks, *transformer.single_blocks):
-            block.compile(backend=backend, fullgraph=True, dynamic=False)
-    return stack
 
 
 class EditSession:

@@ -1,22 +1,17 @@
-"""Flow-matching Euler sampling over any Denoiser (REFERENCE.md section 5.1-5.2)."""
+"""Flow-matching sampling (REFERENCE.md section 5.1-5.2): the schedules and the one loop, over any Denoiser."""
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
 BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
-
-
-class Denoiser(Protocol):
-    """Velocity of the target tokens. The eager model, a backend's model or a graph wrapper all fit."""
-
-    def __call__(self, img, ctx, txt, pooled, timesteps, guidance, cos, sin) -> torch.Tensor: ...
 
 
 def mu_for(image_seq_len: int) -> float:
@@ -64,18 +59,38 @@ class Conditioning:
     sin: torch.Tensor
 
 
-def denoise(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, dtype: torch.dtype,
+class Denoiser(ABC):
+    """What the sampling loop runs: `prepare` computes everything invariant for one loop, `step` advances the state.
+
+    prepare(sigmas, cond, x) is a context manager (held for the whole loop: a CUDA-graphed denoiser keeps its graph
+    to itself until the loop ends) yielding step(i, x) -> x, the i-th Euler step x + (s[i+1] - s[i]) * v of the
+    float32 state x (B, N, 64). The per-step, hoisted and CUDA-graphed loops over the runtime's model and the
+    TensorRT engines are implementations (runtime/denoisers.py); `denoise` drives every one of them.
+    """
+
+    dtype: torch.dtype  # what the model reads; the state stays float32
+
+    @abstractmethod
+    def prepare(self, sigmas: torch.Tensor, cond: Conditioning,
+                x: torch.Tensor) -> AbstractContextManager[Callable[[int, torch.Tensor], torch.Tensor]]: ...
+
+    def weights_changed(self) -> None:  # noqa: B027 (an optional hook: most denoisers hold nothing to drop)
+        """Called after the model's weights change in place (LoRA fuse/unfuse): drop whatever depends on them."""
+
+
+@torch.inference_mode()
+def denoise(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Euler steps x <- x + (s_next - s) * v; the state stays float32, the model sees `dtype`."""
+    """The one sampling loop: Euler steps over `sigmas` (steps + 1 values ending in 0), state in float32.
+
+    Always in inference mode: a graphed denoiser's static buffers are made on its first loop and loaded on every
+    later one, and a tensor made in inference mode cannot be updated in place outside it (or the reverse).
+    """
     x = x.float()
     steps = len(sigmas) - 1
-    # the schedule moves to the device once: no host-to-device copy inside the loop
-    sigmas = sigmas.to(x.device)
-    timesteps = sigmas[:-1, None].expand(-1, x.shape[0])  # (steps, B)
-    dts = sigmas[1:] - sigmas[:-1]
-    for i in range(steps):
-        v = denoiser(x.to(dtype), cond.ctx, cond.txt, cond.pooled, timesteps[i], cond.guidance, cond.cos, cond.sin)
-        x = x + dts[i] * v.float()
-        if progress is not None:
-            progress(i + 1, steps)
+    with denoiser.prepare(sigmas, cond, x) as step:
+        for i in range(steps):
+            x = step(i, x)
+            if progress is not None:
+                progress(i + 1, steps)
     return x

@@ -155,6 +155,6 @@ def test_fp8_option_checks(kontext_dir):
     with pytest.raises(ValueError, match="load with dtype=torch.bfloat16"):
         Pipeline.from_pretrained(kontext_dir, optimize=Optimizations(fp8="dynamic"))
     with pytest.raises(ValueError, match="fp8 must be None or one of"):
-        Optimizations(fp8="int8").check(torch.device("cpu"), torch.bfloat16, "eager")
+        Optimizations(fp8="int8").check(torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ValueError, match="needs fp8_calibration"):
-        Optimizations(fp8="static").check(torch.device("cpu"), torch.bfloat16, "eager")
+        Optimizations(fp8="static").check(torch.device("cpu"), torch.bfloat16)

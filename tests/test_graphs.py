@@ -8,12 +8,12 @@ import pytest
 import torch
 from kontext_rt import Optimizations, Pipeline
 from kontext_rt.checkpoint import detect_layout, load_transformer
+from kontext_rt.denoisers import Graphed, Hoisted
 from kontext_rt.graphs import StepGraphs, signature
 from kontext_rt.graphs import capture_eager as eager_capture
 from kontext_rt.lora import LoRAStack
 from kontext_rt.ops import EAGER_OPS
-from kontext_rt.sampler import schedule
-from kontext_rt.stepping import Stepper
+from kontext_rt.sampler import denoise, schedule
 
 from tests.test_hoisting import conditioning
 
@@ -62,15 +62,15 @@ def test_loading_another_shape_or_dtype_is_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graphed_loop_equals_plain_loop_across_buckets(model, dtype):
     m = copy.deepcopy(model).to(dtype)
-    plain = Stepper(m, EAGER_OPS, dtype)
-    graphed = Stepper(m, EAGER_OPS, dtype, cuda_graphs=True, capture=eager_capture)
+    plain = Hoisted(m, EAGER_OPS, dtype)
+    graphed = Graphed(m, EAGER_OPS, dtype, capture=eager_capture)
     gen = torch.Generator().manual_seed(3)
     cases = [([(2, 3), (3, 2)], 1), ([(3, 3)], 2), ([(2, 3), (3, 2)], 1)]  # edit, text-to-image, the edit again
     for grids, batch in cases:
         cond = conditioning(m.cfg, batch, 5, grids, dtype, gen)
         x = torch.randn(batch, grids[0][0] * grids[0][1], 64, generator=gen)  # new values in the same bucket
         sigmas = schedule(3, x.shape[1])
-        assert torch.equal(graphed.denoise(x, sigmas, cond), plain.denoise(x, sigmas, cond))
+        assert torch.equal(denoise(graphed, x, sigmas, cond), denoise(plain, x, sigmas, cond))
     assert graphed.graphs.captures == 2
 
 
@@ -78,14 +78,14 @@ def test_graphed_loop_equals_plain_loop_across_buckets(model, dtype):
 def test_graphed_loop_runs_in_and_out_of_inference_mode(model, first_in_inference_mode):
     """Graph buffers made in one autograd mode are loaded in the other: a caller that times its loop under
     torch.inference_mode() and then runs a whole edit without it gets the same results, no error."""
-    graphed = Stepper(model, EAGER_OPS, torch.float32, cuda_graphs=True, capture=eager_capture)
+    graphed = Graphed(model, EAGER_OPS, torch.float32, capture=eager_capture)
     gen = torch.Generator().manual_seed(5)
     cond = conditioning(model.cfg, 1, 5, [(3, 3)], torch.float32, gen)
     x, sigmas = torch.randn(1, 9, 64, generator=gen), schedule(2, 9)
-    want = Stepper(model, EAGER_OPS, torch.float32).denoise(x, sigmas, cond)
+    want = denoise(Hoisted(model, EAGER_OPS, torch.float32), x, sigmas, cond)
     for inference in (first_in_inference_mode, not first_in_inference_mode):
         with torch.inference_mode(inference):
-            assert torch.equal(graphed.denoise(x, sigmas, cond), want)
+            assert torch.equal(denoise(graphed, x, sigmas, cond), want)
     assert graphed.graphs.captures == 1
 
 
@@ -93,23 +93,24 @@ def test_graphs_follow_the_weights(model, tmp_path):
     from safetensors.torch import save_file
 
     m = copy.deepcopy(model)
-    graphed = Stepper(m, EAGER_OPS, torch.float32, cuda_graphs=True, capture=eager_capture)
+    graphed = Graphed(m, EAGER_OPS, torch.float32, capture=eager_capture)
     gen = torch.Generator().manual_seed(4)
     cond = conditioning(m.cfg, 1, 5, [(3, 3)], torch.float32, gen)
     x, sigmas = torch.randn(1, 9, 64, generator=gen), schedule(2, 9)
-    before = graphed.denoise(x, sigmas, cond, version=0)
+    before = denoise(graphed, x, sigmas, cond)
     hidden = m.cfg.hidden_size
     save_file({"double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, hidden, generator=gen),
                "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * hidden, 2, generator=gen)},
               str(tmp_path / "l.safetensors"))
     LoRAStack(m).load(tmp_path / "l.safetensors")
-    after = graphed.denoise(x, sigmas, cond, version=1)
+    graphed.weights_changed()
+    after = denoise(graphed, x, sigmas, cond)
     assert graphed.graphs.captures == 2 and not torch.equal(after, before)
-    assert torch.equal(after, Stepper(m, EAGER_OPS, torch.float32).denoise(x, sigmas, cond))
+    assert torch.equal(after, denoise(Hoisted(m, EAGER_OPS, torch.float32), x, sigmas, cond))
 
 
 def test_cuda_graphs_need_cuda(kontext_dir):
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         Pipeline.from_pretrained(kontext_dir, optimize=Optimizations(cuda_graphs=True))
     with pytest.raises(ValueError, match="needs hoist=True"):
-        Optimizations(cuda_graphs=True, hoist=False).check(torch.device("cuda"), torch.bfloat16, "eager")
+        Optimizations(cuda_graphs=True, hoist=False).check(torch.device("cuda"), torch.bfloat16)

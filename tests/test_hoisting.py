@@ -1,7 +1,7 @@
 """Invariants hoisted out of the loop: the modulation table of every step equals the per-step computation.
 
 With backend='triton' the conditioning and modulation linears are the row-invariant kernel, so the hoisted loop is
-bit for bit the per-step loop (sampler.denoise over the model). With 'eager' they are torch's F.linear, whose
+bit for bit the per-step loop (denoisers.PerStep over the model). With 'eager' they are torch's F.linear, whose
 BLAS picks another algorithm for one row than for many: there the two are held to the habit-7 bound against a
 float64 model. Then the few-step schedules (4 and 8 steps, shifted and unshifted) end to end against diffusers.
 """
@@ -13,13 +13,13 @@ import torch
 from kontext_rt import Pipeline
 from kontext_rt.backends import resolve
 from kontext_rt.checkpoint import detect_layout, load_transformer
+from kontext_rt.denoisers import Hoisted, PerStep
 from kontext_rt.kernels import row_linear
 from kontext_rt.ops import EAGER_OPS
 from kontext_rt.rope import rope_table, sequence_ids
 from kontext_rt.sampler import Conditioning, denoise, schedule
-from kontext_rt.stepping import Stepper
 
-TRITON = resolve("triton", "cpu")[1]
+TRITON = resolve("triton", "cpu").ops
 
 
 def conditioning(cfg, batch, txt_len, grids, dtype, gen):
@@ -71,11 +71,10 @@ def test_hoisted_loop_equals_per_step_loop_bit_for_bit(model, dtype, grids):
 
     steps = sigmas[:-1, None].expand(-1, 2)
     table = m.modulation_table(steps, cond.guidance, cond.pooled, TRITON)
-    for i in range(4):
-        vec = m.conditioning(steps[i], cond.guidance, cond.pooled, TRITON)
-        assert torch.equal(table[i], m.modulations(vec, TRITON))
-    want = denoise(per_step, x, sigmas, cond, dtype)
-    assert torch.equal(Stepper(m, TRITON, dtype).denoise(x, sigmas, cond), want)
+    for i in range(4):  # forward's one-step table, row for row
+        assert torch.equal(table[i], m.modulation_table(steps[i : i + 1], cond.guidance, cond.pooled, TRITON)[0])
+    want = denoise(PerStep(per_step, dtype), x, sigmas, cond)
+    assert torch.equal(denoise(Hoisted(m, TRITON, dtype), x, sigmas, cond), want)
 
 
 def test_hoisted_eager_table_within_float32_rounding(model):
@@ -85,9 +84,8 @@ def test_hoisted_eager_table_within_float32_rounding(model):
     table = model.modulation_table(steps, cond.guidance, cond.pooled, EAGER_OPS)
     exact_model = copy.deepcopy(model).double()
     for i in range(8):
-        per_step = model.modulations(model.conditioning(steps[i], cond.guidance, cond.pooled))
-        exact = exact_model.modulations(exact_model.conditioning(steps[i], cond.guidance.double(),
-                                                                 cond.pooled.double()))
+        per_step = model.modulation_table(steps[i : i + 1], cond.guidance, cond.pooled)[0]
+        exact = exact_model.modulation_table(steps[i : i + 1], cond.guidance.double(), cond.pooled.double())[0]
         ulp = torch.finfo(torch.float32).eps * exact.abs().max()
         assert (table[i].double() - exact).abs().max() <= 2 * (per_step.double() - exact).abs().max() + ulp
 

@@ -69,9 +69,10 @@ def test_prerotated_variant_matches_reference(dtype):
 
 
 def test_backend_resolves_on_the_interpreter():
-    name, ops = resolve("triton", "cpu")
-    assert name == "triton" and ops.attention is kernel_ops.attention and ops.head_dims == (32, 64, 128)
-    assert resolve("auto", "cpu")[0] == "eager"  # auto stays on the reference path (see backends.AUTO_ORDER)
+    backend = resolve("triton", "cpu")
+    ops = backend.ops
+    assert backend.name == "triton" and ops.attention is kernel_ops.attention and ops.head_dims == (32, 64, 128)
+    assert resolve("auto", "cpu").name == "eager"  # auto stays on the reference path (see backends.AUTO_ORDER)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
@@ -83,13 +84,13 @@ def test_backend_on_cuda_without_a_gpu_says_why():
 @pytest.mark.parametrize("fmt", ["diffusers", "bfl"])
 def test_a_head_dim_the_kernels_lack_is_refused_before_loading(kontext_dir, bfl_files, fmt, monkeypatch):
     """Refused from the config alone: no weights are read (load_transformer is never reached)."""
-    import kontext_rt.pipeline
+    import kontext_rt.checkpoint
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("weights were loaded before the backend check")
 
     monkeypatch.setattr(kernel_ops, "HEAD_DIMS", (64, 128))
-    monkeypatch.setattr(kontext_rt.pipeline, "load_transformer", must_not_load)
+    monkeypatch.setattr(kontext_rt.checkpoint, "load_transformer", must_not_load)
     path, encoders = (kontext_dir, None) if fmt == "diffusers" else (bfl_files["flux"], bfl_files["text_encoders"])
     with pytest.raises(BackendUnavailable, match=r"supports head dims \(64, 128\), this model has 32"):
         Pipeline.from_pretrained(path, backend="triton", text_encoders=encoders)
@@ -117,7 +118,7 @@ def _model_inputs(cfg, text, grids, dtype):
 def test_whole_model_triton_matches_eager(tiny, dtype, layout):
     """Same weights, same inputs: the triton op table against the eager one, with the float64 eager model as the
     truth; the triton model may be off by at most twice the eager model's own error in that dtype (+1 ulp)."""
-    _, ops = resolve("triton", "cpu")
+    ops = resolve("triton", "cpu").ops
     text, grids = LAYOUTS[layout]
     inputs = _model_inputs(tiny.cfg, text, grids, dtype)
     img, ctx, txt, pooled, t, g, cos, sin = inputs

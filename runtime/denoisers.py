@@ -1,0 +1,108 @@
+"""The denoisers the one sampling loop (sampler.denoise) drives, from the plainest to the fastest.
+
+- PerStep: any velocity function with the model's call signature (the runtime's model with an op table, or the
+  TensorRT transformer engine); each step computes its own conditioning and modulation.
+- Hoisted: the runtime's model with every step's modulation computed before the loop
+  (FluxTransformer.modulation_table: one matmul per layer over all steps' rows instead of reading the 3.2B
+  modulation parameters again at every step). With the triton table (row-invariant linears) it equals PerStep bit
+  for bit (tests/test_hoisting.py).
+- Graphed: Hoisted's step captured as a CUDA graph per shape bucket (graphs.StepGraphs) and replayed; equal to
+  Hoisted bit for bit (tests/test_graphs.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from .graphs import StepGraphs, capture_cuda
+from .ops import Ops
+from .sampler import Conditioning, Denoiser
+
+
+def _step_sizes(sigmas: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps (S, B), step sizes (S,)) on x's device: the schedule crosses to the device once, before the loop."""
+    sigmas = sigmas.to(x.device)
+    return sigmas[:-1, None].expand(-1, x.shape[0]), sigmas[1:] - sigmas[:-1]
+
+
+class PerStep(Denoiser):
+    """velocity(img, ctx, txt, pooled, timesteps, guidance, cos, sin) called at every step."""
+
+    def __init__(self, velocity: Callable[..., torch.Tensor], dtype: torch.dtype):
+        self.velocity, self.dtype = velocity, dtype
+
+    @classmethod
+    def of_model(cls, model, ops: Ops, dtype: torch.dtype) -> PerStep:
+        return cls(lambda *args: model(*args, ops), dtype)
+
+    @contextmanager
+    def prepare(self, sigmas, cond: Conditioning, x):
+        timesteps, dts = _step_sizes(sigmas, x)
+
+        def step(i: int, x: torch.Tensor) -> torch.Tensor:
+            v = self.velocity(x.to(self.dtype), cond.ctx, cond.txt, cond.pooled, timesteps[i], cond.guidance,
+                              cond.cos, cond.sin)
+            return x + dts[i] * v.float()
+
+        yield step
+
+
+class Hoisted(Denoiser):
+    """The runtime's model with the modulation table of every step computed in prepare."""
+
+    def __init__(self, model, ops: Ops, dtype: torch.dtype):
+        self.model, self.ops, self.dtype = model, ops, dtype
+
+    def step(self, x, mod, dt, ctx, txt, cos, sin) -> torch.Tensor:
+        """One Euler step of the float32 state x (B, N, 64) with this step's modulation row mod (B, K), dt (0-d)."""
+        v = self.model.velocity(x.to(self.dtype), ctx, txt, mod, cos, sin, self.ops)
+        return x + dt * v.float()
+
+    def plan(self, sigmas, cond: Conditioning, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """(modulation table (S, B, K), step sizes (S,)) on x's device: everything the loop reads per step."""
+        timesteps, dts = _step_sizes(sigmas, x)
+        return self.model.modulation_table(timesteps, cond.guidance, cond.pooled, self.ops), dts
+
+    @contextmanager
+    def prepare(self, sigmas, cond: Conditioning, x):
+        mods, dts = self.plan(sigmas, cond, x)
+        yield lambda i, x: self.step(x, mods[i], dts[i], cond.ctx, cond.txt, cond.cos, cond.sin)
+
+
+class Graphed(Denoiser):
+    """Hoisted's step captured once per shape bucket and replayed; graphs of older weights are never replayed."""
+
+    def __init__(self, model, ops: Ops, dtype: torch.dtype, capture=capture_cuda, max_graphs: int = 8):
+        self.hoisted = Hoisted(model, ops, dtype)
+        self.dtype = dtype
+        self.graphs = StepGraphs(self.hoisted.step, capture, max_graphs)
+        self._version = 0
+
+    def weights_changed(self) -> None:
+        self._version += 1
+
+    @contextmanager
+    def prepare(self, sigmas, cond: Conditioning, x):
+        mods, dts = self.hoisted.plan(sigmas, cond, x)
+        last = len(dts) - 1
+        fixed = dict(ctx=cond.ctx, txt=cond.txt, cos=cond.cos, sin=cond.sin)
+        with self.graphs.session(dict(x=x, mod=mods[0], dt=dts[0], **fixed), self._version) as graph:
+            graph.load(**fixed)  # the conditioning once per loop, then three small copies per step
+
+            def step(i: int, x: torch.Tensor) -> torch.Tensor:
+                graph.load(x=x, mod=mods[i], dt=dts[i])
+                out = graph.replay()
+                return out.clone() if i == last else out  # the static output is overwritten by the next loop
+
+            yield step
+
+
+def for_model(model, ops: Ops, dtype: torch.dtype, hoist: bool = True, cuda_graphs: bool = False,
+              capture=capture_cuda, max_graphs: int = 8) -> Denoiser:
+    """The denoiser the speed options ask for over the runtime's own model."""
+    if cuda_graphs:
+        return Graphed(model, ops, dtype, capture, max_graphs)
+    return Hoisted(model, ops, dtype) if hoist else PerStep.of_model(model, ops, dtype)
