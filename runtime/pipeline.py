@@ -11,15 +11,7 @@ import torch
 
 from . import backends
 from . import image as im
-from .checkpoint import (
-    detect_layout,
-    fingerprint,
-    load_transformer,
-    load_vae,
-    transformer_config,
-    vae_config,
-    variant_of,
-)
+from .checkpoint import detect
 from .config import Variant
 from .lora import LoRAStack
 from .options import Optimizations
@@ -92,13 +84,17 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, backend="eager", max_sequence_length=None,
                         ae=None, text_encoders=None, text_cache_dir=None, text_cache_size=64, engines=None,
-                        engine_precision=None, optimize: Optimizations | None = None, loras=()) -> Pipeline:
+                        engine_precision=None, optimize: Optimizations | None = None, loras=(),
+                        variant: str | None = None) -> Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
         backend="tensorrt" runs the engines in `engines` (a folder made by `kontext-rt export --out`; with several
         precisions there, engine_precision picks one) and reads no transformer or VAE weights at all.
         optimize: speed options (Optimizations: hoisting, CUDA graphs, FP8 linears, compile). loras: LoRA files,
         each a path or (path, strength), fused before FP8 quantization (the only way to use LoRAs with fp8).
+        variant: a name in config.VARIANTS. A diffusers folder says its own (a contradicting one is refused); a BFL
+        file of FLUX.1 [dev] shapes is either flux-kontext-dev or flux-dev, so it needs variant= (refused without,
+        before any weights are read); schnell shows in its shapes. The file name is never read.
         """
         device = _check_device(device)
         if dtype not in DTYPES:
@@ -111,11 +107,12 @@ class Pipeline:
         if loras and backend == "tensorrt":
             raise ValueError("engines carry their LoRAs from export (`kontext-rt export --lora FILE`); loras= "
                              "applies to the eager and triton backends")
-        layout = detect_layout(path, ae=ae, text_encoders=text_encoders)
+        layout = detect(path, ae=ae, text_encoders=text_encoders)
         if layout.text_encoders is None:
             raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
                                   "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
-        cfg = transformer_config(layout)  # refuse before reading ~24 GB of weights
+        cfg = layout.transformer_config()  # refuse before reading ~24 GB of weights
+        variant = layout.variant(variant)
         if ops.head_dims is not None and cfg.head_dim not in ops.head_dims:
             raise backends.BackendUnavailable(
                 f"backend {backend!r} supports head dims {ops.head_dims}, this model has {cfg.head_dim}; "
@@ -126,14 +123,13 @@ class Pipeline:
                                  "wrote")
             from .engines import open_engines
 
-            transformer, vae = open_engines(engines, fingerprint(layout), path, device, cfg,
-                                            vae_config(layout), engine_precision)
+            transformer, vae = open_engines(engines, layout.fingerprint(), path, device, cfg,
+                                            layout.vae_config(), engine_precision)
             stack = None
         else:
-            transformer = load_transformer(layout, dtype, device)
-            vae = load_vae(layout, dtype, device)
+            transformer = layout.load_transformer(dtype, device)
+            vae = layout.load_vae(dtype, device)
             stack = _prepare(transformer, ops, optimize, loras, layout)
-        variant = variant_of(layout, cfg)
         msl = max_sequence_length or variant.max_sequence_length
         if not isinstance(msl, int) or not 1 <= msl <= 512:
             raise ValueError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
@@ -291,7 +287,7 @@ def _prepare(transformer, ops, optimize: Optimizations, loras, layout) -> LoRASt
     if optimize.fp8 is not None:
         amax = None
         if optimize.fp8 == "static":
-            amax = fp8.read_calibration(optimize.fp8_calibration, fingerprint(layout))
+            amax = fp8.read_calibration(optimize.fp8_calibration, layout.fingerprint())
         fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(transformer.img_in.weight.device))
         stack.forget_originals()  # unloading is refused on FP8 pipelines
     if optimize.compile:

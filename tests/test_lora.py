@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from kontext_rt import LoRAError, Pipeline
-from kontext_rt.checkpoint import detect_layout, load_transformer
+from kontext_rt.checkpoint import detect
 from kontext_rt.lora import LoRAStack
 from kontext_rt.mapping import diffusers_transformer_rules
 from safetensors.torch import save_file
@@ -82,7 +82,7 @@ def split_to_diffusers(module_b, a, b, parts, sizes, alpha=None):
 
 @pytest.fixture(scope="module")
 def base(kontext_dir):
-    return load_transformer(detect_layout(kontext_dir), torch.float32, "cpu")
+    return detect(kontext_dir).load_transformer(torch.float32, "cpu")
 
 
 def diffusers_fused(kontext_dir, path, strength):
@@ -94,7 +94,7 @@ def diffusers_fused(kontext_dir, path, strength):
     ref.fuse_lora(lora_scale=strength, components=["transformer"])
     ref.unload_lora_weights()  # the fused weights stay
     sd = ref.transformer.state_dict()
-    ours = load_transformer(detect_layout(kontext_dir), torch.float32, "cpu")
+    ours = detect(kontext_dir).load_transformer(torch.float32, "cpu")
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     return {r.target: r.combine([sd[s] for s in r.sources]) for r in diffusers_transformer_rules(shapes)}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kontext_rt.checkpoint import detect_layout, fingerprint
+from kontext_rt.checkpoint import detect
 from kontext_rt.config import PRESETS, VAE_PRESETS
 from kontext_rt.engines import EngineError, check_engines, locate, pick_profile
 from kontext_rt.export import specs
@@ -37,7 +37,7 @@ def _fake_engines(out, fp: str, precision="fp16"):
 
 
 def test_matching_engines_pass_the_checks(kontext_dir, tmp_path):
-    fp = fingerprint(detect_layout(kontext_dir))
+    fp = detect(kontext_dir).fingerprint()
     folder = _fake_engines(tmp_path, fp)
     assert locate(tmp_path, kontext_dir) == folder == locate(folder, kontext_dir)
     assert set(check_engines(folder, fp, kontext_dir)) == set(GRAPHS)
@@ -54,7 +54,7 @@ def test_missing_engines_name_the_export_command(kontext_dir, tmp_path):
 
 def test_stale_engine_is_refused(kontext_dir, tmp_path):
     folder = _fake_engines(tmp_path, "0" * 32)
-    fp = fingerprint(detect_layout(kontext_dir))
+    fp = detect(kontext_dir).fingerprint()
     with pytest.raises(EngineError, match="stale: built from another checkpoint.*--precision fp16"):
         check_engines(folder, fp, kontext_dir)
 
