@@ -304,3 +304,28 @@ def test_metadata_is_json_of_a_lora_config(tmp_path):
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         conf = _adapter_config(dict(f.metadata()), tmp_path)
     assert conf["lora_alpha"] == 16 and json.dumps(conf)
+
+
+def test_a_lora_on_every_diffusers_linear_lands_where_the_loader_puts_it(kontext_dir, base, tmp_path):
+    """The LoRA reader and the checkpoint loader share one name table and one fused-row split: a LoRA on every
+    nn.Linear of diffusers' own transformer fuses to what the loader makes of the diffusers weights with the same
+    update (W + B @ A) added, every runtime linear included."""
+    from diffusers import FluxTransformer2DModel
+    from kontext_rt.checkpoint import DiffusersFolder
+
+    ref = FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer").eval()
+    gen = torch.Generator().manual_seed(11)
+    sd, state = {}, ref.state_dict()
+    for name, module in ref.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            a, b = _ab(gen, module.out_features, module.in_features)
+            sd[f"transformer.{name}.lora_A.weight"], sd[f"transformer.{name}.lora_B.weight"] = a, b
+            state[f"{name}.weight"] = state[f"{name}.weight"] + b @ a
+    ref.load_state_dict(state)
+    ref.save_pretrained(tmp_path / "transformer")
+    theirs = DiffusersFolder(tmp_path, None).load_transformer(torch.float32, "cpu").state_dict()
+    path = tmp_path / "every.safetensors"
+    save_file(sd, str(path))
+    changed = assert_fusion_matches(base, theirs, path, 1.0)
+    linears = {f"{n}.weight" for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert changed == linears
