@@ -18,7 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kontext_rt import Pipeline  # noqa: E402
-from kontext_rt.checkpoint import Layout, load_transformer  # noqa: E402
+from kontext_rt.checkpoint import DiffusersFolder  # noqa: E402
 from kontext_rt.rope import rope_table, sequence_ids  # noqa: E402
 
 from tests import builders  # noqa: E402
@@ -32,8 +32,8 @@ def forward_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fwd")
     ref = builders.diffusers_transformer(True, torch.Generator().manual_seed(0), attention_head_dim=64,
                                          num_attention_heads=4, axes_dims_rope=(8, 28, 28), num_single_layers=4)
-    ref.save_pretrained(folder)
-    ours = load_transformer(Layout("diffusers", folder, folder, None), torch.float32, "cpu")
+    ref.save_pretrained(folder / "transformer")
+    ours = DiffusersFolder(folder, None).load_transformer(torch.float32, "cpu")
     return ours, ref
 
 

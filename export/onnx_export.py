@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from kontext_rt import graph_io as io
 from kontext_rt.model import FluxTransformer
 from kontext_rt.vae import AutoEncoder
 from torch import nn
@@ -75,9 +76,9 @@ def example_inputs(spec: GraphSpec, dtype: torch.dtype, device, seed: int = 0) -
     out = []
     for s in spec.inputs:
         shape = spec.example_shape(s)
-        if s.name == "timesteps":
+        if s.name == io.TIMESTEPS:
             t = torch.rand(shape, generator=gen)
-        elif s.name == "guidance":
+        elif s.name == io.GUIDANCE:
             t = torch.full(shape, 2.5)
         else:
             t = torch.randn(shape, generator=gen)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from kontext_rt import graph_io as io
 from kontext_rt.config import FluxConfig, VAEConfig
 from kontext_rt.image import MULTIPLE, PREFERRED_KONTEXT_RESOLUTIONS
 
@@ -96,17 +97,17 @@ def transformer_spec(cfg: FluxConfig, text_tokens: int = 512, max_batch: int = 1
     """text_tokens: the T5 sequence length the engine is tuned for (the variant's max_sequence_length)."""
     f32 = torch.float32
     inputs = [
-        TensorSpec("img", ("batch", "img", cfg.in_channels), None),
-        TensorSpec("txt", ("batch", "txt", cfg.context_in_dim), None),
-        TensorSpec("pooled", ("batch", cfg.vec_in_dim), None),
-        TensorSpec("timesteps", ("batch",), f32),
+        TensorSpec(io.IMG, ("batch", "img", cfg.in_channels), None),
+        TensorSpec(io.TXT, ("batch", "txt", cfg.context_in_dim), None),
+        TensorSpec(io.POOLED, ("batch", cfg.vec_in_dim), None),
+        TensorSpec(io.TIMESTEPS, ("batch",), f32),
     ]
     if cfg.guidance_embed:
-        inputs.append(TensorSpec("guidance", ("batch",), f32))
-    inputs += [TensorSpec("cos", ("seq", cfg.head_dim // 2), f32), TensorSpec("sin", ("seq", cfg.head_dim // 2), f32)]
+        inputs.append(TensorSpec(io.GUIDANCE, ("batch",), f32))
+    inputs += [TensorSpec(name, ("seq", cfg.head_dim // 2), f32) for name in (io.COS, io.SIN)]
     profiles = (_token_profile("kontext", kontext_tokens(), text_tokens, max_batch),
                 _token_profile("text-to-image", T2I_TOKENS, text_tokens, max_batch))
-    return GraphSpec("transformer", tuple(inputs), (TensorSpec("velocity", ("batch", "img", cfg.in_channels), None),),
+    return GraphSpec("transformer", tuple(inputs), (TensorSpec(io.VELOCITY, ("batch", "img", cfg.in_channels), None),),
                      profiles, {"batch": 2, "txt": 8, "img": 24, "seq": 32})
 
 
@@ -118,14 +119,14 @@ def _image_profile(scale: int, max_batch: int) -> Profile:
 def vae_encoder_spec(cfg: VAEConfig, max_batch: int = 1) -> GraphSpec:
     down = cfg.downscale
     return GraphSpec(
-        "vae_encoder", (TensorSpec("image", ("batch", cfg.in_channels, "height", "width"), None),),
-        (TensorSpec("latent", ("batch", cfg.z_channels, f"height/{down}", f"width/{down}"), None),),
+        "vae_encoder", (TensorSpec(io.IMAGE, ("batch", cfg.in_channels, "height", "width"), None),),
+        (TensorSpec(io.LATENT, ("batch", cfg.z_channels, f"height/{down}", f"width/{down}"), None),),
         (_image_profile(1, max_batch),), {"batch": 2, "height": 64, "width": 48})
 
 
 def vae_decoder_spec(cfg: VAEConfig, max_batch: int = 1) -> GraphSpec:
     up = cfg.downscale
     return GraphSpec(
-        "vae_decoder", (TensorSpec("latent", ("batch", cfg.z_channels, "height", "width"), None),),
-        (TensorSpec("image", ("batch", cfg.in_channels, f"height*{up}", f"width*{up}"), None),),
+        "vae_decoder", (TensorSpec(io.LATENT, ("batch", cfg.z_channels, "height", "width"), None),),
+        (TensorSpec(io.IMAGE, ("batch", cfg.in_channels, f"height*{up}", f"width*{up}"), None),),
         (_image_profile(up, max_batch),), {"batch": 2, "height": 8, "width": 6})

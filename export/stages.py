@@ -20,20 +20,15 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from kontext_rt.checkpoint import (
-    detect_layout,
-    fingerprint,
-    load_transformer,
-    load_vae,
-    transformer_config,
-    vae_config,
-    variant_of,
-)
+from kontext_rt.checkpoint import detect
 from kontext_rt.manifest import PRECISIONS, Manifest, engine_folder, file_sizes, onnx_folder
 
 from . import specs
 from .fp8 import CalibrationSet
 
+# A checkpoint whose shapes leave the variant open (a BFL file of FLUX.1 [dev] shapes) is exported as Kontext:
+# calibration runs edits, and FLUX.1 [dev] and Kontext [dev] have the same graphs and text length (the same engines).
+EXPORT_VARIANT = "flux-kontext-dev"
 # The dtype of each precision's graphs: fp8 keeps bf16 around its FP8 GEMMs, and its VAE in bf16.
 GRAPH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
@@ -50,6 +45,7 @@ class ExportOptions:
     max_batch: int = 1
     calibration: CalibrationSet = field(default_factory=CalibrationSet)
     workspace_gib: float | None = None
+    variant: str | None = None  # a name in config.VARIANTS; None: the checkpoint's, else flux-kontext-dev
 
 
 def _version(dist: str) -> str:
@@ -66,10 +62,11 @@ class Export:
         if opts.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {opts.precision!r}")
         self.opts, self.log = opts, log
-        self.layout = detect_layout(opts.checkpoint, ae=opts.ae, text_encoders=opts.text_encoders)
-        self.fingerprint = fingerprint(self.layout)
-        self.cfg, self.vae_cfg = transformer_config(self.layout), vae_config(self.layout)
-        text_tokens = variant_of(self.layout, self.cfg).max_sequence_length
+        self.layout = detect(opts.checkpoint, ae=opts.ae, text_encoders=opts.text_encoders)
+        self.fingerprint = self.layout.fingerprint()
+        self.cfg, self.vae_cfg = self.layout.transformer_config(), self.layout.vae_config()
+        self.variant = self.layout.variant(opts.variant, if_ambiguous=EXPORT_VARIANT)
+        text_tokens = self.variant.max_sequence_length
         self.specs = {
             "transformer": specs.transformer_spec(self.cfg, text_tokens, opts.max_batch),
             "vae_encoder": specs.vae_encoder_spec(self.vae_cfg, opts.max_batch),
@@ -151,7 +148,7 @@ class Export:
             module = transformer_graph(self._transformer())
             exporter = "torchscript" if self.opts.precision == "fp8" else "dynamo"
         else:
-            vae = load_vae(self.layout, self.dtype, self.opts.device)
+            vae = self.layout.load_vae(self.dtype, self.opts.device)
             module, exporter = (VAEEncoderGraph if graph == "vae_encoder" else VAEDecoderGraph)(vae), "dynamo"
         export_onnx(module, spec, path, self.dtype, exporter)
         check_parsable(path)
@@ -159,12 +156,12 @@ class Export:
 
     def _transformer(self):
         if self.opts.precision != "fp8":
-            return load_transformer(self.layout, self.dtype, self.opts.device)
+            return self.layout.load_transformer(self.dtype, self.opts.device)
         if self._quantized is not None:
             return self._quantized
         from .fp8 import restore_calibration
 
-        model = load_transformer(self.layout, self.dtype, self.opts.device)
+        model = self.layout.load_transformer(self.dtype, self.opts.device)
         return restore_calibration(model, self._folder("calibration") / "fp8.safetensors", self.fingerprint)
 
     def _calibrate(self, folder: Path) -> tuple[list[Path], dict]:
@@ -173,7 +170,8 @@ class Export:
         from .fp8 import calibration_loop, quantize, save_calibration
 
         pipe = Pipeline.from_pretrained(self.opts.checkpoint, device=self.opts.device, dtype=self.dtype,
-                                        ae=self.opts.ae, text_encoders=self.opts.text_encoders)
+                                        ae=self.opts.ae, text_encoders=self.opts.text_encoders,
+                                        variant=self.variant.name)
         quantize(pipe.transformer, calibration_loop(pipe, self.opts.calibration, self.log))
         self._quantized = pipe.transformer
         path = save_calibration(pipe.transformer, folder / "fp8.safetensors", self.fingerprint)

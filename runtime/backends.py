@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import denoisers
+from .checkpoint import CheckpointFormat
 from .config import FluxConfig
 from .errors import BackendUnavailable, InputError
 from .lora import LoRAStack
@@ -29,7 +30,7 @@ from .sampler import Denoiser
 class LoadRequest:
     """Everything a backend needs to build a pipeline's model (Pipeline.from_pretrained fills it in)."""
 
-    checkpoint: object  # the detected checkpoint (runtime/checkpoint.py)
+    checkpoint: CheckpointFormat  # the detected checkpoint
     path: Path  # the checkpoint as the user named it: messages and export commands name it
     cfg: FluxConfig
     dtype: torch.dtype
@@ -77,10 +78,8 @@ class TorchBackend(Backend):
                                      f"has {req.cfg.head_dim}; use backend='eager'")
 
     def load(self, req: LoadRequest) -> Loaded:
-        from .checkpoint import load_transformer, load_vae
-
-        transformer = load_transformer(req.checkpoint, req.dtype, self.device)
-        vae = load_vae(req.checkpoint, req.dtype, self.device)
+        transformer = req.checkpoint.load_transformer(req.dtype, self.device)
+        vae = req.checkpoint.load_vae(req.dtype, self.device)
         stack = _prepare(transformer, self.ops, req)
         opt = req.optimize
         denoiser = denoisers.for_model(transformer, self.ops, req.dtype, opt.hoist, opt.cuda_graphs,
@@ -156,11 +155,10 @@ class TensorRT(Backend):
                              "checkpoint's weights before exporting it, or use the eager or triton backend")
 
     def load(self, req: LoadRequest) -> Loaded:
-        from .checkpoint import fingerprint, vae_config
         from .engines import open_engines
 
-        transformer, vae = open_engines(req.engines, fingerprint(req.checkpoint), req.path, self.device, req.cfg,
-                                        vae_config(req.checkpoint), req.engine_precision)
+        transformer, vae = open_engines(req.engines, req.checkpoint.fingerprint(), req.path, self.device, req.cfg,
+                                        req.checkpoint.vae_config(), req.engine_precision)
         return Loaded(denoisers.PerStep(transformer, req.dtype), vae)
 
 
@@ -189,7 +187,6 @@ def resolve(name: str, device, engines=None) -> Backend:
 def _prepare(transformer, ops: Ops, req: LoadRequest) -> LoRAStack:
     """LoRAs fused, then FP8 quantization, then regional compile: the order each needs."""
     from . import fp8
-    from .checkpoint import fingerprint
 
     optimize = req.optimize
     stack = LoRAStack(transformer)
@@ -199,7 +196,7 @@ def _prepare(transformer, ops: Ops, req: LoadRequest) -> LoRAStack:
     if optimize.fp8 is not None:
         amax = None
         if optimize.fp8 == "static":
-            amax = fp8.read_calibration(optimize.fp8_calibration, fingerprint(req.checkpoint))
+            amax = fp8.read_calibration(optimize.fp8_calibration, req.checkpoint.fingerprint())
         fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(transformer.img_in.weight.device))
         stack.forget_originals()  # unloading is refused on FP8 pipelines
     if optimize.compile:

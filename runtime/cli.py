@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+EDIT_VARIANT = "flux-kontext-dev"  # what `edit` takes a checkpoint to be when its shapes leave it open
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                "fp16": "float16", "float16": "float16"}
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
             sp.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
             sp.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
+            sp.add_argument("--variant", help="flux-kontext-dev, flux-dev or flux-schnell: what a BFL file holds "
+                            "when its shapes leave it open (generate needs it; edit takes flux-kontext-dev)")
         sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...)")
         sp.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
         sp.add_argument("--guidance", type=_finite_float, help="distilled guidance scale")
@@ -105,6 +108,8 @@ def _export_parser(sub):
     x.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
     x.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
     x.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (fp8 calibration, BFL files)")
+    x.add_argument("--variant", help="what a BFL file holds when its shapes leave it open (default: "
+                   "flux-kontext-dev; FLUX.1 [dev] gets the same engines)")
     x.add_argument("--out", required=True, help="output folder (stages already finished there are reused)")
     x.add_argument("--precision", required=True, choices=["fp16", "bf16", "fp8"])
     x.add_argument("--onnx-only", action="store_true", help="stop after the ONNX graphs (no TensorRT needed)")
@@ -140,7 +145,7 @@ def _export(args) -> int:
     opts = ExportOptions(
         Path(args.checkpoint), Path(args.out), args.precision, args.onnx_only,
         args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.ae, args.text_encoders,
-        args.max_batch, calibration, args.workspace_gib,
+        args.max_batch, calibration, args.workspace_gib, args.variant,
     )
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
@@ -205,6 +210,18 @@ def _quiet_libraries():
     hf_logging.disable_progress_bar()
 
 
+def _variant(args) -> str | None:
+    """The stated variant; for `edit` without one, flux-kontext-dev where the checkpoint leaves it open (a BFL file
+    of FLUX.1 [dev] shapes): the user asked for an edit. `generate` states nothing, so such a file needs
+    --variant. The checkpoint's own word (a diffusers folder, schnell shapes) always wins over this fallback."""
+    if args.variant is not None or args.command != "edit":
+        return args.variant
+    from kontext_rt.checkpoint import detect
+
+    fmt = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
+    return fmt.variant(if_ambiguous=EDIT_VARIANT).name
+
+
 def _run(args) -> int:
     import kontext_rt as krt
     from kontext_rt import demo
@@ -221,13 +238,13 @@ def _run(args) -> int:
         print("demo: the weights are RANDOM (a tiny model written locally): the picture will be noise; this only "
               "proves the install runs end to end", file=sys.stderr)
         args.checkpoint = demo.demo_checkpoint(cache_dir)
-        args.ae = args.text_encoders = None
+        args.ae = args.text_encoders = args.variant = None
         args.device = args.device or "cpu"
     device, dtype = _device_dtype(args)
     pipe = krt.Pipeline.from_pretrained(
         args.checkpoint, device=device, dtype=dtype, backend=args.backend, ae=args.ae,
         text_encoders=args.text_encoders, text_cache_dir=None if args.no_text_cache else cache_dir / "text",
-        engines=args.engines,
+        engines=args.engines, variant=_variant(args),
     )
     report = krt.RunReport()
     bar = _progress(args.quiet)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import graph_io as io
 from .errors import EngineError
 from .manifest import GRAPHS, PRECISIONS, Manifest, engine_folder, export_command
 
@@ -152,16 +153,17 @@ class TensorRTTransformer:
     def _run(self, img, ctx, txt, pooled, timesteps, guidance, cos, sin):
         n = img.shape[1]
         total = n + (0 if ctx is None else ctx.shape[1])
-        shape, dtype = (img.shape[0], total, img.shape[2]), self.engine.dtypes["img"]
+        shape, dtype = (img.shape[0], total, img.shape[2]), self.engine.dtypes[io.IMG]
         if self._img is None or tuple(self._img.shape) != shape:
             self._img = torch.empty(shape, dtype=dtype, device=self.engine.device)
         self._img[:, :n].copy_(img)
         if ctx is not None:
             self._img[:, n:].copy_(ctx)
-        inputs = {"img": self._img, "txt": txt, "pooled": pooled, "timesteps": timesteps, "cos": cos, "sin": sin}
-        if "guidance" in self.engine.inputs:
-            inputs["guidance"] = guidance
-        return self.engine(**inputs)["velocity"][:, :n]
+        inputs = {io.IMG: self._img, io.TXT: txt, io.POOLED: pooled, io.TIMESTEPS: timesteps, io.COS: cos,
+                  io.SIN: sin}
+        if io.GUIDANCE in self.engine.inputs:
+            inputs[io.GUIDANCE] = guidance
+        return self.engine(**inputs)[io.VELOCITY][:, :n]
 
 
 class TensorRTVAE:
@@ -171,10 +173,10 @@ class TensorRTVAE:
         self.encoder, self.decoder, self.cfg = encoder, decoder, cfg
 
     def encode(self, x):
-        return self.encoder(image=x)["latent"]
+        return self.encoder(**{io.IMAGE: x})[io.LATENT]
 
     def decode(self, z):
-        return self.decoder(latent=z)["image"]
+        return self.decoder(**{io.LATENT: z})[io.IMAGE]
 
 
 def open_engines(engines, fingerprint: str, checkpoint, device, cfg, vae_cfg, precision=None):

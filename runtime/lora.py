@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, LoRAError
-from .mapping import _DOUBLE, _GLOBAL, _SINGLE
+from .mapping import BLOCK_GROUPS, GLOBAL_NAMES, SWAPPED, fused_split
 from .safetensors_io import TensorFiles
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "lora_unet_",
@@ -58,11 +58,10 @@ def module_names(model: nn.Module) -> dict[str, Target]:
     """Every spelling of every LoRA-able linear of the model -> where it lands in the runtime's weights."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     out: dict[str, Target] = {n: Target(n, (0, m.out_features)) for n, m in linears.items()}
-    for bfl, diff in _GLOBAL.items():
+    for bfl, diff in GLOBAL_NAMES.items():
         if bfl in linears:
-            out[diff] = Target(bfl, (0, linears[bfl].out_features), swap=bfl == "final_layer.adaLN_modulation.1")
-    for group, prefix, table in (("double_blocks", "transformer_blocks", _DOUBLE),
-                                 ("single_blocks", "single_transformer_blocks", _SINGLE)):
+            out[diff] = Target(bfl, (0, linears[bfl].out_features), swap=bfl == SWAPPED)
+    for group, prefix, table in BLOCK_GROUPS:
         for i in range(len(getattr(model, group))):
             for bfl, diff in table.items():
                 name = f"{group}.{i}.{bfl}"
@@ -71,10 +70,9 @@ def module_names(model: nn.Module) -> dict[str, Target]:
                 if isinstance(diff, str):
                     out[f"{prefix}.{i}.{diff}"] = Target(name, (0, linears[name].out_features))
                     continue
-                hidden = model.cfg.hidden_size  # fused qkv / linear1: q, k, v of H rows each, then the MLP rows
-                sizes = [hidden] * 3 + ([linears[name].out_features - 3 * hidden] if len(diff) == 4 else [])
-                start = 0
-                for part, size in zip(diff, sizes, strict=True):
+                start = 0  # fused qkv / linear1: the same row split the checkpoint loader uses
+                for part, size in zip(diff, fused_split(diff, linears[name].out_features, model.cfg.hidden_size),
+                                      strict=True):
                     out[f"{prefix}.{i}.{part}"] = Target(name, (start, start + size))
                     start += size
     out.update({k.replace(".", "_"): v for k, v in list(out.items())})  # kohya / OneTrainer / LyCORIS spelling

@@ -2,6 +2,13 @@
 
 One table per layout drives both directions: loading (checkpoint -> runtime) and writing the diffusers layout
 (runtime -> checkpoint, used by the demo). REFERENCE.md 1.2-1.5 (transformer) and 4.4 (VAE).
+
+The transformer's module names, public because the checkpoint loader and the LoRA reader share them:
+- GLOBAL_NAMES: BFL module -> diffusers module, outside the blocks;
+- DOUBLE_BLOCK_NAMES, SINGLE_BLOCK_NAMES: BFL module -> diffusers module inside block i (BLOCK_GROUPS gives each
+  table's BFL and diffusers block prefixes); a tuple of diffusers modules is one fused BFL tensor, its rows split
+  by fused_split;
+- SWAPPED: the one module whose two output halves are in the other order in diffusers.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 
 import torch
 
@@ -60,7 +68,7 @@ def identity_rules(shapes: dict[str, tuple[int, ...]]) -> list[Rule]:
 
 # ---- transformer: diffusers FluxTransformer2DModel names ----------------------------------------------------------
 
-_GLOBAL = {
+GLOBAL_NAMES = MappingProxyType({
     "img_in": "x_embedder",
     "txt_in": "context_embedder",
     "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
@@ -71,8 +79,8 @@ _GLOBAL = {
     "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
     "final_layer.linear": "proj_out",
     "final_layer.adaLN_modulation.1": "norm_out.linear",
-}
-_DOUBLE = {
+})
+DOUBLE_BLOCK_NAMES = MappingProxyType({
     "img_mod.lin": "norm1.linear",
     "txt_mod.lin": "norm1_context.linear",
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -87,38 +95,51 @@ _DOUBLE = {
     "img_mlp.2": "ff.net.2",
     "txt_mlp.0": "ff_context.net.0.proj",
     "txt_mlp.2": "ff_context.net.2",
-}
-_SINGLE = {
+})
+SINGLE_BLOCK_NAMES = MappingProxyType({
     "modulation.lin": "norm.linear",
     "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
     "linear2": "proj_out",
     "norm.query_norm": "attn.norm_q",
     "norm.key_norm": "attn.norm_k",
-}
+})
+# (BFL block list, diffusers block list, module table)
+BLOCK_GROUPS = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK_NAMES),
+                ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK_NAMES))
+SWAPPED = "final_layer.adaLN_modulation.1"  # diffusers norm_out.linear: scale | shift, BFL: shift | scale
 _BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)\.(weight|bias|scale)$")
 _PLAIN = re.compile(r"^(.+)\.(weight|bias)$")
 
 
+def fused_split(parts: tuple[str, ...], rows: int, hidden: int) -> tuple[int, ...]:
+    """Rows of each diffusers part inside one fused BFL tensor of `rows` rows: q, k, v of `hidden` rows each, then
+    (a single block's linear1, four parts) the MLP input, the rest."""
+    split = (hidden,) * 3 + ((rows - 3 * hidden,) if len(parts) == 4 else ())
+    if len(parts) not in (3, 4) or sum(split) != rows or min(split) <= 0:
+        raise ValueError(f"{rows} rows cannot hold {', '.join(parts)} with hidden size {hidden}")
+    return split
+
+
 def diffusers_transformer_rules(shapes: dict[str, tuple[int, ...]]) -> list[Rule]:
     """Rules for every runtime transformer tensor (given as name -> shape) from diffusers names."""
+    hidden = shapes["img_in.weight"][0]
+    prefixes = {bfl: (diff, table) for bfl, diff, table in BLOCK_GROUPS}
     rules = []
     for key, shape in shapes.items():
         if m := _BLOCK.match(key):
             group, i, module, param = m.groups()
-            table, prefix = (_DOUBLE, "transformer_blocks") if group == "double_blocks" else (
-                _SINGLE, "single_transformer_blocks")
+            prefix, table = prefixes[group]
             src = table[module]
             param = "weight" if param == "scale" else param
             if isinstance(src, tuple):
-                hidden = shape[0] // 3 if len(src) == 3 else (shapes[f"{group}.{i}.linear2.weight"][0])
-                split = (hidden,) * 3 if len(src) == 3 else (hidden,) * 3 + (shape[0] - 3 * hidden,)
+                split = fused_split(src, shape[0], hidden)
                 rules.append(Rule(key, tuple(f"{prefix}.{i}.{s}.{param}" for s in src), Kind.CAT, split))
             else:
                 rules.append(Rule(key, (f"{prefix}.{i}.{src}.{param}",)))
         else:
             module, param = _PLAIN.match(key).groups()
-            kind = Kind.SWAP if module == "final_layer.adaLN_modulation.1" else Kind.COPY
-            rules.append(Rule(key, (f"{_GLOBAL[module]}.{param}",), kind))
+            kind = Kind.SWAP if module == SWAPPED else Kind.COPY
+            rules.append(Rule(key, (f"{GLOBAL_NAMES[module]}.{param}",), kind))
     return rules
 
 

@@ -12,7 +12,7 @@ import torch
 from . import backends
 from . import image as im
 from .backends import Loaded, LoadRequest
-from .checkpoint import detect_layout, transformer_config, variant_of
+from .checkpoint import detect
 from .config import FluxConfig, Variant
 from .errors import CheckpointError, InputError
 from .options import Optimizations
@@ -80,13 +80,17 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, backend="eager", max_sequence_length=None,
                         ae=None, text_encoders=None, text_cache_dir=None, text_cache_size=64, engines=None,
-                        engine_precision=None, optimize: Optimizations | None = None, loras=()) -> Pipeline:
+                        engine_precision=None, optimize: Optimizations | None = None, loras=(),
+                        variant: str | None = None) -> Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
         backend="tensorrt" runs the engines in `engines` (a folder made by `kontext-rt export --out`; with several
         precisions there, engine_precision picks one) and reads no transformer or VAE weights at all.
         optimize: speed options (Optimizations: hoisting, CUDA graphs, FP8 linears, compile). loras: LoRA files,
         each a path or (path, strength), fused before FP8 quantization (the only way to use LoRAs with fp8).
+        variant: a name in config.VARIANTS. A diffusers folder says its own (a contradicting one is refused); a BFL
+        file of FLUX.1 [dev] shapes is either flux-kontext-dev or flux-dev, so it needs variant= (refused without,
+        before any weights are read); schnell shows in its shapes. The file name is never read.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
         device = _check_device(device)
@@ -95,20 +99,20 @@ class Pipeline:
         chosen = backends.resolve(backend, device, engines)
         optimize = optimize or Optimizations()
         optimize.check(device, dtype)
-        layout = detect_layout(path, ae=ae, text_encoders=text_encoders)
-        if layout.text_encoders is None:
+        checkpoint = detect(path, ae=ae, text_encoders=text_encoders)
+        if checkpoint.text_encoders is None:
             raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
                                   "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
-        cfg = transformer_config(layout)  # headers and configs only: refuse before reading ~24 GB of weights
-        variant = variant_of(layout, cfg)
+        cfg = checkpoint.transformer_config()  # headers and configs only: refuse before reading ~24 GB of weights
+        variant = checkpoint.variant(variant)
         msl = max_sequence_length or variant.max_sequence_length
         if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
             raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
-        request = LoadRequest(layout, Path(path), cfg, dtype, optimize, tuple(loras),
+        request = LoadRequest(checkpoint, Path(path), cfg, dtype, optimize, tuple(loras),
                               None if engines is None else Path(engines), engine_precision)
         chosen.check(request)
         loaded = chosen.load(request)
-        text = TextEncoders(layout.text_encoders, device, dtype)
+        text = TextEncoders(checkpoint.text_encoders, device, dtype)
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         return cls(loaded, cfg, text, variant, device, dtype, chosen.name, msl, cache, optimize)
 

@@ -73,20 +73,24 @@ def diffusers_checkpoint(folder: Path, guidance: bool, vae_channels=None, vae_gr
     return out
 
 
-def bfl_checkpoint(folder: Path, diffusers_dir: Path, prefix: str = "") -> dict:
-    """BFL single files written from the runtime's own modules (BFL names) loaded from diffusers_dir.
+def bfl_checkpoint(folder: Path, diffusers_dir: Path, prefix: str = "", name: str = "flux1-kontext-dev.safetensors",
+                   vae: bool = True) -> dict:
+    """BFL single files written from the runtime's own modules (BFL names) loaded from diffusers_dir. The file's
+    name says nothing to the loader (the variant comes from shapes or the caller); vae=False writes no
+    ae.safetensors (for a diffusers VAE that has no BFL form, e.g. fewer than 32 channels).
 
     The BFL key set itself is checked independently against diffusers' converter in test_keys.py.
     """
-    from kontext_rt.checkpoint import detect_layout, load_transformer, load_vae
+    from kontext_rt.checkpoint import detect
 
-    layout = detect_layout(diffusers_dir)
-    model = load_transformer(layout, torch.float32, "cpu")
-    vae = load_vae(layout, torch.float32, "cpu")
+    layout = detect(diffusers_dir)
+    model = layout.load_transformer(torch.float32, "cpu")
     folder.mkdir(parents=True, exist_ok=True)
-    flux = folder / "flux1-kontext-dev.safetensors"
+    flux = folder / name
     save_file({prefix + k: v.contiguous() for k, v in model.state_dict().items()}, flux)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, folder / "ae.safetensors")
+    if vae:
+        ae = layout.load_vae(torch.float32, "cpu")
+        save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, folder / "ae.safetensors")
     for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         shutil.copytree(diffusers_dir / sub, folder / "text" / sub)
     return {"flux": flux, "ae": folder / "ae.safetensors", "text_encoders": folder / "text"}

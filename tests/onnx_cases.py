@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 import torch
-from kontext_rt.checkpoint import detect_layout, load_transformer, load_vae
+from kontext_rt.checkpoint import detect
 from kontext_rt.rope import rope_table, sequence_ids
 
 # (batch, text tokens, [target grid, context grids...]): an edit, and text-to-image at other counts and batch
@@ -15,8 +15,8 @@ VAE_SIZES = {"small": (1, 32, 48), "wide": (3, 48, 80)}  # (batch, height, width
 
 
 def load_models(checkpoint):
-    layout = detect_layout(checkpoint)
-    return load_transformer(layout, torch.float32, "cpu"), load_vae(layout, torch.float32, "cpu")
+    layout = detect(checkpoint)
+    return layout.load_transformer(torch.float32, "cpu"), layout.load_vae(torch.float32, "cpu")
 
 
 def cast(module, dtype):

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("modelopt.torch.quantization")
 
-from kontext_rt.checkpoint import detect_layout, fingerprint  # noqa: E402
+from kontext_rt.checkpoint import detect  # noqa: E402
 from kontext_rt.cli import main  # noqa: E402
 from kontext_rt.export.trt_ops import unsupported_ops  # noqa: E402
 
@@ -34,7 +34,7 @@ def test_onnx_only_export_writes_graphs_and_manifests_then_resumes(kontext_dir, 
     folder = out / "onnx-fp16"
     for graph in GRAPHS:
         manifest = json.loads((folder / f"{graph}.json").read_text())
-        assert manifest["checkpoint"] == fingerprint(detect_layout(kontext_dir))
+        assert manifest["checkpoint"] == detect(kontext_dir).fingerprint()
         assert manifest["precision"] == "fp16" and manifest["stage"] == "onnx"
         assert manifest["files"][f"{graph}.onnx"] == (folder / f"{graph}.onnx").stat().st_size
         assert [p["name"] for p in manifest["io"]["profiles"]]

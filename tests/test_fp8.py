@@ -8,7 +8,7 @@ import pytest
 import torch
 from kontext_rt import Optimizations, Pipeline
 from kontext_rt import fp8 as f8
-from kontext_rt.checkpoint import detect_layout, fingerprint, load_transformer
+from kontext_rt.checkpoint import detect
 from kontext_rt.kernels import fp8_quant
 from kontext_rt.safetensors_io import CheckpointError
 from safetensors.torch import save_file
@@ -94,7 +94,7 @@ def test_fp8_linear_is_the_product_of_its_dequantized_operands(static, matmul):
 
 @pytest.fixture(scope="module")
 def model(kontext_dir):
-    return load_transformer(detect_layout(kontext_dir), torch.bfloat16, "cpu")
+    return detect(kontext_dir).load_transformer(torch.bfloat16, "cpu")
 
 
 def test_selection_and_static_scales_match_the_export_recipe(kontext_dir, model, tmp_path):
@@ -113,7 +113,7 @@ def test_selection_and_static_scales_match_the_export_recipe(kontext_dir, model,
         mm(x, cond.ctx, cond.txt, cond.pooled, torch.tensor([0.7]), cond.guidance, cond.cos, cond.sin)
 
     export_fp8.quantize(m, loop)
-    fp = fingerprint(detect_layout(kontext_dir))
+    fp = detect(kontext_dir).fingerprint()
     path = export_fp8.save_calibration(m, tmp_path / "amax.safetensors", fp)
     assert export_fp8.linear_layers(m) == {n: f8.fp8_eligible(n) for n in export_fp8.linear_layers(m)}
     amax = f8.read_calibration(path, fp)

@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("modelopt.torch.quantization")
 
 import kontext_rt as krt  # noqa: E402
-from kontext_rt.checkpoint import detect_layout, fingerprint, load_transformer  # noqa: E402
+from kontext_rt.checkpoint import detect  # noqa: E402
 from kontext_rt.export import fp8, specs  # noqa: E402
 from kontext_rt.export.onnx_export import export_onnx, transformer_graph  # noqa: E402
 from kontext_rt.export.trt_ops import unsupported_ops  # noqa: E402
@@ -115,7 +115,7 @@ def test_qdq_graph_semantics_match_torch_fake_quant(calibrated, kontext_dir, lay
     onnx.save(standard_fp8_qdq(onnx.load(str(path))), str(std))
     x = transformer_inputs(pipe.transformer.cfg, layout)
     graph = transformer_graph(pipe.transformer)
-    plain = transformer_graph(load_transformer(detect_layout(kontext_dir), torch.float32, "cpu"))
+    plain = transformer_graph(detect(kontext_dir).load_transformer(torch.float32, "cpu"))
     with torch.no_grad():
         fake_quant, unquantized = graph(*x.values()).double(), plain(*x.values()).double()
     effect = rel_err(fake_quant, unquantized)
@@ -126,10 +126,10 @@ def test_qdq_graph_semantics_match_torch_fake_quant(calibrated, kontext_dir, lay
 
 def test_calibration_state_round_trips_exactly(calibrated, kontext_dir):
     pipe, _, out = calibrated
-    layout = detect_layout(kontext_dir)
-    path = fp8.save_calibration(pipe.transformer, out / "fp8.safetensors", fingerprint(layout))
-    fresh = load_transformer(layout, torch.float32, "cpu")
-    fp8.restore_calibration(fresh, path, fingerprint(layout))
+    layout = detect(kontext_dir)
+    path = fp8.save_calibration(pipe.transformer, out / "fp8.safetensors", layout.fingerprint())
+    fresh = layout.load_transformer(torch.float32, "cpu")
+    fp8.restore_calibration(fresh, path, layout.fingerprint())
     x = transformer_inputs(fresh.cfg, "edit")
     with torch.no_grad():
         assert torch.equal(transformer_graph(fresh)(*x.values()), transformer_graph(pipe.transformer)(*x.values()))
@@ -137,30 +137,30 @@ def test_calibration_state_round_trips_exactly(calibrated, kontext_dir):
 
 def test_calibration_for_another_checkpoint_is_refused(calibrated, kontext_dir):
     pipe, _, out = calibrated
-    layout = detect_layout(kontext_dir)
+    layout = detect(kontext_dir)
     path = fp8.save_calibration(pipe.transformer, out / "other.safetensors", "0" * 32)
     with pytest.raises(CheckpointError, match="another checkpoint"):
-        fp8.restore_calibration(load_transformer(layout, torch.float32, "cpu"), path, fingerprint(layout))
+        fp8.restore_calibration(layout.load_transformer(torch.float32, "cpu"), path, layout.fingerprint())
 
 
 def test_calibration_missing_quantizers_is_refused(calibrated, kontext_dir):
     from safetensors.torch import load_file, save_file
 
     pipe, _, out = calibrated
-    layout = detect_layout(kontext_dir)
-    path = fp8.save_calibration(pipe.transformer, out / "partial.safetensors", fingerprint(layout))
+    layout = detect(kontext_dir)
+    path = fp8.save_calibration(pipe.transformer, out / "partial.safetensors", layout.fingerprint())
     state = load_file(str(path))
     meta = fp8.calibration_metadata(path)
     state.pop(next(k for k in state if "single_blocks.1.linear2.input" in k))
     save_file(state, str(path), metadata=meta)
     with pytest.raises(CheckpointError, match="no amax for 1 quantizers"):
-        fp8.restore_calibration(load_transformer(layout, torch.float32, "cpu"), path, fingerprint(layout))
+        fp8.restore_calibration(layout.load_transformer(torch.float32, "cpu"), path, layout.fingerprint())
 
 
 def test_bf16_fp8_graph_exports_for_tensorrt(calibrated, kontext_dir, tmp_path):
     """The production base dtype: bf16 around the FP8 GEMMs (ORT cannot run it on the CPU; parser ops checked)."""
     pipe, _, _ = calibrated
-    model = load_transformer(detect_layout(kontext_dir), torch.bfloat16, "cpu")
+    model = detect(kontext_dir).load_transformer(torch.bfloat16, "cpu")
     fp8.restore_calibration(model, fp8.save_calibration(pipe.transformer, tmp_path / "c.safetensors", "x"), "x")
     spec = specs.transformer_spec(model.cfg, text_tokens=8)
     path = export_onnx(transformer_graph(model), spec, tmp_path / "t.onnx", torch.bfloat16, exporter="torchscript")

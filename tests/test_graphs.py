@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from kontext_rt import Optimizations, Pipeline
-from kontext_rt.checkpoint import detect_layout, load_transformer
+from kontext_rt.checkpoint import detect
 from kontext_rt.denoisers import Graphed, Hoisted
 from kontext_rt.graphs import StepGraphs, signature
 from kontext_rt.graphs import capture_eager as eager_capture
@@ -20,7 +20,7 @@ from tests.test_hoisting import conditioning
 
 @pytest.fixture(scope="module")
 def model(kontext_dir):
-    return load_transformer(detect_layout(kontext_dir), torch.float32, "cpu")
+    return detect(kontext_dir).load_transformer(torch.float32, "cpu")
 
 
 def test_signature_covers_every_argument():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from kontext_rt import Pipeline
 from kontext_rt.backends import resolve
-from kontext_rt.checkpoint import detect_layout, load_transformer
+from kontext_rt.checkpoint import detect
 from kontext_rt.denoisers import Hoisted, PerStep
 from kontext_rt.kernels import row_linear
 from kontext_rt.ops import EAGER_OPS
@@ -34,7 +34,7 @@ def conditioning(cfg, batch, txt_len, grids, dtype, gen):
 
 @pytest.fixture(scope="module")
 def model(kontext_dir):
-    return load_transformer(detect_layout(kontext_dir), torch.float32, "cpu")
+    return detect(kontext_dir).load_transformer(torch.float32, "cpu")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 17, 40])

@@ -6,7 +6,7 @@ a real checkpoint cannot surprise the loaders.
 
 import pytest
 import torch
-from kontext_rt.checkpoint import bfl_transformer_config, bfl_vae_config
+from kontext_rt.checkpoint_configs import bfl_transformer_config, bfl_vae_config
 from kontext_rt.config import PRESETS, VAE_PRESETS
 from kontext_rt.mapping import diffusers_transformer_rules, diffusers_vae_rules
 from kontext_rt.model import FluxTransformer

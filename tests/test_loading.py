@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from kontext_rt import CheckpointError, Pipeline
-from kontext_rt.checkpoint import detect_layout, load_transformer, load_vae
+from kontext_rt.checkpoint import detect
 from safetensors.torch import save_file
 
 from tests.builders import bfl_checkpoint
@@ -27,7 +27,8 @@ def _edit_latent(pipe, seed=7):
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_bfl_single_file_matches_diffusers_folder(kontext_dir, tmp_path, prefix):
     files = bfl_checkpoint(tmp_path, kontext_dir, prefix=prefix)
-    bfl = Pipeline.from_pretrained(files["flux"], text_encoders=files["text_encoders"])  # ae: found beside it
+    bfl = Pipeline.from_pretrained(files["flux"], text_encoders=files["text_encoders"],  # ae: found beside it
+                                   variant="flux-kontext-dev")
     ref = Pipeline.from_pretrained(kontext_dir)
     assert bfl.transformer.cfg == ref.transformer.cfg
     assert bfl.variant.name == "flux-kontext-dev"
@@ -39,8 +40,8 @@ def test_prefixed_ae_file_loads(kontext_dir, tmp_path):
     from safetensors.torch import load_file
 
     save_file({"first_stage_model." + k: v for k, v in load_file(files["ae"]).items()}, tmp_path / "ae2.safetensors")
-    vae = load_vae(detect_layout(files["flux"], ae=tmp_path / "ae2.safetensors"), torch.float32, "cpu")
-    ref = load_vae(detect_layout(kontext_dir), torch.float32, "cpu")
+    vae = detect(files["flux"], ae=tmp_path / "ae2.safetensors").load_vae(torch.float32, "cpu")
+    ref = detect(kontext_dir).load_vae(torch.float32, "cpu")
     for (k, a), (_, b) in zip(vae.state_dict().items(), ref.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
@@ -54,8 +55,8 @@ def test_sharded_diffusers_transformer(kontext_dir, tmp_path):
     FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer").save_pretrained(
         ckpt / "transformer", max_shard_size="40KB")
     assert (ckpt / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    a = load_transformer(detect_layout(ckpt), torch.float32, "cpu").state_dict()
-    b = load_transformer(detect_layout(kontext_dir), torch.float32, "cpu").state_dict()
+    a = detect(ckpt).load_transformer(torch.float32, "cpu").state_dict()
+    b = detect(kontext_dir).load_transformer(torch.float32, "cpu").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -76,35 +77,35 @@ def _rewrite(path, edit):
 
 
 def _load(files):
-    return load_transformer(detect_layout(files["flux"]), torch.float32, "cpu")
+    return detect(files["flux"]).load_transformer(torch.float32, "cpu")
 
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        detect_layout(tmp_path / "nope.safetensors")
+        detect(tmp_path / "nope.safetensors")
 
 
 def test_folder_that_is_neither_layout(tmp_path):
     with pytest.raises(CheckpointError, match="neither checkpoint layout"):
-        detect_layout(tmp_path)
+        detect(tmp_path)
 
 
 def test_pickle_is_refused(tmp_path, kontext_dir):
     (tmp_path / "flux1-dev.ckpt").write_bytes(b"\x80\x04pickle")
     with pytest.raises(CheckpointError, match="only .safetensors"):
-        detect_layout(tmp_path / "flux1-dev.ckpt")
+        detect(tmp_path / "flux1-dev.ckpt")
     ckpt = tmp_path / "ckpt"
     shutil.copytree(kontext_dir, ckpt)
     (ckpt / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
     (ckpt / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(CheckpointError, match="pickle files are never loaded"):
-        load_transformer(detect_layout(ckpt), torch.float32, "cpu")
+        detect(ckpt).load_transformer(torch.float32, "cpu")
 
 
 def test_missing_ae(bfl):
     bfl["ae"].unlink()
     with pytest.raises(CheckpointError, match="ae.safetensors: the autoencoder file is missing"):
-        detect_layout(bfl["flux"])
+        detect(bfl["flux"])
 
 
 def test_missing_key_is_named(bfl):
@@ -124,7 +125,7 @@ def test_wrong_shape_is_named(bfl):
     _rewrite(bfl["flux"], lambda s: s.update({"double_blocks.1.txt_mlp.2.weight": torch.zeros(64, 255)}))
     expected = r"'double_blocks.1.txt_mlp.2.weight' has shape \[64, 255\], the model expects \[64, 256\]"
     with pytest.raises(CheckpointError, match=expected):
-        load_transformer(detect_layout(bfl["flux"]), torch.float32, "cpu")
+        detect(bfl["flux"]).load_transformer(torch.float32, "cpu")
 
 
 def test_wrong_shape_in_diffusers_folder(kontext_dir, tmp_path):
@@ -133,7 +134,7 @@ def test_wrong_shape_in_diffusers_folder(kontext_dir, tmp_path):
     _rewrite(ckpt / "transformer" / "diffusion_pytorch_model.safetensors",
              lambda s: s.update({"transformer_blocks.0.attn.to_k.weight": torch.zeros(64, 63)}))
     with pytest.raises(CheckpointError, match=r"transformer_blocks\.0\.attn\.to_k\.weight' has shape \[64, 63\]"):
-        load_transformer(detect_layout(ckpt), torch.float32, "cpu")
+        detect(ckpt).load_transformer(torch.float32, "cpu")
 
 
 def test_truncated_file(bfl):
@@ -170,7 +171,7 @@ def test_shard_index_pointing_at_wrong_file(kontext_dir, tmp_path):
     wm = {k: "shard-a.safetensors" for k in keys} | {keys[0]: "shard-b.safetensors", "unused": "shard-b.safetensors"}
     (ckpt / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     with pytest.raises(CheckpointError, match=f"puts '{keys[0]}' in shard-b.safetensors"):
-        load_transformer(detect_layout(ckpt), torch.float32, "cpu")
+        detect(ckpt).load_transformer(torch.float32, "cpu")
 
 
 def test_bfl_without_text_encoders(bfl):

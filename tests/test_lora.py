@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from kontext_rt import LoRAError, Pipeline
-from kontext_rt.checkpoint import detect_layout, load_transformer
+from kontext_rt.checkpoint import detect
 from kontext_rt.lora import LoRAStack
 from kontext_rt.mapping import diffusers_transformer_rules
 from safetensors.torch import save_file
@@ -82,7 +82,7 @@ def split_to_diffusers(module_b, a, b, parts, sizes, alpha=None):
 
 @pytest.fixture(scope="module")
 def base(kontext_dir):
-    return load_transformer(detect_layout(kontext_dir), torch.float32, "cpu")
+    return detect(kontext_dir).load_transformer(torch.float32, "cpu")
 
 
 def diffusers_fused(kontext_dir, path, strength):
@@ -94,7 +94,7 @@ def diffusers_fused(kontext_dir, path, strength):
     ref.fuse_lora(lora_scale=strength, components=["transformer"])
     ref.unload_lora_weights()  # the fused weights stay
     sd = ref.transformer.state_dict()
-    ours = load_transformer(detect_layout(kontext_dir), torch.float32, "cpu")
+    ours = detect(kontext_dir).load_transformer(torch.float32, "cpu")
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     return {r.target: r.combine([sd[s] for s in r.sources]) for r in diffusers_transformer_rules(shapes)}
 
@@ -304,3 +304,28 @@ def test_metadata_is_json_of_a_lora_config(tmp_path):
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         conf = _adapter_config(dict(f.metadata()), tmp_path)
     assert conf["lora_alpha"] == 16 and json.dumps(conf)
+
+
+def test_a_lora_on_every_diffusers_linear_lands_where_the_loader_puts_it(kontext_dir, base, tmp_path):
+    """The LoRA reader and the checkpoint loader share one name table and one fused-row split: a LoRA on every
+    nn.Linear of diffusers' own transformer fuses to what the loader makes of the diffusers weights with the same
+    update (W + B @ A) added, every runtime linear included."""
+    from diffusers import FluxTransformer2DModel
+    from kontext_rt.checkpoint import DiffusersFolder
+
+    ref = FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer").eval()
+    gen = torch.Generator().manual_seed(11)
+    sd, state = {}, ref.state_dict()
+    for name, module in ref.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            a, b = _ab(gen, module.out_features, module.in_features)
+            sd[f"transformer.{name}.lora_A.weight"], sd[f"transformer.{name}.lora_B.weight"] = a, b
+            state[f"{name}.weight"] = state[f"{name}.weight"] + b @ a
+    ref.load_state_dict(state)
+    ref.save_pretrained(tmp_path / "transformer")
+    theirs = DiffusersFolder(tmp_path, None).load_transformer(torch.float32, "cpu").state_dict()
+    path = tmp_path / "every.safetensors"
+    save_file(sd, str(path))
+    changed = assert_fusion_matches(base, theirs, path, 1.0)
+    linears = {f"{n}.weight" for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert changed == linears

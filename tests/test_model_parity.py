@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kontext_rt.checkpoint import detect_layout, load_transformer, load_vae
+from kontext_rt.checkpoint import detect
 from kontext_rt.image import pack, unpack
 from kontext_rt.rope import image_ids, rope_table, sequence_ids
 
@@ -17,8 +17,8 @@ def rel_err(a, b):
 def models(kontext_dir):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    layout = detect_layout(kontext_dir)
-    ours = load_transformer(layout, torch.float32, "cpu"), load_vae(layout, torch.float32, "cpu")
+    layout = detect(kontext_dir)
+    ours = layout.load_transformer(torch.float32, "cpu"), layout.load_vae(torch.float32, "cpu")
     ref = (FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer").eval(),
            AutoencoderKL.from_pretrained(kontext_dir / "vae").eval())
     return ours, ref
@@ -63,7 +63,7 @@ def test_transformer_matches_diffusers(models, text, grids):
 def test_schnell_transformer_without_guidance(schnell_dir):
     from diffusers import FluxTransformer2DModel
 
-    model = load_transformer(detect_layout(schnell_dir), torch.float32, "cpu")
+    model = detect(schnell_dir).load_transformer(torch.float32, "cpu")
     assert model.guidance_in is None
     ref = FluxTransformer2DModel.from_pretrained(schnell_dir / "transformer").eval()
     gen = torch.Generator().manual_seed(3)

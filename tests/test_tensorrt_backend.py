@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kontext_rt.checkpoint import detect_layout, fingerprint
+from kontext_rt.checkpoint import detect
 from kontext_rt.config import PRESETS, VAE_PRESETS
 from kontext_rt.engines import EngineError, check_engines, locate, pick_profile
 from kontext_rt.export import specs
@@ -37,7 +37,7 @@ def _fake_engines(out, fp: str, precision="fp16"):
 
 
 def test_matching_engines_pass_the_checks(kontext_dir, tmp_path):
-    fp = fingerprint(detect_layout(kontext_dir))
+    fp = detect(kontext_dir).fingerprint()
     folder = _fake_engines(tmp_path, fp)
     assert locate(tmp_path, kontext_dir) == folder == locate(folder, kontext_dir)
     assert set(check_engines(folder, fp, kontext_dir)) == set(GRAPHS)
@@ -54,7 +54,7 @@ def test_missing_engines_name_the_export_command(kontext_dir, tmp_path):
 
 def test_stale_engine_is_refused(kontext_dir, tmp_path):
     folder = _fake_engines(tmp_path, "0" * 32)
-    fp = fingerprint(detect_layout(kontext_dir))
+    fp = detect(kontext_dir).fingerprint()
     with pytest.raises(EngineError, match="stale: built from another checkpoint.*--precision fp16"):
         check_engines(folder, fp, kontext_dir)
 
@@ -109,6 +109,38 @@ def test_vae_profiles_cover_the_preferred_resolutions():
     for w, h in PREFERRED_KONTEXT_RESOLUTIONS:
         assert pick_profile(enc, {"image": (1, 3, h, w)}) == 0
         assert pick_profile(dec, {"latent": (1, 16, h // 8, w // 8)}) == 0
+
+
+class _SpecEngine:
+    """An engine with exactly a spec's I/O names: any other input set is refused; each output echoes the first
+    input (the transformer's target-then-context tokens, the VAE's image or latent)."""
+
+    def __init__(self, spec):
+        self.inputs = [s.name for s in spec.inputs]
+        self.outputs = [s.name for s in spec.outputs]
+        self.dtypes = {n: torch.float32 for n in self.inputs + self.outputs}
+        self.device = torch.device("cpu")
+
+    def __call__(self, **inputs):
+        assert sorted(inputs) == sorted(self.inputs), f"bound {sorted(inputs)}, the spec declares {self.inputs}"
+        return {n: inputs[self.inputs[0]] for n in self.outputs}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-schnell"])
+def test_the_backend_binds_exactly_the_spec_names(preset):
+    from kontext_rt.engines import TensorRTTransformer, TensorRTVAE
+
+    cfg, vae_cfg = PRESETS[preset], VAE_PRESETS["tiny"]
+    model = TensorRTTransformer(_SpecEngine(specs.transformer_spec(cfg)), cfg)
+    img, ctx = torch.randn(1, 6, cfg.in_channels), torch.randn(1, 4, cfg.in_channels)
+    half = cfg.head_dim // 2
+    out = model(img, ctx, torch.randn(1, 3, cfg.context_in_dim), torch.randn(1, cfg.vec_in_dim), torch.ones(1),
+                torch.ones(1), torch.randn(13, half), torch.randn(13, half))
+    assert torch.equal(out, img)  # the target's rows of the velocity output
+    vae = TensorRTVAE(_SpecEngine(specs.vae_encoder_spec(vae_cfg)), _SpecEngine(specs.vae_decoder_spec(vae_cfg)),
+                      vae_cfg)
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(vae.decode(vae.encode(x)), x)
 
 
 @NEEDS_TRT

@@ -7,7 +7,7 @@ import pytest
 import torch
 from kontext_rt import Pipeline
 from kontext_rt.backends import BackendUnavailable, resolve
-from kontext_rt.checkpoint import detect_layout, load_transformer
+from kontext_rt.checkpoint import detect
 from kontext_rt.kernels import ops as kernel_ops
 from kontext_rt.ops import EAGER_OPS
 from kontext_rt.rope import rope_table, sequence_ids
@@ -84,21 +84,21 @@ def test_backend_on_cuda_without_a_gpu_says_why():
 @pytest.mark.parametrize("fmt", ["diffusers", "bfl"])
 def test_a_head_dim_the_kernels_lack_is_refused_before_loading(kontext_dir, bfl_files, fmt, monkeypatch):
     """Refused from the config alone: no weights are read (load_transformer is never reached)."""
-    import kontext_rt.checkpoint
+    from kontext_rt.checkpoint import CheckpointFormat
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("weights were loaded before the backend check")
 
     monkeypatch.setattr(kernel_ops, "HEAD_DIMS", (64, 128))
-    monkeypatch.setattr(kontext_rt.checkpoint, "load_transformer", must_not_load)
+    monkeypatch.setattr(CheckpointFormat, "load_transformer", must_not_load)
     path, encoders = (kontext_dir, None) if fmt == "diffusers" else (bfl_files["flux"], bfl_files["text_encoders"])
     with pytest.raises(BackendUnavailable, match=r"supports head dims \(64, 128\), this model has 32"):
-        Pipeline.from_pretrained(path, backend="triton", text_encoders=encoders)
+        Pipeline.from_pretrained(path, backend="triton", text_encoders=encoders, variant="flux-kontext-dev")
 
 
 @pytest.fixture(scope="module")
 def tiny(kontext_dir):
-    return load_transformer(detect_layout(kontext_dir), torch.float32, "cpu")
+    return detect(kontext_dir).load_transformer(torch.float32, "cpu")
 
 
 def _model_inputs(cfg, text, grids, dtype):
