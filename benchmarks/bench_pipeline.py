@@ -1,14 +1,37 @@
-"""This runtime vs diffusers on the same weights, in the same run (CPU here; any device that torch has).
+"""This runtime vs diffusers' FluxKontextPipeline on the same weights, in the same process: one thread, fp32.
 
-    python -m pytest benchmarks/bench_pipeline.py --benchmark-only --benchmark-group-by=group \
-        --benchmark-json=benchmarks/results/cpu-pipeline.json
+    python benchmarks/bench_pipeline.py --pairs 15     # interleaved pairs -> benchmarks/results/cpu-pipeline.json
+    python -m pytest benchmarks/bench_pipeline.py --benchmark-only --benchmark-group-by=group   # the same cases
 
-Groups: `forward` (one transformer call, a Kontext layout of text + target + context tokens, width 256) and
-`edit` (a whole tiny edit: text encode, VAE encode, 4 steps, VAE decode; the text cache is off so both sides
-encode the prompt every time). pytest-benchmark reports each; compare the two rows of a group.
+Model: a tiny checkpoint in the diffusers layout (tests/builders.py) whose transformer is 2 double + 4 single
+blocks, width 256 (4 heads of 64); 64 text + 256 target + 256 context tokens (a 256x256 image), 4 steps.
+Cases, each as its pipeline runs it:
+  edit       a whole edit: prompt encode (the text cache is off), context VAE encode, 4 steps, VAE decode, PIL out
+  forward    one transformer call over the Kontext sequence (ours builds its RoPE table inside the timed call, as
+             diffusers builds its rotary embedding)
+  vae_encode PIL -> tensor -> VAE encode (posterior mean, scaled and shifted) -> packed tokens
+  vae_decode packed tokens -> unpack -> VAE decode -> PIL
+
+The script runs the two implementations alternately (pair i: ours then diffusers for even i, diffusers then ours
+for odd i, so a drift in machine load hits both), records wall and CPU time (process_time: time this process spent
+on a core, page faults included, waiting for a core excluded) of every run, and reports per case the medians and
+the speed ratio diffusers/ours (above 1: this runtime is faster), as the median of the per-pair ratios with their
+interquartile range and min/max. It records the CPU model, torch and diffusers versions, the thread count and the
+load average at start and end: on a shared machine the wall figures carry other processes' load.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -16,76 +39,207 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from kontext_rt import Pipeline  # noqa: E402
-from kontext_rt.checkpoint import DiffusersFolder  # noqa: E402
+from kontext_rt import image as im  # noqa: E402
 from kontext_rt.rope import rope_table, sequence_ids  # noqa: E402
 
 from tests import builders  # noqa: E402
 
-TEXT, GRID = 64, (16, 16)  # 64 text + 256 target + 256 context tokens
-H, W, STEPS = 48, 80, 4
+TEXT, SIDE, STEPS, GUIDANCE = 64, 256, 4, 2.5  # 64 text tokens; 256x256 -> 16x16 = 256 target + 256 context tokens
+PROMPT = "make it red"
+CASES = ("edit", "forward", "vae_encode", "vae_decode")
+TRANSFORMER = dict(attention_head_dim=64, num_attention_heads=4, axes_dims_rope=(8, 28, 28), num_layers=2,
+                   num_single_layers=4)
 
 
-@pytest.fixture(scope="module")
-def forward_models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fwd")
-    ref = builders.diffusers_transformer(True, torch.Generator().manual_seed(0), attention_head_dim=64,
-                                         num_attention_heads=4, axes_dims_rope=(8, 28, 28), num_single_layers=4)
-    ref.save_pretrained(folder / "transformer")
-    ours = DiffusersFolder(folder, None).load_transformer(torch.float32, "cpu")
-    return ours, ref
+def build_checkpoint(folder: Path) -> Path:
+    """The tiny diffusers checkpoint with its transformer replaced by the width-256, 2+4 block one."""
+    ckpt = builders.diffusers_checkpoint(folder, guidance=True)
+    ref = builders.diffusers_transformer(True, torch.Generator().manual_seed(0), **TRANSFORMER)
+    ref.save_pretrained(ckpt / "transformer")
+    return ckpt
 
 
-@pytest.fixture(scope="module")
-def forward_inputs(forward_models):
-    cfg = forward_models[0].cfg
+def make_cases(ckpt: Path) -> dict[str, dict]:
+    """case -> {"kontext-rt": fn, "diffusers": fn}; every fn runs one timed call and returns its output."""
+    from diffusers import FluxKontextPipeline
+
+    pipe = Pipeline.from_pretrained(ckpt, text_cache_size=0, max_sequence_length=TEXT)
+    ref = FluxKontextPipeline.from_pretrained(ckpt, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIDE, SIDE, 3), dtype=np.uint8))
+    rows = cols = SIDE // 16
+    n = rows * cols
     g = torch.Generator().manual_seed(0)
-    n = GRID[0] * GRID[1]
-    img, ctx = torch.randn(1, n, 64, generator=g), torch.randn(1, n, 64, generator=g)
-    txt, pooled = torch.randn(1, TEXT, cfg.context_in_dim, generator=g), torch.randn(1, cfg.vec_in_dim, generator=g)
-    ids = sequence_ids(TEXT, [GRID, GRID])
-    return img, ctx, txt, pooled, torch.tensor([0.5]), torch.tensor([2.5]), ids
+    lat = torch.randn(1, n, 64, generator=g)
+
+    def ours_edit():
+        return pipe.edit(img, PROMPT, steps=STEPS, guidance=GUIDANCE, auto_resize=False, latents=lat)
+
+    def ref_edit():
+        return ref(image=img, prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=lat,
+                   max_area=SIDE * SIDE, _auto_resize=False, height=SIDE, width=SIDE,
+                   max_sequence_length=TEXT).images[0]
+
+    tr, rtr = pipe.transformer, ref.transformer
+    ctx = torch.randn(1, n, 64, generator=g)
+    txt = torch.randn(1, TEXT, tr.cfg.context_in_dim, generator=g)
+    pooled = torch.randn(1, tr.cfg.vec_in_dim, generator=g)
+    ids = sequence_ids(TEXT, [(rows, cols), (rows, cols)])
+    t, gd = torch.tensor([0.5]), torch.tensor([GUIDANCE])
+
+    def ours_forward():
+        cos, sin = rope_table(ids, tr.cfg.axes_dim, tr.cfg.theta)
+        return tr(lat, ctx, txt, pooled, t, gd, cos, sin, pipe.ops)
+
+    def ref_forward():
+        out = rtr(hidden_states=torch.cat([lat, ctx], 1), encoder_hidden_states=txt, pooled_projections=pooled,
+                  timestep=t, img_ids=ids[TEXT:], txt_ids=ids[:TEXT], guidance=gd, return_dict=False)[0]
+        return out[:, :n]
+
+    def ours_encode():
+        return im.pack(pipe.vae.encode(im.to_tensor(img, SIDE, SIDE)))
+
+    vcfg = ref.vae.config
+
+    def ref_encode():
+        x = ref.image_processor.preprocess(img, SIDE, SIDE)
+        z = (ref.vae.encode(x).latent_dist.mode() - vcfg.shift_factor) * vcfg.scaling_factor
+        return ref._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
+
+    def ours_decode():
+        return im.to_pil(pipe.vae.decode(im.unpack(lat, rows, cols)))[0]
+
+    def ref_decode():
+        z = ref._unpack_latents(lat, SIDE, SIDE, ref.vae_scale_factor)
+        y = ref.vae.decode(z / vcfg.scaling_factor + vcfg.shift_factor, return_dict=False)[0]
+        return ref.image_processor.postprocess(y, output_type="pil")[0]
+
+    def inference(fn):
+        def call():
+            with torch.inference_mode():
+                return fn()
+        return call
+
+    return {
+        "edit": {"kontext-rt": ours_edit, "diffusers": ref_edit},
+        "forward": {"kontext-rt": inference(ours_forward), "diffusers": inference(ref_forward)},
+        "vae_encode": {"kontext-rt": inference(ours_encode), "diffusers": inference(ref_encode)},
+        "vae_decode": {"kontext-rt": inference(ours_decode), "diffusers": inference(ref_decode)},
+    }
 
 
-@pytest.mark.benchmark(group="forward")
-@pytest.mark.parametrize("impl", ["kontext-rt", "diffusers"])
-def test_forward(benchmark, forward_models, forward_inputs, impl):
-    ours, ref = forward_models
-    img, ctx, txt, pooled, t, g, ids = forward_inputs
-    if impl == "kontext-rt":
-        def step():
-            cos, sin = rope_table(ids, ours.cfg.axes_dim, ours.cfg.theta)
-            return ours(img, ctx, txt, pooled, t, g, cos, sin)
-    else:
-        def step():
-            out = ref(hidden_states=torch.cat([img, ctx], 1), encoder_hidden_states=txt, pooled_projections=pooled,
-                      timestep=t, img_ids=ids[TEXT:], txt_ids=ids[:TEXT], guidance=g, return_dict=False)[0]
-            return out[:, : img.shape[1]]
-    with torch.inference_mode():
-        out = benchmark(step)
-    assert out.shape == img.shape
+# ---- script: interleaved pairs -> JSON ----------------------------------------------------------------------------
+
+
+def _quartiles(xs: list[float]) -> dict:
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "min": min(xs), "max": max(xs)}
+
+
+def _timed(fn) -> tuple[float, float]:
+    c0, w0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def measure(fns: dict, pairs: int, warmup: int) -> dict:
+    """Interleaved runs of the two implementations; per-pair ratios diffusers/ours of wall and CPU time."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    runs = {name: {"wall_s": [], "cpu_s": []} for name in fns}
+    for i in range(pairs):
+        order = ("kontext-rt", "diffusers") if i % 2 == 0 else ("diffusers", "kontext-rt")
+        for name in order:
+            wall, cpu = _timed(fns[name])
+            runs[name]["wall_s"].append(wall)
+            runs[name]["cpu_s"].append(cpu)
+    out = {name: {k: {**_quartiles(v), "runs": v} for k, v in r.items()} for name, r in runs.items()}
+    for k in ("wall_s", "cpu_s"):
+        ratios = [d / o for o, d in zip(runs["kontext-rt"][k], runs["diffusers"][k], strict=True)]
+        out[f"speed_ratio_{k[:-2]}"] = _quartiles(ratios)
+    return out
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import diffusers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "", None
+    return {"cpu_model": model, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "commit": commit, "dirty": dirty}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", type=int, default=15, help="interleaved (ours, diffusers) pairs per case")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs of each implementation first")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu-pipeline.json")
+    args = p.parse_args(argv)
+    cases = args.cases.split(",")
+    if unknown := set(cases) - set(CASES):
+        p.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
+    if args.pairs < 2:
+        p.error("--pairs must be at least 2 (quartiles need two pairs)")
+    torch.set_num_threads(1)
+    load_start = os.getloadavg()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = make_cases(build_checkpoint(Path(tmp)))
+        results = {}
+        for case in cases:
+            results[case] = measure(fns[case], args.pairs, args.warmup)
+            r = results[case]
+            print(f"{case:11s} ours {r['kontext-rt']['wall_s']['median'] * 1e3:8.1f} ms  diffusers "
+                  f"{r['diffusers']['wall_s']['median'] * 1e3:8.1f} ms  wall ratio "
+                  f"{r['speed_ratio_wall']['median']:.3f}x (IQR {r['speed_ratio_wall']['q1']:.3f}-"
+                  f"{r['speed_ratio_wall']['q3']:.3f})  cpu ratio {r['speed_ratio_cpu']['median']:.3f}x (IQR "
+                  f"{r['speed_ratio_cpu']['q1']:.3f}-{r['speed_ratio_cpu']['q3']:.3f})", flush=True)
+    record = {
+        "what": "kontext-rt vs diffusers FluxKontextPipeline, same weights, same process; speed_ratio = "
+                "diffusers time / kontext-rt time per interleaved pair (above 1: kontext-rt faster)",
+        "setup": {"dtype": "float32", "device": "cpu", "threads": 1, "text_tokens": TEXT, "image": [SIDE, SIDE],
+                  "target_tokens": (SIDE // 16) ** 2, "context_tokens": (SIDE // 16) ** 2, "steps": STEPS,
+                  "transformer": TRANSFORMER, "hidden_size": 256, "pairs": args.pairs, "warmup": args.warmup},
+        "machine": {**machine(), "load_average_start": load_start, "load_average_end": os.getloadavg(),
+                    "note": "shared machine: other processes ran during the measurement (see the load averages); "
+                            "cpu_s excludes time spent waiting for a core, wall_s does not"},
+        "started": started,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.out} (load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f})")
+
+
+# ---- pytest-benchmark: the same cases -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return builders.diffusers_checkpoint(tmp_path_factory.mktemp("edit"), guidance=True)
+def cases(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield make_cases(build_checkpoint(tmp_path_factory.mktemp("bench")))
+    torch.set_num_threads(threads)
 
 
-@pytest.mark.benchmark(group="edit")
 @pytest.mark.parametrize("impl", ["kontext-rt", "diffusers"])
-def test_edit(benchmark, tiny_checkpoint, impl):
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8))
-    lat = torch.randn(1, (H // 16) * (W // 16), 64, generator=torch.Generator().manual_seed(0))
-    if impl == "kontext-rt":
-        pipe = Pipeline.from_pretrained(tiny_checkpoint, text_cache_size=0)
-        run = lambda: pipe.edit(img, "make it red", steps=STEPS, auto_resize=False, latents=lat)  # noqa: E731
-    else:
-        from diffusers import FluxKontextPipeline
+@pytest.mark.parametrize("case", CASES)
+def test_pipeline(benchmark, cases, case, impl):
+    benchmark.group = case
+    assert benchmark(cases[case][impl]) is not None
 
-        ref = FluxKontextPipeline.from_pretrained(tiny_checkpoint, local_files_only=True)
-        ref.set_progress_bar_config(disable=True)
-        run = lambda: ref(image=img, prompt="make it red", num_inference_steps=STEPS, guidance_scale=2.5,  # noqa: E731
-                          latents=lat, max_area=H * W, _auto_resize=False, height=H, width=W).images[0]
-    out = benchmark(run)
-    assert out.size == (W, H)
+
+if __name__ == "__main__":
+    main()

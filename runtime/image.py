@@ -74,8 +74,8 @@ def to_tensor(img: Image.Image, width: int, height: int) -> torch.Tensor:
     """RGB PIL -> (1, 3, H, W) float32 in [-1, 1], LANCZOS-resized to (width, height) as diffusers does."""
     if img.size != (width, height):
         img = img.resize((width, height), resample=Image.LANCZOS)
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(x).permute(2, 0, 1)[None] * 2.0 - 1.0
+    x = np.asarray(img, dtype=np.float32)[None] / 255.0
+    return torch.from_numpy(x).permute(0, 3, 1, 2) * 2.0 - 1.0  # channels-last strides, the VAE's layout on the CPU
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:

@@ -19,6 +19,12 @@ def _norm(cfg: VAEConfig, ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(cfg.norm_groups, ch, eps=GN_EPS, affine=True)
 
 
+def _conv_layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last on the CPU: oneDNN's NHWC convolutions are faster than NCHW at the VAE's channel counts (and
+    diffusers' image tensors arrive channels-last, so its VAE runs NHWC); every later op keeps the layout."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, cfg: VAEConfig, cin: int, cout: int):
         super().__init__()
@@ -29,9 +35,12 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        # in-place SiLU and residual add: each overwrites a temporary of this block, so no new buffer (fresh buffers
+        # cost page faults on the CPU); bit for bit the out-of-place result
+        x = _conv_layout(x)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -45,9 +54,11 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         n = self.norm(x)
-        q, k, v = (m(n).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # (B, 1, HW, C) with unit stride along C (a view for channels-last x): SDPA's fused CPU kernel needs it,
+        # else it falls back to the math path and materializes the (HW, HW) scores
+        q, k, v = (m(n).flatten(2).transpose(1, 2)[:, None].contiguous() for m in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        return self.proj_out(_conv_layout(out)).add_(x)
 
 
 class Downsample(nn.Module):
@@ -65,7 +76,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(_conv_layout(F.interpolate(x, scale_factor=2.0, mode="nearest")))
 
 
 def _mid(cfg: VAEConfig, ch: int) -> nn.Module:
@@ -97,7 +108,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
-        h = self.conv_in(x)
+        h = self.conv_in(_conv_layout(x))
         for level in self.down:
             for block in level.block:
                 h = block(h)
@@ -129,7 +140,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(_conv_layout(z)))))
         for level in reversed(self.up):
             for block in level.block:
                 h = block(h)
