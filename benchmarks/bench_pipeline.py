@@ -92,7 +92,7 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
 
     def ours_forward():
         cos, sin = rope_table(ids, tr.cfg.axes_dim, tr.cfg.theta)
-        return tr(lat, ctx, txt, pooled, t, gd, cos, sin, pipe.ops)
+        return tr(lat, ctx, txt, pooled, t, gd, cos, sin)  # the eager op table, as the pipeline runs it
 
     def ref_forward():
         out = rtr(hidden_states=torch.cat([lat, ctx], 1), encoder_hidden_states=txt, pooled_projections=pooled,
