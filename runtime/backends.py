@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, InputError
 from .ops import EAGER_OPS, Ops
 
 
@@ -70,5 +70,5 @@ def resolve(name: str, device) -> tuple[str, Ops]:
             except BackendUnavailable:
                 continue
     if name not in REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}")
+        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}")
     return name, REGISTRY[name](device)

@@ -11,6 +11,8 @@ import torch
 
 from . import backends
 from . import image as im
+from .arguments import check as check_arguments
+from .arguments import check_guidance, check_seed
 from .checkpoint import (
     detect_layout,
     fingerprint,
@@ -21,6 +23,7 @@ from .checkpoint import (
     variant_of,
 )
 from .config import Variant
+from .errors import InputError
 from .lora import LoRAStack
 from .options import Optimizations
 from .rope import rope_table, sequence_ids
@@ -62,15 +65,17 @@ def _check_device(device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}") from None
+        raise InputError(f"unknown device {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but no CUDA GPU is available; use device='cpu'")
+        raise InputError(f"device {device} requested but no CUDA GPU is available; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
     return device
 
 
 def _check_prompt(prompt):
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
+        raise InputError("prompt must be a non-empty string")
 
 
 class Pipeline:
@@ -102,19 +107,20 @@ class Pipeline:
         """
         device = _check_device(device)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
+            raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
         if engines is not None and backend != "tensorrt":
-            raise ValueError(f"engines= is only used by backend='tensorrt', not {backend!r}")
+            raise InputError(f"engines= is only used by backend='tensorrt', not {backend!r}")
         backend, ops = backends.resolve(backend, device)
         optimize = optimize or Optimizations()
         optimize.check(device, dtype, backend)
         if loras and backend == "tensorrt":
-            raise ValueError("engines carry their LoRAs from export (`kontext-rt export --lora FILE`); loras= "
-                             "applies to the eager and triton backends")
+            raise InputError("loras= applies to the eager and triton backends: engines cannot take LoRAs (fuse "
+                             "them into the checkpoint before `kontext-rt export`)")
         layout = detect_layout(path, ae=ae, text_encoders=text_encoders)
         if layout.text_encoders is None:
             raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
                                   "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+        text = TextEncoders(layout.text_encoders, device, dtype)  # refuses unusable tokenizers before the weights
         cfg = transformer_config(layout)  # refuse before reading ~24 GB of weights
         if ops.head_dims is not None and cfg.head_dim not in ops.head_dims:
             raise backends.BackendUnavailable(
@@ -122,7 +128,7 @@ class Pipeline:
                 "use backend='eager'")
         if backend == "tensorrt":
             if engines is None:
-                raise ValueError("backend='tensorrt' needs engines=DIR, the folder `kontext-rt export --out DIR` "
+                raise InputError("backend='tensorrt' needs engines=DIR, the folder `kontext-rt export --out DIR` "
                                  "wrote")
             from .engines import open_engines
 
@@ -136,8 +142,7 @@ class Pipeline:
         variant = variant_of(layout, cfg)
         msl = max_sequence_length or variant.max_sequence_length
         if not isinstance(msl, int) or not 1 <= msl <= 512:
-            raise ValueError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
-        text = TextEncoders(layout.text_encoders, device, dtype)
+            raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         return cls(transformer, vae, text, variant, device, dtype, backend, ops, msl, cache, optimize, stack)
 
@@ -147,9 +152,10 @@ class Pipeline:
              auto_resize=True, latents=None, output="pil", sigmas=None, progress=None, report=None):
         """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction."""
         _check_prompt(prompt)
+        check_arguments(width, height, steps, guidance, seed)
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
-            raise ValueError("edit needs at least one context image")
+            raise InputError("edit needs at least one context image")
         with _Stage(report, "vae_encode", self.device):
             contexts = [self._encode_context(img, auto_resize) for img in images]
         (w0, h0) = contexts[0][1]
@@ -162,6 +168,7 @@ class Pipeline:
                  output="pil", sigmas=None, progress=None, report=None):
         """Text-to-image: the same sampler with no context tokens."""
         _check_prompt(prompt)
+        check_arguments(width, height, steps, guidance, seed)
         guidance = self.variant.generate_guidance if guidance is None else guidance
         return self._run(prompt, [], width, height, steps, guidance, seed, latents, output, sigmas, progress, report)
 
@@ -191,10 +198,10 @@ class Pipeline:
 
     def _lora_stack(self, what: str):
         if self._loras is None:
-            raise ValueError(f"{what}: backend 'tensorrt' runs engines; their LoRAs are fused at export "
-                             "(`kontext-rt export --lora FILE`)")
+            raise InputError(f"{what}: backend 'tensorrt' runs engines, which cannot take LoRAs (fuse them into "
+                             "the checkpoint before `kontext-rt export`)")
         if self.optimize.fp8 is not None:
-            raise ValueError(f"{what}: the FP8 weights were quantized at load; pass loras=[...] to from_pretrained "
+            raise InputError(f"{what}: the FP8 weights were quantized at load; pass loras=[...] to from_pretrained "
                              "to fuse LoRAs before quantization")
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -209,6 +216,7 @@ class Pipeline:
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
         _check_prompt(prompt)
+        self.text.warn_if_truncated(prompt, self.max_sequence_length)
         key = TextEmbeddingCache.key(prompt, self.max_sequence_length, self.text.fingerprint)
         hit = self.text_cache.get(key)
         if report is not None:
@@ -221,21 +229,19 @@ class Pipeline:
     def _check_run_args(self, width, height, guidance, output):
         im.check_size(width, height)
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance != guidance:
-            raise ValueError(f"guidance must be a number, got {guidance!r}")
+            raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
+        check_guidance(guidance)
 
     def _initial_noise(self, latents, batch, rows, cols, seed):
         if latents is not None:
             want = (rows * cols, LATENT_CHANNELS * 4)
             if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or tuple(latents.shape[1:]) != want:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(f"latents must be packed noise of shape [B, {want[0]}, {want[1]}], got {got}")
+                raise InputError(f"latents must be packed noise of shape [B, {want[0]}, {want[1]}], got {got}")
             return latents.to(self.device, torch.float32), None
         if seed is None:
             seed = secrets.randbits(63)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        check_seed(seed)
         gen = torch.Generator().manual_seed(seed)  # noise drawn on the CPU: the same seed gives the same image anywhere
         noise = torch.randn(batch, LATENT_CHANNELS, 2 * rows, 2 * cols, generator=gen)
         return im.pack(noise).to(self.device), seed
@@ -315,7 +321,7 @@ class EditSession:
     def edit(self, prompt: str, **kwargs):
         args = {**self.defaults, **kwargs}
         if args.get("output", "pil") != "pil":
-            raise ValueError("a session edits images: output must be 'pil'")
+            raise InputError("a session edits images: output must be 'pil'")
         out = self.pipe.edit(self.image, prompt, **args)
         self.history.append(out)
         return out
