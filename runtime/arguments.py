@@ -24,13 +24,13 @@ def _is_int(v) -> bool:
 
 def check_seed(seed) -> None:
     if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
-        raise InputError(f"seed must be an integer in 0..2**64-1 (torch's generator range), got {seed!r}")
+        raise InputError(f"seed must be a non-negative integer up to 2**64-1 (torch's generator range), got {seed!r}")
 
 
 def check_guidance(guidance) -> None:
     ok = isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and math.isfinite(guidance)
     if not ok or not GUIDANCE_MIN <= guidance <= GUIDANCE_MAX:
-        raise InputError(f"guidance must be a finite number in [{GUIDANCE_MIN:g}, {GUIDANCE_MAX:g}], got {guidance!r}")
+        raise InputError(f"guidance must be a number in [{GUIDANCE_MIN:g}, {GUIDANCE_MAX:g}], got {guidance!r}")
 
 
 def check_steps(steps) -> None:

@@ -30,10 +30,10 @@ def no_work(pipe, monkeypatch):
 BAD_RUNS = [
     (dict(width=4096), "width 4096 is over the 2048 px limit"),
     (dict(height=2064), "height 2064 is over the 2048 px limit"),
-    (dict(seed=2**64), r"seed must be an integer in 0\.\.2\*\*64-1"),
-    (dict(seed=-1), r"seed must be an integer in 0\.\.2\*\*64-1"),
+    (dict(seed=2**64), r"seed must be a non-negative integer up to 2\*\*64-1"),
+    (dict(seed=-1), r"seed must be a non-negative integer up to 2\*\*64-1"),
     (dict(seed=True), "seed"),
-    (dict(guidance=math.inf), r"guidance must be a finite number in \[0, 100\]"),
+    (dict(guidance=math.inf), r"guidance must be a number in \[0, 100\]"),
     (dict(guidance=math.nan), "guidance"),
     (dict(guidance=1e308), "guidance"),
     (dict(guidance=-1.0), "guidance"),
@@ -129,3 +129,21 @@ def test_converted_validation_errors_are_input_errors():
         with pytest.raises(InputError) as info:
             call()
         assert isinstance(info.value, (KontextError, ValueError))
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_truncation_warning_exactly_when_t5_truncates(pipe, kontext_dir, extra):
+    """The warning follows the tokenizer's own truncation: a prompt of max_sequence_length tokens (with </s>)
+    is whole, one more token loses one."""
+    from transformers import T5TokenizerFast
+
+    tok = T5TokenizerFast.from_pretrained(kontext_dir / "tokenizer_2")
+    msl = pipe.max_sequence_length
+    prompt = "a" * (msl - 1 + extra)  # tiny T5: '▁a', then one token per 'a', then </s>
+    assert len(tok(prompt).input_ids) == msl + extra
+    truncated = tok(prompt, max_length=msl, truncation=True).input_ids != tok(prompt).input_ids
+    assert truncated == bool(extra)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.text.warn_if_truncated(prompt, msl)
+    assert any("T5 tokens" in str(w.message) for w in caught) == truncated
