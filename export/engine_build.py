@@ -16,10 +16,12 @@ import os
 import time
 from pathlib import Path
 
+from kontext_rt.errors import BackendUnavailable
+
 from .specs import GraphSpec
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(BackendUnavailable):
     pass
 
 

@@ -1,7 +1,8 @@
 """`kontext-rt`: edit, generate, demo and export from the command line.
 
-The only place that reads the environment (the cache folder). Bad input: one `error: ...` line on stderr, exit
-status 2, no traceback and no output file.
+The only place that reads the environment (the cache folder). Bad input (any KontextError, argparse's errors
+included) is one `error: ...` line on stderr, exit status 2, no traceback and no output file; it is checked before
+the checkpoint loads wherever it can be. Anything else is a bug: the traceback, a line saying so, exit status 1.
 """
 
 from __future__ import annotations
@@ -10,16 +11,22 @@ import argparse
 import os
 import secrets
 import sys
+import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
-EXIT_USAGE = 2
+from .errors import InputError, KontextError
+
+EXIT_BUG, EXIT_USAGE = 1, 2
+BUG_LINE = "error: internal error (a bug in kontext-rt): please report it with the traceback above"
 EDIT_VARIANT = "flux-kontext-dev"  # what `edit` takes a checkpoint to be when its shapes leave it open
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                "fp16": "float16", "float16": "float16"}
 
 
-class UsageError(Exception):
-    pass
+class UsageError(InputError):
+    """A bad command line: a missing or malformed argument, or a user's file that cannot be used."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,8 +67,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kontext-rt"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kontext-rt")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kontext-rt", description="FLUX.1 Kontext editing and FLUX.1 generation.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sp, needs_checkpoint=True):
@@ -71,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
             sp.add_argument("--variant", help="flux-kontext-dev, flux-dev or flux-schnell: what a BFL file holds "
                             "when its shapes leave it open (generate needs it; edit takes flux-kontext-dev)")
-        sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...)")
+        sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
         sp.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
-        sp.add_argument("--guidance", type=_finite_float, help="distilled guidance scale")
-        sp.add_argument("--seed", type=_nonneg_int, help="noise seed (default: random, printed)")
+        sp.add_argument("--guidance", type=_finite_float, help="distilled guidance scale, 0 to 100")
+        sp.add_argument("--seed", type=_nonneg_int, help="noise seed, 0 to 2**64-1 (default: random, printed)")
         sp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
         sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
@@ -88,14 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("image")
     e.add_argument("prompt")
     e.add_argument("--extra-image", action="append", default=[], help="another context image (repeatable)")
-    e.add_argument("--width", type=_positive_int)
-    e.add_argument("--height", type=_positive_int)
+    e.add_argument("--width", type=_positive_int, help="output width (default: the context's, after resizing)")
+    e.add_argument("--height", type=_positive_int, help="output height, like --width; at most 2048 px a side")
     e.add_argument("--no-auto-resize", action="store_true", help="keep the context size (floored to 16 px)")
     common(e)
     g = sub.add_parser("generate", help="text-to-image")
     g.add_argument("prompt")
-    g.add_argument("--width", type=_positive_int, default=1024)
-    g.add_argument("--height", type=_positive_int, default=1024)
+    g.add_argument("--width", type=_positive_int, default=1024, help="a multiple of 16, at most 2048")
+    g.add_argument("--height", type=_positive_int, default=1024, help="a multiple of 16, at most 2048")
     common(g)
     d = sub.add_parser("demo", help="edit with a small random-weight checkpoint on the CPU (no downloads)")
     common(d, needs_checkpoint=False)
@@ -133,8 +150,11 @@ def _export(args) -> int:
 
     prompts = DEFAULT_PROMPTS
     if args.calibration_prompts:
-        prompts = tuple(line.strip() for line in Path(args.calibration_prompts).read_text().splitlines()
-                        if line.strip())
+        try:
+            text = Path(args.calibration_prompts).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{args.calibration_prompts}: cannot read the prompts ({e})") from None
+        prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
         if not prompts:
             raise UsageError(f"{args.calibration_prompts}: no prompts in it")
     for image in args.calibration_images:
@@ -157,7 +177,8 @@ def _export(args) -> int:
     return 0
 
 
-def _check_output(path: str | None) -> Path:
+def _check_output(path: str | Path | None, inputs=()) -> Path:
+    """The output path, refused before any work: unknown extension, missing or unwritable folder, an input."""
     from PIL import Image
 
     if not path:
@@ -167,7 +188,24 @@ def _check_output(path: str | None) -> Path:
         raise UsageError(f"output {out}: unknown image extension {out.suffix!r} (use .png, .jpg, .webp)")
     if not out.parent.is_dir():
         raise UsageError(f"output {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a folder")
+    for src in inputs:
+        if out.exists() and Path(src).exists() and os.path.samefile(out, src):
+            raise UsageError(f"output {out} is the input image {src}: it would be overwritten; write to another file")
+    _check_writable(out.parent, f"output {out}")
     return out
+
+
+def _check_writable(folder: Path, what: str):
+    """Create and remove a file in `folder`: the only test of writability that root, ACLs and read-only mounts
+    all answer truthfully."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kontext-rt-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
 
 
 def _save(img, out: Path):
@@ -176,6 +214,8 @@ def _save(img, out: Path):
     try:
         img.save(tmp)
         os.replace(tmp, out)
+    except OSError as e:  # a full disk, a folder made read-only during the run: name the user's path
+        raise UsageError(f"output {out}: cannot write it ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -189,17 +229,17 @@ def _device_dtype(args):
     return device, getattr(torch, name)
 
 
-def _summary(report, steps_label: str) -> str:
+def _summary(report, label: str) -> str:
     names = [("text_encode", "text encode"), ("vae_encode", "VAE encode"), ("denoise", "denoise"),
              ("vae_decode", "VAE decode")]
     parts = []
-    for key, label in names:
+    for key, name in names:
         if key in report.timings:
             extra = " (cache hit)" if key == "text_encode" and report.text_cache_hit else ""
             if key == "denoise" and report.steps:
                 extra = f" ({report.steps} steps, {report.timings[key] / report.steps * 1000:.1f} ms/step)"
-            parts.append(f"{label} {report.timings[key]:.2f} s{extra}")
-    return f"{steps_label} | " + " | ".join(parts) + f" | seed {report.seed}"
+            parts.append(f"{name} {report.timings[key]:.2f} s{extra}")
+    return f"{label} | " + " | ".join(parts) + f" | seed {report.seed}"
 
 
 def _quiet_libraries():
@@ -222,46 +262,114 @@ def _variant(args) -> str | None:
     return fmt.variant(if_ambiguous=EDIT_VARIANT).name
 
 
-def _run(args) -> int:
-    import kontext_rt as krt
+def _show_warnings(category):
+    """Warnings of `category` as one `warning: ...` line on stderr; others as Python prints them."""
+    original = warnings.showwarning
+
+    def show(message, cat, filename, lineno, file=None, line=None):
+        if issubclass(cat, category):
+            print(f"warning: {_one_line(message)}", file=sys.stderr)
+        else:
+            original(message, cat, filename, lineno, file, line)
+
+    warnings.simplefilter("always", category)
+    warnings.showwarning = show
+
+
+def _contexts(args) -> list[tuple[object, tuple[int, int], tuple[int, int]]]:
+    """(RGB image, its size, the size it is encoded at) per context image, read and checked before any loading."""
     from kontext_rt import demo
+    from kontext_rt import image as im
+
+    if args.command == "demo":
+        pil = demo.demo_image()
+        return [(pil, pil.size, im.context_size(*pil.size, False))]
+    out = []
+    for path in [args.image, *args.extra_image]:
+        pil = im.load_image(path)
+        out.append((pil, pil.size, im.context_size(*pil.size, not args.no_auto_resize, name=f"image {path}")))
+    return out
+
+
+def _text_cache_dir(args, cache_dir: Path) -> Path | None:
+    """The on-disk text cache folder, or None (with a warning) when it cannot be written: the run goes on."""
+    if args.no_text_cache:
+        return None
+    folder = cache_dir / "text"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _check_writable(folder, "text cache")
+    except (OSError, UsageError) as e:
+        print(f"warning: {_one_line(e)}; running without the on-disk text cache", file=sys.stderr)
+        return None
+    return folder
+
+
+def _run(args) -> int:
+    from kontext_rt import arguments, demo
+    from kontext_rt.text import PromptTruncated
 
     _quiet_libraries()
+    _show_warnings(PromptTruncated)
     if args.command == "export":
         return _export(args)
 
-    out = _check_output(args.output) if args.command != "demo" or args.output else None
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.command == "demo":
-        out = out or cache_dir / "demo-output.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        args.output = args.output or cache_dir / "demo-output.png"
+        try:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"output {args.output}: cannot create its folder ({e.strerror or e})") from None
+    inputs = [args.image, *args.extra_image] if args.command == "edit" else []
+    out = _check_output(args.output, inputs)
+    arguments.check(getattr(args, "width", None), getattr(args, "height", None), args.steps, args.guidance, args.seed)
+    contexts = _contexts(args) if args.command != "generate" else []
+    text_cache = _text_cache_dir(args, cache_dir)
+    if args.command == "demo":
         print("demo: the weights are RANDOM (a tiny model written locally): the picture will be noise; this only "
               "proves the install runs end to end", file=sys.stderr)
-        args.checkpoint = demo.demo_checkpoint(cache_dir)
+        try:
+            args.checkpoint = demo.demo_checkpoint(cache_dir)
+        except OSError as e:
+            raise UsageError(f"cache folder {cache_dir}: cannot write the demo checkpoint ({e.strerror or e})") \
+                from None
         args.ae = args.text_encoders = args.variant = None
         args.device = args.device or "cpu"
+    img, report = _generate(args, contexts, text_cache)
+    _save(img, out)
+    if not args.quiet:
+        label = f"{img.size[0]}x{img.size[1]} -> {out}"
+        if contexts:
+            label = "context " + ", ".join(f"{a[0]}x{a[1]} -> {b[0]}x{b[1]}" for _, a, b in contexts) + " | " + label
+        print(_summary(report, label), file=sys.stderr)
+    return 0
+
+
+def _generate(args, contexts, text_cache: Path | None):
+    """Load the pipeline and run the command: the expensive part, after every check that can come first."""
+    import kontext_rt as krt
+
     device, dtype = _device_dtype(args)
     pipe = krt.Pipeline.from_pretrained(
         args.checkpoint, device=device, dtype=dtype, backend=args.backend, ae=args.ae,
-        text_encoders=args.text_encoders, text_cache_dir=None if args.no_text_cache else cache_dir / "text",
-        engines=args.engines, variant=_variant(args),
+        text_encoders=args.text_encoders, text_cache_dir=text_cache, engines=args.engines,
+        variant=_variant(args),
     )
     report = krt.RunReport()
     bar = _progress(args.quiet)
     common = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, progress=bar, report=report)
-    if args.command == "generate":
-        img = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
-    elif args.command == "edit":
-        images = [args.image, *args.extra_image]
-        img = pipe.edit(images, args.prompt, width=args.width, height=args.height,
-                        auto_resize=not args.no_auto_resize, **common)
-    else:
-        img = pipe.edit(demo.demo_image(), "turn the disc into a red apple", auto_resize=False, **common)
-    bar.close()
-    _save(img, out)
-    if not args.quiet:
-        print(_summary(report, f"{img.size[0]}x{img.size[1]} -> {out}"), file=sys.stderr)
-    return 0
+    try:
+        if args.command == "generate":
+            img = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
+        elif args.command == "edit":
+            img = pipe.edit([pil for pil, _, _ in contexts], args.prompt, width=args.width, height=args.height,
+                            auto_resize=not args.no_auto_resize, **common)
+        else:
+            img = pipe.edit(contexts[0][0], "turn the disc into a red apple", auto_resize=False, **common)
+    finally:  # an error after the first step starts on a line of its own
+        bar.close()
+    return img, report
 
 
 class _progress:
@@ -282,22 +390,34 @@ class _progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
 
 
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return _run(args)
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    except UsageError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with warnings.catch_warnings():
+            return _run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KontextError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        # ValueError covers CheckpointError and every validation error of the public API.
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception:
+        traceback.print_exc()
+        print(BUG_LINE, file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

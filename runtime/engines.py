@@ -64,7 +64,7 @@ def pick_profile(ranges: list[dict], shapes: dict[str, tuple[int, ...]]) -> int:
         if all(all(lo <= s <= hi for s, lo, hi in zip(shapes[n], r[0], r[2], strict=True)) for n, r in profile.items()):
             return p
     listed = "; ".join(", ".join(f"{n} {tuple(r[0])}..{tuple(r[2])}" for n, r in profile.items()) for profile in ranges)
-    raise ValueError(f"input shapes {shapes} are outside every optimization profile of this engine ({listed}); "
+    raise EngineError(f"input shapes {shapes} are outside every optimization profile of this engine ({listed}); "
                      "export again with profiles that cover them")
 
 

@@ -9,8 +9,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError
+
 MULTIPLE = 16  # VAE /8 and the 2x2 patch
 MAX_PIXELS = 64 * 2**20  # refuse larger inputs before decoding them (decompression bombs)
+# The largest side of an image the model works at (output, or context after resizing). FLUX.1 was trained up to
+# about 2 MP; memory grows with the square of the area beyond that (the VAE's mid-block attends over every latent
+# pixel: 4096x4096 asks for 256 GiB of attention scores where SDPA has no fused kernel).
+MAX_SIDE = 2048
 
 PREFERRED_KONTEXT_RESOLUTIONS = [  # (width, height)
     (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
@@ -20,11 +26,11 @@ PREFERRED_KONTEXT_RESOLUTIONS = [  # (width, height)
 
 
 def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """A PIL image or a path -> an RGB PIL image; bad input raises ValueError naming the problem."""
+    """A PIL image or a path -> an RGB PIL image; bad input raises InputError naming the problem."""
     if isinstance(src, (str, Path)):
         path = Path(src)
         if not path.is_file():
-            raise ValueError(f"image {path}: file not found")
+            raise InputError(f"image {path}: file not found")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -32,9 +38,9 @@ def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 _check_size(img.size, str(path), max_pixels)
                 img.load()
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ValueError(f"image {path}: not a readable image ({e})") from None
+            raise InputError(f"image {path}: not a readable image ({e})") from None
         except OSError as e:
-            raise ValueError(f"image {path}: unreadable ({e})") from None
+            raise InputError(f"image {path}: unreadable ({e})") from None
     elif isinstance(src, Image.Image):
         img = src
         _check_size(img.size, "image", max_pixels)
@@ -46,28 +52,41 @@ def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
 def _check_size(size, name: str, max_pixels: int):
     w, h = size
     if w <= 0 or h <= 0:
-        raise ValueError(f"{name} has zero size ({w}x{h})")
+        raise InputError(f"{name} has zero size ({w}x{h})")
     if w * h > max_pixels:
-        raise ValueError(f"{name} is {w}x{h} = {w * h / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit")
+        raise InputError(f"{name} is {w}x{h} = {w * h / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit")
     if w < MULTIPLE or h < MULTIPLE:
-        raise ValueError(f"{name} is {w}x{h}: both sides must be at least {MULTIPLE} pixels")
+        raise InputError(f"{name} is {w}x{h}: both sides must be at least {MULTIPLE} pixels")
 
 
-def context_size(width: int, height: int, auto_resize: bool) -> tuple[int, int]:
-    """Floor to multiples of 16; with auto_resize, the preferred resolution of nearest aspect ratio."""
-    width, height = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
+def context_size(width: int, height: int, auto_resize: bool, name: str = "context image") -> tuple[int, int]:
+    """Floor to multiples of 16; with auto_resize, the preferred resolution of nearest aspect ratio.
+
+    Without auto_resize, a side over MAX_SIDE is refused (InputError): the image would be encoded at that size.
+    """
+    floored = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
     if auto_resize:
-        ar = width / height
-        _, width, height = min((abs(ar - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
-    return width, height
+        ar = floored[0] / floored[1]
+        return min((abs(ar - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)[1:]
+    if max(floored) > MAX_SIDE:
+        raise InputError(f"{name} is {width}x{height}: without auto-resize it is encoded at {floored[0]}x"
+                         f"{floored[1]}, over the {MAX_SIDE} px limit on a side; resize it or use auto-resize")
+    return floored
 
 
 def check_size(width, height):
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if v % MULTIPLE:
-            raise ValueError(f"{name} {v} is not a multiple of {MULTIPLE}")
+    """Output width and height: positive multiples of 16, at most MAX_SIDE (InputError otherwise)."""
+    check_side("width", width)
+    check_side("height", height)
+
+
+def check_side(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise InputError(f"{name} must be a positive integer, got {v!r}")
+    if v % MULTIPLE:
+        raise InputError(f"{name} {v} is not a multiple of {MULTIPLE}")
+    if v > MAX_SIDE:
+        raise InputError(f"{name} {v} is over the {MAX_SIDE} px limit on a side")
 
 
 def to_tensor(img: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -184,10 +184,10 @@ class LoRAStack:
 
     def load(self, path, strength: float = 1.0, name: str | None = None) -> str:
         if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
-            raise ValueError(f"strength must be a finite number, got {strength!r}")
+            raise LoRAError(f"strength must be a finite number, got {strength!r}")
         name = Path(path).stem if name is None else name
         if name in self.names():
-            raise ValueError(f"a LoRA named {name!r} is already loaded; unload it first or pass another name")
+            raise LoRAError(f"a LoRA named {name!r} is already loaded; unload it first or pass another name")
         deltas = read(path, self.model)  # every check before the first weight changes
         params = dict(self.model.named_parameters())
         for d in deltas:
@@ -200,7 +200,7 @@ class LoRAStack:
     def unload(self, name: str | None = None) -> None:
         """Remove one LoRA (the others are fused again from the originals) or, with no name, all of them."""
         if name is not None and name not in self.names():
-            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self.names()) or 'none'})")
+            raise LoRAError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self.names()) or 'none'})")
         keep = [] if name is None else [entry for entry in self.loaded if entry[0] != name]
         params = dict(self.model.named_parameters())
         with torch.no_grad():

@@ -11,6 +11,8 @@ import torch
 
 from . import backends
 from . import image as im
+from .arguments import check as check_arguments
+from .arguments import check_guidance, check_seed
 from .backends import Loaded, LoadRequest
 from .checkpoint import detect
 from .config import FluxConfig, Variant
@@ -53,15 +55,17 @@ def _check_device(device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}") from None
+        raise InputError(f"unknown device {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but no CUDA GPU is available; use device='cpu'")
+        raise InputError(f"device {device} requested but no CUDA GPU is available; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
     return device
 
 
 def _check_prompt(prompt):
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
+        raise InputError("prompt must be a non-empty string")
 
 
 class Pipeline:
@@ -111,8 +115,8 @@ class Pipeline:
         request = LoadRequest(checkpoint, Path(path), cfg, dtype, optimize, tuple(loras),
                               None if engines is None else Path(engines), engine_precision)
         chosen.check(request)
+        text = TextEncoders(checkpoint.text_encoders, device, dtype)  # refuses unusable tokenizers before the weights
         loaded = chosen.load(request)
-        text = TextEncoders(checkpoint.text_encoders, device, dtype)
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         return cls(loaded, cfg, text, variant, device, dtype, chosen.name, msl, cache, optimize)
 
@@ -122,9 +126,10 @@ class Pipeline:
              auto_resize=True, latents=None, output="pil", sigmas=None, progress=None, report=None):
         """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction."""
         _check_prompt(prompt)
+        check_arguments(width, height, steps, guidance, seed)
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
-            raise ValueError("edit needs at least one context image")
+            raise InputError("edit needs at least one context image")
         with _Stage(report, "vae_encode", self.device):
             contexts = [self._encode_context(img, auto_resize) for img in images]
         (w0, h0) = contexts[0][1]
@@ -137,6 +142,7 @@ class Pipeline:
                  output="pil", sigmas=None, progress=None, report=None):
         """Text-to-image: the same sampler with no context tokens."""
         _check_prompt(prompt)
+        check_arguments(width, height, steps, guidance, seed)
         guidance = self.variant.generate_guidance if guidance is None else guidance
         return self._run(prompt, [], width, height, steps, guidance, seed, latents, output, sigmas, progress, report)
 
@@ -169,7 +175,7 @@ class Pipeline:
             raise InputError(f"{what}: backend {self.backend!r} runs engines, which take no LoRAs: fuse a LoRA into "
                              "the checkpoint's weights before exporting it, or use the eager or triton backend")
         if self.optimize.fp8 is not None:
-            raise ValueError(f"{what}: the FP8 weights were quantized at load; pass loras=[...] to from_pretrained "
+            raise InputError(f"{what}: the FP8 weights were quantized at load; pass loras=[...] to from_pretrained "
                              "to fuse LoRAs before quantization")
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -184,6 +190,7 @@ class Pipeline:
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
         _check_prompt(prompt)
+        self.text.warn_if_truncated(prompt, self.max_sequence_length)
         key = TextEmbeddingCache.key(prompt, self.max_sequence_length, self.text.fingerprint)
         hit = self.text_cache.get(key)
         if report is not None:
@@ -196,21 +203,19 @@ class Pipeline:
     def _check_run_args(self, width, height, guidance, output):
         im.check_size(width, height)
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance != guidance:
-            raise ValueError(f"guidance must be a number, got {guidance!r}")
+            raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
+        check_guidance(guidance)
 
     def _initial_noise(self, latents, batch, rows, cols, seed):
         if latents is not None:
             want = (rows * cols, LATENT_CHANNELS * 4)
             if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or tuple(latents.shape[1:]) != want:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(f"latents must be packed noise of shape [B, {want[0]}, {want[1]}], got {got}")
+                raise InputError(f"latents must be packed noise of shape [B, {want[0]}, {want[1]}], got {got}")
             return latents.to(self.device, torch.float32), None
         if seed is None:
             seed = secrets.randbits(63)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        check_seed(seed)
         gen = torch.Generator().manual_seed(seed)  # noise drawn on the CPU: the same seed gives the same image anywhere
         noise = torch.randn(batch, LATENT_CHANNELS, 2 * rows, 2 * cols, generator=gen)
         return im.pack(noise).to(self.device), seed
@@ -257,7 +262,7 @@ class EditSession:
     def edit(self, prompt: str, **kwargs):
         args = {**self.defaults, **kwargs}
         if args.get("output", "pil") != "pil":
-            raise ValueError("a session edits images: output must be 'pil'")
+            raise InputError("a session edits images: output must be 'pil'")
         out = self.pipe.edit(self.image, prompt, **args)
         self.history.append(out)
         return out

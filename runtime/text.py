@@ -1,6 +1,8 @@
 """T5 + CLIP text encoding behind a text-embedding cache (REFERENCE.md section 5.4).
 
 The encoders load lazily, on the first cache miss: a server whose prompts are all cached never loads T5-XXL.
+The tokenizers (small files) load at once and are checked: transformers builds a T5 tokenizer from its special
+tokens alone when tokenizer.json is missing, and would turn every prompt into <unk> without a word.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +20,45 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError
 from .safetensors_io import CheckpointError, digest_file
 
 SUBFOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+# What each tokenizer is built from (any one set of files): CLIPTokenizer and T5TokenizerFast's vocab_files_names.
+TOKENIZER_FILES = {"tokenizer": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+                   "tokenizer_2": (("tokenizer.json",), ("spiece.model",))}
+ENCODER_OF = {"tokenizer": "text_encoder", "tokenizer_2": "text_encoder_2"}
+PROBE = "a photo of a cat"  # plain words every real vocabulary holds: an <unk> among them means no vocabulary
+
+
+class PromptTruncated(UserWarning):
+    """A prompt longer than a text encoder reads: the tokens past its limit are dropped."""
 
 
 def _missing(folder: Path) -> list[str]:
     return [s for s in SUBFOLDERS if not (folder / s).is_dir()]
+
+
+def _check_tokenizer_files(folder: Path):
+    for sub, alternatives in TOKENIZER_FILES.items():
+        if not any(all((folder / sub / f).is_file() for f in files) for files in alternatives):
+            need = " or ".join(" + ".join(files) for files in alternatives)
+            raise CheckpointError(f"{folder / sub}: no tokenizer files (it needs {need})")
+
+
+def _check_tokenizer(tok, folder: Path, sub: str):
+    """Refuse a tokenizer that maps plain words to <unk>, or has ids past its encoder's embedding table."""
+    ids = tok(PROBE, add_special_tokens=False).input_ids
+    if tok.unk_token_id is not None and tok.unk_token_id in ids:
+        raise CheckpointError(f"{folder / sub}: unusable tokenizer: {PROBE!r} maps to {tok.unk_token} (a "
+                              f"{len(tok)}-token vocabulary); its tokenizer files are damaged or not this model's")
+    try:
+        rows = json.loads((folder / ENCODER_OF[sub] / "config.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError):
+        return  # the encoder's own load reports its config
+    if len(tok) > rows:
+        raise CheckpointError(f"{folder / sub}: {len(tok)} tokens, but {ENCODER_OF[sub]} embeds only {rows}: "
+                              "the tokenizer is not this encoder's")
 
 
 def fingerprint(folder: Path) -> str:
@@ -45,8 +80,10 @@ class TextEncoders:
         folder = Path(folder)
         if missing := _missing(folder):
             raise CheckpointError(f"{folder}: text encoders missing ({', '.join(missing)})")
+        _check_tokenizer_files(folder)
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self._lock = threading.Lock()
+        self._tokenizers = self._load_tokenizers()
         self._models = None
         self._fingerprint = None
 
@@ -61,20 +98,42 @@ class TextEncoders:
     def loaded(self) -> bool:
         return self._models is not None
 
-    def _load(self):
-        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    def _load_tokenizers(self):
+        from transformers import CLIPTokenizer, T5TokenizerFast
 
-        kw = dict(local_files_only=True)
-        mkw = dict(kw, use_safetensors=True, dtype=self.dtype)
         try:
-            tok = CLIPTokenizer.from_pretrained(self.folder / "tokenizer", **kw)
-            tok2 = T5TokenizerFast.from_pretrained(self.folder / "tokenizer_2", **kw)
-            clip = CLIPTextModel.from_pretrained(self.folder / "text_encoder", **mkw)
-            t5 = T5EncoderModel.from_pretrained(self.folder / "text_encoder_2", **mkw)
+            tok = CLIPTokenizer.from_pretrained(self.folder / "tokenizer", local_files_only=True)
+            tok2 = T5TokenizerFast.from_pretrained(self.folder / "tokenizer_2", local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{self.folder}: cannot load the tokenizers ({e})") from None
+        _check_tokenizer(tok, self.folder, "tokenizer")
+        _check_tokenizer(tok2, self.folder, "tokenizer_2")
+        return tok, tok2
+
+    def _load(self):
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        kw = dict(local_files_only=True, use_safetensors=True, dtype=self.dtype)
+        try:
+            clip = CLIPTextModel.from_pretrained(self.folder / "text_encoder", **kw)
+            t5 = T5EncoderModel.from_pretrained(self.folder / "text_encoder_2", **kw)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.folder}: cannot load the text encoders ({e})") from None
-        clip, t5 = (m.to(self.device).eval().requires_grad_(False) for m in (clip, t5))
-        return tok, tok2, clip, t5
+        return tuple(m.to(self.device).eval().requires_grad_(False) for m in (clip, t5))
+
+    def warn_if_truncated(self, prompt: str, max_sequence_length: int) -> None:
+        """Warn (PromptTruncated) when the prompt has more tokens than T5 (max_sequence_length) or CLIP read."""
+        tok, tok2 = self._tokenizers
+        over = []
+        n = len(tok2(prompt, verbose=False).input_ids)  # with the closing </s>, as encode counts it
+        if n > max_sequence_length:
+            over.append(f"{n} T5 tokens, max_sequence_length {max_sequence_length}")
+        n = len(tok(prompt, verbose=False).input_ids)  # with <|startoftext|> and <|endoftext|>
+        if n > tok.model_max_length:
+            over.append(f"{n} CLIP tokens, CLIP's limit {tok.model_max_length}")
+        if over:
+            warnings.warn(PromptTruncated(f"the prompt is truncated ({'; '.join(over)}): the tokens past the "
+                                          "limit are ignored"), stacklevel=3)
 
     @torch.inference_mode()
     def encode(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +141,7 @@ class TextEncoders:
         with self._lock:
             if self._models is None:
                 self._models = self._load()
-        tok, tok2, clip, t5 = self._models
+        (tok, tok2), (clip, t5) = self._tokenizers, self._models
         ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         pooled = clip(ids.to(self.device)).pooler_output
@@ -104,7 +163,7 @@ class TextEmbeddingCache:
 
     def __init__(self, capacity: int = 64, folder: Path | None = None):
         if capacity < 0:
-            raise ValueError(f"cache capacity must be >= 0, got {capacity}")
+            raise InputError(f"cache capacity must be >= 0, got {capacity}")
         self.capacity, self.folder = capacity, Path(folder) if folder else None
         self._lru: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()

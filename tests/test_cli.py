@@ -118,3 +118,198 @@ def test_demo_checkpoint_leaves_the_global_rng_alone(tmp_path):
     torch.manual_seed(123)
     demo_checkpoint(tmp_path)
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---- refused before anything loads ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Pipeline.from_pretrained fails if called: a check that should come first did not."""
+    import kontext_rt
+
+    def loaded(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the check")
+
+    monkeypatch.setattr(kontext_rt.Pipeline, "from_pretrained", loaded)
+
+
+def _one_error_line(code, err, match):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["generate", "x", "--width", "4096"], "width 4096 is over the 2048 px limit"),
+        (["generate", "x", "--height", "2064"], "height 2064 is over the 2048 px limit"),
+        (["edit", "{pic}", "x", "--width", "4096"], "width 4096 is over the 2048 px limit"),
+        (["edit", "{big}", "x", "--no-auto-resize"], "2064x32, over the 2048 px limit"),
+        (["edit", "{pic}", "x", "--seed", str(2**70)], "seed must be a non-negative integer up to 2**64-1"),
+        (["generate", "x", "--seed", str(2**64)], "seed must be a non-negative integer up to 2**64-1"),
+        (["edit", "{pic}", "x", "--guidance", "1e308"], "guidance must be a number in [0, 100]"),
+        (["generate", "x", "--guidance", "-0.5"], "guidance must be a number in [0, 100]"),
+        (["edit", "{pic}", "x", "-o", "{pic}"], "is the input image"),
+        (["edit", "{pic}", "x", "-o", "{link}"], "is the input image"),
+        (["edit", "{pic}", "x", "--extra-image", "{other}", "-o", "{other}"], "is the input image"),
+    ],
+)
+def test_refused_before_the_checkpoint_loads(args, match, no_loading, picture, tmp_path, capsys):
+    Image.new("RGB", (2064, 32)).save(tmp_path / "big.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "other.png")
+    (tmp_path / "link.png").symlink_to(picture)
+    subs = {"{pic}": picture, "{big}": tmp_path / "big.png", "{other}": tmp_path / "other.png",
+            "{link}": tmp_path / "link.png"}
+    argv = [str(subs.get(a, a)) for a in args]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "out.png")]
+    before = {p: p.read_bytes() for p in subs.values()}
+    code, err = run(argv + ["--checkpoint", tmp_path / "ckpt", "--cache-dir", tmp_path / "c"], capsys)
+    _one_error_line(code, err, match)
+    assert not (tmp_path / "out.png").exists() and not (tmp_path / "c").exists()
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def _unwritable_folders():
+    """Folders nobody may create files in: a chmod 555 one (not for root, who ignores modes) and sysfs."""
+    import os
+
+    cases = [pytest.param("chmod", marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere"))]
+    return cases + [pytest.param("/sys", marks=pytest.mark.skipif(not os.path.isdir("/sys"), reason="no sysfs"))]
+
+
+@pytest.mark.parametrize("folder", _unwritable_folders())
+def test_unwritable_output_folder_is_refused_first(folder, no_loading, picture, tmp_path, capsys):
+    from pathlib import Path
+
+    if folder == "chmod":
+        folder = tmp_path / "ro"
+        folder.mkdir(mode=0o555)
+    out = Path(folder) / "kontext-rt-out.png"
+    code, err = run(["edit", picture, "x", "--checkpoint", tmp_path, "-o", out], capsys)
+    _one_error_line(code, err, f"output {out}: cannot write in {folder}")
+
+
+def test_a_failed_save_names_the_users_path(kontext_dir, picture, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "out.png"
+    code, err = run(["edit", picture, "x", "--checkpoint", kontext_dir, "-o", out, "--steps", "1", "-q",
+                     "--no-auto-resize", "--no-text-cache"], capsys)
+    _one_error_line(code, err, f"output {out}: cannot write it (No space left on device)")
+    assert "partial" not in err and not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_missing_t5_tokenizer_file_is_refused(kontext_dir, picture, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import kontext_rt.pipeline
+
+    def loaded(*a, **k):
+        raise AssertionError("transformer weights read before the tokenizer check")
+
+    monkeypatch.setattr(kontext_rt.pipeline, "load_transformer", loaded)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(kontext_dir, ckpt)
+    (ckpt / "tokenizer_2" / "tokenizer.json").unlink()
+    code, err = run(["edit", picture, "x", "--checkpoint", ckpt, "-o", tmp_path / "o.png"], capsys)
+    _one_error_line(code, err, "tokenizer_2: no tokenizer files (it needs tokenizer.json or spiece.model)")
+
+
+# ---- after the run has started ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["input", "bug"])
+def test_errors_during_the_run(kind, kontext_dir, picture, tmp_path, capsys, monkeypatch):
+    """A KontextError is one `error:` line, exit 2; anything else is a bug: traceback, a line saying so, exit 1.
+    Raised in VAE decode, after the progress bar started: the error begins a line of its own."""
+    from kontext_rt import InputError
+    from kontext_rt.cli import BUG_LINE
+    from kontext_rt.vae import AutoEncoder
+
+    def decode(self, z):
+        raise InputError("refused in decode") if kind == "input" else ZeroDivisionError("a bug in decode")
+
+    monkeypatch.setattr(AutoEncoder, "decode", decode)
+    out = tmp_path / "out.png"
+    code, err = run(["edit", picture, "x", "--checkpoint", kontext_dir, "-o", out, "--steps", "2",
+                     "--no-auto-resize", "--no-text-cache"], capsys)
+    lines = err.split("\n")  # the bar redraws with \r: only \n starts a line on a terminal
+    assert "denoise" in err and not out.exists() and not list(tmp_path.glob(".*partial*"))
+    if kind == "input":
+        assert code == 2 and "Traceback" not in err
+        assert [line for line in lines if "error" in line] == ["error: refused in decode"], err
+    else:
+        assert code == 1 and "Traceback (most recent call last)" in err and "ZeroDivisionError: a bug in decode" in err
+        assert [line for line in lines if "error:" in line] == [BUG_LINE], err
+
+
+def test_long_prompt_warns_with_the_token_counts(kontext_dir, picture, tmp_path, capsys):
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    prompt = "make the disc a shiny red apple " * 30
+    n_t5 = len(T5TokenizerFast.from_pretrained(kontext_dir / "tokenizer_2")(prompt).input_ids)
+    n_clip = len(CLIPTokenizer.from_pretrained(kontext_dir / "tokenizer")(prompt).input_ids)
+    assert n_t5 > 512 and n_clip > 77  # the kontext checkpoint's max_sequence_length, CLIP's context
+    out = tmp_path / "out.png"
+    code, err = run(["edit", picture, prompt, "--checkpoint", kontext_dir, "-o", out, "--steps", "1", "-q",
+                     "--no-auto-resize", "--no-text-cache"], capsys)
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: "), err
+    assert f"{n_t5} T5 tokens, max_sequence_length 512" in lines[0] and f"{n_clip} CLIP tokens" in lines[0]
+
+
+def test_summary_names_the_context_resize(kontext_dir, tmp_path, capsys):
+    src = tmp_path / "odd.png"
+    Image.new("RGB", (88, 40)).save(src)
+    out = tmp_path / "out.png"
+    code, err = run(["edit", src, "x", "--checkpoint", kontext_dir, "-o", out, "--steps", "1", "--no-auto-resize",
+                     "--no-text-cache"], capsys)
+    assert code == 0, err
+    floored = f"{88 // 16 * 16}x{40 // 16 * 16}"
+    assert f"context 88x40 -> {floored} | {floored} -> {out}" in err
+    assert Image.open(out).size == (88 // 16 * 16, 40 // 16 * 16)
+
+
+def test_version_is_the_package_version(capsys):
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"$', pyproject, re.MULTILINE).group(1)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"kontext-rt {version}"
+
+
+def test_advertised_export_flags_exist():
+    """Every `kontext-rt export ...` in a message or doc names only flags the export command has."""
+    import re
+    from pathlib import Path
+
+    from kontext_rt.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["export"]
+    root = Path(__file__).parents[1]
+    texts = [p.read_text() for folder in ("runtime", "export") for p in (root / folder).glob("*.py")]
+    texts.append((root / "README.md").read_text())
+    used = {flag for t in texts for cmd in re.findall(r"kontext-rt export([^`\"']*)", t)
+            for flag in re.findall(r"(?<!\w)--[\w-]+", cmd)}
+    assert used and used <= set(sub._option_string_actions), used - set(sub._option_string_actions)
+
+
+def test_unwritable_text_cache_warns_and_runs_without_it(kontext_dir, tmp_path, capsys):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")  # its text/ subfolder cannot be created, whoever runs this
+    out = tmp_path / "g.png"
+    code, err = run(["generate", "a cat", "--checkpoint", kontext_dir, "-o", out, "--steps", "1", "--width", "32",
+                     "--height", "32", "--cache-dir", blocker, "-q"], capsys)
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "without the on-disk text cache" in lines[0]
+    assert Image.open(out).size == (32, 32)
