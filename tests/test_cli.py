@@ -208,12 +208,12 @@ def test_a_failed_save_names_the_users_path(kontext_dir, picture, tmp_path, caps
 def test_missing_t5_tokenizer_file_is_refused(kontext_dir, picture, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import kontext_rt.pipeline
+    from kontext_rt.checkpoint import CheckpointFormat
 
     def loaded(*a, **k):
         raise AssertionError("transformer weights read before the tokenizer check")
 
-    monkeypatch.setattr(kontext_rt.pipeline, "load_transformer", loaded)
+    monkeypatch.setattr(CheckpointFormat, "load_transformer", loaded)
     ckpt = tmp_path / "ckpt"
     shutil.copytree(kontext_dir, ckpt)
     (ckpt / "tokenizer_2" / "tokenizer.json").unlink()

@@ -99,7 +99,7 @@ def _tokenizer_broken(folder, how):
 
 @pytest.mark.parametrize("how,match", [("missing", "no tokenizer files"), ("specials-only", "unusable tokenizer")])
 def test_unusable_t5_tokenizer_is_refused_at_load(kontext_dir, tmp_path, monkeypatch, how, match):
-    import kontext_rt.pipeline
+    from kontext_rt.checkpoint import CheckpointFormat
 
     def loaded(*a, **k):
         raise AssertionError("transformer weights read before the tokenizer check")
@@ -107,7 +107,7 @@ def test_unusable_t5_tokenizer_is_refused_at_load(kontext_dir, tmp_path, monkeyp
     ckpt = tmp_path / "ckpt"
     shutil.copytree(kontext_dir, ckpt)
     _tokenizer_broken(ckpt, how)
-    monkeypatch.setattr(kontext_rt.pipeline, "load_transformer", loaded)
+    monkeypatch.setattr(CheckpointFormat, "load_transformer", loaded)
     with pytest.raises(CheckpointError, match=f"tokenizer_2: {match}"):
         Pipeline.from_pretrained(ckpt)
 
@@ -119,7 +119,7 @@ def test_converted_validation_errors_are_input_errors():
 
     calls = [
         lambda: backends.resolve("warp", "cpu"),
-        lambda: Optimizations(max_graphs=0).check(torch.device("cpu"), torch.float32, "eager"),
+        lambda: Optimizations(max_graphs=0).check(torch.device("cpu"), torch.float32),
         lambda: sampler.schedule(0, 16),
         lambda: sampler.explicit_schedule([0.5, 0.7]),
         lambda: TextEmbeddingCache(-1),
