@@ -57,8 +57,10 @@ def reference(x, weight, bias, amax):
 def bound(y_ref, terms, slack, k):
     """What the runtime may differ by: ties rounded the other way (slack); both scales rounded to float32 and each
     dequantized operand's product (4 u32 per term); the float32 sum of k products and the bias ((k + 1) u32 of the
-    sum of |terms|); then the bfloat16 output (one rounding, u_bf16 relative)."""
-    return slack + U_BF16 * (y_ref.abs() + slack) + (k + 6) * U32 * (terms + slack)
+    sum of |terms|); then the bfloat16 output (one rounding, u_bf16 relative to the float32 value, itself within
+    the rest of the bound of y_ref). Measured: the bfloat16 rounding dominates, errors reach ~0.9 of the bound."""
+    before_output = slack + (k + 6) * U32 * (terms + slack)
+    return before_output + U_BF16 * (y_ref.abs() + before_output)
 
 
 def fp8_case(gen, k=96, n=48, rows=14):
