@@ -10,7 +10,7 @@ import pytest
 import torch
 from kontext_rt import Optimizations, Pipeline
 from kontext_rt import fp8 as f8
-from kontext_rt.checkpoint import detect_layout, fingerprint
+from kontext_rt.checkpoint import detect
 from safetensors.torch import save_file
 
 E4M3_MAX = 448.0
@@ -104,7 +104,7 @@ def test_static_pipeline_uses_the_calibration_files_scales(kontext_dir, tmp_path
     gen = torch.Generator().manual_seed(1)
     amax = {n: 1.0 + 4.0 * torch.rand((), generator=gen).item() for n in names}  # a different scale per layer
     halved = {n: v / 2 for n, v in amax.items()}
-    ckpt = fingerprint(detect_layout(kontext_dir))
+    ckpt = detect(kontext_dir).fingerprint()
     pipes = [Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_sequence_length=8,
                                       optimize=Optimizations(fp8="static", fp8_calibration=write_calibration(
                                           tmp_path / f"{i}.safetensors", names, a, ckpt)))
