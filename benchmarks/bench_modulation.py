@@ -14,8 +14,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_cases as cases  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="kernel speed is measured on a GPU only; interpreter timings mean nothing")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="kernel speed is measured on a GPU only; interpreter timings mean nothing"
+)
 LENGTH = cases.LENGTHS["one-context"]
 
 

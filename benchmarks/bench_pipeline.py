@@ -43,15 +43,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kontext_rt import Pipeline  # noqa: E402
 from kontext_rt import image as im  # noqa: E402
-from kontext_rt.rope import rope_table, sequence_ids  # noqa: E402
-
+from kontext_rt.model.rope import rope_table, sequence_ids  # noqa: E402
 from tests import builders  # noqa: E402
 
 TEXT, SIDE, STEPS, GUIDANCE = 64, 256, 4, 2.5  # 64 text tokens; 256x256 -> 16x16 = 256 target + 256 context tokens
 PROMPT = "make it red"
 CASES = ("edit", "forward", "vae_encode", "vae_decode")
-TRANSFORMER = dict(attention_head_dim=64, num_attention_heads=4, axes_dims_rope=(8, 28, 28), num_layers=2,
-                   num_single_layers=4)
+TRANSFORMER = dict(
+    attention_head_dim=64, num_attention_heads=4, axes_dims_rope=(8, 28, 28), num_layers=2, num_single_layers=4
+)
 
 
 def build_checkpoint(folder: Path) -> Path:
@@ -79,9 +79,18 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
         return pipe.edit(img, PROMPT, steps=STEPS, guidance=GUIDANCE, auto_resize=False, latents=lat)
 
     def ref_edit():
-        return ref(image=img, prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=lat,
-                   max_area=SIDE * SIDE, _auto_resize=False, height=SIDE, width=SIDE,
-                   max_sequence_length=TEXT).images[0]
+        return ref(
+            image=img,
+            prompt=PROMPT,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            latents=lat,
+            max_area=SIDE * SIDE,
+            _auto_resize=False,
+            height=SIDE,
+            width=SIDE,
+            max_sequence_length=TEXT,
+        ).images[0]
 
     tr, rtr = pipe.transformer, ref.transformer
     ctx = torch.randn(1, n, 64, generator=g)
@@ -95,8 +104,16 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
         return tr(lat, ctx, txt, pooled, t, gd, cos, sin)  # the eager op table, as the pipeline runs it
 
     def ref_forward():
-        out = rtr(hidden_states=torch.cat([lat, ctx], 1), encoder_hidden_states=txt, pooled_projections=pooled,
-                  timestep=t, img_ids=ids[TEXT:], txt_ids=ids[:TEXT], guidance=gd, return_dict=False)[0]
+        out = rtr(
+            hidden_states=torch.cat([lat, ctx], 1),
+            encoder_hidden_states=txt,
+            pooled_projections=pooled,
+            timestep=t,
+            img_ids=ids[TEXT:],
+            txt_ids=ids[:TEXT],
+            guidance=gd,
+            return_dict=False,
+        )[0]
         return out[:, :n]
 
     def ours_encode():
@@ -121,6 +138,7 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
         def call():
             with torch.inference_mode():
                 return fn()
+
         return call
 
     return {
@@ -165,19 +183,39 @@ def measure(fns: dict, pairs: int, warmup: int) -> dict:
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     import diffusers
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip()
+        )
     except OSError:
         commit, dirty = "", None
-    return {"cpu_model": model, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(), "commit": commit, "dirty": dirty}
+    return {
+        "cpu_model": model,
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "commit": commit,
+        "dirty": dirty,
+    }
 
 
 def main(argv=None):
@@ -201,20 +239,38 @@ def main(argv=None):
         for case in cases:
             results[case] = measure(fns[case], args.pairs, args.warmup)
             r = results[case]
-            print(f"{case:11s} ours {r['kontext-rt']['wall_s']['median'] * 1e3:8.1f} ms  diffusers "
-                  f"{r['diffusers']['wall_s']['median'] * 1e3:8.1f} ms  wall ratio "
-                  f"{r['speed_ratio_wall']['median']:.3f}x (IQR {r['speed_ratio_wall']['q1']:.3f}-"
-                  f"{r['speed_ratio_wall']['q3']:.3f})  cpu ratio {r['speed_ratio_cpu']['median']:.3f}x (IQR "
-                  f"{r['speed_ratio_cpu']['q1']:.3f}-{r['speed_ratio_cpu']['q3']:.3f})", flush=True)
+            print(
+                f"{case:11s} ours {r['kontext-rt']['wall_s']['median'] * 1e3:8.1f} ms  diffusers "
+                f"{r['diffusers']['wall_s']['median'] * 1e3:8.1f} ms  wall ratio "
+                f"{r['speed_ratio_wall']['median']:.3f}x (IQR {r['speed_ratio_wall']['q1']:.3f}-"
+                f"{r['speed_ratio_wall']['q3']:.3f})  cpu ratio {r['speed_ratio_cpu']['median']:.3f}x (IQR "
+                f"{r['speed_ratio_cpu']['q1']:.3f}-{r['speed_ratio_cpu']['q3']:.3f})",
+                flush=True,
+            )
     record = {
         "what": "kontext-rt vs diffusers FluxKontextPipeline, same weights, same process; speed_ratio = "
-                "diffusers time / kontext-rt time per interleaved pair (above 1: kontext-rt faster)",
-        "setup": {"dtype": "float32", "device": "cpu", "threads": 1, "text_tokens": TEXT, "image": [SIDE, SIDE],
-                  "target_tokens": (SIDE // 16) ** 2, "context_tokens": (SIDE // 16) ** 2, "steps": STEPS,
-                  "transformer": TRANSFORMER, "hidden_size": 256, "pairs": args.pairs, "warmup": args.warmup},
-        "machine": {**machine(), "load_average_start": load_start, "load_average_end": os.getloadavg(),
-                    "note": "shared machine: other processes ran during the measurement (see the load averages); "
-                            "cpu_s excludes time spent waiting for a core, wall_s does not"},
+        "diffusers time / kontext-rt time per interleaved pair (above 1: kontext-rt faster)",
+        "setup": {
+            "dtype": "float32",
+            "device": "cpu",
+            "threads": 1,
+            "text_tokens": TEXT,
+            "image": [SIDE, SIDE],
+            "target_tokens": (SIDE // 16) ** 2,
+            "context_tokens": (SIDE // 16) ** 2,
+            "steps": STEPS,
+            "transformer": TRANSFORMER,
+            "hidden_size": 256,
+            "pairs": args.pairs,
+            "warmup": args.warmup,
+        },
+        "machine": {
+            **machine(),
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg(),
+            "note": "shared machine: other processes ran during the measurement (see the load averages); "
+            "cpu_s excludes time spent waiting for a core, wall_s does not",
+        },
         "started": started,
         "results": results,
     }

@@ -16,15 +16,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_cases as cases  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="kernel speed is measured on a GPU only; interpreter timings mean nothing")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="kernel speed is measured on a GPU only; interpreter timings mean nothing"
+)
 
 
 def _variants():
     from kontext_rt.kernels import ops
 
-    return {"eager": cases.eager_attention, "triton-fused": ops.attention,
-            "triton-prerotated": ops.attention_prerotated}
+    return {
+        "eager": cases.eager_attention,
+        "triton-fused": ops.attention,
+        "triton-prerotated": ops.attention_prerotated,
+    }
 
 
 @pytest.mark.parametrize("length", list(cases.LENGTHS.values()))

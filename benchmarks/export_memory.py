@@ -42,10 +42,11 @@ def _reset_peak():
 def measure(case: str, smoke: bool, folder: Path) -> dict:
     """One export in this process (run by the parent as a child)."""
     import torch
+
     from kontext_rt.config import PRESETS
     from kontext_rt.export import specs
     from kontext_rt.export.onnx_export import example_inputs, export_onnx, transformer_graph, weight_bytes
-    from kontext_rt.model import FluxTransformer
+    from kontext_rt.model.transformer import FluxTransformer
 
     dtype_name, exporter = CASES[case]
     dtype = getattr(torch, dtype_name)
@@ -74,10 +75,16 @@ def measure(case: str, smoke: bool, folder: Path) -> dict:
     _, peak = _rss_mib()
     data = path.with_name(path.name + ".data")
     return {
-        "case": case, "hidden_size": cfg.hidden_size, "depth": cfg.depth,
+        "case": case,
+        "hidden_size": cfg.hidden_size,
+        "depth": cfg.depth,
         "depth_single_blocks": cfg.depth_single_blocks,
-        "dtype": dtype_name, "exporter": exporter, "weights_mib": round(weights / 2**20, 1),
-        "baseline_rss_mib": round(baseline, 1), "after_load_rss_mib": round(loaded, 1), "peak_rss_mib": round(peak, 1),
+        "dtype": dtype_name,
+        "exporter": exporter,
+        "weights_mib": round(weights / 2**20, 1),
+        "baseline_rss_mib": round(baseline, 1),
+        "after_load_rss_mib": round(loaded, 1),
+        "peak_rss_mib": round(peak, 1),
         "ratio_peak_over_weights": round((peak - baseline) / (weights / 2**20), 3),
         "onnx_mib": round(path.stat().st_size / 2**20, 2),
         "external_data_mib": round(data.stat().st_size / 2**20, 1) if data.exists() else 0.0,
@@ -111,8 +118,9 @@ def main(argv=None) -> int:
     out = args.out or Path(__file__).parent / "results" / f"export-memory-{host}.json"
     if args.smoke and args.out is None:
         raise SystemExit("--smoke measures a tiny model: give --out, results/ is for real measurements")
-    out.write_text(json.dumps({"host": host, "torch": torch.__version__, "smoke": args.smoke, "results": results},
-                              indent=1) + "\n")
+    out.write_text(
+        json.dumps({"host": host, "torch": torch.__version__, "smoke": args.smoke, "results": results}, indent=1) + "\n"
+    )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

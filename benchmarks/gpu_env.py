@@ -13,20 +13,35 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-PACKAGES = ("torch", "triton", "numpy", "transformers", "huggingface_hub", "safetensors", "diffusers", "requests",
-            "onnx", "onnxruntime", "matplotlib", "kontext-rt")
+PACKAGES = (
+    "torch",
+    "triton",
+    "numpy",
+    "transformers",
+    "huggingface_hub",
+    "safetensors",
+    "diffusers",
+    "requests",
+    "onnx",
+    "onnxruntime",
+    "matplotlib",
+    "kontext-rt",
+)
 SMI_FIELDS = "name,driver_version,memory.total,clocks.max.sm,clocks.max.memory,power.limit,pcie.link.gen.max"
 
 
 def nvidia_smi() -> dict:
     if shutil.which("nvidia-smi") is None:
         return {"error": "nvidia-smi not found"}
-    run = subprocess.run(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader"], capture_output=True,
-                         text=True, timeout=30)
+    run = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+    )
     if run.returncode:
         return {"error": run.stderr.strip()[-500:]}
-    return [dict(zip(SMI_FIELDS.split(","), (v.strip() for v in line.split(",")), strict=False))
-            for line in run.stdout.strip().splitlines()]
+    return [
+        dict(zip(SMI_FIELDS.split(","), (v.strip() for v in line.split(",")), strict=False))
+        for line in run.stdout.strip().splitlines()
+    ]
 
 
 def torch_facts() -> dict:
@@ -35,9 +50,13 @@ def torch_facts() -> dict:
     facts = {"cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        facts |= {"device": props.name, "capability": list(torch.cuda.get_device_capability(0)),
-                  "memory_gib": round(props.total_memory / 2**30, 1), "sms": props.multi_processor_count,
-                  "cudnn": torch.backends.cudnn.version()}
+        facts |= {
+            "device": props.name,
+            "capability": list(torch.cuda.get_device_capability(0)),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "sms": props.multi_processor_count,
+            "cudnn": torch.backends.cudnn.version(),
+        }
     return facts
 
 
@@ -70,9 +89,15 @@ def versions() -> dict:
 
 
 def main() -> int:
-    facts = {"python": platform.python_version(), "executable": sys.executable, "machine": platform.machine(),
-             "nvidia_smi": probe(nvidia_smi), "torch": probe(torch_facts), "packages": probe(versions),
-             "imports": probe(imports)}
+    facts = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "machine": platform.machine(),
+        "nvidia_smi": probe(nvidia_smi),
+        "torch": probe(torch_facts),
+        "packages": probe(versions),
+        "imports": probe(imports),
+    }
     print(json.dumps(facts))  # one line: the caller reads the last line of the output
     return 0
 

@@ -47,9 +47,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from phases import PhaseError, Record, say, write_json  # noqa: E402
-
 import wheels  # noqa: E402
+from phases import PhaseError, Record, say, write_json  # noqa: E402
 
 BUDGET_S = 530  # the whole run: inside one 10-minute command, with a margin for the machine's file transfers
 CORE_END_S = 300  # install + env + the suite's core end by then
@@ -72,8 +71,17 @@ def run_child(cmd: list[str], timeout_s: float, env: dict, log, tag: str) -> dic
     """Run cmd, echoing and logging its output line by line; kill its process group at timeout_s. Raises
     PhaseError on a non-zero exit or a timeout; returns the phase details otherwise."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            bufsize=1, env=env, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     killed = threading.Event()
 
     def kill():
@@ -99,8 +107,13 @@ def run_child(cmd: list[str], timeout_s: float, env: dict, log, tag: str) -> dic
         if proc.poll() is None:  # this loop died: never leave a child holding the GPU
             kill()
             proc.wait()
-    details = {"rc": rc, "timed_out": killed.is_set(), "timeout_s": round(timeout_s, 1),
-               "child_s": round(time.perf_counter() - t0, 2), "tail": list(tail)}
+    details = {
+        "rc": rc,
+        "timed_out": killed.is_set(),
+        "timeout_s": round(timeout_s, 1),
+        "child_s": round(time.perf_counter() - t0, 2),
+        "tail": list(tail),
+    }
     if killed.is_set():
         raise PhaseError(f"killed at its {timeout_s:.0f} s deadline (what it wrote before is kept)", details)
     if rc != 0:
@@ -120,8 +133,13 @@ class Run:
         mine = [b for b in args.broken if ":" not in b]
         self.forward = [b.split(":", 1) for b in args.broken if ":" in b]  # (suite|compile, phase)
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self.data = {"mode": "rehearse" if args.rehearse else "gpu", "started_utc": started, "budget_s": BUDGET_S,
-                     "core_end_s": CORE_END_S, "phases": {}}
+        self.data = {
+            "mode": "rehearse" if args.rehearse else "gpu",
+            "started_utc": started,
+            "budget_s": BUDGET_S,
+            "core_end_s": CORE_END_S,
+            "phases": {},
+        }
         self.slack = REHEARSAL_SLACK if args.rehearse else 1
         self.data["deadline_scale"] = self.slack
         self.record = Record(self.out / "run.json", self.data, BUDGET_S * self.slack, "run", mine, t0=t0)
@@ -140,8 +158,11 @@ class Run:
             try:
                 self.child("install", ["-c", "import kontext_rt"], self.deadline("install"))
             except PhaseError as err:
-                raise PhaseError("kontext_rt does not import and no wheels/ was carried: run `bash "
-                                 "benchmarks/gpu_wheels.sh` and carry [\"wheels\"]", err.details) from None
+                raise PhaseError(
+                    "kontext_rt does not import and no wheels/ was carried: run `bash "
+                    'benchmarks/gpu_wheels.sh` and carry ["wheels"]',
+                    err.details,
+                ) from None
             return {"source": "the installed environment (no wheels/ folder)"}
         todo = wheels.plan(folder, installed)
         self.site = tempfile.TemporaryDirectory(prefix="kontext-rt-site-")  # removed when the run ends
@@ -150,14 +171,30 @@ class Run:
         if todo["project_wheel_stale"]:
             say("[install] the carried kontext-rt wheel is older than the tree: building from the tree instead")
             paths.append(str(ROOT))
-        pip = ["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-index", "--no-deps",
-               "--no-compile", "--no-build-isolation", "--target", str(site), *paths]
+        pip = [
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            *paths,
+        ]
         details = self.child("install", pip, self.deadline("install"))
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), self.env.get("PYTHONPATH")]))
-        return {"site": str(site), "installed": [Path(p).name for p in todo["install"]]
-                + ["kontext-rt built from the tree"] * todo["project_wheel_stale"],
-                "already_installed": todo["already_installed"], "built_from_tree": todo["project_wheel_stale"],
-                "child_s": details["child_s"]}
+        return {
+            "site": str(site),
+            "installed": [Path(p).name for p in todo["install"]]
+            + ["kontext-rt built from the tree"] * todo["project_wheel_stale"],
+            "already_installed": todo["already_installed"],
+            "built_from_tree": todo["project_wheel_stale"],
+            "child_s": details["child_s"],
+        }
 
     def env_probe(self):
         details = self.child("env", [str(HERE / "gpu_env.py")], self.deadline("env"))
@@ -168,8 +205,15 @@ class Run:
         return details
 
     def suite(self, part, timeout_s):
-        cmd = [str(HERE / "gpu_suite.py"), "--out", str(self.out), "--part", part, "--deadline-s",
-               str(max(timeout_s - 15, 1))]
+        cmd = [
+            str(HERE / "gpu_suite.py"),
+            "--out",
+            str(self.out),
+            "--part",
+            part,
+            "--deadline-s",
+            str(max(timeout_s - 15, 1)),
+        ]
         cmd += ["--rehearse"] * self.args.rehearse
         cmd += [f"--break={phase}" for which, phase in self.forward if which == part]
         return self.child("suite" if part == "core" else "compile", cmd, timeout_s)  # the phase's name
@@ -183,8 +227,12 @@ class Run:
         r.run("env", self.env_probe)
         steps = [
             ("suite", lambda: self.suite("core", CORE_END_S * self.slack - r.elapsed_s())),
-            ("kernels", lambda: self.script("kernels", "kernels.json", self.deadline("kernels"),
-                                            *["--smoke"] * self.args.rehearse)),
+            (
+                "kernels",
+                lambda: self.script(
+                    "kernels", "kernels.json", self.deadline("kernels"), *["--smoke"] * self.args.rehearse
+                ),
+            ),
             ("tensorrt", lambda: self.script("tensorrt", "tensorrt.json", self.deadline("tensorrt"))),
             ("compile", lambda: self.suite("compile", r.left_s())),
         ]
@@ -198,14 +246,21 @@ class Run:
         files = sorted(p.name for p in self.out.iterdir())
         self.data["files"] = files
         if len(files) > MAX_FILES:
-            self.data["phases"]["files"] = {"status": "failed", "error": f"{len(files)} files in {self.out}: only "
-                                            f"{MAX_FILES} come back from the device"}
-        problems = [n for n, e in self.data["phases"].items() if e["status"] == "failed"
-                    or (e["status"] == "skipped" and "--only" not in e.get("reason", ""))]
+            self.data["phases"]["files"] = {
+                "status": "failed",
+                "error": f"{len(files)} files in {self.out}: only {MAX_FILES} come back from the device",
+            }
+        problems = [
+            n
+            for n, e in self.data["phases"].items()
+            if e["status"] == "failed" or (e["status"] == "skipped" and "--only" not in e.get("reason", ""))
+        ]
         self.data["ok"] = not problems
         r.write()
-        say(f"[run {r.elapsed_s():.0f}s] {'all phases ok' if not problems else 'not ok: ' + ', '.join(problems)}; "
-            f"files: {', '.join(files)}")
+        say(
+            f"[run {r.elapsed_s():.0f}s] {'all phases ok' if not problems else 'not ok: ' + ', '.join(problems)}; "
+            f"files: {', '.join(files)}"
+        )
         self.log.close()
         if self.site is not None:
             self.site.cleanup()
@@ -217,10 +272,20 @@ def parse(argv):
     p.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="results folder (default: $OUT)")
     p.add_argument("--rehearse", action="store_true", help="the same run on a CPU machine: checks, times nothing")
     p.add_argument("--wheels", type=Path, default=ROOT / "wheels", help="the carried wheels (gpu_wheels.sh)")
-    p.add_argument("--only", type=lambda s: set(s.split(",")), default=None,
-                   help=f"comma-separated phases among {', '.join(PHASES[2:])} (install and env always run)")
-    p.add_argument("--break", dest="broken", action="append", default=[], metavar="PHASE",
-                   help="fail this phase on purpose; SUITE:PHASE for one inside gpu_suite (suite: or compile:)")
+    p.add_argument(
+        "--only",
+        type=lambda s: set(s.split(",")),
+        default=None,
+        help=f"comma-separated phases among {', '.join(PHASES[2:])} (install and env always run)",
+    )
+    p.add_argument(
+        "--break",
+        dest="broken",
+        action="append",
+        default=[],
+        metavar="PHASE",
+        help="fail this phase on purpose; SUITE:PHASE for one inside gpu_suite (suite: or compile:)",
+    )
     args = p.parse_args(argv)
     if args.out is None:
         p.error("give --out DIR (on the GPU machine $OUT is the default)")

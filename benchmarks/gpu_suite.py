@@ -54,8 +54,23 @@ LAYOUTS = {"kontext": (512, 4096, 4096), "text-to-image": (512, 4096, 0)}  # tex
 REHEARSE_LAYOUTS = {"kontext": (4, 4, 4), "text-to-image": (4, 4, 0)}
 GRAPHED = ("graphs", "fp8", "compile")  # the rungs that replay CUDA graphs
 PHASES = {  # in order; core() and compile_part() run them
-    "core": ("setup", "triton-backend", "diffusers", "model", "eager", "triton", "hoisted", "graphs", "checks",
-             "edits-bf16", "fp8-convert", "fp8-drift", "fp8-quantizer", "fp8", "edits-fp8"),
+    "core": (
+        "setup",
+        "triton-backend",
+        "diffusers",
+        "model",
+        "eager",
+        "triton",
+        "hoisted",
+        "graphs",
+        "checks",
+        "edits-bf16",
+        "fp8-convert",
+        "fp8-drift",
+        "fp8-quantizer",
+        "fp8",
+        "edits-fp8",
+    ),
     "compile": ("setup", "triton-backend", "model", "fp8-convert", "compile-blocks", "compile"),
 }
 STEPS = {  # steps per timed loop, timed loops, warm-up loop, edits, FP8 drift trace, exactness loops
@@ -93,15 +108,20 @@ class Suite:
         """The matmul rates (the MFU denominators), the FP8 matmul, the eager op table, the VAE (core part)."""
         from kontext_rt.backends import resolve
         from kontext_rt.config import VAE_PRESETS
-        from kontext_rt.fp8 import matmul_for
-        from kontext_rt.vae import AutoEncoder
+        from kontext_rt.model.fp8_linear import matmul_for
+        from kontext_rt.model.vae import AutoEncoder
 
         n = 256 if self.args.rehearse else 8192
-        self.result["matmul_tflops"] = {"bf16": parts.matmul_tflops(self.device, False, n),
-                                        "fp8": parts.matmul_tflops(self.device, True, n)}
+        self.result["matmul_tflops"] = {
+            "bf16": parts.matmul_tflops(self.device, False, n),
+            "fp8": parts.matmul_tflops(self.device, True, n),
+        }
         self.fp8_matmul = matmul_for(self.device)
-        self.result["fp8_matmul"] = ("torch._scaled_mm (row-wise scales)" if self.fp8_matmul is torch._scaled_mm
-                                     else "stand-in: this torch's CPU _scaled_mm takes per-tensor scales only")
+        self.result["fp8_matmul"] = (
+            "torch._scaled_mm (row-wise scales)"
+            if self.fp8_matmul is torch._scaled_mm
+            else "stand-in: this torch's CPU _scaled_mm takes per-tensor scales only"
+        )
         self.ops["eager"] = resolve("eager", self.device).ops
         if self.args.part == "core":
             vae = AutoEncoder(VAE_PRESETS["tiny" if self.args.rehearse else "flux"])
@@ -110,7 +130,7 @@ class Suite:
     def triton_backend(self):
         """The triton op table and graph capture (the interpreter and an eager stand-in in the rehearsal)."""
         from kontext_rt.backends import resolve
-        from kontext_rt.graphs import capture_cuda, capture_eager
+        from kontext_rt.sampling.graphs import capture_cuda, capture_eager
 
         self.ops["triton"] = resolve("triton", self.device).ops
         self.capture = capture_eager if self.args.rehearse else capture_cuda
@@ -138,14 +158,17 @@ class Suite:
 
     def stepper(self, rung):
         """The rung's hoisted or graphed denoiser (None for the per-step rungs), made once per rung."""
-        from kontext_rt.denoisers import Graphed, Hoisted
+        from kontext_rt.sampling.denoisers import Graphed, Hoisted
 
         if rung in ("eager", "triton"):
             return None
         if rung not in self.steppers:
             ops = self.ops["triton"]
-            self.steppers[rung] = (Graphed(self.model, ops, self.dtype, self.capture) if rung in GRAPHED
-                                   else Hoisted(self.model, ops, self.dtype))
+            self.steppers[rung] = (
+                Graphed(self.model, ops, self.dtype, self.capture)
+                if rung in GRAPHED
+                else Hoisted(self.model, ops, self.dtype)
+            )
         return self.steppers[rung]
 
     @property
@@ -170,8 +193,13 @@ class Suite:
             parts.reset_peak(self.device)
             ms, host = self.time_loop(run, data)
             flops = parts.step_flops(self.cfg, *self.layouts[key])
-            row[key] = {"ms_per_step": ms, "host_ms_per_step": host, "tflops": flops / ms / 1e9,
-                        "mfu": flops / ms / 1e9 / peak, "peak_gib": parts.peak_gib(self.device)}
+            row[key] = {
+                "ms_per_step": ms,
+                "host_ms_per_step": host,
+                "tflops": flops / ms / 1e9,
+                "mfu": flops / ms / 1e9 / peak,
+                "peak_gib": parts.peak_gib(self.device),
+            }
             if key == "kontext":
                 self.step_s = ms / 1e3
             self.record.write()
@@ -182,17 +210,30 @@ class Suite:
 
     def checks(self):
         graphs = self.stepper("graphs") if self.capture is not None else None
-        found = parts.exactness(self.model, self.ops["triton"], self.dtype, self.data["kontext"],
-                                self.stepper("hoisted"), graphs, self.steps["exactness"])
+        found = parts.exactness(
+            self.model,
+            self.ops["triton"],
+            self.dtype,
+            self.data["kontext"],
+            self.stepper("hoisted"),
+            graphs,
+            self.steps["exactness"],
+        )
         self.result["checks"].update(found)
         require(found)
 
     def edits(self, rungs):
         for rung in rungs:
             run = self.loop(rung)
-            self.result["end_to_end_s"][rung] = parts.end_to_end(self.vae, run, self.layouts["kontext"],
-                                                                 self.data["kontext"], self.device, self.dtype,
-                                                                 self.steps["edits"])
+            self.result["end_to_end_s"][rung] = parts.end_to_end(
+                self.vae,
+                run,
+                self.layouts["kontext"],
+                self.data["kontext"],
+                self.device,
+                self.dtype,
+                self.steps["edits"],
+            )
             self.record.write()
 
     def edits_estimate_s(self, rungs=1):
@@ -206,7 +247,7 @@ class Suite:
 
     def fp8_convert(self, keep_reference: bool):
         """The blocks' linears to FP8, in place; first an 8-step bf16 trace for the drift (core part only)."""
-        from kontext_rt.fp8 import convert
+        from kontext_rt.model.fp8_linear import convert
 
         self.steppers.clear()  # the bf16 graphs read the bf16 weights: they must never replay again
         parts.free_memory(self.device)
@@ -265,13 +306,25 @@ def core(s: Suite) -> None:
         r.run("diffusers", s.baseline, needs=["setup"], estimate_s=s.rung_estimate_s())
     r.run("model", s.build_model, needs=["setup"])
     for rung in ("eager", "triton", "hoisted", "graphs"):
-        r.run(rung, lambda rung=rung: s.rung(rung), needs=["model"] + ([] if rung == "eager" else ["triton-backend"]),
-              estimate_s=s.rung_estimate_s())
+        r.run(
+            rung,
+            lambda rung=rung: s.rung(rung),
+            needs=["model"] + ([] if rung == "eager" else ["triton-backend"]),
+            estimate_s=s.rung_estimate_s(),
+        )
     r.run("checks", s.checks, needs=["model", "triton-backend"], estimate_s=15 * s.step_s)
-    r.run("edits-bf16", lambda: s.edits(["eager", *s.best_bf16()]), needs=["model", "eager"],
-          estimate_s=s.edits_estimate_s(2))
-    r.run("fp8-convert", lambda: s.fp8_convert(keep_reference=True), needs=["model", "triton-backend"],
-          estimate_s=2 * s.steps["drift"] * s.step_s)
+    r.run(
+        "edits-bf16",
+        lambda: s.edits(["eager", *s.best_bf16()]),
+        needs=["model", "eager"],
+        estimate_s=s.edits_estimate_s(2),
+    )
+    r.run(
+        "fp8-convert",
+        lambda: s.fp8_convert(keep_reference=True),
+        needs=["model", "triton-backend"],
+        estimate_s=2 * s.steps["drift"] * s.step_s,
+    )
     r.run("fp8-drift", s.fp8_drift, needs=["fp8-convert"], estimate_s=2 * s.steps["drift"] * s.step_s)
     r.run("fp8-quantizer", s.quantizer, needs=["triton-backend"])
     r.run("fp8", lambda: s.rung("fp8"), needs=["fp8-convert"], estimate_s=s.rung_estimate_s())
@@ -288,8 +341,12 @@ def compile_part(s: Suite) -> None:
     r.run("fp8-convert", lambda: s.fp8_convert(keep_reference=False), needs=["model", "triton-backend"])
     r.run("compile-blocks", s.compile_blocks, needs=["fp8-convert"])
     # inductor compiles 2 block types x 2 layouts on first use, inside the rung's warm-up loops
-    r.run("compile", lambda: s.rung("compile"), needs=["compile-blocks"],
-          estimate_s=s.rung_estimate_s() + (30 if s.args.rehearse else 120))
+    r.run(
+        "compile",
+        lambda: s.rung("compile"),
+        needs=["compile-blocks"],
+        estimate_s=s.rung_estimate_s() + (30 if s.args.rehearse else 120),
+    )
 
 
 def goals(result) -> dict:
@@ -301,9 +358,14 @@ def goals(result) -> dict:
     edit = min((v["28"] for v in e2e.values() if "28" in v), default=None)
     base = result.get("diffusers", {}).get("kontext", {}).get("ms_per_step")
     faster = {r: lad[r]["kontext"]["ms_per_step"] < base for r in lad if "kontext" in lad[r]} if base else None
-    return {"targets": GOALS_H100, "kontext_bf16_ms_per_step": best(("triton", "hoisted", "graphs")),
-            "kontext_fp8_ms_per_step": best(("fp8", "compile")), "edit_28_steps_s": edit,
-            "faster_than_diffusers": faster, "note": "the targets are for an H100; compare only on the device named"}
+    return {
+        "targets": GOALS_H100,
+        "kontext_bf16_ms_per_step": best(("triton", "hoisted", "graphs")),
+        "kontext_fp8_ms_per_step": best(("fp8", "compile")),
+        "edit_28_steps_s": edit,
+        "faster_than_diffusers": faster,
+        "note": "the targets are for an H100; compare only on the device named",
+    }
 
 
 def parse(argv):
@@ -314,8 +376,14 @@ def parse(argv):
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--rehearse", action="store_true", help="CPU, tiny model: checks the control flow, times nothing")
-    p.add_argument("--break", dest="broken", action="append", default=[], metavar="PHASE",
-                   help="fail this phase on purpose (to check that the others still run and are written)")
+    p.add_argument(
+        "--break",
+        dest="broken",
+        action="append",
+        default=[],
+        metavar="PHASE",
+        help="fail this phase on purpose (to check that the others still run and are written)",
+    )
     args = p.parse_args(argv)
     if unknown := [b for b in args.broken if b not in PHASES[args.part]]:
         p.error(f"--break {unknown[0]}: the {args.part} part has no such phase ({', '.join(PHASES[args.part])})")
@@ -332,14 +400,26 @@ def new_suite(args) -> Suite:
     cfg = PRESETS["tiny" if rehearse else "flux-kontext-dev"]
     layouts = REHEARSE_LAYOUTS if rehearse else LAYOUTS
     name = "cpu-rehearsal" if rehearse else torch.cuda.get_device_name()
-    result = {"device": name, "date": datetime.date.today().isoformat(), "rehearse": rehearse, "part": args.part,
-              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": version("triton"),
-                           "python": platform.python_version()},
-              "config": {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "single": cfg.depth_single_blocks},
-              "layouts": layouts, "steps": STEPS["rehearse" if rehearse else "gpu"], "checks": {},
-              "mfu": "step FLOPs / time / the measured matmul rate: bf16 for bf16 rungs, FP8 for fp8 and compile "
-                     "(whose attention, a third of the FLOPs at 8704 tokens, still runs in bf16: their MFU reads low)",
-              "ladder": {}, "end_to_end_s": {}}
+    result = {
+        "device": name,
+        "date": datetime.date.today().isoformat(),
+        "rehearse": rehearse,
+        "part": args.part,
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": version("triton"),
+            "python": platform.python_version(),
+        },
+        "config": {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "single": cfg.depth_single_blocks},
+        "layouts": layouts,
+        "steps": STEPS["rehearse" if rehearse else "gpu"],
+        "checks": {},
+        "mfu": "step FLOPs / time / the measured matmul rate: bf16 for bf16 rungs, FP8 for fp8 and compile "
+        "(whose attention, a third of the FLOPs at 8704 tokens, still runs in bf16: their MFU reads low)",
+        "ladder": {},
+        "end_to_end_s": {},
+    }
     suite = Suite(args, device, cfg, layouts, result, step_s=0.05 if rehearse else 0.5)
     core_file = args.out / "suite.json"
     if args.part == "compile" and core_file.exists():
@@ -348,8 +428,9 @@ def new_suite(args) -> Suite:
         if fp8:  # the compile rung's estimate starts from the fp8 rung the core measured
             suite.step_s = fp8["ms_per_step"] / 1e3
     name = "suite.json" if args.part == "core" else "suite-compile.json"
-    suite.record = Record(args.out / name, result, args.deadline_s, f"suite {args.part}", args.broken,
-                          suite.before_write)
+    suite.record = Record(
+        args.out / name, result, args.deadline_s, f"suite {args.part}", args.broken, suite.before_write
+    )
     return suite
 
 
@@ -364,9 +445,11 @@ def main(argv=None) -> int:
     suite = new_suite(args)
     (core if args.part == "core" else compile_part)(suite)
     record = suite.record
-    say(f"[suite {args.part}] done in {record.elapsed_s():.0f} s; failed: {', '.join(record.failed()) or 'none'}; "
+    say(
+        f"[suite {args.part}] done in {record.elapsed_s():.0f} s; failed: {', '.join(record.failed()) or 'none'}; "
         f"not run: {', '.join(n for n in record.incomplete() if n not in record.failed()) or 'none'}; "
-        f"goals: {suite.result['goals_h100']}")
+        f"goals: {suite.result['goals_h100']}"
+    )
     return 1 if record.incomplete() else 0  # only a whole run is a success
 
 

@@ -24,11 +24,10 @@ def attention_flops(batch, heads, length, head_dim) -> float:
     return 4.0 * batch * heads * length**2 * head_dim
 
 
-def attention_inputs(length, device, dtype=torch.bfloat16, batch=1, heads=HEADS, head_dim=HEAD_DIM, text=TEXT,
-                     seed=0):
+def attention_inputs(length, device, dtype=torch.bfloat16, batch=1, heads=HEADS, head_dim=HEAD_DIM, text=TEXT, seed=0):
     """q, k, v as strided views of one qkv projection, norm scales, the split, and real FLUX RoPE tables."""
     from kontext_rt.config import infer_axes_dim
-    from kontext_rt.rope import rope_table, sequence_ids
+    from kontext_rt.model.rope import rope_table, sequence_ids
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     image = length - text

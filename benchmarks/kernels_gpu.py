@@ -59,20 +59,23 @@ def _timed(fn, device, reps, flops=None, nbytes=None, copy_gbs=None):
 
 def attention_case(length, shape, device, reps):
     """One sequence length: check both Triton variants against the float32 reference, then time every row."""
-    import kernel_cases as cases
     from kontext_rt.kernels import ops, reference
     from kontext_rt.kernels.qk_norm_rope import qk_norm_rope
     from kontext_rt.kernels.rope_attention import _rope_attention_tuned, rope_attention
 
-    args = cases.attention_inputs(length, device, heads=shape["heads"], head_dim=shape["head_dim"],
-                                  text=shape["text"])
+    import kernel_cases as cases
+
+    args = cases.attention_inputs(length, device, heads=shape["heads"], head_dim=shape["head_dim"], text=shape["text"])
     q, k, v, qs, ks, split, cos, sin = args
     flops = cases.attention_flops(1, shape["heads"], length, shape["head_dim"])
-    truth = reference.rope_attention(q.float(), k.float(), v.float(), [s.float() for s in qs],
-                                     [s.float() for s in ks], split, cos, sin)
+    truth = reference.rope_attention(
+        q.float(), k.float(), v.float(), [s.float() for s in qs], [s.float() for s in ks], split, cos, sin
+    )
     eager = reference.rope_attention(*args)
-    checks = {"triton-fused": _error_bound(ops.attention(*args), truth, eager),
-              "triton-prerotated": _error_bound(ops.attention_prerotated(*args), truth, eager)}
+    checks = {
+        "triton-fused": _error_bound(ops.attention(*args), truth, eager),
+        "triton-prerotated": _error_bound(ops.attention_prerotated(*args), truth, eager),
+    }
     del truth
     qr, kr = qk_norm_rope(q, k, qs, ks, split, cos, sin)  # rotated once, for the attention-only rows
     calls = {
@@ -85,29 +88,40 @@ def attention_case(length, shape, device, reps):
         calls[f"sdpa-{name}-attention-only"] = lambda b=backend: cases.sdpa(qr, kr, v, b)
         calls[f"sdpa-{name} + torch norm+rope"] = lambda b=backend: cases.eager_attention(*args, backend=b)
         calls[f"sdpa-{name} + triton norm+rope"] = lambda b=backend: cases.sdpa(
-            *qk_norm_rope(q, k, qs, ks, split, cos, sin), v, b)
+            *qk_norm_rope(q, k, qs, ks, split, cos, sin), v, b
+        )
     rows = {name: _timed(call, device, reps, flops) for name, call in calls.items()}
     tuned = getattr(_rope_attention_tuned, "best_config", None) if device == "cuda" else None
-    return {"length": length, "checks": checks, "timings": rows,
-            "autotuned_config_last_call": str(tuned) if tuned else None}
+    return {
+        "length": length,
+        "checks": checks,
+        "timings": rows,
+        "autotuned_config_last_call": str(tuned) if tuned else None,
+    }
 
 
 def norm_rope_case(length, shape, device, reps, copy_gbs):
-    import kernel_cases as cases
     from kontext_rt.kernels import reference
     from kontext_rt.kernels.qk_norm_rope import qk_norm_rope
 
-    q, k, _, qs, ks, split, cos, sin = cases.attention_inputs(length, device, heads=shape["heads"],
-                                                              head_dim=shape["head_dim"], text=shape["text"])
+    import kernel_cases as cases
+
+    q, k, _, qs, ks, split, cos, sin = cases.attention_inputs(
+        length, device, heads=shape["heads"], head_dim=shape["head_dim"], text=shape["text"]
+    )
     nbytes = cases.norm_rope_bytes(q, cos)
-    truth = reference.qk_norm_rope(q.float(), k.float(), [s.float() for s in qs], [s.float() for s in ks],
-                                   split, cos, sin)
+    truth = reference.qk_norm_rope(
+        q.float(), k.float(), [s.float() for s in qs], [s.float() for s in ks], split, cos, sin
+    )
     eager = reference.qk_norm_rope(q, k, qs, ks, split, cos, sin)
     got = qk_norm_rope(q, k, qs, ks, split, cos, sin)
-    calls = {"triton": lambda: qk_norm_rope(q, k, qs, ks, split, cos, sin),
-             "eager": lambda: reference.qk_norm_rope(q, k, qs, ks, split, cos, sin)}
+    calls = {
+        "triton": lambda: qk_norm_rope(q, k, qs, ks, split, cos, sin),
+        "eager": lambda: reference.qk_norm_rope(q, k, qs, ks, split, cos, sin),
+    }
     return {
-        "length": length, "bytes": nbytes,
+        "length": length,
+        "bytes": nbytes,
         "checks": {n: _error_bound(g, t, e) for n, g, t, e in zip("qk", got, truth, eager, strict=True)},
         "timings": {n: _timed(c, device, reps, nbytes=nbytes, copy_gbs=copy_gbs) for n, c in calls.items()},
     }
@@ -118,8 +132,9 @@ def norm_rope_section(shape, device, reps, copy_gbs):
 
 
 def modulation_section(shape, device, reps, copy_gbs):
-    import kernel_cases as cases
     from kontext_rt.kernels import modulation, reference
+
+    import kernel_cases as cases
 
     length = shape["lengths"]["one-context"]
     x, y, shift, scale, gate = cases.rows_inputs(length, device, width=shape["width"])
@@ -131,10 +146,13 @@ def modulation_section(shape, device, reps, copy_gbs):
         nbytes = passes * x.numel() * x.element_size()
         truth = eager(*(t.float() for t in args))
         section[name] = {
-            "shape": list(x.shape), "bytes": nbytes,
+            "shape": list(x.shape),
+            "bytes": nbytes,
             "checks": _error_bound(fused(*args), truth, eager(*args)),
-            "timings": {"triton": _timed(lambda f=fused, a=args: f(*a), device, reps, nbytes=nbytes, copy_gbs=copy_gbs),
-                        "eager": _timed(lambda f=eager, a=args: f(*a), device, reps, nbytes=nbytes, copy_gbs=copy_gbs)},
+            "timings": {
+                "triton": _timed(lambda f=fused, a=args: f(*a), device, reps, nbytes=nbytes, copy_gbs=copy_gbs),
+                "eager": _timed(lambda f=eager, a=args: f(*a), device, reps, nbytes=nbytes, copy_gbs=copy_gbs),
+            },
         }
     return section
 
@@ -160,9 +178,10 @@ def goals(attention):
 
 
 def run(smoke: bool, reps: int, write) -> dict:
-    import kernel_cases as cases
     import torch
     import triton
+
+    import kernel_cases as cases
 
     if smoke:
         device, reps = "cpu", 2
@@ -171,18 +190,27 @@ def run(smoke: bool, reps: int, write) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit("error: no CUDA GPU visible; this script times kernels on a GPU (--smoke checks it runs)")
         device = "cuda"
-        shape = {"lengths": cases.LENGTHS, "heads": cases.HEADS, "head_dim": cases.HEAD_DIM, "text": cases.TEXT,
-                 "width": cases.WIDTH}
+        shape = {
+            "lengths": cases.LENGTHS,
+            "heads": cases.HEADS,
+            "head_dim": cases.HEAD_DIM,
+            "text": cases.TEXT,
+            "width": cases.WIDTH,
+        }
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
         "timings_are_kernel_speeds": device == "cuda",
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
-        "shape": shape, "dtype": "bfloat16", "reps": reps, "attention": {},
+        "shape": shape,
+        "dtype": "bfloat16",
+        "reps": reps,
+        "attention": {},
     }
     # written after every section: a run killed at its deadline keeps what it measured
-    result["copy_rate_gbs"] = copy_gbs = cases.copy_bandwidth_gbs(device, nbytes=(1 << 30) if device == "cuda"
-                                                                  else (1 << 22))
+    result["copy_rate_gbs"] = copy_gbs = cases.copy_bandwidth_gbs(
+        device, nbytes=(1 << 30) if device == "cuda" else (1 << 22)
+    )
     for name, length in shape["lengths"].items():
         result["attention"][name] = attention_case(length, shape, device, reps)
         write(result)
@@ -222,8 +250,10 @@ def main(argv=None) -> int:
         write_json(path(result), result)
 
     result = run(args.smoke, args.reps, write)
-    print(f"wrote {path(result)}; checks {'ok' if result['all_checks_ok'] else 'FAILED'}; "
-          f"goals {result['goals_one_context']}")
+    print(
+        f"wrote {path(result)}; checks {'ok' if result['all_checks_ok'] else 'FAILED'}; "
+        f"goals {result['goals_one_context']}"
+    )
     return 0 if result["all_checks_ok"] else 1
 
 

@@ -30,21 +30,27 @@ def ladder(suite: dict, compiled: dict) -> list[str]:
     rungs = {**suite.get("ladder", {}), **compiled.get("ladder", {})}
     base = suite.get("diffusers", {})
     base_ms = base.get("kontext", {}).get("ms_per_step")
-    lines = ["| rung | Kontext ms/step | x diffusers | MFU | host ms/step | text-to-image ms/step | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| rung | Kontext ms/step | x diffusers | MFU | host ms/step | text-to-image ms/step | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     if base:
         peak = base.get("kontext", {}).get("peak_gib")
-        lines.append(f"| diffusers (baseline, eager bf16) | {_ms(base, 'kontext')} | 1.00 | | "
-                     f"{base.get('kontext', {}).get('host_ms_per_step', 0):.1f} | {_ms(base, 'text-to-image')} | "
-                     f"{'' if peak is None else f'{peak:.1f}'} |")
+        lines.append(
+            f"| diffusers (baseline, eager bf16) | {_ms(base, 'kontext')} | 1.00 | | "
+            f"{base.get('kontext', {}).get('host_ms_per_step', 0):.1f} | {_ms(base, 'text-to-image')} | "
+            f"{'' if peak is None else f'{peak:.1f}'} |"
+        )
     for name, row in rungs.items():
         k = row.get("kontext")
         if not k:
             continue
         speedup = f"{base_ms / k['ms_per_step']:.2f}" if base_ms else ""
         peak = "" if k.get("peak_gib") is None else f"{k['peak_gib']:.1f}"
-        lines.append(f"| {name} | {k['ms_per_step']:.1f} | {speedup} | {k['mfu']:.2f} | {k['host_ms_per_step']:.1f} | "
-                     f"{_ms(row, 'text-to-image')} | {peak} |")
+        lines.append(
+            f"| {name} | {k['ms_per_step']:.1f} | {speedup} | {k['mfu']:.2f} | {k['host_ms_per_step']:.1f} | "
+            f"{_ms(row, 'text-to-image')} | {peak} |"
+        )
     return lines
 
 
@@ -52,8 +58,10 @@ def edits(suite: dict) -> list[str]:
     e2e = suite.get("end_to_end_s", {})
     steps = sorted({int(s) for runs in e2e.values() for s in runs})
     lines = ["| rung | " + " | ".join(f"{s}-step edit, s" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-    lines += [f"| {rung} | " + " | ".join(f"{runs[str(s)]:.2f}" if str(s) in runs else "-" for s in steps) + " |"
-              for rung, runs in e2e.items()]
+    lines += [
+        f"| {rung} | " + " | ".join(f"{runs[str(s)]:.2f}" if str(s) in runs else "-" for s in steps) + " |"
+        for rung, runs in e2e.items()
+    ]
     return lines
 
 
@@ -79,18 +87,27 @@ def kernels(data: dict) -> list[str]:
     g = data.get("goals_one_context")
     if not isinstance(g, dict) or not g:
         return []
-    return [f"Fused attention at 8704 tokens: {g['fused_ms']:.3f} ms, {g['fused_tflops']:.0f} TFLOP/s; best SDPA with "
-            f"separate norm+RoPE ({g['best_sdpa_with_separate_rope']}): {g['best_sdpa_with_separate_rope_ms']:.3f} ms."]
+    return [
+        f"Fused attention at 8704 tokens: {g['fused_ms']:.3f} ms, {g['fused_tflops']:.0f} TFLOP/s; best SDPA with "
+        f"separate norm+RoPE ({g['best_sdpa_with_separate_rope']}): {g['best_sdpa_with_separate_rope_ms']:.3f} ms."
+    ]
 
 
 def render(folder: Path) -> str:
     suite, compiled = _load(folder, "suite.json"), _load(folder, "suite-compile.json")
     if not suite:
         raise SystemExit(f"error: {folder / 'suite.json'} not found: give the folder gpu_run.sh wrote")
-    head = (f"Device: {suite['device']}, torch {suite['versions']['torch']}, triton {suite['versions']['triton']}, "
-            f"{suite['date']}" + (" (CPU REHEARSAL: not GPU figures)" if suite.get("rehearse") else ""))
-    parts = [[head], ladder(suite, compiled), edits(suite), goals_table(suite, compiled),
-             kernels(_load(folder, "kernels.json"))]
+    head = (
+        f"Device: {suite['device']}, torch {suite['versions']['torch']}, triton {suite['versions']['triton']}, "
+        f"{suite['date']}" + (" (CPU REHEARSAL: not GPU figures)" if suite.get("rehearse") else "")
+    )
+    parts = [
+        [head],
+        ladder(suite, compiled),
+        edits(suite),
+        goals_table(suite, compiled),
+        kernels(_load(folder, "kernels.json")),
+    ]
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
 
 

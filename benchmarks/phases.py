@@ -45,8 +45,16 @@ def write_json(path: Path, data: dict) -> None:
 class Record:
     """One results file: `data` (with data["phases"][name] = status), rewritten after every phase."""
 
-    def __init__(self, path: Path, data: dict, deadline_s: float, tag: str, broken: Iterable[str] = (),
-                 before_write: Callable[[], None] | None = None, t0: float | None = None):
+    def __init__(
+        self,
+        path: Path,
+        data: dict,
+        deadline_s: float,
+        tag: str,
+        broken: Iterable[str] = (),
+        before_write: Callable[[], None] | None = None,
+        t0: float | None = None,
+    ):
         """deadline_s counts from t0 (a time.perf_counter() value; default: now)."""
         self.path, self.data, self.tag = Path(path), data, tag
         self.t0, self.deadline_s = time.perf_counter() if t0 is None else t0, deadline_s
@@ -74,8 +82,11 @@ class Record:
         if not_ok:
             entry = {"status": "skipped", "reason": f"needs {', '.join(not_ok)}, which did not succeed"}
         elif estimate_s > self.left_s():
-            entry = {"status": "skipped", "reason": f"needs about {estimate_s:.0f} s, {max(self.left_s(), 0):.0f} s "
-                                                    f"left before the {self.deadline_s:.0f} s deadline"}
+            entry = {
+                "status": "skipped",
+                "reason": f"needs about {estimate_s:.0f} s, {max(self.left_s(), 0):.0f} s "
+                f"left before the {self.deadline_s:.0f} s deadline",
+            }
         else:
             say(f"[{self.tag} {self.elapsed_s():6.1f}s] {name} ...")
             t0 = time.perf_counter()
@@ -86,8 +97,11 @@ class Record:
             except PhaseError as err:
                 entry = {"status": "failed", "error": str(err)[:2000], **err.details}
             except Exception as err:  # recorded, and the next phase runs: one failure must not lose the others
-                entry = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
-                         "traceback": traceback.format_exc()[-4000:]}
+                entry = {
+                    "status": "failed",
+                    "error": f"{type(err).__name__}: {err}"[:2000],
+                    "traceback": traceback.format_exc()[-4000:],
+                }
             entry["s"] = round(time.perf_counter() - t0, 2)
         phases[name] = entry
         self.write()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from kernel_cases import sync
 
 
@@ -40,7 +41,7 @@ def _on_device(make, device, dtype, seed):
 
 def random_transformer(cfg, device, dtype, seed=0):
     """The runtime's FluxTransformer at `cfg`'s size with random weights drawn on the device."""
-    from kontext_rt.model import FluxTransformer
+    from kontext_rt.model.transformer import FluxTransformer
 
     return _on_device(lambda: FluxTransformer(cfg), device, dtype, seed)
 
@@ -49,11 +50,21 @@ def random_diffusers(cfg, device, dtype, seed=0):
     """diffusers' FluxTransformer2DModel at the same size, initialised by the same rule (the baseline)."""
     from diffusers import FluxTransformer2DModel
 
-    return _on_device(lambda: FluxTransformer2DModel(
-        num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
-        pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim),
-        device, dtype, seed)
+    return _on_device(
+        lambda: FluxTransformer2DModel(
+            num_layers=cfg.depth,
+            num_single_layers=cfg.depth_single_blocks,
+            attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.num_heads,
+            joint_attention_dim=cfg.context_in_dim,
+            pooled_projection_dim=cfg.vec_in_dim,
+            guidance_embeds=cfg.guidance_embed,
+            axes_dims_rope=cfg.axes_dim,
+        ),
+        device,
+        dtype,
+        seed,
+    )
 
 
 @torch.no_grad()
@@ -80,8 +91,8 @@ def grids_of(layout) -> list[tuple[int, int]]:
 
 def inputs(cfg, layout, device, dtype, seed=1):
     """(x (1, N, 64) float32 noise, Conditioning) for a (text, target, context) token layout."""
-    from kontext_rt.rope import rope_table, sequence_ids
-    from kontext_rt.sampler import Conditioning
+    from kontext_rt.model.rope import rope_table, sequence_ids
+    from kontext_rt.sampling.loop import Conditioning
 
     text, target, context = layout
     gen = torch.Generator(device).manual_seed(seed)
@@ -90,7 +101,10 @@ def inputs(cfg, layout, device, dtype, seed=1):
         ctx=torch.randn(1, context, cfg.in_channels, device=device, generator=gen).to(dtype) if context else None,
         txt=torch.randn(1, text, cfg.context_in_dim, device=device, generator=gen).to(dtype),
         pooled=torch.randn(1, cfg.vec_in_dim, device=device, generator=gen).to(dtype),
-        guidance=torch.full((1,), 2.5, device=device) if cfg.guidance_embed else None, cos=cos, sin=sin)
+        guidance=torch.full((1,), 2.5, device=device) if cfg.guidance_embed else None,
+        cos=cos,
+        sin=sin,
+    )
     return torch.randn(1, target, cfg.in_channels, device=device, generator=gen), cond
 
 
@@ -110,8 +124,8 @@ def free_memory(device):
 
 def loop_fn(model, ops, dtype, denoiser=None):
     """A function (x, sigmas, cond) -> x: the one sampling loop over `denoiser` (default: the per-step one)."""
-    from kontext_rt.denoisers import PerStep
-    from kontext_rt.sampler import denoise
+    from kontext_rt.sampling.denoisers import PerStep
+    from kontext_rt.sampling.loop import denoise
 
     denoiser = denoiser or PerStep.of_model(model, ops, dtype)
     return lambda x, sigmas, cond: denoise(denoiser, x, sigmas, cond)
@@ -121,7 +135,7 @@ def loop_fn(model, ops, dtype, denoiser=None):
 def time_loop(run, x, cond, device, steps, repeats, warmup_steps=2):
     """(median ms per step, host ms per step) over `repeats` loops of `steps` steps, after one short warm-up loop
     (autotuning, graph capture, compilation: a 2-step loop has the same shapes as a 28-step one)."""
-    from kontext_rt.sampler import schedule
+    from kontext_rt.sampling.schedule import schedule
 
     run(x, schedule(warmup_steps, x.shape[1]), cond)
     sync(device)
@@ -161,7 +175,7 @@ def matmul_tflops(device, fp8: bool, n=8192, reps=20) -> float:
 
 def diffusers_loop(ref, cfg, layout, data, device, dtype):
     """The same loop shape around diffusers' transformer: one call + Euler update per step, context appended."""
-    from kontext_rt.rope import sequence_ids
+    from kontext_rt.model.rope import sequence_ids
 
     text, target, context = layout
     x, cond = data
@@ -172,9 +186,16 @@ def diffusers_loop(ref, cfg, layout, data, device, dtype):
         sigmas = sigmas.to(device)
         for i in range(len(sigmas) - 1):
             hidden = torch.cat([state.to(dtype)] + ([cond.ctx] if context else []), 1)
-            v = ref(hidden_states=hidden, encoder_hidden_states=cond.txt, pooled_projections=cond.pooled,
-                    timestep=sigmas[i].expand(1), img_ids=ids[text:], txt_ids=ids[:text], guidance=cond.guidance,
-                    return_dict=False)[0]
+            v = ref(
+                hidden_states=hidden,
+                encoder_hidden_states=cond.txt,
+                pooled_projections=cond.pooled,
+                timestep=sigmas[i].expand(1),
+                img_ids=ids[text:],
+                txt_ids=ids[:text],
+                guidance=cond.guidance,
+                return_dict=False,
+            )[0]
             state = state + (sigmas[i + 1] - sigmas[i]) * v[:, :target].float()
         return state
 
@@ -184,23 +205,27 @@ def diffusers_loop(ref, cfg, layout, data, device, dtype):
 @torch.inference_mode()
 def exactness(model, ops, dtype, data, hoisted, graphs, steps) -> dict:
     """Hoisted == per-step and graphs == no graphs, bit for bit, on this device (Kontext layout)."""
-    from kontext_rt.sampler import denoise, schedule
+    from kontext_rt.sampling.loop import denoise
+    from kontext_rt.sampling.schedule import schedule
 
     x, cond = data
     sigmas = schedule(steps, x.shape[1])
     want = loop_fn(model, ops, dtype)(x, sigmas, cond)
-    out = {"hoisted_equals_per_step": bool(torch.equal(denoise(hoisted, x, sigmas, cond), want)),
-           "finite": bool(torch.isfinite(want).all())}
+    out = {
+        "hoisted_equals_per_step": bool(torch.equal(denoise(hoisted, x, sigmas, cond), want)),
+        "finite": bool(torch.isfinite(want).all()),
+    }
     if graphs is not None:
-        out["graphs_equal_no_graphs"] = bool(torch.equal(denoise(graphs, x, sigmas, cond),
-                                                         denoise(hoisted, x, sigmas, cond)))
+        out["graphs_equal_no_graphs"] = bool(
+            torch.equal(denoise(graphs, x, sigmas, cond), denoise(hoisted, x, sigmas, cond))
+        )
     return out
 
 
 @torch.inference_mode()
 def trace(hoisted, data, steps) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(velocity per step, final state) of a hoisted loop without graphs: what the FP8 drift compares."""
-    from kontext_rt.sampler import schedule
+    from kontext_rt.sampling.schedule import schedule
 
     x, cond = data
     mods, dts = hoisted.plan(schedule(steps, x.shape[1]), cond, x)
@@ -219,14 +244,17 @@ def drift(reference, fp8) -> dict:
         return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
     (ref_v, ref_x), (v, out) = reference, fp8
-    return {"steps": len(ref_v), "velocity_rel_error_per_step": [rel(a, b) for a, b in zip(v, ref_v, strict=True)],
-            "final_latent_rel_error": rel(out, ref_x)}
+    return {
+        "steps": len(ref_v),
+        "velocity_rel_error_per_step": [rel(a, b) for a, b in zip(v, ref_v, strict=True)],
+        "final_latent_rel_error": rel(out, ref_x),
+    }
 
 
 def quantizer_check(device, rows=8704, cols=3072) -> dict:
     """The Triton FP8 quantizer equals torch's quantize_rows bit for bit on this device (values and scales)."""
-    from kontext_rt.fp8 import quantize_rows
     from kontext_rt.kernels.fp8_quant import quantize_rows as kernel
+    from kontext_rt.model.fp8_linear import quantize_rows
 
     gen = torch.Generator(device).manual_seed(2)
     x = (torch.randn(rows, cols, device=device, generator=gen) * 3).to(torch.bfloat16)
@@ -242,7 +270,7 @@ def end_to_end(vae, run, layout, data, device, dtype, steps_list) -> dict:
     """Seconds for whole edits: VAE encode of the context image, the loop, VAE decode (embeddings as a cache hit).
     One 1-step edit warms up first (VAE kernels; the loop's graphs and autotuning were warmed by the ladder)."""
     from kontext_rt.image import pack, unpack
-    from kontext_rt.sampler import schedule
+    from kontext_rt.sampling.schedule import schedule
 
     text, target, _ = layout
     (rows, cols), *_ = grids_of(layout)

@@ -35,14 +35,21 @@ def tensorrt_status() -> dict:
 
 def _inputs(cfg, dtype, device):
     import torch
-    from kontext_rt.rope import rope_table, sequence_ids
+
+    from kontext_rt.model.rope import rope_table, sequence_ids
 
     gen = torch.Generator().manual_seed(0)
     n = sum(r * c for r, c in KONTEXT["grids"])
     cos, sin = rope_table(sequence_ids(KONTEXT["txt"], KONTEXT["grids"]), cfg.axes_dim, cfg.theta)
-    x = {"img": torch.randn(1, n, cfg.in_channels, generator=gen), "txt": torch.randn(1, KONTEXT["txt"],
-         cfg.context_in_dim, generator=gen), "pooled": torch.randn(1, cfg.vec_in_dim, generator=gen),
-         "timesteps": torch.tensor([0.7]), "guidance": torch.tensor([2.5]), "cos": cos, "sin": sin}
+    x = {
+        "img": torch.randn(1, n, cfg.in_channels, generator=gen),
+        "txt": torch.randn(1, KONTEXT["txt"], cfg.context_in_dim, generator=gen),
+        "pooled": torch.randn(1, cfg.vec_in_dim, generator=gen),
+        "timesteps": torch.tensor([0.7]),
+        "guidance": torch.tensor([2.5]),
+        "cos": cos,
+        "sin": sin,
+    }
     return {k: v.to(device, dtype if k in ("img", "txt", "pooled") else torch.float32) for k, v in x.items()}
 
 
@@ -63,25 +70,32 @@ def _time_ms(fn, warmup=3, iters=15) -> float:
 
 
 def _engine(model, precision, dtype, folder: Path, spec):
-    from kontext_rt.engines import Engine
+    from kontext_rt.backends.manifest import Manifest
+    from kontext_rt.backends.tensorrt import Engine
     from kontext_rt.export.engine_build import build_engine, gpu_name, tensorrt_version
     from kontext_rt.export.onnx_export import export_onnx, transformer_graph
-    from kontext_rt.manifest import Manifest
 
-    onnx = export_onnx(transformer_graph(model), spec, folder / precision / "transformer.onnx", dtype,
-                       "torchscript" if precision == "fp8" else "dynamo")
+    onnx = export_onnx(
+        transformer_graph(model),
+        spec,
+        folder / precision / "transformer.onnx",
+        dtype,
+        "torchscript" if precision == "fp8" else "dynamo",
+    )
     plan = folder / precision / "transformer.plan"
     facts = build_engine(onnx, plan, spec, folder / "timing.cache")
-    manifest = Manifest("engine", "transformer", precision, "bench", tools={"tensorrt": tensorrt_version()},
-                        gpu=gpu_name())
+    manifest = Manifest(
+        "engine", "transformer", precision, "bench", tools={"tensorrt": tensorrt_version()}, gpu=gpu_name()
+    )
     return Engine(plan, manifest, model.img_in.weight.device, "bench"), facts
 
 
 def run(depth: int, single: int) -> dict:
     import torch
+
     from kontext_rt.config import PRESETS
     from kontext_rt.export import fp8, specs
-    from kontext_rt.model import FluxTransformer
+    from kontext_rt.model.transformer import FluxTransformer
 
     cfg = dataclasses.replace(PRESETS["flux-kontext-dev"], depth=depth, depth_single_blocks=single)
     spec = specs.transformer_spec(cfg, text_tokens=512)
@@ -98,8 +112,12 @@ def run(depth: int, single: int) -> dict:
             m = FluxTransformer(cfg).eval().requires_grad_(False)
         m.load_state_dict(ref.state_dict())
         models[name] = m.to(dtype)
-    out = {"config": {"hidden_size": cfg.hidden_size, "depth": depth, "depth_single_blocks": single,
-                      "tokens": KONTEXT}, "checks": {}, "ms_per_step": {}, "builds": {}}
+    out = {
+        "config": {"hidden_size": cfg.hidden_size, "depth": depth, "depth_single_blocks": single, "tokens": KONTEXT},
+        "checks": {},
+        "ms_per_step": {},
+        "builds": {},
+    }
     with torch.no_grad():
         truth = eager(models["fp32"], _inputs(cfg, torch.float32, "cuda")).double()
 
@@ -118,8 +136,11 @@ def run(depth: int, single: int) -> dict:
             fake = eager(q, x_bf).double()
             engine8, out["builds"]["fp8"] = _engine(q, "fp8", torch.bfloat16, Path(d), spec)
             v8 = engine8(**x_bf)["velocity"].double()
-            out["checks"]["fp8"] = {"engine_vs_fake_quant": float((v8 - fake).abs().max() / fake.abs().max()),
-                                    "engine_vs_fp32": err(v8), "fake_quant_vs_fp32": err(fake)}
+            out["checks"]["fp8"] = {
+                "engine_vs_fake_quant": float((v8 - fake).abs().max() / fake.abs().max()),
+                "engine_vs_fp32": err(v8),
+                "fake_quant_vs_fp32": err(fake),
+            }
             out["ms_per_step"]["tensorrt_fp8"] = _time_ms(lambda: engine8(**x_bf))
     return out
 
@@ -132,8 +153,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    record = {"date": datetime.date.today().isoformat(), "tensorrt": tensorrt_status(),
-              "cuda": torch.cuda.is_available(), "torch": torch.__version__}
+    record = {
+        "date": datetime.date.today().isoformat(),
+        "tensorrt": tensorrt_status(),
+        "cuda": torch.cuda.is_available(),
+        "torch": torch.__version__,
+    }
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
     record["device"] = device
     if record["tensorrt"]["importable"] and record["cuda"]:

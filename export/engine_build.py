@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 from kontext_rt.errors import BackendUnavailable
-
-from .specs import GraphSpec
+from kontext_rt.export.specs import GraphSpec
 
 
 class TensorRTUnavailable(BackendUnavailable):
@@ -37,8 +36,9 @@ def require_tensorrt():
     import torch
 
     if not torch.cuda.is_available():
-        raise TensorRTUnavailable("building TensorRT engines needs the CUDA GPU they will run on; none is visible "
-                                  "(use --onnx-only here)")
+        raise TensorRTUnavailable(
+            "building TensorRT engines needs the CUDA GPU they will run on; none is visible (use --onnx-only here)"
+        )
     return tensorrt
 
 
@@ -54,8 +54,9 @@ def profile_shapes(spec: GraphSpec) -> list[dict[str, tuple[tuple[int, ...], ...
     return out
 
 
-def build_engine(onnx_path: Path, plan_path: Path, spec: GraphSpec, timing_cache: Path,
-                 workspace_gib: float | None = None) -> dict:
+def build_engine(
+    onnx_path: Path, plan_path: Path, spec: GraphSpec, timing_cache: Path, workspace_gib: float | None = None
+) -> dict:
     """Parse onnx_path, build with spec's profiles, write plan_path atomically. Returns build facts."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from kontext_rt.fp8 import CALIBRATION_FORMAT
-from kontext_rt.safetensors_io import CheckpointError
 from torch import nn
+
+from kontext_rt.model.fp8_linear import CALIBRATION_FORMAT
+from kontext_rt.weights.safetensors_io import CheckpointError
 
 # Module-name patterns kept in the model dtype, and why. The embedders and the final layer follow ModelOpt's own
 # FLUX recipe (examples/diffusers/quantization, filter_func_flux_dev: x_embedder, context_embedder,
@@ -89,6 +90,7 @@ def linear_layers(model: nn.Module) -> dict[str, bool]:
 
 # ---- calibration state ------------------------------------------------------------------------------------------
 
+
 def _amax_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if k.endswith("._amax")}
 
@@ -104,8 +106,16 @@ def save_calibration(model: nn.Module, path: Path, fingerprint: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    save_file(state, str(tmp), metadata={"modelopt": modelopt_version, "recipe": recipe_digest(),
-                                          "checkpoint": fingerprint, "format": CALIBRATION_FORMAT})
+    save_file(
+        state,
+        str(tmp),
+        metadata={
+            "modelopt": modelopt_version,
+            "recipe": recipe_digest(),
+            "checkpoint": fingerprint,
+            "format": CALIBRATION_FORMAT,
+        },
+    )
     tmp.replace(path)
     return path
 
@@ -124,14 +134,20 @@ def restore_calibration(model: nn.Module, path: Path, fingerprint: str) -> nn.Mo
 
     meta = calibration_metadata(path)
     if meta.get("checkpoint") != fingerprint:
-        raise CheckpointError(f"{path}: calibrated on another checkpoint ({meta.get('checkpoint')}, this one is "
-                              f"{fingerprint}): calibrate again")
+        raise CheckpointError(
+            f"{path}: calibrated on another checkpoint ({meta.get('checkpoint')}, this one is "
+            f"{fingerprint}): calibrate again"
+        )
     if meta.get("recipe") != recipe_digest():
         raise CheckpointError(f"{path}: made with another FP8 recipe ({meta.get('recipe')}): calibrate again")
     saved = load_file(str(path))
     quantize(model, None)
-    expected = {f"{name}.{q}._amax" for name, fp8 in linear_layers(model).items() if fp8
-                for q in ("input_quantizer", "weight_quantizer")}
+    expected = {
+        f"{name}.{q}._amax"
+        for name, fp8 in linear_layers(model).items()
+        if fp8
+        for q in ("input_quantizer", "weight_quantizer")
+    }
     if missing := sorted(expected - saved.keys()):
         raise CheckpointError(f"{path}: no amax for {len(missing)} quantizers, e.g. {missing[:3]}")
     for key, amax in saved.items():
@@ -173,11 +189,16 @@ class CalibrationSet:
 
     def describe(self) -> dict:
         """JSON-able and stable: paths as given, in-memory images by a digest of their pixels."""
-        images = [str(i) if isinstance(i, (str, Path)) else hashlib.sha256(i.tobytes()).hexdigest()[:16]
-                  for i in self.images]
-        return {"prompts": list(self.prompts), "images": images or "generated",
-                "steps": self.steps, "size": self.size,
-                "auto_resize": self.auto_resize}
+        images = [
+            str(i) if isinstance(i, (str, Path)) else hashlib.sha256(i.tobytes()).hexdigest()[:16] for i in self.images
+        ]
+        return {
+            "prompts": list(self.prompts),
+            "images": images or "generated",
+            "steps": self.steps,
+            "size": self.size,
+            "auto_resize": self.auto_resize,
+        }
 
 
 def calibration_loop(pipe, data: CalibrationSet, progress: Callable[[str], None] | None = None):

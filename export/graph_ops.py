@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from kontext_rt.kernels.reference import EPS, attention, compute_dtype, gated_residual
-from kontext_rt.ops import Ops
+from kontext_rt.model.op_table import Ops
 
 
 def rms_norm(x: torch.Tensor, scales, split: int) -> torch.Tensor:

@@ -17,13 +17,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from kontext_rt import graph_io as io
-from kontext_rt.model import FluxTransformer
-from kontext_rt.vae import AutoEncoder
 from torch import nn
 
-from .graph_ops import EXPORT_OPS
-from .specs import GraphSpec
+from kontext_rt.backends import graph_io as io
+from kontext_rt.export.graph_ops import EXPORT_OPS
+from kontext_rt.export.specs import GraphSpec
+from kontext_rt.model.transformer import FluxTransformer
+from kontext_rt.model.vae import AutoEncoder
 
 OPSET = 20
 PROTOBUF_LIMIT = 2**31  # a ModelProto cannot exceed 2 GB: larger graphs keep their weights in external data
@@ -90,8 +90,14 @@ def weight_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, dtype: torch.dtype, exporter: str = "dynamo",
-                external_data: bool | None = None) -> Path:
+def export_onnx(
+    graph: nn.Module,
+    spec: GraphSpec,
+    path: Path,
+    dtype: torch.dtype,
+    exporter: str = "dynamo",
+    external_data: bool | None = None,
+) -> Path:
     """Write graph to path (an .onnx file; weights in path + '.data' when external). Returns path.
 
     external_data None: only when the weights would push the protobuf past 2 GB. The file is written under a
@@ -127,8 +133,14 @@ def _dynamo(graph, spec: GraphSpec, args, tmp: Path, external_data: bool):
     auto = torch.export.Dim.AUTO
     dynamic = {s.name: {i: auto for i, d in enumerate(s.shape) if isinstance(d, str)} for s in spec.inputs}
     program = torch.onnx.export(
-        graph, args, dynamo=True, opset_version=OPSET, dynamic_shapes=tuple(dynamic.values()),
-        input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs], verbose=False,
+        graph,
+        args,
+        dynamo=True,
+        opset_version=OPSET,
+        dynamic_shapes=tuple(dynamic.values()),
+        input_names=[s.name for s in spec.inputs],
+        output_names=[s.name for s in spec.outputs],
+        verbose=False,
     )
     program.save(str(tmp), external_data=external_data)
 
@@ -146,9 +158,16 @@ def _torchscript(graph, spec: GraphSpec, args, tmp: Path, external_data: bool):
     scratch.mkdir()
     try:
         torch.onnx.export(
-            graph, args, str(scratch / "graph.onnx"), dynamo=False, opset_version=OPSET, export_params=False,
-            do_constant_folding=False, input_names=[s.name for s in spec.inputs],
-            output_names=[s.name for s in spec.outputs], dynamic_axes=axes,
+            graph,
+            args,
+            str(scratch / "graph.onnx"),
+            dynamo=False,
+            opset_version=OPSET,
+            export_params=False,
+            do_constant_folding=False,
+            input_names=[s.name for s in spec.inputs],
+            output_names=[s.name for s in spec.outputs],
+            dynamic_axes=axes,
         )
         model = onnx.load(str(scratch / "graph.onnx"))
     finally:

@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from kontext_rt import graph_io as io
+
+from kontext_rt.backends import graph_io as io
 from kontext_rt.config import FluxConfig, VAEConfig
 from kontext_rt.image import MULTIPLE, PREFERRED_KONTEXT_RESOLUTIONS
 
@@ -65,11 +66,15 @@ class GraphSpec:
 
     def to_json(self, model_dtype: torch.dtype) -> dict:
         def io(specs):
-            return [{"name": s.name, "shape": list(s.shape), "dtype": str(self.dtype_of(s, model_dtype))}
-                    for s in specs]
+            return [
+                {"name": s.name, "shape": list(s.shape), "dtype": str(self.dtype_of(s, model_dtype))} for s in specs
+            ]
 
-        return {"inputs": io(self.inputs), "outputs": io(self.outputs),
-                "profiles": [p.to_json() for p in self.profiles]}
+        return {
+            "inputs": io(self.inputs),
+            "outputs": io(self.outputs),
+            "profiles": [p.to_json() for p in self.profiles],
+        }
 
 
 # ---- profiles ----------------------------------------------------------------------------------------------------
@@ -89,8 +94,15 @@ def kontext_tokens() -> tuple[int, int, int]:
 
 def _token_profile(name: str, img: tuple[int, int, int], text_tokens: int, max_batch: int) -> Profile:
     txt = (1, text_tokens, MAX_TEXT_TOKENS)
-    return Profile(name, {"batch": (1, 1, max_batch), "txt": txt, "img": img,
-                          "seq": tuple(t + i for t, i in zip(txt, img, strict=True))})
+    return Profile(
+        name,
+        {
+            "batch": (1, 1, max_batch),
+            "txt": txt,
+            "img": img,
+            "seq": tuple(t + i for t, i in zip(txt, img, strict=True)),
+        },
+    )
 
 
 def transformer_spec(cfg: FluxConfig, text_tokens: int = 512, max_batch: int = 1) -> GraphSpec:
@@ -105,10 +117,17 @@ def transformer_spec(cfg: FluxConfig, text_tokens: int = 512, max_batch: int = 1
     if cfg.guidance_embed:
         inputs.append(TensorSpec(io.GUIDANCE, ("batch",), f32))
     inputs += [TensorSpec(name, ("seq", cfg.head_dim // 2), f32) for name in (io.COS, io.SIN)]
-    profiles = (_token_profile("kontext", kontext_tokens(), text_tokens, max_batch),
-                _token_profile("text-to-image", T2I_TOKENS, text_tokens, max_batch))
-    return GraphSpec("transformer", tuple(inputs), (TensorSpec(io.VELOCITY, ("batch", "img", cfg.in_channels), None),),
-                     profiles, {"batch": 2, "txt": 8, "img": 24, "seq": 32})
+    profiles = (
+        _token_profile("kontext", kontext_tokens(), text_tokens, max_batch),
+        _token_profile("text-to-image", T2I_TOKENS, text_tokens, max_batch),
+    )
+    return GraphSpec(
+        "transformer",
+        tuple(inputs),
+        (TensorSpec(io.VELOCITY, ("batch", "img", cfg.in_channels), None),),
+        profiles,
+        {"batch": 2, "txt": 8, "img": 24, "seq": 32},
+    )
 
 
 def _image_profile(scale: int, max_batch: int) -> Profile:
@@ -119,14 +138,20 @@ def _image_profile(scale: int, max_batch: int) -> Profile:
 def vae_encoder_spec(cfg: VAEConfig, max_batch: int = 1) -> GraphSpec:
     down = cfg.downscale
     return GraphSpec(
-        "vae_encoder", (TensorSpec(io.IMAGE, ("batch", cfg.in_channels, "height", "width"), None),),
+        "vae_encoder",
+        (TensorSpec(io.IMAGE, ("batch", cfg.in_channels, "height", "width"), None),),
         (TensorSpec(io.LATENT, ("batch", cfg.z_channels, f"height/{down}", f"width/{down}"), None),),
-        (_image_profile(1, max_batch),), {"batch": 2, "height": 64, "width": 48})
+        (_image_profile(1, max_batch),),
+        {"batch": 2, "height": 64, "width": 48},
+    )
 
 
 def vae_decoder_spec(cfg: VAEConfig, max_batch: int = 1) -> GraphSpec:
     up = cfg.downscale
     return GraphSpec(
-        "vae_decoder", (TensorSpec(io.LATENT, ("batch", cfg.z_channels, "height", "width"), None),),
+        "vae_decoder",
+        (TensorSpec(io.LATENT, ("batch", cfg.z_channels, "height", "width"), None),),
         (TensorSpec(io.IMAGE, ("batch", cfg.in_channels, f"height*{up}", f"width*{up}"), None),),
-        (_image_profile(up, max_batch),), {"batch": 2, "height": 8, "width": 6})
+        (_image_profile(up, max_batch),),
+        {"batch": 2, "height": 8, "width": 6},
+    )

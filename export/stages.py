@@ -20,11 +20,11 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from kontext_rt.checkpoint import detect
-from kontext_rt.manifest import PRECISIONS, Manifest, engine_folder, file_sizes, onnx_folder
 
-from . import specs
-from .fp8 import CalibrationSet
+from kontext_rt.backends.manifest import PRECISIONS, Manifest, engine_folder, file_sizes, onnx_folder
+from kontext_rt.export import specs
+from kontext_rt.export.fp8 import CalibrationSet
+from kontext_rt.weights.formats import detect
 
 # A checkpoint whose shapes leave the variant open (a BFL file of FLUX.1 [dev] shapes) is exported as Kontext:
 # calibration runs edits, and FLUX.1 [dev] and Kontext [dev] have the same graphs and text length (the same engines).
@@ -87,7 +87,7 @@ class Export:
     def run(self) -> None:
         """Run every stage, reusing those already finished."""
         if not self.opts.onnx_only:
-            from .engine_build import require_tensorrt
+            from kontext_rt.export.engine_build import require_tensorrt
 
             require_tensorrt()  # before hours of calibration, not after
         stages = self.stages()
@@ -117,7 +117,7 @@ class Export:
             tools["modelopt"] = _version("nvidia-modelopt")
         gpu = None
         if stage == "engine":
-            from .engine_build import gpu_name, tensorrt_version
+            from kontext_rt.export.engine_build import gpu_name, tensorrt_version
 
             tools["tensorrt"], gpu = tensorrt_version(), gpu_name()
         io = self.specs[graph].to_json(self.dtype) if graph in self.specs else {}
@@ -130,18 +130,23 @@ class Export:
         if stage == "calibration":
             return self._calibrate(folder)
         if stage == "engine":
-            from .engine_build import build_engine
+            from kontext_rt.export.engine_build import build_engine
 
             plan = folder / f"{graph}.plan"
             folder.mkdir(parents=True, exist_ok=True)
-            info = build_engine(self._folder("onnx") / f"{graph}.onnx", plan, self.specs[graph],
-                                folder / "timing.cache", self.opts.workspace_gib)
+            info = build_engine(
+                self._folder("onnx") / f"{graph}.onnx",
+                plan,
+                self.specs[graph],
+                folder / "timing.cache",
+                self.opts.workspace_gib,
+            )
             return [plan], info
         return self._export_onnx(graph, folder), {}
 
     def _export_onnx(self, graph: str, folder: Path) -> list[Path]:
-        from .onnx_export import VAEDecoderGraph, VAEEncoderGraph, export_onnx, transformer_graph
-        from .trt_ops import check_parsable
+        from kontext_rt.export.onnx_export import VAEDecoderGraph, VAEEncoderGraph, export_onnx, transformer_graph
+        from kontext_rt.export.trt_ops import check_parsable
 
         path, spec = folder / f"{graph}.onnx", self.specs[graph]
         if graph == "transformer":
@@ -159,19 +164,23 @@ class Export:
             return self.layout.load_transformer(self.dtype, self.opts.device)
         if self._quantized is not None:
             return self._quantized
-        from .fp8 import restore_calibration
+        from kontext_rt.export.fp8 import restore_calibration
 
         model = self.layout.load_transformer(self.dtype, self.opts.device)
         return restore_calibration(model, self._folder("calibration") / "fp8.safetensors", self.fingerprint)
 
     def _calibrate(self, folder: Path) -> tuple[list[Path], dict]:
         from kontext_rt import Pipeline
+        from kontext_rt.export.fp8 import calibration_loop, quantize, save_calibration
 
-        from .fp8 import calibration_loop, quantize, save_calibration
-
-        pipe = Pipeline.from_pretrained(self.opts.checkpoint, device=self.opts.device, dtype=self.dtype,
-                                        ae=self.opts.ae, text_encoders=self.opts.text_encoders,
-                                        variant=self.variant.name)
+        pipe = Pipeline.from_pretrained(
+            self.opts.checkpoint,
+            device=self.opts.device,
+            dtype=self.dtype,
+            ae=self.opts.ae,
+            text_encoders=self.opts.text_encoders,
+            variant=self.variant.name,
+        )
         quantize(pipe.transformer, calibration_loop(pipe, self.opts.calibration, self.log))
         self._quantized = pipe.transformer
         path = save_calibration(pipe.transformer, folder / "fp8.safetensors", self.fingerprint)

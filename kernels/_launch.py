@@ -29,8 +29,10 @@ def check_device(kernel, *tensors: torch.Tensor) -> torch.device:
         if t.device != device:
             raise ValueError(f"all inputs must be on one device, got {device} and {t.device}")
     if device.type == "cpu" and not interpreted(kernel):
-        raise RuntimeError("Triton kernels need a CUDA device; on the CPU they run only under the Triton "
-                           "interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+        raise RuntimeError(
+            "Triton kernels need a CUDA device; on the CPU they run only under the Triton "
+            "interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+        )
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"Triton kernels run on CUDA devices, not {device.type}")
     return device

@@ -22,14 +22,17 @@ def load_halves(ptr, rows, stride_l, mask, HALF: tl.constexpr, MASKED: tl.conste
     """Rows of a (L, 2*HALF) matrix as its even and odd columns, (BLOCK, HALF) each, in the input dtype."""
     offs = rows[:, None] * stride_l + 2 * tl.arange(0, HALF)[None, :]
     if MASKED:
-        return (tl.load(ptr + offs, mask=mask[:, None], other=0.0),
-                tl.load(ptr + offs + 1, mask=mask[:, None], other=0.0))
+        return (
+            tl.load(ptr + offs, mask=mask[:, None], other=0.0),
+            tl.load(ptr + offs + 1, mask=mask[:, None], other=0.0),
+        )
     return tl.load(ptr + offs), tl.load(ptr + offs + 1)
 
 
 @triton.jit
-def norm_rope_halves(e, o, rows, split, se0, so0, se1, so1, cos, sin, eps,
-                     HALF: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr):
+def norm_rope_halves(
+    e, o, rows, split, se0, so0, se1, so1, cos, sin, eps, HALF: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr
+):
     """Even/odd halves (BLOCK, HALF) -> the same, normalized and rotated, float32.
 
     NORM: RMSNorm over the whole row, then the learned scale (se0/so0 for rows < split, se1/so1 for the rest).
@@ -51,5 +54,7 @@ def norm_rope_halves(e, o, rows, split, se0, so0, se1, so1, cos, sin, eps,
 def load_angles(cos_ptr, sin_ptr, rows, mask, HALF: tl.constexpr):
     """cos/sin (L, HALF) float32 rows -> (BLOCK, HALF) each; masked rows read 0."""
     offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    return (tl.load(cos_ptr + offs, mask=mask[:, None], other=0.0),
-            tl.load(sin_ptr + offs, mask=mask[:, None], other=0.0))
+    return (
+        tl.load(cos_ptr + offs, mask=mask[:, None], other=0.0),
+        tl.load(sin_ptr + offs, mask=mask[:, None], other=0.0),
+    )

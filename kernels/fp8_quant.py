@@ -11,7 +11,7 @@ is torch's own cast bit for bit on every device, the Triton interpreter included
 Both divisions are IEEE round-to-nearest (`tl.div_rn`), as the reference's are: Triton lowers a plain float32 `/`
 to an approximate `div.full.f32` on NVIDIA GPUs, which would move some quotients by an ulp and so change the scale
 or the rounded value (tests/test_kernel_compile.py reads the PTX to hold this).
-The reference is kontext_rt.fp8.quantize_rows.
+The reference is kontext_rt.model.fp8_linear.quantize_rows.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
+from kontext_rt.kernels import _launch
 
 E4M3_MAX = tl.constexpr(448.0)  # constexpr: compiled Triton refuses plain module globals inside a kernel
 AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale, never a division by zero
@@ -39,8 +39,12 @@ def _round_e4m3(v):
 
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, q_ptr, scale_ptr,  # x (R, K) strided rows; q (R, K) contiguous; scale (R,)
-    K, stride_xr, amax_floor,
+    x_ptr,
+    q_ptr,
+    scale_ptr,  # x (R, K) strided rows; q (R, K) contiguous; scale (R,)
+    K,
+    stride_xr,
+    amax_floor,
     BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)

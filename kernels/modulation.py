@@ -16,16 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
-from .reference import EPS
+from kontext_rt.kernels import _launch
+from kontext_rt.kernels.reference import EPS
 
 
 @triton.jit
 def _modulate_kernel(
-    x_ptr, shift_ptr, scale_ptr, out_ptr,  # x (B, L, C) strided rows; shift/scale (B, 1, C); out contiguous
-    L, C, eps,
-    stride_xb, stride_xl,  # x strides in elements (batch, token); the C stride is 1
-    stride_shift_b, stride_scale_b,  # batch strides of shift and scale
+    x_ptr,
+    shift_ptr,
+    scale_ptr,
+    out_ptr,  # x (B, L, C) strided rows; shift/scale (B, 1, C); out contiguous
+    L,
+    C,
+    eps,
+    stride_xb,
+    stride_xl,  # x strides in elements (batch, token); the C stride is 1
+    stride_shift_b,
+    stride_scale_b,  # batch strides of shift and scale
     BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -44,9 +51,16 @@ def _modulate_kernel(
 
 @triton.jit
 def _gated_residual_kernel(
-    x_ptr, gate_ptr, y_ptr, out_ptr,  # x, y (B, L, C) strided rows; gate (B, 1, C); out contiguous
-    L, C,
-    stride_xb, stride_xl, stride_yb, stride_yl,  # x and y strides in elements (batch, token)
+    x_ptr,
+    gate_ptr,
+    y_ptr,
+    out_ptr,  # x, y (B, L, C) strided rows; gate (B, 1, C); out contiguous
+    L,
+    C,
+    stride_xb,
+    stride_xl,
+    stride_yb,
+    stride_yl,  # x and y strides in elements (batch, token)
     stride_gate_b,
     BLOCK_C: tl.constexpr,
 ):
@@ -101,8 +115,21 @@ def modulate(x, shift, scale, *, out=None):
     if B * L == 0:
         return out
     block = triton.next_power_of_2(C)
-    _modulate_kernel[(B * L,)](x, shift, scale, out, L, C, EPS, x.stride(0), x.stride(1),
-                               shift.stride(0), scale.stride(0), BLOCK_C=block, num_warps=_warps(block))
+    _modulate_kernel[(B * L,)](
+        x,
+        shift,
+        scale,
+        out,
+        L,
+        C,
+        EPS,
+        x.stride(0),
+        x.stride(1),
+        shift.stride(0),
+        scale.stride(0),
+        BLOCK_C=block,
+        num_warps=_warps(block),
+    )
     return out
 
 
@@ -117,8 +144,21 @@ def gated_residual(x, gate, y, *, out=None):
     if B * L == 0:
         return out
     block = triton.next_power_of_2(C)
-    _gated_residual_kernel[(B * L,)](x, gate, y, out, L, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                                     gate.stride(0), BLOCK_C=block, num_warps=_warps(block))
+    _gated_residual_kernel[(B * L,)](
+        x,
+        gate,
+        y,
+        out,
+        L,
+        C,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        gate.stride(0),
+        BLOCK_C=block,
+        num_warps=_warps(block),
+    )
     return out
 
 

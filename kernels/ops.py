@@ -6,7 +6,7 @@ is chosen.
 
 from __future__ import annotations
 
-from . import _launch, fp8_quant, modulation, qk_norm_rope, rope_attention, row_linear
+from kontext_rt.kernels import _launch, fp8_quant, modulation, qk_norm_rope, rope_attention, row_linear
 
 HEAD_DIMS = _launch.HEAD_DIMS
 modulate = modulation.modulate_op

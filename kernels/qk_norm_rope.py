@@ -16,17 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
-from ._rope_tile import load_angles, load_halves, load_scale_halves, norm_rope_halves
-from .reference import EPS
+from kontext_rt.kernels import _launch
+from kontext_rt.kernels._rope_tile import load_angles, load_halves, load_scale_halves, norm_rope_halves
+from kontext_rt.kernels.reference import EPS
 
 BLOCK_L_GPU = 32  # rows per program: (32, 128) tiles of q and k, memory bound
 BLOCK_L_INTERPRET = 128  # the interpreter pays per program, not per element
 
 
 @triton.jit
-def _norm_rope_one(x_ptr, out_ptr, stride_l, rows, mask, split, s0_ptr, s1_ptr, cos, sin, eps,
-                   HALF: tl.constexpr):
+def _norm_rope_one(x_ptr, out_ptr, stride_l, rows, mask, split, s0_ptr, s1_ptr, cos, sin, eps, HALF: tl.constexpr):
     e, o = load_halves(x_ptr, rows, stride_l, mask, HALF, True)
     dtype = e.dtype
     se0, so0 = load_scale_halves(s0_ptr, HALF)
@@ -39,14 +38,28 @@ def _norm_rope_one(x_ptr, out_ptr, stride_l, rows, mask, split, s0_ptr, s1_ptr, 
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr,  # inputs (B, H, L, D) strided; outputs (B, H, L, D) contiguous
-    qs0_ptr, qs1_ptr, ks0_ptr, ks1_ptr,  # (D,) scales before / from `split`
-    cos_ptr, sin_ptr,  # (L, D/2) float32
-    split, L, H,
-    stride_qb, stride_qh, stride_ql,  # q strides in elements (batch, head, token); the D stride is 1
-    stride_kb, stride_kh, stride_kl,  # k likewise
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,  # inputs (B, H, L, D) strided; outputs (B, H, L, D) contiguous
+    qs0_ptr,
+    qs1_ptr,
+    ks0_ptr,
+    ks1_ptr,  # (D,) scales before / from `split`
+    cos_ptr,
+    sin_ptr,  # (L, D/2) float32
+    split,
+    L,
+    H,
+    stride_qb,
+    stride_qh,
+    stride_ql,  # q strides in elements (batch, head, token); the D stride is 1
+    stride_kb,
+    stride_kh,
+    stride_kl,  # k likewise
     eps,
-    HALF: tl.constexpr, BLOCK: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -56,10 +69,34 @@ def _qk_norm_rope_kernel(
     mask = rows < L
     cos, sin = load_angles(cos_ptr, sin_ptr, rows, mask, HALF)  # shared by q and k
     out_offset = pid_bh.to(tl.int64) * L * (2 * HALF)
-    _norm_rope_one(q_ptr + b * stride_qb + h * stride_qh, q_out_ptr + out_offset, stride_ql, rows, mask, split,
-                   qs0_ptr, qs1_ptr, cos, sin, eps, HALF)
-    _norm_rope_one(k_ptr + b * stride_kb + h * stride_kh, k_out_ptr + out_offset, stride_kl, rows, mask, split,
-                   ks0_ptr, ks1_ptr, cos, sin, eps, HALF)
+    _norm_rope_one(
+        q_ptr + b * stride_qb + h * stride_qh,
+        q_out_ptr + out_offset,
+        stride_ql,
+        rows,
+        mask,
+        split,
+        qs0_ptr,
+        qs1_ptr,
+        cos,
+        sin,
+        eps,
+        HALF,
+    )
+    _norm_rope_one(
+        k_ptr + b * stride_kb + h * stride_kh,
+        k_out_ptr + out_offset,
+        stride_kl,
+        rows,
+        mask,
+        split,
+        ks0_ptr,
+        ks1_ptr,
+        cos,
+        sin,
+        eps,
+        HALF,
+    )
 
 
 def _check(q, k, q_scales, k_scales, cos, sin):
@@ -82,8 +119,10 @@ def qk_norm_rope(q, k, q_scales, k_scales, split: int, cos, sin, *, out=None):
     _launch.check_device(_qk_norm_rope_kernel, q, k, cos, sin, qs0, qs1, ks0, ks1)
     B, H, L, D = q.shape
     if out is None:
-        out = (torch.empty(B, H, L, D, dtype=q.dtype, device=q.device),
-               torch.empty(B, H, L, D, dtype=q.dtype, device=q.device))
+        out = (
+            torch.empty(B, H, L, D, dtype=q.dtype, device=q.device),
+            torch.empty(B, H, L, D, dtype=q.dtype, device=q.device),
+        )
     for name, t in zip(("q_out", "k_out"), out, strict=True):
         _launch.check_shape(name, t, (B, H, L, D))
         if not t.is_contiguous() or t.dtype != q.dtype:
@@ -93,18 +132,42 @@ def qk_norm_rope(q, k, q_scales, k_scales, split: int, cos, sin, *, out=None):
     block = BLOCK_L_INTERPRET if q.device.type == "cpu" else BLOCK_L_GPU
     grid = (triton.cdiv(L, block), B * H)
     _qk_norm_rope_kernel[grid](
-        q, k, out[0], out[1], qs0, qs1, ks0, ks1, cos, sin,
-        split, L, H, *q.stride()[:3], *k.stride()[:3], EPS,
-        HALF=D // 2, BLOCK=block, num_warps=4,
+        q,
+        k,
+        out[0],
+        out[1],
+        qs0,
+        qs1,
+        ks0,
+        ks1,
+        cos,
+        sin,
+        split,
+        L,
+        H,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        EPS,
+        HALF=D // 2,
+        BLOCK=block,
+        num_warps=4,
     )
     return out
 
 
 # One op for torch.compile, torch.export and CUDA-graph capture (registered once, when this module is imported).
 @torch.library.custom_op("kontext_rt::qk_norm_rope", mutates_args=())
-def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_scale0: torch.Tensor, q_scale1: torch.Tensor,
-                    k_scale0: torch.Tensor, k_scale1: torch.Tensor, split: int, cos: torch.Tensor,
-                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def qk_norm_rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_scale0: torch.Tensor,
+    q_scale1: torch.Tensor,
+    k_scale0: torch.Tensor,
+    k_scale1: torch.Tensor,
+    split: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return qk_norm_rope(q, k, (q_scale0, q_scale1), (k_scale0, k_scale1), split, cos, sin)
 
 

@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
-from ._rope_tile import load_angles, load_halves, load_scale_halves, norm_rope_halves
-from .reference import EPS
+from kontext_rt.kernels import _launch
+from kontext_rt.kernels._rope_tile import load_angles, load_halves, load_scale_halves, norm_rope_halves
+from kontext_rt.kernels.reference import EPS
 
 LOG2E = 1.4426950408889634
 BLOCK_INTERPRET = 64  # the interpreter pays ~ms per tile step: few, large tiles
@@ -67,10 +67,32 @@ def _load_tile(ptr, rows, stride_l, mask, D: tl.constexpr, MASKED: tl.constexpr)
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, qe, qo, k_ptr, v_ptr, stride_kl, stride_vl, start_n,
-                 split, ks, cos_ptr, sin_ptr, L, qk_scale, eps,
-                 BLOCK_N: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-                 DOT_FP32: tl.constexpr, MASKED: tl.constexpr):
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    qe,
+    qo,
+    k_ptr,
+    v_ptr,
+    stride_kl,
+    stride_vl,
+    start_n,
+    split,
+    ks,
+    cos_ptr,
+    sin_ptr,
+    L,
+    qk_scale,
+    eps,
+    BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr,
+    NORM: tl.constexpr,
+    ROPE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One BLOCK_N tile of keys/values folded into the running (acc, m_i, l_i). MASKED: the ragged last tile."""
     rows = start_n + tl.arange(0, BLOCK_N)
     mask = rows < L
@@ -110,15 +132,36 @@ def _attend_tile(acc, m_i, l_i, q, qe, qo, k_ptr, v_ptr, stride_kl, stride_vl, s
 
 @triton.jit
 def _rope_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr,  # q, k, v (B, H, L, D) strided; out (B, L, H*D) contiguous
-    qs0_ptr, qs1_ptr, ks0_ptr, ks1_ptr,  # (D,) norm scales before / from `split`
-    cos_ptr, sin_ptr,  # (L, D/2) float32
-    split, L, H, qk_scale, eps,  # qk_scale = log2(e) / sqrt(D)
-    stride_qb, stride_qh, stride_ql,  # q strides in elements (batch, head, token); the D stride is 1
-    stride_kb, stride_kh, stride_kl,  # k likewise
-    stride_vb, stride_vh, stride_vl,  # v likewise
-    HALF: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,  # q, k, v (B, H, L, D) strided; out (B, L, H*D) contiguous
+    qs0_ptr,
+    qs1_ptr,
+    ks0_ptr,
+    ks1_ptr,  # (D,) norm scales before / from `split`
+    cos_ptr,
+    sin_ptr,  # (L, D/2) float32
+    split,
+    L,
+    H,
+    qk_scale,
+    eps,  # qk_scale = log2(e) / sqrt(D)
+    stride_qb,
+    stride_qh,
+    stride_ql,  # q strides in elements (batch, head, token); the D stride is 1
+    stride_kb,
+    stride_kh,
+    stride_kl,  # k likewise
+    stride_vb,
+    stride_vh,
+    stride_vl,  # v likewise
+    HALF: tl.constexpr,
+    NORM: tl.constexpr,
+    ROPE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -155,13 +198,59 @@ def _rope_attention_kernel(
     acc = tl.zeros((BLOCK_M, 2 * HALF), tl.float32)
     full_tiles_end = (L // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_tiles_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, qe, qo, k_ptr, v_ptr, stride_kl, stride_vl, start_n,
-                                     split, ks, cos_ptr, sin_ptr, L, qk_scale, eps,
-                                     BLOCK_N, HALF, NORM, ROPE, DOT_FP32, False)
+        acc, m_i, l_i = _attend_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            qe,
+            qo,
+            k_ptr,
+            v_ptr,
+            stride_kl,
+            stride_vl,
+            start_n,
+            split,
+            ks,
+            cos_ptr,
+            sin_ptr,
+            L,
+            qk_scale,
+            eps,
+            BLOCK_N,
+            HALF,
+            NORM,
+            ROPE,
+            DOT_FP32,
+            False,
+        )
     if full_tiles_end < L:
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, qe, qo, k_ptr, v_ptr, stride_kl, stride_vl,
-                                     full_tiles_end, split, ks, cos_ptr, sin_ptr, L, qk_scale, eps,
-                                     BLOCK_N, HALF, NORM, ROPE, DOT_FP32, True)
+        acc, m_i, l_i = _attend_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            qe,
+            qo,
+            k_ptr,
+            v_ptr,
+            stride_kl,
+            stride_vl,
+            full_tiles_end,
+            split,
+            ks,
+            cos_ptr,
+            sin_ptr,
+            L,
+            qk_scale,
+            eps,
+            BLOCK_N,
+            HALF,
+            NORM,
+            ROPE,
+            DOT_FP32,
+            True,
+        )
 
     out = acc / l_i[:, None]
     cols = tl.arange(0, 2 * HALF)
@@ -194,8 +283,20 @@ def _check(q, k, v, q_scales, k_scales, cos, sin, norm, rope):
     return scales
 
 
-def rope_attention(q, k, v, q_scales=None, k_scales=None, split: int = 0, cos=None, sin=None, *,
-                   norm: bool = True, rope: bool = True, out=None):
+def rope_attention(
+    q,
+    k,
+    v,
+    q_scales=None,
+    k_scales=None,
+    split: int = 0,
+    cos=None,
+    sin=None,
+    *,
+    norm: bool = True,
+    rope: bool = True,
+    out=None,
+):
     """softmax(rope(norm(q)) rope(norm(k))^T / sqrt(D)) v as (B, L, H*D); `out` a buffer to write into."""
     scales = _check(q, k, v, q_scales, k_scales, cos, sin, norm, rope)
     B, H, L, D = q.shape
@@ -211,8 +312,26 @@ def rope_attention(q, k, v, q_scales=None, k_scales=None, split: int = 0, cos=No
         raise ValueError(f"out must be a contiguous {q.dtype} tensor")
     if L == 0 or B * H == 0:
         return out
-    args = (q, k, v, out, qs0, qs1, ks0, ks1, cos, sin, split, L, H, LOG2E / math.sqrt(D), EPS,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    args = (
+        q,
+        k,
+        v,
+        out,
+        qs0,
+        qs1,
+        ks0,
+        ks1,
+        cos,
+        sin,
+        split,
+        L,
+        H,
+        LOG2E / math.sqrt(D),
+        EPS,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+    )
     # fp32 inputs get true fp32 products (not TF32); the interpreter multiplies bf16 wrongly, so it upcasts too
     flags = dict(HALF=D // 2, NORM=norm, ROPE=rope, DOT_FP32=q.dtype == torch.float32 or q.device.type == "cpu")
     if kernel is _rope_attention_tuned:
@@ -225,9 +344,20 @@ def rope_attention(q, k, v, q_scales=None, k_scales=None, split: int = 0, cos=No
 
 
 @torch.library.custom_op("kontext_rt::rope_attention", mutates_args=())
-def rope_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale0: torch.Tensor,
-                      q_scale1: torch.Tensor, k_scale0: torch.Tensor, k_scale1: torch.Tensor, split: int,
-                      cos: torch.Tensor, sin: torch.Tensor, norm: bool, rope: bool) -> torch.Tensor:
+def rope_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_scale0: torch.Tensor,
+    q_scale1: torch.Tensor,
+    k_scale0: torch.Tensor,
+    k_scale1: torch.Tensor,
+    split: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm: bool,
+    rope: bool,
+) -> torch.Tensor:
     return rope_attention(q, k, v, (q_scale0, q_scale1), (k_scale0, k_scale1), split, cos, sin, norm=norm, rope=rope)
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
+from kontext_rt.kernels import _launch
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
 NUM_WARPS, NUM_STAGES = 4, 3  # fixed like the tiles (the ahead-of-time compile test builds exactly this)
@@ -27,11 +27,22 @@ NUM_WARPS, NUM_STAGES = 4, 3  # fixed like the tiles (the ahead-of-time compile 
 
 @triton.jit
 def _row_linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,  # x (R, K), w (N, K), b (N,), out (R, N)
-    R, N, K,
-    stride_xr, stride_wn, stride_or,  # row strides in elements; the K / N stride is 1
-    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,  # x (R, K), w (N, K), b (N,), out (R, N)
+    R,
+    N,
+    K,
+    stride_xr,
+    stride_wn,
+    stride_or,  # row strides in elements; the K / N stride is 1
+    HAS_BIAS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -40,10 +51,16 @@ def _row_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
-        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xr + ks[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None],
-                    mask=cmask[None, :] & kmask[:, None], other=0.0)  # (BLOCK_K, BLOCK_N): w transposed
+        a = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * stride_xr + ks[None, :],
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None],
+            mask=cmask[None, :] & kmask[:, None],
+            other=0.0,
+        )  # (BLOCK_K, BLOCK_N): w transposed
         if INTERPRET:
             # numpy's tile matmul (BLAS) rounds a row differently by its position in the tile (remainder-row
             # micro-kernels); a broadcast product summed over K in order does not, and bf16 is upcast (the
@@ -81,10 +98,26 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) 
         return out
     interpret = _launch.interpreted(_row_linear_kernel)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(R, BLOCK_M))
-    _row_linear_kernel[grid](x, w, b if b is not None else w, out, R, N, K, x.stride(0), w.stride(0), out.stride(0),
-                             HAS_BIAS=b is not None, INTERPRET=interpret, IEEE=x.dtype == torch.float32,
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
-                             num_stages=NUM_STAGES)
+    _row_linear_kernel[grid](
+        x,
+        w,
+        b if b is not None else w,
+        out,
+        R,
+        N,
+        K,
+        x.stride(0),
+        w.stride(0),
+        out.stride(0),
+        HAS_BIAS=b is not None,
+        INTERPRET=interpret,
+        IEEE=x.dtype == torch.float32,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
+    )
     return out
 
 

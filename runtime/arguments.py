@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-from . import image as im
-from .errors import InputError
+from kontext_rt import image as im
+from kontext_rt.errors import InputError
 
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and maps a negative seed s to 2**64 - 1 + s, so the
 # non-negative range below already names every generator state; anything larger overflows inside torch.

@@ -16,13 +16,19 @@ import traceback
 import warnings
 from pathlib import Path
 
-from .errors import InputError, KontextError
+from kontext_rt.errors import InputError, KontextError
 
 EXIT_BUG, EXIT_USAGE = 1, 2
 BUG_LINE = "error: internal error (a bug in kontext-rt): please report it with the traceback above"
 EDIT_VARIANT = "flux-kontext-dev"  # what `edit` takes a checkpoint to be when its shapes leave it open
-DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-               "fp16": "float16", "float16": "float16"}
+DTYPE_NAMES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 class UsageError(InputError):
@@ -86,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
             sp.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
             sp.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
-            sp.add_argument("--variant", help="flux-kontext-dev, flux-dev or flux-schnell: what a BFL file holds "
-                            "when its shapes leave it open (generate needs it; edit takes flux-kontext-dev)")
+            sp.add_argument(
+                "--variant",
+                help="flux-kontext-dev, flux-dev or flux-schnell: what a BFL file holds "
+                "when its shapes leave it open (generate needs it; edit takes flux-kontext-dev)",
+            )
         sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
         sp.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
         sp.add_argument("--guidance", type=_finite_float, help="distilled guidance scale, 0 to 100")
@@ -95,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
         sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
-        sp.add_argument("--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies "
-                        "--backend tensorrt)")
+        sp.add_argument(
+            "--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies --backend tensorrt)"
+        )
         sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
         sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing summary")
@@ -125,8 +135,11 @@ def _export_parser(sub):
     x.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
     x.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
     x.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (fp8 calibration, BFL files)")
-    x.add_argument("--variant", help="what a BFL file holds when its shapes leave it open (default: "
-                   "flux-kontext-dev; FLUX.1 [dev] gets the same engines)")
+    x.add_argument(
+        "--variant",
+        help="what a BFL file holds when its shapes leave it open (default: "
+        "flux-kontext-dev; FLUX.1 [dev] gets the same engines)",
+    )
     x.add_argument("--out", required=True, help="output folder (stages already finished there are reused)")
     x.add_argument("--precision", required=True, choices=["fp16", "bf16", "fp8"])
     x.add_argument("--onnx-only", action="store_true", help="stop after the ONNX graphs (no TensorRT needed)")
@@ -134,17 +147,25 @@ def _export_parser(sub):
     x.add_argument("--max-batch", type=_positive_int, default=1, help="largest batch the engines accept")
     x.add_argument("--workspace-gib", type=_finite_float, help="TensorRT builder workspace limit")
     x.add_argument("--calibration-prompts", help="fp8: a text file, one edit instruction per line")
-    x.add_argument("--calibration-images", nargs="+", default=[], help="fp8: context images (default: generated "
-                   "from the prompts by the model itself)")
+    x.add_argument(
+        "--calibration-images",
+        nargs="+",
+        default=[],
+        help="fp8: context images (default: generated from the prompts by the model itself)",
+    )
     x.add_argument("--calibration-steps", type=_positive_int, default=8, help="fp8: sampling steps per edit")
     x.add_argument("--calibration-size", type=_positive_int, default=1024, help="fp8: side of generated images")
-    x.add_argument("--calibration-no-auto-resize", action="store_true",
-                   help="fp8: keep the calibration images' size instead of a preferred Kontext resolution")
+    x.add_argument(
+        "--calibration-no-auto-resize",
+        action="store_true",
+        help="fp8: keep the calibration images' size instead of a preferred Kontext resolution",
+    )
     x.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
 def _export(args) -> int:
     import torch
+
     from kontext_rt.export.fp8 import DEFAULT_PROMPTS, CalibrationSet
     from kontext_rt.export.stages import Export, ExportOptions
 
@@ -160,12 +181,25 @@ def _export(args) -> int:
     for image in args.calibration_images:
         if not Path(image).is_file():
             raise UsageError(f"calibration image {image}: no such file")
-    calibration = CalibrationSet(prompts, tuple(args.calibration_images), args.calibration_steps,
-                                 args.calibration_size, not args.calibration_no_auto_resize)
+    calibration = CalibrationSet(
+        prompts,
+        tuple(args.calibration_images),
+        args.calibration_steps,
+        args.calibration_size,
+        not args.calibration_no_auto_resize,
+    )
     opts = ExportOptions(
-        Path(args.checkpoint), Path(args.out), args.precision, args.onnx_only,
-        args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.ae, args.text_encoders,
-        args.max_batch, calibration, args.workspace_gib, args.variant,
+        Path(args.checkpoint),
+        Path(args.out),
+        args.precision,
+        args.onnx_only,
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        args.ae,
+        args.text_encoders,
+        args.max_batch,
+        calibration,
+        args.workspace_gib,
+        args.variant,
     )
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
@@ -230,8 +264,12 @@ def _device_dtype(args):
 
 
 def _summary(report, label: str) -> str:
-    names = [("text_encode", "text encode"), ("vae_encode", "VAE encode"), ("denoise", "denoise"),
-             ("vae_decode", "VAE decode")]
+    names = [
+        ("text_encode", "text encode"),
+        ("vae_encode", "VAE encode"),
+        ("denoise", "denoise"),
+        ("vae_decode", "VAE decode"),
+    ]
     parts = []
     for key, name in names:
         if key in report.timings:
@@ -256,7 +294,7 @@ def _variant(args) -> str | None:
     --variant. The checkpoint's own word (a diffusers folder, schnell shapes) always wins over this fallback."""
     if args.variant is not None or args.command != "edit":
         return args.variant
-    from kontext_rt.checkpoint import detect
+    from kontext_rt.weights.formats import detect
 
     fmt = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
     return fmt.variant(if_ambiguous=EDIT_VARIANT).name
@@ -327,13 +365,17 @@ def _run(args) -> int:
     contexts = _contexts(args) if args.command != "generate" else []
     text_cache = _text_cache_dir(args, cache_dir)
     if args.command == "demo":
-        print("demo: the weights are RANDOM (a tiny model written locally): the picture will be noise; this only "
-              "proves the install runs end to end", file=sys.stderr)
+        print(
+            "demo: the weights are RANDOM (a tiny model written locally): the picture will be noise; this only "
+            "proves the install runs end to end",
+            file=sys.stderr,
+        )
         try:
             args.checkpoint = demo.demo_checkpoint(cache_dir)
         except OSError as e:
-            raise UsageError(f"cache folder {cache_dir}: cannot write the demo checkpoint ({e.strerror or e})") \
-                from None
+            raise UsageError(
+                f"cache folder {cache_dir}: cannot write the demo checkpoint ({e.strerror or e})"
+            ) from None
         args.ae = args.text_encoders = args.variant = None
         args.device = args.device or "cpu"
     img, report = _generate(args, contexts, text_cache)
@@ -352,8 +394,14 @@ def _generate(args, contexts, text_cache: Path | None):
 
     device, dtype = _device_dtype(args)
     pipe = krt.Pipeline.from_pretrained(
-        args.checkpoint, device=device, dtype=dtype, backend=args.backend, ae=args.ae,
-        text_encoders=args.text_encoders, text_cache_dir=text_cache, engines=args.engines,
+        args.checkpoint,
+        device=device,
+        dtype=dtype,
+        backend=args.backend,
+        ae=args.ae,
+        text_encoders=args.text_encoders,
+        text_cache_dir=text_cache,
+        engines=args.engines,
         variant=_variant(args),
     )
     report = krt.RunReport()
@@ -363,8 +411,14 @@ def _generate(args, contexts, text_cache: Path | None):
         if args.command == "generate":
             img = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
         elif args.command == "edit":
-            img = pipe.edit([pil for pil, _, _ in contexts], args.prompt, width=args.width, height=args.height,
-                            auto_resize=not args.no_auto_resize, **common)
+            img = pipe.edit(
+                [pil for pil, _, _ in contexts],
+                args.prompt,
+                width=args.width,
+                height=args.height,
+                auto_resize=not args.no_auto_resize,
+                **common,
+            )
         else:
             img = pipe.edit(contexts[0][0], "turn the disc into a red apple", auto_resize=False, **common)
     finally:  # an error after the first step starts on a line of its own

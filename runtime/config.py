@@ -83,12 +83,23 @@ PRESETS: dict[str, FluxConfig] = {
     "flux-schnell": dataclasses.replace(_FULL, guidance_embed=False),
     # Small configs for tests and the demo: the same code paths at a size a CPU runs in milliseconds.
     "tiny": FluxConfig(
-        vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
+        vec_in_dim=32,
+        context_in_dim=48,
+        hidden_size=64,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
         axes_dim=(4, 14, 14),
     ),
     "tiny-schnell": FluxConfig(
-        vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
-        axes_dim=(4, 14, 14), guidance_embed=False,
+        vec_in_dim=32,
+        context_in_dim=48,
+        hidden_size=64,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 14, 14),
+        guidance_embed=False,
     ),
 }
 

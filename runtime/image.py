@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from kontext_rt.errors import InputError
 
 MULTIPLE = 16  # VAE /8 and the 2x2 patch
 MAX_PIXELS = 64 * 2**20  # refuse larger inputs before decoding them (decompression bombs)
@@ -19,8 +19,22 @@ MAX_PIXELS = 64 * 2**20  # refuse larger inputs before decoding them (decompress
 MAX_SIDE = 2048
 
 PREFERRED_KONTEXT_RESOLUTIONS = [  # (width, height)
-    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
-    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
     (1568, 672),
 ]
 
@@ -69,8 +83,10 @@ def context_size(width: int, height: int, auto_resize: bool, name: str = "contex
         ar = floored[0] / floored[1]
         return min((abs(ar - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)[1:]
     if max(floored) > MAX_SIDE:
-        raise InputError(f"{name} is {width}x{height}: without auto-resize it is encoded at {floored[0]}x"
-                         f"{floored[1]}, over the {MAX_SIDE} px limit on a side; resize it or use auto-resize")
+        raise InputError(
+            f"{name} is {width}x{height}: without auto-resize it is encoded at {floored[0]}x"
+            f"{floored[1]}, over the {MAX_SIDE} px limit on a side; resize it or use auto-resize"
+        )
     return floored
 
 

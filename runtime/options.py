@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .fp8 import MODES as FP8_MODES
+from kontext_rt.errors import InputError
+from kontext_rt.model.fp8_linear import MODES as FP8_MODES
 
 FP8_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
 
@@ -36,12 +36,13 @@ class Optimizations:
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Refuse combinations that cannot run, naming the fix (before any weights are read); what a backend
-        cannot take is its own check (backends.py)."""
+        cannot take is its own check (kontext_rt.backends)."""
         if self.cuda_graphs and device.type != "cuda":
             raise InputError(f"cuda_graphs needs a CUDA device, not {device}; use Optimizations(cuda_graphs=False)")
         if self.cuda_graphs and not self.hoist:
-            raise InputError("cuda_graphs replays one step whose modulation comes from the hoisted table: "
-                             "it needs hoist=True")
+            raise InputError(
+                "cuda_graphs replays one step whose modulation comes from the hoisted table: it needs hoist=True"
+            )
         if self.fp8 is not None:
             if self.fp8 not in FP8_MODES:
                 raise InputError(f"fp8 must be None or one of {FP8_MODES}, got {self.fp8!r}")
@@ -49,11 +50,15 @@ class Optimizations:
                 raise InputError(f"fp8 linears produce bfloat16: load with dtype=torch.bfloat16, not {dtype}")
             if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
                 name = torch.cuda.get_device_name(device)
-                raise InputError(f"fp8 needs compute capability {FP8_CAPABILITY} or newer (FP8 tensor cores); "
-                                 f"{name} has {torch.cuda.get_device_capability(device)}")
+                raise InputError(
+                    f"fp8 needs compute capability {FP8_CAPABILITY} or newer (FP8 tensor cores); "
+                    f"{name} has {torch.cuda.get_device_capability(device)}"
+                )
             if (self.fp8 == "static") != (self.fp8_calibration is not None):
-                raise InputError("fp8='static' needs fp8_calibration=FILE (the export stage's calibration "
-                                 "safetensors), and only it uses one")
+                raise InputError(
+                    "fp8='static' needs fp8_calibration=FILE (the export stage's calibration "
+                    "safetensors), and only it uses one"
+                )
         if not isinstance(self.compile, (bool, str)):
             raise InputError(f"compile must be a bool or a torch.compile backend name, got {self.compile!r}")
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:

@@ -9,18 +9,19 @@ from pathlib import Path
 
 import torch
 
-from . import backends
-from . import image as im
-from .arguments import check as check_arguments
-from .arguments import check_guidance, check_seed
-from .backends import Loaded, LoadRequest
-from .checkpoint import detect
-from .config import FluxConfig, Variant
-from .errors import CheckpointError, InputError
-from .options import Optimizations
-from .rope import rope_table, sequence_ids
-from .sampler import Conditioning, denoise, explicit_schedule, schedule
-from .text import TextEmbeddingCache, TextEncoders
+from kontext_rt import backends
+from kontext_rt import image as im
+from kontext_rt.arguments import check as check_arguments
+from kontext_rt.arguments import check_guidance, check_seed
+from kontext_rt.backends import Loaded, LoadRequest
+from kontext_rt.config import FluxConfig, Variant
+from kontext_rt.errors import CheckpointError, InputError
+from kontext_rt.model.rope import rope_table, sequence_ids
+from kontext_rt.options import Optimizations
+from kontext_rt.sampling.loop import Conditioning, denoise
+from kontext_rt.sampling.schedule import explicit_schedule, schedule
+from kontext_rt.text import TextEmbeddingCache, TextEncoders
+from kontext_rt.weights.formats import detect
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUTPUTS = ("pil", "latent")
@@ -69,9 +70,19 @@ def _check_prompt(prompt):
 
 
 class Pipeline:
-    def __init__(self, loaded: Loaded, cfg: FluxConfig, text: TextEncoders, variant: Variant, device, dtype,
-                 backend: str, max_sequence_length: int, text_cache: TextEmbeddingCache,
-                 optimize: Optimizations | None = None):
+    def __init__(
+        self,
+        loaded: Loaded,
+        cfg: FluxConfig,
+        text: TextEncoders,
+        variant: Variant,
+        device,
+        dtype,
+        backend: str,
+        max_sequence_length: int,
+        text_cache: TextEmbeddingCache,
+        optimize: Optimizations | None = None,
+    ):
         self.cfg = cfg
         self.denoiser, self.vae, self.transformer = loaded.denoiser, loaded.vae, loaded.transformer
         self._loras = loaded.loras  # None: the backend's weights take no LoRAs (engines)
@@ -82,10 +93,23 @@ class Pipeline:
         self.optimize = optimize or Optimizations()
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, backend="eager", max_sequence_length=None,
-                        ae=None, text_encoders=None, text_cache_dir=None, text_cache_size=64, engines=None,
-                        engine_precision=None, optimize: Optimizations | None = None, loras=(),
-                        variant: str | None = None) -> Pipeline:
+    def from_pretrained(
+        cls,
+        path,
+        device="cpu",
+        dtype=torch.float32,
+        backend="eager",
+        max_sequence_length=None,
+        ae=None,
+        text_encoders=None,
+        text_cache_dir=None,
+        text_cache_size=64,
+        engines=None,
+        engine_precision=None,
+        optimize: Optimizations | None = None,
+        loras=(),
+        variant: str | None = None,
+    ) -> Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
         backend="tensorrt" runs the engines in `engines` (a folder made by `kontext-rt export --out`; with several
@@ -105,15 +129,25 @@ class Pipeline:
         optimize.check(device, dtype)
         checkpoint = detect(path, ae=ae, text_encoders=text_encoders)
         if checkpoint.text_encoders is None:
-            raise CheckpointError(f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
-                                  "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+            raise CheckpointError(
+                f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
+                "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)"
+            )
         cfg = checkpoint.transformer_config()  # headers and configs only: refuse before reading ~24 GB of weights
         variant = checkpoint.variant(variant)
         msl = max_sequence_length or variant.max_sequence_length
         if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
             raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
-        request = LoadRequest(checkpoint, Path(path), cfg, dtype, optimize, tuple(loras),
-                              None if engines is None else Path(engines), engine_precision)
+        request = LoadRequest(
+            checkpoint,
+            Path(path),
+            cfg,
+            dtype,
+            optimize,
+            tuple(loras),
+            None if engines is None else Path(engines),
+            engine_precision,
+        )
         chosen.check(request)
         text = TextEncoders(checkpoint.text_encoders, device, dtype)  # refuses unusable tokenizers before the weights
         loaded = chosen.load(request)
@@ -122,8 +156,22 @@ class Pipeline:
 
     # ---- public entry points ----------------------------------------------------------------------------------
 
-    def edit(self, image, prompt: str, steps=None, guidance=None, seed=None, width=None, height=None,
-             auto_resize=True, latents=None, output="pil", sigmas=None, progress=None, report=None):
+    def edit(
+        self,
+        image,
+        prompt: str,
+        steps=None,
+        guidance=None,
+        seed=None,
+        width=None,
+        height=None,
+        auto_resize=True,
+        latents=None,
+        output="pil",
+        sigmas=None,
+        progress=None,
+        report=None,
+    ):
         """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction."""
         _check_prompt(prompt)
         check_arguments(width, height, steps, guidance, seed)
@@ -135,11 +183,24 @@ class Pipeline:
         (w0, h0) = contexts[0][1]
         width, height = width or w0, height or h0
         guidance = self.variant.edit_guidance if guidance is None else guidance
-        return self._run(prompt, contexts, width, height, steps, guidance, seed, latents, output, sigmas, progress,
-                         report)
+        return self._run(
+            prompt, contexts, width, height, steps, guidance, seed, latents, output, sigmas, progress, report
+        )
 
-    def generate(self, prompt: str, width=1024, height=1024, steps=None, guidance=None, seed=None, latents=None,
-                 output="pil", sigmas=None, progress=None, report=None):
+    def generate(
+        self,
+        prompt: str,
+        width=1024,
+        height=1024,
+        steps=None,
+        guidance=None,
+        seed=None,
+        latents=None,
+        output="pil",
+        sigmas=None,
+        progress=None,
+        report=None,
+    ):
         """Text-to-image: the same sampler with no context tokens."""
         _check_prompt(prompt)
         check_arguments(width, height, steps, guidance, seed)
@@ -172,11 +233,15 @@ class Pipeline:
 
     def _lora_stack(self, what: str):
         if self._loras is None:
-            raise InputError(f"{what}: backend {self.backend!r} runs engines, which take no LoRAs: fuse a LoRA into "
-                             "the checkpoint's weights before exporting it, or use the eager or triton backend")
+            raise InputError(
+                f"{what}: backend {self.backend!r} runs engines, which take no LoRAs: fuse a LoRA into "
+                "the checkpoint's weights before exporting it, or use the eager or triton backend"
+            )
         if self.optimize.fp8 is not None:
-            raise InputError(f"{what}: the FP8 weights were quantized at load; pass loras=[...] to from_pretrained "
-                             "to fuse LoRAs before quantization")
+            raise InputError(
+                f"{what}: the FP8 weights were quantized at load; pass loras=[...] to from_pretrained "
+                "to fuse LoRAs before quantization"
+            )
 
     # ---- internals --------------------------------------------------------------------------------------------
 

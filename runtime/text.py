@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import InputError
-from .safetensors_io import CheckpointError, digest_file
+from kontext_rt.errors import InputError
+from kontext_rt.weights.safetensors_io import CheckpointError, digest_file
 
 SUBFOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 # What each tokenizer is built from (any one set of files): CLIPTokenizer and T5TokenizerFast's vocab_files_names.
-TOKENIZER_FILES = {"tokenizer": (("tokenizer.json",), ("vocab.json", "merges.txt")),
-                   "tokenizer_2": (("tokenizer.json",), ("spiece.model",))}
+TOKENIZER_FILES = {
+    "tokenizer": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+    "tokenizer_2": (("tokenizer.json",), ("spiece.model",)),
+}
 ENCODER_OF = {"tokenizer": "text_encoder", "tokenizer_2": "text_encoder_2"}
 PROBE = "a photo of a cat"  # plain words every real vocabulary holds: an <unk> among them means no vocabulary
 
@@ -50,15 +52,19 @@ def _check_tokenizer(tok, folder: Path, sub: str):
     """Refuse a tokenizer that maps plain words to <unk>, or has ids past its encoder's embedding table."""
     ids = tok(PROBE, add_special_tokens=False).input_ids
     if tok.unk_token_id is not None and tok.unk_token_id in ids:
-        raise CheckpointError(f"{folder / sub}: unusable tokenizer: {PROBE!r} maps to {tok.unk_token} (a "
-                              f"{len(tok)}-token vocabulary); its tokenizer files are damaged or not this model's")
+        raise CheckpointError(
+            f"{folder / sub}: unusable tokenizer: {PROBE!r} maps to {tok.unk_token} (a "
+            f"{len(tok)}-token vocabulary); its tokenizer files are damaged or not this model's"
+        )
     try:
         rows = json.loads((folder / ENCODER_OF[sub] / "config.json").read_text())["vocab_size"]
     except (OSError, ValueError, KeyError):
         return  # the encoder's own load reports its config
     if len(tok) > rows:
-        raise CheckpointError(f"{folder / sub}: {len(tok)} tokens, but {ENCODER_OF[sub]} embeds only {rows}: "
-                              "the tokenizer is not this encoder's")
+        raise CheckpointError(
+            f"{folder / sub}: {len(tok)} tokens, but {ENCODER_OF[sub]} embeds only {rows}: "
+            "the tokenizer is not this encoder's"
+        )
 
 
 def fingerprint(folder: Path) -> str:
@@ -132,8 +138,10 @@ class TextEncoders:
         if n > tok.model_max_length:
             over.append(f"{n} CLIP tokens, CLIP's limit {tok.model_max_length}")
         if over:
-            warnings.warn(PromptTruncated(f"the prompt is truncated ({'; '.join(over)}): the tokens past the "
-                                          "limit are ignored"), stacklevel=3)
+            warnings.warn(
+                PromptTruncated(f"the prompt is truncated ({'; '.join(over)}): the tokens past the limit are ignored"),
+                stacklevel=3,
+            )
 
     @torch.inference_mode()
     def encode(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,11 +150,13 @@ class TextEncoders:
             if self._models is None:
                 self._models = self._load()
         (tok, tok2), (clip, t5) = self._tokenizers, self._models
-        ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            [prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         pooled = clip(ids.to(self.device)).pooler_output
-        ids2 = tok2([prompt], padding="max_length", max_length=max_sequence_length, truncation=True,
-                    return_tensors="pt").input_ids
+        ids2 = tok2(
+            [prompt], padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        ).input_ids
         txt = t5(ids2.to(self.device)).last_hidden_state
         return txt, pooled
 

@@ -24,10 +24,16 @@ def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    fields = dict(item.split(":") for line in text.splitlines() if "REG:" in line for item in line.split()
-                  if ":" in item and item.split(":")[1].isdigit())
+        text = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    fields = dict(
+        item.split(":")
+        for line in text.splitlines()
+        if "REG:" in line
+        for item in line.split()
+        if ":" in item and item.split(":")[1].isdigit()
+    )
     return {"registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"])}
 
 
@@ -41,11 +47,19 @@ def compile_kernel(kernel, types: dict, constexprs: dict, warps: int, stages: in
     """types: triton type strings for pointer and float arguments; other runtime arguments are i32."""
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     target = GPUTarget("cuda", arch, 32)
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
-                              options={"num_warps": warps, "num_stages": stages})
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=target,
+        options={"num_warps": warps, "num_stages": stages},
+    )
     ptx = compiled.asm["ptx"]
-    return resource_usage(compiled.asm["cubin"]) | {"arch": arch, "warps": warps, "stages": stages,
-                                                    "wgmma": "wgmma" in ptx, "fp32_div": fp32_divisions(ptx)}
+    return resource_usage(compiled.asm["cubin"]) | {
+        "arch": arch,
+        "warps": warps,
+        "stages": stages,
+        "wgmma": "wgmma" in ptx,
+        "fp32_div": fp32_divisions(ptx),
+    }
 
 
 def jobs():
@@ -53,8 +67,7 @@ def jobs():
 
     def attention_types(dt):
         ptrs = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "qs0_ptr", "qs1_ptr", "ks0_ptr", "ks1_ptr")
-        return {p: f"*{dt}" for p in ptrs} | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "qk_scale": "fp32",
-                                              "eps": "fp32"}
+        return {p: f"*{dt}" for p in ptrs} | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "qk_scale": "fp32", "eps": "fp32"}
 
     kernel = rope_attention._rope_attention_kernel
     for d, table in rope_attention.GPU_CONFIGS.items():
@@ -67,15 +80,30 @@ def jobs():
     yield "rope_attention D=128 fused sm_80", kernel, attention_types("bf16"), const, 8, 3, 80
     yield "rope_attention D=128 fused fp32", kernel, attention_types("fp32"), const | {"DOT_FP32": True}, 8, 2, 90
 
-    types = {p: "*bf16" for p in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qs0_ptr", "qs1_ptr", "ks0_ptr",
-                                  "ks1_ptr")} | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32"}
-    yield ("qk_norm_rope D=128", qk_norm_rope._qk_norm_rope_kernel, types,
-           dict(HALF=64, BLOCK=qk_norm_rope.BLOCK_L_GPU), 4, 1, 90)
+    types = {
+        p: "*bf16" for p in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qs0_ptr", "qs1_ptr", "ks0_ptr", "ks1_ptr")
+    } | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32"}
+    yield (
+        "qk_norm_rope D=128",
+        qk_norm_rope._qk_norm_rope_kernel,
+        types,
+        dict(HALF=64, BLOCK=qk_norm_rope.BLOCK_L_GPU),
+        4,
+        1,
+        90,
+    )
     block = triton.next_power_of_2(3072)
     types = {p: "*bf16" for p in ("x_ptr", "shift_ptr", "scale_ptr", "gate_ptr", "y_ptr", "out_ptr")} | {"eps": "fp32"}
     yield "modulate C=3072", modulation._modulate_kernel, types, dict(BLOCK_C=block), modulation._warps(block), 1, 90
-    yield ("gated_residual C=3072", modulation._gated_residual_kernel, types, dict(BLOCK_C=block),
-           modulation._warps(block), 1, 90)
+    yield (
+        "gated_residual C=3072",
+        modulation._gated_residual_kernel,
+        types,
+        dict(BLOCK_C=block),
+        modulation._warps(block),
+        1,
+        90,
+    )
 
     # the launchers' own constexprs and warps, at FLUX's widest rows (K = 12288 for linear2)
     for dt in ("bf16", "fp32"):
@@ -83,15 +111,29 @@ def jobs():
         block, warps = fp8_quant.launch_config(12288)
         yield f"fp8_quant {dt} K=12288", fp8_quant._quantize_rows_kernel, types, dict(BLOCK_K=block), warps, 1, 90
         types = {p: f"*{dt}" for p in ("x_ptr", "w_ptr", "b_ptr", "out_ptr")}
-        const = dict(HAS_BIAS=True, INTERPRET=False, IEEE=dt == "fp32", BLOCK_M=row_linear.BLOCK_M,
-                     BLOCK_N=row_linear.BLOCK_N, BLOCK_K=row_linear.BLOCK_K)
-        yield (f"row_linear {dt}", row_linear._row_linear_kernel, types, const, row_linear.NUM_WARPS,
-               row_linear.NUM_STAGES, 90)
+        const = dict(
+            HAS_BIAS=True,
+            INTERPRET=False,
+            IEEE=dt == "fp32",
+            BLOCK_M=row_linear.BLOCK_M,
+            BLOCK_N=row_linear.BLOCK_N,
+            BLOCK_K=row_linear.BLOCK_K,
+        )
+        yield (
+            f"row_linear {dt}",
+            row_linear._row_linear_kernel,
+            types,
+            const,
+            row_linear.NUM_WARPS,
+            row_linear.NUM_STAGES,
+            90,
+        )
 
 
 def main() -> int:
-    results = {name: compile_kernel(kernel, types, const, w, s, arch)
-               for name, kernel, types, const, w, s, arch in jobs()}
+    results = {
+        name: compile_kernel(kernel, types, const, w, s, arch) for name, kernel, types, const, w, s, arch in jobs()
+    }
     json.dump(results, sys.stdout, indent=1)
     return 0
 

@@ -22,8 +22,9 @@ def kontext_dir(tmp_path_factory):
 
     Its VAE uses 32 norm groups, as FLUX's does, so the same weights also round-trip as a BFL ae.safetensors
     (which records no group count)."""
-    return builders.diffusers_checkpoint(tmp_path_factory.mktemp("kontext"), guidance=True,
-                                         vae_channels=[32, 32, 64, 64], vae_groups=32)
+    return builders.diffusers_checkpoint(
+        tmp_path_factory.mktemp("kontext"), guidance=True, vae_channels=[32, 32, 64, 64], vae_groups=32
+    )
 
 
 @pytest.fixture(scope="session")

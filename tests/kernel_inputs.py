@@ -8,8 +8,9 @@ truncates float32 -> bfloat16 where a GPU rounds, which costs up to one ulp).
 from __future__ import annotations
 
 import torch
+
 from kontext_rt.config import infer_axes_dim
-from kontext_rt.rope import rope_table, sequence_ids
+from kontext_rt.model.rope import rope_table, sequence_ids
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -6,8 +6,9 @@ import copy
 
 import numpy as np
 import torch
-from kontext_rt.checkpoint import detect
-from kontext_rt.rope import rope_table, sequence_ids
+
+from kontext_rt.model.rope import rope_table, sequence_ids
+from kontext_rt.weights.formats import detect
 
 # (batch, text tokens, [target grid, context grids...]): an edit, and text-to-image at other counts and batch
 LAYOUTS = {"edit": (1, 7, [(3, 4), (3, 4)]), "t2i": (3, 5, [(2, 5)])}

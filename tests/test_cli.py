@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
-from kontext_rt.cli import main
 from PIL import Image
+
+from kontext_rt.cli import main
 
 
 def run(args, capsys):
@@ -22,8 +23,25 @@ def picture(tmp_path):
 
 def test_edit_writes_image_and_summary(kontext_dir, picture, tmp_path, capsys):
     out = tmp_path / "out.png"
-    code, err = run(["edit", picture, "make it blue", "--checkpoint", kontext_dir, "-o", out, "--steps", "2",
-                     "--seed", "3", "--no-auto-resize", "--cache-dir", tmp_path / "c"], capsys)
+    code, err = run(
+        [
+            "edit",
+            picture,
+            "make it blue",
+            "--checkpoint",
+            kontext_dir,
+            "-o",
+            out,
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--no-auto-resize",
+            "--cache-dir",
+            tmp_path / "c",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert Image.open(out).size == (80, 48)
     assert "denoise" in err and "VAE decode" in err and "seed 3" in err
@@ -32,8 +50,25 @@ def test_edit_writes_image_and_summary(kontext_dir, picture, tmp_path, capsys):
 
 def test_generate(kontext_dir, tmp_path, capsys):
     out = tmp_path / "g.jpg"
-    code, err = run(["generate", "a cat", "--checkpoint", kontext_dir, "-o", out, "--steps", "1", "--width", "32",
-                     "--height", "48", "--no-text-cache", "-q"], capsys)
+    code, err = run(
+        [
+            "generate",
+            "a cat",
+            "--checkpoint",
+            kontext_dir,
+            "-o",
+            out,
+            "--steps",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "48",
+            "--no-text-cache",
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert Image.open(out).size == (32, 48) and err == ""
 
@@ -49,9 +84,10 @@ def test_demo_checkpoint_is_a_real_diffusers_folder(tmp_path):
     """diffusers loads what the runtime writes, and computes the same transformer output."""
     import torch
     from diffusers import FluxTransformer2DModel
+
     from kontext_rt import Pipeline
     from kontext_rt.demo import demo_checkpoint
-    from kontext_rt.rope import rope_table, sequence_ids
+    from kontext_rt.model.rope import rope_table, sequence_ids
 
     ckpt = demo_checkpoint(tmp_path)
     ours = Pipeline.from_pretrained(ckpt).transformer
@@ -62,8 +98,16 @@ def test_demo_checkpoint_is_a_real_diffusers_folder(tmp_path):
     cos, sin = rope_table(ids, ours.cfg.axes_dim, ours.cfg.theta)
     with torch.no_grad():
         a = ours(img, None, txt, pooled, torch.tensor([0.5]), torch.tensor([2.5]), cos, sin)
-        b = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled, timestep=torch.tensor([0.5]),
-                img_ids=ids[5:], txt_ids=ids[:5], guidance=torch.tensor([2.5]), return_dict=False)[0]
+        b = ref(
+            hidden_states=img,
+            encoder_hidden_states=txt,
+            pooled_projections=pooled,
+            timestep=torch.tensor([0.5]),
+            img_ids=ids[5:],
+            txt_ids=ids[:5],
+            guidance=torch.tensor([2.5]),
+            return_dict=False,
+        )[0]
     assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 
@@ -104,13 +148,28 @@ def test_bad_output_path_fails_before_any_work(picture, tmp_path, capsys):
 
 
 def test_console_script_has_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "kontext_rt.cli", "edit", str(tmp_path / "a.png"), "x",
-                        "--checkpoint", str(tmp_path), "-o", str(tmp_path / "o.png")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kontext_rt.cli",
+            "edit",
+            str(tmp_path / "a.png"),
+            "x",
+            "--checkpoint",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "o.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
 
 
 def test_demo_checkpoint_leaves_the_global_rng_alone(tmp_path):
     import torch
+
     from kontext_rt.demo import demo_checkpoint
 
     torch.manual_seed(123)
@@ -159,8 +218,12 @@ def test_refused_before_the_checkpoint_loads(args, match, no_loading, picture, t
     Image.new("RGB", (2064, 32)).save(tmp_path / "big.png")
     Image.new("RGB", (32, 32)).save(tmp_path / "other.png")
     (tmp_path / "link.png").symlink_to(picture)
-    subs = {"{pic}": picture, "{big}": tmp_path / "big.png", "{other}": tmp_path / "other.png",
-            "{link}": tmp_path / "link.png"}
+    subs = {
+        "{pic}": picture,
+        "{big}": tmp_path / "big.png",
+        "{other}": tmp_path / "other.png",
+        "{link}": tmp_path / "link.png",
+    }
     argv = [str(subs.get(a, a)) for a in args]
     if "-o" not in argv:
         argv += ["-o", str(tmp_path / "out.png")]
@@ -199,8 +262,23 @@ def test_a_failed_save_names_the_users_path(kontext_dir, picture, tmp_path, caps
 
     monkeypatch.setattr(Image.Image, "save", full)
     out = tmp_path / "out.png"
-    code, err = run(["edit", picture, "x", "--checkpoint", kontext_dir, "-o", out, "--steps", "1", "-q",
-                     "--no-auto-resize", "--no-text-cache"], capsys)
+    code, err = run(
+        [
+            "edit",
+            picture,
+            "x",
+            "--checkpoint",
+            kontext_dir,
+            "-o",
+            out,
+            "--steps",
+            "1",
+            "-q",
+            "--no-auto-resize",
+            "--no-text-cache",
+        ],
+        capsys,
+    )
     _one_error_line(code, err, f"output {out}: cannot write it (No space left on device)")
     assert "partial" not in err and not out.exists() and not list(tmp_path.glob(".*partial*"))
 
@@ -208,7 +286,7 @@ def test_a_failed_save_names_the_users_path(kontext_dir, picture, tmp_path, caps
 def test_missing_t5_tokenizer_file_is_refused(kontext_dir, picture, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from kontext_rt.checkpoint import CheckpointFormat
+    from kontext_rt.weights.formats import CheckpointFormat
 
     def loaded(*a, **k):
         raise AssertionError("transformer weights read before the tokenizer check")
@@ -230,15 +308,29 @@ def test_errors_during_the_run(kind, kontext_dir, picture, tmp_path, capsys, mon
     Raised in VAE decode, after the progress bar started: the error begins a line of its own."""
     from kontext_rt import InputError
     from kontext_rt.cli import BUG_LINE
-    from kontext_rt.vae import AutoEncoder
+    from kontext_rt.model.vae import AutoEncoder
 
     def decode(self, z):
         raise InputError("refused in decode") if kind == "input" else ZeroDivisionError("a bug in decode")
 
     monkeypatch.setattr(AutoEncoder, "decode", decode)
     out = tmp_path / "out.png"
-    code, err = run(["edit", picture, "x", "--checkpoint", kontext_dir, "-o", out, "--steps", "2",
-                     "--no-auto-resize", "--no-text-cache"], capsys)
+    code, err = run(
+        [
+            "edit",
+            picture,
+            "x",
+            "--checkpoint",
+            kontext_dir,
+            "-o",
+            out,
+            "--steps",
+            "2",
+            "--no-auto-resize",
+            "--no-text-cache",
+        ],
+        capsys,
+    )
     lines = err.split("\n")  # the bar redraws with \r: only \n starts a line on a terminal
     assert "denoise" in err and not out.exists() and not list(tmp_path.glob(".*partial*"))
     if kind == "input":
@@ -257,8 +349,23 @@ def test_long_prompt_warns_with_the_token_counts(kontext_dir, picture, tmp_path,
     n_clip = len(CLIPTokenizer.from_pretrained(kontext_dir / "tokenizer")(prompt).input_ids)
     assert n_t5 > 512 and n_clip > 77  # the kontext checkpoint's max_sequence_length, CLIP's context
     out = tmp_path / "out.png"
-    code, err = run(["edit", picture, prompt, "--checkpoint", kontext_dir, "-o", out, "--steps", "1", "-q",
-                     "--no-auto-resize", "--no-text-cache"], capsys)
+    code, err = run(
+        [
+            "edit",
+            picture,
+            prompt,
+            "--checkpoint",
+            kontext_dir,
+            "-o",
+            out,
+            "--steps",
+            "1",
+            "-q",
+            "--no-auto-resize",
+            "--no-text-cache",
+        ],
+        capsys,
+    )
     assert code == 0, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: "), err
@@ -269,8 +376,22 @@ def test_summary_names_the_context_resize(kontext_dir, tmp_path, capsys):
     src = tmp_path / "odd.png"
     Image.new("RGB", (88, 40)).save(src)
     out = tmp_path / "out.png"
-    code, err = run(["edit", src, "x", "--checkpoint", kontext_dir, "-o", out, "--steps", "1", "--no-auto-resize",
-                     "--no-text-cache"], capsys)
+    code, err = run(
+        [
+            "edit",
+            src,
+            "x",
+            "--checkpoint",
+            kontext_dir,
+            "-o",
+            out,
+            "--steps",
+            "1",
+            "--no-auto-resize",
+            "--no-text-cache",
+        ],
+        capsys,
+    )
     assert code == 0, err
     floored = f"{88 // 16 * 16}x{40 // 16 * 16}"
     assert f"context 88x40 -> {floored} | {floored} -> {out}" in err
@@ -298,8 +419,12 @@ def test_advertised_export_flags_exist():
     root = Path(__file__).parents[1]
     texts = [p.read_text() for folder in ("runtime", "export") for p in (root / folder).glob("*.py")]
     texts.append((root / "README.md").read_text())
-    used = {flag for t in texts for cmd in re.findall(r"kontext-rt export([^`\"']*)", t)
-            for flag in re.findall(r"(?<!\w)--[\w-]+", cmd)}
+    used = {
+        flag
+        for t in texts
+        for cmd in re.findall(r"kontext-rt export([^`\"']*)", t)
+        for flag in re.findall(r"(?<!\w)--[\w-]+", cmd)
+    }
     assert used and used <= set(sub._option_string_actions), used - set(sub._option_string_actions)
 
 
@@ -307,8 +432,26 @@ def test_unwritable_text_cache_warns_and_runs_without_it(kontext_dir, tmp_path, 
     blocker = tmp_path / "cache-is-a-file"
     blocker.write_text("")  # its text/ subfolder cannot be created, whoever runs this
     out = tmp_path / "g.png"
-    code, err = run(["generate", "a cat", "--checkpoint", kontext_dir, "-o", out, "--steps", "1", "--width", "32",
-                     "--height", "32", "--cache-dir", blocker, "-q"], capsys)
+    code, err = run(
+        [
+            "generate",
+            "a cat",
+            "--checkpoint",
+            kontext_dir,
+            "-o",
+            out,
+            "--steps",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--cache-dir",
+            blocker,
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "without the on-disk text cache" in lines[0]

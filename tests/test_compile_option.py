@@ -7,6 +7,7 @@ bash benchmarks/gpu_run.sh).
 
 import pytest
 import torch
+
 from kontext_rt import Optimizations, Pipeline
 
 
@@ -17,7 +18,8 @@ def test_compiled_blocks_give_the_uncompiled_result(kontext_dir, backend, compil
     args = dict(prompt="x", width=32, height=32, steps=2, seed=4, output="latent")
     plain = Pipeline.from_pretrained(kontext_dir, **load).generate(**args)
     pipe = Pipeline.from_pretrained(kontext_dir, **load, optimize=Optimizations(compile=compiler))
-    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None
-               for b in pipe.transformer.double_blocks)
+    assert all(
+        hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None for b in pipe.transformer.double_blocks
+    )
     out = pipe.generate(**args)
     assert torch.equal(out, plain)

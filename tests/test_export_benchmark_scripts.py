@@ -16,8 +16,12 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
 def test_export_memory_script_measures_peak_rss(tmp_path):
     pytest.importorskip("onnxscript")
     out = tmp_path / "mem.json"
-    run = subprocess.run([sys.executable, str(BENCH / "export_memory.py"), "--smoke", "--out", str(out), "--cases",
-                          "fp16-dynamo"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "export_memory.py"), "--smoke", "--out", str(out), "--cases", "fp16-dynamo"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     (result,) = json.loads(out.read_text())["results"]
     assert result["peak_rss_mib"] >= result["after_load_rss_mib"] >= result["baseline_rss_mib"] > 0
@@ -26,8 +30,9 @@ def test_export_memory_script_measures_peak_rss(tmp_path):
 
 def test_tensorrt_script_records_what_it_found(tmp_path):
     out = tmp_path / "trt.json"
-    run = subprocess.run([sys.executable, str(BENCH / "tensorrt_gpu.py"), "--out", str(out)], capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "tensorrt_gpu.py"), "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads(out.read_text())
     assert isinstance(record["tensorrt"]["importable"], bool)

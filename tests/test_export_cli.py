@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("modelopt.torch.quantization")
 
-from kontext_rt.checkpoint import detect  # noqa: E402
 from kontext_rt.cli import main  # noqa: E402
 from kontext_rt.export.trt_ops import unsupported_ops  # noqa: E402
+from kontext_rt.weights.formats import detect  # noqa: E402
 
 GRAPHS = ("transformer", "vae_encoder", "vae_decoder")
 
@@ -26,8 +26,18 @@ def _tensorrt_importable() -> bool:
 
 def test_onnx_only_export_writes_graphs_and_manifests_then_resumes(kontext_dir, tmp_path, capsys):
     out = tmp_path / "engines"
-    args = ["export", "--checkpoint", str(kontext_dir), "--out", str(out), "--precision", "fp16", "--onnx-only",
-            "--device", "cpu"]
+    args = [
+        "export",
+        "--checkpoint",
+        str(kontext_dir),
+        "--out",
+        str(out),
+        "--precision",
+        "fp16",
+        "--onnx-only",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "[1/3] onnx vae_encoder: done" in err and "[3/3] onnx transformer: done" in err
@@ -45,8 +55,19 @@ def test_onnx_only_export_writes_graphs_and_manifests_then_resumes(kontext_dir, 
 
 def test_a_damaged_artifact_is_redone(kontext_dir, tmp_path, capsys):
     out = tmp_path / "engines"
-    args = ["export", "--checkpoint", str(kontext_dir), "--out", str(out), "--precision", "bf16", "--onnx-only",
-            "--device", "cpu", "-q"]
+    args = [
+        "export",
+        "--checkpoint",
+        str(kontext_dir),
+        "--out",
+        str(out),
+        "--precision",
+        "bf16",
+        "--onnx-only",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     assert main(args) == 0
     graph = out / "onnx-bf16" / "vae_decoder.onnx"
     graph.write_bytes(graph.read_bytes()[:100])  # truncated
@@ -57,9 +78,23 @@ def test_a_damaged_artifact_is_redone(kontext_dir, tmp_path, capsys):
 
 def test_fp8_onnx_only_calibrates_then_reuses_the_calibration(kontext_dir, tmp_path, capsys):
     out = tmp_path / "engines"
-    args = ["export", "--checkpoint", str(kontext_dir), "--out", str(out), "--precision", "fp8", "--onnx-only",
-            "--device", "cpu", "--calibration-steps", "1", "--calibration-size", "32",
-            "--calibration-no-auto-resize"]
+    args = [
+        "export",
+        "--checkpoint",
+        str(kontext_dir),
+        "--out",
+        str(out),
+        "--precision",
+        "fp8",
+        "--onnx-only",
+        "--device",
+        "cpu",
+        "--calibration-steps",
+        "1",
+        "--calibration-size",
+        "32",
+        "--calibration-no-auto-resize",
+    ]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("make it red\n\nadd a hat\n")
     assert main([*args, "--calibration-prompts", str(prompts)]) == 0
@@ -81,17 +116,19 @@ def test_fp8_onnx_only_calibrates_then_reuses_the_calibration(kontext_dir, tmp_p
 @pytest.mark.skipif(_tensorrt_importable(), reason="TensorRT is importable here: the refusal does not apply")
 def test_engines_without_tensorrt_fail_before_any_work(kontext_dir, tmp_path, capsys):
     out = tmp_path / "engines"
-    rc = main(["export", "--checkpoint", str(kontext_dir), "--out", str(out), "--precision", "fp16",
-               "--device", "cpu"])
+    rc = main(["export", "--checkpoint", str(kontext_dir), "--out", str(out), "--precision", "fp16", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: TensorRT is not importable") and "--onnx-only" in err
     assert "Traceback" not in err and not out.exists()
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--precision", "fp4"], "invalid choice"),
-    (["--precision", "fp8", "--calibration-images", "nope.png"], "calibration image nope.png: no such file"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--precision", "fp4"], "invalid choice"),
+        (["--precision", "fp8", "--calibration-images", "nope.png"], "calibration image nope.png: no such file"),
+    ],
+)
 def test_bad_export_arguments(kontext_dir, tmp_path, capsys, args, match):
     base = ["export", "--checkpoint", str(kontext_dir), "--out", str(tmp_path / "o"), "--onnx-only"]
     if "--precision" not in args:
@@ -105,8 +142,21 @@ def test_edit_with_engines_on_a_machine_without_gpu_says_why(kontext_dir, tmp_pa
     from PIL import Image
 
     Image.new("RGB", (32, 32)).save(img)
-    rc = main(["edit", str(img), "x", "--checkpoint", str(kontext_dir), "--engines", str(tmp_path), "--device",
-               "cpu", "-o", str(tmp_path / "out.png")])
+    rc = main(
+        [
+            "edit",
+            str(img),
+            "x",
+            "--checkpoint",
+            str(kontext_dir),
+            "--engines",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "-o",
+            str(tmp_path / "out.png"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "backend 'tensorrt' needs a CUDA GPU" in err and "Traceback" not in err
     assert not (tmp_path / "out.png").exists()

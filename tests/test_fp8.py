@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
-from kontext_rt import Optimizations, Pipeline
-from kontext_rt import fp8 as f8
-from kontext_rt.checkpoint import detect
-from kontext_rt.kernels import fp8_quant
-from kontext_rt.safetensors_io import CheckpointError
 from safetensors.torch import save_file
+
+from kontext_rt import Optimizations, Pipeline
+from kontext_rt.kernels import fp8_quant
+from kontext_rt.model import fp8_linear as f8
+from kontext_rt.weights.formats import detect
+from kontext_rt.weights.safetensors_io import CheckpointError
 
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
 E4M3_GRID = E4M3_GRID[torch.isfinite(E4M3_GRID)].unique()
@@ -37,8 +38,10 @@ def test_quantize_rows_is_nearest_e4m3_of_float64(dtype):
     nearest = E4M3_GRID[dist.argmin(-1)]
     # x / scale is formed in float32: a value within its rounding of a midpoint between two grid points may go
     # either way, every other must land on the nearest
-    tie = (dist.topk(2, largest=False).values.diff(dim=-1).abs().squeeze(-1)
-           <= 2 * torch.finfo(torch.float32).eps * v.abs())
+    tie = (
+        dist.topk(2, largest=False).values.diff(dim=-1).abs().squeeze(-1)
+        <= 2 * torch.finfo(torch.float32).eps * v.abs()
+    )
     assert torch.equal(q.double()[~tie], nearest[~tie])
     assert (q.double().abs().amax(-1)[amax.squeeze(-1) > 0] == 448).all()  # each row's largest maps to 448
     back = f8.dequantize(q, scale).double()
@@ -85,8 +88,10 @@ def test_fp8_linear_is_the_product_of_its_dequantized_operands(static, matmul):
         qx = f8.quantize_static(x2, layer.input_scale)
     else:
         qx, sx = f8.quantize_rows(x2)
-    exact = (f8.dequantize(qx, sx).double() @ f8.dequantize(layer.weight, layer.weight_scale.T).double().T
-             + lin.bias.double()).reshape(2, 7, 48)
+    exact = (
+        f8.dequantize(qx, sx).double() @ f8.dequantize(layer.weight, layer.weight_scale.T).double().T
+        + lin.bias.double()
+    ).reshape(2, 7, 48)
     assert y.shape == (2, 7, 48) and y.dtype == torch.bfloat16
     # the only rounding left is the bfloat16 output (and float32 accumulation): one bf16 ulp
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
@@ -101,7 +106,6 @@ def test_selection_and_static_scales_match_the_export_recipe(kontext_dir, model,
     """A real calibration file from the export stage (ModelOpt's recipe, a forward pass, save_calibration)."""
     pytest.importorskip("modelopt", reason="the export stage's calibration needs nvidia-modelopt (the export extra)")
     from kontext_rt.export import fp8 as export_fp8
-
     from tests.test_hoisting import conditioning
 
     m = copy.deepcopy(model).float()
@@ -137,12 +141,14 @@ def test_selection_and_static_scales_match_the_export_recipe(kontext_dir, model,
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_fp8_pipeline_runs_the_converted_layers(kontext_dir, backend):
     opts = Optimizations(fp8="dynamic")
-    pipe = Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, backend=backend, optimize=opts,
-                                    max_sequence_length=8)
+    pipe = Pipeline.from_pretrained(
+        kontext_dir, dtype=torch.bfloat16, backend=backend, optimize=opts, max_sequence_length=8
+    )
     layers = [n for n, m in pipe.transformer.named_modules() if isinstance(m, f8.FP8Linear)]
     assert layers and all(f8.fp8_eligible(n) for n in layers)
-    assert not any(f8.fp8_eligible(n) for n, m in pipe.transformer.named_modules()
-                   if isinstance(m, torch.nn.Linear))  # every eligible layer was converted
+    assert not any(
+        f8.fp8_eligible(n) for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)
+    )  # every eligible layer was converted
     out = pipe.generate("x", width=32, height=32, steps=2, seed=0, output="latent")
     bf16 = Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_sequence_length=8)
     ref = bf16.generate("x", width=32, height=32, steps=2, seed=0, output="latent")

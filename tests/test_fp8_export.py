@@ -13,19 +13,21 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("modelopt.torch.quantization")
 
+from PIL import Image  # noqa: E402
+
 import kontext_rt as krt  # noqa: E402
-from kontext_rt.checkpoint import detect  # noqa: E402
 from kontext_rt.export import fp8, specs  # noqa: E402
 from kontext_rt.export.onnx_export import export_onnx, transformer_graph  # noqa: E402
 from kontext_rt.export.trt_ops import unsupported_ops  # noqa: E402
-from kontext_rt.safetensors_io import CheckpointError  # noqa: E402
-from PIL import Image  # noqa: E402
-
+from kontext_rt.weights.formats import detect  # noqa: E402
+from kontext_rt.weights.safetensors_io import CheckpointError  # noqa: E402
 from tests.onnx_cases import LAYOUTS, rel_err, run_ort, standard_fp8_qdq, transformer_inputs  # noqa: E402
 
 # Written independently of fp8.HIGH_PRECISION: the block linears that carry the FLOPs.
-BLOCK_LINEAR = re.compile(r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
-                          r"|single_blocks\.\d+\.linear[12]")
+BLOCK_LINEAR = re.compile(
+    r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
+    r"|single_blocks\.\d+\.linear[12]"
+)
 
 
 def _image(seed: int) -> Image.Image:
@@ -36,15 +38,17 @@ def _image(seed: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def calibrated(kontext_dir, tmp_path_factory):
     pipe = krt.Pipeline.from_pretrained(kontext_dir, max_sequence_length=8)
-    data = fp8.CalibrationSet(prompts=fp8.DEFAULT_PROMPTS[:3], images=(_image(0), _image(1)), steps=2,
-                              auto_resize=False)
+    data = fp8.CalibrationSet(
+        prompts=fp8.DEFAULT_PROMPTS[:3], images=(_image(0), _image(1)), steps=2, auto_resize=False
+    )
     seen = []
     fp8.quantize(pipe.transformer, fp8.calibration_loop(pipe, data, progress=seen.append))
     assert seen == ["calibration 1/3", "calibration 2/3", "calibration 3/3"]
     out = tmp_path_factory.mktemp("fp8")
     spec = specs.transformer_spec(pipe.transformer.cfg, text_tokens=8)
-    path = export_onnx(transformer_graph(pipe.transformer), spec, out / "transformer.onnx", torch.float32,
-                       exporter="torchscript")
+    path = export_onnx(
+        transformer_graph(pipe.transformer), spec, out / "transformer.onnx", torch.float32, exporter="torchscript"
+    )
     return pipe, path, out
 
 

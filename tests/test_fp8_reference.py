@@ -8,10 +8,11 @@ y = (q_x * s_x) @ (q_w * s_w).T + b. The reference does every step in float64 an
 
 import pytest
 import torch
-from kontext_rt import Optimizations, Pipeline
-from kontext_rt import fp8 as f8
-from kontext_rt.checkpoint import detect
 from safetensors.torch import save_file
+
+from kontext_rt import Optimizations, Pipeline
+from kontext_rt.model import fp8_linear as f8
+from kontext_rt.weights.formats import detect
 
 E4M3_MAX = 448.0
 U32, U_BF16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16 (round to nearest)
@@ -105,10 +106,17 @@ def test_static_pipeline_uses_the_calibration_files_scales(kontext_dir, tmp_path
     amax = {n: 1.0 + 4.0 * torch.rand((), generator=gen).item() for n in names}  # a different scale per layer
     halved = {n: v / 2 for n, v in amax.items()}
     ckpt = detect(kontext_dir).fingerprint()
-    pipes = [Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_sequence_length=8,
-                                      optimize=Optimizations(fp8="static", fp8_calibration=write_calibration(
-                                          tmp_path / f"{i}.safetensors", names, a, ckpt)))
-             for i, a in enumerate((amax, halved))]
+    pipes = [
+        Pipeline.from_pretrained(
+            kontext_dir,
+            dtype=torch.bfloat16,
+            max_sequence_length=8,
+            optimize=Optimizations(
+                fp8="static", fp8_calibration=write_calibration(tmp_path / f"{i}.safetensors", names, a, ckpt)
+            ),
+        )
+        for i, a in enumerate((amax, halved))
+    ]
     for pipe, a in zip(pipes, (amax, halved), strict=True):
         layers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, f8.FP8Linear)}
         assert sorted(layers) == sorted(names)

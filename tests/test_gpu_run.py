@@ -29,8 +29,13 @@ def _module(name):
 
 def _gpu_run(out, *args, timeout=900):
     env = dict(os.environ, PYTHON=sys.executable)
-    return subprocess.run(["bash", str(BENCH / "gpu_run.sh"), "--rehearse", "--out", str(out), *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(BENCH / "gpu_run.sh"), "--rehearse", "--out", str(out), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _load(path):
@@ -51,8 +56,9 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     phases = _module("gpu_suite").PHASES
     assert list(suite["phases"]) == list(phases["core"]), "the phase list that --break checks against is stale"
     assert all(p["status"] == "ok" for p in suite["phases"].values())
-    assert set(suite["ladder"]) == RUNGS and all(set(r) == {"kontext", "text-to-image"}
-                                                 for r in suite["ladder"].values())
+    assert set(suite["ladder"]) == RUNGS and all(
+        set(r) == {"kontext", "text-to-image"} for r in suite["ladder"].values()
+    )
     assert set(suite["diffusers"]) == {"kontext", "text-to-image"}
     assert all(r["ms_per_step"] > 0 for r in suite["diffusers"].values())
     # on-device checks: the triton table's hoisted loop and the graph stand-in are exact, the quantizer too
@@ -104,9 +110,14 @@ def test_a_broken_suite_phase_skips_what_needs_it_and_runs_the_rest(tmp_path):
 def test_a_killed_suite_keeps_every_phase_it_finished(tmp_path):
     """The device tool returns only what is already written when a command hits its limit."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(BENCH / "gpu_suite.py"), "--rehearse", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH / "gpu_suite.py"), "--rehearse", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))  # a silent child never hangs the test
     watchdog.start()
     for line in proc.stdout:
@@ -117,7 +128,12 @@ def test_a_killed_suite_keeps_every_phase_it_finished(tmp_path):
     proc.wait()
     suite = _load(tmp_path / "suite.json")
     assert [n for n, p in suite["phases"].items() if p["status"] == "ok"] == [
-        "setup", "triton-backend", "diffusers", "model", "eager"]
+        "setup",
+        "triton-backend",
+        "diffusers",
+        "model",
+        "eager",
+    ]
     assert set(suite["ladder"]["eager"]) == {"kontext", "text-to-image"}
     assert (tmp_path / "suite-ladder.png").exists() and not list(tmp_path.glob("*.tmp*"))
 
@@ -126,16 +142,24 @@ def test_a_child_past_its_deadline_is_killed_and_recorded(tmp_path):
     gpu_run = _module("gpu_run")
     phases = _module("phases")
     with (tmp_path / "log").open("w") as log, pytest.raises(phases.PhaseError, match="deadline") as err:
-        gpu_run.run_child([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"], 5.0,
-                          dict(os.environ), log, "t")
+        gpu_run.run_child(
+            [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"],
+            5.0,
+            dict(os.environ),
+            log,
+            "t",
+        )
     assert err.value.details["timed_out"] and err.value.details["tail"] == ["started"]
     assert err.value.details["child_s"] < 60
 
 
 def test_wheel_plan_installs_what_is_missing_and_never_a_stale_project_wheel(tmp_path):
     wheels = _module("wheels")
-    names = ["kontext_rt-0.1.0-py3-none-any.whl", "diffusers-0.42.1-py3-none-any.whl",
-             "charset_normalizer-3.5.3-cp312-cp312-manylinux_2_28_x86_64.whl"]
+    names = [
+        "kontext_rt-0.1.0-py3-none-any.whl",
+        "diffusers-0.42.1-py3-none-any.whl",
+        "charset_normalizer-3.5.3-cp312-cp312-manylinux_2_28_x86_64.whl",
+    ]
     for n in names:
         (tmp_path / n).write_bytes(b"")
     manifest = {"source_digest": wheels.source_digest(), "wheels": names}
@@ -152,9 +176,11 @@ def _fake_wheel(folder, dist, version, module):
     """A minimal valid wheel holding one empty module: enough for pip's offline --target install."""
     stem = f"{dist.replace('-', '_')}-{version}"
     info = f"{stem}.dist-info"
-    files = {f"{module}/__init__.py": "",
-             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files = {
+        f"{module}/__init__.py": "",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
     with zipfile.ZipFile(folder / f"{stem}-py3-none-any.whl", "w") as z:
         for name, text in files.items():
@@ -207,8 +233,10 @@ def test_random_models_are_drawn_in_their_dtype_and_initialised():
     from kontext_rt.config import PRESETS
 
     parts = _module("suite_parts")
-    for model in (parts.random_transformer(PRESETS["tiny"], "cpu", torch.bfloat16),
-                  parts.random_diffusers(PRESETS["tiny"], "cpu", torch.bfloat16)):
+    for model in (
+        parts.random_transformer(PRESETS["tiny"], "cpu", torch.bfloat16),
+        parts.random_diffusers(PRESETS["tiny"], "cpu", torch.bfloat16),
+    ):
         assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
         matrices = [p for p in model.parameters() if p.ndim == 2]
         assert all(p.std() > 0 for p in matrices)

@@ -6,15 +6,16 @@ import copy
 
 import pytest
 import torch
-from kontext_rt import Optimizations, Pipeline
-from kontext_rt.checkpoint import detect
-from kontext_rt.denoisers import Graphed, Hoisted
-from kontext_rt.graphs import StepGraphs, signature
-from kontext_rt.graphs import capture_eager as eager_capture
-from kontext_rt.lora import LoRAStack
-from kontext_rt.ops import EAGER_OPS
-from kontext_rt.sampler import denoise, schedule
 
+from kontext_rt import Optimizations, Pipeline
+from kontext_rt.model.op_table import EAGER_OPS
+from kontext_rt.sampling.denoisers import Graphed, Hoisted
+from kontext_rt.sampling.graphs import StepGraphs, signature
+from kontext_rt.sampling.graphs import capture_eager as eager_capture
+from kontext_rt.sampling.loop import denoise
+from kontext_rt.sampling.schedule import schedule
+from kontext_rt.weights.formats import detect
+from kontext_rt.weights.lora import LoRAStack
 from tests.test_hoisting import conditioning
 
 
@@ -26,8 +27,13 @@ def model(kontext_dir):
 def test_signature_covers_every_argument():
     a = dict(x=torch.zeros(1, 4, 64), ctx=None, txt=torch.zeros(1, 3, 8))
     assert signature(a) == signature(dict(a, x=torch.ones(1, 4, 64)))  # values are not part of the key
-    others = [dict(a, x=torch.zeros(2, 4, 64)), dict(a, x=torch.zeros(1, 5, 64)), dict(a, ctx=torch.zeros(1, 4, 64)),
-              dict(a, txt=torch.zeros(1, 4, 8)), dict(a, txt=torch.zeros(1, 3, 8, dtype=torch.bfloat16))]
+    others = [
+        dict(a, x=torch.zeros(2, 4, 64)),
+        dict(a, x=torch.zeros(1, 5, 64)),
+        dict(a, ctx=torch.zeros(1, 4, 64)),
+        dict(a, txt=torch.zeros(1, 4, 8)),
+        dict(a, txt=torch.zeros(1, 3, 8, dtype=torch.bfloat16)),
+    ]
     keys = {signature(o) for o in others}
     assert len(keys) == len(others) and signature(a) not in keys
 
@@ -99,9 +105,13 @@ def test_graphs_follow_the_weights(model, tmp_path):
     x, sigmas = torch.randn(1, 9, 64, generator=gen), schedule(2, 9)
     before = denoise(graphed, x, sigmas, cond)
     hidden = m.cfg.hidden_size
-    save_file({"double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, hidden, generator=gen),
-               "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * hidden, 2, generator=gen)},
-              str(tmp_path / "l.safetensors"))
+    save_file(
+        {
+            "double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, hidden, generator=gen),
+            "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * hidden, 2, generator=gen),
+        },
+        str(tmp_path / "l.safetensors"),
+    )
     LoRAStack(m).load(tmp_path / "l.safetensors")
     graphed.weights_changed()
     after = denoise(graphed, x, sigmas, cond)

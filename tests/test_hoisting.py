@@ -10,14 +10,16 @@ import copy
 
 import pytest
 import torch
+
 from kontext_rt import Pipeline
 from kontext_rt.backends import resolve
-from kontext_rt.checkpoint import detect
-from kontext_rt.denoisers import Hoisted, PerStep
 from kontext_rt.kernels import row_linear
-from kontext_rt.ops import EAGER_OPS
-from kontext_rt.rope import rope_table, sequence_ids
-from kontext_rt.sampler import Conditioning, denoise, schedule
+from kontext_rt.model.op_table import EAGER_OPS
+from kontext_rt.model.rope import rope_table, sequence_ids
+from kontext_rt.sampling.denoisers import Hoisted, PerStep
+from kontext_rt.sampling.loop import Conditioning, denoise
+from kontext_rt.sampling.schedule import schedule
+from kontext_rt.weights.formats import detect
 
 TRITON = resolve("triton", "cpu").ops
 
@@ -29,7 +31,10 @@ def conditioning(cfg, batch, txt_len, grids, dtype, gen):
         ctx=torch.randn(batch, ctx_tokens, 64, generator=gen).to(dtype) if ctx_tokens else None,
         txt=torch.randn(batch, txt_len, cfg.context_in_dim, generator=gen).to(dtype),
         pooled=torch.randn(batch, cfg.vec_in_dim, generator=gen).to(dtype),
-        guidance=torch.full((batch,), 2.5), cos=cos, sin=sin)
+        guidance=torch.full((batch,), 2.5),
+        cos=cos,
+        sin=sin,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +119,20 @@ def test_few_step_shifted_edit_matches_diffusers(kontext_dir, steps):
     ref.set_progress_bar_config(disable=True)
     h, w = 32, 48
     img, lat = picture(h, w, steps), noise(h, w, steps)
-    ours = Pipeline.from_pretrained(kontext_dir).edit(img, "few steps", steps=steps, auto_resize=False, latents=lat,
-                                                      output="latent")
-    args = dict(image=img, prompt="few steps", num_inference_steps=steps, guidance_scale=2.5, output_type="latent",
-                max_area=h * w, _auto_resize=False, height=h, width=w)
+    ours = Pipeline.from_pretrained(kontext_dir).edit(
+        img, "few steps", steps=steps, auto_resize=False, latents=lat, output="latent"
+    )
+    args = dict(
+        image=img,
+        prompt="few steps",
+        num_inference_steps=steps,
+        guidance_scale=2.5,
+        output_type="latent",
+        max_area=h * w,
+        _auto_resize=False,
+        height=h,
+        width=w,
+    )
     want = ref(latents=lat, **args).images
     want64 = float64_pipeline(FluxKontextPipeline, kontext_dir)(latents=lat.double(), **args).images
     assert_float32_close(ours, want, want64, f"{steps}-step edit")
@@ -137,8 +152,15 @@ def test_few_step_unshifted_generate_matches_diffusers(schnell_dir, steps):
     h, w = 32, 32
     lat = noise(h, w, 10 + steps)
     ours = pipe.generate("fast", width=w, height=h, steps=steps, latents=lat, output="latent")
-    args = dict(prompt="fast", height=h, width=w, num_inference_steps=steps, guidance_scale=0.0, output_type="latent",
-                max_sequence_length=256)
+    args = dict(
+        prompt="fast",
+        height=h,
+        width=w,
+        num_inference_steps=steps,
+        guidance_scale=0.0,
+        output_type="latent",
+        max_sequence_length=256,
+    )
     want = flux(latents=lat, **args).images
     want64 = float64_pipeline(FluxPipeline, schnell_dir)(latents=lat.double(), **args).images
     assert_float32_close(ours, want, want64, f"{steps}-step schnell generate")

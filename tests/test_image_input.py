@@ -4,8 +4,9 @@ import struct
 import zlib
 
 import pytest
-from kontext_rt.image import load_image
 from PIL import Image
+
+from kontext_rt.image import load_image
 
 
 def _png_claiming(path, w, h):

@@ -6,8 +6,9 @@ import warnings
 
 import pytest
 import torch
-from kontext_rt import CheckpointError, InputError, KontextError, Pipeline
 from PIL import Image
+
+from kontext_rt import CheckpointError, InputError, KontextError, Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,9 @@ def test_the_limits_themselves_are_accepted(pipe):
 
 
 def test_long_prompt_warns_on_cache_hits_too(pipe, kontext_dir):
-    from kontext_rt.text import PromptTruncated
     from transformers import T5TokenizerFast
+
+    from kontext_rt.text import PromptTruncated
 
     prompt = "a cat on a red sofa " * 40
     n = len(T5TokenizerFast.from_pretrained(kontext_dir / "tokenizer_2")(prompt).input_ids)
@@ -99,7 +101,7 @@ def _tokenizer_broken(folder, how):
 
 @pytest.mark.parametrize("how,match", [("missing", "no tokenizer files"), ("specials-only", "unusable tokenizer")])
 def test_unusable_t5_tokenizer_is_refused_at_load(kontext_dir, tmp_path, monkeypatch, how, match):
-    from kontext_rt.checkpoint import CheckpointFormat
+    from kontext_rt.weights.formats import CheckpointFormat
 
     def loaded(*a, **k):
         raise AssertionError("transformer weights read before the tokenizer check")
@@ -114,7 +116,8 @@ def test_unusable_t5_tokenizer_is_refused_at_load(kontext_dir, tmp_path, monkeyp
 
 def test_converted_validation_errors_are_input_errors():
     """The runtime's own validation raises KontextError kinds (still ValueErrors for older callers)."""
-    from kontext_rt import Optimizations, backends, sampler
+    from kontext_rt import Optimizations, backends
+    from kontext_rt.sampling import schedule as sampler
     from kontext_rt.text import TextEmbeddingCache
 
     calls = [

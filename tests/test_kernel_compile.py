@@ -24,8 +24,14 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= {"TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("triton-cache")), "TRITON_DEFAULT_FP_FUSION": "1"}
-    run = subprocess.run([sys.executable, "-m", "tests.aot_compile"], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).parent.parent, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.aot_compile"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout)
 
@@ -35,13 +41,23 @@ def test_every_kernel_compiles_for_hopper_and_ampere(compiled):
     from kontext_rt.kernels.rope_attention import GPU_CONFIGS
 
     assert len([n for n in compiled if n.startswith("rope_attention D=128 fused=")]) == 2 * len(GPU_CONFIGS[128])
-    for name in ("rope_attention D=128 fused sm_80", "qk_norm_rope D=128", "modulate C=3072",
-                 "gated_residual C=3072", "fp8_quant bf16 K=12288", "fp8_quant fp32 K=12288", "row_linear bf16",
-                 "row_linear fp32"):
+    for name in (
+        "rope_attention D=128 fused sm_80",
+        "qk_norm_rope D=128",
+        "modulate C=3072",
+        "gated_residual C=3072",
+        "fp8_quant bf16 K=12288",
+        "fp8_quant fp32 K=12288",
+        "row_linear bf16",
+        "row_linear fp32",
+    ):
         assert name in compiled
     # Hopper: the attention products run on warpgroup tensor-core instructions
-    assert all(r["wgmma"] for n, r in compiled.items() if n.startswith("rope_attention") and r["arch"] == 90
-               and "fp32" not in n)
+    assert all(
+        r["wgmma"]
+        for n, r in compiled.items()
+        if n.startswith("rope_attention") and r["arch"] == 90 and "fp32" not in n
+    )
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no ptxas to compile NVIDIA targets with")
@@ -54,8 +70,13 @@ def test_each_head_dim_and_mode_has_a_config_without_register_spills(compiled):
             groups.setdefault(name.split(" ")[1] + name.split(" ")[2], []).append(r["spill_bytes"])
     assert len(groups) == 6
     assert all(min(spills) == 0 for spills in groups.values()), groups
-    for name in ("qk_norm_rope D=128", "modulate C=3072", "gated_residual C=3072", "fp8_quant bf16 K=12288",
-                 "row_linear bf16"):
+    for name in (
+        "qk_norm_rope D=128",
+        "modulate C=3072",
+        "gated_residual C=3072",
+        "fp8_quant bf16 K=12288",
+        "row_linear bf16",
+    ):
         assert compiled[name]["spill_bytes"] == 0, (name, compiled[name])
 
 

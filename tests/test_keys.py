@@ -6,11 +6,12 @@ a real checkpoint cannot surprise the loaders.
 
 import pytest
 import torch
-from kontext_rt.checkpoint_configs import bfl_transformer_config, bfl_vae_config
+
 from kontext_rt.config import PRESETS, VAE_PRESETS
-from kontext_rt.mapping import diffusers_transformer_rules, diffusers_vae_rules
-from kontext_rt.model import FluxTransformer
-from kontext_rt.vae import AutoEncoder
+from kontext_rt.model.transformer import FluxTransformer
+from kontext_rt.model.vae import AutoEncoder
+from kontext_rt.weights.configs import bfl_transformer_config, bfl_vae_config
+from kontext_rt.weights.mapping import diffusers_transformer_rules, diffusers_vae_rules
 
 
 def meta_shapes(factory):
@@ -25,8 +26,11 @@ def meta_state(shapes):
 
 @pytest.mark.parametrize(
     "preset,params,bfl,diff",
-    [("flux-kontext-dev", 11_901_408_320, 780, 1160), ("flux-dev", 11_901_408_320, 780, 1160),
-     ("flux-schnell", 11_891_178_560, 776, 1156)],
+    [
+        ("flux-kontext-dev", 11_901_408_320, 780, 1160),
+        ("flux-dev", 11_901_408_320, 780, 1160),
+        ("flux-schnell", 11_891_178_560, 776, 1156),
+    ],
 )
 def test_full_transformer_keys(preset, params, bfl, diff):
     from diffusers import FluxTransformer2DModel
@@ -60,10 +64,18 @@ def test_full_vae_keys():
     ours, module = meta_shapes(lambda: AutoEncoder(cfg))
     assert sum(p.numel() for p in module.parameters()) == 83_819_683
     assert len(ours) == 244
-    ref_shapes, ref = meta_shapes(lambda: AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16, norm_num_groups=32,
-        use_quant_conv=False, use_post_quant_conv=False))
+    ref_shapes, ref = meta_shapes(
+        lambda: AutoencoderKL(
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[128, 256, 512, 512],
+            layers_per_block=2,
+            latent_channels=16,
+            norm_num_groups=32,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    )
     rules = diffusers_vae_rules(ours, len(cfg.ch_mult))
     assert sorted(s for r in rules for s in r.sources) == sorted(ref_shapes)
     for r in rules:

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from kontext_rt import CheckpointError, Pipeline
-from kontext_rt.checkpoint import detect
 from safetensors.torch import save_file
 
+from kontext_rt import CheckpointError, Pipeline
+from kontext_rt.weights.formats import detect
 from tests.builders import bfl_checkpoint
 
 H, W = 48, 80
@@ -27,8 +27,11 @@ def _edit_latent(pipe, seed=7):
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_bfl_single_file_matches_diffusers_folder(kontext_dir, tmp_path, prefix):
     files = bfl_checkpoint(tmp_path, kontext_dir, prefix=prefix)
-    bfl = Pipeline.from_pretrained(files["flux"], text_encoders=files["text_encoders"],  # ae: found beside it
-                                   variant="flux-kontext-dev")
+    bfl = Pipeline.from_pretrained(
+        files["flux"],
+        text_encoders=files["text_encoders"],  # ae: found beside it
+        variant="flux-kontext-dev",
+    )
     ref = Pipeline.from_pretrained(kontext_dir)
     assert bfl.transformer.cfg == ref.transformer.cfg
     assert bfl.variant.name == "flux-kontext-dev"
@@ -53,7 +56,8 @@ def test_sharded_diffusers_transformer(kontext_dir, tmp_path):
     shutil.copytree(kontext_dir, ckpt)
     shutil.rmtree(ckpt / "transformer")
     FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer").save_pretrained(
-        ckpt / "transformer", max_shard_size="40KB")
+        ckpt / "transformer", max_shard_size="40KB"
+    )
     assert (ckpt / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     a = detect(ckpt).load_transformer(torch.float32, "cpu").state_dict()
     b = detect(kontext_dir).load_transformer(torch.float32, "cpu").state_dict()
@@ -131,8 +135,10 @@ def test_wrong_shape_is_named(bfl):
 def test_wrong_shape_in_diffusers_folder(kontext_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(kontext_dir, ckpt)
-    _rewrite(ckpt / "transformer" / "diffusion_pytorch_model.safetensors",
-             lambda s: s.update({"transformer_blocks.0.attn.to_k.weight": torch.zeros(64, 63)}))
+    _rewrite(
+        ckpt / "transformer" / "diffusion_pytorch_model.safetensors",
+        lambda s: s.update({"transformer_blocks.0.attn.to_k.weight": torch.zeros(64, 63)}),
+    )
     with pytest.raises(CheckpointError, match=r"transformer_blocks\.0\.attn\.to_k\.weight' has shape \[64, 63\]"):
         detect(ckpt).load_transformer(torch.float32, "cpu")
 

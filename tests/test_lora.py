@@ -11,11 +11,12 @@ import json
 
 import pytest
 import torch
-from kontext_rt import LoRAError, Pipeline
-from kontext_rt.checkpoint import detect
-from kontext_rt.lora import LoRAStack
-from kontext_rt.mapping import diffusers_transformer_rules
 from safetensors.torch import save_file
+
+from kontext_rt import LoRAError, Pipeline
+from kontext_rt.weights.formats import detect
+from kontext_rt.weights.lora import LoRAStack
+from kontext_rt.weights.mapping import diffusers_transformer_rules
 
 RANK = 4
 H = 64  # the tiny preset's hidden size
@@ -29,14 +30,37 @@ def _ab(gen, rows, cols, rank=RANK):
 def diffusers_lora(gen, alphas=False):
     """A PEFT-format LoRA on every default DreamBooth target of block 0/1, plus norm_out (the swapped layer)."""
     sd = {}
-    targets = {f"transformer_blocks.{i}.{m}": (o, c) for i in range(2) for m, (o, c) in {
-        "attn.to_q": (H, H), "attn.to_k": (H, H), "attn.to_v": (H, H), "attn.to_out.0": (H, H),
-        "attn.add_q_proj": (H, H), "attn.add_k_proj": (H, H), "attn.add_v_proj": (H, H),
-        "attn.to_add_out": (H, H), "ff.net.0.proj": (MLP, H), "ff.net.2": (H, MLP),
-        "ff_context.net.0.proj": (MLP, H), "ff_context.net.2": (H, MLP), "norm1.linear": (6 * H, H)}.items()}
-    targets |= {f"single_transformer_blocks.{i}.{m}": (o, c) for i in range(2) for m, (o, c) in {
-        "attn.to_q": (H, H), "attn.to_k": (H, H), "attn.to_v": (H, H), "proj_mlp": (MLP, H),
-        "proj_out": (H, H + MLP), "norm.linear": (3 * H, H)}.items()}
+    targets = {
+        f"transformer_blocks.{i}.{m}": (o, c)
+        for i in range(2)
+        for m, (o, c) in {
+            "attn.to_q": (H, H),
+            "attn.to_k": (H, H),
+            "attn.to_v": (H, H),
+            "attn.to_out.0": (H, H),
+            "attn.add_q_proj": (H, H),
+            "attn.add_k_proj": (H, H),
+            "attn.add_v_proj": (H, H),
+            "attn.to_add_out": (H, H),
+            "ff.net.0.proj": (MLP, H),
+            "ff.net.2": (H, MLP),
+            "ff_context.net.0.proj": (MLP, H),
+            "ff_context.net.2": (H, MLP),
+            "norm1.linear": (6 * H, H),
+        }.items()
+    }
+    targets |= {
+        f"single_transformer_blocks.{i}.{m}": (o, c)
+        for i in range(2)
+        for m, (o, c) in {
+            "attn.to_q": (H, H),
+            "attn.to_k": (H, H),
+            "attn.to_v": (H, H),
+            "proj_mlp": (MLP, H),
+            "proj_out": (H, H + MLP),
+            "norm.linear": (3 * H, H),
+        }.items()
+    }
     targets |= {"norm_out.linear": (2 * H, H), "proj_out": (64, H), "x_embedder": (H, 64)}
     if alphas:  # diffusers turns names into PEFT suffix patterns: a "proj_out" alpha or target also matches the
         # other proj_outs (global vs single blocks), which then get a wrong alpha or a randomly initialised LoRA
@@ -54,11 +78,23 @@ def kohya_lora(gen, final_layer=False):
     diffusers' kohya converter drops the `transformer.` prefix of final-layer keys, so it cannot be the reference
     there (test_kohya_final_layer_lands_as_bfl_names covers it)."""
     sd = {}
-    mods = {f"lora_unet_double_blocks_{i}_{s}_{m}": (o, c) for i in range(2) for s in ("img", "txt")
-            for m, (o, c) in {"attn_qkv": (3 * H, H), "attn_proj": (H, H), "mlp_0": (MLP, H), "mlp_2": (H, MLP),
-                              "mod_lin": (6 * H, H)}.items()}
-    mods |= {f"lora_unet_single_blocks_{i}_{m}": (o, c) for i in range(2)
-             for m, (o, c) in {"linear2": (H, H + MLP), "modulation_lin": (3 * H, H)}.items()}
+    mods = {
+        f"lora_unet_double_blocks_{i}_{s}_{m}": (o, c)
+        for i in range(2)
+        for s in ("img", "txt")
+        for m, (o, c) in {
+            "attn_qkv": (3 * H, H),
+            "attn_proj": (H, H),
+            "mlp_0": (MLP, H),
+            "mlp_2": (H, MLP),
+            "mod_lin": (6 * H, H),
+        }.items()
+    }
+    mods |= {
+        f"lora_unet_single_blocks_{i}_{m}": (o, c)
+        for i in range(2)
+        for m, (o, c) in {"linear2": (H, H + MLP), "modulation_lin": (3 * H, H)}.items()
+    }
     if final_layer:
         mods |= {"lora_unet_final_layer_adaLN_modulation_1": (2 * H, H), "lora_unet_final_layer_linear": (64, H)}
     for name, (rows, cols) in mods.items():
@@ -101,12 +137,14 @@ def diffusers_fused(kontext_dir, path, strength):
 
 def float64_fused(base, path, strength):
     """The same fusion in float64: the exact reference both sides are measured against."""
-    from kontext_rt import lora
+    from kontext_rt.weights import lora
 
     model = _clone(base).double()
     stack = LoRAStack(model)
-    deltas = [lora.Delta(d.target, d.down.double(), d.up.double(), d.up_bias, d.scale, d.source)
-              for d in lora.read(path, model)]
+    deltas = [
+        lora.Delta(d.target, d.down.double(), d.up.double(), d.up_bias, d.scale, d.source)
+        for d in lora.read(path, model)
+    ]
     stack._fuse(deltas, strength)
     return model.state_dict()
 
@@ -147,10 +185,16 @@ def test_peft_metadata_alpha_matches_diffusers(kontext_dir, base, tmp_path):
 
     sd = diffusers_lora(torch.Generator().manual_seed(2))
     layers = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    meta = {"r": RANK, "lora_alpha": 8, "alpha_pattern": {"proj_out": 2}, "rank_pattern": {},
-            "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in layers})}
-    FluxKontextPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers,
-                                          transformer_lora_adapter_metadata=meta, weight_name="meta.safetensors")
+    meta = {
+        "r": RANK,
+        "lora_alpha": 8,
+        "alpha_pattern": {"proj_out": 2},
+        "rank_pattern": {},
+        "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in layers}),
+    }
+    FluxKontextPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta, weight_name="meta.safetensors"
+    )
     path = tmp_path / "meta.safetensors"
     assert len(assert_fusion_matches(base, diffusers_fused(kontext_dir, path, 1.0), path, 1.0)) == 2 * 9 + 2 * 3 + 3
 
@@ -163,18 +207,24 @@ def test_kohya_format_matches_diffusers(kontext_dir, base, tmp_path):
 
 def test_kohya_final_layer_lands_as_bfl_names(base, tmp_path):
     """The same tensors under kohya and BFL names fuse to the same weights (BFL order, no swap)."""
-    kohya = {k: v for k, v in kohya_lora(torch.Generator().manual_seed(11), final_layer=True).items()
-             if "final_layer" in k}
-    bfl = {k.replace("lora_unet_final_layer_adaLN_modulation_1", "diffusion_model.final_layer.adaLN_modulation.1")
-           .replace("lora_unet_final_layer_linear", "diffusion_model.final_layer.linear"): v for k, v in kohya.items()}
+    kohya = {
+        k: v for k, v in kohya_lora(torch.Generator().manual_seed(11), final_layer=True).items() if "final_layer" in k
+    }
+    bfl = {
+        k.replace("lora_unet_final_layer_adaLN_modulation_1", "diffusion_model.final_layer.adaLN_modulation.1").replace(
+            "lora_unet_final_layer_linear", "diffusion_model.final_layer.linear"
+        ): v
+        for k, v in kohya.items()
+    }
     save_file(kohya, str(tmp_path / "k.safetensors"))
     save_file(bfl, str(tmp_path / "b.safetensors"))
     a, b = _clone(base), _clone(base)
     LoRAStack(a).load(tmp_path / "k.safetensors")
     LoRAStack(b).load(tmp_path / "b.safetensors")
     for k in ("final_layer.linear.weight", "final_layer.adaLN_modulation.1.weight"):
-        assert torch.equal(a.state_dict()[k], b.state_dict()[k]) and not torch.equal(a.state_dict()[k],
-                                                                                       base.state_dict()[k])
+        assert torch.equal(a.state_dict()[k], b.state_dict()[k]) and not torch.equal(
+            a.state_dict()[k], base.state_dict()[k]
+        )
 
 
 def test_kohya_linear1_matches_diffusers_through_splits(kontext_dir, base, tmp_path):
@@ -183,11 +233,19 @@ def test_kohya_linear1_matches_diffusers_through_splits(kontext_dir, base, tmp_p
     for i in range(2):
         a, b = _ab(gen, 3 * H + MLP, H)
         alpha = torch.tensor(3.0)
-        kohya |= {f"lora_unet_single_blocks_{i}_linear1.lora_down.weight": a,
-                  f"lora_unet_single_blocks_{i}_linear1.lora_up.weight": b,
-                  f"lora_unet_single_blocks_{i}_linear1.alpha": alpha}
-        split |= split_to_diffusers(f"single_transformer_blocks.{i}", a, b,
-                                    ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (H, H, H, MLP), alpha)
+        kohya |= {
+            f"lora_unet_single_blocks_{i}_linear1.lora_down.weight": a,
+            f"lora_unet_single_blocks_{i}_linear1.lora_up.weight": b,
+            f"lora_unet_single_blocks_{i}_linear1.alpha": alpha,
+        }
+        split |= split_to_diffusers(
+            f"single_transformer_blocks.{i}",
+            a,
+            b,
+            ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+            (H, H, H, MLP),
+            alpha,
+        )
     save_file(kohya, str(tmp_path / "k.safetensors"))
     save_file(split, str(tmp_path / "d.safetensors"))
     theirs = diffusers_fused(kontext_dir, tmp_path / "d.safetensors", 1.0)
@@ -195,15 +253,18 @@ def test_kohya_linear1_matches_diffusers_through_splits(kontext_dir, base, tmp_p
     assert changed == {"single_blocks.0.linear1.weight", "single_blocks.1.linear1.weight"}
 
 
-@pytest.mark.parametrize("prefix,down,up", [("diffusion_model.", "lora_A", "lora_B"),
-                                            ("", "lora_down", "lora_up"),
-                                            ("base_model.model.", "lora_A", "lora_B")])
+@pytest.mark.parametrize(
+    "prefix,down,up",
+    [("diffusion_model.", "lora_A", "lora_B"), ("", "lora_down", "lora_up"), ("base_model.model.", "lora_A", "lora_B")],
+)
 def test_bfl_comfyui_format_matches_diffusers_through_splits(kontext_dir, base, tmp_path, prefix, down, up):
     gen = torch.Generator().manual_seed(5)
     bfl, split = {}, {}
     for i in range(2):
-        for stream, parts in (("img", ("attn.to_q", "attn.to_k", "attn.to_v")),
-                              ("txt", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))):
+        for stream, parts in (
+            ("img", ("attn.to_q", "attn.to_k", "attn.to_v")),
+            ("txt", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        ):
             a, b = _ab(gen, 3 * H, H)
             key = f"{prefix}double_blocks.{i}.{stream}_attn.qkv"
             bfl |= {f"{key}.{down}.weight": a, f"{key}.{up}.weight": b, f"{key}.alpha": torch.tensor(8.0)}
@@ -212,16 +273,25 @@ def test_bfl_comfyui_format_matches_diffusers_through_splits(kontext_dir, base, 
         key = f"{prefix}single_blocks.{i}.linear1"  # every module with an alpha: diffusers gives a module
         # without one the file's most common alpha, where the formats mean alpha = rank
         bfl |= {f"{key}.{down}.weight": a, f"{key}.{up}.weight": b, f"{key}.alpha": torch.tensor(2.0)}
-        split |= split_to_diffusers(f"single_transformer_blocks.{i}", a, b,
-                                    ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (H, H, H, MLP),
-                                    torch.tensor(2.0))
+        split |= split_to_diffusers(
+            f"single_transformer_blocks.{i}",
+            a,
+            b,
+            ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+            (H, H, H, MLP),
+            torch.tensor(2.0),
+        )
     a, b = _ab(gen, 2 * H, H)  # final adaLN in BFL order; diffusers' norm_out.linear has the halves swapped
-    bfl |= {f"{prefix}final_layer.adaLN_modulation.1.{down}.weight": a,
-            f"{prefix}final_layer.adaLN_modulation.1.{up}.weight": b,
-            f"{prefix}final_layer.adaLN_modulation.1.alpha": torch.tensor(4.0)}
-    split |= {"transformer.norm_out.linear.lora_A.weight": a,
-              "transformer.norm_out.linear.lora_B.weight": torch.cat(b.chunk(2)[::-1]),
-              "transformer.norm_out.linear.alpha": torch.tensor(4.0)}
+    bfl |= {
+        f"{prefix}final_layer.adaLN_modulation.1.{down}.weight": a,
+        f"{prefix}final_layer.adaLN_modulation.1.{up}.weight": b,
+        f"{prefix}final_layer.adaLN_modulation.1.alpha": torch.tensor(4.0),
+    }
+    split |= {
+        "transformer.norm_out.linear.lora_A.weight": a,
+        "transformer.norm_out.linear.lora_B.weight": torch.cat(b.chunk(2)[::-1]),
+        "transformer.norm_out.linear.alpha": torch.tensor(4.0),
+    }
     save_file(bfl, str(tmp_path / "bfl.safetensors"))
     save_file(split, str(tmp_path / "d.safetensors"))
     theirs = diffusers_fused(kontext_dir, tmp_path / "d.safetensors", 1.3)
@@ -253,15 +323,18 @@ def test_bad_lora_files(base, tmp_path):
     save_file(sd, str(tmp_path / "extra.safetensors"))
     with pytest.raises(LoRAError, match=r"2 keys name nothing.*lora_te1_.*dora_scale"):
         stack.load(tmp_path / "extra.safetensors")
-    bad = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(RANK, H),
-           "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(H + 1, RANK)}
+    bad = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(RANK, H),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(H + 1, RANK),
+    }
     save_file(bad, str(tmp_path / "shape.safetensors"))
     with pytest.raises(LoRAError, match=r"attn.to_q: A \[4, 64\] and B \[65, 4\]"):
         stack.load(tmp_path / "shape.safetensors")
     with pytest.raises(LoRAError, match="safetensors files only"):
         stack.load(tmp_path / "lora.pt")
-    assert stack.names() == [] and all(torch.equal(v, base.state_dict()[k])
-                                       for k, v in stack.model.state_dict().items())
+    assert stack.names() == [] and all(
+        torch.equal(v, base.state_dict()[k]) for k, v in stack.model.state_dict().items()
+    )
     save_file(diffusers_lora(torch.Generator().manual_seed(9)), str(tmp_path / "ok.safetensors"))
     stack.load(tmp_path / "ok.safetensors")
     with pytest.raises(ValueError, match="already loaded"):
@@ -290,17 +363,23 @@ def test_pipeline_lora_changes_and_restores_the_edit(kontext_dir, tmp_path):
 def test_metadata_is_json_of_a_lora_config(tmp_path):
     """The header key diffusers writes is the one the reader looks for (a renamed key would silently give scale 1)."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from kontext_rt.lora import _adapter_config
     from safetensors import safe_open
+
+    from kontext_rt.weights.lora import _adapter_config
 
     assert LORA_ADAPTER_METADATA_KEY == "lora_adapter_metadata"
     from diffusers import FluxKontextPipeline
 
-    layers = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(RANK, H),
-              "transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(H, RANK)}
-    FluxKontextPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers,
-                                          transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 16},
-                                          weight_name="m.safetensors")
+    layers = {
+        "transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(RANK, H),
+        "transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(H, RANK),
+    }
+    FluxKontextPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 16},
+        weight_name="m.safetensors",
+    )
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         conf = _adapter_config(dict(f.metadata()), tmp_path)
     assert conf["lora_alpha"] == 16 and json.dumps(conf)
@@ -311,7 +390,8 @@ def test_a_lora_on_every_diffusers_linear_lands_where_the_loader_puts_it(kontext
     nn.Linear of diffusers' own transformer fuses to what the loader makes of the diffusers weights with the same
     update (W + B @ A) added, every runtime linear included."""
     from diffusers import FluxTransformer2DModel
-    from kontext_rt.checkpoint import DiffusersFolder
+
+    from kontext_rt.weights.formats import DiffusersFolder
 
     ref = FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer").eval()
     gen = torch.Generator().manual_seed(11)

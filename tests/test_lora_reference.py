@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from kontext_rt import Pipeline
 
+from kontext_rt import Pipeline
 from tests.test_lora import diffusers_fused
 
 RANK, ALPHA, STRENGTH = 4, 8.0, 0.7
@@ -38,8 +38,9 @@ def write_lora(folder, rslora: bool, bias: bool):
         if bias:
             layers[f"{name}.lora_B.bias"] = torch.randn(rows, generator=gen) * 0.3
     meta = {"r": RANK, "lora_alpha": ALPHA, "use_rslora": rslora, "lora_bias": bias, "target_modules": list(MODULES)}
-    FluxKontextPipeline.save_lora_weights(folder, transformer_lora_layers=layers,
-                                          transformer_lora_adapter_metadata=meta, weight_name="lora.safetensors")
+    FluxKontextPipeline.save_lora_weights(
+        folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta, weight_name="lora.safetensors"
+    )
     return folder / "lora.safetensors", layers
 
 

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from kontext_rt.checkpoint import detect
-from kontext_rt.image import pack, unpack
-from kontext_rt.rope import image_ids, rope_table, sequence_ids
 
+from kontext_rt.image import pack, unpack
+from kontext_rt.model.rope import image_ids, rope_table, sequence_ids
+from kontext_rt.weights.formats import detect
 from tests.float64_reference import assert_float32_close
 
 # Bound (habit 7, tests/float64_reference.py): the runtime in float32 within twice diffusers' own float32 error of
@@ -25,8 +25,10 @@ def models(kontext_dir):
 
     layout = detect(kontext_dir)
     ours = layout.load_transformer(torch.float32, "cpu"), layout.load_vae(torch.float32, "cpu")
-    ref = (FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer").eval(),
-           AutoencoderKL.from_pretrained(kontext_dir / "vae").eval())
+    ref = (
+        FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer").eval(),
+        AutoencoderKL.from_pretrained(kontext_dir / "vae").eval(),
+    )
     return ours, ref
 
 
@@ -65,11 +67,26 @@ def test_transformer_matches_diffusers(models, models64, text, grids):
     cos, sin = rope_table(ids, model.cfg.axes_dim, model.cfg.theta)
     out = model(img, ctx, txt, pooled, t, guidance, cos, sin)
     hidden = img if ctx is None else torch.cat([img, ctx], 1)
-    want = ref(hidden_states=hidden, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
-               img_ids=ids[text:], txt_ids=ids[:text], guidance=guidance, return_dict=False)[0][:, : img.shape[1]]
-    want64 = models64[0](hidden_states=hidden.double(), encoder_hidden_states=txt.double(),
-                         pooled_projections=pooled.double(), timestep=t.double(), img_ids=ids[text:],
-                         txt_ids=ids[:text], guidance=guidance.double(), return_dict=False)[0][:, : img.shape[1]]
+    want = ref(
+        hidden_states=hidden,
+        encoder_hidden_states=txt,
+        pooled_projections=pooled,
+        timestep=t,
+        img_ids=ids[text:],
+        txt_ids=ids[:text],
+        guidance=guidance,
+        return_dict=False,
+    )[0][:, : img.shape[1]]
+    want64 = models64[0](
+        hidden_states=hidden.double(),
+        encoder_hidden_states=txt.double(),
+        pooled_projections=pooled.double(),
+        timestep=t.double(),
+        img_ids=ids[text:],
+        txt_ids=ids[:text],
+        guidance=guidance.double(),
+        return_dict=False,
+    )[0][:, : img.shape[1]]
     assert out.shape == want.shape
     assert_float32_close(out, want, want64, f"forward {text} {grids}")
 
@@ -86,11 +103,24 @@ def test_schnell_transformer_without_guidance(schnell_dir):
     ids = sequence_ids(6, [(2, 3)])
     cos, sin = rope_table(ids, model.cfg.axes_dim, model.cfg.theta)
     out = model(img, None, txt, pooled, t, None, cos, sin)
-    want = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
-               img_ids=ids[6:], txt_ids=ids[:6], return_dict=False)[0]
-    want64 = ref.double()(hidden_states=img.double(), encoder_hidden_states=txt.double(),
-                          pooled_projections=pooled.double(), timestep=t.double(), img_ids=ids[6:], txt_ids=ids[:6],
-                          return_dict=False)[0]
+    want = ref(
+        hidden_states=img,
+        encoder_hidden_states=txt,
+        pooled_projections=pooled,
+        timestep=t,
+        img_ids=ids[6:],
+        txt_ids=ids[:6],
+        return_dict=False,
+    )[0]
+    want64 = ref.double()(
+        hidden_states=img.double(),
+        encoder_hidden_states=txt.double(),
+        pooled_projections=pooled.double(),
+        timestep=t.double(),
+        img_ids=ids[6:],
+        txt_ids=ids[:6],
+        return_dict=False,
+    )[0]
     assert_float32_close(out, want, want64, "schnell forward")
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+
 from kontext_rt.kernels import reference
 from kontext_rt.kernels.modulation import gated_residual, modulate
-
 from tests.kernel_inputs import DTYPES, assert_close, double, poisoned
 
 

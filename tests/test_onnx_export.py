@@ -12,7 +12,6 @@ pytest.importorskip("onnxruntime")
 from kontext_rt.export import specs  # noqa: E402
 from kontext_rt.export.onnx_export import VAEDecoderGraph, VAEEncoderGraph, export_onnx, transformer_graph  # noqa: E402
 from kontext_rt.export.trt_ops import unsupported_ops  # noqa: E402
-
 from tests.onnx_cases import LAYOUTS, VAE_SIZES, cast, load_models, rel_err, run_ort, transformer_inputs, vae_input  # noqa: E402,I001
 
 FP32_BOUND = 1e-5  # ORT and torch run the same fp32 math in different orders
@@ -32,10 +31,17 @@ def exported(models, tmp_path_factory):
     enc_spec, dec_spec = specs.vae_encoder_spec(vae.cfg), specs.vae_decoder_spec(vae.cfg)
     f16 = torch.float16
     return {
-        "dynamo": export_onnx(transformer_graph(model), t_spec, out / "dynamo" / "transformer.onnx", torch.float32,
-                              external_data=True),
-        "torchscript": export_onnx(transformer_graph(model), t_spec, out / "ts" / "transformer.onnx", torch.float32,
-                                   exporter="torchscript", external_data=True),
+        "dynamo": export_onnx(
+            transformer_graph(model), t_spec, out / "dynamo" / "transformer.onnx", torch.float32, external_data=True
+        ),
+        "torchscript": export_onnx(
+            transformer_graph(model),
+            t_spec,
+            out / "ts" / "transformer.onnx",
+            torch.float32,
+            exporter="torchscript",
+            external_data=True,
+        ),
         "fp16": export_onnx(transformer_graph(cast(model, f16)), t_spec, out / "fp16" / "transformer.onnx", f16),
         "encoder": export_onnx(VAEEncoderGraph(vae), enc_spec, out / "vae" / "vae_encoder.onnx", torch.float32),
         "decoder": export_onnx(VAEDecoderGraph(vae), dec_spec, out / "vae" / "vae_decoder.onnx", torch.float32),
@@ -51,8 +57,16 @@ def _velocity(model, x, dtype=torch.float32):
     if dtype == torch.float64:
         args = {k: v.to(dtype) for k, v in args.items()}
     with torch.no_grad():
-        return m(args["img"], None, args["txt"], args["pooled"], args["timesteps"], args.get("guidance"),
-                 args["cos"], args["sin"]).double()
+        return m(
+            args["img"],
+            None,
+            args["txt"],
+            args["pooled"],
+            args["timesteps"],
+            args.get("guidance"),
+            args["cos"],
+            args["sin"],
+        ).double()
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from kontext_rt import Pipeline, RunReport
-from kontext_rt.image import PREFERRED_KONTEXT_RESOLUTIONS, context_size
-from kontext_rt.sampler import explicit_schedule, schedule
 from PIL import Image
 
+from kontext_rt import Pipeline, RunReport
+from kontext_rt.image import PREFERRED_KONTEXT_RESOLUTIONS, context_size
+from kontext_rt.sampling.schedule import explicit_schedule, schedule
 from tests.float64_reference import assert_float32_close, float64_pipeline
 
 # Bound (habit 7, tests/float64_reference.py): each run within twice diffusers' own float32 error of the same run
@@ -77,8 +77,17 @@ def test_explicit_sigmas():
 def test_edit_matches_diffusers(pipe, ref, ref64, h, w, steps):
     img, lat = picture(h, w), noise(h, w)
     ours = pipe.edit(img, "make it red", steps=steps, guidance=2.5, auto_resize=False, latents=lat, output="latent")
-    args = dict(image=img, prompt="make it red", num_inference_steps=steps, guidance_scale=2.5, output_type="latent",
-                max_area=h * w, _auto_resize=False, height=h, width=w)
+    args = dict(
+        image=img,
+        prompt="make it red",
+        num_inference_steps=steps,
+        guidance_scale=2.5,
+        output_type="latent",
+        max_area=h * w,
+        _auto_resize=False,
+        height=h,
+        width=w,
+    )
     want = ref(latents=lat, **args).images
     assert ours.shape == want.shape == lat.shape
     assert_float32_close(ours, want, ref64(latents=lat.double(), **args).images, f"edit {h}x{w}")
@@ -88,8 +97,17 @@ def test_edit_image_output_matches_diffusers(pipe, ref):
     h, w = 48, 80
     img, lat = picture(h, w, 1), noise(h, w, 1)
     ours = pipe.edit(img, "a cat", steps=2, auto_resize=False, latents=lat)
-    want = ref(image=img, prompt="a cat", num_inference_steps=2, guidance_scale=2.5, latents=lat, max_area=h * w,
-               _auto_resize=False, height=h, width=w).images[0]
+    want = ref(
+        image=img,
+        prompt="a cat",
+        num_inference_steps=2,
+        guidance_scale=2.5,
+        latents=lat,
+        max_area=h * w,
+        _auto_resize=False,
+        height=h,
+        width=w,
+    ).images[0]
     assert ours.size == want.size == (w, h)
     diff = np.abs(np.asarray(ours, np.int16) - np.asarray(want, np.int16))
     assert diff.max() <= 1  # uint8 rounding of values that agree to ~1e-6
@@ -105,8 +123,9 @@ def test_generate_matches_diffusers(pipe, ref, ref64):
     h, w = 32, 64
     lat = noise(h, w, 2)
     ours = pipe.generate("a red house", width=w, height=h, steps=3, guidance=3.5, latents=lat, output="latent")
-    args = dict(prompt="a red house", height=h, width=w, num_inference_steps=3, guidance_scale=3.5,
-                output_type="latent")
+    args = dict(
+        prompt="a red house", height=h, width=w, num_inference_steps=3, guidance_scale=3.5, output_type="latent"
+    )
     want = flux(latents=lat, **args).images
     assert_float32_close(ours, want, flux64(latents=lat.double(), **args).images, "generate")
 
@@ -121,8 +140,15 @@ def test_schnell_generate_matches_diffusers(schnell_dir):
     h, w = 48, 32
     lat = noise(h, w, 3)
     ours = ours_pipe.generate("a boat", width=w, height=h, steps=4, latents=lat, output="latent")
-    args = dict(prompt="a boat", height=h, width=w, num_inference_steps=4, guidance_scale=0.0, output_type="latent",
-                max_sequence_length=256)
+    args = dict(
+        prompt="a boat",
+        height=h,
+        width=w,
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        output_type="latent",
+        max_sequence_length=256,
+    )
     want = flux(latents=lat, **args).images
     want64 = float64_pipeline(FluxPipeline, schnell_dir)(latents=lat.double(), **args).images
     assert_float32_close(ours, want, want64, "schnell generate")
@@ -131,7 +157,7 @@ def test_schnell_generate_matches_diffusers(schnell_dir):
 def test_two_context_images_match_manual_loop(pipe):
     """Context image i gets ids (i, r, c): check against a hand-written loop over the model."""
     from kontext_rt.image import pack, to_tensor
-    from kontext_rt.rope import rope_table, sequence_ids
+    from kontext_rt.model.rope import rope_table, sequence_ids
 
     a, b = picture(32, 48, 4), picture(48, 32, 5)
     lat = noise(32, 48, 4)

@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from kontext_rt import Pipeline
-from kontext_rt.image import PREFERRED_KONTEXT_RESOLUTIONS, context_size
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kontext_rt import Pipeline
+from kontext_rt.image import PREFERRED_KONTEXT_RESOLUTIONS, context_size
 from tests.float64_reference import assert_float32_close, float64_pipeline
 
 
@@ -50,18 +50,36 @@ def test_explicit_sigmas_are_used_as_given(kontext_dir, ref):
     pipe = Pipeline.from_pretrained(kontext_dir, max_sequence_length=8)
 
     unshifted = dict(shift=1.0, use_dynamic_shifting=False)
-    flux = FluxKontextPipeline(**{**ref.components, "scheduler": type(ref.scheduler).from_config(
-        ref.scheduler.config, **unshifted)})
+    flux = FluxKontextPipeline(
+        **{**ref.components, "scheduler": type(ref.scheduler).from_config(ref.scheduler.config, **unshifted)}
+    )
     flux.set_progress_bar_config(disable=True)
     flux64 = float64_pipeline(FluxKontextPipeline, kontext_dir, **unshifted)
     h, w = 32, 48
     img = picture(h, w)
     lat = torch.randn(1, (h // 16) * (w // 16), 64, generator=torch.Generator().manual_seed(7))
     steps = []
-    ours = pipe.edit(img, "few steps", sigmas=SIGMAS, auto_resize=False, latents=lat, output="latent",
-                     progress=lambda i, n: steps.append((i, n)))
-    args = dict(image=img, prompt="few steps", sigmas=SIGMAS, guidance_scale=2.5, output_type="latent",
-                max_area=h * w, _auto_resize=False, height=h, width=w, max_sequence_length=8)
+    ours = pipe.edit(
+        img,
+        "few steps",
+        sigmas=SIGMAS,
+        auto_resize=False,
+        latents=lat,
+        output="latent",
+        progress=lambda i, n: steps.append((i, n)),
+    )
+    args = dict(
+        image=img,
+        prompt="few steps",
+        sigmas=SIGMAS,
+        guidance_scale=2.5,
+        output_type="latent",
+        max_area=h * w,
+        _auto_resize=False,
+        height=h,
+        width=w,
+        max_sequence_length=8,
+    )
     want = flux(latents=lat, **args).images
     assert torch.equal(flux.scheduler.sigmas, torch.tensor(SIGMAS + [0.0]))  # diffusers did use them unchanged
     assert_float32_close(ours, want, flux64(latents=lat.double(), **args).images, "explicit sigmas")
@@ -74,8 +92,15 @@ def test_a_given_terminal_zero_is_not_doubled(pipe):
     runs = []
     for sigmas in (SIGMAS, SIGMAS + [0.0]):
         steps = []
-        out = pipe.generate("x", width=32, height=32, sigmas=sigmas, latents=lat, output="latent",
-                            progress=lambda i, n, steps=steps: steps.append(n))
+        out = pipe.generate(
+            "x",
+            width=32,
+            height=32,
+            sigmas=sigmas,
+            latents=lat,
+            output="latent",
+            progress=lambda i, n, steps=steps: steps.append(n),
+        )
         runs.append((out, steps))
     (a, steps_a), (b, steps_b) = runs
     assert steps_a == steps_b == [len(SIGMAS)] * len(SIGMAS)
@@ -86,8 +111,21 @@ def test_a_given_terminal_zero_is_not_doubled(pipe):
 
 # (width, height): square, landscape, portrait, odd sizes, sizes whose floor to 16 changes the aspect ratio
 # (31x17 is 1.82 wide but 16x16 after flooring), extreme ratios beyond the list on both ends
-SIZES = [(1000, 1000), (1920, 1080), (1080, 1920), (641, 479), (479, 641), (1023, 767), (97, 1531), (2000, 311),
-         (31, 17), (47, 33), (16, 16), (1105, 943), (333, 517)]
+SIZES = [
+    (1000, 1000),
+    (1920, 1080),
+    (1080, 1920),
+    (641, 479),
+    (479, 641),
+    (1023, 767),
+    (97, 1531),
+    (2000, 311),
+    (31, 17),
+    (47, 33),
+    (16, 16),
+    (1105, 943),
+    (333, 517),
+]
 
 
 def test_preferred_resolutions_are_diffusers():
@@ -111,8 +149,13 @@ def diffusers_context_pixels(ref, img):
 
     processor.preprocess = capture
     try:
-        ref(image=img, prompt_embeds=torch.zeros(1, 4, 48), pooled_prompt_embeds=torch.zeros(1, 32),
-            num_inference_steps=1, output_type="latent")
+        ref(
+            image=img,
+            prompt_embeds=torch.zeros(1, 4, 48),
+            pooled_prompt_embeds=torch.zeros(1, 32),
+            num_inference_steps=1,
+            output_type="latent",
+        )
     except _Captured as e:
         return e.args[0]
     finally:
@@ -129,8 +172,13 @@ def diffusers_size_choice(ref, img):
 
     processor.resize = capture
     try:
-        ref(image=img, prompt_embeds=torch.zeros(1, 4, 48), pooled_prompt_embeds=torch.zeros(1, 32),
-            num_inference_steps=1, output_type="latent")
+        ref(
+            image=img,
+            prompt_embeds=torch.zeros(1, 4, 48),
+            pooled_prompt_embeds=torch.zeros(1, 32),
+            num_inference_steps=1,
+            output_type="latent",
+        )
     except _Captured as e:
         return e.args[0]
     finally:
@@ -188,6 +236,7 @@ def test_default_auto_resize_matches_diffusers(pipe, ref, monkeypatch):
 
 # ---- the text-embedding cache shared by two checkpoints -----------------------------------------------------------
 
+
 def _fine_tune_text_encoders(src, dst):
     """A copy of the checkpoint whose CLIP and T5 weights all differ (configs and tokenizers unchanged)."""
     shutil.copytree(src, dst)
@@ -196,8 +245,10 @@ def _fine_tune_text_encoders(src, dst):
         for path in (dst / sub).glob("*.safetensors"):
             with safe_open(str(path), framework="pt") as f:
                 meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-            tensors = {k: v + 0.05 * torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
-                       for k, v in tensors.items()}
+            tensors = {
+                k: v + 0.05 * torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
+                for k, v in tensors.items()
+            }
             save_file(tensors, str(path), metadata=meta)
     return dst
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+
 from kontext_rt.kernels import reference
 from kontext_rt.kernels.qk_norm_rope import qk_norm_rope
-
 from tests.kernel_inputs import DTYPES, LAYOUTS, assert_close, double, norm_scales, poisoned, qkv, rope_tables
 
 
@@ -53,8 +53,18 @@ def test_split_selects_the_scales(seed):
     ],
 )
 def test_bad_inputs_name_the_problem(change, match):
-    args = dict(q=torch.zeros(1, 2, 9, 32), k=torch.zeros(1, 2, 9, 32), q_scales=(torch.ones(32),) * 2,
-                k_scales=(torch.ones(32),) * 2, split=0, cos=torch.zeros(9, 16), sin=torch.zeros(9, 16)) | change
+    args = (
+        dict(
+            q=torch.zeros(1, 2, 9, 32),
+            k=torch.zeros(1, 2, 9, 32),
+            q_scales=(torch.ones(32),) * 2,
+            k_scales=(torch.ones(32),) * 2,
+            split=0,
+            cos=torch.zeros(9, 16),
+            sin=torch.zeros(9, 16),
+        )
+        | change
+    )
     with pytest.raises((ValueError, TypeError), match=match):
         qk_norm_rope(**args)
 

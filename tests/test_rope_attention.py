@@ -3,9 +3,9 @@ under TRITON_INTERPRET: every dtype, head dims 32/64/128, ragged FLUX-like layou
 
 import pytest
 import torch
+
 from kontext_rt.kernels import reference
 from kontext_rt.kernels.rope_attention import rope_attention
-
 from tests.kernel_inputs import DTYPES, LAYOUTS, assert_close, double, norm_scales, poisoned, qkv, rope_tables
 
 
@@ -47,8 +47,9 @@ def test_single_block_split_zero_and_batch_one():
     q, k, v, qs, ks, _, cos, sin = _case(torch.float32, 128, "two-contexts", strided=True, seed=5, batch=1, heads=1)
     got = rope_attention(q, k, v, (qs[1], qs[1]), (ks[1], ks[1]), 0, cos, sin)
     truth = reference.rope_attention(*double((q, k, v)), double((qs[1],) * 2), double((ks[1],) * 2), 0, cos, sin)
-    assert_close(got, truth, reference.rope_attention(q, k, v, (qs[1],) * 2, (ks[1],) * 2, 0, cos, sin),
-                 torch.float32, "split 0")
+    assert_close(
+        got, truth, reference.rope_attention(q, k, v, (qs[1],) * 2, (ks[1],) * 2, 0, cos, sin), torch.float32, "split 0"
+    )
 
 
 def test_every_split_of_the_sequence():
@@ -57,8 +58,9 @@ def test_every_split_of_the_sequence():
     for split in (0, 1, 30, 63, 64, 65, q.shape[2]):
         got = rope_attention(q, k, v, qs, ks, split, cos, sin)
         truth = reference.rope_attention(*double((q, k, v)), double(qs), double(ks), split, cos, sin)
-        assert_close(got, truth, reference.rope_attention(q, k, v, qs, ks, split, cos, sin), torch.float32,
-                     f"split {split}")
+        assert_close(
+            got, truth, reference.rope_attention(q, k, v, qs, ks, split, cos, sin), torch.float32, f"split {split}"
+        )
 
 
 @pytest.mark.parametrize(
@@ -75,8 +77,19 @@ def test_every_split_of_the_sequence():
 )
 def test_bad_inputs_name_the_problem(change, match):
     x = torch.zeros(1, 2, 9, 32)
-    args = dict(q=x, k=x, v=x, q_scales=(torch.ones(32),) * 2, k_scales=(torch.ones(32),) * 2, split=0,
-                cos=torch.zeros(9, 16), sin=torch.zeros(9, 16)) | change
+    args = (
+        dict(
+            q=x,
+            k=x,
+            v=x,
+            q_scales=(torch.ones(32),) * 2,
+            k_scales=(torch.ones(32),) * 2,
+            split=0,
+            cos=torch.zeros(9, 16),
+            sin=torch.zeros(9, 16),
+        )
+        | change
+    )
     with pytest.raises((ValueError, TypeError), match=match):
         rope_attention(**args)
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kontext_rt.checkpoint import detect
+
+from kontext_rt.backends.manifest import GRAPHS, Manifest, engine_folder, file_sizes
+from kontext_rt.backends.tensorrt import EngineError, check_engines, locate, pick_profile
 from kontext_rt.config import PRESETS, VAE_PRESETS
-from kontext_rt.engines import EngineError, check_engines, locate, pick_profile
 from kontext_rt.export import specs
 from kontext_rt.export.engine_build import profile_shapes
 from kontext_rt.image import MULTIPLE, PREFERRED_KONTEXT_RESOLUTIONS
-from kontext_rt.manifest import GRAPHS, Manifest, engine_folder, file_sizes
+from kontext_rt.weights.formats import detect
 
 
 def _tensorrt_and_gpu() -> bool:
@@ -23,8 +24,11 @@ def _tensorrt_and_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-NEEDS_TRT = pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs TensorRT and a CUDA GPU: TensorRT cannot be "
-                               "installed on the CPU machines (NVIDIA's index is unreachable, PyPI has stubs)")
+NEEDS_TRT = pytest.mark.skipif(
+    not _tensorrt_and_gpu(),
+    reason="needs TensorRT and a CUDA GPU: TensorRT cannot be "
+    "installed on the CPU machines (NVIDIA's index is unreachable, PyPI has stubs)",
+)
 
 
 def _fake_engines(out, fp: str, precision="fp16"):
@@ -91,8 +95,15 @@ def test_transformer_profiles_cover_every_edit_and_generate_size():
     tokens = [(w // MULTIPLE) * (h // MULTIPLE) for w, h in PREFERRED_KONTEXT_RESOLUTIONS]
 
     def shapes(img, txt=512):
-        return {"img": (1, img, 64), "txt": (1, txt, 4096), "pooled": (1, 768), "timesteps": (1,),
-                "guidance": (1,), "cos": (txt + img, 64), "sin": (txt + img, 64)}
+        return {
+            "img": (1, img, 64),
+            "txt": (1, txt, 4096),
+            "pooled": (1, 768),
+            "timesteps": (1,),
+            "guidance": (1,),
+            "cos": (txt + img, 64),
+            "sin": (txt + img, 64),
+        }
 
     for t in tokens:  # an edit at each preferred resolution, output the context's size: the Kontext profile
         assert pick_profile(ranges, shapes(2 * t)) == 0
@@ -128,17 +139,26 @@ class _SpecEngine:
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-schnell"])
 def test_the_backend_binds_exactly_the_spec_names(preset):
-    from kontext_rt.engines import TensorRTTransformer, TensorRTVAE
+    from kontext_rt.backends.tensorrt import TensorRTTransformer, TensorRTVAE
 
     cfg, vae_cfg = PRESETS[preset], VAE_PRESETS["tiny"]
     model = TensorRTTransformer(_SpecEngine(specs.transformer_spec(cfg)), cfg)
     img, ctx = torch.randn(1, 6, cfg.in_channels), torch.randn(1, 4, cfg.in_channels)
     half = cfg.head_dim // 2
-    out = model(img, ctx, torch.randn(1, 3, cfg.context_in_dim), torch.randn(1, cfg.vec_in_dim), torch.ones(1),
-                torch.ones(1), torch.randn(13, half), torch.randn(13, half))
+    out = model(
+        img,
+        ctx,
+        torch.randn(1, 3, cfg.context_in_dim),
+        torch.randn(1, cfg.vec_in_dim),
+        torch.ones(1),
+        torch.ones(1),
+        torch.randn(13, half),
+        torch.randn(13, half),
+    )
     assert torch.equal(out, img)  # the target's rows of the velocity output
-    vae = TensorRTVAE(_SpecEngine(specs.vae_encoder_spec(vae_cfg)), _SpecEngine(specs.vae_decoder_spec(vae_cfg)),
-                      vae_cfg)
+    vae = TensorRTVAE(
+        _SpecEngine(specs.vae_encoder_spec(vae_cfg)), _SpecEngine(specs.vae_decoder_spec(vae_cfg)), vae_cfg
+    )
     x = torch.randn(1, 3, 16, 16)
     assert torch.equal(vae.decode(vae.encode(x)), x)
 
@@ -154,8 +174,9 @@ def test_engine_build_and_run_matches_torch(kontext_dir, tmp_path):
     args = dict(prompt="x", width=256, height=256, steps=2, seed=0, output="latent")  # the smallest profiled size
     truth = Pipeline.from_pretrained(kontext_dir, device="cuda").generate(**args)
     torch16 = Pipeline.from_pretrained(kontext_dir, device="cuda", dtype=torch.float16).generate(**args)
-    engine = Pipeline.from_pretrained(kontext_dir, device="cuda", dtype=torch.float16, backend="tensorrt",
-                                      engines=out).generate(**args)
+    engine = Pipeline.from_pretrained(
+        kontext_dir, device="cuda", dtype=torch.float16, backend="tensorrt", engines=out
+    ).generate(**args)
 
     def err(x):
         return float((x - truth).abs().max() / truth.abs().max())

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+
 from kontext_rt import Pipeline
 from kontext_rt.text import TextEmbeddingCache, fingerprint
 

@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
+
 from kontext_rt import Pipeline
 from kontext_rt.backends import BackendUnavailable, resolve
-from kontext_rt.checkpoint import detect
 from kontext_rt.kernels import ops as kernel_ops
-from kontext_rt.ops import EAGER_OPS
-from kontext_rt.rope import rope_table, sequence_ids
-
+from kontext_rt.model.op_table import EAGER_OPS
+from kontext_rt.model.rope import rope_table, sequence_ids
+from kontext_rt.weights.formats import detect
 from tests.kernel_inputs import LAYOUTS, assert_close, norm_scales, qkv, rope_tables
 
 
@@ -84,7 +84,7 @@ def test_backend_on_cuda_without_a_gpu_says_why():
 @pytest.mark.parametrize("fmt", ["diffusers", "bfl"])
 def test_a_head_dim_the_kernels_lack_is_refused_before_loading(kontext_dir, bfl_files, fmt, monkeypatch):
     """Refused from the config alone: no weights are read (load_transformer is never reached)."""
-    from kontext_rt.checkpoint import CheckpointFormat
+    from kontext_rt.weights.formats import CheckpointFormat
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("weights were loaded before the backend check")

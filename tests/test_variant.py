@@ -4,12 +4,12 @@ a stated variant the checkpoint contradicts is refused."""
 
 import pytest
 import torch
-from kontext_rt import CheckpointError, InputError, Pipeline
-from kontext_rt.checkpoint import detect
-from kontext_rt.cli import main
-from kontext_rt.safetensors_io import TensorFiles
 from PIL import Image
 
+from kontext_rt import CheckpointError, InputError, Pipeline
+from kontext_rt.cli import main
+from kontext_rt.weights.formats import detect
+from kontext_rt.weights.safetensors_io import TensorFiles
 from tests.builders import bfl_checkpoint
 
 
@@ -36,8 +36,11 @@ def test_stated_kontext_loads_a_plainly_named_file(plain, kontext_dir):
 
 
 def test_unstated_variant_is_refused_before_any_weights(plain, no_weight_reads):
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*guidance embedding.*any of flux-kontext-dev, "
-                                              r"flux-dev; say which with variant=NAME \(CLI: --variant NAME\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: .*guidance embedding.*any of flux-kontext-dev, "
+        r"flux-dev; say which with variant=NAME \(CLI: --variant NAME\)",
+    ):
         Pipeline.from_pretrained(plain["flux"], text_encoders=plain["text_encoders"])
     # the guard itself works: a stated variant goes on to read the weights, which the patch refuses
     with pytest.raises(AssertionError, match="was read"):
@@ -54,8 +57,11 @@ def test_file_name_never_decides(tmp_path, kontext_dir, schnell_dir, name):
         dev.variant()
     assert dev.variant("flux-dev").name == "flux-dev"
     assert dev.variant("flux-kontext-dev").name == "flux-kontext-dev"
-    with pytest.raises(CheckpointError, match=r"variant 'flux-schnell' does not fit this checkpoint: its tensors "
-                                              r"include a guidance embedding"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"variant 'flux-schnell' does not fit this checkpoint: its tensors "
+        r"include a guidance embedding",
+    ):
         dev.variant("flux-schnell")
 
     files = bfl_checkpoint(tmp_path / "schnell", schnell_dir, name=name, vae=False)
@@ -75,8 +81,9 @@ def test_stated_variant_the_shapes_contradict_is_refused_before_weights(plain, n
 def test_diffusers_folder_says_its_own_variant(kontext_dir, schnell_dir):
     assert detect(kontext_dir).variant().name == "flux-kontext-dev"
     assert detect(schnell_dir).variant().name == "flux-schnell"
-    with pytest.raises(CheckpointError, match="model_index.json names the pipeline FluxKontextPipeline, so it is "
-                                              "flux-kontext-dev"):
+    with pytest.raises(
+        CheckpointError, match="model_index.json names the pipeline FluxKontextPipeline, so it is flux-kontext-dev"
+    ):
         detect(kontext_dir).variant("flux-dev")
     with pytest.raises(InputError, match="variant 'flux-pro' is not one of flux-kontext-dev, flux-dev, flux-schnell"):
         detect(kontext_dir).variant("flux-pro")
@@ -96,19 +103,29 @@ def _cli(args, capsys):
 
 
 def test_cli_generate_needs_variant_and_edit_takes_kontext(plain, tmp_path, capsys):
-    common = ["--checkpoint", plain["flux"], "--text-encoders", plain["text_encoders"], "--steps", "1",
-              "--no-text-cache", "-q"]
+    common = [
+        "--checkpoint",
+        plain["flux"],
+        "--text-encoders",
+        plain["text_encoders"],
+        "--steps",
+        "1",
+        "--no-text-cache",
+        "-q",
+    ]
     out = tmp_path / "g.png"
     code, err = _cli(["generate", "a cat", "-o", out, "--width", "32", "--height", "32", *common], capsys)
     assert code == 2 and "--variant NAME" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
-    code, err = _cli(["generate", "a cat", "-o", out, "--width", "32", "--height", "32", "--variant", "flux-dev",
-                      *common], capsys)
+    code, err = _cli(
+        ["generate", "a cat", "-o", out, "--width", "32", "--height", "32", "--variant", "flux-dev", *common], capsys
+    )
     assert code == 0, err
     picture = tmp_path / "in.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(picture)
     code, err = _cli(["edit", picture, "make it blue", "-o", tmp_path / "e.png", *common], capsys)
     assert code == 0, err
-    code, err = _cli(["edit", picture, "make it blue", "-o", tmp_path / "e.png", "--variant", "flux-schnell", *common],
-                     capsys)
+    code, err = _cli(
+        ["edit", picture, "make it blue", "-o", tmp_path / "e.png", "--variant", "flux-schnell", *common], capsys
+    )
     assert code == 2 and "'flux-schnell' does not fit this checkpoint" in err

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FluxConfig
-from .ops import EAGER_OPS, Ops
+from kontext_rt.config import FluxConfig
+from kontext_rt.model.op_table import EAGER_OPS, Ops
 
 TIME_FACTOR = 1000.0  # t and guidance are embedded as 1000 * value
 TIME_EMBED_DIM = 256

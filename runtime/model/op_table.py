@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from . import fp8
-from .kernels import reference
+from kontext_rt.kernels import reference
+from kontext_rt.model import fp8_linear as fp8
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Ops:
     attention(q, k, v, q_scales, k_scales, split, cos, sin) -> (B, L, H*D): QK RMSNorm (scales[0] for tokens
     before `split`, scales[1] after), RoPE, joint attention. modulate(x, shift, scale), gated_residual(x, gate, y).
     row_linear(x (R, K), w, b): the conditioning and modulation linears, whose rows are one per image and step;
-    the triton table's kernel is row-invariant, so hoisting them out of the loop changes no bit (model.py).
+    the triton table's kernel is row-invariant, so hoisting them out of the loop changes no bit (transformer.py).
     quantize_rows(x (R, K)) -> (e4m3, scale (R, 1)): the activation quantizer of FP8 linears.
     """
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from . import denoisers
-from .checkpoint import CheckpointFormat
-from .config import FluxConfig
-from .errors import BackendUnavailable, InputError
-from .lora import LoRAStack
-from .ops import EAGER_OPS, Ops
-from .options import Optimizations
-from .sampler import Denoiser
+from kontext_rt.config import FluxConfig
+from kontext_rt.errors import BackendUnavailable, InputError
+from kontext_rt.model.op_table import EAGER_OPS, Ops
+from kontext_rt.options import Optimizations
+from kontext_rt.sampling import denoisers
+from kontext_rt.sampling.loop import Denoiser
+from kontext_rt.weights.formats import CheckpointFormat
+from kontext_rt.weights.lora import LoRAStack
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,19 @@ class TorchBackend(Backend):
         if req.engines is not None:
             raise InputError(f"engines= is only used by backend='tensorrt', not {self.name!r}")
         if self.ops.head_dims is not None and req.cfg.head_dim not in self.ops.head_dims:
-            raise BackendUnavailable(f"backend {self.name!r} supports head dims {self.ops.head_dims}, this model "
-                                     f"has {req.cfg.head_dim}; use backend='eager'")
+            raise BackendUnavailable(
+                f"backend {self.name!r} supports head dims {self.ops.head_dims}, this model "
+                f"has {req.cfg.head_dim}; use backend='eager'"
+            )
 
     def load(self, req: LoadRequest) -> Loaded:
         transformer = req.checkpoint.load_transformer(req.dtype, self.device)
         vae = req.checkpoint.load_vae(req.dtype, self.device)
         stack = _prepare(transformer, self.ops, req)
         opt = req.optimize
-        denoiser = denoisers.for_model(transformer, self.ops, req.dtype, opt.hoist, opt.cuda_graphs,
-                                       max_graphs=opt.max_graphs)
+        denoiser = denoisers.for_model(
+            transformer, self.ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs
+        )
         return Loaded(denoiser, vae, transformer, stack)
 
 
@@ -97,33 +100,43 @@ class Triton(TorchBackend):
     def __init__(self, device: torch.device):
         super().__init__(device)
         try:
-            from .kernels import ops as kernels
+            from kontext_rt.kernels import ops as kernels
         except ImportError as err:
-            raise BackendUnavailable(f"backend 'triton' needs the triton package ({err}); install triton or use "
-                                     "backend='eager'") from err
+            raise BackendUnavailable(
+                f"backend 'triton' needs the triton package ({err}); install triton or use backend='eager'"
+            ) from err
         if device.type == "cuda":
             if kernels.interpreted():
-                raise BackendUnavailable("backend 'triton' was asked for on a CUDA device, but its kernels were "
-                                         "compiled for the Triton interpreter (TRITON_INTERPRET=1): unset it, or use "
-                                         "backend='eager'")
+                raise BackendUnavailable(
+                    "backend 'triton' was asked for on a CUDA device, but its kernels were "
+                    "compiled for the Triton interpreter (TRITON_INTERPRET=1): unset it, or use "
+                    "backend='eager'"
+                )
             if not torch.cuda.is_available():
-                raise BackendUnavailable("backend 'triton' needs a CUDA GPU and none is visible; use "
-                                         "backend='eager'")
+                raise BackendUnavailable("backend 'triton' needs a CUDA GPU and none is visible; use backend='eager'")
             if torch.cuda.get_device_capability(device) < (8, 0):
                 name = torch.cuda.get_device_name(device)
-                raise BackendUnavailable(f"backend 'triton' needs compute capability 8.0 or newer (bf16), {name} "
-                                         f"has {torch.cuda.get_device_capability(device)}; use backend='eager'")
+                raise BackendUnavailable(
+                    f"backend 'triton' needs compute capability 8.0 or newer (bf16), {name} "
+                    f"has {torch.cuda.get_device_capability(device)}; use backend='eager'"
+                )
         elif device.type == "cpu":
             if not kernels.interpreted():
-                raise BackendUnavailable("backend 'triton' needs a CUDA GPU; on the CPU its kernels run only under "
-                                         "the Triton interpreter (TRITON_INTERPRET=1, for tests); use "
-                                         "backend='eager'")
+                raise BackendUnavailable(
+                    "backend 'triton' needs a CUDA GPU; on the CPU its kernels run only under "
+                    "the Triton interpreter (TRITON_INTERPRET=1, for tests); use "
+                    "backend='eager'"
+                )
         else:
-            raise BackendUnavailable(f"backend 'triton' runs on CUDA devices, not {device.type}; use "
-                                     "backend='eager'")
-        self.ops = Ops(attention=kernels.attention, modulate=kernels.modulate, gated_residual=kernels.gated_residual,
-                       row_linear=kernels.row_linear_op, quantize_rows=kernels.quantize_rows,
-                       head_dims=kernels.HEAD_DIMS)
+            raise BackendUnavailable(f"backend 'triton' runs on CUDA devices, not {device.type}; use backend='eager'")
+        self.ops = Ops(
+            attention=kernels.attention,
+            modulate=kernels.modulate,
+            gated_residual=kernels.gated_residual,
+            row_linear=kernels.row_linear_op,
+            quantize_rows=kernels.quantize_rows,
+            head_dims=kernels.HEAD_DIMS,
+        )
 
 
 class TensorRT(Backend):
@@ -135,30 +148,42 @@ class TensorRT(Backend):
     def __init__(self, device: torch.device):
         super().__init__(device)
         if device.type != "cuda" or not torch.cuda.is_available():
-            raise BackendUnavailable(f"backend 'tensorrt' needs a CUDA GPU (device is {device}); use "
-                                     "backend='eager'")
+            raise BackendUnavailable(f"backend 'tensorrt' needs a CUDA GPU (device is {device}); use backend='eager'")
         try:
             import tensorrt  # noqa: F401
         except ImportError as err:  # PyPI's tensorrt stubs fail here too, on a missing libnvinfer
-            raise BackendUnavailable(f"backend 'tensorrt' needs TensorRT, which is not importable here ({err}); "
-                                     "install it from NVIDIA's package index, or use backend='eager'") from err
+            raise BackendUnavailable(
+                f"backend 'tensorrt' needs TensorRT, which is not importable here ({err}); "
+                "install it from NVIDIA's package index, or use backend='eager'"
+            ) from err
 
     def check(self, req: LoadRequest) -> None:
         optimize = req.optimize
         if req.engines is None:
             raise InputError("backend='tensorrt' needs engines=DIR, the folder `kontext-rt export --out DIR` wrote")
         if optimize.cuda_graphs or optimize.fp8 or optimize.compile:
-            raise InputError("backend='tensorrt' runs engines: cuda_graphs, fp8 and compile apply to the eager and "
-                             "triton backends (engines get FP8 from `kontext-rt export --precision fp8`)")
+            raise InputError(
+                "backend='tensorrt' runs engines: cuda_graphs, fp8 and compile apply to the eager and "
+                "triton backends (engines get FP8 from `kontext-rt export --precision fp8`)"
+            )
         if req.loras:
-            raise InputError("backend='tensorrt' runs engines, which take no LoRAs: fuse a LoRA into the "
-                             "checkpoint's weights before exporting it, or use the eager or triton backend")
+            raise InputError(
+                "backend='tensorrt' runs engines, which take no LoRAs: fuse a LoRA into the "
+                "checkpoint's weights before exporting it, or use the eager or triton backend"
+            )
 
     def load(self, req: LoadRequest) -> Loaded:
-        from .engines import open_engines
+        from kontext_rt.backends.tensorrt import open_engines
 
-        transformer, vae = open_engines(req.engines, req.checkpoint.fingerprint(), req.path, self.device, req.cfg,
-                                        req.checkpoint.vae_config(), req.engine_precision)
+        transformer, vae = open_engines(
+            req.engines,
+            req.checkpoint.fingerprint(),
+            req.path,
+            self.device,
+            req.cfg,
+            req.checkpoint.vae_config(),
+            req.engine_precision,
+        )
         return Loaded(denoisers.PerStep(transformer, req.dtype), vae)
 
 
@@ -186,7 +211,7 @@ def resolve(name: str, device, engines=None) -> Backend:
 
 def _prepare(transformer, ops: Ops, req: LoadRequest) -> LoRAStack:
     """LoRAs fused, then FP8 quantization, then regional compile: the order each needs."""
-    from . import fp8
+    from kontext_rt.model import fp8_linear as fp8
 
     optimize = req.optimize
     stack = LoRAStack(transformer)

@@ -23,20 +23,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_configs import (
+from kontext_rt.config import PRESETS, VARIANTS, FluxConfig, VAEConfig, Variant
+from kontext_rt.errors import CheckpointError, InputError
+from kontext_rt.model.transformer import FluxTransformer
+from kontext_rt.model.vae import AutoEncoder
+from kontext_rt.weights.configs import (
     bfl_transformer_config,
     bfl_vae_config,
     diffusers_transformer_config,
     diffusers_vae_config,
     read_json,
 )
-from .checkpoint_loading import component_files, header_shapes, load_into, on_meta, shapes_of, strip_prefix
-from .config import PRESETS, VARIANTS, FluxConfig, VAEConfig, Variant
-from .errors import CheckpointError, InputError
-from .mapping import Rule, diffusers_transformer_rules, diffusers_vae_rules, identity_rules
-from .model import FluxTransformer
-from .safetensors_io import TensorFiles, digest_file
-from .vae import AutoEncoder
+from kontext_rt.weights.loading import component_files, header_shapes, load_into, on_meta, shapes_of, strip_prefix
+from kontext_rt.weights.mapping import Rule, diffusers_transformer_rules, diffusers_vae_rules, identity_rules
+from kontext_rt.weights.safetensors_io import TensorFiles, digest_file
 
 BFL_PREFIXES = ("model.diffusion_model.",)
 AE_PREFIXES = ("first_stage_model.", "vae.")
@@ -107,22 +107,25 @@ class CheckpointFormat(ABC):
         fits, evidence = self.variant_evidence()
         if stated is not None:
             if stated not in fits:
-                raise CheckpointError(f"{self.transformer}: variant {stated!r} does not fit this checkpoint: "
-                                      f"{evidence}, so it is {' or '.join(fits)}")
+                raise CheckpointError(
+                    f"{self.transformer}: variant {stated!r} does not fit this checkpoint: "
+                    f"{evidence}, so it is {' or '.join(fits)}"
+                )
             return VARIANTS[stated]
         if len(fits) == 1:
             return VARIANTS[fits[0]]
         if if_ambiguous in fits:
             return VARIANTS[if_ambiguous]
-        raise CheckpointError(f"{self.transformer}: {evidence}, so it may be any of {', '.join(fits)}; say which "
-                              f"with variant=NAME (CLI: --variant NAME)")
+        raise CheckpointError(
+            f"{self.transformer}: {evidence}, so it may be any of {', '.join(fits)}; say which "
+            f"with variant=NAME (CLI: --variant NAME)"
+        )
 
     def load_transformer(self, dtype: torch.dtype, device) -> FluxTransformer:
         cfg = self.transformer_config()
         model = on_meta(lambda: FluxTransformer(cfg))
         files, names = self.transformer_tensors()
-        return load_into(model, self.transformer_rules(shapes_of(model)), files, names, dtype, device,
-                         self.transformer)
+        return load_into(model, self.transformer_rules(shapes_of(model)), files, names, dtype, device, self.transformer)
 
     def load_vae(self, dtype: torch.dtype, device) -> AutoEncoder:
         cfg = self.vae_config()
@@ -136,8 +139,9 @@ class CheckpointFormat(ABC):
         checkpoint's. (text.fingerprint is the text encoders' own, for the embedding cache.)"""
         h = hashlib.sha256()
         for part in (self.transformer, self.vae):
-            files = sorted(p for p in part.iterdir() if p.suffix in (".safetensors", ".json")) if part.is_dir() \
-                else [part]
+            files = (
+                sorted(p for p in part.iterdir() if p.suffix in (".safetensors", ".json")) if part.is_dir() else [part]
+            )
             for path in files:
                 digest_file(h, path)
         return h.hexdigest()[:32]
@@ -165,8 +169,10 @@ class DiffusersFolder(CheckpointFormat):
     @classmethod
     def open(cls, path: Path, ae=None, text_encoders=None) -> DiffusersFolder:
         if ae is not None:
-            raise InputError(f"ae={ae}: a diffusers folder has its own vae/ ({path}); ae= names the autoencoder "
-                             "file of a BFL single-file checkpoint")
+            raise InputError(
+                f"ae={ae}: a diffusers folder has its own vae/ ({path}); ae= names the autoencoder "
+                "file of a BFL single-file checkpoint"
+            )
         return cls(Path(path), Path(text_encoders or path))
 
     def transformer_config(self) -> FluxConfig:
@@ -261,6 +267,8 @@ def detect(path, ae=None, text_encoders=None) -> CheckpointFormat:
         if fmt.claims(path):
             return fmt.open(path, ae=ae, text_encoders=text_encoders)
     if path.is_dir():
-        raise CheckpointError(f"{path}: neither checkpoint layout: a diffusers folder has model_index.json, a BFL "
-                              "checkpoint is a single .safetensors file")
+        raise CheckpointError(
+            f"{path}: neither checkpoint layout: a diffusers folder has model_index.json, a BFL "
+            "checkpoint is a single .safetensors file"
+        )
     raise CheckpointError(f"{path}: only .safetensors checkpoints are loaded (pickle files never are)")

@@ -7,8 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from .config import FluxConfig, VAEConfig, infer_axes_dim
-from .errors import CheckpointError
+from kontext_rt.config import FluxConfig, VAEConfig, infer_axes_dim
+from kontext_rt.errors import CheckpointError
 
 
 def read_json(path: Path) -> dict:
@@ -27,10 +27,15 @@ def diffusers_transformer_config(folder: Path) -> FluxConfig:
     try:
         heads, head_dim = c["num_attention_heads"], c["attention_head_dim"]
         return FluxConfig(
-            in_channels=c.get("in_channels", 64), vec_in_dim=c["pooled_projection_dim"],
-            context_in_dim=c["joint_attention_dim"], hidden_size=heads * head_dim, num_heads=heads,
-            depth=c["num_layers"], depth_single_blocks=c["num_single_layers"],
-            axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))), guidance_embed=bool(c.get("guidance_embeds")),
+            in_channels=c.get("in_channels", 64),
+            vec_in_dim=c["pooled_projection_dim"],
+            context_in_dim=c["joint_attention_dim"],
+            hidden_size=heads * head_dim,
+            num_heads=heads,
+            depth=c["num_layers"],
+            depth_single_blocks=c["num_single_layers"],
+            axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))),
+            guidance_embed=bool(c.get("guidance_embeds")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: bad transformer config ({e})") from None
@@ -43,11 +48,16 @@ def bfl_transformer_config(shapes: dict[str, tuple[int, ...]], path: Path) -> Fl
         hidden, in_ch = shapes["img_in.weight"]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
         return FluxConfig(
-            in_channels=in_ch, vec_in_dim=shapes["vector_in.in_layer.weight"][1],
-            context_in_dim=shapes["txt_in.weight"][1], hidden_size=hidden, num_heads=hidden // head_dim,
+            in_channels=in_ch,
+            vec_in_dim=shapes["vector_in.in_layer.weight"][1],
+            context_in_dim=shapes["txt_in.weight"][1],
+            hidden_size=hidden,
+            num_heads=hidden // head_dim,
             mlp_ratio=shapes["double_blocks.0.img_mlp.0.weight"][0] / hidden,
-            depth=_count(shapes, "double_blocks"), depth_single_blocks=_count(shapes, "single_blocks"),
-            axes_dim=infer_axes_dim(head_dim), guidance_embed="guidance_in.in_layer.weight" in shapes,
+            depth=_count(shapes, "double_blocks"),
+            depth_single_blocks=_count(shapes, "single_blocks"),
+            axes_dim=infer_axes_dim(head_dim),
+            guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
     except KeyError as e:
         raise CheckpointError(f"{path}: not a FLUX transformer checkpoint (missing tensor {e})") from None
@@ -63,9 +73,14 @@ def diffusers_vae_config(folder: Path) -> VAEConfig:
         raise CheckpointError(f"{folder / 'config.json'}: VAE with quant convs is not the FLUX autoencoder")
     chs = c["block_out_channels"]
     return VAEConfig(
-        in_channels=c.get("in_channels", 3), ch=chs[0], ch_mult=tuple(x // chs[0] for x in chs),
-        num_res_blocks=c["layers_per_block"], z_channels=c["latent_channels"], norm_groups=c["norm_num_groups"],
-        scale_factor=c["scaling_factor"], shift_factor=c["shift_factor"],
+        in_channels=c.get("in_channels", 3),
+        ch=chs[0],
+        ch_mult=tuple(x // chs[0] for x in chs),
+        num_res_blocks=c["layers_per_block"],
+        z_channels=c["latent_channels"],
+        norm_groups=c["norm_num_groups"],
+        scale_factor=c["scaling_factor"],
+        shift_factor=c["shift_factor"],
     )
 
 

@@ -68,44 +68,52 @@ def identity_rules(shapes: dict[str, tuple[int, ...]]) -> list[Rule]:
 
 # ---- transformer: diffusers FluxTransformer2DModel names ----------------------------------------------------------
 
-GLOBAL_NAMES = MappingProxyType({
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-})
-DOUBLE_BLOCK_NAMES = MappingProxyType({
-    "img_mod.lin": "norm1.linear",
-    "txt_mod.lin": "norm1_context.linear",
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn.norm.query_norm": "attn.norm_q",
-    "img_attn.norm.key_norm": "attn.norm_k",
-    "txt_attn.norm.query_norm": "attn.norm_added_q",
-    "txt_attn.norm.key_norm": "attn.norm_added_k",
-    "img_attn.proj": "attn.to_out.0",
-    "txt_attn.proj": "attn.to_add_out",
-    "img_mlp.0": "ff.net.0.proj",
-    "img_mlp.2": "ff.net.2",
-    "txt_mlp.0": "ff_context.net.0.proj",
-    "txt_mlp.2": "ff_context.net.2",
-})
-SINGLE_BLOCK_NAMES = MappingProxyType({
-    "modulation.lin": "norm.linear",
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": "proj_out",
-    "norm.query_norm": "attn.norm_q",
-    "norm.key_norm": "attn.norm_k",
-})
+GLOBAL_NAMES = MappingProxyType(
+    {
+        "img_in": "x_embedder",
+        "txt_in": "context_embedder",
+        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "final_layer.linear": "proj_out",
+        "final_layer.adaLN_modulation.1": "norm_out.linear",
+    }
+)
+DOUBLE_BLOCK_NAMES = MappingProxyType(
+    {
+        "img_mod.lin": "norm1.linear",
+        "txt_mod.lin": "norm1_context.linear",
+        "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        "img_attn.norm.query_norm": "attn.norm_q",
+        "img_attn.norm.key_norm": "attn.norm_k",
+        "txt_attn.norm.query_norm": "attn.norm_added_q",
+        "txt_attn.norm.key_norm": "attn.norm_added_k",
+        "img_attn.proj": "attn.to_out.0",
+        "txt_attn.proj": "attn.to_add_out",
+        "img_mlp.0": "ff.net.0.proj",
+        "img_mlp.2": "ff.net.2",
+        "txt_mlp.0": "ff_context.net.0.proj",
+        "txt_mlp.2": "ff_context.net.2",
+    }
+)
+SINGLE_BLOCK_NAMES = MappingProxyType(
+    {
+        "modulation.lin": "norm.linear",
+        "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+        "linear2": "proj_out",
+        "norm.query_norm": "attn.norm_q",
+        "norm.key_norm": "attn.norm_k",
+    }
+)
 # (BFL block list, diffusers block list, module table)
-BLOCK_GROUPS = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK_NAMES),
-                ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK_NAMES))
+BLOCK_GROUPS = (
+    ("double_blocks", "transformer_blocks", DOUBLE_BLOCK_NAMES),
+    ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK_NAMES),
+)
 SWAPPED = "final_layer.adaLN_modulation.1"  # diffusers norm_out.linear: scale | shift, BFL: shift | scale
 _BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)\.(weight|bias|scale)$")
 _PLAIN = re.compile(r"^(.+)\.(weight|bias)$")
@@ -144,6 +152,7 @@ def diffusers_transformer_rules(shapes: dict[str, tuple[int, ...]]) -> list[Rule
 
 
 # ---- VAE: diffusers AutoencoderKL names ---------------------------------------------------------------------------
+
 
 def _vae_name(key: str, levels: int) -> str:
     """LDM (ae.safetensors) name -> diffusers AutoencoderKL name."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VAEConfig
+from kontext_rt.config import VAEConfig
 
 GN_EPS = 1e-6
 

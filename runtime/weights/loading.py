@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .mapping import Rule
-from .safetensors_io import TensorFiles
+from kontext_rt.errors import CheckpointError
+from kontext_rt.weights.mapping import Rule
+from kontext_rt.weights.safetensors_io import TensorFiles
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_LISTED = 8
@@ -39,7 +39,7 @@ def strip_prefix(files: TensorFiles, prefixes: tuple[str, ...]) -> dict[str, str
     keys = files.keys()
     for p in prefixes:
         if keys and all(k.startswith(p) for k in keys):
-            return {k[len(p):]: k for k in keys}
+            return {k[len(p) :]: k for k in keys}
     return {k: k for k in keys}
 
 
@@ -59,16 +59,25 @@ def shapes_of(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def load_into(module: nn.Module, rules: list[Rule], files: TensorFiles, names: dict[str, str],
-              dtype: torch.dtype, device, where: Path) -> nn.Module:
+def load_into(
+    module: nn.Module,
+    rules: list[Rule],
+    files: TensorFiles,
+    names: dict[str, str],
+    dtype: torch.dtype,
+    device,
+    where: Path,
+) -> nn.Module:
     """Check the key set and every shape, then read, combine, cast and assign each tensor.
 
     names: checkpoint key (as the rules spell it) -> key in `files`."""
     expected = {s for r in rules for s in r.sources}
     missing, unexpected = sorted(expected - names.keys()), sorted(names.keys() - expected)
     if missing or unexpected:
-        parts = [f"{len(missing)} missing: {', '.join(missing[:MAX_LISTED])}" if missing else "",
-                 f"{len(unexpected)} unexpected: {', '.join(unexpected[:MAX_LISTED])}" if unexpected else ""]
+        parts = [
+            f"{len(missing)} missing: {', '.join(missing[:MAX_LISTED])}" if missing else "",
+            f"{len(unexpected)} unexpected: {', '.join(unexpected[:MAX_LISTED])}" if unexpected else "",
+        ]
         raise CheckpointError(f"{where}: keys do not match the model ({'; '.join(p for p in parts if p)})")
     targets = shapes_of(module)
     state = {}
@@ -78,8 +87,10 @@ def load_into(module: nn.Module, rules: list[Rule], files: TensorFiles, names: d
             for src, shape in zip(rule.sources, want, strict=True):
                 got = files.shapes[names[src]]
                 if got != shape:
-                    raise CheckpointError(f"{files.where[names[src]]}: tensor {names[src]!r} has shape "
-                                          f"{list(got)}, the model expects {list(shape)}")
+                    raise CheckpointError(
+                        f"{files.where[names[src]]}: tensor {names[src]!r} has shape "
+                        f"{list(got)}, the model expects {list(shape)}"
+                    )
             tensors = [files.get(names[s]) for s in rule.sources]
             # a fresh, aligned copy: never a view of the mmapped file (results then do not depend on file offsets)
             state[rule.target] = rule.combine(tensors).to(device=device, dtype=dtype, copy=True).contiguous()

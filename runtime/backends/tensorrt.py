@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from . import graph_io as io
-from .errors import EngineError
-from .manifest import GRAPHS, PRECISIONS, Manifest, engine_folder, export_command
+from kontext_rt.backends import graph_io as io
+from kontext_rt.backends.manifest import GRAPHS, PRECISIONS, Manifest, engine_folder, export_command
+from kontext_rt.errors import EngineError
 
 
 def locate(engines, checkpoint, precision: str | None = None) -> Path:
@@ -26,16 +26,20 @@ def locate(engines, checkpoint, precision: str | None = None) -> Path:
     found = [p for p in PRECISIONS if (engine_folder(root, p) / "transformer.json").is_file()]
     if precision is not None:
         if precision not in found:
-            raise EngineError(f"{root}: no {precision} engines; build them with: "
-                              f"{export_command(checkpoint, root, precision)}")
+            raise EngineError(
+                f"{root}: no {precision} engines; build them with: {export_command(checkpoint, root, precision)}"
+            )
         return engine_folder(root, precision)
     if len(found) == 1:
         return engine_folder(root, found[0])
     if not found:
-        raise EngineError(f"{root}: no TensorRT engines here; build them with: "
-                          f"{export_command(checkpoint, root, 'fp8|fp16|bf16')}")
-    raise EngineError(f"{root}: engines for {', '.join(found)}: pick one with engine_precision= (or pass "
-                      f"{engine_folder(root, found[0])})")
+        raise EngineError(
+            f"{root}: no TensorRT engines here; build them with: {export_command(checkpoint, root, 'fp8|fp16|bf16')}"
+        )
+    raise EngineError(
+        f"{root}: engines for {', '.join(found)}: pick one with engine_precision= (or pass "
+        f"{engine_folder(root, found[0])})"
+    )
 
 
 def check_engines(folder: Path, fingerprint: str, checkpoint) -> dict[str, Manifest]:
@@ -47,11 +51,14 @@ def check_engines(folder: Path, fingerprint: str, checkpoint) -> dict[str, Manif
         precision = m.precision if m else folder.name.removeprefix("trt-")
         rebuild = f"rebuild with: {export_command(checkpoint, folder.parent, precision)}"
         if m is None or m.stage != "engine" or m.graph != graph:
-            raise EngineError(f"{folder}: no finished {graph} engine (manifest {graph}.json missing or unreadable); "
-                              f"{rebuild}")
+            raise EngineError(
+                f"{folder}: no finished {graph} engine (manifest {graph}.json missing or unreadable); {rebuild}"
+            )
         if m.checkpoint != fingerprint:
-            raise EngineError(f"{folder / (graph + '.plan')}: stale: built from another checkpoint "
-                              f"({m.checkpoint}, this one is {fingerprint}); {rebuild}")
+            raise EngineError(
+                f"{folder / (graph + '.plan')}: stale: built from another checkpoint "
+                f"({m.checkpoint}, this one is {fingerprint}); {rebuild}"
+            )
         if bad := m.files_intact(folder):
             raise EngineError(f"{folder}: {', '.join(bad)} missing or changed since the build; {rebuild}")
         out[graph] = m
@@ -64,8 +71,10 @@ def pick_profile(ranges: list[dict], shapes: dict[str, tuple[int, ...]]) -> int:
         if all(all(lo <= s <= hi for s, lo, hi in zip(shapes[n], r[0], r[2], strict=True)) for n, r in profile.items()):
             return p
     listed = "; ".join(", ".join(f"{n} {tuple(r[0])}..{tuple(r[2])}" for n, r in profile.items()) for profile in ranges)
-    raise EngineError(f"input shapes {shapes} are outside every optimization profile of this engine ({listed}); "
-                     "export again with profiles that cover them")
+    raise EngineError(
+        f"input shapes {shapes} are outside every optimization profile of this engine ({listed}); "
+        "export again with profiles that cover them"
+    )
 
 
 def _tensorrt():
@@ -77,8 +86,15 @@ def _tensorrt():
 
 
 def _torch_dtype(trt, dt) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-             trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool, trt.uint8: torch.uint8}
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.bfloat16: torch.bfloat16,
+        trt.int32: torch.int32,
+        trt.int64: torch.int64,
+        trt.bool: torch.bool,
+        trt.uint8: torch.uint8,
+    }
     return table[dt]
 
 
@@ -89,8 +105,10 @@ class Engine:
         trt = _tensorrt()
         rebuild = export_command(checkpoint, Path(plan).parent.parent, manifest.precision)
         if manifest.tools.get("tensorrt") != trt.__version__:
-            raise EngineError(f"{plan}: built with TensorRT {manifest.tools.get('tensorrt')}, this is "
-                              f"{trt.__version__}; rebuild with: {rebuild}")
+            raise EngineError(
+                f"{plan}: built with TensorRT {manifest.tools.get('tensorrt')}, this is "
+                f"{trt.__version__}; rebuild with: {rebuild}"
+            )
         gpu = torch.cuda.get_device_name(device)
         if manifest.gpu != gpu:
             raise EngineError(f"{plan}: built for {manifest.gpu}, this GPU is {gpu}; rebuild with: {rebuild}")
@@ -102,8 +120,10 @@ class Engine:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-        self.ranges = [{n: self.engine.get_tensor_profile_shape(n, p) for n in self.inputs}
-                       for p in range(self.engine.num_optimization_profiles)]
+        self.ranges = [
+            {n: self.engine.get_tensor_profile_shape(n, p) for n in self.inputs}
+            for p in range(self.engine.num_optimization_profiles)
+        ]
         self._contexts, self._shapes, self._buffers = {}, {}, {}
         self._lock = threading.Lock()  # an execution context runs one call at a time
 
@@ -125,8 +145,10 @@ class Engine:
             if self._shapes.get(p) != shapes:  # new shapes: new output buffers, else reuse
                 for n, s in shapes.items():
                     ctx.set_input_shape(n, s)
-                self._buffers[p] = {n: torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=self.dtypes[n],
-                                                   device=self.device) for n in self.outputs}
+                self._buffers[p] = {
+                    n: torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=self.dtypes[n], device=self.device)
+                    for n in self.outputs
+                }
                 for n, t in self._buffers[p].items():
                     ctx.set_tensor_address(n, t.data_ptr())
                 self._shapes[p] = shapes
@@ -159,8 +181,7 @@ class TensorRTTransformer:
         self._img[:, :n].copy_(img)
         if ctx is not None:
             self._img[:, n:].copy_(ctx)
-        inputs = {io.IMG: self._img, io.TXT: txt, io.POOLED: pooled, io.TIMESTEPS: timesteps, io.COS: cos,
-                  io.SIN: sin}
+        inputs = {io.IMG: self._img, io.TXT: txt, io.POOLED: pooled, io.TIMESTEPS: timesteps, io.COS: cos, io.SIN: sin}
         if io.GUIDANCE in self.engine.inputs:
             inputs[io.GUIDANCE] = guidance
         return self.engine(**inputs)[io.VELOCITY][:, :n]
@@ -184,5 +205,7 @@ def open_engines(engines, fingerprint: str, checkpoint, device, cfg, vae_cfg, pr
     folder = locate(engines, checkpoint, precision)
     manifests = check_engines(folder, fingerprint, checkpoint)
     loaded = {g: Engine(folder / f"{g}.plan", m, device, checkpoint) for g, m in manifests.items()}
-    return (TensorRTTransformer(loaded["transformer"], cfg),
-            TensorRTVAE(loaded["vae_encoder"], loaded["vae_decoder"], vae_cfg))
+    return (
+        TensorRTTransformer(loaded["transformer"], cfg),
+        TensorRTVAE(loaded["vae_encoder"], loaded["vae_decoder"], vae_cfg),
+    )

@@ -24,12 +24,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, LoRAError
-from .mapping import BLOCK_GROUPS, GLOBAL_NAMES, SWAPPED, fused_split
-from .safetensors_io import TensorFiles
+from kontext_rt.errors import CheckpointError, LoRAError
+from kontext_rt.weights.mapping import BLOCK_GROUPS, GLOBAL_NAMES, SWAPPED, fused_split
+from kontext_rt.weights.safetensors_io import TensorFiles
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "lora_unet_",
-            "lora_transformer_", "lycoris_")
+PREFIXES = (
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "base_model.model.",
+    "transformer.",
+    "lora_unet_",
+    "lora_transformer_",
+    "lycoris_",
+)
 DOWN = (".lora_A.weight", ".lora_down.weight")
 UP = (".lora_B.weight", ".lora_up.weight")
 UP_BIAS = (".lora_B.bias", ".lora_up.bias")
@@ -71,8 +78,9 @@ def module_names(model: nn.Module) -> dict[str, Target]:
                     out[f"{prefix}.{i}.{diff}"] = Target(name, (0, linears[name].out_features))
                     continue
                 start = 0  # fused qkv / linear1: the same row split the checkpoint loader uses
-                for part, size in zip(diff, fused_split(diff, linears[name].out_features, model.cfg.hidden_size),
-                                      strict=True):
+                for part, size in zip(
+                    diff, fused_split(diff, linears[name].out_features, model.cfg.hidden_size), strict=True
+                ):
                     out[f"{prefix}.{i}.{part}"] = Target(name, (start, start + size))
                     start += size
     out.update({k.replace(".", "_"): v for k, v in list(out.items())})  # kohya / OneTrainer / LyCORIS spelling
@@ -86,7 +94,7 @@ def _split_key(key: str) -> tuple[str, str] | None:
             module = key[: -len(suffix)]
             for p in PREFIXES:
                 if module.startswith(p):
-                    module = module[len(p):]
+                    module = module[len(p) :]
                     break
             return module, suffix
     return None
@@ -143,8 +151,9 @@ def read(path, model: nn.Module) -> list[Delta]:
         groups.setdefault(split[0], {})[split[1]] = key
     if unknown:
         more = f" (and {len(unknown) - MAX_LISTED} more)" if len(unknown) > MAX_LISTED else ""
-        raise LoRAError(f"{path}: {len(unknown)} keys name nothing this model can fuse: "
-                        f"{', '.join(unknown[:MAX_LISTED])}{more}")
+        raise LoRAError(
+            f"{path}: {len(unknown)} keys name nothing this model can fuse: {', '.join(unknown[:MAX_LISTED])}{more}"
+        )
     if not groups:
         raise LoRAError(f"{path}: no LoRA tensors in the file")
     return [_delta(path, module, keys, tensors, names[module], conf) for module, keys in groups.items()]
@@ -158,8 +167,10 @@ def _delta(path, module, keys, tensors, target: Target, conf) -> Delta:
     down, up = tensors[down_key].float(), tensors[up_key].float()
     rows = target.rows[1] - target.rows[0]
     if down.ndim != 2 or up.ndim != 2 or up.shape != (rows, down.shape[0]):
-        raise LoRAError(f"{path}: {module}: A {list(down.shape)} and B {list(up.shape)} do not make a "
-                        f"[{rows}, in] update of {target.param}")
+        raise LoRAError(
+            f"{path}: {module}: A {list(down.shape)} and B {list(up.shape)} do not make a "
+            f"[{rows}, in] update of {target.param}"
+        )
     bias_key = next((keys[s] for s in UP_BIAS if s in keys), None)
     bias = None if bias_key is None else tensors[bias_key].float()
     if bias is not None and bias.shape != (rows,):
@@ -222,8 +233,7 @@ class LoRAStack:
         params = dict(self.model.named_parameters())
         for d in deltas:
             start, end = d.target.rows
-            for pname, update in ((f"{d.target.param}.weight", d.up @ d.down),
-                                  (f"{d.target.param}.bias", d.up_bias)):
+            for pname, update in ((f"{d.target.param}.weight", d.up @ d.down), (f"{d.target.param}.bias", d.up_bias)):
                 if update is None:
                     continue
                 p = params[pname]

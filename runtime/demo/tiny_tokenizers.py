@@ -53,10 +53,16 @@ def write_t5_tokenizer(folder: Path):
     tk = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                      special_tokens=[("</s>", 1)])
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
     tk.save(str(folder / "tokenizer.json"))
-    tok = T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="</s>", pad_token="<pad>",
-                          unk_token="<unk>", extra_ids=0)
+    tok = T5TokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"),
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+    )
     tok.save_pretrained(folder)
     return tok

@@ -19,19 +19,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .safetensors_io import CheckpointError
+from kontext_rt.weights.safetensors_io import CheckpointError
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-12  # the kernel's floor too: an all-zero row gets a tiny scale, not a division by zero
 MODES = ("dynamic", "static")
 CALIBRATION_FORMAT = "kontext-rt fp8 amax 1"  # the header tag of the export stage's calibration files
-FP8_LINEARS = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
-                         r"|single_blocks\.\d+\.linear[12])$")
+FP8_LINEARS = re.compile(
+    r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
+    r"|single_blocks\.\d+\.linear[12])$"
+)
 
 
 def fp8_eligible(name: str) -> bool:
-    """True for the linears that run in FP8 (module names of kontext_rt.model.FluxTransformer)."""
+    """True for the linears that run in FP8 (module names of kontext_rt.model.transformer.FluxTransformer)."""
     return FP8_LINEARS.match(name) is not None
 
 
@@ -78,8 +80,13 @@ def rowwise_scaled_mm_works(device) -> bool:
     """Whether torch._scaled_mm takes row-wise scales on `device` (CUDA sm_89+ does; CPUs depend on torch)."""
     a = torch.ones(16, 16, device=device).to(E4M3)
     try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
-                         out_dtype=torch.bfloat16)
+        torch._scaled_mm(
+            a,
+            a.t(),
+            scale_a=torch.ones(16, 1, device=device),
+            scale_b=torch.ones(1, 16, device=device),
+            out_dtype=torch.bfloat16,
+        )
     except (RuntimeError, NotImplementedError):
         return False
     return True
@@ -93,9 +100,15 @@ class FP8Linear(nn.Module):
     `matmul` is torch._scaled_mm, or scaled_mm_dequantized where a CPU torch lacks row-wise scales.
     """
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 quantize: Callable = quantize_rows, input_scale: torch.Tensor | None = None,
-                 matmul: Callable = torch._scaled_mm):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        quantize: Callable = quantize_rows,
+        input_scale: torch.Tensor | None = None,
+        matmul: Callable = torch._scaled_mm,
+    ):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
@@ -105,8 +118,13 @@ class FP8Linear(nn.Module):
         self.quantize, self.matmul = quantize, matmul
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quantize: Callable = quantize_rows,
-                    input_amax: torch.Tensor | None = None, matmul: Callable = torch._scaled_mm) -> FP8Linear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quantize: Callable = quantize_rows,
+        input_amax: torch.Tensor | None = None,
+        matmul: Callable = torch._scaled_mm,
+    ) -> FP8Linear:
         q, scale = quantize_rows(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach()
         input_scale = None
@@ -122,8 +140,7 @@ class FP8Linear(nn.Module):
         else:
             q = quantize_static(x2, self.input_scale)
             scale = self.input_scale.expand(x2.shape[0], 1).contiguous()
-        y = self.matmul(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
-                        out_dtype=x.dtype)
+        y = self.matmul(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -147,14 +164,20 @@ def read_calibration(path, fingerprint: str | None) -> dict[str, torch.Tensor]:
     if meta.get("format") != CALIBRATION_FORMAT:
         raise CheckpointError(f"{path}: not a kontext-rt FP8 calibration file (format {meta.get('format')!r})")
     if fingerprint is not None and meta.get("checkpoint") != fingerprint:
-        raise CheckpointError(f"{path}: calibrated on another checkpoint ({meta.get('checkpoint')}, this one is "
-                              f"{fingerprint}): calibrate again with `kontext-rt export --precision fp8`")
+        raise CheckpointError(
+            f"{path}: calibrated on another checkpoint ({meta.get('checkpoint')}, this one is "
+            f"{fingerprint}): calibrate again with `kontext-rt export --precision fp8`"
+        )
     suffix = ".input_quantizer._amax"
     return {k.removesuffix(suffix): v for k, v in tensors.items() if k.endswith(suffix)}
 
 
-def convert(model: nn.Module, quantize: Callable = quantize_rows,
-            input_amax: dict[str, torch.Tensor] | None = None, matmul: Callable = torch._scaled_mm) -> list[str]:
+def convert(
+    model: nn.Module,
+    quantize: Callable = quantize_rows,
+    input_amax: dict[str, torch.Tensor] | None = None,
+    matmul: Callable = torch._scaled_mm,
+) -> list[str]:
     """Replace every FP8-eligible nn.Linear by an FP8Linear, in place; returns the converted names.
 
     input_amax (from read_calibration) makes the activations static; it must cover every eligible layer.

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import PRESETS, VAE_PRESETS, FluxConfig, VAEConfig
-from .mapping import diffusers_transformer_rules, diffusers_vae_rules
-from .model import FluxTransformer
-from .tiny_text import clip_config, t5_config
-from .tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
-from .vae import AutoEncoder
+from kontext_rt.config import PRESETS, VAE_PRESETS, FluxConfig, VAEConfig
+from kontext_rt.demo.tiny_text import clip_config, t5_config
+from kontext_rt.demo.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
+from kontext_rt.model.transformer import FluxTransformer
+from kontext_rt.model.vae import AutoEncoder
+from kontext_rt.weights.mapping import diffusers_transformer_rules, diffusers_vae_rules
 
 DEMO_VERSION = "1"  # bump when the demo checkpoint's contents change
 
@@ -31,24 +31,43 @@ def _write_json(path: Path, obj):
 
 def transformer_config_json(cfg: FluxConfig) -> dict:
     return {
-        "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": cfg.in_channels,
-        "out_channels": None, "num_layers": cfg.depth, "num_single_layers": cfg.depth_single_blocks,
-        "attention_head_dim": cfg.head_dim, "num_attention_heads": cfg.num_heads,
-        "joint_attention_dim": cfg.context_in_dim, "pooled_projection_dim": cfg.vec_in_dim,
-        "guidance_embeds": cfg.guidance_embed, "axes_dims_rope": list(cfg.axes_dim),
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": cfg.in_channels,
+        "out_channels": None,
+        "num_layers": cfg.depth,
+        "num_single_layers": cfg.depth_single_blocks,
+        "attention_head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_in_dim,
+        "pooled_projection_dim": cfg.vec_in_dim,
+        "guidance_embeds": cfg.guidance_embed,
+        "axes_dims_rope": list(cfg.axes_dim),
     }
 
 
 def vae_config_json(cfg: VAEConfig) -> dict:
     n = len(cfg.ch_mult)
     return {
-        "_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
-        "act_fn": "silu", "latent_channels": cfg.z_channels, "norm_num_groups": cfg.norm_groups,
-        "sample_size": 1024, "scaling_factor": cfg.scale_factor, "shift_factor": cfg.shift_factor,
-        "latents_mean": None, "latents_std": None, "force_upcast": True, "use_quant_conv": False,
-        "use_post_quant_conv": False, "mid_block_add_attention": True,
+        "_class_name": "AutoencoderKL",
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.in_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+        "layers_per_block": cfg.num_res_blocks,
+        "act_fn": "silu",
+        "latent_channels": cfg.z_channels,
+        "norm_num_groups": cfg.norm_groups,
+        "sample_size": 1024,
+        "scaling_factor": cfg.scale_factor,
+        "shift_factor": cfg.shift_factor,
+        "latents_mean": None,
+        "latents_std": None,
+        "force_upcast": True,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
     }
 
 
@@ -85,18 +104,34 @@ def _write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae:
     CLIPTextModel(clip_config(len(tok), tok.eos_token_id, tok.bos_token_id)).save_pretrained(folder / "text_encoder")
     T5EncoderModel(t5_config(len(tok2))).save_pretrained(folder / "text_encoder_2")
     guided = transformer.cfg.guidance_embed
-    _write_json(folder / "scheduler" / "scheduler_config.json", {
-        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-        "shift": 3.0 if guided else 1.0, "use_dynamic_shifting": guided, "base_shift": 0.5, "max_shift": 1.15,
-        "base_image_seq_len": 256, "max_image_seq_len": 4096,
-    })
-    _write_json(folder / "model_index.json", {
-        "_class_name": "FluxKontextPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "image_encoder": [None, None], "feature_extractor": [None, None],
-    })
+    _write_json(
+        folder / "scheduler" / "scheduler_config.json",
+        {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "num_train_timesteps": 1000,
+            "shift": 3.0 if guided else 1.0,
+            "use_dynamic_shifting": guided,
+            "base_shift": 0.5,
+            "max_shift": 1.15,
+            "base_image_seq_len": 256,
+            "max_image_seq_len": 4096,
+        },
+    )
+    _write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": "FluxKontextPipeline",
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "T5TokenizerFast"],
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+        },
+    )
 
 
 def demo_checkpoint(cache_dir: Path, seed: int = 0) -> Path:

@@ -1,4 +1,4 @@
-"""The denoisers the one sampling loop (sampler.denoise) drives, from the plainest to the fastest.
+"""The denoisers the one sampling loop (sampling.loop.denoise) drives, from the plainest to the fastest.
 
 - PerStep: any velocity function with the model's call signature (the runtime's model with an op table, or the
   TensorRT transformer engine); each step computes its own conditioning and modulation.
@@ -17,9 +17,9 @@ from contextlib import contextmanager
 
 import torch
 
-from .graphs import StepGraphs, capture_cuda
-from .ops import Ops
-from .sampler import Conditioning, Denoiser
+from kontext_rt.model.op_table import Ops
+from kontext_rt.sampling.graphs import StepGraphs, capture_cuda
+from kontext_rt.sampling.loop import Conditioning, Denoiser
 
 
 def _step_sizes(sigmas: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +43,9 @@ class PerStep(Denoiser):
         timesteps, dts = _step_sizes(sigmas, x)
 
         def step(i: int, x: torch.Tensor) -> torch.Tensor:
-            v = self.velocity(x.to(self.dtype), cond.ctx, cond.txt, cond.pooled, timesteps[i], cond.guidance,
-                              cond.cos, cond.sin)
+            v = self.velocity(
+                x.to(self.dtype), cond.ctx, cond.txt, cond.pooled, timesteps[i], cond.guidance, cond.cos, cond.sin
+            )
             return x + dts[i] * v.float()
 
         yield step
@@ -100,8 +101,15 @@ class Graphed(Denoiser):
             yield step
 
 
-def for_model(model, ops: Ops, dtype: torch.dtype, hoist: bool = True, cuda_graphs: bool = False,
-              capture=capture_cuda, max_graphs: int = 8) -> Denoiser:
+def for_model(
+    model,
+    ops: Ops,
+    dtype: torch.dtype,
+    hoist: bool = True,
+    cuda_graphs: bool = False,
+    capture=capture_cuda,
+    max_graphs: int = 8,
+) -> Denoiser:
     """The denoiser the speed options ask for over the runtime's own model."""
     if cuda_graphs:
         return Graphed(model, ops, dtype, capture, max_graphs)

@@ -26,8 +26,10 @@ Signature = tuple
 
 def signature(args: dict[str, torch.Tensor | None]) -> Signature:
     """What a graph was captured for: (name, shape, dtype, device) of every argument, None for absent ones."""
-    return tuple((name, None) if t is None else (name, tuple(t.shape), t.dtype, str(t.device))
-                 for name, t in sorted(args.items()))
+    return tuple(
+        (name, None) if t is None else (name, tuple(t.shape), t.dtype, str(t.device))
+        for name, t in sorted(args.items())
+    )
 
 
 class CapturedStep:
@@ -47,8 +49,10 @@ class CapturedStep:
                     raise ValueError(f"graph input {name!r} was captured as {'absent' if buf is None else 'present'}")
                 continue
             if t.shape != buf.shape or t.dtype != buf.dtype:
-                raise ValueError(f"graph input {name!r} was captured as {tuple(buf.shape)} {buf.dtype}, got "
-                                 f"{tuple(t.shape)} {t.dtype}: that is another graph's bucket")
+                raise ValueError(
+                    f"graph input {name!r} was captured as {tuple(buf.shape)} {buf.dtype}, got "
+                    f"{tuple(t.shape)} {t.dtype}: that is another graph's bucket"
+                )
             buf.copy_(t, non_blocking=True)
 
     def replay(self) -> torch.Tensor:
