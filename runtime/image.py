@@ -49,7 +49,7 @@ def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(path)
-                _check_size(img.size, str(path), max_pixels)
+                _check_input_pixels(img.size, str(path), max_pixels)
                 img.load()
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise InputError(f"image {path}: not a readable image ({e})") from None
@@ -57,13 +57,14 @@ def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise InputError(f"image {path}: unreadable ({e})") from None
     elif isinstance(src, Image.Image):
         img = src
-        _check_size(img.size, "image", max_pixels)
+        _check_input_pixels(img.size, "image", max_pixels)
     else:
         raise TypeError(f"image must be a PIL image or a path, got {type(src).__name__}")
     return img.convert("RGB")
 
 
-def _check_size(size, name: str, max_pixels: int):
+def _check_input_pixels(size, name: str, max_pixels: int):
+    """An input image's own size, before it is decoded: not empty, not a decompression bomb, not under 16 px."""
     w, h = size
     if w <= 0 or h <= 0:
         raise InputError(f"{name} has zero size ({w}x{h})")
@@ -90,7 +91,7 @@ def context_size(width: int, height: int, auto_resize: bool, name: str = "contex
     return floored
 
 
-def check_size(width, height):
+def check_output_size(width, height):
     """Output width and height: positive multiples of 16, at most MAX_SIDE (InputError otherwise)."""
     check_side("width", width)
     check_side("height", height)

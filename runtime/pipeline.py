@@ -52,6 +52,19 @@ class _Stage:
             self.report.timings[self.name] = self.report.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A run's checked arguments: the target grid, the initial noise, the schedule."""
+
+    rows: int
+    cols: int
+    noise: torch.Tensor  # (B, rows * cols, 64) float32 on the device
+    seed: int | None  # None when latents were given
+    sigmas: torch.Tensor
+    guidance: float
+    output: str
+
+
 def _check_device(device) -> torch.device:
     try:
         device = torch.device(device)
@@ -172,20 +185,23 @@ class Pipeline:
         progress=None,
         report=None,
     ):
-        """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction."""
+        """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction.
+
+        Every argument is checked (the images read and sized, the schedule and noise made) before any encoding."""
         _check_prompt(prompt)
         check_arguments(width, height, steps, guidance, seed)
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise InputError("edit needs at least one context image")
-        with _Stage(report, "vae_encode", self.device):
-            contexts = [self._encode_context(img, auto_resize) for img in images]
-        (w0, h0) = contexts[0][1]
+        pils = [im.load_image(img) for img in images]
+        sizes = [im.context_size(*pil.size, auto_resize) for pil in pils]
+        (w0, h0) = sizes[0]
         width, height = width or w0, height or h0
         guidance = self.variant.edit_guidance if guidance is None else guidance
-        return self._run(
-            prompt, contexts, width, height, steps, guidance, seed, latents, output, sigmas, progress, report
-        )
+        plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas)
+        with _Stage(report, "vae_encode", self.device):
+            contexts = [(self._encode_context(pil, size), size) for pil, size in zip(pils, sizes, strict=True)]
+        return self._run(prompt, contexts, plan, progress, report)
 
     def generate(
         self,
@@ -205,7 +221,8 @@ class Pipeline:
         _check_prompt(prompt)
         check_arguments(width, height, steps, guidance, seed)
         guidance = self.variant.generate_guidance if guidance is None else guidance
-        return self._run(prompt, [], width, height, steps, guidance, seed, latents, output, sigmas, progress, report)
+        plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas)
+        return self._run(prompt, [], plan, progress, report)
 
     def session(self, image, **defaults) -> EditSession:
         """Multi-turn editing: each turn's output becomes the next turn's context image."""
@@ -246,11 +263,9 @@ class Pipeline:
     # ---- internals --------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _encode_context(self, img, auto_resize: bool):
-        pil = im.load_image(img)
-        w, h = im.context_size(*pil.size, auto_resize)
-        x = im.to_tensor(pil, w, h).to(self.device, self.dtype)
-        return im.pack(self.vae.encode(x)), (w, h)
+    def _encode_context(self, pil, size: tuple[int, int]) -> torch.Tensor:
+        x = im.to_tensor(pil, *size).to(self.device, self.dtype)
+        return im.pack(self.vae.encode(x))
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
@@ -265,11 +280,19 @@ class Pipeline:
             self.text_cache.put(key, hit, prompt)
         return tuple(t.to(self.device, self.dtype) for t in hit)
 
-    def _check_run_args(self, width, height, guidance, output):
-        im.check_size(width, height)
+    def _plan(self, width, height, steps, guidance, seed, latents, output, sigmas) -> _Plan:
+        """Every run argument checked, and what the loop starts from: nothing is encoded yet."""
+        im.check_output_size(width, height)
         if output not in OUTPUTS:
             raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
         check_guidance(guidance)
+        rows, cols = height // im.MULTIPLE, width // im.MULTIPLE
+        if sigmas is not None:
+            sig = explicit_schedule(sigmas)
+        else:
+            sig = schedule(self.variant.steps if steps is None else steps, rows * cols, self.variant.shift_schedule)
+        x, used_seed = self._initial_noise(latents, 1, rows, cols, seed)
+        return _Plan(rows, cols, x, used_seed, sig, float(guidance), output)
 
     def _initial_noise(self, latents, batch, rows, cols, seed):
         if latents is not None:
@@ -286,27 +309,21 @@ class Pipeline:
         return im.pack(noise).to(self.device), seed
 
     @torch.inference_mode()
-    def _run(self, prompt, contexts, width, height, steps, guidance, seed, latents, output, sigmas, progress, report):
-        self._check_run_args(width, height, guidance, output)
-        rows, cols = height // im.MULTIPLE, width // im.MULTIPLE
-        x, used_seed = self._initial_noise(latents, 1, rows, cols, seed)
+    def _run(self, prompt, contexts, plan: _Plan, progress, report):
+        x, rows, cols = plan.noise, plan.rows, plan.cols
         batch = x.shape[0]
-        if sigmas is not None:
-            sig = explicit_schedule(sigmas)
-        else:
-            sig = schedule(self.variant.steps if steps is None else steps, rows * cols, self.variant.shift_schedule)
         with _Stage(report, "text_encode", self.device):
             txt, pooled = self.encode_prompt(prompt, report)
         ctx = torch.cat([c for c, _ in contexts], 1).expand(batch, -1, -1) if contexts else None
         grids = [(rows, cols)] + [(h // im.MULTIPLE, w // im.MULTIPLE) for _, (w, h) in contexts]
         cos, sin = rope_table(sequence_ids(txt.shape[1], grids, self.device), self.cfg.axes_dim, self.cfg.theta)
-        g = torch.full((batch,), float(guidance), device=self.device) if self.cfg.guidance_embed else None
+        g = torch.full((batch,), plan.guidance, device=self.device) if self.cfg.guidance_embed else None
         cond = Conditioning(ctx, txt.expand(batch, -1, -1), pooled.expand(batch, -1), g, cos, sin)
         with _Stage(report, "denoise", self.device):
-            x = denoise(self.denoiser, x, sig, cond, progress)
+            x = denoise(self.denoiser, x, plan.sigmas, cond, progress)
         if report is not None:
-            report.seed, report.steps = used_seed, len(sig) - 1
-        if output == "latent":
+            report.seed, report.steps = plan.seed, len(plan.sigmas) - 1
+        if plan.output == "latent":
             return x
         with _Stage(report, "vae_decode", self.device):
             images = im.to_pil(self.vae.decode(im.unpack(x, rows, cols)))

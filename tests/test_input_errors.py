@@ -55,6 +55,25 @@ def test_edit_refuses_before_work(no_work, kwargs, match):
         no_work.edit(Image.new("RGB", (32, 32)), "x", **kwargs)
 
 
+# checked once the output size is known: after the images are read and sized, before any of them is encoded
+BAD_PLANS = [
+    (dict(output="numpy"), "output must be one of"),
+    (dict(latents=torch.zeros(1, 5, 64)), r"latents must be packed noise of shape \[B, 4, 64\]"),
+    (dict(sigmas=[0.5, 0.7]), "sigmas must decrease strictly"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_PLANS)
+def test_edit_checks_the_whole_run_before_encoding(no_work, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        no_work.edit(Image.new("RGB", (32, 32)), "x", auto_resize=False, **kwargs)
+
+
+def test_a_second_context_over_the_limit_is_refused_before_the_first_is_encoded(no_work):
+    with pytest.raises(InputError, match="2064x32, over the 2048 px limit"):
+        no_work.edit([Image.new("RGB", (32, 32)), Image.new("RGB", (2064, 32))], "x", auto_resize=False)
+
+
 def test_context_over_the_limit_without_auto_resize(no_work):
     with pytest.raises(InputError, match="2064x32, over the 2048 px limit"):
         no_work.edit(Image.new("RGB", (2064, 32)), "x", auto_resize=False)
@@ -70,7 +89,7 @@ def test_the_limits_themselves_are_accepted(pipe):
     a = pipe.generate("x", width=32, height=32, steps=1, seed=2**64 - 1, guidance=100, output="latent")
     b = pipe.generate("x", width=32, height=32, steps=1, seed=2**64 - 1, guidance=0, output="latent")
     assert torch.isfinite(a).all() and torch.isfinite(b).all() and not torch.equal(a, b)
-    im.check_size(2048, 2048)
+    im.check_output_size(2048, 2048)
 
 
 def test_long_prompt_warns_on_cache_hits_too(pipe, kontext_dir):
