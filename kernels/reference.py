@@ -38,13 +38,17 @@ def rms_norm(x: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor], split: 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2j], x[2j+1]) by the per-pair angle, in float32."""
+    """Rotate interleaved pairs (x[2j], x[2j+1]) by the per-pair angle, in float32.
+
+    Written as x * cos2 + rot(x) * sin2 with cos2, sin2 the angles repeated per pair and rot(x) = (-x[2j+1], x[2j])
+    interleaved: the products and sums of (x0 cos - x1 sin, x0 sin + x1 cos) exactly (negation and the order of
+    a two-term sum change no bit), over contiguous tensors instead of strided halves."""
     cd = compute_dtype(x)
-    xf = x.to(cd).unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos.to(cd), sin.to(cd)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    xf = x.to(cd)
+    x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+    rot = torch.stack((-x1, x0), dim=-1).flatten(-2)
+    cos2, sin2 = (t.to(cd).repeat_interleave(2, dim=-1) for t in (cos, sin))
+    return (xf * cos2 + rot * sin2).to(x.dtype)
 
 
 def qk_norm_rope(q, k, q_scales, k_scales, split, cos, sin):
