@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kontext_rt.errors import CheckpointError
 from kontext_rt.model.fp8_linear import CALIBRATION_FORMAT
-from kontext_rt.weights.safetensors_io import CheckpointError
 
 # Module-name patterns kept in the model dtype, and why. The embedders and the final layer follow ModelOpt's own
 # FLUX recipe (examples/diffusers/quantization, filter_func_flux_dev: x_embedder, context_embedder,

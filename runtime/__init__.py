@@ -6,7 +6,15 @@ out = pipe.edit(image, "make the sky purple")
 """
 
 from kontext_rt.config import PRESETS, VAE_PRESETS, VARIANTS, FluxConfig, VAEConfig, Variant
-from kontext_rt.errors import BackendUnavailable, CheckpointError, EngineError, InputError, KontextError, LoRAError
+from kontext_rt.errors import (
+    BackendUnavailable,
+    CheckpointError,
+    EngineError,
+    InputError,
+    KontextError,
+    LoRAError,
+    PromptTruncated,
+)
 from kontext_rt.options import Optimizations
 from kontext_rt.pipeline import EditSession, Pipeline, RunReport
 
@@ -21,6 +29,7 @@ __all__ = [
     "LoRAError",
     "EngineError",
     "BackendUnavailable",
+    "PromptTruncated",
     "FluxConfig",
     "VAEConfig",
     "Variant",

@@ -345,7 +345,7 @@ def _text_cache_dir(args, cache_dir: Path) -> Path | None:
 
 def _run(args) -> int:
     from kontext_rt import arguments, demo
-    from kontext_rt.text import PromptTruncated
+    from kontext_rt.errors import PromptTruncated
 
     _quiet_libraries()
     _show_warnings(PromptTruncated)

@@ -30,3 +30,7 @@ class EngineError(CheckpointError):
 
 class BackendUnavailable(KontextError, RuntimeError):
     """A backend that was asked for explicitly and cannot run here (the message says why and what to use)."""
+
+
+class PromptTruncated(UserWarning):
+    """A warning, not an error: a prompt longer than a text encoder reads; the tokens past its limit are dropped."""

@@ -70,6 +70,8 @@ def _check_device(device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise InputError(f"unknown device {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device}: kontext-rt runs on 'cpu' or 'cuda' devices")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device} requested but no CUDA GPU is available; use device='cpu'")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kontext_rt.errors import InputError
-from kontext_rt.weights.safetensors_io import CheckpointError, digest_file
+from kontext_rt.errors import CheckpointError, InputError, PromptTruncated
+from kontext_rt.weights.safetensors_io import digest_file
 
 SUBFOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 # What each tokenizer is built from (any one set of files): CLIPTokenizer and T5TokenizerFast's vocab_files_names.
@@ -31,10 +31,6 @@ TOKENIZER_FILES = {
 }
 ENCODER_OF = {"tokenizer": "text_encoder", "tokenizer_2": "text_encoder_2"}
 PROBE = "a photo of a cat"  # plain words every real vocabulary holds: an <unk> among them means no vocabulary
-
-
-class PromptTruncated(UserWarning):
-    """A prompt longer than a text encoder reads: the tokens past its limit are dropped."""
 
 
 def _missing(folder: Path) -> list[str]:

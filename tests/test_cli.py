@@ -456,3 +456,11 @@ def test_unwritable_text_cache_warns_and_runs_without_it(kontext_dir, tmp_path, 
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "without the on-disk text cache" in lines[0]
     assert Image.open(out).size == (32, 32)
+
+
+@pytest.mark.parametrize("device", ["mps", "meta"])
+def test_a_device_this_runtime_does_not_run_on_is_a_usage_error(kontext_dir, picture, tmp_path, capsys, device):
+    out = tmp_path / "o.png"
+    code, err = run(["edit", picture, "x", "--checkpoint", kontext_dir, "-o", out, "--device", device], capsys)
+    assert code == 2 and err.strip() == f"error: device {device}: kontext-rt runs on 'cpu' or 'cuda' devices"
+    assert not out.exists()

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from kontext_rt import Optimizations, Pipeline
+from kontext_rt.errors import CheckpointError
 from kontext_rt.kernels import fp8_quant
 from kontext_rt.model import fp8_linear as f8
 from kontext_rt.weights.formats import detect
-from kontext_rt.weights.safetensors_io import CheckpointError
 
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
 E4M3_GRID = E4M3_GRID[torch.isfinite(E4M3_GRID)].unique()

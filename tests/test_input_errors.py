@@ -146,6 +146,7 @@ def test_converted_validation_errors_are_input_errors():
         lambda: sampler.explicit_schedule([0.5, 0.7]),
         lambda: TextEmbeddingCache(-1),
         lambda: Pipeline.from_pretrained("unused", device="tpu:9"),
+        lambda: Pipeline.from_pretrained("unused", device="meta"),  # a torch device this runtime does not run on
     ]
     for call in calls:
         with pytest.raises(InputError) as info:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kontext_rt.weights.safetensors_io import CheckpointError
+from kontext_rt.errors import CheckpointError
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0

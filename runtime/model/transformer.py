@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kontext_rt.config import FluxConfig
+from kontext_rt.errors import InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
 
 TIME_FACTOR = 1000.0  # t and guidance are embedded as 1000 * value
@@ -208,7 +209,7 @@ class FluxTransformer(nn.Module):
         vec = self.time_in(timestep_embedding(timesteps.reshape(-1)).to(dtype), ops).view(steps, batch, -1)
         if self.guidance_in is not None:
             if guidance is None:
-                raise ValueError("this model was distilled with guidance: pass a guidance value")
+                raise InputError("this model was distilled with guidance: pass a guidance value")
             vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype), ops)
         vec = vec + self.vector_in(pooled.to(dtype), ops)
         return self.modulations(vec.reshape(steps * batch, -1), ops).view(steps, batch, -1)
