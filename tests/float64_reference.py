@@ -60,3 +60,9 @@ def float64_pipeline(cls, folder, **scheduler_overrides):
     pipe.scheduler = float64_euler_scheduler(pipe.scheduler.config, **scheduler_overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def kontext_call(img, prompt: str, h: int, w: int, **extra) -> dict:
+    """FluxKontextPipeline's arguments for a latent-out edit of img at h x w exactly (no auto-resize)."""
+    args = dict(image=img, prompt=prompt, guidance_scale=2.5, output_type="latent", max_area=h * w, height=h, width=w)
+    return {**args, "_auto_resize": False, **extra}

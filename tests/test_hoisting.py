@@ -112,7 +112,7 @@ def test_hoisting_switch_changes_nothing_with_triton(kontext_dir):
 def test_few_step_shifted_edit_matches_diffusers(kontext_dir, steps):
     from diffusers import FluxKontextPipeline
 
-    from tests.float64_reference import assert_float32_close, float64_pipeline
+    from tests.float64_reference import assert_float32_close, float64_pipeline, kontext_call
     from tests.test_pipeline import noise, picture
 
     ref = FluxKontextPipeline.from_pretrained(kontext_dir, local_files_only=True)
@@ -122,17 +122,7 @@ def test_few_step_shifted_edit_matches_diffusers(kontext_dir, steps):
     ours = Pipeline.from_pretrained(kontext_dir).edit(
         img, "few steps", steps=steps, auto_resize=False, latents=lat, output="latent"
     )
-    args = dict(
-        image=img,
-        prompt="few steps",
-        num_inference_steps=steps,
-        guidance_scale=2.5,
-        output_type="latent",
-        max_area=h * w,
-        _auto_resize=False,
-        height=h,
-        width=w,
-    )
+    args = kontext_call(img, "few steps", h, w, num_inference_steps=steps)
     want = ref(latents=lat, **args).images
     want64 = float64_pipeline(FluxKontextPipeline, kontext_dir)(latents=lat.double(), **args).images
     assert_float32_close(ours, want, want64, f"{steps}-step edit")

@@ -8,7 +8,7 @@ from PIL import Image
 from kontext_rt import Pipeline, RunReport
 from kontext_rt.image import PREFERRED_KONTEXT_RESOLUTIONS, context_size
 from kontext_rt.sampling.schedule import explicit_schedule, schedule
-from tests.float64_reference import assert_float32_close, float64_pipeline
+from tests.float64_reference import assert_float32_close, float64_pipeline, kontext_call
 
 # Bound (habit 7, tests/float64_reference.py): each run within twice diffusers' own float32 error of the same run
 # by diffusers in float64 (float64 state too), and within three times that error of diffusers in float32. Measured:
@@ -77,17 +77,7 @@ def test_explicit_sigmas():
 def test_edit_matches_diffusers(pipe, ref, ref64, h, w, steps):
     img, lat = picture(h, w), noise(h, w)
     ours = pipe.edit(img, "make it red", steps=steps, guidance=2.5, auto_resize=False, latents=lat, output="latent")
-    args = dict(
-        image=img,
-        prompt="make it red",
-        num_inference_steps=steps,
-        guidance_scale=2.5,
-        output_type="latent",
-        max_area=h * w,
-        _auto_resize=False,
-        height=h,
-        width=w,
-    )
+    args = kontext_call(img, "make it red", h, w, num_inference_steps=steps)
     want = ref(latents=lat, **args).images
     assert ours.shape == want.shape == lat.shape
     assert_float32_close(ours, want, ref64(latents=lat.double(), **args).images, f"edit {h}x{w}")

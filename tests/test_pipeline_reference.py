@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from kontext_rt import Pipeline
 from kontext_rt.image import PREFERRED_KONTEXT_RESOLUTIONS, context_size
-from tests.float64_reference import assert_float32_close, float64_pipeline
+from tests.float64_reference import assert_float32_close, float64_pipeline, kontext_call
 
 
 def picture(h, w, seed=0):
@@ -68,18 +68,7 @@ def test_explicit_sigmas_are_used_as_given(kontext_dir, ref):
         output="latent",
         progress=lambda i, n: steps.append((i, n)),
     )
-    args = dict(
-        image=img,
-        prompt="few steps",
-        sigmas=SIGMAS,
-        guidance_scale=2.5,
-        output_type="latent",
-        max_area=h * w,
-        _auto_resize=False,
-        height=h,
-        width=w,
-        max_sequence_length=8,
-    )
+    args = kontext_call(img, "few steps", h, w, sigmas=SIGMAS, max_sequence_length=8)
     want = flux(latents=lat, **args).images
     assert torch.equal(flux.scheduler.sigmas, torch.tensor(SIGMAS + [0.0]))  # diffusers did use them unchanged
     assert_float32_close(ours, want, flux64(latents=lat.double(), **args).images, "explicit sigmas")
