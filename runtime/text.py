@@ -85,6 +85,9 @@ class TextEncoders:
         _check_tokenizer_files(folder)
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self._lock = threading.Lock()
+        # a fast tokenizer's truncation and padding settings live on its Rust object: two threads calling it with
+        # different settings collide ("Already borrowed"), so every call holds this lock
+        self._tokenizer_lock = threading.Lock()
         self._tokenizers = self._load_tokenizers()
         self._models = None
         self._fingerprint = None
@@ -127,10 +130,11 @@ class TextEncoders:
         """Warn (PromptTruncated) when the prompt has more tokens than T5 (max_sequence_length) or CLIP read."""
         tok, tok2 = self._tokenizers
         over = []
-        n = len(tok2(prompt, verbose=False).input_ids)  # with the closing </s>, as encode counts it
-        if n > max_sequence_length:
-            over.append(f"{n} T5 tokens, max_sequence_length {max_sequence_length}")
-        n = len(tok(prompt, verbose=False).input_ids)  # with <|startoftext|> and <|endoftext|>
+        with self._tokenizer_lock:
+            n2 = len(tok2(prompt, verbose=False).input_ids)  # with the closing </s>, as encode counts it
+            n = len(tok(prompt, verbose=False).input_ids)  # with <|startoftext|> and <|endoftext|>
+        if n2 > max_sequence_length:
+            over.append(f"{n2} T5 tokens, max_sequence_length {max_sequence_length}")
         if n > tok.model_max_length:
             over.append(f"{n} CLIP tokens, CLIP's limit {tok.model_max_length}")
         if over:
@@ -146,13 +150,14 @@ class TextEncoders:
             if self._models is None:
                 self._models = self._load()
         (tok, tok2), (clip, t5) = self._tokenizers, self._models
-        ids = tok(
-            [prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+        with self._tokenizer_lock:
+            ids = tok(
+                [prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            ids2 = tok2(
+                [prompt], padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+            ).input_ids
         pooled = clip(ids.to(self.device)).pooler_output
-        ids2 = tok2(
-            [prompt], padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
-        ).input_ids
         txt = t5(ids2.to(self.device)).last_hidden_state
         return txt, pooled
 
@@ -168,8 +173,8 @@ class TextEmbeddingCache:
     """LRU in memory plus an optional folder of safetensors files, keyed by prompt, length and encoder hash."""
 
     def __init__(self, capacity: int = 64, folder: Path | None = None):
-        if capacity < 0:
-            raise InputError(f"cache capacity must be >= 0, got {capacity}")
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+            raise InputError(f"text cache size must be an integer >= 0, got {capacity!r}")
         self.capacity, self.folder = capacity, Path(folder) if folder else None
         self._lru: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
@@ -199,7 +204,10 @@ class TextEmbeddingCache:
         with self._lock:
             self._remember(key, value)
         if self.folder is not None:
-            self._write(key, value, prompt)
+            try:
+                self._write(key, value, prompt)
+            except OSError as e:  # a full disk or a removed folder costs the disk entry, never the edit
+                warnings.warn(f"text cache {self.folder}: entry not written ({e})", RuntimeWarning, stacklevel=3)
 
     def _remember(self, key, value):
         if self.capacity == 0:
