@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,43 @@ class _Stage:
             self.report.timings[self.name] = self.report.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
+class _ReadWriteLock:
+    """Many readers or one writer: edits and generations read the weights together, a LoRA change rewrites them
+    in place only when no run is using them (and no run starts until it is done)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0  # a waiting writer holds new readers back: it is never starved
+
+    @contextmanager
+    def reading(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def writing(self):
+        with self._cond:
+            self._writers_waiting += 1
+            self._cond.wait_for(lambda: not self._writing and self._readers == 0)
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 @dataclass(frozen=True)
 class _Plan:
     """A run's checked arguments: the target grid, the initial noise, the schedule."""
@@ -65,7 +104,8 @@ class _Plan:
     output: str
 
 
-def _check_device(device) -> torch.device:
+def check_device(device) -> torch.device:
+    """The torch device a pipeline may run on (cpu, or a CUDA GPU that is there), or an InputError."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -106,6 +146,7 @@ class Pipeline:
         self.max_sequence_length = max_sequence_length
         self.text_cache = text_cache
         self.optimize = optimize or Optimizations()
+        self._weights = _ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
 
     @classmethod
     def from_pretrained(
@@ -136,7 +177,7 @@ class Pipeline:
         before any weights are read); schnell shows in its shapes. The file name is never read.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
-        device = _check_device(device)
+        device = check_device(device)
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
         chosen = backends.resolve(backend, device, engines)
@@ -149,10 +190,14 @@ class Pipeline:
                 "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)"
             )
         cfg = checkpoint.transformer_config()  # headers and configs only: refuse before reading ~24 GB of weights
+        checkpoint.vae_config()
         variant = checkpoint.variant(variant)
-        msl = max_sequence_length or variant.max_sequence_length
+        msl = variant.max_sequence_length if max_sequence_length is None else max_sequence_length
         if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
             raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
+        if isinstance(loras, (str, Path)):
+            raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
+        cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         request = LoadRequest(
             checkpoint,
             Path(path),
@@ -166,7 +211,6 @@ class Pipeline:
         chosen.check(request)
         text = TextEncoders(checkpoint.text_encoders, device, dtype)  # refuses unusable tokenizers before the weights
         loaded = chosen.load(request)
-        cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         return cls(loaded, cfg, text, variant, device, dtype, chosen.name, msl, cache, optimize)
 
     # ---- public entry points ----------------------------------------------------------------------------------
@@ -201,9 +245,10 @@ class Pipeline:
         width, height = width or w0, height or h0
         guidance = self.variant.edit_guidance if guidance is None else guidance
         plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas)
-        with _Stage(report, "vae_encode", self.device):
-            contexts = [(self._encode_context(pil, size), size) for pil, size in zip(pils, sizes, strict=True)]
-        return self._run(prompt, contexts, plan, progress, report)
+        with self._weights.reading():
+            with _Stage(report, "vae_encode", self.device):
+                contexts = [(self._encode_context(pil, size), size) for pil, size in zip(pils, sizes, strict=True)]
+            return self._run(prompt, contexts, plan, progress, report)
 
     def generate(
         self,
@@ -224,7 +269,8 @@ class Pipeline:
         check_arguments(width, height, steps, guidance, seed)
         guidance = self.variant.generate_guidance if guidance is None else guidance
         plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas)
-        return self._run(prompt, [], plan, progress, report)
+        with self._weights.reading():
+            return self._run(prompt, [], plan, progress, report)
 
     def session(self, image, **defaults) -> EditSession:
         """Multi-turn editing: each turn's output becomes the next turn's context image."""
@@ -236,15 +282,17 @@ class Pipeline:
         Several may be loaded; unload_lora restores the exact original weights.
         """
         self._lora_stack("load_lora")
-        name = self._loras.load(path, strength, name)
-        self.denoiser.weights_changed()
+        with self._weights.writing():
+            name = self._loras.load(path, strength, name)
+            self.denoiser.weights_changed()
         return name
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove one LoRA by name, or all of them: the weights become bit for bit what they were without it."""
         self._lora_stack("unload_lora")
-        self._loras.unload(name)
-        self.denoiser.weights_changed()
+        with self._weights.writing():
+            self._loras.unload(name)
+            self.denoiser.weights_changed()
 
     @property
     def loras(self) -> list[str]:
@@ -347,6 +395,9 @@ class EditSession:
         args = {**self.defaults, **kwargs}
         if args.get("output", "pil") != "pil":
             raise InputError("a session edits images: output must be 'pil'")
+        latents = args.get("latents")
+        if isinstance(latents, torch.Tensor) and latents.ndim == 3 and latents.shape[0] != 1:
+            raise InputError(f"a session edits one image per turn: latents must have batch 1, got {latents.shape[0]}")
         out = self.pipe.edit(self.image, prompt, **args)
         self.history.append(out)
         return out

@@ -124,3 +124,64 @@ def test_cuda_graphs_need_cuda(kontext_dir):
         Pipeline.from_pretrained(kontext_dir, optimize=Optimizations(cuda_graphs=True))
     with pytest.raises(ValueError, match="needs hoist=True"):
         Optimizations(cuda_graphs=True, hoist=False).check(torch.device("cuda"), torch.bfloat16)
+
+
+def _lora_file(path, hidden, seed):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    save_file(
+        {
+            "double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, hidden, generator=gen),
+            "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * hidden, 2, generator=gen),
+        },
+        str(path),
+    )
+    return path
+
+
+def test_pipeline_lora_changes_drop_its_graphs(kontext_dir, tmp_path):
+    """Pipeline.load_lora / unload_lora reach the graphed denoiser: no graph of the old weights is replayed."""
+    pipe = Pipeline.from_pretrained(kontext_dir)
+    plain = Pipeline.from_pretrained(kontext_dir)
+    pipe.denoiser = Graphed(pipe.transformer, EAGER_OPS, torch.float32, capture=eager_capture)
+    args = dict(prompt="x", width=32, height=32, steps=2, seed=3, output="latent")
+    assert torch.equal(pipe.generate(**args), plain.generate(**args))
+    lora = _lora_file(tmp_path / "l.safetensors", pipe.cfg.hidden_size, 7)
+    pipe.load_lora(lora)
+    plain.load_lora(lora)
+    assert torch.equal(pipe.generate(**args), plain.generate(**args))
+    pipe.unload_lora()
+    plain.unload_lora()
+    assert torch.equal(pipe.generate(**args), plain.generate(**args))
+    assert pipe.denoiser.graphs.captures == 3
+
+
+def test_a_lora_change_waits_for_the_running_loop(kontext_dir, tmp_path):
+    """A LoRA loaded while another thread denoises is fused only after that loop ends: the run sees one set of
+    weights throughout (the same result as with no LoRA at all)."""
+    import threading
+
+    pipe = Pipeline.from_pretrained(kontext_dir)
+    args = dict(prompt="x", width=32, height=32, steps=3, seed=5, output="latent")
+    want = pipe.generate(**args)
+    lora = _lora_file(tmp_path / "l.safetensors", pipe.cfg.hidden_size, 8)
+    started, release, result = threading.Event(), threading.Event(), {}
+
+    def progress(done, total):
+        if done == 1:
+            started.set()
+            assert release.wait(30)
+
+    runner = threading.Thread(target=lambda: result.setdefault("x", pipe.generate(**args, progress=progress)))
+    loader = threading.Thread(target=pipe.load_lora, args=(lora,))
+    runner.start()
+    assert started.wait(30)
+    loader.start()
+    loader.join(0.5)
+    assert loader.is_alive() and pipe.loras == []  # the LoRA waits for the loop that is running
+    release.set()
+    runner.join(30)
+    loader.join(30)
+    assert torch.equal(result["x"], want) and pipe.loras == ["l"]
+    assert not torch.equal(pipe.generate(**args), want)
