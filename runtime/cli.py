@@ -352,6 +352,10 @@ def _run(args) -> int:
     if args.command == "export":
         return _export(args)
 
+    if args.device is not None:
+        from kontext_rt.pipeline import check_device
+
+        check_device(args.device)  # before anything is written (the demo writes its checkpoint and output folder)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.command == "demo":
         args.output = args.output or cache_dir / "demo-output.png"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -69,44 +71,50 @@ class Variant:
     generate_guidance: float = 3.5
 
 
-VARIANTS = {
-    "flux-kontext-dev": Variant("flux-kontext-dev"),
-    "flux-dev": Variant("flux-dev"),
-    "flux-schnell": Variant("flux-schnell", shift_schedule=False, max_sequence_length=256, steps=4),
-}
+VARIANTS: Mapping[str, Variant] = MappingProxyType(
+    {
+        "flux-kontext-dev": Variant("flux-kontext-dev"),
+        "flux-dev": Variant("flux-dev"),
+        "flux-schnell": Variant("flux-schnell", shift_schedule=False, max_sequence_length=256, steps=4),
+    }
+)
 
 _FULL = FluxConfig()
 
-PRESETS: dict[str, FluxConfig] = {
-    "flux-kontext-dev": _FULL,
-    "flux-dev": _FULL,
-    "flux-schnell": dataclasses.replace(_FULL, guidance_embed=False),
-    # Small configs for tests and the demo: the same code paths at a size a CPU runs in milliseconds.
-    "tiny": FluxConfig(
-        vec_in_dim=32,
-        context_in_dim=48,
-        hidden_size=64,
-        num_heads=2,
-        depth=2,
-        depth_single_blocks=2,
-        axes_dim=(4, 14, 14),
-    ),
-    "tiny-schnell": FluxConfig(
-        vec_in_dim=32,
-        context_in_dim=48,
-        hidden_size=64,
-        num_heads=2,
-        depth=2,
-        depth_single_blocks=2,
-        axes_dim=(4, 14, 14),
-        guidance_embed=False,
-    ),
-}
+PRESETS: Mapping[str, FluxConfig] = MappingProxyType(
+    {
+        "flux-kontext-dev": _FULL,
+        "flux-dev": _FULL,
+        "flux-schnell": dataclasses.replace(_FULL, guidance_embed=False),
+        # Small configs for tests and the demo: the same code paths at a size a CPU runs in milliseconds.
+        "tiny": FluxConfig(
+            vec_in_dim=32,
+            context_in_dim=48,
+            hidden_size=64,
+            num_heads=2,
+            depth=2,
+            depth_single_blocks=2,
+            axes_dim=(4, 14, 14),
+        ),
+        "tiny-schnell": FluxConfig(
+            vec_in_dim=32,
+            context_in_dim=48,
+            hidden_size=64,
+            num_heads=2,
+            depth=2,
+            depth_single_blocks=2,
+            axes_dim=(4, 14, 14),
+            guidance_embed=False,
+        ),
+    }
+)
 
-VAE_PRESETS: dict[str, VAEConfig] = {
-    "flux": VAEConfig(),
-    "tiny": VAEConfig(ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4),
-}
+VAE_PRESETS: Mapping[str, VAEConfig] = MappingProxyType(
+    {
+        "flux": VAEConfig(),
+        "tiny": VAEConfig(ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4),
+    }
+)
 
 
 def infer_axes_dim(head_dim: int) -> tuple[int, int, int]:

@@ -464,3 +464,10 @@ def test_a_device_this_runtime_does_not_run_on_is_a_usage_error(kontext_dir, pic
     code, err = run(["edit", picture, "x", "--checkpoint", kontext_dir, "-o", out, "--device", device], capsys)
     assert code == 2 and err.strip() == f"error: device {device}: kontext-rt runs on 'cpu' or 'cuda' devices"
     assert not out.exists()
+
+
+def test_demo_on_a_device_this_runtime_does_not_run_on_writes_nothing(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    code, err = run(["demo", "--device", "mps", "--cache-dir", cache], capsys)
+    assert code == 2 and err.strip() == "error: device mps: kontext-rt runs on 'cpu' or 'cuda' devices"
+    assert not cache.exists()

@@ -170,3 +170,61 @@ def test_truncation_warning_exactly_when_t5_truncates(pipe, kontext_dir, extra):
         warnings.simplefilter("always")
         pipe.text.warn_if_truncated(prompt, msl)
     assert any("T5 tokens" in str(w.message) for w in caught) == truncated
+
+
+@pytest.fixture
+def weights_never_read(monkeypatch):
+    """Loading the transformer or VAE weights fails: what is refused here is refused before them."""
+    from kontext_rt.weights.formats import CheckpointFormat
+
+    def loaded(*a, **k):
+        raise AssertionError("weights read before the check")
+
+    monkeypatch.setattr(CheckpointFormat, "load_transformer", loaded)
+    monkeypatch.setattr(CheckpointFormat, "load_vae", loaded)
+
+
+def test_load_arguments_are_checked_before_the_weights(kontext_dir, tmp_path, weights_never_read):
+    from kontext_rt import LoRAError, Optimizations
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    cases = [
+        (dict(loras=[tmp_path / "missing.safetensors"]), LoRAError, "file not found"),
+        (dict(loras=[bad]), LoRAError, "bad.safetensors"),
+        (dict(loras=str(bad)), InputError, "loras must be a list"),
+        (dict(loras=[(bad, 1.0, "extra")]), InputError, r"a path or \(path, strength\)"),
+        (dict(text_cache_size=-1), InputError, "text cache size"),
+        (dict(text_cache_size="64"), InputError, "text cache size"),
+        (dict(engine_precision="fp16"), InputError, "only used by backend='tensorrt'"),
+        (dict(max_sequence_length=0), InputError, "max_sequence_length must be an integer in 1..512"),
+        (
+            dict(
+                dtype=torch.bfloat16, optimize=Optimizations(fp8="static", fp8_calibration=tmp_path / "no.safetensors")
+            ),
+            CheckpointError,
+            "calibration file not found",
+        ),
+    ]
+    for kwargs, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            Pipeline.from_pretrained(kontext_dir, **kwargs)
+
+
+def test_a_broken_vae_config_is_refused_before_the_transformer_weights(kontext_dir, tmp_path, weights_never_read):
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(kontext_dir, ckpt)
+    config = ckpt / "vae" / "config.json"
+    c = json.loads(config.read_text())
+    del c["latent_channels"]
+    config.write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match="bad VAE config"):
+        Pipeline.from_pretrained(ckpt)
+
+
+def test_a_session_refuses_batched_latents(pipe):
+    session = pipe.session(Image.new("RGB", (32, 32)), auto_resize=False)
+    with pytest.raises(InputError, match="latents must have batch 1"):
+        session.edit("x", latents=torch.zeros(2, 4, 64))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kontext_rt.backends import graph_io
 from kontext_rt.config import FluxConfig
 from kontext_rt.errors import BackendUnavailable, InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
@@ -71,18 +72,32 @@ class TorchBackend(Backend):
     ops: Ops = EAGER_OPS
 
     def check(self, req: LoadRequest) -> None:
-        if req.engines is not None:
-            raise InputError(f"engines= is only used by backend='tensorrt', not {self.name!r}")
+        """Engines, head dims, every LoRA file (read against the model built on the meta device: no weights) and
+        the static FP8 calibration (kept for load)."""
+        from kontext_rt.model import fp8_linear as fp8
+        from kontext_rt.model.transformer import FluxTransformer
+        from kontext_rt.weights import lora
+
+        if req.engines is not None or req.engine_precision is not None:
+            raise InputError(f"engines= and engine_precision= are only used by backend='tensorrt', not {self.name!r}")
         if self.ops.head_dims is not None and req.cfg.head_dim not in self.ops.head_dims:
             raise BackendUnavailable(
                 f"backend {self.name!r} supports head dims {self.ops.head_dims}, this model "
                 f"has {req.cfg.head_dim}; use backend='eager'"
             )
+        if req.loras:
+            with torch.device("meta"):
+                shape_only = FluxTransformer(req.cfg)
+            for item in req.loras:
+                lora.read(_lora_path(item), shape_only)
+        self._amax = None
+        if req.optimize.fp8 == "static":
+            self._amax = fp8.read_calibration(req.optimize.fp8_calibration, req.checkpoint.fingerprint())
 
     def load(self, req: LoadRequest) -> Loaded:
         transformer = req.checkpoint.load_transformer(req.dtype, self.device)
         vae = req.checkpoint.load_vae(req.dtype, self.device)
-        stack = _prepare(transformer, self.ops, req)
+        stack = _prepare(transformer, self.ops, req, self._amax)
         opt = req.optimize
         denoiser = denoisers.for_model(
             transformer, self.ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs
@@ -184,7 +199,8 @@ class TensorRT(Backend):
             req.checkpoint.vae_config(),
             req.engine_precision,
         )
-        return Loaded(denoisers.PerStep(transformer, req.dtype), vae)
+        # the state is cast once per step, to what the engine reads (not to the pipeline's dtype, then again)
+        return Loaded(denoisers.PerStep(transformer, transformer.engine.dtypes[graph_io.IMG]), vae)
 
 
 REGISTRY: dict[str, type[Backend]] = {"eager": Eager, "triton": Triton, "tensorrt": TensorRT}
@@ -199,29 +215,36 @@ def resolve(name: str, device, engines=None) -> Backend:
     if name == "auto" and engines is not None:
         return TensorRT(device)
     if name == "auto":
+        reasons = []
         for candidate in AUTO_ORDER:
             try:
                 return REGISTRY[candidate](device)
-            except BackendUnavailable:
-                continue
+            except BackendUnavailable as e:
+                reasons.append(str(e))
+        raise BackendUnavailable(f"backend 'auto' found none that runs on {device}: {'; '.join(reasons)}")
     if name not in REGISTRY:
         raise InputError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}")
     return REGISTRY[name](device)
 
 
-def _prepare(transformer, ops: Ops, req: LoadRequest) -> LoRAStack:
+def _lora_path(item) -> Path:
+    """A loras= entry is a path or (path, strength)."""
+    if isinstance(item, (str, Path)):
+        return Path(item)
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, Path)):
+        return Path(item[0])
+    raise InputError(f"each LoRA is a path or (path, strength), got {item!r}")
+
+
+def _prepare(transformer, ops: Ops, req: LoadRequest, amax=None) -> LoRAStack:
     """LoRAs fused, then FP8 quantization, then regional compile: the order each needs."""
     from kontext_rt.model import fp8_linear as fp8
 
     optimize = req.optimize
     stack = LoRAStack(transformer)
     for item in req.loras:
-        path, strength = (item, 1.0) if isinstance(item, (str, Path)) else item
-        stack.load(path, strength)
+        stack.load(_lora_path(item), 1.0 if isinstance(item, (str, Path)) else item[1])
     if optimize.fp8 is not None:
-        amax = None
-        if optimize.fp8 == "static":
-            amax = fp8.read_calibration(optimize.fp8_calibration, req.checkpoint.fingerprint())
         fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(transformer.img_in.weight.device))
         stack.forget_originals()  # unloading is refused on FP8 pipelines
     if optimize.compile:

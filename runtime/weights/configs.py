@@ -61,6 +61,8 @@ def bfl_transformer_config(shapes: dict[str, tuple[int, ...]], path: Path) -> Fl
         )
     except KeyError as e:
         raise CheckpointError(f"{path}: not a FLUX transformer checkpoint (missing tensor {e})") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # tensors of the wrong rank or sizes that do not fit
+        raise CheckpointError(f"{path}: not a FLUX transformer checkpoint ({e})") from None
 
 
 def _count(shapes, group: str) -> int:
@@ -71,17 +73,20 @@ def diffusers_vae_config(folder: Path) -> VAEConfig:
     c = read_json(folder / "config.json")
     if c.get("use_quant_conv", True) or c.get("use_post_quant_conv", True):
         raise CheckpointError(f"{folder / 'config.json'}: VAE with quant convs is not the FLUX autoencoder")
-    chs = c["block_out_channels"]
-    return VAEConfig(
-        in_channels=c.get("in_channels", 3),
-        ch=chs[0],
-        ch_mult=tuple(x // chs[0] for x in chs),
-        num_res_blocks=c["layers_per_block"],
-        z_channels=c["latent_channels"],
-        norm_groups=c["norm_num_groups"],
-        scale_factor=c["scaling_factor"],
-        shift_factor=c["shift_factor"],
-    )
+    try:
+        chs = c["block_out_channels"]
+        return VAEConfig(
+            in_channels=c.get("in_channels", 3),
+            ch=chs[0],
+            ch_mult=tuple(x // chs[0] for x in chs),
+            num_res_blocks=c["layers_per_block"],
+            z_channels=c["latent_channels"],
+            norm_groups=c["norm_num_groups"],
+            scale_factor=c["scaling_factor"],
+            shift_factor=c["shift_factor"],
+        )
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: bad VAE config ({type(e).__name__}: {e})") from None
 
 
 def bfl_vae_config(shapes: dict[str, tuple[int, ...]], path: Path) -> VAEConfig:

@@ -41,7 +41,11 @@ def read_header(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     size = path.stat().st_size
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")  # closed by the with below
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    with f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
