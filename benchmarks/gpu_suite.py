@@ -96,7 +96,7 @@ class Suite:
     vae: object = None
     model: object = None
     data: dict = field(default_factory=dict)
-    steppers: dict = field(default_factory=dict)
+    denoisers: dict = field(default_factory=dict)
     reference: tuple | None = None  # the bf16 trace the FP8 drift is measured against
     core: dict = field(default_factory=dict)  # the core part's results, when this is the compile part
     step_s: float = 0.5  # seconds per Kontext step, for phase estimates: a guess until the first rung is timed
@@ -156,20 +156,20 @@ class Suite:
 
     # --- the ladder ----------------------------------------------------------------------------------------------
 
-    def stepper(self, rung):
+    def denoiser(self, rung):
         """The rung's hoisted or graphed denoiser (None for the per-step rungs), made once per rung."""
         from kontext_rt.sampling.denoisers import Graphed, Hoisted
 
         if rung in ("eager", "triton"):
             return None
-        if rung not in self.steppers:
+        if rung not in self.denoisers:
             ops = self.ops["triton"]
-            self.steppers[rung] = (
+            self.denoisers[rung] = (
                 Graphed(self.model, ops, self.dtype, self.capture)
                 if rung in GRAPHED
                 else Hoisted(self.model, ops, self.dtype)
             )
-        return self.steppers[rung]
+        return self.denoisers[rung]
 
     @property
     def steps(self) -> dict:
@@ -182,7 +182,7 @@ class Suite:
     def loop(self, rung):
         """The rung's sampling loop, (x, sigmas, cond) -> x."""
         ops = self.ops["eager" if rung == "eager" else "triton"]
-        return parts.loop_fn(self.model, ops, self.dtype, self.stepper(rung))
+        return parts.loop_fn(self.model, ops, self.dtype, self.denoiser(rung))
 
     def rung(self, rung):
         """Time one rung on every layout, writing after each (a kill keeps the layouts done)."""
@@ -209,13 +209,13 @@ class Suite:
         return 1.5 * len(self.layouts) * (n["warmup"] + n["repeats"] * n["steps_timed"]) * self.step_s
 
     def checks(self):
-        graphs = self.stepper("graphs") if self.capture is not None else None
+        graphs = self.denoiser("graphs") if self.capture is not None else None
         found = parts.exactness(
             self.model,
             self.ops["triton"],
             self.dtype,
             self.data["kontext"],
-            self.stepper("hoisted"),
+            self.denoiser("hoisted"),
             graphs,
             self.steps["exactness"],
         )
@@ -249,17 +249,17 @@ class Suite:
         """The blocks' linears to FP8, in place; first an 8-step bf16 trace for the drift (core part only)."""
         from kontext_rt.model.fp8_linear import convert
 
-        self.steppers.clear()  # the bf16 graphs read the bf16 weights: they must never replay again
+        self.denoisers.clear()  # the bf16 graphs read the bf16 weights: they must never replay again
         parts.free_memory(self.device)
         if keep_reference:
-            self.reference = parts.trace(self.stepper("hoisted"), self.data["kontext"], self.steps["drift"])
-            self.steppers.clear()
+            self.reference = parts.trace(self.denoiser("hoisted"), self.data["kontext"], self.steps["drift"])
+            self.denoisers.clear()
         convert(self.model, self.ops["triton"].quantize_rows, matmul=self.fp8_matmul)
 
     def fp8_drift(self):
-        fp8 = parts.trace(self.stepper("hoisted"), self.data["kontext"], self.steps["drift"])
+        fp8 = parts.trace(self.denoiser("hoisted"), self.data["kontext"], self.steps["drift"])
         self.result["fp8_drift"] = parts.drift(self.reference, fp8)
-        self.steppers.pop("hoisted")
+        self.denoisers.pop("hoisted")
 
     def quantizer(self):
         rows, cols = (40, 96) if self.args.rehearse else (8704, 3072)

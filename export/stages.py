@@ -62,10 +62,10 @@ class Export:
         if opts.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {opts.precision!r}")
         self.opts, self.log = opts, log
-        self.layout = detect(opts.checkpoint, ae=opts.ae, text_encoders=opts.text_encoders)
-        self.fingerprint = self.layout.fingerprint()
-        self.cfg, self.vae_cfg = self.layout.transformer_config(), self.layout.vae_config()
-        self.variant = self.layout.variant(opts.variant, if_ambiguous=EXPORT_VARIANT)
+        self.checkpoint = detect(opts.checkpoint, ae=opts.ae, text_encoders=opts.text_encoders)
+        self.fingerprint = self.checkpoint.fingerprint()
+        self.cfg, self.vae_cfg = self.checkpoint.transformer_config(), self.checkpoint.vae_config()
+        self.variant = self.checkpoint.variant(opts.variant, if_ambiguous=EXPORT_VARIANT)
         text_tokens = self.variant.max_sequence_length
         self.specs = {
             "transformer": specs.transformer_spec(self.cfg, text_tokens, opts.max_batch),
@@ -153,7 +153,7 @@ class Export:
             module = transformer_graph(self._transformer())
             exporter = "torchscript" if self.opts.precision == "fp8" else "dynamo"
         else:
-            vae = self.layout.load_vae(self.dtype, self.opts.device)
+            vae = self.checkpoint.load_vae(self.dtype, self.opts.device)
             module, exporter = (VAEEncoderGraph if graph == "vae_encoder" else VAEDecoderGraph)(vae), "dynamo"
         export_onnx(module, spec, path, self.dtype, exporter)
         check_parsable(path)
@@ -161,12 +161,12 @@ class Export:
 
     def _transformer(self):
         if self.opts.precision != "fp8":
-            return self.layout.load_transformer(self.dtype, self.opts.device)
+            return self.checkpoint.load_transformer(self.dtype, self.opts.device)
         if self._quantized is not None:
             return self._quantized
         from kontext_rt.export.fp8 import restore_calibration
 
-        model = self.layout.load_transformer(self.dtype, self.opts.device)
+        model = self.checkpoint.load_transformer(self.dtype, self.opts.device)
         return restore_calibration(model, self._folder("calibration") / "fp8.safetensors", self.fingerprint)
 
     def _calibrate(self, folder: Path) -> tuple[list[Path], dict]:
