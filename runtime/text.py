@@ -174,7 +174,7 @@ class TextEmbeddingCache:
 
     def __init__(self, capacity: int = 64, folder: Path | None = None):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
-            raise InputError(f"text cache size must be an integer >= 0, got {capacity!r}")
+            raise InputError(f"text cache size (capacity) must be an integer >= 0, got {capacity!r}")
         self.capacity, self.folder = capacity, Path(folder) if folder else None
         self._lru: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()

@@ -78,8 +78,9 @@ class TorchBackend(Backend):
         from kontext_rt.model.transformer import FluxTransformer
         from kontext_rt.weights import lora
 
-        if req.engines is not None or req.engine_precision is not None:
-            raise InputError(f"engines= and engine_precision= are only used by backend='tensorrt', not {self.name!r}")
+        for given, what in ((req.engines, "engines="), (req.engine_precision, "engine_precision=")):
+            if given is not None:
+                raise InputError(f"{what} is only used by backend='tensorrt', not {self.name!r}")
         if self.ops.head_dims is not None and req.cfg.head_dim not in self.ops.head_dims:
             raise BackendUnavailable(
                 f"backend {self.name!r} supports head dims {self.ops.head_dims}, this model "
