@@ -127,7 +127,81 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="edit with a small random-weight checkpoint on the CPU (no downloads)")
     common(d, needs_checkpoint=False)
     _export_parser(sub)
+    _plan_parser(sub)
     return p
+
+
+def _plan_parser(sub):
+    pl = sub.add_parser("plan", help="the memory a run needs on the device, from the configs alone (no weights read)")
+    which = pl.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="diffusers folder or flux1-*.safetensors file")
+    which.add_argument("--preset", help="a model config by name, no checkpoint needed: flux-kontext-dev, flux-dev, ...")
+    pl.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
+    pl.add_argument("--text-encoders", help="folder with text_encoder*/ (default: the checkpoint's)")
+    pl.add_argument("--variant", help="what a BFL file holds when its shapes leave it open (sets the text tokens)")
+    pl.add_argument("--width", type=_positive_int, default=1024, help="output width, a multiple of 16")
+    pl.add_argument("--height", type=_positive_int, default=1024, help="output height, a multiple of 16")
+    pl.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="the weights' dtype (default bf16)")
+    pl.add_argument("--fp8", action="store_true", help="FP8 linears (needs --dtype bf16)")
+    pl.add_argument("--text-tokens", type=_positive_int, help="T5 tokens (default: the variant's max_sequence_length)")
+    pl.add_argument("--no-context", action="store_true", help="text-to-image: no context image")
+
+
+def _plan(args) -> int:
+    import torch
+
+    from kontext_rt import image as im
+    from kontext_rt import memory
+    from kontext_rt.config import PRESETS, VAE_PRESETS, VARIANTS, Variant
+
+    dtype = getattr(torch, DTYPE_NAMES[args.dtype])
+    if args.fp8 and dtype != torch.bfloat16:
+        raise UsageError(f"--fp8 linears produce bfloat16: use --dtype bf16, not {args.dtype}")
+    im.check_output_size(args.width, args.height)
+    if args.text_tokens is not None and args.text_tokens > 512:
+        raise UsageError(f"--text-tokens must be at most 512 (T5's limit here), got {args.text_tokens}")
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r}; one of {', '.join(PRESETS)}")
+        for given in ("ae", "text_encoders", "variant"):
+            if getattr(args, given) is not None:
+                raise UsageError(f"--{given.replace('_', '-')} goes with --checkpoint, not --preset")
+        cfg = PRESETS[args.preset]
+        full = cfg.context_in_dim == 4096 and cfg.vec_in_dim == 768
+        vae_cfg = VAE_PRESETS["flux" if full else "tiny"]
+        variant = VARIANTS.get(args.preset, Variant(args.preset))
+        encoders = memory.standard_text_encoder_bytes(dtype) if full else 0
+    else:
+        from kontext_rt.weights.formats import detect
+
+        checkpoint = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
+        cfg, vae_cfg = checkpoint.transformer_config(), checkpoint.vae_config()
+        variant = checkpoint.variant(args.variant) if args.text_tokens is None else None
+        folder = checkpoint.text_encoders
+        encoders = 0 if folder is None else memory.text_encoder_bytes(folder, dtype)
+    tokens = (args.width // 16) * (args.height // 16)
+    text_tokens = args.text_tokens or variant.max_sequence_length
+    p = memory.plan(
+        cfg,
+        vae_cfg,
+        dtype,
+        args.fp8,
+        text_tokens,
+        tokens,
+        0 if args.no_context else tokens,
+        args.width,
+        args.height,
+        text_encoders=encoders,
+    )
+    print(p.table())
+    if not encoders:
+        why = "a preset without the FLUX.1 text encoders' sizes" if args.preset else "none found beside the checkpoint"
+        print(f"  (text encoders not counted: {why})")
+    print(
+        f"  planned from the configs (no weights read); the trace does not see allocator rounding, cuBLAS and "
+        f"attention workspaces or the CUDA context: the {memory.MARGIN:.0%} margin stands for them"
+    )
+    return 0
 
 
 def _export_parser(sub):
@@ -351,6 +425,8 @@ def _run(args) -> int:
     _show_warnings(PromptTruncated)
     if args.command == "export":
         return _export(args)
+    if args.command == "plan":
+        return _plan(args)
 
     if args.device is not None:
         from kontext_rt.pipeline import check_device

@@ -34,3 +34,7 @@ class BackendUnavailable(KontextError, RuntimeError):
 
 class PromptTruncated(UserWarning):
     """A warning, not an error: a prompt longer than a text encoder reads; the tokens past its limit are dropped."""
+
+
+class OutOfMemoryPlan(InputError):
+    """A request whose memory plan (kontext_rt.memory) does not fit the device's free memory or max_memory=."""

@@ -183,8 +183,10 @@ class MemoryPlan:
         return self.peak + self.margin
 
     def table(self) -> str:
+        unit, name = (GIB, "GiB") if self.budget >= GIB else (2**20, "MiB")
+
         def gib(n: int) -> str:
-            return f"{n / GIB:9.2f} GiB"
+            return f"{n / unit:9.2f} {name}"
 
         rows = [
             ("transformer weights", self.transformer_weights),
@@ -294,3 +296,36 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def check_max_memory(max_memory) -> None:
+    """max_memory: None, or a positive int of bytes (InputError otherwise)."""
+    from kontext_rt.errors import InputError
+
+    if max_memory is not None and (not isinstance(max_memory, int) or isinstance(max_memory, bool) or max_memory <= 0):
+        raise InputError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+
+
+def check_budget(p: MemoryPlan, device: torch.device, max_memory=None, fp8: bool = False) -> None:
+    """Refuse a plan over max_memory (bytes, any device) or, on CUDA without it, over the device's free memory:
+    an OutOfMemoryPlan naming the breakdown and what would help. Nothing to check on a CPU without max_memory."""
+    from kontext_rt.errors import OutOfMemoryPlan
+
+    if max_memory is not None:
+        check_max_memory(max_memory)
+        budget, what = max_memory, "max_memory="
+    elif device.type == "cuda":
+        budget, what = torch.cuda.mem_get_info(device)[0], f"the free memory of {device}"
+    else:
+        return
+    if p.budget <= budget:
+        return
+    helps = [] if fp8 else ["FP8 linears (optimize=Optimizations(fp8='dynamic') with dtype=torch.bfloat16)"]
+    helps += [
+        "a smaller plan_size=(width, height) when the edits will be smaller",
+        "a GPU with more free memory",
+    ]
+    raise OutOfMemoryPlan(
+        f"the memory plan needs {p.budget / GIB:.2f} GiB, more than {what} ({budget / GIB:.2f} GiB). {p.table()}\n"
+        f"What would help: {'; '.join(helps)}. `kontext-rt plan` prints the plan of other settings."
+    )

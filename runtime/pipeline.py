@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from kontext_rt import backends
+from kontext_rt import backends, memory
 from kontext_rt import image as im
 from kontext_rt.arguments import check as check_arguments
 from kontext_rt.arguments import check_guidance, check_seed
@@ -119,6 +119,19 @@ def check_device(device) -> torch.device:
     return device
 
 
+def _memory_plan(checkpoint, cfg, dtype, optimize, text_tokens, size) -> memory.MemoryPlan:
+    """The plan of a run at size (one context image of that size) with the text encoders on the device."""
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise InputError(f"plan_size must be (width, height), got {size!r}")
+    width, height = size
+    im.check_output_size(width, height)
+    tokens = (width // 16) * (height // 16)
+    fp8 = optimize.fp8 is not None
+    encoders = memory.text_encoder_bytes(checkpoint.text_encoders, dtype)
+    vae_cfg = checkpoint.vae_config()
+    return memory.plan(cfg, vae_cfg, dtype, fp8, text_tokens, tokens, tokens, width, height, text_encoders=encoders)
+
+
 def _check_prompt(prompt):
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt must be a non-empty string")
@@ -165,6 +178,8 @@ class Pipeline:
         optimize: Optimizations | None = None,
         loras=(),
         variant: str | None = None,
+        max_memory: int | None = None,
+        plan_size: tuple[int, int] = (1024, 1024),
     ) -> Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
@@ -175,6 +190,8 @@ class Pipeline:
         variant: a name in config.VARIANTS. A diffusers folder says its own (a contradicting one is refused); a BFL
         file of FLUX.1 [dev] shapes is either flux-kontext-dev or flux-dev, so it needs variant= (refused without,
         before any weights are read); schnell shows in its shapes. The file name is never read.
+        max_memory: bytes the load and a run at plan_size (with one context image of that size) may take; on CUDA
+        without it, the device's free memory. A memory plan over it (kontext_rt.memory) is refused before the weights.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
         device = check_device(device)
@@ -197,6 +214,12 @@ class Pipeline:
             raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
         if isinstance(loras, (str, Path)):
             raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
+        memory.check_max_memory(max_memory)
+        if chosen.name == "tensorrt" and max_memory is not None:
+            raise InputError("max_memory= plans the runtime's own model; backend='tensorrt' runs engines")
+        if chosen.name != "tensorrt" and (max_memory is not None or device.type == "cuda"):
+            plan = _memory_plan(checkpoint, cfg, dtype, optimize, msl, plan_size)
+            memory.check_budget(plan, device, max_memory, fp8=optimize.fp8 is not None)
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         request = LoadRequest(
             checkpoint,
