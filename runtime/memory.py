@@ -40,7 +40,7 @@ class LiveBytes(TorchDispatchMode):
 
     A storage is counted once however many views share it, from the op that creates it until its last tensor dies
     (weakref finalizers on each tensor that holds it). Tensors made before the mode (weights, inputs) are the
-    starting point and not counted."""
+    starting point and not counted, nor are views of them (an output sharing an input's untracked storage)."""
 
     def __init__(self):
         super().__init__()
@@ -59,12 +59,15 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
             key = storage._cdata
             entry = self._holders.get(key)
+            if entry is None and key in given:
+                continue  # a view of (or an in-place op on) memory that was there before the mode: nothing new
             if entry is None:
                 entry = self._holders[key] = [storage.nbytes(), set()]
                 self.live += entry[0]

@@ -1,0 +1,172 @@
+"""The memory plan: exact weight bytes, a traced transient checked against a hand count, refusal before the weights,
+and the `kontext-rt plan` command."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kontext_rt import memory
+from kontext_rt.cli import main
+from kontext_rt.config import PRESETS, VAE_PRESETS
+from kontext_rt.errors import InputError, OutOfMemoryPlan
+from kontext_rt.model.fp8_linear import fp8_eligible
+from kontext_rt.model.transformer import FluxTransformer
+from kontext_rt.model.vae import AutoEncoder
+from kontext_rt.pipeline import Pipeline
+from kontext_rt.weights.formats import CheckpointFormat
+
+FULL = ("flux-kontext-dev", "flux-schnell")  # flux-dev shares the kontext config; schnell drops guidance_in
+
+
+def small_plan(cfg, vae_cfg, dtype=torch.bfloat16, fp8=False):
+    """A plan at 64x64 (weights do not depend on the size; a small trace keeps the test quick)."""
+    return memory.plan(cfg, vae_cfg, dtype, fp8, 8, 16, 16, 64, 64)
+
+
+def recipe_bytes(cfg, fp8: bool) -> int:
+    """Bytes of the transformer in bf16, counted from the plain model's parameters; with fp8, each eligible linear
+    as the FP8 recipe keeps it: an e4m3 weight (1 byte), one float32 scale per output channel, the bias in bf16."""
+    with torch.device("meta"):
+        model = FluxTransformer(cfg)
+    total = 0
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if fp8 and isinstance(module, nn.Linear) and fp8_eligible(name):
+            out_features, in_features = module.weight.shape
+            total += out_features * in_features + 4 * out_features
+            total += 0 if module.bias is None else 2 * module.bias.numel()
+        else:
+            total += 2 * sum(p.numel() for p in own)
+    return total
+
+
+@pytest.mark.parametrize("preset", FULL)
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_full_size_weight_bytes_are_exact(preset, fp8):
+    cfg = PRESETS[preset]
+    p = small_plan(cfg, VAE_PRESETS["flux"], fp8=fp8)
+    assert p.transformer_weights == recipe_bytes(cfg, fp8)
+    with torch.device("meta"):
+        vae = AutoEncoder(VAE_PRESETS["flux"])
+    assert p.vae_weights == 2 * sum(t.numel() for t in vae.parameters())
+
+
+def test_fp8_converted_meta_model_matches_the_recipe():
+    """convert works on the meta device; what it leaves is the recipe's count, for a model the test also converts."""
+    cfg = PRESETS["flux-kontext-dev"]
+    converted = memory.meta_transformer(cfg, torch.bfloat16, fp8=True)
+    kept = {n: t for n, t in converted.named_buffers() if n.endswith(("weight", "weight_scale"))}
+    assert any(t.dtype == torch.float8_e4m3fn for t in kept.values())
+    assert memory.tensor_bytes(converted) == recipe_bytes(cfg, fp8=True)
+
+
+def test_live_bytes_peak_of_linear_gelu_linear_by_hand():
+    """x (B, K) -> h = gelu(lin1(x)) (B, N) -> lin2(h) (B, M). Alive at once, by hand: lin1's output and GELU's
+    (2BN, then lin1's dies), then GELU's and lin2's (BN + BM). With M > N the peak is BN + BM, in float32 bytes.
+    The weights and x exist before the trace: not counted."""
+    b, k, n, m = 8, 16, 32, 96
+    with torch.device("meta"):
+        lin1, lin2 = nn.Linear(k, n), nn.Linear(n, m)
+        x = torch.empty(b, k)
+
+    def run():
+        h = F.gelu(lin1(x))
+        lin2(h)
+
+    assert memory.trace_peak(run) == 4 * (b * n + b * m)
+
+
+def test_live_bytes_counts_views_once_and_pre_existing_memory_never():
+    with torch.device("meta"):
+        x = torch.empty(64, 64)
+
+    def run():
+        y = x.t()  # a view of memory that was already there
+        z = y * 2  # new: 64*64 float32
+        z[1:3].t().add_(1)  # views and in-place ops on z: nothing new
+
+    assert memory.trace_peak(run) == 4 * 64 * 64
+
+
+def test_plan_table_names_every_line():
+    p = small_plan(PRESETS["tiny"], VAE_PRESETS["tiny"])
+    text = str(p)
+    for line in (
+        "transformer weights",
+        "VAE weights",
+        "text encoders",
+        "denoising step",
+        "VAE encode/decode",
+        "margin",
+    ):
+        assert line in text
+    assert p.peak == p.resident + max(p.denoise_transient, p.vae_transient)
+    assert p.budget == p.peak + int(p.peak * memory.MARGIN)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    def read(*a, **k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(CheckpointFormat, "load_transformer", read)
+    monkeypatch.setattr(CheckpointFormat, "load_vae", read)
+
+
+def test_over_max_memory_is_refused_before_any_weights(kontext_dir, no_weights):
+    with pytest.raises(OutOfMemoryPlan, match="(?s)transformer weights.*FP8 linears") as err:
+        Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=1024)
+    assert isinstance(err.value, InputError)
+
+
+def test_max_memory_boundary_is_the_planned_total(kontext_dir, monkeypatch):
+    """The plan's total fits exactly; one byte less is refused (so the plan, not a constant, decides)."""
+    from kontext_rt import pipeline
+
+    plans = []
+    original = pipeline._memory_plan
+    monkeypatch.setattr(pipeline, "_memory_plan", lambda *a: plans.append(original(*a)) or plans[-1])
+    with pytest.raises(OutOfMemoryPlan):
+        Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=1)
+    need = plans[0].budget
+    assert plans[0].text_encoders > 0  # the tiny checkpoint's text encoders are counted from their headers
+    with pytest.raises(OutOfMemoryPlan):
+        Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=need - 1)
+    assert Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=need) is not None
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1G"])
+def test_max_memory_must_be_positive_bytes(kontext_dir, no_weights, bad):
+    with pytest.raises(InputError, match="max_memory"):
+        Pipeline.from_pretrained(kontext_dir, max_memory=bad)
+
+
+def test_cli_plan_for_a_checkpoint(kontext_dir, capsys, no_weights):
+    assert main(["plan", "--checkpoint", str(kontext_dir), "--width", "64", "--height", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "64x64, bfloat16" in out and "transformer weights" in out and "planned total" in out
+
+
+def test_cli_plan_for_the_full_preset(capsys):
+    assert main(["plan", "--preset", "flux-kontext-dev", "--width", "256", "--height", "256", "--fp8"]) == 0
+    out = capsys.readouterr().out
+    want = recipe_bytes(PRESETS["flux-kontext-dev"], fp8=True) / 2**30
+    assert "transformer weights" in out and f"{want:.2f} GiB" in out
+    assert "bfloat16 + fp8 linears" in out
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--preset", "nope"], "unknown preset"),
+        (["--preset", "tiny", "--fp8", "--dtype", "fp32"], "--fp8"),
+        (["--preset", "tiny", "--width", "100"], "multiple of 16"),
+        (["--preset", "tiny", "--checkpoint", "x"], "not allowed with"),
+    ],
+)
+def test_cli_plan_refuses_bad_arguments(args, match, capsys):
+    assert main(["plan", *args]) == 2
+    assert match in capsys.readouterr().err
