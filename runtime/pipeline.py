@@ -215,9 +215,9 @@ class Pipeline:
         if isinstance(loras, (str, Path)):
             raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
         memory.check_max_memory(max_memory)
-        if chosen.name == "tensorrt" and max_memory is not None:
+        if chosen.engines and max_memory is not None:
             raise InputError("max_memory= plans the runtime's own model; backend='tensorrt' runs engines")
-        if chosen.name != "tensorrt" and (max_memory is not None or device.type == "cuda"):
+        if not chosen.engines and (max_memory is not None or device.type == "cuda"):
             plan = _memory_plan(checkpoint, cfg, dtype, optimize, msl, plan_size)
             memory.check_budget(plan, device, max_memory, fp8=optimize.fp8 is not None)
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
