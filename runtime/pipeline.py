@@ -132,6 +132,24 @@ def _memory_plan(checkpoint, cfg, dtype, optimize, text_tokens, size) -> memory.
     return memory.plan(cfg, vae_cfg, dtype, fp8, text_tokens, tokens, tokens, width, height, text_encoders=encoders)
 
 
+def _sequence_length(variant: Variant, max_sequence_length) -> int:
+    """T5 tokens: the variant's default, or the caller's within 1..512."""
+    msl = variant.max_sequence_length if max_sequence_length is None else max_sequence_length
+    if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
+        raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
+    return msl
+
+
+def _check_memory(backend, checkpoint, cfg, device, dtype, optimize, text_tokens, max_memory, plan_size) -> None:
+    """Refuse a load whose memory plan exceeds max_memory= (any device) or a CUDA device's free memory."""
+    memory.check_max_memory(max_memory)
+    if backend.engines and max_memory is not None:
+        raise InputError("max_memory= plans the runtime's own model; backend='tensorrt' runs engines")
+    if not backend.engines and (max_memory is not None or device.type == "cuda"):
+        plan = _memory_plan(checkpoint, cfg, dtype, optimize, text_tokens, plan_size)
+        memory.check_budget(plan, device, max_memory, fp8=optimize.fp8 is not None)
+
+
 def _check_prompt(prompt):
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt must be a non-empty string")
@@ -209,17 +227,10 @@ class Pipeline:
         cfg = checkpoint.transformer_config()  # headers and configs only: refuse before reading ~24 GB of weights
         checkpoint.vae_config()
         variant = checkpoint.variant(variant)
-        msl = variant.max_sequence_length if max_sequence_length is None else max_sequence_length
-        if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
-            raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
+        msl = _sequence_length(variant, max_sequence_length)
         if isinstance(loras, (str, Path)):
             raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
-        memory.check_max_memory(max_memory)
-        if chosen.engines and max_memory is not None:
-            raise InputError("max_memory= plans the runtime's own model; backend='tensorrt' runs engines")
-        if not chosen.engines and (max_memory is not None or device.type == "cuda"):
-            plan = _memory_plan(checkpoint, cfg, dtype, optimize, msl, plan_size)
-            memory.check_budget(plan, device, max_memory, fp8=optimize.fp8 is not None)
+        _check_memory(chosen, checkpoint, cfg, device, dtype, optimize, msl, max_memory, plan_size)
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         request = LoadRequest(
             checkpoint,
