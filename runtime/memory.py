@@ -21,6 +21,7 @@ line, never folded into the traced numbers.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -259,7 +260,7 @@ def text_encoder_bytes(folder, dtype: torch.dtype) -> int:
     total = 0
     for sub in ("text_encoder", "text_encoder_2"):
         files = component_files(Path(folder) / sub, "model")
-        total += sum(_numel(shape) for shape in files.shapes.values()) * size
+        total += sum(math.prod(shape) for shape in files.shapes.values()) * size
     return total
 
 
@@ -292,13 +293,6 @@ def standard_text_encoder_bytes(dtype: torch.dtype) -> int:
     with torch.device("meta"):
         models = (CLIPTextModel(clip), T5EncoderModel(t5))
     return sum(sum(p.numel() for p in m.parameters()) for m in models) * size
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def check_max_memory(max_memory) -> None:
