@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies --backend tensorrt)"
         )
+        sp.add_argument(
+            "--placement",
+            help="where each part lives: resident (default), lean, offload, or part=mode,... "
+            "(text_encoders=device|staged|cpu, transformer=resident|offload, modulation=resident|staged, "
+            "vae=resident|staged); `kontext-rt plan` shows what each needs",
+        )
         sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
         sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing summary")
@@ -244,6 +250,9 @@ def _run(args) -> int:
         from kontext_rt.pipeline import check_device
 
         check_device(args.device)  # before anything is written (the demo writes its checkpoint and output folder)
+    from kontext_rt.placement import Placement
+
+    Placement.parse(args.placement)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.command == "demo":
         args.output = args.output or cache_dir / "demo-output.png"
@@ -280,6 +289,15 @@ def _run(args) -> int:
     return 0
 
 
+def _run_size(args, contexts) -> tuple[int, int]:
+    """The output size of this run (what the memory plan is made for): the asked size, else the first context's."""
+    width, height = getattr(args, "width", None), getattr(args, "height", None)
+    if not contexts:
+        return width, height
+    encoded = contexts[0][2]
+    return width or encoded[0], height or encoded[1]
+
+
 def _generate(args, contexts, text_cache: Path | None):
     """Load the pipeline and run the command: the expensive part, after every check that can come first."""
     import kontext_rt as krt
@@ -295,6 +313,8 @@ def _generate(args, contexts, text_cache: Path | None):
         text_cache_dir=text_cache,
         engines=args.engines,
         variant=_variant(args),
+        placement=args.placement,
+        plan_size=_run_size(args, contexts),
     )
     report = krt.RunReport()
     bar = _progress(args.quiet)

@@ -23,6 +23,10 @@ def _plan_parser(sub):
     pl.add_argument("--fp8", action="store_true", help="FP8 linears (needs --dtype bf16)")
     pl.add_argument("--text-tokens", type=_positive_int, help="T5 tokens (default: the variant's max_sequence_length)")
     pl.add_argument("--no-context", action="store_true", help="text-to-image: no context image")
+    pl.add_argument(
+        "--placement", help="resident (default), lean, offload, or part=mode,...: where each part lives (see edit)"
+    )
+    pl.add_argument("--steps", type=_positive_int, default=28, help="steps (rows of the modulation table; default 28)")
 
 
 def _plan(args) -> int:
@@ -31,7 +35,10 @@ def _plan(args) -> int:
     from kontext_rt import image as im
     from kontext_rt import memory
     from kontext_rt.config import PRESETS, VAE_PRESETS, VARIANTS, Variant
+    from kontext_rt.placement import PRESETS as PLACEMENTS
+    from kontext_rt.placement import Placement
 
+    placement = Placement.parse(args.placement)
     dtype = getattr(torch, DTYPE_NAMES[args.dtype])
     if args.fp8 and dtype != torch.bfloat16:
         raise UsageError(f"--fp8 linears produce bfloat16: use --dtype bf16, not {args.dtype}")
@@ -70,8 +77,12 @@ def _plan(args) -> int:
         args.width,
         args.height,
         text_encoders=encoders,
+        placement=placement,
+        steps=args.steps,
     )
-    print(p.table())
+    print(p)
+    others = ", ".join(f"{name} {p.placed(pl).budget / memory.GIB:.2f} GiB" for name, pl in PLACEMENTS.items())
+    print(f"  planned total by placement preset: {others}")
     if not encoders:
         why = "a preset without the FLUX.1 text encoders' sizes" if args.preset else "none found beside the checkpoint"
         print(f"  (text encoders not counted: {why})")

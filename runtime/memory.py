@@ -21,9 +21,8 @@ line, never folded into the traced numbers.
 
 from __future__ import annotations
 
-import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -31,7 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from kontext_rt.config import FluxConfig, VAEConfig
+from kontext_rt.placement import PRESETS, Placement
 
+RESIDENT = PRESETS["resident"]
 MARGIN = 0.10  # of the traced peak: allocator rounding and fragmentation, workspaces, the CUDA context
 GIB = 2**30
 
@@ -150,32 +151,55 @@ def vae_transients(vae: nn.Module, dtype, width: int, height: int, batch: int, c
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes on the device for one request. The text encoders are their own line (0 when they are not there)."""
+    """Bytes on the device for one request with a placement (kontext_rt.placement): each part's weights, each stage's
+    transient, and the stages' peaks. The parts' sizes never depend on the placement; where they are does."""
 
-    transformer_weights: int
+    transformer_weights: int  # all of it: blocks + modulation linears + the rest
+    block_weights: int  # the blocks without their modulation linears
+    largest_block: int
+    modulation_weights: int
+    largest_modulation_layer: int
     vae_weights: int
     text_encoders: int
     denoise_transient: int
     vae_transient: int
+    table: int  # the hoisted modulation table of every step, alive through the loop
+    placement: Placement = Placement()
     request: str = ""
     margin_fraction: float = MARGIN
 
-    @property
-    def resident(self) -> int:
-        return self.transformer_weights + self.vae_weights + self.text_encoders
+    def placed(self, placement: Placement) -> MemoryPlan:
+        """The same request with another placement."""
+        return replace(self, placement=placement)
 
     @property
-    def largest_transient(self) -> int:
-        return max(self.denoise_transient, self.vae_transient)
+    def resident(self) -> int:
+        """What stays on the device through every stage."""
+        pl = self.placement
+        total = self.transformer_weights
+        total -= self.block_weights if pl.offloads_blocks else 0
+        total -= self.modulation_weights if pl.modulation == "staged" else 0
+        total += self.vae_weights if pl.vae == "resident" else 0
+        return total + (self.text_encoders if pl.text_encoders == "device" else 0)
+
+    @property
+    def stages(self) -> dict[str, int]:
+        """Bytes on the device at each stage's highest point."""
+        pl, base = self.placement, self.resident
+        vae = self.vae_weights if pl.vae == "staged" else 0
+        streamed_mod = 2 * self.largest_modulation_layer if pl.modulation == "staged" else 0
+        streamed_blocks = 2 * self.largest_block if pl.offloads_blocks else 0  # the running block + the next one
+        return {
+            "text encode": base + (self.text_encoders if pl.text_encoders == "staged" else 0),
+            "VAE encode/decode": base + vae + self.vae_transient,
+            "modulation table": base + streamed_mod + self.table,
+            "denoising step": base + streamed_blocks + self.table + self.denoise_transient,
+        }
 
     @property
     def peak(self) -> int:
-        """Resident weights (text encoders included) + the largest transient: what the trace sees."""
-        return self.resident + self.largest_transient
-
-    @property
-    def peak_without_text_encoders(self) -> int:
-        return self.peak - self.text_encoders
+        """The highest stage: what the trace sees."""
+        return max(self.stages.values())
 
     @property
     def margin(self) -> int:
@@ -186,30 +210,56 @@ class MemoryPlan:
         """The planned peak plus the margin for what the trace cannot see: what must be free on the device."""
         return self.peak + self.margin
 
-    def table(self) -> str:
+    def table_text(self) -> str:
         unit, name = (GIB, "GiB") if self.budget >= GIB else (2**20, "MiB")
 
-        def gib(n: int) -> str:
+        def size(n: int) -> str:
             return f"{n / unit:9.2f} {name}"
 
+        pl = self.placement
+        where = {
+            "device": "on the device",
+            "resident": "on the device",
+            "staged": "host memory, on the device for its stage",
+            "cpu": "on the CPU, run there",
+        }
+        rest = self.transformer_weights - self.block_weights - self.modulation_weights
+        blocks_at = "host memory, 2 blocks on the device at a time" if pl.offloads_blocks else where["resident"]
+        mod_at = "host memory, 2 layers on the device at a time" if pl.modulation == "staged" else where["resident"]
         rows = [
-            ("transformer weights", self.transformer_weights),
-            ("VAE weights", self.vae_weights),
-            ("text encoders (T5 + CLIP)", self.text_encoders),
-            ("denoising step transient", self.denoise_transient),
-            ("VAE encode/decode transient", self.vae_transient),
-            ("peak without text encoders", self.peak_without_text_encoders),
-            ("peak (weights + largest transient)", self.peak),
-            (f"margin ({self.margin_fraction:.0%}: allocator, workspaces)", self.margin),
-            ("planned total", self.budget),
+            ("transformer blocks", self.block_weights, blocks_at),
+            ("modulation linears", self.modulation_weights, mod_at),
+            ("transformer embedders, final layer", rest, where["resident"]),
+            ("VAE weights", self.vae_weights, where[pl.vae]),
+            ("text encoders (T5 + CLIP)", self.text_encoders, where[pl.text_encoders]),
+            ("always on the device", self.resident, ""),
+            ("denoising step transient", self.denoise_transient, ""),
+            ("VAE encode/decode transient", self.vae_transient, ""),
+            ("modulation table (every step)", self.table, ""),
+            *((f"stage: {k}", v, "") for k, v in self.stages.items()),
+            ("peak (the highest stage)", self.peak, ""),
+            (f"margin ({self.margin_fraction:.0%}: allocator, workspaces)", self.margin, ""),
+            ("planned total", self.budget, ""),
         ]
-        width = max(len(name) for name, _ in rows)
-        lines = [f"memory plan: {self.request}"] if self.request else []
-        lines += [f"  {name:<{width}}  {gib(n)}" for name, n in rows]
+        width = max(len(n) for n, _, _ in rows)
+        lines = [f"memory plan: {self.request}", f"  placement: {pl.describe()}"] if self.request else []
+        lines += [f"  {n:<{width}}  {size(v)}  {w}".rstrip() for n, v, w in rows]
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return self.table()
+        return self.table_text()
+
+
+def _parts(model: nn.Module) -> tuple[int, int, int, int]:
+    """(block bytes, largest block, modulation bytes, largest modulation layer): blocks without their modulation."""
+    mod = model.modulation_layers()
+    mod_ids = {id(t) for lin in mod for t in (*lin.parameters(), *lin.buffers())}
+    blocks = [
+        sum(t.numel() * t.element_size() for t in (*b.parameters(), *b.buffers()) if id(t) not in mod_ids)
+        for b in (*model.double_blocks, *model.single_blocks)
+    ]
+    mods = [tensor_bytes(lin) for lin in mod]
+    return sum(blocks), max(blocks), sum(mods), max(mods)
 
 
 def plan(
@@ -224,9 +274,12 @@ def plan(
     height: int,
     batch: int = 1,
     text_encoders: int = 0,
+    placement: Placement = RESIDENT,
+    steps: int = 28,
 ) -> MemoryPlan:
     """The plan of one request: target_tokens = (height/16)*(width/16); context_tokens of one context image of the
-    same size (0 for text-to-image); text_encoders: their bytes on the device (0 when elsewhere)."""
+    same size (0 for text-to-image); text_encoders: their bytes (placed by `placement`); steps: rows of the hoisted
+    modulation table."""
     if target_tokens != (height // 16) * (width // 16):
         raise ValueError(f"target_tokens {target_tokens} does not match a {width}x{height} image")
     rows, cols = height // 16, width // 16
@@ -240,34 +293,50 @@ def plan(
     encode, decode = vae_transients(vae, dtype, width, height, batch, bool(context_tokens))
     dtype_name = str(dtype).removeprefix("torch.") + (" + fp8 linears" if fp8 else "")
     request = f"{width}x{height}, {dtype_name}, {text_tokens} text tokens, {len(grids) - 1} context image(s)"
+    blocks, largest_block, mods, largest_mod = _parts(model)
+    table = steps * batch * sum(model.mod_widths) * torch.empty((), dtype=dtype).element_size()
     return MemoryPlan(
         transformer_weights=tensor_bytes(model),
+        block_weights=blocks,
+        largest_block=largest_block,
+        modulation_weights=mods,
+        largest_modulation_layer=largest_mod,
         vae_weights=tensor_bytes(vae),
         text_encoders=text_encoders,
         denoise_transient=step_transient(model, dtype, text_tokens, grids, batch),
         vae_transient=max(encode, decode),
+        table=table,
+        placement=placement,
         request=request + ("" if batch == 1 else f", batch {batch}"),
     )
 
 
+def _text_encoders_bytes(clip_config, t5_config, dtype: torch.dtype) -> int:
+    """Bytes of CLIP's text model and T5's encoder as loaded: built on the meta device from their configs, cast to
+    dtype (integer buffers such as CLIP's position ids keep theirs; tied weights count once)."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    with torch.device("meta"):
+        models = (CLIPTextModel(clip_config).to(dtype), T5EncoderModel(t5_config).to(dtype))
+    return sum(tensor_bytes(m) for m in models)
+
+
 def text_encoder_bytes(folder, dtype: torch.dtype) -> int:
-    """Bytes of CLIP-L and T5 loaded in dtype, from the safetensors headers of text_encoder/ and text_encoder_2/."""
+    """Bytes of CLIP-L and T5 loaded in dtype, from the configs of text_encoder/ and text_encoder_2/."""
     from pathlib import Path
 
-    from kontext_rt.weights.loading import component_files
+    from transformers import CLIPTextConfig, T5Config
 
-    size = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for sub in ("text_encoder", "text_encoder_2"):
-        files = component_files(Path(folder) / sub, "model")
-        total += sum(math.prod(shape) for shape in files.shapes.values()) * size
-    return total
+    folder = Path(folder)
+    clip = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+    t5 = T5Config.from_pretrained(folder / "text_encoder_2", local_files_only=True)
+    return _text_encoders_bytes(clip, t5, dtype)
 
 
 def standard_text_encoder_bytes(dtype: torch.dtype) -> int:
-    """Bytes of the FLUX.1 text encoders (CLIP ViT-L/14 text model, T5 v1.1 XXL encoder) in dtype, counted from the
-    models built on the meta device from their published configs: for a plan without a checkpoint."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    """Bytes of the FLUX.1 text encoders (CLIP ViT-L/14 text model, T5 v1.1 XXL encoder) in dtype, from their
+    published configs: for a plan without a checkpoint."""
+    from transformers import CLIPTextConfig, T5Config
 
     clip = CLIPTextConfig(
         vocab_size=49408,
@@ -289,10 +358,7 @@ def standard_text_encoder_bytes(dtype: torch.dtype) -> int:
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
     )
-    size = torch.empty((), dtype=dtype).element_size()
-    with torch.device("meta"):
-        models = (CLIPTextModel(clip), T5EncoderModel(t5))
-    return sum(sum(p.numel() for p in m.parameters()) for m in models) * size
+    return _text_encoders_bytes(clip, t5, dtype)
 
 
 def check_max_memory(max_memory) -> None:
@@ -303,9 +369,11 @@ def check_max_memory(max_memory) -> None:
         raise InputError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
 
 
-def check_budget(p: MemoryPlan, device: torch.device, max_memory=None, fp8: bool = False) -> None:
+def check_budget(p: MemoryPlan, device: torch.device, max_memory=None, fp8_plan=None) -> None:
     """Refuse a plan over max_memory (bytes, any device) or, on CUDA without it, over the device's free memory:
-    an OutOfMemoryPlan naming the breakdown and what would help. Nothing to check on a CPU without max_memory."""
+    an OutOfMemoryPlan naming the breakdown and the options that would fit (the placement presets, and FP8 linears
+    when fp8_plan, a callable giving the same request's plan with them, is given). Nothing to check on a CPU
+    without max_memory."""
     from kontext_rt.errors import OutOfMemoryPlan
 
     if max_memory is not None:
@@ -317,12 +385,22 @@ def check_budget(p: MemoryPlan, device: torch.device, max_memory=None, fp8: bool
         return
     if p.budget <= budget:
         return
-    helps = [] if fp8 else ["FP8 linears (optimize=Optimizations(fp8='dynamic') with dtype=torch.bfloat16)"]
-    helps += [
-        "a smaller plan_size=(width, height) when the edits will be smaller",
-        "a GPU with more free memory",
-    ]
+
+    fp8 = "FP8 linears (optimize=Optimizations(fp8='dynamic'), dtype=torch.bfloat16) with "
+    options = [(f"placement={name!r}", p.placed(pl)) for name, pl in PRESETS.items()]
+    if fp8_plan is not None:
+        q = fp8_plan()
+        options += [(f"{fp8}placement={name!r}", q.placed(pl)) for name, pl in PRESETS.items()]
+    fits = [f"{name} ({o.budget / GIB:.2f} GiB)" for name, o in options if o.budget <= budget]
+    if fits:
+        helps = "What would fit: " + "; ".join(fits)
+    else:
+        name, least = min(options, key=lambda o: o[1].budget)
+        helps = (
+            f"Nothing fits: the least is {name} ({least.budget / GIB:.2f} GiB); plan for smaller images "
+            "(plan_size=(width, height)) or use a GPU with more free memory"
+        )
     raise OutOfMemoryPlan(
-        f"the memory plan needs {p.budget / GIB:.2f} GiB, more than {what} ({budget / GIB:.2f} GiB). {p.table()}\n"
-        f"What would help: {'; '.join(helps)}. `kontext-rt plan` prints the plan of other settings."
+        f"the memory plan needs {p.budget / GIB:.2f} GiB, more than {what} ({budget / GIB:.2f} GiB).\n{p}\n"
+        f"{helps}. `kontext-rt plan` prints the plan of other settings."
     )

@@ -7,6 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from kontext_rt.config import FluxConfig, Variant
 from kontext_rt.errors import CheckpointError, InputError
 from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.options import Optimizations
+from kontext_rt.placement import Placement
 from kontext_rt.sampling.loop import Conditioning, denoise
 from kontext_rt.sampling.schedule import explicit_schedule, schedule
 from kontext_rt.text import TextEmbeddingCache, TextEncoders
@@ -119,17 +121,28 @@ def check_device(device) -> torch.device:
     return device
 
 
-def _memory_plan(checkpoint, cfg, dtype, optimize, text_tokens, size) -> memory.MemoryPlan:
-    """The plan of a run at size (one context image of that size) with the text encoders on the device."""
+def _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement) -> memory.MemoryPlan:
+    """The plan of a run at size (one context image of that size) with this placement."""
     if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise InputError(f"plan_size must be (width, height), got {size!r}")
     width, height = size
     im.check_output_size(width, height)
     tokens = (width // 16) * (height // 16)
-    fp8 = optimize.fp8 is not None
     encoders = memory.text_encoder_bytes(checkpoint.text_encoders, dtype)
     vae_cfg = checkpoint.vae_config()
-    return memory.plan(cfg, vae_cfg, dtype, fp8, text_tokens, tokens, tokens, width, height, text_encoders=encoders)
+    return memory.plan(
+        cfg,
+        vae_cfg,
+        dtype,
+        fp8,
+        text_tokens,
+        tokens,
+        tokens,
+        width,
+        height,
+        text_encoders=encoders,
+        placement=placement,
+    )
 
 
 def _sequence_length(variant: Variant, max_sequence_length) -> int:
@@ -140,14 +153,18 @@ def _sequence_length(variant: Variant, max_sequence_length) -> int:
     return msl
 
 
-def _check_memory(backend, checkpoint, cfg, device, dtype, optimize, text_tokens, max_memory, plan_size) -> None:
+def _check_memory(backend, checkpoint, cfg, device, dtype, optimize, text_tokens, max_memory, plan_size, placement):
     """Refuse a load whose memory plan exceeds max_memory= (any device) or a CUDA device's free memory."""
     memory.check_max_memory(max_memory)
     if backend.engines and max_memory is not None:
         raise InputError("max_memory= plans the runtime's own model; backend='tensorrt' runs engines")
     if not backend.engines and (max_memory is not None or device.type == "cuda"):
-        plan = _memory_plan(checkpoint, cfg, dtype, optimize, text_tokens, plan_size)
-        memory.check_budget(plan, device, max_memory, fp8=optimize.fp8 is not None)
+        fp8 = optimize.fp8 is not None
+        plan = _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, plan_size, placement)
+        with_fp8 = None
+        if not fp8 and dtype == torch.bfloat16:  # the same request with FP8 linears, planned only if it is refused
+            with_fp8 = partial(_memory_plan, checkpoint, cfg, dtype, True, text_tokens, plan_size, placement)
+        memory.check_budget(plan, device, max_memory, with_fp8)
 
 
 def _check_prompt(prompt):
@@ -168,6 +185,7 @@ class Pipeline:
         max_sequence_length: int,
         text_cache: TextEmbeddingCache,
         optimize: Optimizations | None = None,
+        placement: Placement | None = None,
     ):
         self.cfg = cfg
         self.denoiser, self.vae, self.transformer = loaded.denoiser, loaded.vae, loaded.transformer
@@ -177,6 +195,7 @@ class Pipeline:
         self.max_sequence_length = max_sequence_length
         self.text_cache = text_cache
         self.optimize = optimize or Optimizations()
+        self.placement = placement or Placement()
         self._weights = _ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
 
     @classmethod
@@ -198,6 +217,7 @@ class Pipeline:
         variant: str | None = None,
         max_memory: int | None = None,
         plan_size: tuple[int, int] = (1024, 1024),
+        placement: Placement | str | None = None,
     ) -> Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
@@ -210,6 +230,8 @@ class Pipeline:
         before any weights are read); schnell shows in its shapes. The file name is never read.
         max_memory: bytes the load and a run at plan_size (with one context image of that size) may take; on CUDA
         without it, the device's free memory. A memory plan over it (kontext_rt.memory) is refused before the weights.
+        placement: where each part lives (kontext_rt.placement.Placement, a preset name such as "lean" or "offload",
+        or "part=mode,..."); None keeps everything on the device.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
         device = check_device(device)
@@ -218,6 +240,8 @@ class Pipeline:
         chosen = backends.resolve(backend, device, engines)
         optimize = optimize or Optimizations()
         optimize.check(device, dtype)
+        placement = Placement.parse(placement)
+        placement.check(optimize)
         checkpoint = detect(path, ae=ae, text_encoders=text_encoders)
         if checkpoint.text_encoders is None:
             raise CheckpointError(
@@ -230,7 +254,7 @@ class Pipeline:
         msl = _sequence_length(variant, max_sequence_length)
         if isinstance(loras, (str, Path)):
             raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
-        _check_memory(chosen, checkpoint, cfg, device, dtype, optimize, msl, max_memory, plan_size)
+        _check_memory(chosen, checkpoint, cfg, device, dtype, optimize, msl, max_memory, plan_size, placement)
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         request = LoadRequest(
             checkpoint,
@@ -241,11 +265,13 @@ class Pipeline:
             tuple(loras),
             None if engines is None else Path(engines),
             engine_precision,
+            placement,
         )
         chosen.check(request)
-        text = TextEncoders(checkpoint.text_encoders, device, dtype)  # refuses unusable tokenizers before the weights
+        # refuses unusable tokenizers before the weights
+        text = TextEncoders(checkpoint.text_encoders, device, dtype, placement.text_encoders)
         loaded = chosen.load(request)
-        return cls(loaded, cfg, text, variant, device, dtype, chosen.name, msl, cache, optimize)
+        return cls(loaded, cfg, text, variant, device, dtype, chosen.name, msl, cache, optimize, placement)
 
     # ---- public entry points ----------------------------------------------------------------------------------
 

@@ -78,12 +78,16 @@ def fingerprint(folder: Path) -> str:
 class TextEncoders:
     """CLIP-L (pooled) + T5 (sequence) from a diffusers-layout folder, loaded on first use, thread-safe."""
 
-    def __init__(self, folder: Path, device, dtype: torch.dtype):
+    def __init__(self, folder: Path, device, dtype: torch.dtype, placement: str = "device"):
+        """placement (kontext_rt.placement.Placement.text_encoders): "device" keeps them on `device` once loaded,
+        "staged" keeps them in host memory and copies them to `device` for each encode, "cpu" runs them there."""
         folder = Path(folder)
         if missing := _missing(folder):
             raise CheckpointError(f"{folder}: text encoders missing ({', '.join(missing)})")
         _check_tokenizer_files(folder)
-        self.folder, self.device, self.dtype = folder, torch.device(device), dtype
+        self.folder, self.dtype, self.placement = folder, dtype, placement
+        # where the encoders run: the pipeline's device, unless they are kept on the CPU
+        self.device = torch.device("cpu") if placement == "cpu" else torch.device(device)
         self._lock = threading.Lock()
         # a fast tokenizer's truncation and padding settings live on its Rust object: two threads calling it with
         # different settings collide ("Already borrowed"), so every call holds this lock
@@ -124,7 +128,12 @@ class TextEncoders:
             t5 = T5EncoderModel.from_pretrained(self.folder / "text_encoder_2", **kw)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.folder}: cannot load the text encoders ({e})") from None
-        return tuple(m.to(self.device).eval().requires_grad_(False) for m in (clip, t5))
+        models = tuple(m.eval().requires_grad_(False) for m in (clip, t5))
+        if self.placement == "staged":
+            from kontext_rt.placement import Staged
+
+            return tuple(Staged(m, self.device) for m in models)
+        return tuple(m.to(self.device) for m in models)
 
     def warn_if_truncated(self, prompt: str, max_sequence_length: int) -> None:
         """Warn (PromptTruncated) when the prompt has more tokens than T5 (max_sequence_length) or CLIP read."""
@@ -157,6 +166,12 @@ class TextEncoders:
             ids2 = tok2(
                 [prompt], padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
             ).input_ids
+        if self.placement == "staged":
+            with clip.on_device() as clip_on, t5.on_device() as t5_on:
+                return self._run(clip_on, t5_on, ids, ids2)
+        return self._run(clip, t5, ids, ids2)
+
+    def _run(self, clip, t5, ids, ids2):
         pooled = clip(ids.to(self.device)).pooler_output
         txt = t5(ids2.to(self.device)).last_hidden_state
         return txt, pooled

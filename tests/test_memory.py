@@ -95,16 +95,99 @@ def test_plan_table_names_every_line():
     p = small_plan(PRESETS["tiny"], VAE_PRESETS["tiny"])
     text = str(p)
     for line in (
-        "transformer weights",
+        "transformer blocks",
+        "modulation linears",
         "VAE weights",
         "text encoders",
-        "denoising step",
-        "VAE encode/decode",
+        "stage: denoising step",
+        "stage: VAE encode/decode",
+        "stage: text encode",
         "margin",
     ):
         assert line in text
-    assert p.peak == p.resident + max(p.denoise_transient, p.vae_transient)
     assert p.budget == p.peak + int(p.peak * memory.MARGIN)
+
+
+MODULATION = ("img_mod.", "txt_mod.", "modulation.lin", "adaLN_modulation")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_full_size_parts_are_the_parameters_by_name(fp8):
+    """The plan's blocks and modulation linears, against the meta model's tensors picked out by their names."""
+    cfg = PRESETS["flux-kontext-dev"]
+    p = small_plan(cfg, VAE_PRESETS["flux"], fp8=fp8)
+    model = memory.meta_transformer(cfg, torch.bfloat16, fp8)
+    named = [(n, t.numel() * t.element_size()) for n, t in (*model.named_parameters(), *model.named_buffers())]
+    mod = sum(b for n, b in named if any(m in n for m in MODULATION))
+    blocks = sum(b for n, b in named if n.startswith(("double_blocks.", "single_blocks.")))
+    assert p.modulation_weights == mod and p.block_weights == blocks - (
+        mod - sum(b for n, b in named if n.startswith("final_layer.adaLN_modulation"))
+    )
+    single = [
+        sum(b for n, b in named if n.startswith(f"single_blocks.{i}.") and "modulation" not in n) for i in range(38)
+    ]
+    double = [sum(b for n, b in named if n.startswith(f"double_blocks.{i}.") and "_mod." not in n) for i in range(19)]
+    assert p.largest_block == max(single + double)
+    assert p.largest_modulation_layer == max(b for n, b in named if n.endswith("img_mod.lin.weight")) + max(
+        b for n, b in named if n.endswith("img_mod.lin.bias")
+    )
+
+
+def on_device_bytes(pipe) -> tuple[int, int, int]:
+    """(always on the device, largest streamed block, largest streamed modulation layer), counted from the loaded
+    pipeline's own objects: every tensor of the transformer, VAE and loaded text encoders, less those held in host
+    memory by a streamed or staged part."""
+    from kontext_rt.placement import Staged, StagedVAE
+
+    def size(tensors):
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+    model = pipe.transformer
+    residency = model.residency
+    streams = [s for s in (getattr(residency, "blocks", None), getattr(residency, "modulation", None)) if s]
+    streamed = {t.untyped_storage().data_ptr() for s in streams for u in s.units for t in u.host}
+    total = size(t for t in (*model.parameters(), *model.buffers()) if t.untyped_storage().data_ptr() not in streamed)
+    if not isinstance(pipe.vae, StagedVAE):
+        total += size((*pipe.vae.parameters(), *pipe.vae.buffers()))
+    if pipe.text.placement == "device":
+        total += sum(size((*m.parameters(), *m.buffers())) for m in pipe.text._models if not isinstance(m, Staged))
+    blocks = residency.blocks.largest_unit if getattr(residency, "blocks", None) else 0
+    mods = residency.modulation.largest_unit if getattr(residency, "modulation", None) else 0
+    return total, blocks, mods
+
+
+@pytest.mark.parametrize("placement", ["resident", "lean", "offload", "transformer=offload,text_encoders=staged"])
+def test_plan_of_each_placement_is_the_loaded_pipeline(kontext_dir, placement):
+    """What the plan keeps on the device, and the units it streams, equal the loaded pipeline's (tiny checkpoint)."""
+    from kontext_rt import pipeline
+    from kontext_rt.placement import Placement
+
+    pipe = Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, placement=placement)
+    pipe.encode_prompt("load the text encoders")
+    pl = Placement.parse(placement)
+    checkpoint = pipeline.detect(kontext_dir)
+    p = pipeline._memory_plan(checkpoint, pipe.cfg, torch.bfloat16, False, 8, (64, 64), pl)
+    resident, block, mod = on_device_bytes(pipe)
+    assert p.resident == resident
+    assert (2 * p.largest_block if pl.offloads_blocks else 0) == 2 * block
+    assert (p.largest_modulation_layer if pl.modulation == "staged" else 0) == mod
+
+
+def test_a_refused_plan_names_the_placements_that_fit(kontext_dir, monkeypatch):
+    from kontext_rt import pipeline
+    from kontext_rt.placement import PRESETS as PLACEMENTS
+
+    plans = []
+    original = pipeline._memory_plan
+    monkeypatch.setattr(pipeline, "_memory_plan", lambda *a: plans.append(original(*a)) or plans[-1])
+    with pytest.raises(OutOfMemoryPlan):
+        Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=1)
+    resident, offload = plans[0].budget, plans[0].placed(PLACEMENTS["offload"]).budget
+    assert offload < resident
+    with pytest.raises(OutOfMemoryPlan, match="placement='offload'") as err:
+        Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=offload)
+    assert "placement='resident'" not in str(err.value)
+    assert Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=offload, placement="offload")
 
 
 @pytest.fixture
@@ -117,7 +200,7 @@ def no_weights(monkeypatch):
 
 
 def test_over_max_memory_is_refused_before_any_weights(kontext_dir, no_weights):
-    with pytest.raises(OutOfMemoryPlan, match="(?s)transformer weights.*FP8 linears") as err:
+    with pytest.raises(OutOfMemoryPlan, match="(?s)transformer blocks.*Nothing fits: the least is placement='offload'") as err:
         Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=1024)
     assert isinstance(err.value, InputError)
 
@@ -147,14 +230,16 @@ def test_max_memory_must_be_positive_bytes(kontext_dir, no_weights, bad):
 def test_cli_plan_for_a_checkpoint(kontext_dir, capsys, no_weights):
     assert main(["plan", "--checkpoint", str(kontext_dir), "--width", "64", "--height", "64"]) == 0
     out = capsys.readouterr().out
-    assert "64x64, bfloat16" in out and "transformer weights" in out and "planned total" in out
+    assert "64x64, bfloat16" in out and "transformer blocks" in out and "planned total" in out
 
 
 def test_cli_plan_for_the_full_preset(capsys):
     assert main(["plan", "--preset", "flux-kontext-dev", "--width", "256", "--height", "256", "--fp8"]) == 0
     out = capsys.readouterr().out
     want = recipe_bytes(PRESETS["flux-kontext-dev"], fp8=True) / 2**30
-    assert "transformer weights" in out and f"{want:.2f} GiB" in out
+    parts = ("transformer blocks", "modulation linears", "transformer embedders")
+    shown = [float(line.split()[-5]) for line in out.splitlines() if line.strip().startswith(parts)]
+    assert len(shown) == 3 and abs(sum(shown) - want) <= 0.015  # three figures rounded to 0.01 GiB
     assert "bfloat16 + fp8 linears" in out
 
 

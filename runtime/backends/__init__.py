@@ -21,6 +21,7 @@ from kontext_rt.config import FluxConfig
 from kontext_rt.errors import BackendUnavailable, InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
 from kontext_rt.options import Optimizations
+from kontext_rt.placement import Placement, StagedVAE, place_transformer
 from kontext_rt.sampling import denoisers
 from kontext_rt.sampling.loop import Denoiser
 from kontext_rt.weights.formats import CheckpointFormat
@@ -39,6 +40,7 @@ class LoadRequest:
     loras: tuple = ()  # LoRA files, each a path or (path, strength), fused at load
     engines: Path | None = None  # tensorrt: the folder `kontext-rt export --out` wrote
     engine_precision: str | None = None
+    placement: Placement = Placement()
 
 
 @dataclass
@@ -96,14 +98,25 @@ class TorchBackend(Backend):
             self._amax = fp8.read_calibration(req.optimize.fp8_calibration, req.checkpoint.fingerprint())
 
     def load(self, req: LoadRequest) -> Loaded:
-        transformer = req.checkpoint.load_transformer(req.dtype, self.device)
-        vae = req.checkpoint.load_vae(req.dtype, self.device)
-        stack = _prepare(transformer, self.ops, req, self._amax)
-        opt = req.optimize
+        """The transformer is read into host memory when any of it will live there (placement) or be quantized
+        (fp8): the device never holds a full-precision copy of what it does not keep."""
+        placement, opt = req.placement, req.optimize
+        streamed = placement.offloads_blocks or placement.modulation == "staged"
+        host = torch.device("cpu")
+        transformer = req.checkpoint.load_transformer(req.dtype, host if streamed or opt.fp8 else self.device)
+        staged_vae = placement.vae == "staged"
+        vae = req.checkpoint.load_vae(req.dtype, host if staged_vae else self.device)
+        # FP8 weights are quantized where the blocks will live: one linear at a time on the device when they stay
+        # there, in host memory when they are streamed from it (the quantizer's arithmetic is the same on both)
+        quantize_on = host if placement.offloads_blocks else self.device
+        stack = _prepare(transformer, self.ops, req, self.device, self._amax, quantize_on)
+        residency = place_transformer(transformer, placement, self.device)
         denoiser = denoisers.for_model(
             transformer, self.ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs
         )
-        return Loaded(denoiser, vae, transformer, stack)
+        if residency is not None:
+            denoiser = residency.denoiser(denoiser)
+        return Loaded(denoiser, StagedVAE(vae, self.device) if staged_vae else vae, transformer, stack)
 
 
 class Eager(TorchBackend):
@@ -182,6 +195,8 @@ class TensorRT(Backend):
                 "backend='tensorrt' runs engines: cuda_graphs, fp8 and compile apply to the eager and "
                 "triton backends (engines get FP8 from `kontext-rt export --precision fp8`)"
             )
+        if req.placement != Placement():
+            raise InputError("backend='tensorrt' runs engines, which stay resident: placement applies to eager/triton")
         if req.loras:
             raise InputError(
                 "backend='tensorrt' runs engines, which take no LoRAs: fuse a LoRA into the "
@@ -237,8 +252,9 @@ def _lora_path(item) -> Path:
     raise InputError(f"each LoRA is a path or (path, strength), got {item!r}")
 
 
-def _prepare(transformer, ops: Ops, req: LoadRequest, amax=None) -> LoRAStack:
-    """LoRAs fused, then FP8 quantization, then regional compile: the order each needs."""
+def _prepare(transformer, ops: Ops, req: LoadRequest, device, amax=None, quantize_on=None) -> LoRAStack:
+    """LoRAs fused, then FP8 quantization (each linear moved to quantize_on first; the FP8 matmul is the one of
+    `device`, where it runs), then regional compile: the order each needs."""
     from kontext_rt.model import fp8_linear as fp8
 
     optimize = req.optimize
@@ -246,7 +262,7 @@ def _prepare(transformer, ops: Ops, req: LoadRequest, amax=None) -> LoRAStack:
     for item in req.loras:
         stack.load(_lora_path(item), 1.0 if isinstance(item, (str, Path)) else item[1])
     if optimize.fp8 is not None:
-        fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(transformer.img_in.weight.device))
+        fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(device), device=quantize_on)
         stack.forget_originals()  # unloading is refused on FP8 pipelines
     if optimize.compile:
         backend = "inductor" if optimize.compile is True else optimize.compile

@@ -177,10 +177,13 @@ def convert(
     quantize: Callable = quantize_rows,
     input_amax: dict[str, torch.Tensor] | None = None,
     matmul: Callable = torch._scaled_mm,
+    device: torch.device | None = None,
 ) -> list[str]:
     """Replace every FP8-eligible nn.Linear by an FP8Linear, in place; returns the converted names.
 
     input_amax (from read_calibration) makes the activations static; it must cover every eligible layer.
+    device: each linear is moved there just before it is quantized (its full-precision copy freed after), so a
+    model read into host memory never has more than one full-precision linear on the device.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and fp8_eligible(n)]
     if not names:
@@ -191,5 +194,8 @@ def convert(
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
         amax = None if input_amax is None else input_amax[name]
-        setattr(owner, child, FP8Linear.from_linear(getattr(owner, child), quantize, amax, matmul))
+        linear = getattr(owner, child)
+        if device is not None:
+            linear = linear.to(device)
+        setattr(owner, child, FP8Linear.from_linear(linear, quantize, amax, matmul))
     return names

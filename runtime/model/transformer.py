@@ -17,6 +17,7 @@ from torch import nn
 from kontext_rt.config import FluxConfig
 from kontext_rt.errors import InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
+from kontext_rt.placement import RESIDENT
 
 TIME_FACTOR = 1000.0  # t and guidance are embedded as 1000 * value
 TIME_EMBED_DIM = 256
@@ -179,6 +180,9 @@ class FluxTransformer(nn.Module):
         self.final_layer = LastLayer(dim, cfg.in_channels)
         # columns of the modulation table per layer, in modulation_layers() order (fixed by the config)
         self.mod_widths = [6 * dim] * (2 * cfg.depth) + [3 * dim] * cfg.depth_single_blocks + [2 * dim]
+        # asked before each block and modulation layer is used: a placement that keeps them in host memory
+        # (kontext_rt.placement) brings them to the device for their turn; by default everything is resident
+        self.residency = RESIDENT
 
     def modulation_layers(self) -> list[nn.Linear]:
         """Every linear applied to SiLU(vec), in the order of the modulation table's columns."""
@@ -194,7 +198,11 @@ class FluxTransformer(nn.Module):
         parameters again at every step.
         """
         act = F.silu(vec)
-        return torch.cat([ops.row_linear(act, lin.weight, lin.bias) for lin in self.modulation_layers()], -1)
+        cols = []
+        for i, lin in enumerate(self.modulation_layers()):
+            with self.residency.modulation_layer(i):
+                cols.append(ops.row_linear(act, lin.weight, lin.bias))
+        return torch.cat(cols, -1)
 
     def modulation_table(self, timesteps, guidance, pooled, ops: Ops = EAGER_OPS) -> torch.Tensor:
         """(S, B, K): the modulations of every step for timesteps (S, B), guidance (B,) or None, pooled (B, D).
@@ -221,12 +229,15 @@ class FluxTransformer(nn.Module):
         x = self.img_in(x)
         txt = self.txt_in(txt)
         mods = iter(mod.split(self.mod_widths, -1))
-        for block in self.double_blocks:
-            x, txt = block(x, txt, next(mods), next(mods), cos, sin, ops)
+        residency, depth = self.residency, len(self.double_blocks)
+        for i, block in enumerate(self.double_blocks):
+            with residency.block(i):
+                x, txt = block(x, txt, next(mods), next(mods), cos, sin, ops)
         t = txt.shape[1]
         x = torch.cat((txt, x), 1)
-        for block in self.single_blocks:
-            x = block(x, next(mods), cos, sin, ops)
+        for i, block in enumerate(self.single_blocks):
+            with residency.block(depth + i):
+                x = block(x, next(mods), cos, sin, ops)
         # only the target tokens leave the model: the final layer is per token, context outputs are never used
         return self.final_layer(x[:, t : t + n], next(mods), ops)
 
