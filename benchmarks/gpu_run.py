@@ -15,11 +15,12 @@ deadline (a kill at the deadline keeps whatever the child had already written):
               edits and FP8; must end by CORE_END_S
     kernels   kernels_gpu.py: the Triton kernels at FLUX shapes against SDPA
     tensorrt  tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
+    memory    memory_gpu.py: peak memory and ms/step of the full-size loop per placement x precision, beside the plan
     compile   gpu_suite.py --part compile: the inductor rung, last, with the time that is left
 
 Files in DIR: run.json (this record: every phase's status, exit code, time and output tail; the environment),
-run.log (all output), suite.json, suite-compile.json, suite-ladder.png, kernels.json, tensorrt.json. run.json is
-rewritten after every phase. The exit status is 0 only when every phase succeeded.
+run.log (all output), suite.json, suite-compile.json, suite-ladder.png, kernels.json, tensorrt.json, memory.json.
+run.json is rewritten after every phase. The exit status is 0 only when every phase succeeded.
 
 --rehearse: the tiny model on the CPU with the Triton interpreter, an eager stand-in for graph capture and, where
 the CPU's torch lacks row-wise FP8 scaling, a stand-in for it; the kernel script's --smoke mode. --break PHASE
@@ -54,8 +55,14 @@ BUDGET_S = 530  # the whole run: inside one 10-minute command, with a margin for
 CORE_END_S = 300  # install + env + the suite's core end by then
 REHEARSAL_SLACK = 3  # --rehearse: every deadline x3 (a slower CI machine; the interpreter's speed varies)
 MAX_FILES = 8  # what the device tool brings back from $OUT
-DEADLINES = {"install": 60, "env": 45, "kernels": 120, "tensorrt": 60}  # seconds; suite and compile: see above
-PHASES = ("install", "env", "suite", "kernels", "tensorrt", "compile")
+DEADLINES = {
+    "install": 60,
+    "env": 45,
+    "kernels": 120,
+    "tensorrt": 60,
+    "memory": 150,
+}  # seconds; suite and compile: see above
+PHASES = ("install", "env", "suite", "kernels", "tensorrt", "memory", "compile")
 MIN_COMPILE_S = 150  # below this the compile part (inductor on 2 block types x 2 layouts) is killed mid-way
 
 
@@ -234,6 +241,12 @@ class Run:
                 ),
             ),
             ("tensorrt", lambda: self.script("tensorrt", "tensorrt.json", self.deadline("tensorrt"))),
+            (
+                "memory",
+                lambda: self.script(
+                    "memory", "memory.json", self.deadline("memory"), *["--smoke"] * self.args.rehearse
+                ),
+            ),
             ("compile", lambda: self.suite("compile", r.left_s())),
         ]
         for name, fn in steps:

@@ -201,6 +201,7 @@ class Streamed:
         self._pending: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self.max_on_device = 0  # the most units on the device at once (attached + copying), for tests and reports
         self._attached = 0
+        self._released: torch.cuda.Event | None = None  # recorded after the last released unit's work
 
     @property
     def largest_unit(self) -> int:
@@ -212,8 +213,6 @@ class Streamed:
         if self.copy_stream is None:
             self._pending[i] = (self.units[i].copy_to_device(), None)
         else:
-            # the copy may only start once the compute stream is done with what it frees
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
                 tensors = self.units[i].copy_to_device()
                 event = torch.cuda.Event()
@@ -233,11 +232,19 @@ class Streamed:
         self._attached += 1
         nxt = i + 1 if i + 1 < len(self.units) else (0 if self.cyclic else None)
         if nxt is not None:
+            if self._released is not None:
+                # the host may run far ahead of the GPU, and each unit it releases stays allocated until the GPU has
+                # run it: wait until the previous unit has run, so that at most two units hold device memory
+                self._released.synchronize()
+                self._released = None
             self._fetch(nxt)
 
     def release(self, i: int) -> None:
         self.units[i].detach()
         self._attached -= 1
+        if self.copy_stream is not None:
+            self._released = torch.cuda.Event()
+            self._released.record(torch.cuda.current_stream(self.device))
 
     @contextmanager
     def visit(self, i: int):
@@ -250,6 +257,7 @@ class Streamed:
     def drop_pending(self) -> None:
         """Free the copies made ahead (the next step's first unit) when a pass ends."""
         self._pending.clear()
+        self._released = None
 
 
 class Residency:

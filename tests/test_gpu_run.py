@@ -48,7 +48,15 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert 1 <= len(files) <= 8 and not [f for f in files if f.endswith(".tmp")], files
     record = _load(tmp_path / "run.json")
-    assert record["ok"] and set(record["phases"]) == {"install", "env", "suite", "kernels", "tensorrt", "compile"}
+    assert record["ok"] and set(record["phases"]) == {
+        "install",
+        "env",
+        "suite",
+        "kernels",
+        "tensorrt",
+        "memory",
+        "compile",
+    }
     assert all(p["status"] == "ok" for p in record["phases"].values()), record["phases"]
     assert record["env"]["imports"]["kontext_rt"]["ok"] and record["env"]["packages"]["torch"] == torch.__version__
 
@@ -71,6 +79,8 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert set(compiled["ladder"]) == {"compile"} and compiled["compile_backend"] == "inductor"
     assert _load(tmp_path / "kernels.json")["all_checks_ok"]
     assert isinstance(_load(tmp_path / "tensorrt.json")["tensorrt"]["importable"], bool)
+    cases = _load(tmp_path / "memory.json")["cases"]
+    assert len(cases) == 6 and all("error" not in c and c["finite"] for c in cases), cases
     assert (tmp_path / "suite-ladder.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     log = (tmp_path / "run.log").read_text()
     assert "[suite] [suite core" in log and "[compile] [suite compile" in log

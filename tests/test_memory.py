@@ -200,7 +200,9 @@ def no_weights(monkeypatch):
 
 
 def test_over_max_memory_is_refused_before_any_weights(kontext_dir, no_weights):
-    with pytest.raises(OutOfMemoryPlan, match="(?s)transformer blocks.*Nothing fits: the least is placement='offload'") as err:
+    with pytest.raises(
+        OutOfMemoryPlan, match="(?s)transformer blocks.*Nothing fits: the least is placement='offload'"
+    ) as err:
         Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=1024)
     assert isinstance(err.value, InputError)
 

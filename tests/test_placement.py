@@ -218,3 +218,33 @@ def test_placement_parse_round_trip():
     assert Placement.parse(None) == Placement() == Placement.parse("resident")
     assert Placement.parse("transformer=offload, vae=staged") == Placement(transformer="offload", vae="staged")
     assert Placement.parse(PRESETS["lean"]) is PRESETS["lean"]
+
+
+def test_fp8_conversion_brings_one_full_precision_linear_at_a_time_to_the_device(monkeypatch):
+    """convert(device=...) on a model in host memory: when each linear is quantized it is the only full-precision
+    eligible linear on the device, and none stays there. The meta device stands in for the GPU (its tensors are
+    told apart from the host's by their device, and quantizing on it runs the same code)."""
+    from torch import nn
+
+    from kontext_rt.config import PRESETS
+    from kontext_rt.model import fp8_linear
+    from kontext_rt.model.transformer import FluxTransformer
+
+    model = FluxTransformer(PRESETS["tiny"]).to(torch.bfloat16)
+    target = torch.device("meta")
+    original = fp8_linear.FP8Linear.from_linear
+    on_device_at_each = []
+
+    def spy(linear, *args, **kwargs):
+        full = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and fp8_linear.fp8_eligible(n)]
+        on_device_at_each.append(sum(m.weight.device == target for m in full))
+        assert linear.weight.device == target
+        return original(linear, *args, **kwargs)
+
+    monkeypatch.setattr(fp8_linear.FP8Linear, "from_linear", staticmethod(spy))
+    names = fp8_linear.convert(model, matmul=fp8_linear.scaled_mm_dequantized, device=target)
+    assert on_device_at_each == [1] * len(names) and len(names) > 0
+    converted = [model.get_submodule(n) for n in names]
+    assert all(m.weight.device == target and m.weight.dtype == fp8_linear.E4M3 for m in converted)
+    rest = [t for n, t in model.named_parameters()]
+    assert rest and all(t.device.type == "cpu" for t in rest)  # what is not quantized stays where it was

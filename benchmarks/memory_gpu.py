@@ -1,0 +1,201 @@
+"""Peak device memory and ms/step of the denoising loop for each placement x precision, beside the memory plan.
+
+    python benchmarks/memory_gpu.py --out memory.json               # a GPU: full-size Kontext, a 1024x1024 edit
+    python benchmarks/memory_gpu.py --smoke --out /tmp/memory.json  # the CPU: the tiny preset; measures nothing
+
+The GPU machine has no checkpoint, so the transformer is built at full size with random weights (memory and time
+do not depend on the values) and only the denoising loop runs: no VAE, no text encoders. Its measured peak
+(torch.cuda.max_memory_allocated above what was allocated before the model) is set beside the plan's highest
+transformer stage (modulation table, denoising step) for the same placement with the VAE and text encoders off the
+device, without the plan's margin: the ratio says how much of the margin the allocator and workspaces used.
+Each case is written as soon as it ends (a kill keeps the cases before it), most wanted first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CASES = [  # (precision, placement): the cards people have first (FP8 and bf16 lean), then offload, then resident
+    ("fp8", "lean"),
+    ("bf16", "lean"),
+    ("fp8", "offload"),
+    ("bf16", "offload"),
+    ("bf16", "resident"),
+    ("fp8", "resident"),
+]
+
+
+def random_host_model(cfg, device):
+    """The transformer in bf16 in host memory, each tensor drawn on `device` (fast) and copied over."""
+    import torch
+
+    from kontext_rt.model.transformer import FluxTransformer
+
+    with torch.device("meta"):
+        model = FluxTransformer(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            t.copy_((torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(t.dtype))
+    return model
+
+
+def inputs(cfg, device, size: int, text_tokens: int):
+    import torch
+
+    from kontext_rt.model.rope import rope_table, sequence_ids
+    from kontext_rt.sampling.loop import Conditioning
+
+    rows = cols = size // 16
+    gen = torch.Generator(device).manual_seed(1)
+    bf16 = torch.bfloat16
+
+    def randn(*shape, dtype=bf16):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+    cos, sin = rope_table(sequence_ids(text_tokens, [(rows, cols), (rows, cols)], device), cfg.axes_dim, cfg.theta)
+    cond = Conditioning(
+        randn(1, rows * cols, cfg.in_channels),
+        randn(1, text_tokens, cfg.context_in_dim),
+        randn(1, cfg.vec_in_dim),
+        torch.full((1,), 2.5, device=device),
+        cos,
+        sin,
+    )
+    return randn(1, rows * cols, cfg.in_channels, dtype=torch.float32), cond
+
+
+def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, steps, text_tokens) -> dict:
+    import torch
+
+    from kontext_rt import memory
+    from kontext_rt.model import fp8_linear
+    from kontext_rt.model.op_table import EAGER_OPS
+    from kontext_rt.placement import PRESETS, Placement, place_transformer
+    from kontext_rt.sampling.denoisers import Hoisted
+    from kontext_rt.sampling.loop import denoise
+    from kontext_rt.sampling.schedule import schedule
+
+    cuda = device.type == "cuda"
+    preset = PRESETS[placement_name]
+    placement = Placement(
+        text_encoders="cpu", transformer=preset.transformer, modulation=preset.modulation, vae="staged"
+    )
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+    t0 = time.perf_counter()
+    model = copy.deepcopy(host_model)
+    fp8 = precision == "fp8"
+    if fp8:  # quantized where the blocks will live, as the backends do
+        quantize_on = torch.device("cpu") if placement.offloads_blocks else device
+        fp8_linear.convert(model, fp8_linear.quantize_rows, None, fp8_linear.matmul_for(device), device=quantize_on)
+    residency = place_transformer(model, placement, device)
+    load_s = time.perf_counter() - t0
+    loaded = (torch.cuda.memory_allocated(device) - base) if cuda else None
+    load_peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
+    denoiser = Hoisted(model, EAGER_OPS, torch.bfloat16)
+    if residency is not None:
+        denoiser = residency.denoiser(denoiser)
+    x, cond = inputs(cfg, device, size, text_tokens)
+    sigmas = schedule(steps, (size // 16) ** 2, True)
+    times, last = [], [time.perf_counter()]
+
+    def tick(done, total):
+        if cuda:
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    last[0] = time.perf_counter()
+    out = denoise(denoiser, x, sigmas, cond, tick)
+    run_peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
+    tokens = (size // 16) ** 2
+    p = memory.plan(
+        cfg, vae_cfg, torch.bfloat16, fp8, text_tokens, tokens, tokens, size, size, placement=placement, steps=steps
+    )
+    predicted = max(p.stages["modulation table"], p.stages["denoising step"])
+    row = {
+        "precision": precision,
+        "placement": placement.describe(),
+        "steps": steps,
+        "finite": bool(torch.isfinite(out).all()),
+        "load_s": load_s,
+        "ms_per_step": 1e3 * statistics.median(times[1:] or times),
+        "step_ms": [1e3 * t for t in times],
+        "planned_on_device_bytes": p.resident,
+        "planned_peak_bytes": predicted,
+        "planned_total_bytes": int(predicted * (1 + memory.MARGIN)),
+        "measured_on_device_bytes": loaded,
+        "measured_load_peak_bytes": load_peak,
+        "measured_peak_bytes": run_peak,
+    }
+    if run_peak is not None:
+        row["measured_over_planned"] = run_peak / predicted
+    if residency is not None and residency.blocks is not None:
+        row["streamed_block_bytes_per_step"] = sum(u.nbytes for u in residency.blocks.units)
+    del model, denoiser, residency, out
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="the CPU, the tiny preset: checks the script, times nothing")
+    ap.add_argument("--steps", type=int, help="denoising steps per case (default 4; --smoke: 2)")
+    args = ap.parse_args(argv)
+    if args.smoke and args.out.resolve().is_relative_to((HERE / "results").resolve()):
+        ap.error("--smoke measures nothing: write it outside benchmarks/results")
+    import torch
+
+    from kontext_rt.config import PRESETS, VAE_PRESETS
+
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("no CUDA GPU here: run with --smoke on a CPU")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    cfg = PRESETS["tiny" if args.smoke else "flux-kontext-dev"]
+    vae_cfg = VAE_PRESETS["tiny" if args.smoke else "flux"]
+    size, text_tokens = (64, 8) if args.smoke else (1024, 512)
+    steps = args.steps or (2 if args.smoke else 4)
+    data = {
+        "what": "denoising loop only (random full-size weights, eager ops, hoisted), peak above the pre-model baseline",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke: measures nothing)",
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "size": f"{size}x{size} + one context image, {text_tokens} text tokens",
+        "cases": [],
+    }
+    t0 = time.perf_counter()
+    host = random_host_model(cfg, device)
+    data["build_s"] = time.perf_counter() - t0
+    for precision, placement in CASES:
+        try:
+            row = run_case(host, cfg, vae_cfg, precision, placement, device, size, steps, text_tokens)
+        except Exception as err:  # one case failing (e.g. out of memory) must not lose the others
+            row = {"precision": precision, "placement": placement, "error": f"{type(err).__name__}: {err}"[:400]}
+        data["cases"].append(row)
+        print(json.dumps(row), flush=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, args.out)
+    return 0 if all("error" not in r for r in data["cases"]) else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())
