@@ -16,11 +16,12 @@ from kontext_rt.errors import (
     PromptTruncated,
 )
 from kontext_rt.options import Optimizations
-from kontext_rt.pipeline import EditSession, Pipeline, RunReport
+from kontext_rt.pipeline import EditSession, Pipeline, Request, RunReport
 
 __all__ = [
     "Pipeline",
     "EditSession",
+    "Request",
     "RunReport",
     "Optimizations",
     "KontextError",

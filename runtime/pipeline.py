@@ -40,6 +40,37 @@ class RunReport:
     steps: int = 0
     text_cache_hit: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1  # requests that shared the denoising loop (run_batch)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One edit (context images given) or generation (none) for Pipeline.run_batch: edit/generate's arguments."""
+
+    prompt: str
+    images: tuple = ()  # paths or PIL images; empty: text-to-image
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    auto_resize: bool = True
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A request with every argument checked and its images read: what a batch is keyed and run from."""
+
+    request: Request
+    pils: list
+    sizes: list  # (width, height) each context image is encoded at
+    width: int
+    height: int
+    guidance: float
+
+    @property
+    def key(self) -> tuple:
+        return (self.width, self.height, tuple(self.sizes), self.request.steps)
 
 
 class _Stage:
@@ -336,6 +367,40 @@ class Pipeline:
         """Multi-turn editing: each turn's output becomes the next turn's context image."""
         return EditSession(self, image, **defaults)
 
+    def batch_key(self, request: Request) -> tuple:
+        """Requests with equal keys can run as one batch (run_batch): the same output size, step count and context
+        image sizes. Checks the request (InputError) and reads its images; nothing is encoded."""
+        return self._check(request).key
+
+    def run_batch(self, requests: list[Request], reports: list[RunReport] | None = None, progress=None) -> list:
+        """Run requests of one batch key through one sampling loop, each with its own prompt, seed, guidance and
+        context images; returns their images in order. Each image equals the same request run alone (edit or
+        generate): the noise is drawn per request, the VAE and the text encoders run per request, and the
+        modulation table is computed row by row; only the transformer's steps are shared, and its rows are
+        computed independently of one another. Every request is checked before any encoding."""
+        if not isinstance(requests, (list, tuple)) or not requests:
+            raise InputError("run_batch needs a non-empty list of Request")
+        if any(not isinstance(r, Request) for r in requests):
+            raise InputError("run_batch takes kontext_rt.pipeline.Request objects")
+        if reports is not None and len(reports) != len(requests):
+            raise InputError(f"{len(reports)} reports for {len(requests)} requests")
+        checked = [self._check(r) for r in requests]
+        if len({c.key for c in checked}) > 1:
+            raise InputError("run_batch: the requests differ in output size, steps or context sizes (batch_key)")
+        plans = [
+            self._plan(c.width, c.height, c.request.steps, c.guidance, c.request.seed, None, "pil", None)
+            for c in checked
+        ]
+        reports = reports or [None] * len(requests)
+        with self._weights.reading():
+            contexts = []
+            for c, report in zip(checked, reports, strict=True):
+                with _Stage(report, "vae_encode", self.device):
+                    contexts.append(
+                        [(self._encode_context(pil, size), size) for pil, size in zip(c.pils, c.sizes, strict=True)]
+                    )
+            return self._run_many([c.request.prompt for c in checked], contexts, plans, progress, reports)
+
     def load_lora(self, path, strength: float = 1.0, name: str | None = None) -> str:
         """Fuse a LoRA file into the transformer's weights (W += strength * alpha/r * B @ A); returns its name.
 
@@ -390,6 +455,22 @@ class Pipeline:
             self.text_cache.put(key, hit, prompt)
         return tuple(t.to(self.device, self.dtype) for t in hit)
 
+    def _check(self, r: Request) -> _Checked:
+        """edit's or generate's checks of one request, its images read and sized; nothing encoded, no noise drawn."""
+        _check_prompt(r.prompt)
+        check_arguments(r.width, r.height, r.steps, r.guidance, r.seed)
+        images = list(r.images) if isinstance(r.images, (list, tuple)) else [r.images]
+        pils = [im.load_image(img) for img in images]
+        sizes = [im.context_size(*pil.size, r.auto_resize) for pil in pils]
+        if pils:
+            width, height = r.width or sizes[0][0], r.height or sizes[0][1]
+            guidance = self.variant.edit_guidance if r.guidance is None else r.guidance
+        else:
+            width, height = r.width or 1024, r.height or 1024
+            guidance = self.variant.generate_guidance if r.guidance is None else r.guidance
+        im.check_output_size(width, height)
+        return _Checked(r, pils, sizes, width, height, guidance)
+
     def _plan(self, width, height, steps, guidance, seed, latents, output, sigmas) -> _Plan:
         """Every run argument checked, and what the loop starts from: nothing is encoded yet."""
         im.check_output_size(width, height)
@@ -418,6 +499,14 @@ class Pipeline:
         noise = torch.randn(batch, LATENT_CHANNELS, 2 * rows, 2 * cols, generator=gen)
         return im.pack(noise).to(self.device), seed
 
+    def _conditioning(self, txt, pooled, guidance: torch.Tensor, ctx, sizes, rows, cols) -> Conditioning:
+        """txt (B, T, D), pooled (B, D'), guidance (B,) float32, ctx (B, M, 64) or None from context images of
+        `sizes` (width, height) each."""
+        grids = [(rows, cols)] + [(h // im.MULTIPLE, w // im.MULTIPLE) for w, h in sizes]
+        cos, sin = rope_table(sequence_ids(txt.shape[1], grids, self.device), self.cfg.axes_dim, self.cfg.theta)
+        g = guidance.to(self.device) if self.cfg.guidance_embed else None
+        return Conditioning(ctx, txt, pooled, g, cos, sin)
+
     @torch.inference_mode()
     def _run(self, prompt, contexts, plan: _Plan, progress, report):
         x, rows, cols = plan.noise, plan.rows, plan.cols
@@ -425,10 +514,9 @@ class Pipeline:
         with _Stage(report, "text_encode", self.device):
             txt, pooled = self.encode_prompt(prompt, report)
         ctx = torch.cat([c for c, _ in contexts], 1).expand(batch, -1, -1) if contexts else None
-        grids = [(rows, cols)] + [(h // im.MULTIPLE, w // im.MULTIPLE) for _, (w, h) in contexts]
-        cos, sin = rope_table(sequence_ids(txt.shape[1], grids, self.device), self.cfg.axes_dim, self.cfg.theta)
-        g = torch.full((batch,), plan.guidance, device=self.device) if self.cfg.guidance_embed else None
-        cond = Conditioning(ctx, txt.expand(batch, -1, -1), pooled.expand(batch, -1), g, cos, sin)
+        guidance = torch.full((batch,), plan.guidance)
+        sizes = [size for _, size in contexts]
+        cond = self._conditioning(txt.expand(batch, -1, -1), pooled.expand(batch, -1), guidance, ctx, sizes, rows, cols)
         with _Stage(report, "denoise", self.device):
             x = denoise(self.denoiser, x, plan.sigmas, cond, progress)
         if report is not None:
@@ -438,6 +526,35 @@ class Pipeline:
         with _Stage(report, "vae_decode", self.device):
             images = im.to_pil(self.vae.decode(im.unpack(x, rows, cols)))
         return images[0] if batch == 1 else images
+
+    @torch.inference_mode()
+    def _run_many(self, prompts, contexts, plans: list[_Plan], progress, reports) -> list:
+        """One sampling loop over requests of one batch key; text encoding and VAE decoding per request."""
+        rows, cols = plans[0].rows, plans[0].cols
+        txts, pooleds = [], []
+        for prompt, report in zip(prompts, reports, strict=True):
+            with _Stage(report, "text_encode", self.device):
+                txt, pooled = self.encode_prompt(prompt, report)
+            txts.append(txt)
+            pooleds.append(pooled)
+        ctx = None
+        if contexts[0]:
+            ctx = torch.cat([torch.cat([c for c, _ in each], 1) for each in contexts])
+        guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
+        sizes = [size for _, size in contexts[0]]
+        cond = self._conditioning(torch.cat(txts), torch.cat(pooleds), guidance, ctx, sizes, rows, cols)
+        x = torch.cat([p.noise for p in plans])
+        shared = RunReport()
+        with _Stage(shared, "denoise", self.device):
+            x = denoise(self.denoiser, x, plans[0].sigmas, cond, progress)
+        images = []
+        for b, (plan, report) in enumerate(zip(plans, reports, strict=True)):
+            if report is not None:
+                report.seed, report.steps, report.batch_size = plan.seed, len(plan.sigmas) - 1, len(plans)
+                report.timings["denoise"] = report.timings.get("denoise", 0.0) + shared.timings["denoise"]
+            with _Stage(report, "vae_decode", self.device):
+                images.append(im.to_pil(self.vae.decode(im.unpack(x[b : b + 1], rows, cols)))[0])
+        return images
 
 
 class EditSession:

@@ -213,6 +213,19 @@ class FluxTransformer(nn.Module):
         they are computed for B rows once and broadcast.
         """
         steps, batch = timesteps.shape
+        if batch > 1:  # row by row: a request's rows never depend on what it is batched with (BLAS rounds by shape)
+            return torch.cat(
+                [
+                    self.modulation_table(
+                        timesteps[:, b : b + 1],
+                        None if guidance is None else guidance[b : b + 1],
+                        pooled[b : b + 1],
+                        ops,
+                    )
+                    for b in range(batch)
+                ],
+                1,
+            )
         dtype = self.img_in.weight.dtype
         vec = self.time_in(timestep_embedding(timesteps.reshape(-1)).to(dtype), ops).view(steps, batch, -1)
         if self.guidance_in is not None:
