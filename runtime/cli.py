@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
             "(text_encoders=device|staged|cpu, transformer=resident|offload, modulation=resident|staged, "
             "vae=resident|staged); `kontext-rt plan` shows what each needs",
         )
+        sp.add_argument(
+            "--vae-tiling",
+            choices=["auto", "on", "off"],
+            default="auto",
+            help="encode/decode images over 1024 px in overlapping tiles: auto (when the GPU would not fit the "
+            "untiled call), on, off",
+        )
         sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
         sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing summary")
@@ -315,6 +322,7 @@ def _generate(args, contexts, text_cache: Path | None):
         variant=_variant(args),
         placement=args.placement,
         plan_size=_run_size(args, contexts),
+        vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
     )
     report = krt.RunReport()
     bar = _progress(args.quiet)

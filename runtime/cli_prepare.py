@@ -27,6 +27,9 @@ def _plan_parser(sub):
         "--placement", help="resident (default), lean, offload, or part=mode,...: where each part lives (see edit)"
     )
     pl.add_argument("--steps", type=_positive_int, default=28, help="steps (rows of the modulation table; default 28)")
+    pl.add_argument(
+        "--vae-tiling", choices=["auto", "on", "off"], default="auto", help="whether the VAE may tile (default auto)"
+    )
 
 
 def _plan(args) -> int:
@@ -35,6 +38,7 @@ def _plan(args) -> int:
     from kontext_rt import image as im
     from kontext_rt import memory
     from kontext_rt.config import PRESETS, VAE_PRESETS, VARIANTS, Variant
+    from kontext_rt.model.vae_tiling import DEFAULT_TILE
     from kontext_rt.placement import PRESETS as PLACEMENTS
     from kontext_rt.placement import Placement
 
@@ -79,6 +83,7 @@ def _plan(args) -> int:
         text_encoders=encoders,
         placement=placement,
         steps=args.steps,
+        vae_tile=None if args.vae_tiling == "off" else DEFAULT_TILE,
     )
     print(p)
     others = ", ".join(f"{name} {p.placed(pl).budget / memory.GIB:.2f} GiB" for name, pl in PLACEMENTS.items())

@@ -164,6 +164,7 @@ class MemoryPlan:
     denoise_transient: int
     vae_transient: int
     table: int  # the hoisted modulation table of every step, alive through the loop
+    vae_tiled_transient: int | None = None  # the VAE's transient in tiles (vae_tiling), None when it does not tile
     placement: Placement = Placement()
     request: str = ""
     margin_fraction: float = MARGIN
@@ -191,10 +192,17 @@ class MemoryPlan:
         streamed_blocks = 2 * self.largest_block if pl.offloads_blocks else 0  # the running block + the next one
         return {
             "text encode": base + (self.text_encoders if pl.text_encoders == "staged" else 0),
-            "VAE encode/decode": base + vae + self.vae_transient,
+            "VAE encode/decode": base + vae + self.vae_stage_transient,
             "modulation table": base + streamed_mod + self.table,
             "denoising step": base + streamed_blocks + self.table + self.denoise_transient,
         }
+
+    @property
+    def vae_stage_transient(self) -> int:
+        """The VAE's transient as the pipeline runs it: in tiles when it may tile (the smaller of the two)."""
+        if self.vae_tiled_transient is None:
+            return self.vae_transient
+        return min(self.vae_transient, self.vae_tiled_transient)
 
     @property
     def peak(self) -> int:
@@ -235,6 +243,11 @@ class MemoryPlan:
             ("always on the device", self.resident, ""),
             ("denoising step transient", self.denoise_transient, ""),
             ("VAE encode/decode transient", self.vae_transient, ""),
+            *(
+                [("VAE transient in tiles", self.vae_tiled_transient, "vae_tiling: used when the image needs it")]
+                if self.vae_tiled_transient is not None
+                else []
+            ),
             ("modulation table (every step)", self.table, ""),
             *((f"stage: {k}", v, "") for k, v in self.stages.items()),
             ("peak (the highest stage)", self.peak, ""),
@@ -276,10 +289,11 @@ def plan(
     text_encoders: int = 0,
     placement: Placement = RESIDENT,
     steps: int = 28,
+    vae_tile: int | None = None,
 ) -> MemoryPlan:
     """The plan of one request: target_tokens = (height/16)*(width/16); context_tokens of one context image of the
     same size (0 for text-to-image); text_encoders: their bytes (placed by `placement`); steps: rows of the hoisted
-    modulation table."""
+    modulation table; vae_tile: the tile of a pipeline that may tile the VAE (None: it never does)."""
     if target_tokens != (height // 16) * (width // 16):
         raise ValueError(f"target_tokens {target_tokens} does not match a {width}x{height} image")
     rows, cols = height // 16, width // 16
@@ -291,6 +305,11 @@ def plan(
     model = meta_transformer(cfg, dtype, fp8)
     vae = meta_vae(vae_cfg, dtype)
     encode, decode = vae_transients(vae, dtype, width, height, batch, bool(context_tokens))
+    tiled = None
+    if vae_tile is not None and max(width, height) > vae_tile:
+        from kontext_rt.model.vae_tiling import tile_shape
+
+        tiled = max(vae_transients(vae, dtype, *tile_shape(width, height, vae_tile), batch, bool(context_tokens)))
     dtype_name = str(dtype).removeprefix("torch.") + (" + fp8 linears" if fp8 else "")
     request = f"{width}x{height}, {dtype_name}, {text_tokens} text tokens, {len(grids) - 1} context image(s)"
     blocks, largest_block, mods, largest_mod = _parts(model)
@@ -306,6 +325,7 @@ def plan(
         denoise_transient=step_transient(model, dtype, text_tokens, grids, batch),
         vae_transient=max(encode, decode),
         table=table,
+        vae_tiled_transient=tiled,
         placement=placement,
         request=request + ("" if batch == 1 else f", batch {batch}"),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,8 +20,9 @@ from kontext_rt.backends import Loaded, LoadRequest
 from kontext_rt.config import FluxConfig, Variant
 from kontext_rt.errors import CheckpointError, InputError
 from kontext_rt.model.rope import rope_table, sequence_ids
+from kontext_rt.model.vae_tiling import DEFAULT_TILE, TiledVAE
 from kontext_rt.options import Optimizations
-from kontext_rt.placement import Placement
+from kontext_rt.placement import Placement, StagedVAE
 from kontext_rt.sampling.loop import Conditioning, denoise
 from kontext_rt.sampling.schedule import explicit_schedule, schedule
 from kontext_rt.text import TextEmbeddingCache, TextEncoders
@@ -152,8 +153,9 @@ def check_device(device) -> torch.device:
     return device
 
 
-def _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement) -> memory.MemoryPlan:
-    """The plan of a run at size (one context image of that size) with this placement."""
+def _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement, vae_tile=None) -> memory.MemoryPlan:
+    """The plan of a run at size (one context image of that size) with this placement; vae_tile: the tile of a
+    pipeline that may tile its VAE."""
     if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise InputError(f"plan_size must be (width, height), got {size!r}")
     width, height = size
@@ -184,18 +186,30 @@ def _sequence_length(variant: Variant, max_sequence_length) -> int:
     return msl
 
 
-def _check_memory(backend, checkpoint, cfg, device, dtype, optimize, text_tokens, max_memory, plan_size, placement):
+def _check_memory(
+    backend, checkpoint, cfg, device, dtype, optimize, text_tokens, max_memory, plan_size, placement, tile
+):
     """Refuse a load whose memory plan exceeds max_memory= (any device) or a CUDA device's free memory."""
     memory.check_max_memory(max_memory)
     if backend.engines and max_memory is not None:
         raise InputError("max_memory= plans the runtime's own model; backend='tensorrt' runs engines")
     if not backend.engines and (max_memory is not None or device.type == "cuda"):
         fp8 = optimize.fp8 is not None
-        plan = _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, plan_size, placement)
+        plan = _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, plan_size, placement, tile)
         with_fp8 = None
         if not fp8 and dtype == torch.bfloat16:  # the same request with FP8 linears, planned only if it is refused
-            with_fp8 = partial(_memory_plan, checkpoint, cfg, dtype, True, text_tokens, plan_size, placement)
+            with_fp8 = partial(_memory_plan, checkpoint, cfg, dtype, True, text_tokens, plan_size, placement, tile)
         memory.check_budget(plan, device, max_memory, with_fp8)
+
+
+def _check_vae_tiling(vae_tiling, vae_tile, backend) -> None:
+    from kontext_rt.model.vae_tiling import tilings
+
+    if vae_tiling not in ("auto", True, False) or not isinstance(vae_tiling, (str, bool)):
+        raise InputError(f"vae_tiling must be True, False or 'auto', got {vae_tiling!r}")
+    tilings(vae_tile, 0.25, 8)  # a positive multiple of the VAE's 8 px whose overlap is whole latent pixels
+    if vae_tiling is True and backend.engines:
+        raise InputError("vae_tiling=True tiles the runtime's own VAE; backend='tensorrt' runs the VAE engines")
 
 
 def _check_prompt(prompt):
@@ -217,6 +231,8 @@ class Pipeline:
         text_cache: TextEmbeddingCache,
         optimize: Optimizations | None = None,
         placement: Placement | None = None,
+        vae_tiling: bool | str = "auto",
+        vae_tile: int = DEFAULT_TILE,
     ):
         self.cfg = cfg
         self.denoiser, self.vae, self.transformer = loaded.denoiser, loaded.vae, loaded.transformer
@@ -227,6 +243,9 @@ class Pipeline:
         self.text_cache = text_cache
         self.optimize = optimize or Optimizations()
         self.placement = placement or Placement()
+        self.vae_tiling, self.vae_tile = vae_tiling, vae_tile
+        self._vae_lock = threading.Lock()
+        self._vae_needs: dict[tuple[int, int], tuple[int, int]] = {}  # (width, height) -> traced (encode, decode)
         self._weights = _ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
 
     @classmethod
@@ -249,6 +268,8 @@ class Pipeline:
         max_memory: int | None = None,
         plan_size: tuple[int, int] = (1024, 1024),
         placement: Placement | str | None = None,
+        vae_tiling: bool | str = "auto",
+        vae_tile: int = DEFAULT_TILE,
     ) -> Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
@@ -263,6 +284,8 @@ class Pipeline:
         without it, the device's free memory. A memory plan over it (kontext_rt.memory) is refused before the weights.
         placement: where each part lives (kontext_rt.placement.Placement, a preset name such as "lean" or "offload",
         or "part=mode,..."); None keeps everything on the device.
+        vae_tiling: encode and decode images larger than vae_tile px in overlapping tiles (model/vae_tiling.py):
+        True always, False never, "auto" when the untiled call would not fit in the CUDA device's free memory.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
         device = check_device(device)
@@ -273,6 +296,7 @@ class Pipeline:
         optimize.check(device, dtype)
         placement = Placement.parse(placement)
         placement.check(optimize)
+        _check_vae_tiling(vae_tiling, vae_tile, chosen)
         checkpoint = detect(path, ae=ae, text_encoders=text_encoders)
         if checkpoint.text_encoders is None:
             raise CheckpointError(
@@ -285,7 +309,8 @@ class Pipeline:
         msl = _sequence_length(variant, max_sequence_length)
         if isinstance(loras, (str, Path)):
             raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
-        _check_memory(chosen, checkpoint, cfg, device, dtype, optimize, msl, max_memory, plan_size, placement)
+        tile = None if vae_tiling is False else vae_tile
+        _check_memory(chosen, checkpoint, cfg, device, dtype, optimize, msl, max_memory, plan_size, placement, tile)
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         request = LoadRequest(
             checkpoint,
@@ -302,7 +327,21 @@ class Pipeline:
         # refuses unusable tokenizers before the weights
         text = TextEncoders(checkpoint.text_encoders, device, dtype, placement.text_encoders)
         loaded = chosen.load(request)
-        return cls(loaded, cfg, text, variant, device, dtype, chosen.name, msl, cache, optimize, placement)
+        return cls(
+            loaded,
+            cfg,
+            text,
+            variant,
+            device,
+            dtype,
+            chosen.name,
+            msl,
+            cache,
+            optimize,
+            placement,
+            vae_tiling,
+            vae_tile,
+        )
 
     # ---- public entry points ----------------------------------------------------------------------------------
 
@@ -437,10 +476,43 @@ class Pipeline:
 
     # ---- internals --------------------------------------------------------------------------------------------
 
+    def _tiles(self, which: str, width: int, height: int) -> bool:
+        """Whether this encode or decode of a width x height image runs in tiles: always with vae_tiling=True
+        (images larger than one tile), never with False or engines, and with "auto" when the device reports less
+        free memory than the untiled call's traced transient (and the staged VAE's weights) plus the plan's margin."""
+        if self.vae_tiling is False or self.transformer is None or max(width, height) <= self.vae_tile:
+            return False
+        if self.vae_tiling is True:
+            return True
+        free = self._free_memory()
+        if free is None:  # the CPU: its memory is the host's, no device budget to keep to
+            return False
+        with self._vae_lock:
+            if (width, height) not in self._vae_needs:
+                vae = memory.meta_vae(self.vae.cfg, self.dtype)
+                self._vae_needs[width, height] = memory.vae_transients(vae, self.dtype, width, height, 1, True)
+            encode, decode = self._vae_needs[width, height]
+        need = encode if which == "encode" else decode
+        if isinstance(self.vae, StagedVAE):
+            need += self.vae.staged.tensors.nbytes
+        return need * (1 + memory.MARGIN) > free
+
+    def _free_memory(self) -> int | None:
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+
+    def _vae(self, which: str, x: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """The VAE's encode or decode of a width x height image, in tiles when _tiles says so (a staged VAE is
+        brought to the device once for all the tiles)."""
+        tiled = self._tiles(which, width, height)
+        staged = self.vae.staged.on_device() if isinstance(self.vae, StagedVAE) else nullcontext(self.vae)
+        with staged as vae:
+            vae = TiledVAE(vae, self.vae_tile) if tiled else vae
+            return getattr(vae, which)(x)
+
     @torch.inference_mode()
     def _encode_context(self, pil, size: tuple[int, int]) -> torch.Tensor:
         x = im.to_tensor(pil, *size).to(self.device, self.dtype)
-        return im.pack(self.vae.encode(x))
+        return im.pack(self._vae("encode", x, *size))
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
@@ -524,7 +596,7 @@ class Pipeline:
         if plan.output == "latent":
             return x
         with _Stage(report, "vae_decode", self.device):
-            images = im.to_pil(self.vae.decode(im.unpack(x, rows, cols)))
+            images = im.to_pil(self._vae("decode", im.unpack(x, rows, cols), cols * 16, rows * 16))
         return images[0] if batch == 1 else images
 
     @torch.inference_mode()
@@ -553,7 +625,8 @@ class Pipeline:
                 report.seed, report.steps, report.batch_size = plan.seed, len(plan.sigmas) - 1, len(plans)
                 report.timings["denoise"] = report.timings.get("denoise", 0.0) + shared.timings["denoise"]
             with _Stage(report, "vae_decode", self.device):
-                images.append(im.to_pil(self.vae.decode(im.unpack(x[b : b + 1], rows, cols)))[0])
+                z = im.unpack(x[b : b + 1], rows, cols)
+                images.append(im.to_pil(self._vae("decode", z, cols * 16, rows * 16))[0])
         return images
 
 

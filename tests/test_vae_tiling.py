@@ -226,3 +226,89 @@ def test_bad_arguments_are_refused(vaes):
     for w, h, tile in ((0, 64, 32), (64, -8, 32), (64, 64, 0), (64.0, 64, 32)):
         with pytest.raises(InputError):
             tile_shape(w, h, tile)
+
+
+# ---- the pipeline's use of it: vae_tiling=True / False / "auto", the memory plan's tiled transient ----------------
+
+
+def _picture(w, h, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiled_pipes(kontext_dir):
+    from kontext_rt.pipeline import Pipeline
+
+    return {mode: Pipeline.from_pretrained(kontext_dir, vae_tiling=mode, vae_tile=32) for mode in (True, False, "auto")}
+
+
+def _edit(pipe, output="pil"):
+    return pipe.edit(_picture(64, 48), "x", steps=1, seed=2, auto_resize=False, output=output)
+
+
+def test_pipeline_tiles_encode_and_decode_when_asked(tiled_pipes):
+    import numpy as np
+
+    from kontext_rt import image as im
+
+    on, off = tiled_pipes[True], tiled_pipes[False]
+    latent = _edit(on, "latent")  # its context went through the tiled encoder
+    want = im.to_pil(TiledVAE(on.vae, 32).decode(im.unpack(latent, 3, 4)))[0]
+    assert np.array_equal(np.asarray(_edit(on)), np.asarray(want))
+    assert not torch.equal(latent, _edit(off, "latent"))  # the tiled encode changed the context
+
+
+def test_auto_tiles_only_when_the_device_would_not_fit_the_untiled_call(tiled_pipes, monkeypatch):
+    import numpy as np
+
+    auto = tiled_pipes["auto"]
+    results = {}
+    for free, name in ((None, "cpu"), (1, "tight"), (10**15, "roomy")):
+        monkeypatch.setattr(auto, "_free_memory", lambda free=free: free)
+        results[name] = np.asarray(_edit(auto))
+    assert np.array_equal(results["tight"], np.asarray(_edit(tiled_pipes[True])))
+    assert np.array_equal(results["roomy"], np.asarray(_edit(tiled_pipes[False])))
+    assert np.array_equal(results["cpu"], results["roomy"])
+
+
+def test_a_staged_vae_visits_the_device_once_for_all_its_tiles(kontext_dir):
+    from kontext_rt.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(kontext_dir, vae_tiling=True, vae_tile=32, placement="vae=staged")
+    copies = []
+    tensors = pipe.vae.staged.tensors
+    original = tensors.copy_to_device
+    tensors.copy_to_device = lambda: copies.append(1) or original()
+    _edit(pipe)
+    assert len(copies) == 2  # one encode (6 tiles) and one decode (6 tiles)
+
+
+@pytest.mark.parametrize("kw, match", [({"vae_tiling": "yes"}, "vae_tiling"), ({"vae_tile": 100}, "tile")])
+def test_bad_tiling_options_are_refused_before_any_weights(kontext_dir, monkeypatch, kw, match):
+    from kontext_rt.pipeline import Pipeline
+    from kontext_rt.weights.formats import CheckpointFormat
+
+    monkeypatch.setattr(CheckpointFormat, "load_transformer", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(InputError, match=match):
+        Pipeline.from_pretrained(kontext_dir, **kw)
+
+
+def test_the_plan_traces_one_tile_when_the_vae_may_tile():
+    """A 2048 px plan with 1024 px tiles needs the VAE transient of a 1024 px image, traced on its own."""
+    from kontext_rt import memory
+    from kontext_rt.config import PRESETS
+
+    cfg, vae_cfg = PRESETS["flux-kontext-dev"], VAE_PRESETS["flux"]
+
+    def plan(size, tile):
+        tokens = (size // 16) ** 2
+        return memory.plan(cfg, vae_cfg, torch.bfloat16, False, 8, tokens, tokens, size, size, vae_tile=tile)
+
+    big, small = plan(2048, 1024), plan(1024, None)
+    assert big.vae_tiled_transient == small.vae_transient < big.vae_transient
+    assert big.vae_stage_transient == small.vae_transient
+    assert plan(2048, None).vae_tiled_transient is None and plan(1024, 1024).vae_tiled_transient is None
