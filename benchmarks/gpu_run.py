@@ -244,7 +244,11 @@ class Run:
             (
                 "memory",
                 lambda: self.script(
-                    "memory", "memory.json", self.deadline("memory"), *["--smoke"] * self.args.rehearse
+                    "memory",
+                    "memory.json",
+                    self.deadline("memory"),
+                    *["--smoke"] * self.args.rehearse,
+                    f"--budget-s={self.deadline('memory') - 20}",
                 ),
             ),
             ("compile", lambda: self.suite("compile", r.left_s())),

@@ -8,13 +8,14 @@ do not depend on the values) and only the denoising loop runs: no VAE, no text e
 (torch.cuda.max_memory_allocated above what was allocated before the model) is set beside the plan's highest
 transformer stage (modulation table, denoising step) for the same placement with the VAE and text encoders off the
 device, without the plan's margin: the ratio says how much of the margin the allocator and workspaces used.
-Each case is written as soon as it ends (a kill keeps the cases before it), most wanted first.
+Each case is written as soon as it ends (a kill keeps the cases before it), most wanted first; --budget-s skips
+the cases that would not end in time. Every placement of a precision must give the first one's output bit for bit
+(the streams, events and copies of the CUDA path, which the CPU tests cannot run); a difference fails the script.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -47,6 +48,19 @@ def random_host_model(cfg, device):
     with torch.no_grad():
         for t in (*model.parameters(), *model.buffers()):
             t.copy_((torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(t.dtype))
+    return model
+
+
+def fresh_model(cfg, host_model):
+    """A new transformer holding host_model's host tensors (nothing copied: placing it replaces its own tensors,
+    never the shared ones), so every case starts from the same weights without a copy of the whole model."""
+    import torch
+
+    from kontext_rt.model.transformer import FluxTransformer
+
+    with torch.device("meta"):
+        model = FluxTransformer(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    model.load_state_dict(host_model.state_dict(), assign=True)
     return model
 
 
@@ -97,15 +111,18 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if cuda else 0
     t0 = time.perf_counter()
-    model = copy.deepcopy(host_model)
+    model = fresh_model(cfg, host_model)
     fp8 = precision == "fp8"
-    if fp8:  # quantized where the blocks will live, as the backends do
-        quantize_on = torch.device("cpu") if placement.offloads_blocks else device
-        fp8_linear.convert(model, fp8_linear.quantize_rows, None, fp8_linear.matmul_for(device), device=quantize_on)
+    if fp8:  # as the backends do: one linear at a time on the device, offloaded blocks parked back in host memory
+        park = torch.device("cpu") if placement.offloads_blocks else None
+        fp8_linear.convert(
+            model, fp8_linear.quantize_rows, None, fp8_linear.matmul_for(device), device=device, park=park
+        )
     residency = place_transformer(model, placement, device)
     load_s = time.perf_counter() - t0
     loaded = (torch.cuda.memory_allocated(device) - base) if cuda else None
     load_peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
+    base_reserved = torch.cuda.memory_reserved(device) if cuda else 0
     denoiser = Hoisted(model, EAGER_OPS, torch.bfloat16)
     if residency is not None:
         denoiser = residency.denoiser(denoiser)
@@ -125,6 +142,7 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
     last[0] = time.perf_counter()
     out = denoise(denoiser, x, sigmas, cond, tick)
     run_peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
+    reserved_peak = (torch.cuda.max_memory_reserved(device) - base_reserved + loaded) if cuda else None
     tokens = (size // 16) ** 2
     p = memory.plan(
         cfg, vae_cfg, torch.bfloat16, fp8, text_tokens, tokens, tokens, size, size, placement=placement, steps=steps
@@ -144,13 +162,14 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
         "measured_on_device_bytes": loaded,
         "measured_load_peak_bytes": load_peak,
         "measured_peak_bytes": run_peak,
+        "measured_reserved_peak_bytes": reserved_peak,  # what the caching allocator held: rounding, fragmentation
     }
     if run_peak is not None:
         row["measured_over_planned"] = run_peak / predicted
     if residency is not None and residency.blocks is not None:
         row["streamed_block_bytes_per_step"] = sum(u.nbytes for u in residency.blocks.units)
-    del model, denoiser, residency, out
-    return row
+    del model, denoiser, residency
+    return row, out.cpu()
 
 
 def main(argv=None) -> int:
@@ -158,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="the CPU, the tiny preset: checks the script, times nothing")
     ap.add_argument("--steps", type=int, help="denoising steps per case (default 4; --smoke: 2)")
+    ap.add_argument("--budget-s", type=float, help="skip the cases that would end past this many seconds")
     args = ap.parse_args(argv)
     if args.smoke and args.out.resolve().is_relative_to((HERE / "results").resolve()):
         ap.error("--smoke measures nothing: write it outside benchmarks/results")
@@ -183,17 +203,28 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     host = random_host_model(cfg, device)
     data["build_s"] = time.perf_counter() - t0
+    firsts = {}  # precision -> the first case's output: every placement must give it bit for bit
+    times = []
     for precision, placement in CASES:
-        try:
-            row = run_case(host, cfg, vae_cfg, precision, placement, device, size, steps, text_tokens)
-        except Exception as err:  # one case failing (e.g. out of memory) must not lose the others
-            row = {"precision": precision, "placement": placement, "error": f"{type(err).__name__}: {err}"[:400]}
+        elapsed = time.perf_counter() - t0
+        if args.budget_s and times and elapsed + max(times) > args.budget_s:
+            row = {"precision": precision, "placement": placement, "skipped": f"budget ({elapsed:.0f} s used)"}
+        else:
+            t_case = time.perf_counter()
+            try:
+                row, out = run_case(host, cfg, vae_cfg, precision, placement, device, size, steps, text_tokens)
+                first = firsts.setdefault(precision, (placement, out))
+                row["equals"] = {"placement": first[0], "bit_for_bit": bool(torch.equal(out, first[1]))}
+            except Exception as err:  # one case failing (e.g. out of memory) must not lose the others
+                row = {"precision": precision, "placement": placement, "error": f"{type(err).__name__}: {err}"[:400]}
+            times.append(time.perf_counter() - t_case)
         data["cases"].append(row)
         print(json.dumps(row), flush=True)
         tmp = args.out.with_name(args.out.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, args.out)
-    return 0 if all("error" not in r for r in data["cases"]) else 1
+    ok = all("error" not in r and r.get("equals", {}).get("bit_for_bit", True) for r in data["cases"])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

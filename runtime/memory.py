@@ -389,11 +389,11 @@ def check_max_memory(max_memory) -> None:
         raise InputError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
 
 
-def check_budget(p: MemoryPlan, device: torch.device, max_memory=None, fp8_plan=None) -> None:
+def check_budget(p: MemoryPlan, device: torch.device, max_memory=None, fp8_plan=None, allowed=None) -> None:
     """Refuse a plan over max_memory (bytes, any device) or, on CUDA without it, over the device's free memory:
     an OutOfMemoryPlan naming the breakdown and the options that would fit (the placement presets, and FP8 linears
-    when fp8_plan, a callable giving the same request's plan with them, is given). Nothing to check on a CPU
-    without max_memory."""
+    when fp8_plan, a callable giving the same request's plan with them, is given; allowed(placement) -> bool keeps
+    only the placements the pipeline's options can run with). Nothing to check on a CPU without max_memory."""
     from kontext_rt.errors import OutOfMemoryPlan
 
     if max_memory is not None:
@@ -407,10 +407,11 @@ def check_budget(p: MemoryPlan, device: torch.device, max_memory=None, fp8_plan=
         return
 
     fp8 = "FP8 linears (optimize=Optimizations(fp8='dynamic'), dtype=torch.bfloat16) with "
-    options = [(f"placement={name!r}", p.placed(pl)) for name, pl in PRESETS.items()]
+    presets = [(name, pl) for name, pl in PRESETS.items() if allowed is None or allowed(pl)]
+    options = [(f"placement={name!r}", p.placed(pl)) for name, pl in presets]
     if fp8_plan is not None:
         q = fp8_plan()
-        options += [(f"{fp8}placement={name!r}", q.placed(pl)) for name, pl in PRESETS.items()]
+        options += [(f"{fp8}placement={name!r}", q.placed(pl)) for name, pl in presets]
     fits = [f"{name} ({o.budget / GIB:.2f} GiB)" for name, o in options if o.budget <= budget]
     if fits:
         helps = "What would fit: " + "; ".join(fits)

@@ -69,9 +69,11 @@ class _Checked:
     height: int
     guidance: float
 
+    steps: int  # the step count the schedule will have (the variant's default when the request leaves it)
+
     @property
     def key(self) -> tuple:
-        return (self.width, self.height, tuple(self.sizes), self.request.steps)
+        return (self.width, self.height, tuple(self.sizes), self.steps)
 
 
 class _Stage:
@@ -153,9 +155,9 @@ def check_device(device) -> torch.device:
     return device
 
 
-def _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement, vae_tile=None) -> memory.MemoryPlan:
+def _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement, vae_tile=None, steps=28):
     """The plan of a run at size (one context image of that size) with this placement; vae_tile: the tile of a
-    pipeline that may tile its VAE."""
+    pipeline that may tile its VAE; steps: the rows of its modulation table."""
     if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise InputError(f"plan_size must be (width, height), got {size!r}")
     width, height = size
@@ -175,6 +177,8 @@ def _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement, vae_
         height,
         text_encoders=encoders,
         placement=placement,
+        steps=steps,
+        vae_tile=vae_tile,
     )
 
 
@@ -187,7 +191,7 @@ def _sequence_length(variant: Variant, max_sequence_length) -> int:
 
 
 def _check_memory(
-    backend, checkpoint, cfg, device, dtype, optimize, text_tokens, max_memory, plan_size, placement, tile
+    backend, checkpoint, cfg, device, dtype, optimize, variant, text_tokens, max_memory, plan_size, placement, tile
 ):
     """Refuse a load whose memory plan exceeds max_memory= (any device) or a CUDA device's free memory."""
     memory.check_max_memory(max_memory)
@@ -195,11 +199,22 @@ def _check_memory(
         raise InputError("max_memory= plans the runtime's own model; backend='tensorrt' runs engines")
     if not backend.engines and (max_memory is not None or device.type == "cuda"):
         fp8 = optimize.fp8 is not None
-        plan = _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, plan_size, placement, tile)
+        steps = variant.steps
+        plan = _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, plan_size, placement, tile, steps)
         with_fp8 = None
         if not fp8 and dtype == torch.bfloat16:  # the same request with FP8 linears, planned only if it is refused
-            with_fp8 = partial(_memory_plan, checkpoint, cfg, dtype, True, text_tokens, plan_size, placement, tile)
-        memory.check_budget(plan, device, max_memory, with_fp8)
+            with_fp8 = partial(
+                _memory_plan, checkpoint, cfg, dtype, True, text_tokens, plan_size, placement, tile, steps
+            )
+
+        def allowed(other: Placement) -> bool:  # a placement these speed options can run with
+            try:
+                other.check(optimize)
+            except InputError:
+                return False
+            return True
+
+        memory.check_budget(plan, device, max_memory, with_fp8, allowed)
 
 
 def _check_vae_tiling(vae_tiling, vae_tile, backend) -> None:
@@ -207,9 +222,17 @@ def _check_vae_tiling(vae_tiling, vae_tile, backend) -> None:
 
     if vae_tiling not in ("auto", True, False) or not isinstance(vae_tiling, (str, bool)):
         raise InputError(f"vae_tiling must be True, False or 'auto', got {vae_tiling!r}")
-    tilings(vae_tile, 0.25, 8)  # a positive multiple of the VAE's 8 px whose overlap is whole latent pixels
+    if isinstance(vae_tile, bool) or not isinstance(vae_tile, int) or vae_tile <= 0 or vae_tile % 32:
+        # 32: a multiple of the VAE's 8 px whose quarter overlap is whole latent pixels
+        raise InputError(f"vae_tile must be a positive multiple of 32 px, got {vae_tile!r}")
+    tilings(vae_tile, 0.25, 8)
     if vae_tiling is True and backend.engines:
         raise InputError("vae_tiling=True tiles the runtime's own VAE; backend='tensorrt' runs the VAE engines")
+
+
+def _check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be a function (done, total), got {progress!r}")
 
 
 def _check_prompt(prompt):
@@ -245,7 +268,8 @@ class Pipeline:
         self.placement = placement or Placement()
         self.vae_tiling, self.vae_tile = vae_tiling, vae_tile
         self._vae_lock = threading.Lock()
-        self._vae_needs: dict[tuple[int, int], tuple[int, int]] = {}  # (width, height) -> traced (encode, decode)
+        self._tile_decisions: dict[tuple[str, int, int], bool] = {}  # (encode/decode, width, height) -> tiled
+        self._vae_budget = self._free_after_load() if vae_tiling == "auto" else None
         self._weights = _ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
 
     @classmethod
@@ -310,7 +334,9 @@ class Pipeline:
         if isinstance(loras, (str, Path)):
             raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
         tile = None if vae_tiling is False else vae_tile
-        _check_memory(chosen, checkpoint, cfg, device, dtype, optimize, msl, max_memory, plan_size, placement, tile)
+        _check_memory(
+            chosen, checkpoint, cfg, device, dtype, optimize, variant, msl, max_memory, plan_size, placement, tile
+        )
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
         request = LoadRequest(
             checkpoint,
@@ -374,7 +400,7 @@ class Pipeline:
         (w0, h0) = sizes[0]
         width, height = width or w0, height or h0
         guidance = self.variant.edit_guidance if guidance is None else guidance
-        plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas)
+        plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas, progress)
         with self._weights.reading():
             with _Stage(report, "vae_encode", self.device):
                 contexts = [(self._encode_context(pil, size), size) for pil, size in zip(pils, sizes, strict=True)]
@@ -398,7 +424,7 @@ class Pipeline:
         _check_prompt(prompt)
         check_arguments(width, height, steps, guidance, seed)
         guidance = self.variant.generate_guidance if guidance is None else guidance
-        plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas)
+        plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas, progress)
         with self._weights.reading():
             return self._run(prompt, [], plan, progress, report)
 
@@ -421,8 +447,13 @@ class Pipeline:
             raise InputError("run_batch needs a non-empty list of Request")
         if any(not isinstance(r, Request) for r in requests):
             raise InputError("run_batch takes kontext_rt.pipeline.Request objects")
-        if reports is not None and len(reports) != len(requests):
-            raise InputError(f"{len(reports)} reports for {len(requests)} requests")
+        if reports is not None and (
+            not isinstance(reports, (list, tuple))
+            or len(reports) != len(requests)
+            or any(not isinstance(r, RunReport) for r in reports)
+        ):
+            raise InputError(f"reports must be a list of one RunReport per request ({len(requests)}), got {reports!r}")
+        _check_progress(progress)
         checked = [self._check(r) for r in requests]
         if len({c.key for c in checked}) > 1:
             raise InputError("run_batch: the requests differ in output size, steps or context sizes (batch_key)")
@@ -478,27 +509,34 @@ class Pipeline:
 
     def _tiles(self, which: str, width: int, height: int) -> bool:
         """Whether this encode or decode of a width x height image runs in tiles: always with vae_tiling=True
-        (images larger than one tile), never with False or engines, and with "auto" when the device reports less
-        free memory than the untiled call's traced transient (and the staged VAE's weights) plus the plan's margin."""
+        (images larger than one tile), never with False or engines, and with "auto" when the call's traced transient
+        (and a staged VAE's weights) plus the plan's margin exceeds the device memory that was free when the
+        pipeline was loaded. Decided once per call kind and size, so the same request always gives the same pixels
+        (tiling is not exact), whatever else the device holds at the time."""
         if self.vae_tiling is False or self.transformer is None or max(width, height) <= self.vae_tile:
             return False
         if self.vae_tiling is True:
             return True
-        free = self._free_memory()
-        if free is None:  # the CPU: its memory is the host's, no device budget to keep to
+        if self._vae_budget is None:  # the CPU: its memory is the host's, no device budget to keep to
             return False
         with self._vae_lock:
-            if (width, height) not in self._vae_needs:
+            key = (which, width, height)
+            if key not in self._tile_decisions:
                 vae = memory.meta_vae(self.vae.cfg, self.dtype)
-                self._vae_needs[width, height] = memory.vae_transients(vae, self.dtype, width, height, 1, True)
-            encode, decode = self._vae_needs[width, height]
-        need = encode if which == "encode" else decode
-        if isinstance(self.vae, StagedVAE):
-            need += self.vae.staged.tensors.nbytes
-        return need * (1 + memory.MARGIN) > free
+                encode, decode = memory.vae_transients(vae, self.dtype, width, height, 1, True)
+                need = encode if which == "encode" else decode
+                if isinstance(self.vae, StagedVAE):
+                    need += self.vae.staged.tensors.nbytes
+                self._tile_decisions[key] = need * (1 + memory.MARGIN) > self._vae_budget
+            return self._tile_decisions[key]
 
-    def _free_memory(self) -> int | None:
-        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+    def _free_after_load(self) -> int | None:
+        """The device memory free for the VAE's stages, measured once after loading (None on the CPU): what the
+        driver reports free plus what the caching allocator holds without using."""
+        if self.device.type != "cuda":
+            return None
+        free = torch.cuda.mem_get_info(self.device)[0]
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
     def _vae(self, which: str, x: torch.Tensor, width: int, height: int) -> torch.Tensor:
         """The VAE's encode or decode of a width x height image, in tiles when _tiles says so (a staged VAE is
@@ -518,7 +556,7 @@ class Pipeline:
         """(txt, pooled) for a prompt, from the cache when possible."""
         _check_prompt(prompt)
         self.text.warn_if_truncated(prompt, self.max_sequence_length)
-        key = TextEmbeddingCache.key(prompt, self.max_sequence_length, self.text.fingerprint)
+        key = TextEmbeddingCache.key(prompt, self.max_sequence_length, self.text.identity)
         hit = self.text_cache.get(key)
         if report is not None:
             report.text_cache_hit = hit is not None
@@ -531,6 +569,10 @@ class Pipeline:
         """edit's or generate's checks of one request, its images read and sized; nothing encoded, no noise drawn."""
         _check_prompt(r.prompt)
         check_arguments(r.width, r.height, r.steps, r.guidance, r.seed)
+        if not isinstance(r.auto_resize, bool):
+            raise InputError(f"auto_resize must be True or False, got {r.auto_resize!r}")
+        if r.images is None:
+            raise InputError("Request.images must be a tuple of context images (paths or PIL images), or empty")
         images = list(r.images) if isinstance(r.images, (list, tuple)) else [r.images]
         pils = [im.load_image(img) for img in images]
         sizes = [im.context_size(*pil.size, r.auto_resize) for pil in pils]
@@ -541,10 +583,12 @@ class Pipeline:
             width, height = r.width or 1024, r.height or 1024
             guidance = self.variant.generate_guidance if r.guidance is None else r.guidance
         im.check_output_size(width, height)
-        return _Checked(r, pils, sizes, width, height, guidance)
+        steps = self.variant.steps if r.steps is None else r.steps
+        return _Checked(r, pils, sizes, width, height, guidance, steps)
 
-    def _plan(self, width, height, steps, guidance, seed, latents, output, sigmas) -> _Plan:
+    def _plan(self, width, height, steps, guidance, seed, latents, output, sigmas, progress=None) -> _Plan:
         """Every run argument checked, and what the loop starts from: nothing is encoded yet."""
+        _check_progress(progress)
         im.check_output_size(width, height)
         if output not in OUTPUTS:
             raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")

@@ -24,9 +24,11 @@ nothing. kontext_rt.memory plans the device memory of each mode.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
+import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -34,12 +36,14 @@ from torch import nn
 from kontext_rt.errors import InputError
 from kontext_rt.sampling.loop import Denoiser
 
-CHOICES = {
-    "text_encoders": ("device", "staged", "cpu"),
-    "transformer": ("resident", "offload"),
-    "modulation": ("resident", "staged"),
-    "vae": ("resident", "staged"),
-}
+CHOICES = MappingProxyType(
+    {
+        "text_encoders": ("device", "staged", "cpu"),
+        "transformer": ("resident", "offload"),
+        "modulation": ("resident", "staged"),
+        "vae": ("resident", "staged"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Placement:
             return spec
         if not isinstance(spec, str):
             raise InputError(f"placement must be a Placement, a preset name or 'part=mode,...', got {spec!r}")
+        spec = spec.strip()
         if spec in PRESETS:
             return PRESETS[spec]
         if "=" not in spec:
@@ -99,13 +104,15 @@ class Placement:
             raise InputError("transformer='offload' swaps the blocks' weights, which compiled blocks cannot follow")
 
 
-PRESETS = {
-    "resident": Placement(),
-    # the transformer's blocks resident; everything used once per run (or less) off the device between uses
-    "lean": Placement(text_encoders="cpu", modulation="staged", vae="staged"),
-    # the least device memory: lean, with the blocks streamed from host memory as well
-    "offload": Placement(text_encoders="cpu", transformer="offload", modulation="staged", vae="staged"),
-}
+PRESETS = MappingProxyType(
+    {
+        "resident": Placement(),
+        # the transformer's blocks resident; everything used once per run (or less) off the device between uses
+        "lean": Placement(text_encoders="cpu", modulation="staged", vae="staged"),
+        # the least device memory: lean, with the blocks streamed from host memory as well
+        "offload": Placement(text_encoders="cpu", transformer="offload", modulation="staged", vae="staged"),
+    }
+)
 
 
 def _slots(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> list[tuple[nn.Module, str, bool]]:
@@ -120,41 +127,81 @@ def _slots(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> list[tuple[nn
     return out
 
 
-class HostTensors:
-    """A module's tensors moved to host memory (pinned when the device is a GPU: copies from it are asynchronous);
-    `copy_to_device` makes the device copies, `attach` puts them in the module, `detach` puts the host ones back.
+ALIGN = 256  # bytes: every tensor's offset in a unit's flat buffer (any dtype's alignment, and the GPU's)
 
-    The module's own Parameter objects keep the host tensors, so whatever writes the weights while they are detached
-    (a LoRA fuse) writes the host copy, and the next visit copies the new values."""
+
+def _pin(flat: torch.Tensor) -> None:
+    """Page-lock a host buffer as it is (cudaHostRegister: pinned_memory() would round it up to a power of two), so
+    copies from it run asynchronously; unpinned when the buffer dies. Without it the copies are synchronous."""
+    cudart = torch.cuda.cudart()
+    ptr = flat.data_ptr()
+    if int(cudart.cudaHostRegister(ptr, flat.numel(), 0)) != 0:
+        warnings.warn(
+            f"could not pin {flat.numel() / 2**30:.2f} GiB of host memory (cudaHostRegister failed: the lockable "
+            "memory limit?); copies from it to the GPU will not overlap with compute",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return
+    weakref.finalize(flat, cudart.cudaHostUnregister, ptr)
+
+
+class HostTensors:
+    """A module's tensors kept in one flat host buffer (pinned when the device is a GPU) as views of it;
+    `copy_to_device` copies the buffer in one go and returns the device views, `attach` puts them in the module,
+    `detach` puts the host ones back.
+
+    The module's own Parameter objects keep the host views, so whatever writes the weights while they are detached
+    (a LoRA fuse) writes the host copy, and the next visit copies the new values. Tied weights are one tensor."""
 
     def __init__(self, module: nn.Module, device: torch.device, skip: tuple[nn.Module, ...] = ()):
         self.device = device
         self.slots = _slots(module, skip)
-        self.host: list[torch.Tensor] = []  # each distinct tensor once (tied weights are one tensor)
-        self.index: list[int] = []  # slot -> its tensor in self.host
+        unique: list[torch.Tensor] = []
+        self.index: list[int] = []  # slot -> its tensor in unique / self.host
         self._is_param: list[bool] = []
         seen: dict[int, int] = {}
         for owner, name, is_param in self.slots:
-            table = owner._parameters if is_param else owner._buffers
-            tensor = table[name]
+            tensor = (owner._parameters if is_param else owner._buffers)[name]
             if id(tensor) not in seen:
-                seen[id(tensor)] = len(self.host)
-                host = tensor.detach().to("cpu")
-                if device.type == "cuda":
-                    host = host.pin_memory()
-                if is_param:
-                    tensor.data = host
-                self.host.append(tensor if is_param else host)
+                seen[id(tensor)] = len(unique)
+                unique.append(tensor)
                 self._is_param.append(is_param)
             self.index.append(seen[id(tensor)])
+        self.offsets, total = [], 0
+        for t in unique:
+            total = -(-total // ALIGN) * ALIGN
+            self.offsets.append(total)
+            total += t.numel() * t.element_size()
+        self.nbytes = sum(t.numel() * t.element_size() for t in unique)  # the tensors' own bytes (what a plan counts)
+        self.flat = torch.empty(total, dtype=torch.uint8)
+        if device.type == "cuda" and total:
+            _pin(self.flat)
+        self.attached: list[torch.Tensor] | None = None  # the device copies in the module now, if any
+        self.host: list[torch.Tensor] = []
+        for t, offset, is_param in zip(unique, self.offsets, self._is_param, strict=True):
+            view = self._view(self.flat, offset, t)
+            view.copy_(t.detach())
+            if is_param:
+                t.data = view
+            self.host.append(t if is_param else view)
+        for (owner, name, is_param), i in zip(self.slots, self.index, strict=True):
             if not is_param:
-                table[name] = self.host[self.index[-1]]
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.host)
+                owner._buffers[name] = self.host[i]
+
+    @staticmethod
+    def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+        n = like.numel() * like.element_size()
+        return flat[offset : offset + n].view(like.dtype).view(like.shape)
 
     def copy_to_device(self) -> list[torch.Tensor]:
-        return [t.detach().to(self.device, non_blocking=True, copy=True) for t in self.host]
+        """The unit on the device: one allocation and one copy (asynchronous from pinned memory), as views."""
+        flat = torch.empty(self.flat.numel(), dtype=torch.uint8, device=self.device)
+        flat.copy_(self.flat, non_blocking=True)
+        return [self._view(flat, offset, t) for t, offset in zip(self.host, self.offsets, strict=True)]
 
     def attach(self, tensors: list[torch.Tensor]) -> None:
+        self.attached = tensors  # held until detach (the Parameters below alias them outside torch's dispatch)
         made = [nn.Parameter(t, requires_grad=False) if p else t for t, p in zip(tensors, self._is_param, strict=True)]
         for (owner, name, is_param), i in zip(self.slots, self.index, strict=True):
             (owner._parameters if is_param else owner._buffers)[name] = made[i]
@@ -162,6 +209,7 @@ class HostTensors:
     def detach(self) -> None:
         for (owner, name, is_param), i in zip(self.slots, self.index, strict=True):
             (owner._parameters if is_param else owner._buffers)[name] = self.host[i]
+        self.attached = None
 
 
 class Staged:
@@ -191,17 +239,22 @@ class Staged:
 
 class Streamed:
     """Units (each a module's HostTensors) visiting the device in order: unit i attached while it computes, unit i+1
-    copied meanwhile (on a side stream on CUDA, then waited on by the compute stream). At most two units are on the
-    device. One pass at a time: the caller holds `lock` for a whole pass (a sampling loop)."""
+    copied meanwhile (on a side stream on CUDA, waited on by the compute stream before its use). At most two units
+    hold device memory. One pass at a time: the caller holds `lock` for a whole pass, and ends it with `end_pass`.
+
+    On CUDA the host runs ahead of the GPU, and a released unit's memory stays allocated until the GPU has run it
+    (record_stream). So when unit i is released (its work queued), the host first waits for unit i-1's work to
+    finish, then queues unit i+1's copy: the GPU always has unit i's work queued while the host waits, and unit
+    i+1's copy overlaps it."""
 
     def __init__(self, units: list[HostTensors], device: torch.device, cyclic: bool = False):
         self.units, self.device, self.cyclic = units, device, cyclic
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.lock = threading.RLock()
         self._pending: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
-        self.max_on_device = 0  # the most units on the device at once (attached + copying), for tests and reports
-        self._attached = 0
+        self._attached: set[int] = set()
         self._released: torch.cuda.Event | None = None  # recorded after the last released unit's work
+        self.max_on_device = 0  # the most units holding device memory at once, for tests and reports
 
     @property
     def largest_unit(self) -> int:
@@ -218,33 +271,32 @@ class Streamed:
                 event = torch.cuda.Event()
                 event.record(self.copy_stream)
             self._pending[i] = (tensors, event)
-        self.max_on_device = max(self.max_on_device, self._attached + len(self._pending))
+        self.max_on_device = max(self.max_on_device, len(self._attached) + len(self._pending))
 
     def acquire(self, i: int) -> None:
-        self._fetch(i)
+        self._fetch(i)  # already copied ahead, except for a pass's first unit
         tensors, event = self._pending.pop(i)
         if event is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(event)
-            for t in tensors:
-                t.record_stream(compute)  # made on the copy stream, used on this one: freed only after its use
+            tensors[0].record_stream(compute)  # the views share one buffer, made on the copy stream, used on this one
         self.units[i].attach(tensors)
-        self._attached += 1
-        nxt = i + 1 if i + 1 < len(self.units) else (0 if self.cyclic else None)
-        if nxt is not None:
-            if self._released is not None:
-                # the host may run far ahead of the GPU, and each unit it releases stays allocated until the GPU has
-                # run it: wait until the previous unit has run, so that at most two units hold device memory
-                self._released.synchronize()
-                self._released = None
-            self._fetch(nxt)
+        self._attached.add(i)
 
     def release(self, i: int) -> None:
-        self.units[i].detach()
-        self._attached -= 1
-        if self.copy_stream is not None:
-            self._released = torch.cuda.Event()
-            self._released.record(torch.cuda.current_stream(self.device))
+        try:
+            if self.copy_stream is not None:
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+                if self._released is not None:
+                    self._released.synchronize()  # unit i-1 has run: its memory is free again
+                self._released = done
+            nxt = i + 1 if i + 1 < len(self.units) else (0 if self.cyclic else None)
+            if nxt is not None:
+                self._fetch(nxt)
+        finally:
+            self.units[i].detach()
+            self._attached.discard(i)
 
     @contextmanager
     def visit(self, i: int):
@@ -254,10 +306,21 @@ class Streamed:
         finally:
             self.release(i)
 
-    def drop_pending(self) -> None:
-        """Free the copies made ahead (the next step's first unit) when a pass ends."""
+    def end_pass(self) -> None:
+        """Put every unit's host tensors back (after an error too) and free the copies made ahead."""
+        for i in list(self._attached):
+            self.units[i].detach()
+        self._attached.clear()
         self._pending.clear()
         self._released = None
+
+    @contextmanager
+    def one_pass(self):
+        with self.lock:
+            try:
+                yield
+            finally:
+                self.end_pass()
 
 
 class Residency:
@@ -266,22 +329,17 @@ class Residency:
 
     def block(self, i: int):
         """Around double block i (0..depth-1) or single block depth+i."""
-        return _NOTHING
+        return nullcontext()
+
+    def modulation_table(self):
+        """Around the building of a modulation table (every modulation layer once)."""
+        return nullcontext()
 
     def modulation_layer(self, i: int):
         """Around the modulation layer i (FluxTransformer.modulation_layers order) while the table is built."""
-        return _NOTHING
+        return nullcontext()
 
 
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NOTHING = _Nothing()
 RESIDENT = Residency()
 
 
@@ -290,37 +348,30 @@ class StreamedResidency(Residency):
         self.blocks, self.modulation = blocks, modulation
 
     def block(self, i: int):
-        return _NOTHING if self.blocks is None else self.blocks.visit(i)
+        return nullcontext() if self.blocks is None else self.blocks.visit(i)
+
+    def modulation_table(self):
+        """One table at a time streams the modulation layers (its own pass: loops over resident blocks run
+        concurrently, and only their tables take turns)."""
+        return nullcontext() if self.modulation is None else self.modulation.one_pass()
 
     def modulation_layer(self, i: int):
-        return _NOTHING if self.modulation is None else self.modulation.visit(i)
-
-    @contextmanager
-    def one_pass(self) -> Iterator[None]:
-        """Held around a whole sampling loop: one loop at a time streams the weights."""
-        streams = [s for s in (self.blocks, self.modulation) if s is not None]
-        for s in streams:
-            s.lock.acquire()
-        try:
-            yield
-        finally:
-            for s in reversed(streams):
-                s.drop_pending()
-                s.lock.release()
+        return nullcontext() if self.modulation is None else self.modulation.visit(i)
 
     def denoiser(self, inner: Denoiser) -> Denoiser:
-        return OnePass(inner, self)
+        """The denoiser to run: streamed blocks take a whole loop per pass (one loop at a time)."""
+        return inner if self.blocks is None else OnePass(inner, self.blocks)
 
 
 class OnePass(Denoiser):
-    """A denoiser whose loops each hold the streamed weights for the whole loop (one loop at a time)."""
+    """A denoiser whose every loop is one pass of the streamed blocks (one loop at a time)."""
 
-    def __init__(self, inner: Denoiser, residency: StreamedResidency):
-        self.inner, self.residency, self.dtype = inner, residency, inner.dtype
+    def __init__(self, inner: Denoiser, blocks: Streamed):
+        self.inner, self.blocks, self.dtype = inner, blocks, inner.dtype
 
     @contextmanager
     def prepare(self, sigmas, cond, x):
-        with self.residency.one_pass(), self.inner.prepare(sigmas, cond, x) as step:
+        with self.blocks.one_pass(), self.inner.prepare(sigmas, cond, x) as step:
             yield step
 
     def weights_changed(self) -> None:

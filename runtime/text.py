@@ -104,6 +104,15 @@ class TextEncoders:
             return self._fingerprint
 
     @property
+    def identity(self) -> str:
+        """What an embedding depends on besides the prompt: the weights' fingerprint, the dtype and the hardware
+        the encoders run on (the CPU and a GPU round differently), for the text-cache key."""
+        where = self.device.type
+        if where == "cuda":
+            where = torch.cuda.get_device_name(self.device)
+        return f"{self.fingerprint}|{self.dtype}|{where}"
+
+    @property
     def loaded(self) -> bool:
         return self._models is not None
 

@@ -119,3 +119,30 @@ def test_a_latent_batch_of_one_prompt_equals_each_row_alone(pipe):
     batched = pipe.generate(latents=noise, **args)
     for b in range(3):
         assert torch.equal(batched[b : b + 1], pipe.generate(latents=noise[b : b + 1], **args))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"reports": krt.RunReport()}, "reports"),
+        ({"reports": [1]}, "reports"),
+        ({"progress": 3}, "progress"),
+    ],
+)
+def test_bad_batch_arguments_are_refused_before_anything_is_encoded(pipe, monkeypatch, kwargs, match):
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: pytest.fail("encoded"))
+    with pytest.raises(InputError, match=match):
+        pipe.run_batch([krt.Request("x", (picture(1),), steps=2, auto_resize=False)], **kwargs)
+
+
+@pytest.mark.parametrize("bad, match", [({"images": None}, "images"), ({"auto_resize": "no"}, "auto_resize")])
+def test_bad_request_fields(pipe, bad, match):
+    with pytest.raises(InputError, match=match):
+        pipe.batch_key(krt.Request("x", **{"images": (picture(1),), **bad}))
+
+
+def test_the_default_step_count_is_one_key(pipe):
+    default = pipe.variant.steps
+    assert pipe.batch_key(krt.Request("x", width=64, height=48)) == pipe.batch_key(
+        krt.Request("x", width=64, height=48, steps=default)
+    )

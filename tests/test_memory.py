@@ -257,3 +257,42 @@ def test_cli_plan_for_the_full_preset(capsys):
 def test_cli_plan_refuses_bad_arguments(args, match, capsys):
     assert main(["plan", *args]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("placement", ["resident", "offload"])
+def test_the_denoising_stage_bounds_what_the_real_loop_allocates(kontext_dir, placement, monkeypatch):
+    """The real sampling loop of the tiny pipeline, run under LiveBytes on the CPU: every storage it creates (the
+    modulation table, the streamed blocks' copies, the step's activations) stays within the plan's denoising stage
+    above what is always on the device. On the CPU a block is copied in after the previous one has run, so the
+    plan's two blocks are an upper bound here; on a GPU the copy overlaps (benchmarks/memory_gpu.py measures it)."""
+    from kontext_rt import pipeline
+    from kontext_rt.placement import Placement
+
+    pipe = Pipeline.from_pretrained(kontext_dir, placement=placement)
+    peaks = []
+    loop = pipeline.denoise
+
+    def measured(*args, **kwargs):
+        with torch.inference_mode(), memory.LiveBytes() as live:
+            out = loop(*args, **kwargs)
+        peaks.append(live.peak)
+        return out
+
+    monkeypatch.setattr(pipeline, "denoise", measured)
+    pipe.generate("x", width=64, height=64, steps=28, seed=0, output="latent")
+    p = pipeline._memory_plan(
+        pipeline.detect(kontext_dir),
+        pipe.cfg,
+        torch.float32,
+        False,
+        pipe.max_sequence_length,
+        (64, 64),
+        Placement.parse(placement),
+        None,
+        28,
+    )
+    planned = p.stages["denoising step"] - p.resident
+    assert 0 < peaks[0] <= planned
+    if placement == "offload":  # the streamed copies are real allocations, seen by the trace
+        streamed = pipe.transformer.residency.blocks
+        assert peaks[0] >= p.table + min(u.nbytes for u in streamed.units)

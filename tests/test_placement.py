@@ -249,3 +249,67 @@ def test_fp8_conversion_brings_one_full_precision_linear_at_a_time_to_the_device
     assert all(m.weight.device == target and m.weight.dtype == fp8_linear.E4M3 for m in converted)
     rest = [t for n, t in model.named_parameters()]
     assert rest and all(t.device.type == "cpu" for t in rest)  # what is not quantized stays where it was
+
+
+def test_fp8_conversion_parks_each_block_once_its_linears_are_quantized(monkeypatch):
+    """park=...: when a linear is quantized, no other block's quantized linears are still on the device (here the
+    CPU; the meta device stands in for host memory, where each block goes once done)."""
+    from kontext_rt.config import PRESETS
+    from kontext_rt.model import fp8_linear
+    from kontext_rt.model.transformer import FluxTransformer
+
+    model = FluxTransformer(PRESETS["tiny"]).to(torch.bfloat16)
+    original = fp8_linear.FP8Linear.from_linear
+    others_on_device = []
+
+    def spy(linear, *args, **kwargs):
+        converted = [(n, m) for n, m in model.named_modules() if isinstance(m, fp8_linear.FP8Linear)]
+        current = {id(m) for m in linear.modules()}
+        block_of = {".".join(n.split(".")[:2]) for n, m in model.named_modules() if id(m) in current}
+        others_on_device.append(
+            sum(m.weight.device.type == "cpu" for n, m in converted if not any(n.startswith(b + ".") for b in block_of))
+        )
+        return original(linear, *args, **kwargs)
+
+    monkeypatch.setattr(fp8_linear.FP8Linear, "from_linear", staticmethod(spy))
+    names = fp8_linear.convert(model, matmul=fp8_linear.scaled_mm_dequantized, park=torch.device("meta"))
+    assert len(others_on_device) == len(names) and not any(others_on_device)
+    blocks = [*model.double_blocks, *model.single_blocks]
+    assert all(t.device.type == "meta" for b in blocks for t in (*b.parameters(), *b.buffers()))
+    assert model.img_in.weight.device.type == "cpu"  # not a block: stays
+
+
+def test_an_error_mid_loop_leaves_every_block_in_host_memory(kontext_dir, tmp_path):
+    """A failure inside a block (an out-of-memory error, an interrupt) ends the pass: every unit holds its host
+    tensors again, and the pipeline runs and takes LoRAs as one that never failed."""
+    from safetensors.torch import save_file
+
+    from tests.test_lora import diffusers_lora
+
+    path = tmp_path / "style.safetensors"
+    save_file(diffusers_lora(torch.Generator().manual_seed(10)), str(path))
+    args = dict(prompt="x", width=32, height=32, steps=2, seed=1, output="latent")
+    pipe = load(kontext_dir, "offload")
+    model = pipe.transformer
+    hosts = [ptrs(u.host) for u in model.residency.blocks.units]
+    unit = model.residency.blocks.units[2]
+
+    def out_of_memory():
+        raise MemoryError("out of memory copying the next block in")
+
+    unit.copy_to_device = out_of_memory  # fails while block 1 is being released
+    with pytest.raises(MemoryError):
+        pipe.generate(**args)
+    del unit.copy_to_device
+    assert [ptrs(t) for t in block_tensors(model)] == hosts
+    assert not model.residency.blocks._pending and not model.residency.blocks._attached
+    hook = model.single_blocks[0].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        pipe.generate(**args)  # an interrupt inside a block
+    hook.remove()
+    assert [ptrs(t) for t in block_tensors(model)] == hosts
+    assert not model.residency.blocks._pending and not model.residency.blocks._attached
+    pipe.load_lora(path, strength=0.7)
+    fresh = load(kontext_dir, "offload")
+    fresh.load_lora(path, strength=0.7)
+    assert torch.equal(pipe.generate(**args), fresh.generate(**args))

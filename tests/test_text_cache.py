@@ -65,3 +65,14 @@ def test_damaged_disk_entry_is_a_miss(tmp_path):
 def test_negative_capacity_is_refused():
     with pytest.raises(ValueError, match="capacity"):
         TextEmbeddingCache(capacity=-1)
+
+
+def test_encoders_of_another_dtype_never_read_each_others_entries(kontext_dir, tmp_path):
+    """Embeddings depend on the dtype (and the hardware) the encoders ran in: a bf16 pipeline sharing the cache folder
+    of a float32 one encodes its own."""
+    cache = tmp_path / "cache"
+    Pipeline.from_pretrained(kontext_dir, text_cache_dir=cache).encode_prompt("a red house")
+    other = Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, text_cache_dir=cache)
+    other.encode_prompt("a red house")
+    assert other.text.loaded and other.text_cache.stats.misses == 1
+    assert len(list(cache.glob("*.safetensors"))) == 2

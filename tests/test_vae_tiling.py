@@ -268,8 +268,12 @@ def test_auto_tiles_only_when_the_device_would_not_fit_the_untiled_call(tiled_pi
     auto = tiled_pipes["auto"]
     results = {}
     for free, name in ((None, "cpu"), (1, "tight"), (10**15, "roomy")):
-        monkeypatch.setattr(auto, "_free_memory", lambda free=free: free)
+        monkeypatch.setattr(auto, "_vae_budget", free)  # as measured after loading
+        monkeypatch.setattr(auto, "_tile_decisions", {})
         results[name] = np.asarray(_edit(auto))
+        if free is not None:  # decided once per size: another budget later changes nothing
+            monkeypatch.setattr(auto, "_vae_budget", 10**15 if free == 1 else 1)
+            assert np.array_equal(np.asarray(_edit(auto)), results[name])
     assert np.array_equal(results["tight"], np.asarray(_edit(tiled_pipes[True])))
     assert np.array_equal(results["roomy"], np.asarray(_edit(tiled_pipes[False])))
     assert np.array_equal(results["cpu"], results["roomy"])

@@ -106,10 +106,11 @@ class TorchBackend(Backend):
         transformer = req.checkpoint.load_transformer(req.dtype, host if streamed or opt.fp8 else self.device)
         staged_vae = placement.vae == "staged"
         vae = req.checkpoint.load_vae(req.dtype, host if staged_vae else self.device)
-        # FP8 weights are quantized where the blocks will live: one linear at a time on the device when they stay
-        # there, in host memory when they are streamed from it (the quantizer's arithmetic is the same on both)
-        quantize_on = host if placement.offloads_blocks else self.device
-        stack = _prepare(transformer, self.ops, req, self.device, self._amax, quantize_on)
+        # FP8 weights are quantized on the device one linear at a time; blocks streamed from host memory go back
+        # there as soon as their linears are quantized: the device never holds more than one block of them
+        stack = _prepare(
+            transformer, self.ops, req, self.device, self._amax, host if placement.offloads_blocks else None
+        )
         residency = place_transformer(transformer, placement, self.device)
         denoiser = denoisers.for_model(
             transformer, self.ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs
@@ -252,9 +253,9 @@ def _lora_path(item) -> Path:
     raise InputError(f"each LoRA is a path or (path, strength), got {item!r}")
 
 
-def _prepare(transformer, ops: Ops, req: LoadRequest, device, amax=None, quantize_on=None) -> LoRAStack:
-    """LoRAs fused, then FP8 quantization (each linear moved to quantize_on first; the FP8 matmul is the one of
-    `device`, where it runs), then regional compile: the order each needs."""
+def _prepare(transformer, ops: Ops, req: LoadRequest, device, amax=None, park=None) -> LoRAStack:
+    """LoRAs fused, then FP8 quantization (each linear moved to `device` first, each block to `park` after, when
+    given), then regional compile: the order each needs."""
     from kontext_rt.model import fp8_linear as fp8
 
     optimize = req.optimize
@@ -262,7 +263,7 @@ def _prepare(transformer, ops: Ops, req: LoadRequest, device, amax=None, quantiz
     for item in req.loras:
         stack.load(_lora_path(item), 1.0 if isinstance(item, (str, Path)) else item[1])
     if optimize.fp8 is not None:
-        fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(device), device=quantize_on)
+        fp8.convert(transformer, ops.quantize_rows, amax, fp8.matmul_for(device), device=device, park=park)
         stack.forget_originals()  # unloading is refused on FP8 pipelines
     if optimize.compile:
         backend = "inductor" if optimize.compile is True else optimize.compile

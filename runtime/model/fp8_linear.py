@@ -178,19 +178,22 @@ def convert(
     input_amax: dict[str, torch.Tensor] | None = None,
     matmul: Callable = torch._scaled_mm,
     device: torch.device | None = None,
+    park: torch.device | None = None,
 ) -> list[str]:
     """Replace every FP8-eligible nn.Linear by an FP8Linear, in place; returns the converted names.
 
     input_amax (from read_calibration) makes the activations static; it must cover every eligible layer.
     device: each linear is moved there just before it is quantized (its full-precision copy freed after), so a
-    model read into host memory never has more than one full-precision linear on the device.
+    model read into host memory never has more than one full-precision linear on the device. park: where each block
+    goes once its linears are quantized (the host memory of blocks streamed from there), so the device never holds
+    more than one block's quantized linears either.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and fp8_eligible(n)]
     if not names:
         raise ValueError("the model has no FP8-eligible linear layers")
     if input_amax is not None and (missing := [n for n in names if n not in input_amax]):
         raise CheckpointError(f"the calibration has no input amax for {len(missing)} layers, e.g. {missing[:3]}")
-    for name in names:
+    for k, name in enumerate(names):
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
         amax = None if input_amax is None else input_amax[name]
@@ -198,4 +201,7 @@ def convert(
         if device is not None:
             linear = linear.to(device)
         setattr(owner, child, FP8Linear.from_linear(linear, quantize, amax, matmul))
+        block = ".".join(name.split(".")[:2])  # double_blocks.N / single_blocks.N
+        if park is not None and (k + 1 == len(names) or not names[k + 1].startswith(block + ".")):
+            model.get_submodule(block).to(park)
     return names

@@ -190,50 +190,50 @@ class FluxTransformer(nn.Module):
         layers += [b.modulation.lin for b in self.single_blocks]
         return layers + [self.final_layer.adaLN_modulation[1]]
 
-    def modulations(self, vec: torch.Tensor, ops: Ops = EAGER_OPS) -> torch.Tensor:
-        """The modulation table: every block's lin(SiLU(vec)) side by side, (R, K) for vec (R, C).
+    def modulations(self, vecs: list[torch.Tensor], ops: Ops = EAGER_OPS) -> list[torch.Tensor]:
+        """The modulation table of each group of rows: every block's lin(SiLU(vec)) side by side, (R, K) for each
+        vec (R, C) of `vecs`.
 
         It depends on nothing but t, guidance and the pooled text, so the sampler computes it for all steps before
         the loop (modulation_table): one matmul per layer over all steps' rows, instead of reading these 3.2B
-        parameters again at every step.
+        parameters again at every step. Each layer is visited once for all groups (a placement that streams them
+        copies each one once), and each group is its own matmul, so its rows never depend on the other groups'.
         """
-        act = F.silu(vec)
-        cols = []
-        for i, lin in enumerate(self.modulation_layers()):
-            with self.residency.modulation_layer(i):
-                cols.append(ops.row_linear(act, lin.weight, lin.bias))
-        return torch.cat(cols, -1)
+        acts = [F.silu(vec) for vec in vecs]
+        cols: list[list[torch.Tensor]] = [[] for _ in vecs]
+        with self.residency.modulation_table():
+            for i, lin in enumerate(self.modulation_layers()):
+                with self.residency.modulation_layer(i):
+                    for group, act in zip(cols, acts, strict=True):
+                        group.append(ops.row_linear(act, lin.weight, lin.bias))
+        return [torch.cat(group, -1) for group in cols]
+
+    def _vec(self, timesteps, guidance, pooled, ops: Ops) -> torch.Tensor:
+        """time_in(emb(t)) + guidance_in(emb(g)) + vector_in(pooled) of one batch row: timesteps (S,), guidance (1,)
+        or None, pooled (1, D) -> (S, C). The guidance and pooled-text terms are the same at every step: computed
+        once and broadcast."""
+        dtype = self.img_in.weight.dtype
+        vec = self.time_in(timestep_embedding(timesteps).to(dtype), ops)
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype), ops)
+        return vec + self.vector_in(pooled.to(dtype), ops)
 
     def modulation_table(self, timesteps, guidance, pooled, ops: Ops = EAGER_OPS) -> torch.Tensor:
         """(S, B, K): the modulations of every step for timesteps (S, B), guidance (B,) or None, pooled (B, D).
 
         vec = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(pooled), then every block's lin(SiLU(vec)). forward
         calls it with S = 1; with a row-invariant row_linear (the triton table) row (s, b) of a many-step table
-        equals that one-step table bit for bit. The guidance and pooled-text terms are the same at every step, so
-        they are computed for B rows once and broadcast.
+        equals that one-step table bit for bit. Each batch row is computed on its own (its S rows one matmul per
+        layer), so a request's table never depends on what it is batched with (a BLAS may round by shape).
         """
         steps, batch = timesteps.shape
-        if batch > 1:  # row by row: a request's rows never depend on what it is batched with (BLAS rounds by shape)
-            return torch.cat(
-                [
-                    self.modulation_table(
-                        timesteps[:, b : b + 1],
-                        None if guidance is None else guidance[b : b + 1],
-                        pooled[b : b + 1],
-                        ops,
-                    )
-                    for b in range(batch)
-                ],
-                1,
-            )
-        dtype = self.img_in.weight.dtype
-        vec = self.time_in(timestep_embedding(timesteps.reshape(-1)).to(dtype), ops).view(steps, batch, -1)
-        if self.guidance_in is not None:
-            if guidance is None:
-                raise InputError("this model was distilled with guidance: pass a guidance value")
-            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype), ops)
-        vec = vec + self.vector_in(pooled.to(dtype), ops)
-        return self.modulations(vec.reshape(steps * batch, -1), ops).view(steps, batch, -1)
+        if self.guidance_in is not None and guidance is None:
+            raise InputError("this model was distilled with guidance: pass a guidance value")
+        vecs = [
+            self._vec(timesteps[:, b], None if guidance is None else guidance[b : b + 1], pooled[b : b + 1], ops)
+            for b in range(batch)
+        ]
+        return torch.stack(self.modulations(vecs, ops), 1)
 
     def velocity(self, img, ctx, txt, mod, cos, sin, ops: Ops = EAGER_OPS):
         """The transformer with its modulation given: mod (B, K), one step's rows of the modulation table."""
