@@ -316,3 +316,25 @@ def test_the_plan_traces_one_tile_when_the_vae_may_tile():
     assert big.vae_tiled_transient == small.vae_transient < big.vae_transient
     assert big.vae_stage_transient == small.vae_transient
     assert plan(2048, None).vae_tiled_transient is None and plan(1024, 1024).vae_tiled_transient is None
+
+
+def test_the_load_plan_counts_on_tiles_only_when_the_vae_may_tile(kontext_dir, monkeypatch):
+    """from_pretrained's plan at plan_size: with vae_tiling auto (or True) a budget between the tiled and untiled
+    VAE stages is enough; with False it is refused before any weights."""
+    from kontext_rt import pipeline
+    from kontext_rt.errors import OutOfMemoryPlan
+    from kontext_rt.pipeline import Pipeline
+
+    plans = []
+    original = pipeline._memory_plan
+    monkeypatch.setattr(pipeline, "_memory_plan", lambda *a: plans.append(original(*a)) or plans[-1])
+    with pytest.raises(OutOfMemoryPlan):
+        Pipeline.from_pretrained(kontext_dir, plan_size=(256, 256), vae_tile=64, max_memory=1)
+    tiled = plans[-1]
+    assert tiled.vae_tiled_transient is not None and tiled.vae_tiled_transient < tiled.vae_transient
+    untiled_budget = type(tiled)(**{**tiled.__dict__, "vae_tiled_transient": None}).budget
+    assert tiled.budget < untiled_budget
+    kw = dict(plan_size=(256, 256), vae_tile=64, max_memory=tiled.budget)
+    assert Pipeline.from_pretrained(kontext_dir, **kw) is not None
+    with pytest.raises(OutOfMemoryPlan):
+        Pipeline.from_pretrained(kontext_dir, vae_tiling=False, **kw)
