@@ -47,6 +47,9 @@ def _serve_parser(sub):
     s.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
     s.add_argument("--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies tensorrt)")
     s.add_argument("--placement", help="resident (default), lean, offload, or part=mode,... (see edit)")
+    s.add_argument(
+        "--vae-tiling", choices=["auto", "on", "off"], default="auto", help="whether the VAE may tile (see edit)"
+    )
     s.add_argument("--text-cache-dir", help="keep text embeddings on disk here too (default: in memory only)")
     s.add_argument("--max-queue", type=_positive_int, default=16, help="queued requests before 429 (default 16)")
     s.add_argument("--max-batch", type=_positive_int, default=4, help="requests run together (default 4)")
@@ -107,6 +110,7 @@ def _serve(args) -> int:
         engines=args.engines,
         variant=args.variant,
         placement=args.placement,
+        vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
     )
     config = uvicorn.Config(create_app(pipe, settings), log_level=args.log_level)
     server = uvicorn.Server(config)

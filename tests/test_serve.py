@@ -234,6 +234,32 @@ def test_native_route_edits_with_images_and_generates_without(port, pipe, pictur
     assert np.array_equal(pixels(decoded(body["data"][0]["b64_json"])), pixels(want))
 
 
+def test_queued_requests_of_one_key_run_as_one_batch_with_each_ones_pixels(pipe, pictures):
+    a, _ = pictures
+    mirrored = a.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # another context of the same size: the same key
+    requests = [
+        Request(PROMPT, (a,), 32, 32, 2, None, 1, False),
+        Request("a red fox", (), 32, 32, 2, 3.5, 2),
+        Request("add a hat", (mirrored,), 32, 32, 2, 4.0, 3, False),
+    ]
+    alone = [
+        pipe.edit(a, PROMPT, width=32, height=32, steps=2, seed=1, auto_resize=False),
+        pipe.generate("a red fox", width=32, height=32, steps=2, guidance=3.5, seed=2),
+        pipe.edit(mirrored, "add a hat", width=32, height=32, steps=2, guidance=4.0, seed=3, auto_resize=False),
+    ]
+    keys = [pipe.batch_key(r) for r in requests]
+    assert keys[0] == keys[2] != keys[1]
+    sched = Scheduler(pipe, max_queue=8, max_batch=4, metrics=Metrics())
+    jobs = [sched.submit(r, k, 60) for r, k in zip(requests, keys, strict=True)]
+    sched.start()  # all three are queued before the worker looks: the two edits go together
+    sched.close()
+    text = sched.metrics.text().decode()
+    assert metric(text, "kontext_rt_batch_size_count") == 2 and metric(text, "kontext_rt_batch_size_sum") == 3
+    for job, want in zip(jobs, alone, strict=True):
+        image, report = job.future.result(0)
+        assert np.array_equal(pixels(image), pixels(want)) and report.seed == job.request.seed
+
+
 # ---- bad input: a 4xx with an OpenAI-style error, and the server goes on ----------------------------------------
 
 
@@ -270,6 +296,12 @@ BAD = {
     "over the pixel limit": (_edit(files=[("image", "b.png", png_claiming(9000, 9000))]), 400, "image", "MP limit"),
     "a GIF": (_edit(files=[("image", "a.gif", _small_png("GIF"))]), 400, "image", "not a PNG, JPEG or WebP"),
     "an image under 16 px": (_edit(files=[("image", "s.png", png(Image.new("RGB", (8, 8))))]), 400, "image", "16"),
+    "a context over 2048 px kept as is": (
+        _edit({"auto_resize": "false"}, [("image", "w.png", png(Image.new("RGB", (2064, 16))))]),
+        400,
+        "image",
+        "2048 px",
+    ),
     "a mask": (_edit(files=[("image", "a.png", _small_png()), ("mask", "m.png", _small_png())]), 400, "mask", "mask"),
     "too many images": (_edit(files=[("image[]", f"{i}.png", _small_png()) for i in range(3)]), 400, None, "files"),
     "no image": (_edit(files=[]), 400, "image", "needs an image"),

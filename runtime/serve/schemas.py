@@ -19,22 +19,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, field_va
 from kontext_rt import arguments
 from kontext_rt import image as im
 from kontext_rt.errors import InputError
-
-try:  # the pipeline's batch API
-    from kontext_rt.pipeline import Request
-except ImportError:  # a pipeline without it (the scheduler then runs each request alone): the same fields
-
-    @dataclass(frozen=True)
-    class Request:
-        prompt: str
-        images: tuple = ()
-        width: int | None = None
-        height: int | None = None
-        steps: int | None = None
-        guidance: float | None = None
-        seed: int | None = None
-        auto_resize: bool = True
-
+from kontext_rt.pipeline import Request
 
 # OpenAI's image endpoints take PNG, JPEG and WebP. Other formats are refused before decoding: PIL's EPS plugin, for
 # one, runs Ghostscript on the upload.
