@@ -1,4 +1,4 @@
-"""`kontext-rt`: edit, generate and demo from the command line (plan and export: cli_prepare.py).
+"""`kontext-rt`: edit, generate and demo from the command line (plan and export: cli_prepare.py; serve: cli_serve.py).
 
 The only place that reads the environment (the cache folder). Bad input (any KontextError, argparse's errors
 included) is one `error: ...` line on stderr, exit status 2, no traceback and no output file; it is checked before
@@ -25,6 +25,7 @@ from kontext_rt.cli_args import (
     _positive_int,
 )
 from kontext_rt.cli_prepare import _export, _export_parser, _plan, _plan_parser
+from kontext_rt.cli_serve import _serve, _serve_parser
 from kontext_rt.errors import KontextError
 
 EXIT_BUG, EXIT_USAGE = 1, 2
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(d, needs_checkpoint=False)
     _export_parser(sub)
     _plan_parser(sub)
+    _serve_parser(sub)
     return p
 
 
@@ -252,6 +254,8 @@ def _run(args) -> int:
         return _export(args)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "serve":
+        return _serve(args)
 
     if args.device is not None:
         from kontext_rt.pipeline import check_device

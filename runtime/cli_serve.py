@@ -1,0 +1,138 @@
+"""`kontext-rt serve`: load one pipeline and serve it over HTTP (kontext_rt.serve) until SIGTERM or Ctrl-C.
+
+The port is bound and every flag checked before the checkpoint loads. SIGTERM drains: the server stops accepting
+connections, the queued and running requests finish and are answered, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from kontext_rt.cli_args import DTYPE_NAMES, UsageError, _finite_float, _positive_int
+
+SERVE_MODULES = {"fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client", "pydantic"}
+
+
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a port number") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port {v} is not in 0..65535")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = _finite_float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive number")
+    return v
+
+
+def _serve_parser(sub):
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for edits and generations (loopback default)")
+    s.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
+    s.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
+    s.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
+    s.add_argument("--variant", help="flux-kontext-dev, flux-dev or flux-schnell, when a BFL file leaves it open")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port)")
+    s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    s.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
+    s.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
+    s.add_argument("--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies tensorrt)")
+    s.add_argument("--placement", help="resident (default), lean, offload, or part=mode,... (see edit)")
+    s.add_argument(
+        "--vae-tiling", choices=["auto", "on", "off"], default="auto", help="whether the VAE may tile (see edit)"
+    )
+    s.add_argument("--text-cache-dir", help="keep text embeddings on disk here too (default: in memory only)")
+    s.add_argument("--max-queue", type=_positive_int, default=16, help="queued requests before 429 (default 16)")
+    s.add_argument("--max-batch", type=_positive_int, default=4, help="requests run together (default 4)")
+    s.add_argument("--max-upload-mb", type=_positive_float, default=50.0, help="request body limit (default 50)")
+    s.add_argument(
+        "--timeout-s", type=_positive_float, default=600.0, help="a request queued this long gets 503 (default 600)"
+    )
+    s.add_argument("--max-images", type=_positive_int, default=4, help="context images per edit (default 4)")
+    s.add_argument("--max-steps", type=_positive_int, default=100, help="denoising steps per request (default 100)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from kontext_rt.serve import Settings, create_app
+    except ModuleNotFoundError as e:
+        if e.name not in SERVE_MODULES:
+            raise
+        raise UsageError(
+            f'serve needs the serve extra ({e.name} is missing): pip install "kontext-rt[serve]"'
+        ) from None
+    import kontext_rt as krt
+    from kontext_rt.cli import _check_writable, _device_dtype, _quiet_libraries
+    from kontext_rt.pipeline import check_device
+    from kontext_rt.placement import Placement
+
+    settings = Settings(
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        max_upload_mb=args.max_upload_mb,
+        timeout_s=args.timeout_s,
+        max_images=args.max_images,
+        max_steps=args.max_steps,
+    )
+    if args.device is not None:
+        check_device(args.device)
+    Placement.parse(args.placement)
+    if args.text_cache_dir is not None:
+        folder = Path(args.text_cache_dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--text-cache-dir {folder}: cannot create it ({e.strerror or e})") from None
+        _check_writable(folder, f"--text-cache-dir {folder}")
+    sock = _bind(args.host, args.port)  # a port in use is refused before minutes of loading
+    _quiet_libraries()
+    device, dtype = _device_dtype(args)
+    pipe = krt.Pipeline.from_pretrained(
+        args.checkpoint,
+        device=device,
+        dtype=dtype,
+        backend=args.backend,
+        ae=args.ae,
+        text_encoders=args.text_encoders,
+        text_cache_dir=args.text_cache_dir,
+        engines=args.engines,
+        variant=args.variant,
+        placement=args.placement,
+        vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
+    )
+    config = uvicorn.Config(create_app(pipe, settings), log_level=args.log_level)
+    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {args.checkpoint} on http://{host}:{port} ({pipe.backend}, {device})", file=sys.stderr)
+    # uvicorn restores the handlers it found and raises the signal it stopped on again: a SIGTERM that was
+    # handled (the queue drained) then reaches this no-op instead of killing the process, and the exit status is 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if server.started else 1
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock

@@ -1,0 +1,220 @@
+"""Between HTTP and the model: a bounded queue, deadlines, cancellation and dynamic batching, one worker thread.
+
+The worker thread is the only caller of the pipeline (one model per process). It takes the oldest queued job and
+up to max_batch - 1 more queued jobs of the same batch key (the pipeline's `batch_key`: same output size, steps and
+context sizes), and runs them as one `run_batch`. A pipeline without `run_batch` runs each job alone. A job leaves
+the queue before it starts when its client is gone or its deadline has passed (`cancel`); once started it runs to
+the end (a forward cannot be interrupted). `close` stops new jobs and, by default, lets the queue drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from kontext_rt.errors import KontextError
+from kontext_rt.pipeline import RunReport
+from kontext_rt.serve.metrics import Metrics
+from kontext_rt.serve.schemas import Request
+
+log = logging.getLogger("kontext_rt.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue jobs: come back after `retry_after` seconds."""
+
+    def __init__(self, depth: int, retry_after: int):
+        super().__init__(f"the server is busy: {depth} requests are queued; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The server is draining its queue before it exits and takes no new work."""
+
+
+class DeadlineExceeded(Exception):
+    """A job still queued when its deadline passed: it never started."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the scheduler: resolved with (image, report) or an exception through `future`."""
+
+    request: Request
+    key: Hashable  # jobs with equal keys may run in one batch
+    deadline: float  # time.monotonic() after which a queued job is dropped
+    future: Future = field(default_factory=Future)
+    report: RunReport = field(default_factory=RunReport)
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when the worker took it; None while queued
+
+
+class Scheduler:
+    def __init__(self, pipe, max_queue: int, max_batch: int, metrics: Metrics, clock: Callable[[], float] = None):
+        if max_queue < 1 or max_batch < 1:
+            raise ValueError(f"max_queue and max_batch must be at least 1, got {max_queue}, {max_batch}")
+        self.pipe, self.max_queue, self.max_batch, self.metrics = pipe, max_queue, max_batch, metrics
+        self.clock = clock or time.monotonic
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._batch_s = 0.0  # running mean of one batch's seconds (Retry-After's estimate)
+        self._worker: threading.Thread | None = None
+
+    # ---- the HTTP side ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="kontext-rt-worker", daemon=True)
+                self._worker.start()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, request: Request, key: Hashable, timeout_s: float) -> Job:
+        """Queue a job; QueueFull when max_queue are waiting, ShuttingDown once close() was called."""
+        job = Job(request, key, self.clock() + timeout_s)
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down: it finishes the queued requests and takes no new ones")
+            if len(self._queue) >= self.max_queue:
+                self.metrics.rejected("queue_full")
+                raise QueueFull(len(self._queue), self._retry_after())
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job, reason: str) -> bool:
+        """Take a job out of the queue before it starts (client gone, deadline passed). False once it has started:
+        it then runs to the end."""
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return False
+            self.metrics.queue_depth.set(len(self._queue))
+        job.future.cancel()
+        self.metrics.rejected(reason)
+        return True
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Take no new jobs; with drain, run the queued ones first, else fail them (ShuttingDown). Waits for the
+        worker to finish its last batch."""
+        with self._cond:
+            self._closing = True
+            dropped = [] if drain else list(self._queue)
+            if not drain:
+                self._queue.clear()
+                self.metrics.queue_depth.set(0)
+            self._cond.notify_all()
+        for job in dropped:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ShuttingDown("the server shut down before this request started"))
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def _retry_after(self) -> int:
+        """Seconds until about one batch has left the queue (at least 1)."""
+        return max(1, math.ceil(self._batch_s))
+
+    # ---- the worker -------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:  # closing, and drained
+                    return
+                jobs = self._take()
+            if jobs:
+                self._run(jobs)
+
+    def _take(self) -> list[Job]:
+        """The oldest live job and up to max_batch - 1 queued jobs of its key, in queue order (lock held). Jobs past
+        their deadline are failed on the way."""
+        now, taken, kept = self.clock(), [], deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if now > job.deadline:
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(DeadlineExceeded("the request waited in the queue past its deadline"))
+                    self.metrics.rejected("timeout")
+            elif len(taken) < self.max_batch and (not taken or job.key == taken[0].key):
+                taken.append(job)
+            else:
+                kept.append(job)
+        self._queue = kept
+        self.metrics.queue_depth.set(len(kept))
+        return taken
+
+    def _run(self, jobs: list[Job]) -> None:
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # a cancelled future: client gone
+        if not jobs:
+            return
+        t0 = self.clock()
+        for job in jobs:
+            job.started = t0
+            self.metrics.stage("queue", t0 - job.enqueued)
+        self.metrics.running.set(len(jobs))
+        try:
+            if hasattr(self.pipe, "run_batch"):
+                self._run_batch(jobs)
+            else:  # a pipeline without the batch API: one request at a time
+                for job in jobs:
+                    self._run_jobs([job], lambda js: [self._run_alone(js[0])])
+        finally:
+            self.metrics.running.set(0)
+            elapsed = self.clock() - t0
+            self._batch_s = elapsed if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * elapsed
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        run = lambda js: self.pipe.run_batch([j.request for j in js], [j.report for j in js])
+        if self._run_jobs(jobs, run, isolate=len(jobs) > 1):
+            return
+        for job in jobs:  # one request refused the whole batch: run each alone, so only it fails
+            self._run_jobs([job], run)
+
+    def _run_jobs(self, jobs: list[Job], run, isolate: bool = False) -> bool:
+        """Run jobs as one call and resolve their futures. With isolate, a KontextError resolves nothing and
+        returns False (the caller reruns them one by one)."""
+        self.metrics.batch_size.observe(len(jobs))
+        try:
+            images = run(jobs)
+        except KontextError as e:
+            if isolate:
+                return False
+            for job in jobs:
+                job.future.set_exception(e)
+            return True
+        except Exception as e:  # a bug or the device (out of memory): the worker goes on with the next jobs
+            log.exception("the pipeline failed on a batch of %d", len(jobs))
+            for job in jobs:
+                job.future.set_exception(e)
+            return True
+        for job, image in zip(jobs, images, strict=True):
+            for stage, seconds in job.report.timings.items():
+                self.metrics.stage(stage, seconds)
+            job.future.set_result((image, job.report))
+        return True
+
+    def _run_alone(self, job: Job):
+        r = job.request
+        common = dict(steps=r.steps, guidance=r.guidance, seed=r.seed, report=job.report)
+        size = {k: v for k, v in (("width", r.width), ("height", r.height)) if v is not None}
+        if r.images:
+            return self.pipe.edit(list(r.images), r.prompt, auto_resize=r.auto_resize, **size, **common)
+        return self.pipe.generate(r.prompt, **size, **common)
