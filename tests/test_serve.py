@@ -34,7 +34,7 @@ from kontext_rt import Pipeline
 from kontext_rt.errors import InputError
 from kontext_rt.serve import Settings, create_app
 from kontext_rt.serve.metrics import Metrics
-from kontext_rt.serve.scheduler import DeadlineExceeded, Scheduler
+from kontext_rt.serve.scheduler import Abandoned, DeadlineExceeded, Scheduler
 from kontext_rt.serve.schemas import Request
 
 PROMPT = "make the sky purple"
@@ -490,7 +490,7 @@ class BatchStub(StubPipe):
     def batch_key(self, r):
         return (r.width, r.height)
 
-    def run_batch(self, requests, reports=None):
+    def run_batch(self, requests, reports=None, progress=None):
         self.batches.append([r.prompt for r in requests])
         if any(r.prompt == "bad" for r in requests):
             raise InputError("prompt 'bad' is refused")
@@ -632,6 +632,62 @@ def test_a_disconnected_clients_request_is_dropped_before_it_starts():
         assert a.result(10)[0] == 200
         text = call(port, "GET", "/metrics")[2]
     assert [k["seed"] for _, k in stub.calls] == [1]
+    assert metric(text, 'kontext_rt_rejections_total{reason="disconnected"}') == 1
+
+
+class SteppingStub(StubPipe):
+    """A run of `steps` steps of `step_s` seconds each, calling progress after each (as the pipeline does); records
+    how many steps each call ran."""
+
+    def __init__(self, steps=50, step_s=0.02):
+        super().__init__()
+        self.steps, self.step_s, self.ran = steps, step_s, []
+
+    def generate(self, prompt, progress=None, **kwargs):
+        self.entered.set()
+        for done in range(1, self.steps + 1):
+            time.sleep(self.step_s)
+            self.ran.append((prompt, done))
+            if progress is not None:
+                progress(done, self.steps)
+        return super().generate(prompt, **kwargs)
+
+
+def test_a_running_batch_stops_at_a_step_once_every_client_is_gone():
+    stub = SteppingStub(steps=50)
+    sched = Scheduler(stub, max_queue=10, max_batch=1, metrics=Metrics())
+    sched.start()
+    a = sched.submit(_gen("A"), object(), 60)
+    assert stub.entered.wait(10)
+    wait_for(lambda: a.started is not None, "A to start")
+    sched.abandon(a)
+    b = sched.submit(_gen("B"), object(), 60)
+    assert b.future.result(10)
+    sched.close()
+    with pytest.raises(Abandoned, match="stopped after step"):
+        a.future.result(0)
+    a_steps = max(d for p, d in stub.ran if p == "A")
+    assert a_steps < stub.steps and max(d for p, d in stub.ran if p == "B") == stub.steps
+
+
+def test_a_client_that_hangs_up_mid_run_frees_the_worker_for_the_next():
+    stub = SteppingStub(steps=100, step_s=0.02)  # 2 s alone
+    app = create_app(stub, Settings(max_batch=1))
+    with serving(app) as port:
+        body = json.dumps({**GEN, "seed": 1}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as s:  # send A whole, let it start, then hang up
+            s.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            assert stub.entered.wait(10)
+        t0 = time.monotonic()
+        status, _, answer = post_json(port, "/v1/images/generations", {**GEN, "prompt": "B", "seed": 2})
+        waited = time.monotonic() - t0
+        text = call(port, "GET", "/metrics")[2]
+    a_steps = max(d for p, d in stub.ran if p == "p")
+    assert status == 200 and a_steps < stub.steps, (a_steps, answer)
+    assert waited < stub.steps * stub.step_s * 1.5  # B did not wait for A's 100 steps, then its own 100
     assert metric(text, 'kontext_rt_rejections_total{reason="disconnected"}') == 1
 
 

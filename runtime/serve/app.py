@@ -138,15 +138,19 @@ async def _serve(request: Request, route: str, fields, files: list, model) -> JS
 
 
 async def _wait(request: Request, scheduler: Scheduler, job):
-    """The job's (image, report), checking every POLL_S whether the client is gone or the deadline has passed while
-    it is still queued (either takes it out of the queue). A started job is waited for to the end."""
+    """The job's (image, report), checking every POLL_S whether the client is gone (a queued job leaves the queue, a
+    running one is abandoned) or the deadline has passed while it is still queued."""
     waiting = asyncio.wrap_future(job.future)
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
         if done:
             break
-        if job.started is None and await request.is_disconnected() and scheduler.cancel(job, "disconnected"):
-            raise ApiError(499, "the client closed the connection before the request started", code="disconnected")
+        if await request.is_disconnected():
+            if job.started is None and scheduler.cancel(job, "disconnected"):
+                raise ApiError(499, "the client closed the connection before the request started", code="disconnected")
+            if job.started is not None:  # running: it stops at its next step once no client of its batch is left
+                scheduler.abandon(job)
+                raise ApiError(499, "the client closed the connection while the request ran", code="disconnected")
         if scheduler.clock() > job.deadline and scheduler.cancel(job, "timeout"):
             raise _timeout(job)
     try:

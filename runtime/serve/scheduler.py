@@ -3,8 +3,9 @@
 The worker thread is the only caller of the pipeline (one model per process). It takes the oldest queued job and
 up to max_batch - 1 more queued jobs of the same batch key (the pipeline's `batch_key`: same output size, steps and
 context sizes), and runs them as one `run_batch`. A pipeline without `run_batch` runs each job alone. A job leaves
-the queue before it starts when its client is gone or its deadline has passed (`cancel`); once started it runs to
-the end (a forward cannot be interrupted). `close` stops new jobs and, by default, lets the queue drain.
+the queue before it starts when its client is gone or its deadline has passed (`cancel`); a running job whose
+client is gone is marked (`abandon`), and a batch whose every job is abandoned stops at its next denoising step,
+freeing the worker for the next jobs. `close` stops new jobs and, by default, lets the queue drain.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class DeadlineExceeded(Exception):
     """A job still queued when its deadline passed: it never started."""
 
 
+class Abandoned(Exception):
+    """Every client of a running batch went away: it stopped at a denoising step."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request in the scheduler: resolved with (image, report) or an exception through `future`."""
@@ -53,6 +58,7 @@ class Job:
     report: RunReport = field(default_factory=RunReport)
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # when the worker took it; None while queued
+    abandoned: bool = False  # its client went away while it ran
 
 
 class Scheduler:
@@ -109,6 +115,12 @@ class Scheduler:
         job.future.cancel()
         self.metrics.rejected(reason)
         return True
+
+    def abandon(self, job: Job) -> None:
+        """A running job's client went away: its batch stops at the next step once all its jobs are abandoned."""
+        if not job.abandoned:
+            job.abandoned = True
+            self.metrics.rejected("disconnected")
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Take no new jobs; with drain, run the queued ones first, else fail them (ShuttingDown). Waits for the
@@ -175,14 +187,14 @@ class Scheduler:
                 self._run_batch(jobs)
             else:  # a pipeline without the batch API: one request at a time
                 for job in jobs:
-                    self._run_jobs([job], lambda js: [self._run_alone(js[0])])
+                    self._run_jobs([job], lambda js, progress: [self._run_alone(js[0], progress)])
         finally:
             self.metrics.running.set(0)
             elapsed = self.clock() - t0
             self._batch_s = elapsed if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * elapsed
 
     def _run_batch(self, jobs: list[Job]) -> None:
-        run = lambda js: self.pipe.run_batch([j.request for j in js], [j.report for j in js])
+        run = lambda js, progress: self.pipe.run_batch([j.request for j in js], [j.report for j in js], progress)
         if self._run_jobs(jobs, run, isolate=len(jobs) > 1):
             return
         for job in jobs:  # one request refused the whole batch: run each alone, so only it fails
@@ -192,8 +204,17 @@ class Scheduler:
         """Run jobs as one call and resolve their futures. With isolate, a KontextError resolves nothing and
         returns False (the caller reruns them one by one)."""
         self.metrics.batch_size.observe(len(jobs))
+
+        def progress(done: int, total: int) -> None:  # after each step: stop when nobody waits any more
+            if all(job.abandoned for job in jobs):
+                raise Abandoned(f"every client of this batch went away: stopped after step {done} of {total}")
+
         try:
-            images = run(jobs)
+            images = run(jobs, progress)
+        except Abandoned as e:
+            for job in jobs:
+                job.future.set_exception(e)
+            return True
         except KontextError as e:
             if isolate:
                 return False
@@ -211,9 +232,9 @@ class Scheduler:
             job.future.set_result((image, job.report))
         return True
 
-    def _run_alone(self, job: Job):
+    def _run_alone(self, job: Job, progress=None):
         r = job.request
-        common = dict(steps=r.steps, guidance=r.guidance, seed=r.seed, report=job.report)
+        common = dict(steps=r.steps, guidance=r.guidance, seed=r.seed, report=job.report, progress=progress)
         size = {k: v for k, v in (("width", r.width), ("height", r.height)) if v is not None}
         if r.images:
             return self.pipe.edit(list(r.images), r.prompt, auto_resize=r.auto_resize, **size, **common)
