@@ -38,7 +38,10 @@ from kontext_rt.model.vae import AutoEncoder
 from kontext_rt.quality import shapes
 
 _TEXT = PRESETS["tiny"]  # the demo's text encoders fix the text widths: T5 48, CLIP pooled 32
-VAE_CONFIG = VAEConfig(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8)  # scale/shift set from data
+# One norm group: GroupNorm with one channel per group (8 groups of 8 channels) subtracts each channel's mean over the
+# image, so a flat colour field normalises to zero and the decoder cannot tell a red background from a blue one.
+# scale_factor / shift_factor are set from the trained encoder's latents (calibrate).
+VAE_CONFIG = VAEConfig(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=1)
 FLUX_CONFIG = FluxConfig(
     vec_in_dim=_TEXT.vec_in_dim,
     context_in_dim=_TEXT.context_in_dim,
