@@ -1,0 +1,1 @@
+"""Quality measurement: a synthetic editing task (shapes), its metrics, and a harness that scores pipelines."""

@@ -1,0 +1,210 @@
+"""Score a pipeline on the shapes task, and compare several pipelines (speed options) on the same seeds.
+
+A pipeline is anything with Pipeline's `edit(image, prompt, steps=, seed=, guidance=, auto_resize=)` and
+`generate(prompt, width=, height=, steps=, seed=, guidance=)`. Sample i runs with seed `seed + i`, every turn of
+its drift session too, so two runs with the same arguments see the same noise and give the same numbers. Results
+are plain dicts of numbers, strings, lists and None: json.dumps(result, allow_nan=False) works. An identical image
+has infinite PSNR; results cap every PSNR at PSNR_CAP (100 dB). At the task's 64 x 64 px, one value off by one gives
+10 log10(255^2 * 64 * 64 * 3) = 88 dB, so there the cap changes only identical images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from kontext_rt.errors import InputError
+from kontext_rt.quality import metrics
+from kontext_rt.quality.shapes import EDIT_KINDS, EditSample, GenSample
+
+PSNR_CAP = 100.0  # dB, what an identical image counts as in means
+
+
+def _finite(x: float) -> float | None:
+    """A JSON-safe number: PSNR inf -> PSNR_CAP, nan -> None."""
+    if x is None or math.isnan(x):
+        return None
+    return min(float(x), PSNR_CAP)
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _kwargs(steps, seed, guidance) -> dict:
+    kw = {"steps": steps, "seed": seed}
+    if guidance is not None:
+        kw["guidance"] = guidance
+    return kw
+
+
+def _edit(pipe, image, instruction, steps, seed, guidance):
+    return pipe.edit(image, instruction, auto_resize=False, **_kwargs(steps, seed, guidance))
+
+
+def _drift_session(pipe, sample: EditSample, turns, steps, seed, guidance, embed) -> dict:
+    """`turns` pairs of (recolour, recolour back to the original colour), chained: each edit takes the previous
+    output as its context. Drift of the image after each undo against the source."""
+    shape = sample.meta["shape"]
+    there = sample.instruction
+    back = f"make the {shape['kind']} {shape['colour']}"
+    images, current = [sample.source], sample.source
+    for _ in range(turns):
+        current = _edit(pipe, current, there, steps, seed, guidance)
+        current = _edit(pipe, current, back, steps, seed, guidance)
+        images.append(current)
+    return metrics.drift(images, embed)
+
+
+def _check(samples, steps, seed, drift_turns):
+    samples = list(samples)
+    if not samples or any(not isinstance(s, (EditSample, GenSample)) for s in samples):
+        raise InputError("samples must be a non-empty list of shapes.EditSample / GenSample")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(drift_turns, int) or isinstance(drift_turns, bool) or drift_turns < 0:
+        raise InputError(f"drift_turns must be a non-negative integer, got {drift_turns!r}")
+    return samples
+
+
+def _run(pipe, samples, steps, seed, guidance, drift_turns, embed):
+    """Per-sample records and outputs, then drift sessions over the recolour samples."""
+    records, outputs, sessions = [], [], []
+    for i, s in enumerate(samples):
+        if isinstance(s, EditSample):
+            out = _edit(pipe, s.source, s.instruction, steps, seed + i, guidance)
+            kept = metrics.preservation(s, out)
+            rec = {
+                "kind": s.kind,
+                "prompt": s.instruction,
+                "success": metrics.edit_success(s, out),
+                "psnr": _finite(kept["psnr"]),
+                "ssim": _finite(kept["ssim"]),
+            }
+            if drift_turns and s.kind == "recolour":
+                sessions.append(_drift_session(pipe, s, drift_turns, steps, seed + i, guidance, embed))
+        else:
+            width, height = s.target.size
+            out = pipe.generate(s.caption, width=width, height=height, **_kwargs(steps, seed + i, guidance))
+            rec = {"kind": s.kind, "prompt": s.caption, "success": metrics.generation_success(s, out)}
+        records.append(rec)
+        outputs.append(out)
+    return records, outputs, sessions
+
+
+def _aggregate(records, sessions, drift_turns) -> dict:
+    edits = [r for r in records if r["kind"] in EDIT_KINDS]
+    gens = [r for r in records if r["kind"] not in EDIT_KINDS]
+    per_kind = {}
+    for kind in EDIT_KINDS:
+        rs = [r for r in edits if r["kind"] == kind]
+        if rs:
+            per_kind[kind] = {"n": len(rs), "success_rate": float(np.mean([r["success"] for r in rs]))}
+    drift = None
+    if sessions:
+        drift = {
+            "turns": drift_turns,
+            "sessions": len(sessions),
+            # mean over sessions of the PSNR to turn 0 after each undo (turn k = 1..turns)
+            "psnr": [_mean([_finite(s["psnr"][k]) for s in sessions]) for k in range(drift_turns)],
+            "cosine": None
+            if sessions[0]["cosine"] is None
+            else [_mean([s["cosine"][k] for s in sessions]) for k in range(drift_turns)],
+        }
+    return {
+        "n_edit": len(edits),
+        "n_generate": len(gens),
+        "edit_success_rate": _mean([float(r["success"]) for r in edits]),
+        "per_kind": per_kind,
+        "preservation_psnr": _mean([r["psnr"] for r in edits]),
+        "preservation_ssim": _mean([r["ssim"] for r in edits]),
+        "generation_success_rate": _mean([float(r["success"]) for r in gens]),
+        "drift": drift,
+    }
+
+
+def evaluate(
+    pipe,
+    samples: Sequence[EditSample | GenSample],
+    steps: int = 8,
+    seed: int = 0,
+    guidance: float | None = None,
+    drift_turns: int = 2,
+    embed: Callable | None = None,
+    per_sample: bool = True,
+) -> dict:
+    """Run every sample through pipe and aggregate:
+
+    edit_success_rate (all edits) and per_kind {kind: {n, success_rate}} (metrics.edit_success);
+    preservation_psnr / preservation_ssim: means over the edits of metrics.preservation (outside the edit mask,
+    against the target); generation_success_rate (metrics.generation_success, colours only); drift: for each
+    recolour sample, `drift_turns` chained (edit, undo) pairs, the mean PSNR to the source after each undo and,
+    with embed, the mean cosine similarity of the embeddings (metrics.drift); None without recolour samples or with
+    drift_turns=0. guidance None: the pipeline's defaults. per_sample adds each sample's record.
+    """
+    samples = _check(samples, steps, seed, drift_turns)
+    records, _, sessions = _run(pipe, samples, steps, seed, guidance, drift_turns, embed)
+    result = {"steps": steps, "seed": seed, "guidance": guidance, **_aggregate(records, sessions, drift_turns)}
+    if per_sample:
+        result["samples"] = records
+    return result
+
+
+def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a result, flattened to dotted keys (lists by index)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_numbers(v, key + "."))
+        elif isinstance(v, list) and all(isinstance(x, (int, float)) or x is None for x in v):
+            out.update({f"{key}.{i}": x for i, x in enumerate(v) if x is not None})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def compare(
+    configs: Mapping[str, object],
+    samples: Sequence[EditSample | GenSample],
+    steps: int = 8,
+    seed: int = 0,
+    guidance: float | None = None,
+    drift_turns: int = 2,
+    embed: Callable | None = None,
+) -> dict:
+    """Evaluate several pipelines on the same samples and seeds. The first is the reference:
+
+    results {name: evaluate's aggregates}; delta {name: {metric: value - reference's value}} over the numeric
+    metrics both have (dotted keys, e.g. "per_kind.move.success_rate"); output_psnr {name: mean PSNR (dB, capped)
+    of each output against the reference's output for the same sample and seed}: how much a speed option changes
+    the pixels, whether or not the task is solved.
+    """
+    if not isinstance(configs, Mapping) or not configs:
+        raise InputError("configs must be a non-empty mapping of name -> pipeline")
+    samples = _check(samples, steps, seed, drift_turns)
+    results, outputs = {}, {}
+    for name, pipe in configs.items():
+        records, outs, sessions = _run(pipe, samples, steps, seed, guidance, drift_turns, embed)
+        results[name] = {
+            "steps": steps,
+            "seed": seed,
+            "guidance": guidance,
+            **_aggregate(records, sessions, drift_turns),
+        }
+        outputs[name] = outs
+    ref = next(iter(configs))
+    ref_numbers = _numbers(results[ref])
+    delta, output_psnr = {}, {}
+    for name in configs:
+        mine = _numbers(results[name])
+        delta[name] = {k: mine[k] - ref_numbers[k] for k in ref_numbers if k in mine}
+        output_psnr[name] = _mean(
+            [_finite(metrics.psnr(a, b)) for a, b in zip(outputs[name], outputs[ref], strict=True)]
+        )
+    return {"reference": ref, "results": results, "delta": delta, "output_psnr": output_psnr}
