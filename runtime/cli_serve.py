@@ -59,6 +59,11 @@ def _serve_parser(sub):
     )
     s.add_argument("--max-images", type=_positive_int, default=4, help="context images per edit (default 4)")
     s.add_argument("--max-steps", type=_positive_int, default=100, help="denoising steps per request (default 100)")
+    s.add_argument(
+        "--safety",
+        metavar="MODULE:CALLABLE",
+        help="run CALLABLE(image) -> (allowed, reason) on every output; a flagged image is not returned",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -67,6 +72,7 @@ def _serve(args) -> int:
         import uvicorn
 
         from kontext_rt.serve import Settings, create_app
+        from kontext_rt.serve import safety as serve_safety
     except ModuleNotFoundError as e:
         if e.name not in SERVE_MODULES:
             raise
@@ -85,6 +91,7 @@ def _serve(args) -> int:
         timeout_s=args.timeout_s,
         max_images=args.max_images,
         max_steps=args.max_steps,
+        safety=None if args.safety is None else serve_safety.load(args.safety),
     )
     if args.device is not None:
         check_device(args.device)

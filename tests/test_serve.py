@@ -815,3 +815,58 @@ def test_bad_serve_flags_are_refused_before_loading(args, match, kontext_dir, mo
         code = main(["serve", "--checkpoint", str(kontext_dir), *args])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
+
+
+# ---- the safety hook ---------------------------------------------------------------------------------------------
+
+
+def flag_red(image):
+    """A safety check for tests: flags an image whose first pixel is seed 2's colour."""
+    flagged = image.getpixel((0, 0)) == color_of(2)
+    return (not flagged, "red is not allowed here" if flagged else "")
+
+
+def test_a_flagged_output_is_withheld_and_the_response_says_why():
+    app = create_app(StubPipe(), Settings(max_batch=1, safety=flag_red))
+    with serving(app) as port:
+        ok = post_json(port, "/v1/images/generations", {**GEN, "seed": 1})
+        status, _, body = post_json(port, "/v1/images/generations", {**GEN, "seed": 2})
+        assert ok[0] == 200 and decoded(ok[2]["data"][0]["b64_json"]).getpixel((0, 0)) == color_of(1)
+        assert status == 400 and body["error"]["code"] == "content_policy_violation", body
+        assert "red is not allowed here" in body["error"]["message"] and "data" not in body
+        assert call(port, "GET", "/health")[0] == 200
+        text = call(port, "GET", "/metrics")[2]
+    assert metric(text, 'kontext_rt_rejections_total{reason="safety"}') == 1
+
+
+@pytest.mark.parametrize("hook", [lambda image: 1 / 0, lambda image: "fine", lambda image: (1, "x")])
+def test_a_failing_safety_check_withholds_the_image(hook):
+    app = create_app(StubPipe(), Settings(max_batch=1, safety=hook))
+    with serving(app) as port:
+        status, _, body = post_json(port, "/v1/images/generations", {**GEN, "seed": 1})
+        assert status == 500 and body["error"]["code"] == "safety_check_failed" and "data" not in body, body
+        assert call(port, "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("nocolon", "MODULE:CALLABLE"),
+        ("no_such_module_here:check", "cannot import"),
+        ("tests.test_serve:nothing_by_this_name", "has no"),
+        ("tests.test_serve:GEN", "not callable"),
+    ],
+)
+def test_a_bad_safety_spec_is_refused_before_loading(spec, match, kontext_dir, monkeypatch, capsys):
+    from kontext_rt.cli import main
+    from kontext_rt.weights.formats import CheckpointFormat
+
+    monkeypatch.setattr(CheckpointFormat, "load_transformer", lambda *a, **k: pytest.fail("weights read"))
+    assert main(["serve", "--checkpoint", str(kontext_dir), "--port", "0", "--safety", spec]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_a_safety_spec_names_a_callable():
+    from kontext_rt.serve import safety
+
+    assert safety.load("tests.test_serve:flag_red") is flag_red

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from kontext_rt import arguments
 from kontext_rt import image as im
 from kontext_rt.errors import KontextError
+from kontext_rt.serve import safety
 from kontext_rt.serve.metrics import Metrics
 from kontext_rt.serve.scheduler import DeadlineExceeded, QueueFull, Scheduler, ShuttingDown
 from kontext_rt.serve.schemas import (
@@ -128,6 +129,19 @@ async def _serve(request: Request, route: str, fields, files: list, model) -> JS
     except ShuttingDown as e:
         raise ApiError(503, str(e), None, "shutting_down", type="server_error", headers={"Retry-After": "5"}) from None
     image, report = await _wait(request, scheduler, job)
+    if settings.safety is not None:
+        try:
+            allowed, reason = await run_in_threadpool(safety.check, settings.safety, image)
+        except safety.SafetyCheckFailed as e:
+            log.error("%s: the image is withheld", e)
+            raise ApiError(
+                500, f"{e}: the image is withheld", None, "safety_check_failed", type="server_error"
+            ) from None
+        if not allowed:
+            metrics.rejected("safety")
+            raise ApiError(
+                400, f"the output was flagged by the safety check: {reason}", None, "content_policy_violation"
+            )
     b64 = await run_in_threadpool(encode_png, image)
     metrics.stage("total", time.perf_counter() - t0)
     metrics.requests.labels(route=route, status="200").inc()

@@ -11,6 +11,7 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -37,12 +38,15 @@ class Settings:
     timeout_s: float = 600.0  # a request still queued this long after it arrived gets 503
     max_images: int = 4  # context images per edit (each adds as many tokens as the output)
     max_steps: int = 100  # denoising steps per request (FLUX's defaults: 28, schnell 4)
+    safety: Callable | None = None  # image -> (allowed, reason), run on every output before it is returned
 
     def __post_init__(self):
         for name in ("max_queue", "max_batch", "max_images", "max_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
+        if self.safety is not None and not callable(self.safety):
+            raise InputError(f"safety must be a callable image -> (allowed, reason), got {self.safety!r}")
         for name in ("max_upload_mb", "timeout_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
