@@ -870,3 +870,21 @@ def test_a_safety_spec_names_a_callable():
     from kontext_rt.serve import safety
 
     assert safety.load("tests.test_serve:flag_red") is flag_red
+
+
+def test_the_load_test_script_runs_and_its_invariants_hold(tmp_path):
+    """benchmarks/serve_load.py --smoke: none lost, no 5xx, a burst gets 429s, an abandoned request frees the worker
+    (the script exits 1 otherwise); the figures themselves are the benchmark's, not checked here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "load.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [m["max_batch"] for m in data["mixed"]] == [1, 4]
+    assert all(m["ok"] == m["requests"] > 0 for m in data["mixed"])
+    assert data["burst"]["rejected_429"] == data["burst"]["rejected_with_retry_after"] > 0
+    assert data["abandon"]["disconnected_counted"] == 1

@@ -164,6 +164,7 @@ async def _wait(request: Request, scheduler: Scheduler, job):
                 raise ApiError(499, "the client closed the connection before the request started", code="disconnected")
             if job.started is not None:  # running: it stops at its next step once no client of its batch is left
                 scheduler.abandon(job)
+                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads its outcome
                 raise ApiError(499, "the client closed the connection while the request ran", code="disconnected")
         if scheduler.clock() > job.deadline and scheduler.cancel(job, "timeout"):
             raise _timeout(job)
