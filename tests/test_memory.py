@@ -279,7 +279,7 @@ def test_the_denoising_stage_bounds_what_the_real_loop_allocates(kontext_dir, pl
         return out
 
     monkeypatch.setattr(pipeline, "denoise", measured)
-    pipe.generate("x", width=64, height=64, steps=28, seed=0, output="latent")
+    pipe.generate("x", width=64, height=64, steps=4, seed=0, output="latent")
     p = pipeline._memory_plan(
         pipeline.detect(kontext_dir),
         pipe.cfg,
@@ -289,7 +289,7 @@ def test_the_denoising_stage_bounds_what_the_real_loop_allocates(kontext_dir, pl
         (64, 64),
         Placement.parse(placement),
         None,
-        28,
+        4,
     )
     planned = p.stages["denoising step"] - p.resident
     assert 0 < peaks[0] <= planned
