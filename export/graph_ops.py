@@ -46,4 +46,4 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return (1 + scale) * F.layer_norm(x, (int(x.shape[-1]),), eps=EPS) + shift
 
 
-EXPORT_OPS = Ops(attention=rope_attention, modulate=modulate, gated_residual=gated_residual)
+EXPORT_OPS = Ops(attention=rope_attention, modulate=modulate, gated_residual=gated_residual, rows_apart=False)

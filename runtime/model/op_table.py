@@ -25,6 +25,9 @@ class Ops:
     row_linear(x (R, K), w, b): the conditioning and modulation linears, whose rows are one per image and step;
     the triton table's kernel is row-invariant, so hoisting them out of the loop changes no bit (transformer.py).
     quantize_rows(x (R, K)) -> (e4m3, scale (R, 1)): the activation quantizer of FP8 linears.
+    rows_apart: the modulation table computes each batch row on its own (its S rows one matmul per layer), so a
+    request's table never depends on the rows it is batched with (a BLAS may round by shape); a traced graph keeps
+    one matmul over all rows instead (export/graph_ops: a Python loop over the batch would fix its size).
     """
 
     attention: Callable = reference.rope_attention
@@ -33,6 +36,7 @@ class Ops:
     row_linear: Callable = F.linear
     quantize_rows: Callable = fp8.quantize_rows
     head_dims: tuple[int, ...] | None = None  # the head dims the ops support; None: any
+    rows_apart: bool = True
 
 
 EAGER_OPS = Ops()

@@ -209,11 +209,12 @@ class FluxTransformer(nn.Module):
         return [torch.cat(group, -1) for group in cols]
 
     def _vec(self, timesteps, guidance, pooled, ops: Ops) -> torch.Tensor:
-        """time_in(emb(t)) + guidance_in(emb(g)) + vector_in(pooled) of one batch row: timesteps (S,), guidance (1,)
-        or None, pooled (1, D) -> (S, C). The guidance and pooled-text terms are the same at every step: computed
-        once and broadcast."""
+        """time_in(emb(t)) + guidance_in(emb(g)) + vector_in(pooled): timesteps (S, B), guidance (B,) or None,
+        pooled (B, D) -> (S, B, C). The guidance and pooled-text terms are the same at every step: computed for B
+        rows once and broadcast."""
+        steps, batch = timesteps.shape
         dtype = self.img_in.weight.dtype
-        vec = self.time_in(timestep_embedding(timesteps).to(dtype), ops)
+        vec = self.time_in(timestep_embedding(timesteps.reshape(-1)).to(dtype), ops).view(steps, batch, -1)
         if self.guidance_in is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype), ops)
         return vec + self.vector_in(pooled.to(dtype), ops)
@@ -223,14 +224,19 @@ class FluxTransformer(nn.Module):
 
         vec = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(pooled), then every block's lin(SiLU(vec)). forward
         calls it with S = 1; with a row-invariant row_linear (the triton table) row (s, b) of a many-step table
-        equals that one-step table bit for bit. Each batch row is computed on its own (its S rows one matmul per
-        layer), so a request's table never depends on what it is batched with (a BLAS may round by shape).
+        equals that one-step table bit for bit. With ops.rows_apart (the runtime's tables) each batch row is computed
+        on its own, so a request's table never depends on what it is batched with.
         """
         steps, batch = timesteps.shape
         if self.guidance_in is not None and guidance is None:
             raise InputError("this model was distilled with guidance: pass a guidance value")
+        if not ops.rows_apart:
+            vec = self._vec(timesteps, guidance, pooled, ops).reshape(steps * batch, -1)
+            return self.modulations([vec], ops)[0].view(steps, batch, -1)
         vecs = [
-            self._vec(timesteps[:, b], None if guidance is None else guidance[b : b + 1], pooled[b : b + 1], ops)
+            self._vec(
+                timesteps[:, b : b + 1], None if guidance is None else guidance[b : b + 1], pooled[b : b + 1], ops
+            ).reshape(steps, -1)
             for b in range(batch)
         ]
         return torch.stack(self.modulations(vecs, ops), 1)
