@@ -29,7 +29,7 @@ from tests.test_serve import PROMPT, call, client, decoded, pixels, png, wait_fo
 
 REPLICAS = 2
 CPUS_PER_REPLICA = 1
-SLOW = {"prompt": "a slow fox", "size": "192x192", "steps": 48, "seed": 11}  # a few seconds on one CPU
+SLOW = {"prompt": "a slow fox", "size": "256x256", "steps": 48, "seed": 11}  # seconds on one CPU
 FAST = {"prompt": "a red fox", "size": "32x32", "steps": 2}
 
 
@@ -149,12 +149,12 @@ def test_a_killed_replica_is_replaced_and_its_requests_are_answered(ray_port, pi
     victim = sorted(before)[0]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(generate, ray_port, SLOW) for _ in range(4)]  # both replicas get some
-        time.sleep(1.5)  # they are running (a few seconds each)
+        time.sleep(1.0)  # they are running (a few seconds each)
         assert not any(f.done() for f in futures), "the slow requests ended before the kill: make them slower"
         ray.kill(ray.get_actor(before[victim]["name"], namespace=before[victim]["namespace"]), no_restart=True)
         answers = [f.result(timeout=120) for f in futures]  # every request answered, none hangs
     with replica_threads():
-        want = pixels(pipe.generate(SLOW["prompt"], width=192, height=192, steps=48, seed=11))
+        want = pixels(pipe.generate(SLOW["prompt"], width=256, height=256, steps=48, seed=11))
     failed = 0
     for status, headers, body in answers:
         if status == 200:
@@ -198,16 +198,11 @@ def test_health_check_raises_unless_the_worker_runs():
 # ---- the command line: these need no Ray ------------------------------------------------------------------------
 
 
-def run_cli(*argv, hide_ray=False):
-    code = "import sys\n"
-    if hide_ray:
-        code += "sys.modules['ray'] = None  # as if ray were not installed\n"
-    code += "from kontext_rt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
-
-
 def test_ray_without_ray_installed_is_one_error_line(kontext_dir):
-    r = run_cli("serve", "--ray", "--replicas", "2", "--checkpoint", str(kontext_dir), hide_ray=True)
+    code = "import sys\nsys.modules['ray'] = None  # as if ray were not installed\nfrom kontext_rt.cli import main\n"
+    argv = ["serve", "--ray", "--replicas", "2", "--checkpoint", str(kontext_dir)]
+    r = subprocess.run([sys.executable, "-c", code + "sys.exit(main(sys.argv[1:]))", *argv], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == 'error: --ray needs Ray Serve: pip install "kontext-rt[ray]"'
 
@@ -222,6 +217,10 @@ def test_ray_without_ray_installed_is_one_error_line(kontext_dir):
         (["--ray", "--replicas", "0"], "--replicas"),
     ],
 )
-def test_ray_flags_are_checked_before_ray_starts(kontext_dir, flags, message):
-    r = run_cli("serve", "--checkpoint", str(kontext_dir), *flags, hide_ray=True)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_ray_flags_are_checked_before_ray_starts(kontext_dir, flags, message, monkeypatch, capsys):
+    from kontext_rt.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # refused before ray is imported
+    assert main(["serve", "--checkpoint", str(kontext_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
