@@ -10,9 +10,10 @@ import argparse
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
-from kontext_rt.cli_args import DTYPE_NAMES, UsageError, _finite_float, _positive_int
+from kontext_rt.cli_args import DTYPE_NAMES, UsageError, _finite_float, _nonneg_int, _positive_int
 
 SERVE_MODULES = {"fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client", "pydantic"}
 
@@ -65,6 +66,12 @@ def _serve_parser(sub):
         help="run CALLABLE(image) -> (allowed, reason) on every output; a flagged image is not returned",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    r = s.add_argument_group("scale-out on Ray Serve (the ray extra)")
+    r.add_argument("--ray", action="store_true", help="serve N Ray Serve replicas, one pipeline (and GPU) each")
+    r.add_argument("--replicas", type=_positive_int, help="replicas with --ray (default 1)")
+    r.add_argument("--autoscale-min", type=_nonneg_int, help="with --ray: let Ray scale between min and max")
+    r.add_argument("--autoscale-max", type=_positive_int, help="with --ray: the most replicas Ray may start")
+    r.add_argument("--ray-address", help="with --ray: a running Ray cluster to join (default: a local instance)")
 
 
 def _serve(args) -> int:
@@ -103,6 +110,10 @@ def _serve(args) -> int:
         except OSError as e:
             raise UsageError(f"--text-cache-dir {folder}: cannot create it ({e.strerror or e})") from None
         _check_writable(folder, f"--text-cache-dir {folder}")
+    if args.ray:
+        return _serve_ray(args, settings)
+    if args.replicas or args.autoscale_min is not None or args.autoscale_max or args.ray_address:
+        raise UsageError("--replicas, --autoscale-min, --autoscale-max and --ray-address need --ray")
     sock = _bind(args.host, args.port)  # a port in use is refused before minutes of loading
     _quiet_libraries()
     device, dtype = _device_dtype(args)
@@ -131,6 +142,64 @@ def _serve(args) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 1
+
+
+def _serve_ray(args, settings) -> int:
+    """Run the app as Ray Serve replicas behind Ray's HTTP proxy on --host/--port until SIGTERM (exit 0) or Ctrl-C
+    (130), then take the app down: serve.shutdown() on the local instance, only this app on a joined cluster."""
+    autoscaling = None
+    if args.autoscale_min is not None or args.autoscale_max is not None:
+        if args.autoscale_min is None or args.autoscale_max is None or args.replicas is not None:
+            raise UsageError("autoscaling takes both --autoscale-min and --autoscale-max, and no --replicas")
+        if args.autoscale_max < args.autoscale_min:
+            raise UsageError(f"--autoscale-max {args.autoscale_max} is below --autoscale-min {args.autoscale_min}")
+        autoscaling = {"min_replicas": args.autoscale_min, "max_replicas": args.autoscale_max}
+    try:
+        import ray
+        from ray import serve
+
+        from kontext_rt.serve import ray_app
+    except ModuleNotFoundError as e:
+        if e.name != "ray" and not (e.name or "").startswith("ray."):
+            raise
+        raise UsageError('--ray needs Ray Serve: pip install "kontext-rt[ray]"') from None
+    from kontext_rt.cli import _device_dtype, _quiet_libraries
+
+    if args.ray_address is None:  # the replicas load from this machine: a bad path is refused before Ray starts
+        from kontext_rt.weights.formats import detect
+
+        detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
+    sock = _bind(args.host, args.port)  # Ray's proxy binds it; this refuses a port in use, and picks one for 0
+    host, port = sock.getsockname()[:2]
+    sock.close()
+    _quiet_libraries()
+    device, dtype = _device_dtype(args)
+    load = dict(path=args.checkpoint, device=device, dtype=dtype, backend=args.backend, ae=args.ae)
+    load.update(text_encoders=args.text_encoders, text_cache_dir=args.text_cache_dir, engines=args.engines)
+    load.update(variant=args.variant, placement=args.placement)
+    load["vae_tiling"] = {"auto": "auto", "on": True, "off": False}[args.vae_tiling]
+    ray.init(address=args.ray_address, runtime_env={"env_vars": ray_app.proxy_env()}, logging_level=args.log_level)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        try:
+            ray_app.deploy(load, settings, args.replicas or 1, autoscaling, host, port)
+        except RuntimeError as e:  # a replica could not load: Ray has logged its traceback above
+            raise UsageError(f"the Ray Serve replicas did not start ({e})") from None
+        count = f"{autoscaling['min_replicas']}..{autoscaling['max_replicas']}" if autoscaling else args.replicas or 1
+        print(
+            f"serving {args.checkpoint} on http://{host}:{port} ({count} Ray Serve replicas, {device})", file=sys.stderr
+        )
+        while not stop.wait(1.0):  # Ctrl-C raises KeyboardInterrupt here: main() exits 130
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if args.ray_address is None:
+            serve.shutdown()
+        else:
+            serve.delete(ray_app.APP_NAME)
+        ray.shutdown()
+    return 0
 
 
 def _bind(host: str, port: int) -> socket.socket:

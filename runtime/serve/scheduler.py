@@ -86,6 +86,11 @@ class Scheduler:
         return self._closing
 
     @property
+    def worker_alive(self) -> bool:
+        """The worker thread is running: started, and neither crashed nor finished after close()."""
+        return self._worker is not None and self._worker.is_alive()
+
+    @property
     def depth(self) -> int:
         return len(self._queue)
 
