@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import secrets
-import threading
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from kontext_rt import backends, memory
+from kontext_rt import backends, load_checks
 from kontext_rt import image as im
 from kontext_rt.arguments import check as check_arguments
 from kontext_rt.arguments import check_guidance, check_seed
 from kontext_rt.backends import Loaded, LoadRequest
+from kontext_rt.concurrency import ReadWriteLock
 from kontext_rt.config import FluxConfig, Variant
 from kontext_rt.errors import CheckpointError, InputError
 from kontext_rt.model.rope import rope_table, sequence_ids
-from kontext_rt.model.vae_tiling import DEFAULT_TILE, TiledVAE
+from kontext_rt.model.vae_tiling import DEFAULT_TILE
 from kontext_rt.options import Optimizations
-from kontext_rt.placement import Placement, StagedVAE
+from kontext_rt.placement import Placement
 from kontext_rt.sampling.loop import Conditioning, denoise
 from kontext_rt.sampling.schedule import explicit_schedule, schedule
 from kontext_rt.text import TextEmbeddingCache, TextEncoders
+from kontext_rt.vae_stage import VAEStage
 from kontext_rt.weights.formats import detect
+
+check_device = load_checks.check_device  # where the CLI and serve have always imported it from
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUTPUTS = ("pil", "latent")
@@ -90,43 +91,6 @@ class _Stage:
             self.report.timings[self.name] = self.report.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
-class _ReadWriteLock:
-    """Many readers or one writer: edits and generations read the weights together, a LoRA change rewrites them
-    in place only when no run is using them (and no run starts until it is done)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writing = False
-        self._writers_waiting = 0  # a waiting writer holds new readers back: it is never starved
-
-    @contextmanager
-    def reading(self):
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def writing(self):
-        with self._cond:
-            self._writers_waiting += 1
-            self._cond.wait_for(lambda: not self._writing and self._readers == 0)
-            self._writers_waiting -= 1
-            self._writing = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writing = False
-                self._cond.notify_all()
-
-
 @dataclass(frozen=True)
 class _Plan:
     """A run's checked arguments: the target grid, the initial noise, the schedule."""
@@ -138,96 +102,6 @@ class _Plan:
     sigmas: torch.Tensor
     guidance: float
     output: str
-
-
-def check_device(device) -> torch.device:
-    """The torch device a pipeline may run on (cpu, or a CUDA GPU that is there), or an InputError."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"device {device}: kontext-rt runs on 'cpu' or 'cuda' devices")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device} requested but no CUDA GPU is available; use device='cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InputError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
-    return device
-
-
-def _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement, vae_tile=None, steps=28):
-    """The plan of a run at size (one context image of that size) with this placement; vae_tile: the tile of a
-    pipeline that may tile its VAE; steps: the rows of its modulation table."""
-    if not isinstance(size, (tuple, list)) or len(size) != 2:
-        raise InputError(f"plan_size must be (width, height), got {size!r}")
-    width, height = size
-    im.check_output_size(width, height)
-    tokens = (width // 16) * (height // 16)
-    encoders = memory.text_encoder_bytes(checkpoint.text_encoders, dtype)
-    vae_cfg = checkpoint.vae_config()
-    return memory.plan(
-        cfg,
-        vae_cfg,
-        dtype,
-        fp8,
-        text_tokens,
-        tokens,
-        tokens,
-        width,
-        height,
-        text_encoders=encoders,
-        placement=placement,
-        steps=steps,
-        vae_tile=vae_tile,
-    )
-
-
-def _sequence_length(variant: Variant, max_sequence_length) -> int:
-    """T5 tokens: the variant's default, or the caller's within 1..512."""
-    msl = variant.max_sequence_length if max_sequence_length is None else max_sequence_length
-    if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
-        raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
-    return msl
-
-
-def _check_memory(
-    backend, checkpoint, cfg, device, dtype, optimize, variant, text_tokens, max_memory, plan_size, placement, tile
-):
-    """Refuse a load whose memory plan exceeds max_memory= (any device) or a CUDA device's free memory."""
-    memory.check_max_memory(max_memory)
-    if backend.engines and max_memory is not None:
-        raise InputError("max_memory= plans the runtime's own model; backend='tensorrt' runs engines")
-    if not backend.engines and (max_memory is not None or device.type == "cuda"):
-        fp8 = optimize.fp8 is not None
-        steps = variant.steps
-        plan = _memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, plan_size, placement, tile, steps)
-        with_fp8 = None
-        if not fp8 and dtype == torch.bfloat16:  # the same request with FP8 linears, planned only if it is refused
-            with_fp8 = partial(
-                _memory_plan, checkpoint, cfg, dtype, True, text_tokens, plan_size, placement, tile, steps
-            )
-
-        def allowed(other: Placement) -> bool:  # a placement these speed options can run with
-            try:
-                other.check(optimize)
-            except InputError:
-                return False
-            return True
-
-        memory.check_budget(plan, device, max_memory, with_fp8, allowed)
-
-
-def _check_vae_tiling(vae_tiling, vae_tile, backend) -> None:
-    from kontext_rt.model.vae_tiling import tilings
-
-    if vae_tiling not in ("auto", True, False) or not isinstance(vae_tiling, (str, bool)):
-        raise InputError(f"vae_tiling must be True, False or 'auto', got {vae_tiling!r}")
-    if isinstance(vae_tile, bool) or not isinstance(vae_tile, int) or vae_tile <= 0 or vae_tile % 32:
-        # 32: a multiple of the VAE's 8 px whose quarter overlap is whole latent pixels
-        raise InputError(f"vae_tile must be a positive multiple of 32 px, got {vae_tile!r}")
-    tilings(vae_tile, 0.25, 8)
-    if vae_tiling is True and backend.engines:
-        raise InputError("vae_tiling=True tiles the runtime's own VAE; backend='tensorrt' runs the VAE engines")
 
 
 def _check_progress(progress) -> None:
@@ -267,10 +141,8 @@ class Pipeline:
         self.optimize = optimize or Optimizations()
         self.placement = placement or Placement()
         self.vae_tiling, self.vae_tile = vae_tiling, vae_tile
-        self._vae_lock = threading.Lock()
-        self._tile_decisions: dict[tuple[str, int, int], bool] = {}  # (encode/decode, width, height) -> tiled
-        self._vae_budget = self._free_after_load() if vae_tiling == "auto" else None
-        self._weights = _ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
+        self._vae_stage = VAEStage(self.vae, device, dtype, vae_tiling, vae_tile, self.transformer is None)
+        self._weights = ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
 
     @classmethod
     def from_pretrained(
@@ -312,7 +184,7 @@ class Pipeline:
         True always, False never, "auto" when the untiled call would not fit in the CUDA device's free memory.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
-        device = check_device(device)
+        device = load_checks.check_device(device)
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
         chosen = backends.resolve(backend, device, engines)
@@ -320,7 +192,7 @@ class Pipeline:
         optimize.check(device, dtype)
         placement = Placement.parse(placement)
         placement.check(optimize)
-        _check_vae_tiling(vae_tiling, vae_tile, chosen)
+        load_checks.check_vae_tiling(vae_tiling, vae_tile, chosen)
         checkpoint = detect(path, ae=ae, text_encoders=text_encoders)
         if checkpoint.text_encoders is None:
             raise CheckpointError(
@@ -330,11 +202,11 @@ class Pipeline:
         cfg = checkpoint.transformer_config()  # headers and configs only: refuse before reading ~24 GB of weights
         checkpoint.vae_config()
         variant = checkpoint.variant(variant)
-        msl = _sequence_length(variant, max_sequence_length)
+        msl = load_checks.sequence_length(variant, max_sequence_length)
         if isinstance(loras, (str, Path)):
             raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
         tile = None if vae_tiling is False else vae_tile
-        _check_memory(
+        load_checks.check_memory(
             chosen, checkpoint, cfg, device, dtype, optimize, variant, msl, max_memory, plan_size, placement, tile
         )
         cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
@@ -507,50 +379,10 @@ class Pipeline:
 
     # ---- internals --------------------------------------------------------------------------------------------
 
-    def _tiles(self, which: str, width: int, height: int) -> bool:
-        """Whether this encode or decode of a width x height image runs in tiles: always with vae_tiling=True
-        (images larger than one tile), never with False or engines, and with "auto" when the call's traced transient
-        (and a staged VAE's weights) plus the plan's margin exceeds the device memory that was free when the
-        pipeline was loaded. Decided once per call kind and size, so the same request always gives the same pixels
-        (tiling is not exact), whatever else the device holds at the time."""
-        if self.vae_tiling is False or self.transformer is None or max(width, height) <= self.vae_tile:
-            return False
-        if self.vae_tiling is True:
-            return True
-        if self._vae_budget is None:  # the CPU: its memory is the host's, no device budget to keep to
-            return False
-        with self._vae_lock:
-            key = (which, width, height)
-            if key not in self._tile_decisions:
-                vae = memory.meta_vae(self.vae.cfg, self.dtype)
-                encode, decode = memory.vae_transients(vae, self.dtype, width, height, 1, True)
-                need = encode if which == "encode" else decode
-                if isinstance(self.vae, StagedVAE):
-                    need += self.vae.staged.tensors.nbytes
-                self._tile_decisions[key] = need * (1 + memory.MARGIN) > self._vae_budget
-            return self._tile_decisions[key]
-
-    def _free_after_load(self) -> int | None:
-        """The device memory free for the VAE's stages, measured once after loading (None on the CPU): what the
-        driver reports free plus what the caching allocator holds without using."""
-        if self.device.type != "cuda":
-            return None
-        free = torch.cuda.mem_get_info(self.device)[0]
-        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-
-    def _vae(self, which: str, x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        """The VAE's encode or decode of a width x height image, in tiles when _tiles says so (a staged VAE is
-        brought to the device once for all the tiles)."""
-        tiled = self._tiles(which, width, height)
-        staged = self.vae.staged.on_device() if isinstance(self.vae, StagedVAE) else nullcontext(self.vae)
-        with staged as vae:
-            vae = TiledVAE(vae, self.vae_tile) if tiled else vae
-            return getattr(vae, which)(x)
-
     @torch.inference_mode()
     def _encode_context(self, pil, size: tuple[int, int]) -> torch.Tensor:
         x = im.to_tensor(pil, *size).to(self.device, self.dtype)
-        return im.pack(self._vae("encode", x, *size))
+        return im.pack(self._vae_stage.encode(x, *size))
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
@@ -640,7 +472,7 @@ class Pipeline:
         if plan.output == "latent":
             return x
         with _Stage(report, "vae_decode", self.device):
-            images = im.to_pil(self._vae("decode", im.unpack(x, rows, cols), cols * 16, rows * 16))
+            images = im.to_pil(self._vae_stage.decode(im.unpack(x, rows, cols), cols * 16, rows * 16))
         return images[0] if batch == 1 else images
 
     @torch.inference_mode()
@@ -670,7 +502,7 @@ class Pipeline:
                 report.timings["denoise"] = report.timings.get("denoise", 0.0) + shared.timings["denoise"]
             with _Stage(report, "vae_decode", self.device):
                 z = im.unpack(x[b : b + 1], rows, cols)
-                images.append(im.to_pil(self._vae("decode", z, cols * 16, rows * 16))[0])
+                images.append(im.to_pil(self._vae_stage.decode(z, cols * 16, rows * 16))[0])
         return images
 
 

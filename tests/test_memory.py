@@ -159,14 +159,14 @@ def on_device_bytes(pipe) -> tuple[int, int, int]:
 @pytest.mark.parametrize("placement", ["resident", "lean", "offload", "transformer=offload,text_encoders=staged"])
 def test_plan_of_each_placement_is_the_loaded_pipeline(kontext_dir, placement):
     """What the plan keeps on the device, and the units it streams, equal the loaded pipeline's (tiny checkpoint)."""
-    from kontext_rt import pipeline
+    from kontext_rt import load_checks, pipeline
     from kontext_rt.placement import Placement
 
     pipe = Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, placement=placement)
     pipe.encode_prompt("load the text encoders")
     pl = Placement.parse(placement)
     checkpoint = pipeline.detect(kontext_dir)
-    p = pipeline._memory_plan(checkpoint, pipe.cfg, torch.bfloat16, False, 8, (64, 64), pl)
+    p = load_checks.memory_plan(checkpoint, pipe.cfg, torch.bfloat16, False, 8, (64, 64), pl)
     resident, block, mod = on_device_bytes(pipe)
     assert p.resident == resident
     assert (2 * p.largest_block if pl.offloads_blocks else 0) == 2 * block
@@ -174,12 +174,12 @@ def test_plan_of_each_placement_is_the_loaded_pipeline(kontext_dir, placement):
 
 
 def test_a_refused_plan_names_the_placements_that_fit(kontext_dir, monkeypatch):
-    from kontext_rt import pipeline
+    from kontext_rt import load_checks
     from kontext_rt.placement import PRESETS as PLACEMENTS
 
     plans = []
-    original = pipeline._memory_plan
-    monkeypatch.setattr(pipeline, "_memory_plan", lambda *a: plans.append(original(*a)) or plans[-1])
+    original = load_checks.memory_plan
+    monkeypatch.setattr(load_checks, "memory_plan", lambda *a: plans.append(original(*a)) or plans[-1])
     with pytest.raises(OutOfMemoryPlan):
         Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=1)
     resident, offload = plans[0].budget, plans[0].placed(PLACEMENTS["offload"]).budget
@@ -209,11 +209,11 @@ def test_over_max_memory_is_refused_before_any_weights(kontext_dir, no_weights):
 
 def test_max_memory_boundary_is_the_planned_total(kontext_dir, monkeypatch):
     """The plan's total fits exactly; one byte less is refused (so the plan, not a constant, decides)."""
-    from kontext_rt import pipeline
+    from kontext_rt import load_checks
 
     plans = []
-    original = pipeline._memory_plan
-    monkeypatch.setattr(pipeline, "_memory_plan", lambda *a: plans.append(original(*a)) or plans[-1])
+    original = load_checks.memory_plan
+    monkeypatch.setattr(load_checks, "memory_plan", lambda *a: plans.append(original(*a)) or plans[-1])
     with pytest.raises(OutOfMemoryPlan):
         Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, max_memory=1)
     need = plans[0].budget
@@ -265,7 +265,7 @@ def test_the_denoising_stage_bounds_what_the_real_loop_allocates(kontext_dir, pl
     modulation table, the streamed blocks' copies, the step's activations) stays within the plan's denoising stage
     above what is always on the device. On the CPU a block is copied in after the previous one has run, so the
     plan's two blocks are an upper bound here; on a GPU the copy overlaps (benchmarks/memory_gpu.py measures it)."""
-    from kontext_rt import pipeline
+    from kontext_rt import load_checks, pipeline
     from kontext_rt.placement import Placement
 
     pipe = Pipeline.from_pretrained(kontext_dir, placement=placement)
@@ -280,7 +280,7 @@ def test_the_denoising_stage_bounds_what_the_real_loop_allocates(kontext_dir, pl
 
     monkeypatch.setattr(pipeline, "denoise", measured)
     pipe.generate("x", width=64, height=64, steps=4, seed=0, output="latent")
-    p = pipeline._memory_plan(
+    p = load_checks.memory_plan(
         pipeline.detect(kontext_dir),
         pipe.cfg,
         torch.float32,

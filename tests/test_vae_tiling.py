@@ -265,15 +265,16 @@ def test_pipeline_tiles_encode_and_decode_when_asked(tiled_pipes):
 def test_auto_tiles_only_when_the_device_would_not_fit_the_untiled_call(tiled_pipes, monkeypatch):
     import numpy as np
 
-    auto = tiled_pipes["auto"]
+    pipe = tiled_pipes["auto"]
+    auto = pipe._vae_stage
     results = {}
     for free, name in ((None, "cpu"), (1, "tight"), (10**15, "roomy")):
-        monkeypatch.setattr(auto, "_vae_budget", free)  # as measured after loading
-        monkeypatch.setattr(auto, "_tile_decisions", {})
-        results[name] = np.asarray(_edit(auto))
+        monkeypatch.setattr(auto, "budget", free)  # as measured after loading
+        monkeypatch.setattr(auto, "decisions", {})
+        results[name] = np.asarray(_edit(pipe))
         if free is not None:  # decided once per size: another budget later changes nothing
-            monkeypatch.setattr(auto, "_vae_budget", 10**15 if free == 1 else 1)
-            assert np.array_equal(np.asarray(_edit(auto)), results[name])
+            monkeypatch.setattr(auto, "budget", 10**15 if free == 1 else 1)
+            assert np.array_equal(np.asarray(_edit(pipe)), results[name])
     assert np.array_equal(results["tight"], np.asarray(_edit(tiled_pipes[True])))
     assert np.array_equal(results["roomy"], np.asarray(_edit(tiled_pipes[False])))
     assert np.array_equal(results["cpu"], results["roomy"])
@@ -321,13 +322,13 @@ def test_the_plan_traces_one_tile_when_the_vae_may_tile():
 def test_the_load_plan_counts_on_tiles_only_when_the_vae_may_tile(kontext_dir, monkeypatch):
     """from_pretrained's plan at plan_size: with vae_tiling auto (or True) a budget between the tiled and untiled
     VAE stages is enough; with False it is refused before any weights."""
-    from kontext_rt import pipeline
+    from kontext_rt import load_checks
     from kontext_rt.errors import OutOfMemoryPlan
     from kontext_rt.pipeline import Pipeline
 
     plans = []
-    original = pipeline._memory_plan
-    monkeypatch.setattr(pipeline, "_memory_plan", lambda *a: plans.append(original(*a)) or plans[-1])
+    original = load_checks.memory_plan
+    monkeypatch.setattr(load_checks, "memory_plan", lambda *a: plans.append(original(*a)) or plans[-1])
     with pytest.raises(OutOfMemoryPlan):
         Pipeline.from_pretrained(kontext_dir, plan_size=(256, 256), vae_tile=64, max_memory=1)
     tiled = plans[-1]
