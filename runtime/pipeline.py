@@ -132,7 +132,9 @@ class Pipeline:
         vae_tile: int = DEFAULT_TILE,
     ):
         self.cfg = cfg
-        self.denoiser, self.vae, self.transformer = loaded.denoiser, loaded.vae, loaded.transformer
+        self.denoiser, self.transformer = loaded.denoiser, loaded.transformer
+        engines = self.transformer is None
+        self._vae_stage = VAEStage(loaded.vae, device, dtype, vae_tiling, vae_tile, engines)  # holds pipe.vae
         self._loras = loaded.loras  # None: the backend's weights take no LoRAs (engines)
         self.text, self.variant, self.device, self.dtype = text, variant, device, dtype
         self.backend = backend  # the resolved backend's name
@@ -141,7 +143,6 @@ class Pipeline:
         self.optimize = optimize or Optimizations()
         self.placement = placement or Placement()
         self.vae_tiling, self.vae_tile = vae_tiling, vae_tile
-        self._vae_stage = VAEStage(self.vae, device, dtype, vae_tiling, vae_tile, self.transformer is None)
         self._weights = ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
 
     @classmethod
@@ -360,6 +361,15 @@ class Pipeline:
         with self._weights.writing():
             self._loras.unload(name)
             self.denoiser.weights_changed()
+
+    @property
+    def vae(self):
+        """The autoencoder (or its engines) the pipeline runs, staged and tiled as its options say."""
+        return self._vae_stage.vae
+
+    @vae.setter
+    def vae(self, vae) -> None:
+        self._vae_stage.vae = vae
 
     @property
     def loras(self) -> list[str]:
