@@ -309,24 +309,34 @@ def _run_size(args, contexts) -> tuple[int, int]:
     return width or encoded[0], height or encoded[1]
 
 
-def _generate(args, contexts, text_cache: Path | None):
-    """Load the pipeline and run the command: the expensive part, after every check that can come first."""
-    import kontext_rt as krt
+VAE_TILING = {"auto": "auto", "on": True, "off": False}  # --vae-tiling -> Pipeline.from_pretrained's vae_tiling
 
+
+def load_kwargs(args, text_cache_dir, variant, **extra) -> dict:
+    """Pipeline.from_pretrained's arguments from the flags edit, generate, demo and serve share."""
     device, dtype = _device_dtype(args)
-    pipe = krt.Pipeline.from_pretrained(
-        args.checkpoint,
+    return dict(
+        path=args.checkpoint,
         device=device,
         dtype=dtype,
         backend=args.backend,
         ae=args.ae,
         text_encoders=args.text_encoders,
-        text_cache_dir=text_cache,
+        text_cache_dir=text_cache_dir,
         engines=args.engines,
-        variant=_variant(args),
+        variant=variant,
         placement=args.placement,
-        plan_size=_run_size(args, contexts),
-        vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
+        vae_tiling=VAE_TILING[args.vae_tiling],
+        **extra,
+    )
+
+
+def _generate(args, contexts, text_cache: Path | None):
+    """Load the pipeline and run the command: the expensive part, after every check that can come first."""
+    import kontext_rt as krt
+
+    pipe = krt.Pipeline.from_pretrained(
+        **load_kwargs(args, text_cache, _variant(args), plan_size=_run_size(args, contexts))
     )
     report = krt.RunReport()
     bar = _progress(args.quiet)

@@ -87,7 +87,7 @@ def _serve(args) -> int:
             f'serve needs the serve extra ({e.name} is missing): pip install "kontext-rt[serve]"'
         ) from None
     import kontext_rt as krt
-    from kontext_rt.cli import _check_writable, _device_dtype, _quiet_libraries
+    from kontext_rt.cli import _check_writable, _quiet_libraries, load_kwargs
     from kontext_rt.pipeline import check_device
     from kontext_rt.placement import Placement
 
@@ -116,20 +116,9 @@ def _serve(args) -> int:
         raise UsageError("--replicas, --autoscale-min, --autoscale-max and --ray-address need --ray")
     sock = _bind(args.host, args.port)  # a port in use is refused before minutes of loading
     _quiet_libraries()
-    device, dtype = _device_dtype(args)
-    pipe = krt.Pipeline.from_pretrained(
-        args.checkpoint,
-        device=device,
-        dtype=dtype,
-        backend=args.backend,
-        ae=args.ae,
-        text_encoders=args.text_encoders,
-        text_cache_dir=args.text_cache_dir,
-        engines=args.engines,
-        variant=args.variant,
-        placement=args.placement,
-        vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling],
-    )
+    load = load_kwargs(args, args.text_cache_dir, args.variant)
+    device = load["device"]
+    pipe = krt.Pipeline.from_pretrained(**load)
     config = uvicorn.Config(create_app(pipe, settings), log_level=args.log_level)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
@@ -163,7 +152,7 @@ def _serve_ray(args, settings) -> int:
         if e.name != "ray" and not (e.name or "").startswith("ray."):
             raise
         raise UsageError('--ray needs Ray Serve: pip install "kontext-rt[ray]"') from None
-    from kontext_rt.cli import _device_dtype, _quiet_libraries
+    from kontext_rt.cli import _quiet_libraries, load_kwargs
 
     if args.ray_address is None:  # the replicas load from this machine: a bad path is refused before Ray starts
         from kontext_rt.weights.formats import detect
@@ -173,11 +162,7 @@ def _serve_ray(args, settings) -> int:
     host, port = sock.getsockname()[:2]
     sock.close()
     _quiet_libraries()
-    device, dtype = _device_dtype(args)
-    load = dict(path=args.checkpoint, device=device, dtype=dtype, backend=args.backend, ae=args.ae)
-    load.update(text_encoders=args.text_encoders, text_cache_dir=args.text_cache_dir, engines=args.engines)
-    load.update(variant=args.variant, placement=args.placement)
-    load["vae_tiling"] = {"auto": "auto", "on": True, "off": False}[args.vae_tiling]
+    load = load_kwargs(args, args.text_cache_dir, args.variant)
     ray.init(address=args.ray_address, runtime_env={"env_vars": ray_app.proxy_env()}, logging_level=args.log_level)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -188,7 +173,8 @@ def _serve_ray(args, settings) -> int:
             raise UsageError(f"the Ray Serve replicas did not start ({e})") from None
         count = f"{autoscaling['min_replicas']}..{autoscaling['max_replicas']}" if autoscaling else args.replicas or 1
         print(
-            f"serving {args.checkpoint} on http://{host}:{port} ({count} Ray Serve replicas, {device})", file=sys.stderr
+            f"serving {args.checkpoint} on http://{host}:{port} ({count} Ray Serve replicas, {load['device']})",
+            file=sys.stderr,
         )
         while not stop.wait(1.0):  # Ctrl-C raises KeyboardInterrupt here: main() exits 130
             pass
