@@ -19,7 +19,6 @@ On the CPU with the demo's tiny random model these are the server's own overhead
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import io
 import json
@@ -28,31 +27,11 @@ import platform
 import socket
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-@contextlib.contextmanager
-def serving(app):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def _post(port, path, body: bytes, content_type: str, timeout: float) -> tuple[int, dict, float]:
@@ -113,6 +92,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def mixed(pipe, clients: int, per_client: int, max_batch: int, size: int, steps: int, timeout: float) -> dict:
     from kontext_rt.serve import Settings, create_app
+    from kontext_rt.serve.background import serving
 
     app = create_app(pipe, Settings(max_queue=clients * per_client, max_batch=max_batch))
     with serving(app) as port:
@@ -170,6 +150,7 @@ def _mean_batch(text: str) -> float | None:
 
 def burst(pipe, max_queue: int, size: int, steps: int, timeout: float) -> dict:
     from kontext_rt.serve import Settings, create_app
+    from kontext_rt.serve.background import serving
 
     n = 3 * (max_queue + 1)
     app = create_app(pipe, Settings(max_queue=max_queue, max_batch=1))
@@ -192,6 +173,7 @@ def burst(pipe, max_queue: int, size: int, steps: int, timeout: float) -> dict:
 
 def abandon(pipe, size: int, long_steps: int, timeout: float) -> dict:
     from kontext_rt.serve import Settings, create_app
+    from kontext_rt.serve.background import serving
 
     app = create_app(pipe, Settings(max_batch=1, max_steps=long_steps))
     with serving(app) as port:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import contextlib
 import http.client
 import io
 import json
@@ -33,6 +32,7 @@ from PIL import Image
 from kontext_rt import Pipeline
 from kontext_rt.errors import InputError
 from kontext_rt.serve import Settings, create_app
+from kontext_rt.serve.background import serving
 from kontext_rt.serve.metrics import Metrics
 from kontext_rt.serve.scheduler import Abandoned, DeadlineExceeded, Scheduler
 from kontext_rt.serve.schemas import Request
@@ -41,23 +41,6 @@ PROMPT = "make the sky purple"
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serving(app):
-    """A real uvicorn server for `app` on a free loopback port, in a thread; yields the port."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def client(port) -> openai.OpenAI:
