@@ -258,7 +258,7 @@ def _run(args) -> int:
         return _serve(args)
 
     if args.device is not None:
-        from kontext_rt.pipeline import check_device
+        from kontext_rt.load_checks import check_device
 
         check_device(args.device)  # before anything is written (the demo writes its checkpoint and output folder)
     from kontext_rt.placement import Placement

@@ -88,7 +88,7 @@ def _serve(args) -> int:
         ) from None
     import kontext_rt as krt
     from kontext_rt.cli import _check_writable, _quiet_libraries, load_kwargs
-    from kontext_rt.pipeline import check_device
+    from kontext_rt.load_checks import check_device
     from kontext_rt.placement import Placement
 
     settings = Settings(

@@ -10,8 +10,9 @@ import torch
 from kontext_rt import image as im
 from kontext_rt import memory
 from kontext_rt.config import Variant
-from kontext_rt.errors import InputError
+from kontext_rt.errors import CheckpointError, InputError
 from kontext_rt.placement import Placement
+from kontext_rt.weights.formats import detect
 
 
 def check_device(device) -> torch.device:
@@ -54,6 +55,20 @@ def memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement, vae_t
         steps=steps,
         vae_tile=vae_tile,
     )
+
+
+def checkpoint(path, ae, text_encoders, variant):
+    """(the detected checkpoint, its transformer config, its variant), read from headers and configs alone: a bad
+    checkpoint is refused before ~24 GB of weights are read."""
+    found = detect(path, ae=ae, text_encoders=text_encoders)
+    if found.text_encoders is None:
+        raise CheckpointError(
+            f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
+            "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)"
+        )
+    cfg = found.transformer_config()
+    found.vae_config()
+    return found, cfg, found.variant(variant)
 
 
 def sequence_length(variant: Variant, max_sequence_length) -> int:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,102 +14,20 @@ from kontext_rt.arguments import check_guidance, check_seed
 from kontext_rt.backends import Loaded, LoadRequest
 from kontext_rt.concurrency import ReadWriteLock
 from kontext_rt.config import FluxConfig, Variant
-from kontext_rt.errors import CheckpointError, InputError
+from kontext_rt.errors import InputError
 from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.vae_tiling import DEFAULT_TILE
 from kontext_rt.options import Optimizations
 from kontext_rt.placement import Placement
+from kontext_rt.requests import CheckedRequest, Request, RunPlan, RunReport, Stage, check_progress, check_prompt
 from kontext_rt.sampling.loop import Conditioning, denoise
 from kontext_rt.sampling.schedule import explicit_schedule, schedule
 from kontext_rt.text import TextEmbeddingCache, TextEncoders
 from kontext_rt.vae_stage import VAEStage
-from kontext_rt.weights.formats import detect
-
-check_device = load_checks.check_device  # where the CLI and serve have always imported it from
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUTPUTS = ("pil", "latent")
 LATENT_CHANNELS = 16
-
-
-@dataclass
-class RunReport:
-    """Filled in by edit/generate when passed as report=: what ran and how long each stage took (seconds)."""
-
-    seed: int | None = None
-    steps: int = 0
-    text_cache_hit: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    batch_size: int = 1  # requests that shared the denoising loop (run_batch)
-
-
-@dataclass(frozen=True)
-class Request:
-    """One edit (context images given) or generation (none) for Pipeline.run_batch: edit/generate's arguments."""
-
-    prompt: str
-    images: tuple = ()  # paths or PIL images; empty: text-to-image
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int | None = None
-    auto_resize: bool = True
-
-
-@dataclass(frozen=True)
-class _Checked:
-    """A request with every argument checked and its images read: what a batch is keyed and run from."""
-
-    request: Request
-    pils: list
-    sizes: list  # (width, height) each context image is encoded at
-    width: int
-    height: int
-    guidance: float
-
-    steps: int  # the step count the schedule will have (the variant's default when the request leaves it)
-
-    @property
-    def key(self) -> tuple:
-        return (self.width, self.height, tuple(self.sizes), self.steps)
-
-
-class _Stage:
-    def __init__(self, report: RunReport | None, name: str, device: torch.device):
-        self.report, self.name, self.device = report, name, device
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.report is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.report.timings[self.name] = self.report.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """A run's checked arguments: the target grid, the initial noise, the schedule."""
-
-    rows: int
-    cols: int
-    noise: torch.Tensor  # (B, rows * cols, 64) float32 on the device
-    seed: int | None  # None when latents were given
-    sigmas: torch.Tensor
-    guidance: float
-    output: str
-
-
-def _check_progress(progress) -> None:
-    if progress is not None and not callable(progress):
-        raise InputError(f"progress must be a function (done, total), got {progress!r}")
-
-
-def _check_prompt(prompt):
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("prompt must be a non-empty string")
 
 
 class Pipeline:
@@ -194,15 +110,7 @@ class Pipeline:
         placement = Placement.parse(placement)
         placement.check(optimize)
         load_checks.check_vae_tiling(vae_tiling, vae_tile, chosen)
-        checkpoint = detect(path, ae=ae, text_encoders=text_encoders)
-        if checkpoint.text_encoders is None:
-            raise CheckpointError(
-                f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "
-                "holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)"
-            )
-        cfg = checkpoint.transformer_config()  # headers and configs only: refuse before reading ~24 GB of weights
-        checkpoint.vae_config()
-        variant = checkpoint.variant(variant)
+        checkpoint, cfg, variant = load_checks.checkpoint(path, ae, text_encoders, variant)
         msl = load_checks.sequence_length(variant, max_sequence_length)
         if isinstance(loras, (str, Path)):
             raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
@@ -263,7 +171,7 @@ class Pipeline:
         """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction.
 
         Every argument is checked (the images read and sized, the schedule and noise made) before any encoding."""
-        _check_prompt(prompt)
+        check_prompt(prompt)
         check_arguments(width, height, steps, guidance, seed)
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
@@ -275,7 +183,7 @@ class Pipeline:
         guidance = self.variant.edit_guidance if guidance is None else guidance
         plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas, progress)
         with self._weights.reading():
-            with _Stage(report, "vae_encode", self.device):
+            with Stage(report, "vae_encode", self.device):
                 contexts = [(self._encode_context(pil, size), size) for pil, size in zip(pils, sizes, strict=True)]
             return self._run(prompt, contexts, plan, progress, report)
 
@@ -294,7 +202,7 @@ class Pipeline:
         report=None,
     ):
         """Text-to-image: the same sampler with no context tokens."""
-        _check_prompt(prompt)
+        check_prompt(prompt)
         check_arguments(width, height, steps, guidance, seed)
         guidance = self.variant.generate_guidance if guidance is None else guidance
         plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas, progress)
@@ -326,7 +234,7 @@ class Pipeline:
             or any(not isinstance(r, RunReport) for r in reports)
         ):
             raise InputError(f"reports must be a list of one RunReport per request ({len(requests)}), got {reports!r}")
-        _check_progress(progress)
+        check_progress(progress)
         checked = [self._check(r) for r in requests]
         if len({c.key for c in checked}) > 1:
             raise InputError("run_batch: the requests differ in output size, steps or context sizes (batch_key)")
@@ -338,7 +246,7 @@ class Pipeline:
         with self._weights.reading():
             contexts = []
             for c, report in zip(checked, reports, strict=True):
-                with _Stage(report, "vae_encode", self.device):
+                with Stage(report, "vae_encode", self.device):
                     contexts.append(
                         [(self._encode_context(pil, size), size) for pil, size in zip(c.pils, c.sizes, strict=True)]
                     )
@@ -396,7 +304,7 @@ class Pipeline:
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
-        _check_prompt(prompt)
+        check_prompt(prompt)
         self.text.warn_if_truncated(prompt, self.max_sequence_length)
         key = TextEmbeddingCache.key(prompt, self.max_sequence_length, self.text.identity)
         hit = self.text_cache.get(key)
@@ -407,9 +315,9 @@ class Pipeline:
             self.text_cache.put(key, hit, prompt)
         return tuple(t.to(self.device, self.dtype) for t in hit)
 
-    def _check(self, r: Request) -> _Checked:
+    def _check(self, r: Request) -> CheckedRequest:
         """edit's or generate's checks of one request, its images read and sized; nothing encoded, no noise drawn."""
-        _check_prompt(r.prompt)
+        check_prompt(r.prompt)
         check_arguments(r.width, r.height, r.steps, r.guidance, r.seed)
         if not isinstance(r.auto_resize, bool):
             raise InputError(f"auto_resize must be True or False, got {r.auto_resize!r}")
@@ -426,11 +334,11 @@ class Pipeline:
             guidance = self.variant.generate_guidance if r.guidance is None else r.guidance
         im.check_output_size(width, height)
         steps = self.variant.steps if r.steps is None else r.steps
-        return _Checked(r, pils, sizes, width, height, guidance, steps)
+        return CheckedRequest(r, pils, sizes, width, height, guidance, steps)
 
-    def _plan(self, width, height, steps, guidance, seed, latents, output, sigmas, progress=None) -> _Plan:
+    def _plan(self, width, height, steps, guidance, seed, latents, output, sigmas, progress=None) -> RunPlan:
         """Every run argument checked, and what the loop starts from: nothing is encoded yet."""
-        _check_progress(progress)
+        check_progress(progress)
         im.check_output_size(width, height)
         if output not in OUTPUTS:
             raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -441,7 +349,7 @@ class Pipeline:
         else:
             sig = schedule(self.variant.steps if steps is None else steps, rows * cols, self.variant.shift_schedule)
         x, used_seed = self._initial_noise(latents, 1, rows, cols, seed)
-        return _Plan(rows, cols, x, used_seed, sig, float(guidance), output)
+        return RunPlan(rows, cols, x, used_seed, sig, float(guidance), output)
 
     def _initial_noise(self, latents, batch, rows, cols, seed):
         if latents is not None:
@@ -466,32 +374,32 @@ class Pipeline:
         return Conditioning(ctx, txt, pooled, g, cos, sin)
 
     @torch.inference_mode()
-    def _run(self, prompt, contexts, plan: _Plan, progress, report):
+    def _run(self, prompt, contexts, plan: RunPlan, progress, report):
         x, rows, cols = plan.noise, plan.rows, plan.cols
         batch = x.shape[0]
-        with _Stage(report, "text_encode", self.device):
+        with Stage(report, "text_encode", self.device):
             txt, pooled = self.encode_prompt(prompt, report)
         ctx = torch.cat([c for c, _ in contexts], 1).expand(batch, -1, -1) if contexts else None
         guidance = torch.full((batch,), plan.guidance)
         sizes = [size for _, size in contexts]
         cond = self._conditioning(txt.expand(batch, -1, -1), pooled.expand(batch, -1), guidance, ctx, sizes, rows, cols)
-        with _Stage(report, "denoise", self.device):
+        with Stage(report, "denoise", self.device):
             x = denoise(self.denoiser, x, plan.sigmas, cond, progress)
         if report is not None:
             report.seed, report.steps = plan.seed, len(plan.sigmas) - 1
         if plan.output == "latent":
             return x
-        with _Stage(report, "vae_decode", self.device):
+        with Stage(report, "vae_decode", self.device):
             images = im.to_pil(self._vae_stage.decode(im.unpack(x, rows, cols), cols * 16, rows * 16))
         return images[0] if batch == 1 else images
 
     @torch.inference_mode()
-    def _run_many(self, prompts, contexts, plans: list[_Plan], progress, reports) -> list:
+    def _run_many(self, prompts, contexts, plans: list[RunPlan], progress, reports) -> list:
         """One sampling loop over requests of one batch key; text encoding and VAE decoding per request."""
         rows, cols = plans[0].rows, plans[0].cols
         txts, pooleds = [], []
         for prompt, report in zip(prompts, reports, strict=True):
-            with _Stage(report, "text_encode", self.device):
+            with Stage(report, "text_encode", self.device):
                 txt, pooled = self.encode_prompt(prompt, report)
             txts.append(txt)
             pooleds.append(pooled)
@@ -503,14 +411,14 @@ class Pipeline:
         cond = self._conditioning(torch.cat(txts), torch.cat(pooleds), guidance, ctx, sizes, rows, cols)
         x = torch.cat([p.noise for p in plans])
         shared = RunReport()
-        with _Stage(shared, "denoise", self.device):
+        with Stage(shared, "denoise", self.device):
             x = denoise(self.denoiser, x, plans[0].sigmas, cond, progress)
         images = []
         for b, (plan, report) in enumerate(zip(plans, reports, strict=True)):
             if report is not None:
                 report.seed, report.steps, report.batch_size = plan.seed, len(plan.sigmas) - 1, len(plans)
                 report.timings["denoise"] = report.timings.get("denoise", 0.0) + shared.timings["denoise"]
-            with _Stage(report, "vae_decode", self.device):
+            with Stage(report, "vae_decode", self.device):
                 z = im.unpack(x[b : b + 1], rows, cols)
                 images.append(im.to_pil(self._vae_stage.decode(z, cols * 16, rows * 16))[0])
         return images

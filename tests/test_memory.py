@@ -16,7 +16,7 @@ from kontext_rt.model.fp8_linear import fp8_eligible
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
 from kontext_rt.pipeline import Pipeline
-from kontext_rt.weights.formats import CheckpointFormat
+from kontext_rt.weights.formats import CheckpointFormat, detect
 
 FULL = ("flux-kontext-dev", "flux-schnell")  # flux-dev shares the kontext config; schnell drops guidance_in
 
@@ -159,13 +159,13 @@ def on_device_bytes(pipe) -> tuple[int, int, int]:
 @pytest.mark.parametrize("placement", ["resident", "lean", "offload", "transformer=offload,text_encoders=staged"])
 def test_plan_of_each_placement_is_the_loaded_pipeline(kontext_dir, placement):
     """What the plan keeps on the device, and the units it streams, equal the loaded pipeline's (tiny checkpoint)."""
-    from kontext_rt import load_checks, pipeline
+    from kontext_rt import load_checks
     from kontext_rt.placement import Placement
 
     pipe = Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, placement=placement)
     pipe.encode_prompt("load the text encoders")
     pl = Placement.parse(placement)
-    checkpoint = pipeline.detect(kontext_dir)
+    checkpoint = detect(kontext_dir)
     p = load_checks.memory_plan(checkpoint, pipe.cfg, torch.bfloat16, False, 8, (64, 64), pl)
     resident, block, mod = on_device_bytes(pipe)
     assert p.resident == resident
@@ -281,7 +281,7 @@ def test_the_denoising_stage_bounds_what_the_real_loop_allocates(kontext_dir, pl
     monkeypatch.setattr(pipeline, "denoise", measured)
     pipe.generate("x", width=64, height=64, steps=4, seed=0, output="latent")
     p = load_checks.memory_plan(
-        pipeline.detect(kontext_dir),
+        detect(kontext_dir),
         pipe.cfg,
         torch.float32,
         False,

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kontext_rt.errors import KontextError
-from kontext_rt.pipeline import RunReport
+from kontext_rt.requests import RunReport
 from kontext_rt.serve.metrics import Metrics
 from kontext_rt.serve.schemas import Request
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, field_va
 from kontext_rt import arguments
 from kontext_rt import image as im
 from kontext_rt.errors import InputError
-from kontext_rt.pipeline import Request
+from kontext_rt.requests import Request
 
 # OpenAI's image endpoints take PNG, JPEG and WebP. Other formats are refused before decoding: PIL's EPS plugin, for
 # one, runs Ghostscript on the upload.

@@ -1,0 +1,91 @@
+"""What a run is given and reports: RunReport, Request (one request of a batch), the checked forms the pipeline
+runs from, the per-stage timer, and the argument checks shared by edit, generate and run_batch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kontext_rt.errors import InputError
+
+
+@dataclass
+class RunReport:
+    """Filled in by edit/generate when passed as report=: what ran and how long each stage took (seconds)."""
+
+    seed: int | None = None
+    steps: int = 0
+    text_cache_hit: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1  # requests that shared the denoising loop (run_batch)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One edit (context images given) or generation (none) for Pipeline.run_batch: edit/generate's arguments."""
+
+    prompt: str
+    images: tuple = ()  # paths or PIL images; empty: text-to-image
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    auto_resize: bool = True
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request with every argument checked and its images read: what a batch is keyed and run from."""
+
+    request: Request
+    pils: list
+    sizes: list  # (width, height) each context image is encoded at
+    width: int
+    height: int
+    guidance: float
+
+    steps: int  # the step count the schedule will have (the variant's default when the request leaves it)
+
+    @property
+    def key(self) -> tuple:
+        return (self.width, self.height, tuple(self.sizes), self.steps)
+
+
+class Stage:
+    def __init__(self, report: RunReport | None, name: str, device: torch.device):
+        self.report, self.name, self.device = report, name, device
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.report is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.report.timings[self.name] = self.report.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's checked arguments: the target grid, the initial noise, the schedule."""
+
+    rows: int
+    cols: int
+    noise: torch.Tensor  # (B, rows * cols, 64) float32 on the device
+    seed: int | None  # None when latents were given
+    sigmas: torch.Tensor
+    guidance: float
+    output: str
+
+
+def check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be a function (done, total), got {progress!r}")
+
+
+def check_prompt(prompt):
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("prompt must be a non-empty string")
