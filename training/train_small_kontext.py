@@ -1,18 +1,21 @@
 """Train a small FLUX.1 Kontext of the runtime's own architecture on the synthetic shapes task, on the CPU.
 
-Two phases inside one wall-time budget (--minutes): an autoencoder (kontext_rt.model.vae.AutoEncoder, VAE_CONFIG
-below) on rendered scenes, then a transformer (kontext_rt.model.transformer.FluxTransformer, FLUX_CONFIG) with the
-rectified-flow objective: x_t = (1 - t) x_0 + t noise, target velocity noise - x_0, t = sigmoid(N(0, 1)), on edits
-(the source's packed latent tokens as context, RoPE ids (1, r, c), as kontext_rt.model.rope.sequence_ids builds
-them) and on generation (no context). Text goes through the demo's tiny CLIP and T5 encoders (frozen, random, as
-write_diffusers_checkpoint writes them for --seed), so the result loads with Pipeline.from_pretrained like the demo
-checkpoint; load it with max_sequence_length=MAX_SEQUENCE_LENGTH, the length it was trained with.
+Two phases: an autoencoder (kontext_rt.model.vae.AutoEncoder, VAE_CONFIG below) on rendered scenes for
+--vae-minutes, then a transformer (kontext_rt.model.transformer.FluxTransformer, FLUX_CONFIG) for --flux-minutes
+with the rectified-flow objective: x_t = (1 - t) x_0 + t noise, target velocity noise - x_0, t = sigmoid(N(0, 1)),
+on edits (the source's packed latent tokens as context, RoPE ids (1, r, c), as kontext_rt.model.rope.sequence_ids
+builds them) and on generation (no context). The transformer trains on a pool of train-split samples encoded once
+by the trained VAE (--pool edits, a quarter as many captions), drawn at random with replacement. Both phases decay
+their learning rate over their time budget (cosine, after a warm-up). Text goes through the demo's tiny CLIP and T5
+encoders (frozen, random, as write_diffusers_checkpoint writes them for --seed), so the result loads with
+Pipeline.from_pretrained like any checkpoint; load it with max_sequence_length=MAX_SEQUENCE_LENGTH, the length it
+was trained with.
 
-    python training/train_small_kontext.py --minutes 10 --out /tmp/small-kontext
+    python training/train_small_kontext.py --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
 
 The checkpoint (diffusers layout), train_log.json (seed, wall times, loss curves, the harness's scores) and nothing
-else are written to --out. The number of steps a budget buys depends on the machine; the seed fixes the data order,
-the initial weights and the noise.
+else are written to --out. The number of steps a budget buys depends on the machine; the seed fixes the data, the
+initial weights and the noise.
 """
 
 from __future__ import annotations
@@ -42,20 +45,23 @@ _TEXT = PRESETS["tiny"]  # the demo's text encoders fix the text widths: T5 48, 
 # image, so a flat colour field normalises to zero and the decoder cannot tell a red background from a blue one.
 # scale_factor / shift_factor are set from the trained encoder's latents (calibrate).
 VAE_CONFIG = VAEConfig(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=1)
-FLUX_CONFIG = FluxConfig(
-    vec_in_dim=_TEXT.vec_in_dim,
-    context_in_dim=_TEXT.context_in_dim,
-    hidden_size=128,
-    num_heads=4,
-    depth=2,
-    depth_single_blocks=2,
-    axes_dim=(4, 14, 14),
-)
-MAX_SEQUENCE_LENGTH = 64  # T5 tokens (the demo tokenizer: one per character; captions need up to ~56)
-SIZE = 64  # px: 8x8 latent, 4x4 = 16 tokens per image
-EDIT_BATCH, GEN_BATCH = 16, 4
-VAE_BATCH = 16
+MAX_SEQUENCE_LENGTH = 64  # T5 tokens (the demo tokenizer: one per character; instructions need at most 31)
+SIZE = 64  # px: 8x8 latent, 4x4 = 16 tokens per image, one per cell of the scene's grid
+VAE_BATCH = 32
 GUIDANCE_RANGE = (1.0, 5.0)  # no guidance distillation here: drawn at random, so any guidance value is in range
+
+
+def flux_config(hidden: int, depth: int, single: int) -> FluxConfig:
+    heads = hidden // 32  # head dim 32: RoPE axes (4, 14, 14) as the tiny preset
+    return FluxConfig(
+        vec_in_dim=_TEXT.vec_in_dim,
+        context_in_dim=_TEXT.context_in_dim,
+        hidden_size=hidden,
+        num_heads=heads,
+        depth=depth,
+        depth_single_blocks=single,
+        axes_dim=(4, 14, 14),
+    )
 
 
 def log(msg: str) -> None:
@@ -65,6 +71,12 @@ def log(msg: str) -> None:
 def to_batch(images) -> torch.Tensor:
     """PIL images -> (B, 3, H, W) in [-1, 1]."""
     return torch.cat([im.to_tensor(img, *img.size) for img in images])
+
+
+def cosine_lr(base: float, step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from base to base/20 as progress (0..1 of the budget) runs."""
+    progress = min(max(progress, 0.0), 1.0)
+    return base * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class Stream:
@@ -87,26 +99,31 @@ class Stream:
         return out
 
 
-def train_vae(deadline: float, stream: Stream, lr: float, curve: list) -> AutoEncoder:
+def train_vae(minutes: float, stream: Stream, lr: float, curve: list) -> AutoEncoder:
     vae = AutoEncoder(VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     step, t0, window = 0, time.perf_counter(), []
-    while time.perf_counter() < deadline:
+    budget = 60.0 * minutes
+    while (elapsed := time.perf_counter() - t0) < budget:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(lr, step, 100, elapsed / budget)
         samples = stream.edit_batch(VAE_BATCH // 2)
         x = to_batch([s.source for s in samples] + [s.target for s in samples])
         mean = vae.encoder(x).chunk(2, dim=1)[0]
         rec = vae.decoder(mean)
         # reconstruction, plus a small pull of the latents toward 0 so their scale stays put
-        loss = F.mse_loss(rec, x) + 1e-4 * mean.pow(2).mean()
+        mse = F.mse_loss(rec, x)
+        loss = mse + 1e-4 * mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        window.append(loss.item())
-        if step % 25 == 0:
-            curve.append([step, round(time.perf_counter() - t0, 1), float(np.mean(window))])
-            log(f"vae step {step:5d}  {curve[-1][1]:7.1f} s  loss {curve[-1][2]:.5f}")
+        window.append(mse.item())
+        if step % 50 == 0:
+            m = float(np.mean(window))
+            curve.append([step, round(time.perf_counter() - t0, 1), m, round(10 * math.log10(4 / m), 2)])
+            log(f"vae step {step:5d}  {curve[-1][1]:7.1f} s  mse {m:.5f}  psnr {curve[-1][3]:.2f} dB")
             window = []
     return vae.eval().requires_grad_(False)
 
@@ -115,7 +132,7 @@ def train_vae(deadline: float, stream: Stream, lr: float, curve: list) -> AutoEn
 def calibrate(vae: AutoEncoder, stream: Stream) -> AutoEncoder:
     """The same weights with scale_factor and shift_factor making the latents zero-mean, unit-variance, as FLUX's
     VAE config does for its own latents."""
-    samples = stream.edit_batch(32)
+    samples = stream.edit_batch(64)
     mean = vae.encoder(to_batch([s.target for s in samples])).chunk(2, dim=1)[0]
     shift, std = round(mean.mean().item(), 4), mean.std().item()
     cfg = dataclasses.replace(vae.cfg, shift_factor=shift, scale_factor=round(1.0 / std, 4))
@@ -125,28 +142,60 @@ def calibrate(vae: AutoEncoder, stream: Stream) -> AutoEncoder:
 
 
 class TextTable:
-    """The frozen text encoders' (txt, pooled) per prompt, computed once each."""
+    """The frozen text encoders' (txt, pooled) per prompt, computed once each; prompts become indices."""
 
     def __init__(self, folder: Path):
         from kontext_rt.text import TextEncoders
 
         self.encoders = TextEncoders(folder, "cpu", torch.float32)
-        self.table = {}
+        self.index, self.txt, self.pooled = {}, [], []
 
-    def __call__(self, prompts):
+    def ids(self, prompts) -> list[int]:
+        out = []
         for p in prompts:
-            if p not in self.table:
-                self.table[p] = self.encoders.encode(p, MAX_SEQUENCE_LENGTH)
-        txt = torch.cat([self.table[p][0] for p in prompts])
-        pooled = torch.cat([self.table[p][1] for p in prompts])
-        return txt, pooled
+            if p not in self.index:
+                txt, pooled = self.encoders.encode(p, MAX_SEQUENCE_LENGTH)
+                self.index[p] = len(self.txt)
+                self.txt.append(txt[0])
+                self.pooled.append(pooled[0])
+            out.append(self.index[p])
+        return out
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(self.txt), torch.stack(self.pooled)
 
 
-def flow_loss(model, vae, text, images, prompts, contexts, rope) -> torch.Tensor:
-    with torch.no_grad():
-        z = im.pack(vae.encode(to_batch(images)))
-        ctx = None if contexts is None else im.pack(vae.encode(to_batch(contexts)))
-    txt, pooled = text(prompts)
+@torch.no_grad()
+def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n_gen: int, chunk: int = 64) -> dict:
+    """Train-split samples encoded once: edit (context, target, prompt id) and generation (target, prompt id)."""
+    ctx, tgt, eid, gen, gid = [], [], [], [], []
+    t0 = time.perf_counter()
+    for start in range(0, n_edit, chunk):
+        samples = stream.edit_batch(min(chunk, n_edit - start))
+        z = im.pack(vae.encode(to_batch([s.source for s in samples] + [s.target for s in samples])))
+        ctx.append(z[: len(samples)])
+        tgt.append(z[len(samples) :])
+        eid += text.ids([s.instruction for s in samples])
+        if start % (chunk * 50) == 0:
+            log(f"pool: {start + len(samples)} / {n_edit} edits  {time.perf_counter() - t0:.0f} s")
+    for start in range(0, n_gen, chunk):
+        samples = stream.gen_batch(min(chunk, n_gen - start))
+        gen.append(im.pack(vae.encode(to_batch([s.target for s in samples]))))
+        gid += text.ids([s.caption for s in samples])
+    txt, pooled = text.tensors()
+    log(f"pool: {n_edit} edits, {n_gen} captions, {len(text.index)} prompts in {time.perf_counter() - t0:.0f} s")
+    return {
+        "ctx": torch.cat(ctx),
+        "tgt": torch.cat(tgt),
+        "eid": torch.tensor(eid),
+        "gen": torch.cat(gen),
+        "gid": torch.tensor(gid),
+        "txt": txt,
+        "pooled": pooled,
+    }
+
+
+def flow_loss(model, z, ctx, txt, pooled, rope) -> torch.Tensor:
     b = z.shape[0]
     t = torch.sigmoid(torch.randn(b))
     noise = torch.randn_like(z)
@@ -156,43 +205,36 @@ def flow_loss(model, vae, text, images, prompts, contexts, rope) -> torch.Tensor
     return F.mse_loss(v, noise - z)
 
 
-def train_transformer(deadline, stream, vae, text, lr, curve) -> FluxTransformer:
-    model = FluxTransformer(FLUX_CONFIG)
+def train_transformer(cfg, minutes, pool, lr, batch, curve) -> tuple[FluxTransformer, int]:
+    model = FluxTransformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    n_edit, n_gen = batch * 3 // 4, batch - batch * 3 // 4
     grid = (SIZE // 16, SIZE // 16)
-    cfg = FLUX_CONFIG
     edit_rope = rope_table(sequence_ids(MAX_SEQUENCE_LENGTH, [grid, grid]), cfg.axes_dim, cfg.theta)
     gen_rope = rope_table(sequence_ids(MAX_SEQUENCE_LENGTH, [grid]), cfg.axes_dim, cfg.theta)
     step, t0, window = 0, time.perf_counter(), []
-    while time.perf_counter() < deadline:
-        edits = stream.edit_batch(EDIT_BATCH)
-        gens = stream.gen_batch(GEN_BATCH)
-        loss_e = flow_loss(
-            model,
-            vae,
-            text,
-            [s.target for s in edits],
-            [s.instruction for s in edits],
-            [s.source for s in edits],
-            edit_rope,
-        )
-        loss_g = flow_loss(model, vae, text, [s.target for s in gens], [s.caption for s in gens], None, gen_rope)
-        loss = (EDIT_BATCH * loss_e + GEN_BATCH * loss_g) / (EDIT_BATCH + GEN_BATCH)
+    budget = 60.0 * minutes
+    while (elapsed := time.perf_counter() - t0) < budget:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(lr, step, 200, elapsed / budget)
+        e = torch.randint(len(pool["eid"]), (n_edit,))
+        g = torch.randint(len(pool["gid"]), (n_gen,))
+        pe, pg = pool["eid"][e], pool["gid"][g]
+        loss_e = flow_loss(model, pool["tgt"][e], pool["ctx"][e], pool["txt"][pe], pool["pooled"][pe], edit_rope)
+        loss_g = flow_loss(model, pool["gen"][g], None, pool["txt"][pg], pool["pooled"][pg], gen_rope)
+        loss = (n_edit * loss_e + n_gen * loss_g) / batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         step += 1
         window.append((loss_e.item(), loss_g.item()))
-        if step % 25 == 0:
-            e, g = np.mean(window, axis=0)
-            curve.append([step, round(time.perf_counter() - t0, 1), float(e), float(g)])
-            log(f"flux step {step:5d}  {curve[-1][1]:7.1f} s  edit loss {e:.4f}  gen loss {g:.4f}")
+        if step % 100 == 0:
+            le, lg = np.mean(window, axis=0)
+            curve.append([step, round(time.perf_counter() - t0, 1), float(le), float(lg)])
+            log(f"flux step {step:6d}  {curve[-1][1]:7.1f} s  edit loss {le:.4f}  gen loss {lg:.4f}")
             window = []
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), step
 
 
 def evaluate(folder: Path, n: int, steps: int, seed: int) -> dict:
@@ -207,52 +249,71 @@ def evaluate(folder: Path, n: int, steps: int, seed: int) -> dict:
     return out
 
 
+def load_vae(folder: Path) -> AutoEncoder:
+    from kontext_rt.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(folder, max_sequence_length=MAX_SEQUENCE_LENGTH).vae.eval().requires_grad_(False)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=10.0, help="wall-time budget of both training phases")
-    p.add_argument("--vae-fraction", type=float, default=0.3, help="share of the budget for the autoencoder")
+    p.add_argument("--vae-minutes", type=float, default=12.0, help="wall-time budget of the autoencoder")
+    p.add_argument("--flux-minutes", type=float, default=80.0, help="wall-time budget of the transformer")
+    p.add_argument("--vae-from", type=Path, help="a checkpoint folder this script wrote: reuse its VAE, no phase 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (must not exist or be empty)")
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=32, help="samples per transformer step (3/4 edits, 1/4 captions)")
+    p.add_argument("--pool", type=int, default=30000, help="edit samples encoded for the transformer phase")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--depth", type=int, default=2, help="double-stream blocks")
+    p.add_argument("--single", type=int, default=2, help="single-stream blocks")
     p.add_argument("--eval-n", type=int, default=30, help="samples per split for the final evaluation (0: none)")
     p.add_argument("--eval-steps", type=int, default=8)
     args = p.parse_args(argv)
-    if args.minutes <= 0 or not 0 < args.vae_fraction < 1:
-        p.error("--minutes must be positive and --vae-fraction in (0, 1)")
+    if args.flux_minutes <= 0 or (args.vae_from is None and args.vae_minutes <= 0):
+        p.error("--flux-minutes and --vae-minutes must be positive")
+    if args.hidden % 32 or args.batch < 4 or args.pool < 1:
+        p.error("--hidden must be a multiple of 32, --batch at least 4 and --pool positive")
     if args.out.exists() and any(args.out.iterdir()):
         p.error(f"--out {args.out} is not empty")
+    cfg = flux_config(args.hidden, args.depth, args.single)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    budget = 60.0 * args.minutes
-    record = {"seed": args.seed, "threads": args.threads, "minutes": args.minutes, "size": SIZE}
-    record["vae_config"] = dataclasses.asdict(VAE_CONFIG)
-    record["flux_config"] = dataclasses.asdict(FLUX_CONFIG)
-    record["max_sequence_length"] = MAX_SEQUENCE_LENGTH
-    log(f"seed {args.seed}, {args.threads} thread(s), budget {args.minutes} min -> {args.out}")
+    record = {"argv": sys.argv[1:] if argv is None else list(argv), "seed": args.seed, "threads": args.threads}
+    record.update(size=SIZE, max_sequence_length=MAX_SEQUENCE_LENGTH, flux_config=dataclasses.asdict(cfg))
+    log(f"seed {args.seed}, {args.threads} thread(s) -> {args.out}")
 
     # the text encoders first: written by the same call (and seed) that writes the final checkpoint
-    write_diffusers_checkpoint(args.out, FluxTransformer(FLUX_CONFIG), AutoEncoder(VAE_CONFIG), seed=args.seed)
+    write_diffusers_checkpoint(args.out, FluxTransformer(cfg), AutoEncoder(VAE_CONFIG), seed=args.seed)
     text = TextTable(args.out)
     stream = Stream(args.seed)
 
     vae_curve, flux_curve = [], []
-    vae = train_vae(start + args.vae_fraction * budget, stream, args.vae_lr, vae_curve)
-    vae = calibrate(vae, stream)
-    record["vae_scale_shift"] = [vae.cfg.scale_factor, vae.cfg.shift_factor]
+    if args.vae_from is None:
+        vae = calibrate(train_vae(args.vae_minutes, stream, args.vae_lr, vae_curve), stream)
+        # a loadable checkpoint with the trained VAE (and an untrained transformer) as soon as it exists
+        write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, seed=args.seed)
+    else:
+        vae = load_vae(args.vae_from)
+        record["vae_from"] = str(args.vae_from)
+    record["vae_config"] = dataclasses.asdict(vae.cfg)
     record["vae_seconds"] = round(time.perf_counter() - start, 1)
-    model = train_transformer(start + budget, stream, vae, text, args.lr, flux_curve)
+    pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
+    record["pool_seconds"] = round(time.perf_counter() - start - record["vae_seconds"], 1)
+    model, steps = train_transformer(cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve)
     record["train_seconds"] = round(time.perf_counter() - start, 1)
+    record["flux_steps"] = steps
     record["vae_curve"], record["flux_curve"] = vae_curve, flux_curve
-    record["samples_seen"] = {"edits": stream.edits, "generations": stream.gens}
 
     probe = "make the circle red"
-    before = text([probe])[0]
+    before = text.txt[text.ids([probe])[0]]
     write_diffusers_checkpoint(args.out, model, vae, seed=args.seed)
-    after = TextTable(args.out)([probe])[0]
-    if not torch.equal(before, after):
+    after = TextTable(args.out)
+    if not torch.equal(before, after.txt[after.ids([probe])[0]]):
         raise RuntimeError("the rewritten text encoders differ from the ones trained with")
     if args.eval_n:
         t0 = time.perf_counter()
@@ -260,7 +321,7 @@ def main(argv=None) -> int:
         record["eval_seconds"] = round(time.perf_counter() - t0, 1)
     record["wall_seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "train_log.json").write_text(json.dumps(record, indent=1, allow_nan=False))
-    log(json.dumps({k: record[k] for k in ("seed", "train_seconds", "wall_seconds", "samples_seen")}))
+    log(json.dumps({k: record[k] for k in ("seed", "train_seconds", "wall_seconds", "flux_steps")}))
     if "eval" in record:
         log(json.dumps(record["eval"], indent=1))
     return 1 if flux_curve and not math.isfinite(flux_curve[-1][2]) else 0
