@@ -302,3 +302,65 @@ def test_compare_same_seeds_same_numbers(tiny_pipe):
     assert res["results"]["a"] == res["results"]["b"]
     other = harness.evaluate(tiny_pipe, samples, steps=1, seed=5, drift_turns=0, per_sample=False)
     assert other["preservation_psnr"] != res["results"]["a"]["preservation_psnr"]  # another seed, other noise
+
+
+# ---- named edits (the demo's session) -----------------------------------------------------------------------------
+
+_CIRCLE, _SQUARE = Shape("circle", "red", (1, 1)), Shape("square", "blue", (2, 1), "small")
+_SCENE = Scene("white", (_CIRCLE, _SQUARE))
+
+
+@pytest.mark.parametrize(
+    "args, instruction, expected",
+    [
+        (
+            ("recolour", "circle", "purple"),
+            "make the circle purple",
+            Scene("white", (Shape("circle", "purple", (1, 1)), _SQUARE)),
+        ),
+        (
+            ("move", "square", None, "left"),
+            "move the square to the left",
+            Scene("white", (_CIRCLE, Shape("square", "blue", (2, 0), "small"))),
+        ),
+        (("background", None, "black"), "make the background black", Scene("black", (_CIRCLE, _SQUARE))),
+        (("remove", "circle"), "remove the circle", Scene("white", (_SQUARE,))),
+        (
+            ("add", "star", "orange"),
+            "add a small orange star",
+            Scene("white", (_CIRCLE, _SQUARE, Shape("star", "orange", (0, 0), "small"))),
+        ),
+    ],
+)
+def test_edit_of_builds_the_named_edit(args, instruction, expected):
+    """The target scene written out by hand for each kind; the sample's images are those scenes' renderings."""
+    s = shapes.edit_of(_SCENE, *args)
+    assert s.instruction == instruction and s.kind == args[0]
+    assert np.array_equal(np.asarray(s.target), expected.render_array())
+    assert np.array_equal(np.asarray(s.source), _SCENE.render_array())
+    assert metrics.edit_success(s, expected.render()) and not metrics.edit_success(s, _SCENE.render())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("recolour", "star", "purple"),  # no star in the scene
+        ("recolour", "circle", "red"),  # its own colour
+        ("move", "circle", None, "down"),  # the square's cell
+        ("move", "circle", None, "sideways"),
+        ("add", "circle", "green"),  # the scene has a circle
+        ("background", None, "blue"),  # a shape's colour
+        ("grow", "circle"),
+    ],
+)
+def test_edit_of_refuses_what_the_scene_does_not_admit(args):
+    with pytest.raises(InputError):
+        shapes.edit_of(_SCENE, *args)
+
+
+def test_edit_of_refuses_a_move_off_the_grid():
+    corner = Scene("white", (Shape("circle", "red", (0, 0)),))
+    for direction in ("up", "left"):
+        with pytest.raises(InputError):
+            shapes.edit_of(corner, "move", "circle", direction=direction)
+    assert shapes.edit_of(corner, "move", "circle", direction="right").meta["new_shape"]["cell"] == (0, 1)

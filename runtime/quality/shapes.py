@@ -259,35 +259,45 @@ def _edit(rng: _Rand, kind: str, size: int):
     scene admits no such edit."""
     src = random_scene(rng, size)
     if kind == "background":
-        colour = rng.choice(_unused_colours(src))
-        return src, f"make the background {colour}", replace(src, background=colour), (), {"colour": colour}
+        return _apply(src, kind, colour=rng.choice(_unused_colours(src)))
     if kind == "add":
         new_kinds = [k for k in KINDS if k not in {s.kind for s in src.shapes}]
-        shape = Shape(rng.choice(new_kinds), rng.choice(_unused_colours(src)), src.free_cells()[0], "small")
+        return _apply(src, kind, rng.choice(new_kinds), rng.choice(_unused_colours(src)))
+    shape = rng.choice(src.shapes)
+    if kind == "recolour":
+        return _apply(src, kind, shape.kind, rng.choice(_unused_colours(src)))
+    if kind == "move":
+        moves = _moves(src, shape)
+        return _apply(src, kind, shape.kind, direction=rng.choice(moves)) if moves else None
+    return _apply(src, kind, shape.kind)
+
+
+def _moves(scene: Scene, shape: Shape) -> list[str]:
+    """The directions in which a one-cell move of shape lands in a free cell (free cells are inside the grid)."""
+    free = set(scene.free_cells())
+    return [d for d, (dr, dc) in DIRECTIONS.items() if (shape.cell[0] + dr, shape.cell[1] + dc) in free]
+
+
+def _apply(src: Scene, kind: str, shape_kind: str | None = None, colour: str | None = None, direction=None):
+    """The edit of src that the arguments name: (src, instruction, target, changed shapes, meta)."""
+    if kind == "background":
+        return src, f"make the background {colour}", replace(src, background=colour), (), {"colour": colour}
+    if kind == "add":
+        shape = Shape(shape_kind, colour, src.free_cells()[0], "small")
         tgt = replace(src, shapes=src.shapes + (shape,))
         return src, f"add a small {shape.colour} {shape.kind}", tgt, (shape,), {"shape": asdict(shape)}
-    shape = rng.choice(src.shapes)
+    shape = src.shape(shape_kind)
     others = tuple(s for s in src.shapes if s is not shape)
     meta = {"shape": asdict(shape)}
     if kind == "recolour":
-        colour = rng.choice(_unused_colours(src))
         new = replace(shape, colour=colour)
         instruction = f"make the {shape.kind} {colour}"
         meta["colour"] = colour
     elif kind == "move":
-        free = set(src.free_cells())
-        moves = [
-            d
-            for d, (dr, dc) in DIRECTIONS.items()
-            if (shape.cell[0] + dr, shape.cell[1] + dc) in free  # free cells are inside the grid
-        ]
-        if not moves:
-            return None
-        direction = rng.choice(moves)
         dr, dc = DIRECTIONS[direction]
         new = replace(shape, cell=(shape.cell[0] + dr, shape.cell[1] + dc))
         instruction = f"move the {shape.kind} {DIRECTION_WORDS[direction]}"
-        meta.update(direction=direction, step=size // GRID)
+        meta.update(direction=direction, step=src.size // GRID)
     elif kind == "remove":
         tgt = replace(src, shapes=others)
         return src, f"remove the {shape.kind}", tgt, (shape,), meta
@@ -296,6 +306,32 @@ def _edit(rng: _Rand, kind: str, size: int):
     meta["new_shape"] = asdict(new)
     tgt = replace(src, shapes=tuple(new if s is shape else s for s in src.shapes))
     return src, instruction, tgt, (shape, new), meta
+
+
+def edit_of(scene: Scene, kind: str, shape: str | None = None, colour: str | None = None, direction=None):
+    """The EditSample of one named edit of scene, e.g. edit_of(scene, "recolour", "circle", "red") or
+    edit_of(scene, "move", "square", direction="left"); refused when the scene does not admit it."""
+    if kind not in EDIT_KINDS:
+        raise InputError(f"unknown edit kind {kind!r}; kinds: {', '.join(EDIT_KINDS)}")
+    kinds = {s.kind for s in scene.shapes}
+    if kind in ("recolour", "move", "remove") and shape not in kinds:
+        raise InputError(f"a {kind} edit needs a shape of the scene ({', '.join(sorted(kinds))}), got {shape!r}")
+    if kind == "add" and (shape not in KINDS or shape in kinds or not scene.free_cells()):
+        raise InputError(f"add needs a kind the scene lacks and a free cell, got {shape!r}")
+    if kind in ("recolour", "background", "add") and colour not in _unused_colours(scene):
+        raise InputError(f"{kind} needs a colour the scene does not use ({', '.join(_unused_colours(scene))})")
+    if kind == "move" and direction not in _moves(scene, scene.shape(shape)):
+        raise InputError(f"the {shape} can move {', '.join(_moves(scene, scene.shape(shape))) or 'nowhere'}")
+    return _sample(*_apply(scene, kind, shape, colour, direction), kind)
+
+
+def _sample(src: Scene, instruction: str, tgt: Scene, changed, meta: dict, kind: str) -> EditSample:
+    if kind == "background":
+        mask = ~src.shapes_mask()
+    else:  # the changed shapes, grown by a pixel: a decoder blurs edges by about that much
+        mask = grow(np.logical_or.reduce([shape_mask(s, src.size) for s in changed]))
+    meta.update(source=src.to_dict(), target=tgt.to_dict())
+    return EditSample(src.render(), instruction, tgt.render(), kind, mask, meta)
 
 
 def _in_split(split: str, kind: str, src: Scene, tgt: Scene, changed) -> bool:
@@ -327,12 +363,8 @@ def edit_sample(split: str, kind: str, seed: int = 0, index: int = 0, size: int 
     else:  # pragma: no cover - each try succeeds with probability > 1/20
         raise RuntimeError(f"no {kind} edit for split {split} in {MAX_TRIES} tries")
     src, instruction, tgt, changed, meta = drawn
-    if kind == "background":
-        mask = ~src.shapes_mask()
-    else:  # the changed shapes, grown by a pixel: a decoder blurs edges by about that much
-        mask = grow(np.logical_or.reduce([shape_mask(s, size) for s in changed]))
-    meta.update(split=split, seed=seed, index=index, source=src.to_dict(), target=tgt.to_dict())
-    return EditSample(src.render(), instruction, tgt.render(), kind, mask, meta)
+    meta.update(split=split, seed=seed, index=index)
+    return _sample(src, instruction, tgt, changed, meta, kind)
 
 
 def gen_sample(split: str, seed: int = 0, index: int = 0, size: int = 64) -> GenSample:
