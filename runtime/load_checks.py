@@ -3,7 +3,9 @@ and the memory plan of a run (refused when it does not fit)."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -71,9 +73,22 @@ def checkpoint(path, ae, text_encoders, variant):
     return found, cfg, found.variant(variant)
 
 
-def sequence_length(variant: Variant, max_sequence_length) -> int:
-    """T5 tokens: the variant's default, or the caller's within 1..512."""
-    msl = variant.max_sequence_length if max_sequence_length is None else max_sequence_length
+def tokenizer_limit(text_encoders: Path) -> int | None:
+    """The T5 tokenizer's model_max_length (tokenizer_2/tokenizer_config.json), or None where it states none."""
+    path = Path(text_encoders) / "tokenizer_2" / "tokenizer_config.json"
+    try:
+        limit = json.loads(path.read_text()).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1 else None
+
+
+def sequence_length(variant: Variant, max_sequence_length, limit: int | None = None) -> int:
+    """T5 tokens: the caller's within 1..512, else the variant's default, or the tokenizer's limit where that is
+    smaller (a model trained with fewer tokens says so in its tokenizer_config.json)."""
+    msl = max_sequence_length
+    if msl is None:
+        msl = variant.max_sequence_length if limit is None else min(variant.max_sequence_length, limit)
     if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
         raise InputError(f"max_sequence_length must be an integer in 1..512, got {msl!r}")
     return msl

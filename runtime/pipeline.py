@@ -111,7 +111,9 @@ class Pipeline:
         placement.check(optimize)
         load_checks.check_vae_tiling(vae_tiling, vae_tile, chosen)
         checkpoint, cfg, variant = load_checks.checkpoint(path, ae, text_encoders, variant)
-        msl = load_checks.sequence_length(variant, max_sequence_length)
+        msl = load_checks.sequence_length(
+            variant, max_sequence_length, load_checks.tokenizer_limit(checkpoint.text_encoders)
+        )
         if isinstance(loras, (str, Path)):
             raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
         tile = None if vae_tiling is False else vae_tile

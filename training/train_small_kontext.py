@@ -8,8 +8,8 @@ builds them) and on generation (no context). The transformer trains on a pool of
 by the trained VAE (--pool edits, a quarter as many captions), drawn at random with replacement. Both phases decay
 their learning rate over their time budget (cosine, after a warm-up). Text goes through the demo's tiny CLIP and T5
 encoders (frozen, random, as write_diffusers_checkpoint writes them for --seed), so the result loads with
-Pipeline.from_pretrained like any checkpoint; load it with max_sequence_length=MAX_SEQUENCE_LENGTH, the length it
-was trained with.
+Pipeline.from_pretrained like any checkpoint; its T5 tokenizer states the MAX_SEQUENCE_LENGTH tokens it was trained
+with, which the pipeline then reads by default.
 
     python training/train_small_kontext.py --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
 
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
     log(f"seed {args.seed}, {args.threads} thread(s) -> {args.out}")
 
     # the text encoders first: written by the same call (and seed) that writes the final checkpoint
-    write_diffusers_checkpoint(args.out, FluxTransformer(cfg), AutoEncoder(VAE_CONFIG), seed=args.seed)
+    write_diffusers_checkpoint(args.out, FluxTransformer(cfg), AutoEncoder(VAE_CONFIG), args.seed, MAX_SEQUENCE_LENGTH)
     text = TextTable(args.out)
     stream = Stream(args.seed)
 
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     if args.vae_from is None:
         vae = calibrate(train_vae(args.vae_minutes, stream, args.vae_lr, vae_curve), stream)
         # a loadable checkpoint with the trained VAE (and an untrained transformer) as soon as it exists
-        write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, seed=args.seed)
+        write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, args.seed, MAX_SEQUENCE_LENGTH)
     else:
         vae = load_vae(args.vae_from)
         record["vae_from"] = str(args.vae_from)
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
 
     probe = "make the circle red"
     before = text.txt[text.ids([probe])[0]]
-    write_diffusers_checkpoint(args.out, model, vae, seed=args.seed)
+    write_diffusers_checkpoint(args.out, model, vae, args.seed, MAX_SEQUENCE_LENGTH)
     after = TextTable(args.out)
     if not torch.equal(before, after.txt[after.ids([probe])[0]]):
         raise RuntimeError("the rewritten text encoders differ from the ones trained with")

@@ -22,6 +22,17 @@ from kontext_rt.model.vae import AutoEncoder
 from kontext_rt.weights.mapping import diffusers_transformer_rules, diffusers_vae_rules
 
 DEMO_VERSION = "1"  # bump when the demo checkpoint's contents change
+SMALL_KONTEXT = "small_kontext"  # the shipped model's folder inside this package
+
+
+def small_kontext() -> Path:
+    """The folder of the shipped small Kontext (64x64 px images; its tokenizer says it reads 64 T5 tokens)."""
+    from importlib.resources import files
+
+    folder = Path(str(files(__name__) / SMALL_KONTEXT))
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"the shipped small Kontext is missing from this install ({folder})")
+    return folder
 
 
 def _write_json(path: Path, obj):
@@ -81,15 +92,18 @@ def _save_mapped(module: torch.nn.Module, rules, path: Path):
     save_file(out, path)
 
 
-def write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae: AutoEncoder, seed: int = 0):
-    """Write the runtime's modules (plus tiny text encoders and tokenizers) as a diffusers folder."""
+def write_diffusers_checkpoint(
+    folder: Path, transformer: FluxTransformer, vae: AutoEncoder, seed: int = 0, text_tokens: int | None = None
+):
+    """Write the runtime's modules (plus tiny text encoders and tokenizers) as a diffusers folder. text_tokens: the
+    T5 tokenizer's model_max_length (what the pipeline reads by default when under the variant's), or unset."""
 
     with torch.random.fork_rng(devices=[]):  # seeded text encoders without touching the caller's global RNG
         torch.manual_seed(seed)
-        _write_diffusers_checkpoint(folder, transformer, vae)
+        _write_diffusers_checkpoint(folder, transformer, vae, text_tokens)
 
 
-def _write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae: AutoEncoder):
+def _write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae: AutoEncoder, text_tokens=None):
     from transformers import CLIPTextModel, T5EncoderModel
 
     tshapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
@@ -100,7 +114,7 @@ def _write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae:
     _save_mapped(vae, diffusers_vae_rules(vshapes, len(vae.cfg.ch_mult)), folder / "vae" / weights)
     _write_json(folder / "vae" / "config.json", vae_config_json(vae.cfg))
     tok = write_clip_tokenizer(folder / "tokenizer")
-    tok2 = write_t5_tokenizer(folder / "tokenizer_2")
+    tok2 = write_t5_tokenizer(folder / "tokenizer_2", text_tokens)
     CLIPTextModel(clip_config(len(tok), tok.eos_token_id, tok.bos_token_id)).save_pretrained(folder / "text_encoder")
     T5EncoderModel(t5_config(len(tok2))).save_pretrained(folder / "text_encoder_2")
     guided = transformer.cfg.guidance_embed

@@ -42,8 +42,9 @@ def write_clip_tokenizer(folder: Path):
     return tok
 
 
-def write_t5_tokenizer(folder: Path):
-    """A Unigram model over characters and '▁'-prefixed characters, with pad 0, eos 1, unk 2 as in T5."""
+def write_t5_tokenizer(folder: Path, model_max_length: int | None = None):
+    """A Unigram model over characters and '▁'-prefixed characters, with pad 0, eos 1, unk 2 as in T5;
+    model_max_length written to its config where given."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
@@ -63,6 +64,7 @@ def write_t5_tokenizer(folder: Path):
         pad_token="<pad>",
         unk_token="<unk>",
         extra_ids=0,
+        **({} if model_max_length is None else {"model_max_length": model_max_length}),
     )
     tok.save_pretrained(folder)
     return tok
