@@ -205,8 +205,10 @@ def flow_loss(model, z, ctx, txt, pooled, rope) -> torch.Tensor:
     return F.mse_loss(v, noise - z)
 
 
-def train_transformer(cfg, minutes, pool, lr, batch, curve) -> tuple[FluxTransformer, int]:
+def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None) -> tuple[FluxTransformer, int]:
     model = FluxTransformer(cfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     n_edit, n_gen = batch * 3 // 4, batch - batch * 3 // 4
     grid = (SIZE // 16, SIZE // 16)
@@ -255,11 +257,18 @@ def load_vae(folder: Path) -> AutoEncoder:
     return Pipeline.from_pretrained(folder, max_sequence_length=MAX_SEQUENCE_LENGTH).vae.eval().requires_grad_(False)
 
 
+def load_transformer(folder: Path) -> FluxTransformer:
+    from kontext_rt.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(folder, max_sequence_length=MAX_SEQUENCE_LENGTH).transformer
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae-minutes", type=float, default=12.0, help="wall-time budget of the autoencoder")
     p.add_argument("--flux-minutes", type=float, default=80.0, help="wall-time budget of the transformer")
     p.add_argument("--vae-from", type=Path, help="a checkpoint folder this script wrote: reuse its VAE, no phase 1")
+    p.add_argument("--init-from", type=Path, help="a checkpoint folder this script wrote: start from its transformer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (must not exist or be empty)")
@@ -286,6 +295,12 @@ def main(argv=None) -> int:
     record = {"argv": sys.argv[1:] if argv is None else list(argv), "seed": args.seed, "threads": args.threads}
     record.update(size=SIZE, max_sequence_length=MAX_SEQUENCE_LENGTH, flux_config=dataclasses.asdict(cfg))
     log(f"seed {args.seed}, {args.threads} thread(s) -> {args.out}")
+    init = None
+    if args.init_from is not None:
+        init = load_transformer(args.init_from)
+        record["init_from"] = str(args.init_from)
+        if init.cfg != cfg:
+            p.error(f"--init-from {args.init_from} holds another architecture than --hidden/--depth/--single")
 
     # the text encoders first: written by the same call (and seed) that writes the final checkpoint
     write_diffusers_checkpoint(args.out, FluxTransformer(cfg), AutoEncoder(VAE_CONFIG), args.seed, MAX_SEQUENCE_LENGTH)
@@ -304,7 +319,7 @@ def main(argv=None) -> int:
     record["vae_seconds"] = round(time.perf_counter() - start, 1)
     pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
     record["pool_seconds"] = round(time.perf_counter() - start - record["vae_seconds"], 1)
-    model, steps = train_transformer(cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve)
+    model, steps = train_transformer(cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve, init)
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     record["flux_steps"] = steps
     record["vae_curve"], record["flux_curve"] = vae_curve, flux_curve
