@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import openai
 import pytest
+import torch
 import uvicorn
 from PIL import Image
 
@@ -430,7 +431,8 @@ def test_two_apps_in_one_process_have_their_own_metrics():
 class StubPipe:
     """edit/generate without a model: records each call's prompt and kwargs, and holds the first `hold` calls
     until `release` is set (the worker is then busy). The image's colour is the seed, to tell answers apart. The
-    prompt 'refused' raises InputError (a request the pipeline refuses), 'crash' a RuntimeError (a bug)."""
+    prompt 'refused' raises InputError (a request the pipeline refuses), 'crash' a RuntimeError (a bug), 'oom' the
+    device's out-of-memory error."""
 
     def __init__(self, hold: int = 0):
         self.calls, self.hold = [], hold
@@ -443,6 +445,8 @@ class StubPipe:
             raise InputError("this prompt is refused")
         if prompt == "crash":
             raise RuntimeError("a bug")
+        if prompt == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if len(self.calls) <= self.hold:
             self.entered.set()
             assert self.release.wait(30), "never released"
@@ -696,6 +700,14 @@ def test_errors_inside_the_pipeline_are_answered_and_the_server_goes_on():
         assert post_json(port, "/v1/images/generations", {**GEN, "seed": 4})[0] == 200
         text = call(port, "GET", "/metrics")[2]
     assert metric(text, 'kontext_rt_errors_total{kind="internal_error"}') == 1
+
+
+def test_out_of_device_memory_is_a_503_to_retry_and_the_server_goes_on():
+    with serving(create_app(StubPipe())) as port:
+        status, headers, body = post_json(port, "/v1/images/generations", {**GEN, "prompt": "oom"})
+        assert status == 503 and body["error"]["code"] == "out_of_memory" and "retry-after" in headers, body
+        assert "Tried to allocate" not in body["error"]["message"]
+        assert post_json(port, "/v1/images/generations", {**GEN, "seed": 4})[0] == 200
 
 
 def test_shutdown_answers_the_running_and_queued_requests_first():

@@ -14,6 +14,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -174,6 +175,17 @@ async def _wait(request: Request, scheduler: Scheduler, job):
         raise _timeout(job) from None
     except ShuttingDown as e:
         raise ApiError(503, str(e), None, "shutting_down", type="server_error") from None
+    except torch.OutOfMemoryError:
+        log.error("out of device memory during a run", exc_info=True)
+        raise ApiError(
+            503,
+            "the device ran out of memory during this request: retry later, or with a smaller image or fewer "
+            "images (the server's other requests go on)",
+            None,
+            "out_of_memory",
+            type="server_error",
+            headers={"Retry-After": "5"},
+        ) from None
     # a KontextError (the pipeline refused the request) goes to the app's handler: 400 with its message
 
 
