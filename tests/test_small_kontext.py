@@ -38,3 +38,69 @@ def test_the_lowered_default_reaches_the_encoders(tmp_path, tiny_modules):
     write_diffusers_checkpoint(tmp_path, *tiny_modules, text_tokens=24)
     txt, _ = Pipeline.from_pretrained(tmp_path).encode_prompt("make the circle red")
     assert txt.shape[1] == 24
+
+
+# ---- the shipped model ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from kontext_rt.demo import small_kontext
+
+    return Pipeline.from_pretrained(small_kontext())
+
+
+def test_shipped_model_loads_like_any_checkpoint(shipped):
+    """A diffusers folder read by the same loader as any other: Kontext's variant, the trained text length."""
+    from kontext_rt.demo import small_kontext
+    from kontext_rt.weights.formats import detect
+
+    assert detect(small_kontext()).variant().name == "flux-kontext-dev"
+    assert shipped.max_sequence_length == 64  # what its trainer wrote to the tokenizer's config
+
+
+def test_shipped_model_passes_its_bar(shipped):
+    from kontext_rt.quality import bar
+
+    result = bar.evaluate(shipped)
+    assert bar.failures(result) == [], result
+
+
+def test_random_weights_fail_every_line_of_the_bar(tmp_path):
+    """The same harness on the random-weight demo checkpoint: the bar is not one any model clears."""
+    from kontext_rt.demo import demo_checkpoint
+    from kontext_rt.quality import bar
+
+    result = bar.evaluate(Pipeline.from_pretrained(demo_checkpoint(tmp_path), max_sequence_length=64))
+    assert len(bar.failures(result)) == len(bar.BAR), result
+
+
+def _nested(flat: dict) -> dict:
+    """{"per_kind.move.success_rate": x, "drift.psnr.0": y} -> {"per_kind": {"move": {"success_rate": x}},
+    "drift": {"psnr": [y]}} (a numeric last part is a list index; only index 0 here)"""
+    out = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if leaf.isdigit():
+            assert leaf == "0"
+            parent = out
+            for part in parents[:-1]:
+                parent = parent[part]
+            parent[parents[-1]] = [value]
+        else:
+            node[leaf] = value
+    return out
+
+
+def test_bar_names_each_aggregate_under_it():
+    from kontext_rt.quality import bar
+
+    assert {"edit_success_rate", "preservation_psnr"} <= set(bar.BAR)
+    assert bar.failures(_nested(dict(bar.BAR))) == []  # at the threshold is on the bar
+    for key, least in bar.BAR.items():
+        under = bar.failures(_nested({**bar.BAR, key: least - 0.01}))
+        assert len(under) == 1 and under[0].startswith(f"{key} ") and under[0].endswith(f"< {least}")
+    assert len(bar.failures({})) == len(bar.BAR)  # a missing aggregate is under

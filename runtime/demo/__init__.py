@@ -1,7 +1,9 @@
-"""A small random-weight checkpoint in the real diffusers layout, written by the runtime itself (no downloads).
+"""Small checkpoints in the real diffusers layout, with no downloads.
 
-`kontext-rt demo` runs an edit on it so a fresh install proves itself in seconds; the tests check that diffusers
-loads the same folder and computes the same outputs.
+- small_kontext(): a small Kontext trained on the synthetic shapes task (kontext_rt.quality.shapes) by
+  training/train_small_kontext.py, shipped inside the package; `kontext-rt demo` edits with it.
+- demo_checkpoint(): random weights written by the runtime itself, for tests (diffusers loads the same folder and
+  computes the same outputs) and as the baseline the trained model must beat.
 """
 
 from __future__ import annotations
@@ -164,14 +166,3 @@ def demo_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def demo_image(width: int = 96, height: int = 64):
-    """A deterministic synthetic picture (gradients and a disc) to edit."""
-    import numpy as np
-    from PIL import Image
-
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    disc = ((x - width * 0.6) ** 2 + (y - height * 0.5) ** 2) < (height * 0.3) ** 2
-    rgb = np.stack([x / width, y / height, disc.astype(np.float32)], -1)
-    return Image.fromarray((rgb * 255).astype(np.uint8))
