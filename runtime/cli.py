@@ -24,6 +24,7 @@ from kontext_rt.cli_args import (
     _Parser,
     _positive_int,
 )
+from kontext_rt.cli_demo import _eval, _eval_parser
 from kontext_rt.cli_prepare import _export, _export_parser, _plan, _plan_parser
 from kontext_rt.cli_serve import _serve, _serve_parser
 from kontext_rt.errors import KontextError
@@ -104,11 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=_positive_int, default=1024, help="a multiple of 16, at most 2048")
     g.add_argument("--height", type=_positive_int, default=1024, help="a multiple of 16, at most 2048")
     common(g)
-    d = sub.add_parser("demo", help="edit with a small random-weight checkpoint on the CPU (no downloads)")
+    d = sub.add_parser(
+        "demo", help="a small Kontext shipped in the package edits a rendered scene over 4 turns (CPU, no downloads)"
+    )
     common(d, needs_checkpoint=False)
     _export_parser(sub)
     _plan_parser(sub)
     _serve_parser(sub)
+    _eval_parser(sub)
     return p
 
 
@@ -217,12 +221,8 @@ def _show_warnings(category):
 
 def _contexts(args) -> list[tuple[object, tuple[int, int], tuple[int, int]]]:
     """(RGB image, its size, the size it is encoded at) per context image, read and checked before any loading."""
-    from kontext_rt import demo
     from kontext_rt import image as im
 
-    if args.command == "demo":
-        pil = demo.demo_image()
-        return [(pil, pil.size, im.context_size(*pil.size, False))]
     out = []
     for path in [args.image, *args.extra_image]:
         pil = im.load_image(path)
@@ -245,7 +245,7 @@ def _text_cache_dir(args, cache_dir: Path) -> Path | None:
 
 
 def _run(args) -> int:
-    from kontext_rt import arguments, demo
+    from kontext_rt import arguments
     from kontext_rt.errors import PromptTruncated
 
     _quiet_libraries()
@@ -256,11 +256,13 @@ def _run(args) -> int:
         return _plan(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "eval":
+        return _eval(args)
 
     if args.device is not None:
         from kontext_rt.load_checks import check_device
 
-        check_device(args.device)  # before anything is written (the demo writes its checkpoint and output folder)
+        check_device(args.device)  # before anything is written (the demo makes its output folder)
     from kontext_rt.placement import Placement
 
     Placement.parse(args.placement)
@@ -274,22 +276,12 @@ def _run(args) -> int:
     inputs = [args.image, *args.extra_image] if args.command == "edit" else []
     out = _check_output(args.output, inputs)
     arguments.check(getattr(args, "width", None), getattr(args, "height", None), args.steps, args.guidance, args.seed)
-    contexts = _contexts(args) if args.command != "generate" else []
+    contexts = _contexts(args) if args.command == "edit" else []
     text_cache = _text_cache_dir(args, cache_dir)
     if args.command == "demo":
-        print(
-            "demo: the weights are RANDOM (a tiny model written locally): the picture will be noise; this only "
-            "proves the install runs end to end",
-            file=sys.stderr,
-        )
-        try:
-            args.checkpoint = demo.demo_checkpoint(cache_dir)
-        except OSError as e:
-            raise UsageError(
-                f"cache folder {cache_dir}: cannot write the demo checkpoint ({e.strerror or e})"
-            ) from None
-        args.ae = args.text_encoders = args.variant = None
-        args.device = args.device or "cpu"
+        from kontext_rt.cli_demo import run_demo
+
+        return run_demo(args, out, text_cache)
     img, report = _generate(args, contexts, text_cache)
     _save(img, out)
     if not args.quiet:
@@ -344,7 +336,7 @@ def _generate(args, contexts, text_cache: Path | None):
     try:
         if args.command == "generate":
             img = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
-        elif args.command == "edit":
+        else:
             img = pipe.edit(
                 [pil for pil, _, _ in contexts],
                 args.prompt,
@@ -353,8 +345,6 @@ def _generate(args, contexts, text_cache: Path | None):
                 auto_resize=not args.no_auto_resize,
                 **common,
             )
-        else:
-            img = pipe.edit(contexts[0][0], "turn the disc into a red apple", auto_resize=False, **common)
     finally:  # an error after the first step starts on a line of its own
         bar.close()
     return img, report

@@ -1,5 +1,6 @@
 """The CLI: real runs write images; bad input is one `error:` line, exit status 2, no output file."""
 
+import json
 import subprocess
 import sys
 
@@ -74,10 +75,42 @@ def test_generate(kontext_dir, tmp_path, capsys):
 
 
 def test_demo_runs_from_nothing(tmp_path, capsys):
+    """The shipped model, no checkpoint flag, nothing written but the picture (and the text cache)."""
+    from kontext_rt.cli_demo import LABEL, SCALE, TURNS
+
     code, err = run(["demo", "--cache-dir", tmp_path, "--steps", "2", "-q"], capsys)
+    assert code == 0 and err == ""
+    side = 64 * SCALE
+    assert Image.open(tmp_path / "demo-output.png").size == (3 * side + 16, len(TURNS) * (side + LABEL + 4) + 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-output.png", "text"]
+
+
+def test_demo_says_what_each_turn_did(tmp_path, capsys):
+    from kontext_rt.cli_demo import TURNS
+
+    out = tmp_path / "d.png"
+    code, err = run(["demo", "-o", out, "--steps", "2", "--no-text-cache"], capsys)
     assert code == 0, err
-    assert "RANDOM" in err
-    assert Image.open(tmp_path / "demo-output.png").size == (96, 64)
+    turns = [line for line in err.splitlines() if line.startswith("turn ")]
+    assert len(turns) == len(TURNS) and all("denoise" in t and "seed" in t for t in turns)
+    assert f"of {len(TURNS)} edits carried out; wrote {out}" in err
+
+
+def test_eval_refuses_a_bad_output_before_loading(tmp_path, capsys):
+    code, err = run(["eval", "--checkpoint", tmp_path / "missing", "-o", tmp_path / "r.txt"], capsys)
+    assert code == 2 and "a .json file" in err
+
+
+def test_eval_writes_the_harness_result(tmp_path, capsys):
+    from kontext_rt.demo import demo_checkpoint
+
+    out = tmp_path / "r.json"
+    ckpt = demo_checkpoint(tmp_path / "cache")
+    code, err = run(["eval", "--checkpoint", ckpt, "--n", "6", "--steps", "1", "--turns", "1", "-o", out], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["n_edit"] == 5 and result["n_generate"] == 1 and result["drift"]["turns"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_demo_checkpoint_is_a_real_diffusers_folder(tmp_path):
