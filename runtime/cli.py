@@ -262,20 +262,24 @@ def _run(args) -> int:
     if args.device is not None:
         from kontext_rt.load_checks import check_device
 
-        check_device(args.device)  # before anything is written (the demo makes its output folder)
+        check_device(args.device)  # before anything is written (the demo makes the cache folder)
     from kontext_rt.placement import Placement
 
     Placement.parse(args.placement)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    arguments.check(getattr(args, "width", None), getattr(args, "height", None), args.steps, args.guidance, args.seed)
     if args.command == "demo":
-        args.output = args.output or cache_dir / "demo-output.png"
-        try:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"output {args.output}: cannot create its folder ({e.strerror or e})") from None
+        from kontext_rt.cli_demo import check_demo
+
+        check_demo(args)
+        if not args.output:  # the default output goes in the cache folder, made here; a given one's must exist
+            args.output = cache_dir / "demo-output.png"
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"cache folder {cache_dir}: cannot create it ({e.strerror or e})") from None
     inputs = [args.image, *args.extra_image] if args.command == "edit" else []
     out = _check_output(args.output, inputs)
-    arguments.check(getattr(args, "width", None), getattr(args, "height", None), args.steps, args.guidance, args.seed)
     contexts = _contexts(args) if args.command == "edit" else []
     text_cache = _text_cache_dir(args, cache_dir)
     if args.command == "demo":

@@ -63,6 +63,16 @@ def picture(rows):
     return sheet
 
 
+def check_demo(args) -> None:
+    """What only the demo refuses, before anything is written: turn k runs with seed + k - 1."""
+    from kontext_rt.cli_args import UsageError
+
+    if args.seed is not None and args.seed + len(TURNS) - 1 > 2**64 - 1:
+        raise UsageError(
+            f"--seed: the demo's {len(TURNS)} turns use seed .. seed + {len(TURNS) - 1}: at most 2**64-{len(TURNS)}"
+        )
+
+
 def run_demo(args, out: Path, text_cache) -> int:
     """Load the shipped model, run the session, write the picture, print what happened."""
     import kontext_rt as krt
@@ -120,14 +130,22 @@ def _eval_parser(sub) -> None:
     e.add_argument(
         "--split", choices=SPLITS, default=SETTINGS["split"], help="heldout: colour x shape pairs never trained on"
     )
-    e.add_argument("--n", type=_positive_int, default=SETTINGS["n"], help="samples (5 edit kinds, captions in turn)")
-    e.add_argument("--steps", type=_positive_int, default=SETTINGS["steps"], help="denoising steps")
+    e.add_argument(
+        "--n", type=_positive_int, default=SETTINGS["n"], help="samples, edit kinds and captions in turn (%(default)s)"
+    )
+    e.add_argument("--steps", type=_positive_int, default=SETTINGS["steps"], help="denoising steps (%(default)s)")
     e.add_argument("--guidance", type=_finite_float, help="guidance scale (default: the model's)")
     e.add_argument(
-        "--seed", type=_nonneg_int, default=SETTINGS["seed"], help="sample i runs with seed + i; samples: seed + 1"
+        "--seed",
+        type=_nonneg_int,
+        default=SETTINGS["seed"],
+        help="sample i runs with seed + i; samples: seed + 1 (%(default)s)",
     )
     e.add_argument(
-        "--turns", type=_nonneg_int, default=SETTINGS["drift_turns"], help="edit-then-undo turns per drift session"
+        "--turns",
+        type=_nonneg_int,
+        default=SETTINGS["drift_turns"],
+        help="edit-then-undo turns per drift session (%(default)s)",
     )
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     e.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
@@ -144,14 +162,21 @@ def _eval(args) -> int:
     import torch
 
     from kontext_rt import Pipeline
+    from kontext_rt.cli import _check_writable
     from kontext_rt.cli_args import DTYPE_NAMES, UsageError
     from kontext_rt.demo import small_kontext
     from kontext_rt.load_checks import check_device
     from kontext_rt.quality import bar, harness, shapes
 
     out = Path(args.output) if args.output else None
-    if out is not None and (out.suffix.lower() != ".json" or not out.parent.is_dir() or out.is_dir()):
-        raise UsageError(f"output {out}: a .json file in a folder that exists")
+    if out is not None:
+        if out.suffix.lower() != ".json" or not out.parent.is_dir() or out.is_dir():
+            raise UsageError(f"output {out}: a .json file in a folder that exists")
+        _check_writable(out.parent, f"output {out}")
+    if args.seed + args.n > 2**64 - 1:
+        raise UsageError(
+            "--seed: sample i runs with seed + i and the samples are drawn with seed + 1: at most 2**64-1-n"
+        )
     check_device(args.device)
     checkpoint = Path(args.checkpoint) if args.checkpoint else small_kontext()
     samples = list(shapes.dataset(args.split, args.n, seed=args.seed + 1, size=64))
@@ -174,12 +199,14 @@ def _eval(args) -> int:
     if args.guidance is None and {**asked, "drift_turns": args.turns} == dict(bar.SETTINGS):
         under = bar.failures(result)
         result["bar"] = {"passed": not under, "under": under}
-        print("the shipped model's bar: " + ("passed" if not under else "FAILED: " + "; ".join(under)))
+        print("the bar (kontext_rt.quality.bar): " + ("passed" if not under else "FAILED: " + "; ".join(under)))
     if out is not None:
         tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.partial"
         try:
             tmp.write_text(json.dumps(result, indent=1, allow_nan=False))
             os.replace(tmp, out)
+        except OSError as e:  # a full disk, a folder made read-only during the run
+            raise UsageError(f"output {out}: cannot write it ({e.strerror or e})") from None
         finally:
             if tmp.exists():
                 tmp.unlink()

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -98,7 +99,22 @@ def test_demo_says_what_each_turn_did(tmp_path, capsys):
 
 def test_eval_refuses_a_bad_output_before_loading(tmp_path, capsys):
     code, err = run(["eval", "--checkpoint", tmp_path / "missing", "-o", tmp_path / "r.txt"], capsys)
-    assert code == 2 and "a .json file" in err
+    assert code == 2 and "a .json file" in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, a folder no one can create files in")
+def test_eval_refuses_an_output_folder_it_cannot_write_before_loading(capsys):
+    code, err = run(["eval", "--n", "1", "-o", "/proc/r.json"], capsys)
+    assert code == 2 and err.startswith("error: output /proc/r.json") and "Traceback" not in err
+
+
+def test_demo_checks_its_arguments_before_making_any_folder(tmp_path, capsys):
+    for args in (["-o", tmp_path / "new" / "x.txt"], ["-o", tmp_path / "new" / "x.png", "--guidance", "500"]):
+        code, err = run(["demo", "--cache-dir", tmp_path / "cache", *args], capsys)
+        assert code == 2 and err.startswith("error:"), err
+    code, err = run(["demo", "--cache-dir", tmp_path / "cache", "--seed", str(2**64 - 2)], capsys)
+    assert code == 2 and "--seed" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_writes_the_harness_result(tmp_path, capsys):

@@ -364,3 +364,9 @@ def test_edit_of_refuses_a_move_off_the_grid():
         with pytest.raises(InputError):
             shapes.edit_of(corner, "move", "circle", direction=direction)
     assert shapes.edit_of(corner, "move", "circle", direction="right").meta["new_shape"]["cell"] == (0, 1)
+
+
+def test_edit_of_refuses_a_scene_with_two_shapes_of_one_kind():
+    twins = Scene("white", (Shape("circle", "red", (0, 0)), Shape("circle", "blue", (3, 3))))
+    with pytest.raises(InputError, match="one shape of each kind"):
+        shapes.edit_of(twins, "recolour", "circle", "green")

@@ -268,7 +268,11 @@ def main(argv=None) -> int:
     p.add_argument("--vae-minutes", type=float, default=12.0, help="wall-time budget of the autoencoder")
     p.add_argument("--flux-minutes", type=float, default=80.0, help="wall-time budget of the transformer")
     p.add_argument("--vae-from", type=Path, help="a checkpoint folder this script wrote: reuse its VAE, no phase 1")
-    p.add_argument("--init-from", type=Path, help="a checkpoint folder this script wrote: start from its transformer")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="a checkpoint folder this script wrote: start from its transformer (and its VAE, unless --vae-from)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (must not exist or be empty)")
@@ -282,6 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-n", type=int, default=30, help="samples per split for the final evaluation (0: none)")
     p.add_argument("--eval-steps", type=int, default=8)
     args = p.parse_args(argv)
+    if args.init_from is not None and args.vae_from is None:
+        args.vae_from = args.init_from  # the transformer continues in the latent space it was trained in
     if args.flux_minutes <= 0 or (args.vae_from is None and args.vae_minutes <= 0):
         p.error("--flux-minutes and --vae-minutes must be positive")
     if args.hidden % 32 or args.batch < 4 or args.pool < 1:

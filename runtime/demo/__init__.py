@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from kontext_rt.config import PRESETS, VAE_PRESETS, FluxConfig, VAEConfig
 from kontext_rt.demo.tiny_text import clip_config, t5_config
 from kontext_rt.demo.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
+from kontext_rt.errors import CheckpointError
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
 from kontext_rt.weights.mapping import diffusers_transformer_rules, diffusers_vae_rules
@@ -33,7 +34,9 @@ def small_kontext() -> Path:
 
     folder = Path(str(files(__name__) / SMALL_KONTEXT))
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"the shipped small Kontext is missing from this install ({folder})")
+        raise CheckpointError(
+            f"the shipped small Kontext is missing from this install ({folder}): reinstall kontext-rt"
+        )
     return folder
 
 

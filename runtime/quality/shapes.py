@@ -314,6 +314,8 @@ def edit_of(scene: Scene, kind: str, shape: str | None = None, colour: str | Non
     if kind not in EDIT_KINDS:
         raise InputError(f"unknown edit kind {kind!r}; kinds: {', '.join(EDIT_KINDS)}")
     kinds = {s.kind for s in scene.shapes}
+    if len(kinds) != len(scene.shapes):
+        raise InputError("a scene of the shapes task has at most one shape of each kind")
     if kind in ("recolour", "move", "remove") and shape not in kinds:
         raise InputError(f"a {kind} edit needs a shape of the scene ({', '.join(sorted(kinds))}), got {shape!r}")
     if kind == "add" and (shape not in KINDS or shape in kinds or not scene.free_cells()):

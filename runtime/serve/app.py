@@ -175,8 +175,7 @@ async def _wait(request: Request, scheduler: Scheduler, job):
         raise _timeout(job) from None
     except ShuttingDown as e:
         raise ApiError(503, str(e), None, "shutting_down", type="server_error") from None
-    except torch.OutOfMemoryError:
-        log.error("out of device memory during a run", exc_info=True)
+    except torch.OutOfMemoryError:  # the worker has logged it with its traceback
         raise ApiError(
             503,
             "the device ran out of memory during this request: retry later, or with a smaller image or fewer "
