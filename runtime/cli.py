@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(sp, needs_checkpoint=True):
+    def common(sp, needs_checkpoint=True, seed_help="random, printed", device_help="cuda if available"):
         if needs_checkpoint:
             sp.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
             sp.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
         sp.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
         sp.add_argument("--guidance", type=_finite_float, help="distilled guidance scale, 0 to 100")
-        sp.add_argument("--seed", type=_nonneg_int, help="noise seed, 0 to 2**64-1 (default: random, printed)")
-        sp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+        sp.add_argument("--seed", type=_nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
+        sp.add_argument("--device", help=f"cpu, cuda, cuda:1 (default: {device_help})")
         sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
         sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
         sp.add_argument(
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="a small Kontext shipped in the package edits a rendered scene over 4 turns (CPU, no downloads)"
     )
-    common(d, needs_checkpoint=False)
+    common(d, needs_checkpoint=False, seed_help="0; turn k uses seed + k - 1", device_help="cpu")
     _export_parser(sub)
     _plan_parser(sub)
     _serve_parser(sub)
