@@ -251,19 +251,25 @@ def evaluate(folder: Path, n: int, steps: int, seed: int) -> dict:
     return out
 
 
-def load_vae(folder: Path) -> AutoEncoder:
+def load(folder: Path):
+    """A checkpoint this script wrote, loaded once: (transformer, VAE)."""
     from kontext_rt.pipeline import Pipeline
 
-    return Pipeline.from_pretrained(folder, max_sequence_length=MAX_SEQUENCE_LENGTH).vae.eval().requires_grad_(False)
+    pipe = Pipeline.from_pretrained(folder, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    return pipe.transformer, pipe.vae.eval().requires_grad_(False)
 
 
-def load_transformer(folder: Path) -> FluxTransformer:
-    from kontext_rt.pipeline import Pipeline
+def write_final(folder: Path, model, vae, seed: int, text: TextTable) -> None:
+    """The trained checkpoint, with a check that its rewritten text encoders are the ones trained with."""
+    probe = "make the circle red"
+    before = text.txt[text.ids([probe])[0]]
+    write_diffusers_checkpoint(folder, model, vae, seed, MAX_SEQUENCE_LENGTH)
+    after = TextTable(folder)
+    if not torch.equal(before, after.txt[after.ids([probe])[0]]):
+        raise RuntimeError("the rewritten text encoders differ from the ones trained with")
 
-    return Pipeline.from_pretrained(folder, max_sequence_length=MAX_SEQUENCE_LENGTH).transformer
 
-
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae-minutes", type=float, default=12.0, help="wall-time budget of the autoencoder")
     p.add_argument("--flux-minutes", type=float, default=80.0, help="wall-time budget of the transformer")
@@ -285,6 +291,11 @@ def main(argv=None) -> int:
     p.add_argument("--single", type=int, default=2, help="single-stream blocks")
     p.add_argument("--eval-n", type=int, default=30, help="samples per split for the final evaluation (0: none)")
     p.add_argument("--eval-steps", type=int, default=8)
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.init_from is not None and args.vae_from is None:
         args.vae_from = args.init_from  # the transformer continues in the latent space it was trained in
@@ -301,9 +312,12 @@ def main(argv=None) -> int:
     record = {"argv": sys.argv[1:] if argv is None else list(argv), "seed": args.seed, "threads": args.threads}
     record.update(size=SIZE, max_sequence_length=MAX_SEQUENCE_LENGTH, flux_config=dataclasses.asdict(cfg))
     log(f"seed {args.seed}, {args.threads} thread(s) -> {args.out}")
-    init = None
+    loaded = vae = init = None
+    if args.vae_from is not None:  # one load serves --vae-from and --init-from of the same folder
+        loaded, vae = load(args.vae_from)
+        record["vae_from"] = str(args.vae_from)
     if args.init_from is not None:
-        init = load_transformer(args.init_from)
+        init = loaded if args.init_from == args.vae_from else load(args.init_from)[0]
         record["init_from"] = str(args.init_from)
         if init.cfg != cfg:
             p.error(f"--init-from {args.init_from} holds another architecture than --hidden/--depth/--single")
@@ -314,13 +328,10 @@ def main(argv=None) -> int:
     stream = Stream(args.seed)
 
     vae_curve, flux_curve = [], []
-    if args.vae_from is None:
+    if vae is None:
         vae = calibrate(train_vae(args.vae_minutes, stream, args.vae_lr, vae_curve), stream)
         # a loadable checkpoint with the trained VAE (and an untrained transformer) as soon as it exists
         write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, args.seed, MAX_SEQUENCE_LENGTH)
-    else:
-        vae = load_vae(args.vae_from)
-        record["vae_from"] = str(args.vae_from)
     record["vae_config"] = dataclasses.asdict(vae.cfg)
     record["vae_seconds"] = round(time.perf_counter() - start, 1)
     pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
@@ -330,12 +341,7 @@ def main(argv=None) -> int:
     record["flux_steps"] = steps
     record["vae_curve"], record["flux_curve"] = vae_curve, flux_curve
 
-    probe = "make the circle red"
-    before = text.txt[text.ids([probe])[0]]
-    write_diffusers_checkpoint(args.out, model, vae, args.seed, MAX_SEQUENCE_LENGTH)
-    after = TextTable(args.out)
-    if not torch.equal(before, after.txt[after.ids([probe])[0]]):
-        raise RuntimeError("the rewritten text encoders differ from the ones trained with")
+    write_final(args.out, model, vae, args.seed, text)
     if args.eval_n:
         t0 = time.perf_counter()
         record["eval"] = evaluate(args.out, args.eval_n, args.eval_steps, args.seed)
