@@ -122,10 +122,15 @@ def test_eval_writes_the_harness_result(tmp_path, capsys):
 
     out = tmp_path / "r.json"
     ckpt = demo_checkpoint(tmp_path / "cache")
-    code, err = run(["eval", "--checkpoint", ckpt, "--n", "6", "--steps", "1", "--turns", "1", "-o", out], capsys)
-    assert code == 0, err
+    code = main([str(a) for a in ["eval", "--checkpoint", ckpt, "--n", "6", "--steps", "1", "--turns", "1", "-o", out]])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     result = json.loads(out.read_text())
     assert result["n_edit"] == 5 and result["n_generate"] == 1 and result["drift"]["turns"] == 1
+    # the same edits' exact answers through the checkpoint's autoencoder, scored alike (random weights: none pass)
+    assert set(result["autoencoder"]["per_kind"]) == set(result["per_kind"])
+    assert result["autoencoder"]["edit_success_rate"] == 0.0
+    assert "autoencoder alone" in printed.out
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -268,6 +268,34 @@ def test_drift_psnr_and_embedding_slot():
     assert out["cosine"] == pytest.approx([math.sqrt(0.5), 0.0], abs=1e-12)
 
 
+class _RoundTrip:
+    """A stand-in autoencoder: encode is the identity; decode applies `paint` to the image."""
+
+    def __init__(self, paint):
+        self.paint = paint
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return self.paint(z)
+
+
+def test_autoencoder_ceiling_of_a_perfect_and_a_useless_autoencoder():
+    samples = list(shapes.dataset("heldout", 10, seed=3))
+    perfect = harness.autoencoder_ceiling(_RoundTrip(lambda z: z), samples)
+    json.dumps(perfect, allow_nan=False)
+    assert set(perfect["per_kind"]) == set(shapes.EDIT_KINDS)
+    assert perfect["edit_success_rate"] == 1.0  # an exact target carries out its own instruction
+    assert perfect["preservation_psnr"] == harness.PSNR_CAP
+    # mid-grey everywhere is no palette colour (the nearest, black and white, are over 100 away in every channel)
+    grey = harness.autoencoder_ceiling(_RoundTrip(lambda z: z * 0.0), samples)
+    assert grey["edit_success_rate"] == 0.0 and grey["preservation_psnr"] < 10
+    with pytest.raises(InputError, match="edit samples"):
+        captions = list(shapes.dataset("heldout", 2, kinds=(shapes.GEN_KIND,)))
+        harness.autoencoder_ceiling(_RoundTrip(lambda z: z), captions)
+
+
 # ---- the harness on the tiny random-weight checkpoint -------------------------------------------------------------
 
 

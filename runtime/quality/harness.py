@@ -155,6 +155,39 @@ def evaluate(
     return result
 
 
+def autoencoder_ceiling(vae, samples: Sequence[EditSample | GenSample]) -> dict:
+    """What the autoencoder alone allows: each edit's exact target through vae.decode(vae.encode(.)), scored like an
+    output. A transformer that predicted the target's latent perfectly would score this; a kind the round trip fails
+    cannot be learned through this autoencoder. vae: encode / decode of (B, 3, H, W) images in [-1, 1] (the model's
+    AutoEncoder, Pipeline.vae). Returns edit_success_rate, per_kind {kind: {n, success_rate}} and
+    preservation_psnr / preservation_ssim, as evaluate's."""
+    import torch
+
+    from kontext_rt import image as im
+
+    edits = [s for s in _check(samples, 1, 0, 0) if isinstance(s, EditSample)]
+    if not edits:
+        raise InputError("autoencoder_ceiling needs edit samples")
+    params = getattr(vae, "parameters", None)
+    device = next(params()).device if callable(params) else "cpu"
+    records = []
+    with torch.no_grad():
+        for s in edits:
+            width, height = s.target.size
+            out = im.to_pil(vae.decode(vae.encode(im.to_tensor(s.target, width, height).to(device))))[0]
+            kept = metrics.preservation(s, out)
+            records.append(
+                {
+                    "kind": s.kind,
+                    "success": metrics.edit_success(s, out),
+                    "psnr": _finite(kept["psnr"]),
+                    "ssim": _finite(kept["ssim"]),
+                }
+            )
+    agg = _aggregate(records, [], 0)
+    return {k: agg[k] for k in ("edit_success_rate", "per_kind", "preservation_psnr", "preservation_ssim")}
+
+
 def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
     """The numeric leaves of a result, flattened to dotted keys (lists by index)."""
     out = {}
