@@ -1,21 +1,24 @@
 """Train a small FLUX.1 Kontext of the runtime's own architecture on the synthetic shapes task, on the CPU.
 
 Two phases: an autoencoder (kontext_rt.model.vae.AutoEncoder, VAE_CONFIG below) on rendered scenes for
---vae-minutes, then a transformer (kontext_rt.model.transformer.FluxTransformer, FLUX_CONFIG) for --flux-minutes
-with the rectified-flow objective: x_t = (1 - t) x_0 + t noise, target velocity noise - x_0, t = sigmoid(N(0, 1)),
-on edits (the source's packed latent tokens as context, RoPE ids (1, r, c), as kontext_rt.model.rope.sequence_ids
-builds them) and on generation (no context). The transformer trains on a pool of train-split samples encoded once
-by the trained VAE (--pool edits, a quarter as many captions), drawn at random with replacement. Both phases decay
-their learning rate over their time budget (cosine, after a warm-up). Text goes through the demo's tiny CLIP and T5
-encoders (frozen, random, as write_diffusers_checkpoint writes them for --seed), so the result loads with
-Pipeline.from_pretrained like any checkpoint; its T5 tokenizer states the MAX_SEQUENCE_LENGTH tokens it was trained
-with, which the pipeline then reads by default.
+--vae-minutes (or one loaded by --vae-from, trained further for --vae-tune-minutes), then a transformer
+(kontext_rt.model.transformer.FluxTransformer, FLUX_CONFIG) for --flux-minutes with the rectified-flow objective:
+x_t = (1 - t) x_0 + t noise, target velocity noise - x_0, t = sigmoid(N(0, 1)), on edits (the source's packed latent
+tokens as context, RoPE ids (1, r, c), as kontext_rt.model.rope.sequence_ids builds them) and on generation (no
+context). The transformer trains on a pool of train-split samples encoded once by the trained VAE (--pool edits, a
+quarter as many captions), drawn at random with replacement. Both phases decay their learning rate over their time
+budget (cosine, after a warm-up). --shape-weight weighs the reconstruction error on the shapes' pixels up (they are
+a few percent of an image, and their colours are what most edits are about); --edit-weight weighs the flow loss on
+the tokens an edit changes up (one or two of 16). Text goes through the demo's tiny CLIP and T5 encoders (frozen,
+random, as write_diffusers_checkpoint writes them for --seed), so the result loads with Pipeline.from_pretrained
+like any checkpoint; its T5 tokenizer states the MAX_SEQUENCE_LENGTH tokens it was trained with, which the pipeline
+then reads by default.
 
     python training/train_small_kontext.py --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
 
-The checkpoint (diffusers layout), train_log.json (seed, wall times, loss curves, the harness's scores) and nothing
-else are written to --out. The number of steps a budget buys depends on the machine; the seed fixes the data, the
-initial weights and the noise.
+The checkpoint (diffusers layout), train_log.json (seed, wall times, loss curves, the harness's scores, and the
+autoencoder's ceiling: the exact answers through the VAE alone) and nothing else are written to --out. The number of
+steps a budget buys depends on the machine; the seed fixes the data, the initial weights and the noise.
 """
 
 from __future__ import annotations
@@ -99,8 +102,22 @@ class Stream:
         return out
 
 
-def train_vae(minutes: float, stream: Stream, lr: float, curve: list) -> AutoEncoder:
-    vae = AutoEncoder(VAE_CONFIG)
+def shape_weights(samples, weight: float) -> torch.Tensor:
+    """(2B, 1, H, W) reconstruction weights for [sources..., targets...]: 1 + weight on the pixels of the shapes
+    (grown by one pixel). Shapes cover a few percent of an image; with plain MSE the background outweighs them and the
+    autoencoder learns their colours last."""
+    scenes = [s.meta["source"] for s in samples] + [s.meta["target"] for s in samples]
+    masks = [shapes.grow(shapes.Scene.from_dict(d).shapes_mask()) for d in scenes]
+    return 1.0 + weight * torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
+
+
+def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0) -> AutoEncoder:
+    """An autoencoder trained for `minutes` (from `init`'s weights when given) on reconstruction: MSE weighted by
+    shape_weights, plus a small pull of the latents toward 0 so their scale stays put."""
+    vae = AutoEncoder(VAE_CONFIG if init is None else init.cfg)
+    if init is not None:
+        vae.load_state_dict(init.state_dict())
+    vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     step, t0, window = 0, time.perf_counter(), []
     budget = 60.0 * minutes
@@ -111,9 +128,13 @@ def train_vae(minutes: float, stream: Stream, lr: float, curve: list) -> AutoEnc
         x = to_batch([s.source for s in samples] + [s.target for s in samples])
         mean = vae.encoder(x).chunk(2, dim=1)[0]
         rec = vae.decoder(mean)
-        # reconstruction, plus a small pull of the latents toward 0 so their scale stays put
         mse = F.mse_loss(rec, x)
-        loss = mse + 1e-4 * mean.pow(2).mean()
+        if shape_weight:
+            w = shape_weights(samples, shape_weight)
+            fit = (w * (rec - x).pow(2)).mean() / w.mean()
+        else:
+            fit = mse
+        loss = fit + 1e-4 * mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -187,6 +208,7 @@ def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n
     return {
         "ctx": torch.cat(ctx),
         "tgt": torch.cat(tgt),
+        "changed": changed_tokens(torch.cat(ctx), torch.cat(tgt)),
         "eid": torch.tensor(eid),
         "gen": torch.cat(gen),
         "gid": torch.tensor(gid),
@@ -196,16 +218,27 @@ def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n
 
 
 def flow_loss(model, z, ctx, txt, pooled, rope) -> torch.Tensor:
+    """(B, L) mean-square velocity error per target token."""
     b = z.shape[0]
     t = torch.sigmoid(torch.randn(b))
     noise = torch.randn_like(z)
     x_t = (1 - t)[:, None, None] * z + t[:, None, None] * noise
     guidance = torch.empty(b).uniform_(*GUIDANCE_RANGE)
     v = model(x_t, ctx, txt, pooled, t, guidance, *rope)
-    return F.mse_loss(v, noise - z)
+    return (v - (noise - z)).pow(2).mean(-1)
 
 
-def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None) -> tuple[FluxTransformer, int]:
+def changed_tokens(ctx: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the target tokens an edit changes, those whose mean-square difference from the context's token is
+    over a tenth of the sample's largest."""
+    d = (tgt - ctx).pow(2).mean(-1)
+    return d > 0.1 * d.amax(dim=1, keepdim=True)
+
+
+def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weight=0.0):
+    """(model, steps). Edit samples weigh each target token's error by 1 + edit_weight on the tokens the edit
+    changes (changed_tokens), normalised per batch: an edit changes one or two of 16 tokens, and without the weight
+    the loss is mostly about copying the context."""
     model = FluxTransformer(cfg)
     if init is not None:
         model.load_state_dict(init.state_dict())
@@ -222,9 +255,11 @@ def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None) -> tuple[
         e = torch.randint(len(pool["eid"]), (n_edit,))
         g = torch.randint(len(pool["gid"]), (n_gen,))
         pe, pg = pool["eid"][e], pool["gid"][g]
-        loss_e = flow_loss(model, pool["tgt"][e], pool["ctx"][e], pool["txt"][pe], pool["pooled"][pe], edit_rope)
-        loss_g = flow_loss(model, pool["gen"][g], None, pool["txt"][pg], pool["pooled"][pg], gen_rope)
-        loss = (n_edit * loss_e + n_gen * loss_g) / batch
+        err_e = flow_loss(model, pool["tgt"][e], pool["ctx"][e], pool["txt"][pe], pool["pooled"][pe], edit_rope)
+        loss_g = flow_loss(model, pool["gen"][g], None, pool["txt"][pg], pool["pooled"][pg], gen_rope).mean()
+        loss_e = err_e.mean()
+        w = 1.0 + edit_weight * pool["changed"][e].float()
+        loss = (n_edit * (w * err_e).sum() / w.sum() + n_gen * loss_g) / batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -241,6 +276,7 @@ def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None) -> tuple[
 
 def evaluate(folder: Path, n: int, steps: int, seed: int) -> dict:
     from kontext_rt.pipeline import Pipeline
+    from kontext_rt.quality.harness import autoencoder_ceiling
     from kontext_rt.quality.harness import evaluate as harness_evaluate
 
     pipe = Pipeline.from_pretrained(folder, max_sequence_length=MAX_SEQUENCE_LENGTH)
@@ -248,6 +284,7 @@ def evaluate(folder: Path, n: int, steps: int, seed: int) -> dict:
     for split in shapes.SPLITS:
         samples = list(shapes.dataset(split, n, seed=seed + 1, size=SIZE))
         out[split] = harness_evaluate(pipe, samples, steps=steps, seed=seed, drift_turns=2, per_sample=False)
+        out[split]["autoencoder"] = autoencoder_ceiling(pipe.vae, samples)
     return out
 
 
@@ -279,6 +316,24 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="a checkpoint folder this script wrote: start from its transformer (and its VAE, unless --vae-from)",
     )
+    p.add_argument(
+        "--vae-tune-minutes",
+        type=float,
+        default=0.0,
+        help="with --vae-from: train its VAE further (encoder and decoder) for this long, then recalibrate",
+    )
+    p.add_argument(
+        "--shape-weight",
+        type=float,
+        default=0.0,
+        help="extra reconstruction weight on the shapes' pixels in the VAE phases (0: plain MSE)",
+    )
+    p.add_argument(
+        "--edit-weight",
+        type=float,
+        default=0.0,
+        help="extra flow-loss weight on the target tokens an edit changes (0: every token alike)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (must not exist or be empty)")
@@ -301,6 +356,8 @@ def main(argv=None) -> int:
         args.vae_from = args.init_from  # the transformer continues in the latent space it was trained in
     if args.flux_minutes <= 0 or (args.vae_from is None and args.vae_minutes <= 0):
         p.error("--flux-minutes and --vae-minutes must be positive")
+    if args.vae_tune_minutes > 0 and args.vae_from is None:
+        p.error("--vae-tune-minutes trains a loaded VAE further: give --vae-from or --init-from")
     if args.hidden % 32 or args.batch < 4 or args.pool < 1:
         p.error("--hidden must be a multiple of 32, --batch at least 4 and --pool positive")
     if args.out.exists() and any(args.out.iterdir()):
@@ -329,14 +386,20 @@ def main(argv=None) -> int:
 
     vae_curve, flux_curve = [], []
     if vae is None:
-        vae = calibrate(train_vae(args.vae_minutes, stream, args.vae_lr, vae_curve), stream)
+        vae = calibrate(train_vae(args.vae_minutes, stream, args.vae_lr, vae_curve, None, args.shape_weight), stream)
         # a loadable checkpoint with the trained VAE (and an untrained transformer) as soon as it exists
+        write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, args.seed, MAX_SEQUENCE_LENGTH)
+    elif args.vae_tune_minutes > 0:
+        vae = train_vae(args.vae_tune_minutes, stream, args.vae_lr, vae_curve, vae, args.shape_weight)
+        vae = calibrate(vae, stream)
         write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, args.seed, MAX_SEQUENCE_LENGTH)
     record["vae_config"] = dataclasses.asdict(vae.cfg)
     record["vae_seconds"] = round(time.perf_counter() - start, 1)
     pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
     record["pool_seconds"] = round(time.perf_counter() - start - record["vae_seconds"], 1)
-    model, steps = train_transformer(cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve, init)
+    model, steps = train_transformer(
+        cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve, init, args.edit_weight
+    )
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     record["flux_steps"] = steps
     record["vae_curve"], record["flux_curve"] = vae_curve, flux_curve
