@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
 from kontext_rt.cli_args import (
     DTYPE_NAMES,
+    Parser,
     UsageError,
-    _finite_float,
-    _nonneg_int,
-    _Parser,
-    _positive_int,
+    check_writable,
+    finite_float,
+    nonneg_int,
+    positive_int,
+    quiet_libraries,
+    stage_summary,
+    write_atomically,
 )
 from kontext_rt.cli_demo import _eval, _eval_parser
 from kontext_rt.cli_prepare import _export, _export_parser, _plan, _plan_parser
@@ -51,9 +53,9 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kontext-rt", description="FLUX.1 Kontext editing and FLUX.1 generation.")
+    p = Parser(prog="kontext-rt", description="FLUX.1 Kontext editing and FLUX.1 generation.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def common(sp, needs_checkpoint=True, seed_help="random, printed", device_help="cuda if available"):
         if needs_checkpoint:
@@ -66,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "when its shapes leave it open (generate needs it; edit takes flux-kontext-dev)",
             )
         sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
-        sp.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
-        sp.add_argument("--guidance", type=_finite_float, help="distilled guidance scale, 0 to 100")
-        sp.add_argument("--seed", type=_nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
+        sp.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
+        sp.add_argument("--guidance", type=finite_float, help="distilled guidance scale, 0 to 100")
+        sp.add_argument("--seed", type=nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
         sp.add_argument("--device", help=f"cpu, cuda, cuda:1 (default: {device_help})")
         sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
         sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
@@ -96,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("image")
     e.add_argument("prompt")
     e.add_argument("--extra-image", action="append", default=[], help="another context image (repeatable)")
-    e.add_argument("--width", type=_positive_int, help="output width (default: the context's, after resizing)")
-    e.add_argument("--height", type=_positive_int, help="output height, like --width; at most 2048 px a side")
+    e.add_argument("--width", type=positive_int, help="output width (default: the context's, after resizing)")
+    e.add_argument("--height", type=positive_int, help="output height, like --width; at most 2048 px a side")
     e.add_argument("--no-auto-resize", action="store_true", help="keep the context size (floored to 16 px)")
     common(e)
     g = sub.add_parser("generate", help="text-to-image")
     g.add_argument("prompt")
-    g.add_argument("--width", type=_positive_int, default=1024, help="a multiple of 16, at most 2048")
-    g.add_argument("--height", type=_positive_int, default=1024, help="a multiple of 16, at most 2048")
+    g.add_argument("--width", type=positive_int, default=1024, help="a multiple of 16, at most 2048")
+    g.add_argument("--height", type=positive_int, default=1024, help="a multiple of 16, at most 2048")
     common(g)
     d = sub.add_parser(
         "demo", help="a small Kontext shipped in the package edits a rendered scene over 4 turns (CPU, no downloads)"
@@ -132,32 +134,8 @@ def _check_output(path: str | Path | None, inputs=()) -> Path:
     for src in inputs:
         if out.exists() and Path(src).exists() and os.path.samefile(out, src):
             raise UsageError(f"output {out} is the input image {src}: it would be overwritten; write to another file")
-    _check_writable(out.parent, f"output {out}")
+    check_writable(out.parent, f"output {out}")
     return out
-
-
-def _check_writable(folder: Path, what: str):
-    """Create and remove a file in `folder`: the only test of writability that root, ACLs and read-only mounts
-    all answer truthfully."""
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kontext-rt-", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
-
-
-def _save(img, out: Path):
-    """Write to a temporary file beside the target, then rename: never a partial output file."""
-    tmp = out.parent / f".{out.stem}.{secrets.token_hex(6)}.partial{out.suffix}"
-    try:
-        img.save(tmp)
-        os.replace(tmp, out)
-    except OSError as e:  # a full disk, a folder made read-only during the run: name the user's path
-        raise UsageError(f"output {out}: cannot write it ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _device_dtype(args):
@@ -166,31 +144,6 @@ def _device_dtype(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = DTYPE_NAMES[args.dtype] if args.dtype else ("bfloat16" if device.startswith("cuda") else "float32")
     return device, getattr(torch, name)
-
-
-def _summary(report, label: str) -> str:
-    names = [
-        ("text_encode", "text encode"),
-        ("vae_encode", "VAE encode"),
-        ("denoise", "denoise"),
-        ("vae_decode", "VAE decode"),
-    ]
-    parts = []
-    for key, name in names:
-        if key in report.timings:
-            extra = " (cache hit)" if key == "text_encode" and report.text_cache_hit else ""
-            if key == "denoise" and report.steps:
-                extra = f" ({report.steps} steps, {report.timings[key] / report.steps * 1000:.1f} ms/step)"
-            parts.append(f"{name} {report.timings[key]:.2f} s{extra}")
-    return f"{label} | " + " | ".join(parts) + f" | seed {report.seed}"
-
-
-def _quiet_libraries():
-    """The application, not the library, decides what third-party packages print: only their errors."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _variant(args) -> str | None:
@@ -237,7 +190,7 @@ def _text_cache_dir(args, cache_dir: Path) -> Path | None:
     folder = cache_dir / "text"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _check_writable(folder, "text cache")
+        check_writable(folder, "text cache")
     except (OSError, UsageError) as e:
         print(f"warning: {_one_line(e)}; running without the on-disk text cache", file=sys.stderr)
         return None
@@ -248,7 +201,7 @@ def _run(args) -> int:
     from kontext_rt import arguments
     from kontext_rt.errors import PromptTruncated
 
-    _quiet_libraries()
+    quiet_libraries()
     _show_warnings(PromptTruncated)
     if args.command == "export":
         return _export(args)
@@ -287,12 +240,12 @@ def _run(args) -> int:
 
         return run_demo(args, out, text_cache)
     img, report = _generate(args, contexts, text_cache)
-    _save(img, out)
+    write_atomically(out, img.save)
     if not args.quiet:
         label = f"{img.size[0]}x{img.size[1]} -> {out}"
         if contexts:
             label = "context " + ", ".join(f"{a[0]}x{a[1]} -> {b[0]}x{b[1]}" for _, a, b in contexts) + " | " + label
-        print(_summary(report, label), file=sys.stderr)
+        print(stage_summary(report, label), file=sys.stderr)
     return 0
 
 

@@ -1,8 +1,13 @@
-"""The CLI's argument types and its usage error, shared by every subcommand."""
+"""What every subcommand of the CLI shares: argument types, the usage error, writing outputs, the summary line."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 from kontext_rt.errors import InputError
 
@@ -20,7 +25,7 @@ class UsageError(InputError):
     """A bad command line: a missing or malformed argument, or a user's file that cannot be used."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
 
@@ -38,10 +43,10 @@ def _int_at_least(minimum: int):
     return parse
 
 
-_positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
+positive_int, nonneg_int = _int_at_least(1), _int_at_least(0)
 
 
-def _finite_float(s: str) -> float:
+def finite_float(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
@@ -49,3 +54,53 @@ def _finite_float(s: str) -> float:
     if v != v or v in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
     return v
+
+
+def check_writable(folder: Path, what: str):
+    """Create and remove a file in `folder`: the only test of writability that root, ACLs and read-only mounts
+    all answer truthfully."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kontext-rt-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+def write_atomically(out: Path, write: Callable[[Path], object]) -> None:
+    """write(temporary path) beside out, then rename it to out: never a partial output file. The temporary name
+    keeps out's extension (PIL picks the format from it)."""
+    tmp = out.parent / f".{out.stem}.{secrets.token_hex(6)}.partial{out.suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except OSError as e:  # a full disk, a folder made read-only during the run: name the user's path
+        raise UsageError(f"output {out}: cannot write it ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def stage_summary(report, label: str) -> str:
+    names = [
+        ("text_encode", "text encode"),
+        ("vae_encode", "VAE encode"),
+        ("denoise", "denoise"),
+        ("vae_decode", "VAE decode"),
+    ]
+    parts = []
+    for key, name in names:
+        if key in report.timings:
+            extra = " (cache hit)" if key == "text_encode" and report.text_cache_hit else ""
+            if key == "denoise" and report.steps:
+                extra = f" ({report.steps} steps, {report.timings[key] / report.steps * 1000:.1f} ms/step)"
+            parts.append(f"{name} {report.timings[key]:.2f} s{extra}")
+    return f"{label} | " + " | ".join(parts) + f" | seed {report.seed}"
+
+
+def quiet_libraries():
+    """The application, not the library, decides what third-party packages print: only their errors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -76,7 +76,8 @@ def check_demo(args) -> None:
 def run_demo(args, out: Path, text_cache) -> int:
     """Load the shipped model, run the session, write the picture, print what happened."""
     import kontext_rt as krt
-    from kontext_rt.cli import _save, _summary, load_kwargs
+    from kontext_rt.cli import load_kwargs
+    from kontext_rt.cli_args import stage_summary, write_atomically
     from kontext_rt.demo import small_kontext
     from kontext_rt.quality import metrics, shapes
 
@@ -110,16 +111,16 @@ def run_demo(args, out: Path, text_cache) -> int:
         kept = metrics.preservation(sample, output)["psnr"]
         right += done
         verdict = "done" if done else "NOT done"
-        say(_summary(report, f'turn {turn} "{sample.instruction}": {verdict}, the rest {kept:.1f} dB from exact'))
+        say(stage_summary(report, f'turn {turn} "{sample.instruction}": {verdict}, the rest {kept:.1f} dB from exact'))
         rows.append((f"{turn}. {sample.instruction}: input | output | exact", [current, output, sample.target]))
         current = output
-    _save(picture(rows), out)
+    write_atomically(out, picture(rows).save)
     say(f"{right} of {len(samples)} edits carried out; wrote {out} (one row per turn: input, output, exact answer)")
     return 0
 
 
 def _eval_parser(sub) -> None:
-    from kontext_rt.cli_args import DTYPE_NAMES, _finite_float, _nonneg_int, _positive_int
+    from kontext_rt.cli_args import DTYPE_NAMES, finite_float, nonneg_int, positive_int
     from kontext_rt.quality.bar import SETTINGS
     from kontext_rt.quality.shapes import SPLITS
 
@@ -131,19 +132,19 @@ def _eval_parser(sub) -> None:
         "--split", choices=SPLITS, default=SETTINGS["split"], help="heldout: colour x shape pairs never trained on"
     )
     e.add_argument(
-        "--n", type=_positive_int, default=SETTINGS["n"], help="samples, edit kinds and captions in turn (%(default)s)"
+        "--n", type=positive_int, default=SETTINGS["n"], help="samples, edit kinds and captions in turn (%(default)s)"
     )
-    e.add_argument("--steps", type=_positive_int, default=SETTINGS["steps"], help="denoising steps (%(default)s)")
-    e.add_argument("--guidance", type=_finite_float, help="guidance scale (default: the model's)")
+    e.add_argument("--steps", type=positive_int, default=SETTINGS["steps"], help="denoising steps (%(default)s)")
+    e.add_argument("--guidance", type=finite_float, help="guidance scale (default: the model's)")
     e.add_argument(
         "--seed",
-        type=_nonneg_int,
+        type=nonneg_int,
         default=SETTINGS["seed"],
         help="sample i runs with seed + i; samples: seed + 1 (%(default)s)",
     )
     e.add_argument(
         "--turns",
-        type=_nonneg_int,
+        type=nonneg_int,
         default=SETTINGS["drift_turns"],
         help="edit-then-undo turns per drift session (%(default)s)",
     )
@@ -156,14 +157,11 @@ def _eval_parser(sub) -> None:
 def _eval(args) -> int:
     """Everything checked before the model loads; the JSON written atomically."""
     import json
-    import os
-    import secrets
 
     import torch
 
     from kontext_rt import Pipeline
-    from kontext_rt.cli import _check_writable
-    from kontext_rt.cli_args import DTYPE_NAMES, UsageError
+    from kontext_rt.cli_args import DTYPE_NAMES, UsageError, check_writable, write_atomically
     from kontext_rt.demo import small_kontext
     from kontext_rt.load_checks import check_device
     from kontext_rt.quality import bar, harness, shapes
@@ -172,7 +170,7 @@ def _eval(args) -> int:
     if out is not None:
         if out.suffix.lower() != ".json" or not out.parent.is_dir() or out.is_dir():
             raise UsageError(f"output {out}: a .json file in a folder that exists")
-        _check_writable(out.parent, f"output {out}")
+        check_writable(out.parent, f"output {out}")
     if args.seed + args.n > 2**64 - 1:
         raise UsageError(
             "--seed: sample i runs with seed + i and the samples are drawn with seed + 1: at most 2**64-1-n"
@@ -203,15 +201,8 @@ def _eval(args) -> int:
         result["bar"] = {"passed": not under, "under": under}
         print("the bar (kontext_rt.quality.bar): " + ("passed" if not under else "FAILED: " + "; ".join(under)))
     if out is not None:
-        tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.partial"
-        try:
-            tmp.write_text(json.dumps(result, indent=1, allow_nan=False))
-            os.replace(tmp, out)
-        except OSError as e:  # a full disk, a folder made read-only during the run
-            raise UsageError(f"output {out}: cannot write it ({e.strerror or e})") from None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        text = json.dumps(result, indent=1, allow_nan=False)
+        write_atomically(out, lambda tmp: tmp.write_text(text))
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kontext_rt.cli_args import DTYPE_NAMES, UsageError, _finite_float, _positive_int
+from kontext_rt.cli_args import DTYPE_NAMES, UsageError, finite_float, positive_int
 
 
 def _plan_parser(sub):
@@ -17,16 +17,16 @@ def _plan_parser(sub):
     pl.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
     pl.add_argument("--text-encoders", help="folder with text_encoder*/ (default: the checkpoint's)")
     pl.add_argument("--variant", help="what a BFL file holds when its shapes leave it open (sets the text tokens)")
-    pl.add_argument("--width", type=_positive_int, default=1024, help="output width, a multiple of 16")
-    pl.add_argument("--height", type=_positive_int, default=1024, help="output height, a multiple of 16")
+    pl.add_argument("--width", type=positive_int, default=1024, help="output width, a multiple of 16")
+    pl.add_argument("--height", type=positive_int, default=1024, help="output height, a multiple of 16")
     pl.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="the weights' dtype (default bf16)")
     pl.add_argument("--fp8", action="store_true", help="FP8 linears (needs --dtype bf16)")
-    pl.add_argument("--text-tokens", type=_positive_int, help="T5 tokens (default: the variant's max_sequence_length)")
+    pl.add_argument("--text-tokens", type=positive_int, help="T5 tokens (default: the variant's max_sequence_length)")
     pl.add_argument("--no-context", action="store_true", help="text-to-image: no context image")
     pl.add_argument(
         "--placement", help="resident (default), lean, offload, or part=mode,...: where each part lives (see edit)"
     )
-    pl.add_argument("--steps", type=_positive_int, default=28, help="steps (rows of the modulation table; default 28)")
+    pl.add_argument("--steps", type=positive_int, default=28, help="steps (rows of the modulation table; default 28)")
     pl.add_argument(
         "--vae-tiling", choices=["auto", "on", "off"], default="auto", help="whether the VAE may tile (default auto)"
     )
@@ -112,8 +112,8 @@ def _export_parser(sub):
     x.add_argument("--precision", required=True, choices=["fp16", "bf16", "fp8"])
     x.add_argument("--onnx-only", action="store_true", help="stop after the ONNX graphs (no TensorRT needed)")
     x.add_argument("--device", help="where to load, calibrate and trace (default: cuda if available)")
-    x.add_argument("--max-batch", type=_positive_int, default=1, help="largest batch the engines accept")
-    x.add_argument("--workspace-gib", type=_finite_float, help="TensorRT builder workspace limit")
+    x.add_argument("--max-batch", type=positive_int, default=1, help="largest batch the engines accept")
+    x.add_argument("--workspace-gib", type=finite_float, help="TensorRT builder workspace limit")
     x.add_argument("--calibration-prompts", help="fp8: a text file, one edit instruction per line")
     x.add_argument(
         "--calibration-images",
@@ -121,8 +121,8 @@ def _export_parser(sub):
         default=[],
         help="fp8: context images (default: generated from the prompts by the model itself)",
     )
-    x.add_argument("--calibration-steps", type=_positive_int, default=8, help="fp8: sampling steps per edit")
-    x.add_argument("--calibration-size", type=_positive_int, default=1024, help="fp8: side of generated images")
+    x.add_argument("--calibration-steps", type=positive_int, default=8, help="fp8: sampling steps per edit")
+    x.add_argument("--calibration-size", type=positive_int, default=1024, help="fp8: side of generated images")
     x.add_argument(
         "--calibration-no-auto-resize",
         action="store_true",

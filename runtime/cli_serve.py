@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from kontext_rt.cli_args import DTYPE_NAMES, UsageError, _finite_float, _nonneg_int, _positive_int
+from kontext_rt.cli_args import DTYPE_NAMES, UsageError, finite_float, nonneg_int, positive_int
 
 SERVE_MODULES = {"fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client", "pydantic"}
 
@@ -29,7 +29,7 @@ def _port(s: str) -> int:
 
 
 def _positive_float(s: str) -> float:
-    v = _finite_float(s)
+    v = finite_float(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{s!r} must be a positive number")
     return v
@@ -52,14 +52,14 @@ def _serve_parser(sub):
         "--vae-tiling", choices=["auto", "on", "off"], default="auto", help="whether the VAE may tile (see edit)"
     )
     s.add_argument("--text-cache-dir", help="keep text embeddings on disk here too (default: in memory only)")
-    s.add_argument("--max-queue", type=_positive_int, default=16, help="queued requests before 429 (default 16)")
-    s.add_argument("--max-batch", type=_positive_int, default=4, help="requests run together (default 4)")
+    s.add_argument("--max-queue", type=positive_int, default=16, help="queued requests before 429 (default 16)")
+    s.add_argument("--max-batch", type=positive_int, default=4, help="requests run together (default 4)")
     s.add_argument("--max-upload-mb", type=_positive_float, default=50.0, help="request body limit (default 50)")
     s.add_argument(
         "--timeout-s", type=_positive_float, default=600.0, help="a request queued this long gets 503 (default 600)"
     )
-    s.add_argument("--max-images", type=_positive_int, default=4, help="context images per edit (default 4)")
-    s.add_argument("--max-steps", type=_positive_int, default=100, help="denoising steps per request (default 100)")
+    s.add_argument("--max-images", type=positive_int, default=4, help="context images per edit (default 4)")
+    s.add_argument("--max-steps", type=positive_int, default=100, help="denoising steps per request (default 100)")
     s.add_argument(
         "--safety",
         metavar="MODULE:CALLABLE",
@@ -68,9 +68,9 @@ def _serve_parser(sub):
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     r = s.add_argument_group("scale-out on Ray Serve (the ray extra)")
     r.add_argument("--ray", action="store_true", help="serve N Ray Serve replicas, one pipeline (and GPU) each")
-    r.add_argument("--replicas", type=_positive_int, help="replicas with --ray (default 1)")
-    r.add_argument("--autoscale-min", type=_nonneg_int, help="with --ray: let Ray scale between min and max")
-    r.add_argument("--autoscale-max", type=_positive_int, help="with --ray: the most replicas Ray may start")
+    r.add_argument("--replicas", type=positive_int, help="replicas with --ray (default 1)")
+    r.add_argument("--autoscale-min", type=nonneg_int, help="with --ray: let Ray scale between min and max")
+    r.add_argument("--autoscale-max", type=positive_int, help="with --ray: the most replicas Ray may start")
     r.add_argument("--ray-address", help="with --ray: a running Ray cluster to join (default: a local instance)")
 
 
@@ -87,7 +87,8 @@ def _serve(args) -> int:
             f'serve needs the serve extra ({e.name} is missing): pip install "kontext-rt[serve]"'
         ) from None
     import kontext_rt as krt
-    from kontext_rt.cli import _check_writable, _quiet_libraries, load_kwargs
+    from kontext_rt.cli import load_kwargs
+    from kontext_rt.cli_args import check_writable, quiet_libraries
     from kontext_rt.load_checks import check_device
     from kontext_rt.placement import Placement
 
@@ -109,13 +110,13 @@ def _serve(args) -> int:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"--text-cache-dir {folder}: cannot create it ({e.strerror or e})") from None
-        _check_writable(folder, f"--text-cache-dir {folder}")
+        check_writable(folder, f"--text-cache-dir {folder}")
     if args.ray:
         return _serve_ray(args, settings)
     if args.replicas or args.autoscale_min is not None or args.autoscale_max or args.ray_address:
         raise UsageError("--replicas, --autoscale-min, --autoscale-max and --ray-address need --ray")
     sock = _bind(args.host, args.port)  # a port in use is refused before minutes of loading
-    _quiet_libraries()
+    quiet_libraries()
     load = load_kwargs(args, args.text_cache_dir, args.variant)
     device = load["device"]
     pipe = krt.Pipeline.from_pretrained(**load)
@@ -152,7 +153,8 @@ def _serve_ray(args, settings) -> int:
         if e.name != "ray" and not (e.name or "").startswith("ray."):
             raise
         raise UsageError('--ray needs Ray Serve: pip install "kontext-rt[ray]"') from None
-    from kontext_rt.cli import _quiet_libraries, load_kwargs
+    from kontext_rt.cli import load_kwargs
+    from kontext_rt.cli_args import quiet_libraries
 
     if args.ray_address is None:  # the replicas load from this machine: a bad path is refused before Ray starts
         from kontext_rt.weights.formats import detect
@@ -161,7 +163,7 @@ def _serve_ray(args, settings) -> int:
     sock = _bind(args.host, args.port)  # Ray's proxy binds it; this refuses a port in use, and picks one for 0
     host, port = sock.getsockname()[:2]
     sock.close()
-    _quiet_libraries()
+    quiet_libraries()
     load = load_kwargs(args, args.text_cache_dir, args.variant)
     ray.init(address=args.ray_address, runtime_env={"env_vars": ray_app.proxy_env()}, logging_level=args.log_level)
     stop = threading.Event()
