@@ -76,3 +76,37 @@ def test_encoders_of_another_dtype_never_read_each_others_entries(kontext_dir, t
     other.encode_prompt("a red house")
     assert other.text.loaded and other.text_cache.stats.misses == 1
     assert len(list(cache.glob("*.safetensors"))) == 2
+
+
+def test_tokenizers_called_from_many_threads_with_different_settings(kontext_dir):
+    """A fast tokenizer keeps its truncation and padding settings on one Rust object: calls with different lengths
+    from several threads at once must neither collide ("Already borrowed") nor mix their settings up."""
+    import threading
+    import warnings
+
+    from kontext_rt.text import TextEncoders
+
+    enc = TextEncoders(kontext_dir, "cpu", torch.float32)
+    prompts = [("make the circle red " * k).strip() for k in (1, 3, 9)]
+    lengths = (8, 32, 96)
+    expected = {(p, n): enc.encode(p, n)[0] for p in prompts for n in lengths}
+    errors, start = [], threading.Barrier(6)
+
+    def work(offset: int):
+        try:
+            start.wait()
+            for i in range(40):
+                p, n = prompts[(i + offset) % 3], lengths[(i // 3 + offset) % 3]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    enc.warn_if_truncated(p, n)
+                assert torch.equal(enc.encode(p, n)[0], expected[(p, n)])
+        except Exception as e:  # noqa: BLE001 (reported from the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
