@@ -349,6 +349,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def autoencoder(args, vae, stream: Stream, cfg, curve: list) -> AutoEncoder:
+    """Phase 1: the loaded VAE (vae), trained further for --vae-tune-minutes if asked, or a new one trained for
+    --vae-minutes. A VAE trained here is written to --out as soon as it exists (with an untrained transformer)."""
+    if vae is not None and args.vae_tune_minutes <= 0:
+        return vae
+    minutes = args.vae_minutes if vae is None else args.vae_tune_minutes
+    vae = calibrate(train_vae(minutes, stream, args.vae_lr, curve, vae, args.shape_weight), stream)
+    write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, args.seed, MAX_SEQUENCE_LENGTH)
+    return vae
+
+
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -385,14 +396,7 @@ def main(argv=None) -> int:
     stream = Stream(args.seed)
 
     vae_curve, flux_curve = [], []
-    if vae is None:
-        vae = calibrate(train_vae(args.vae_minutes, stream, args.vae_lr, vae_curve, None, args.shape_weight), stream)
-        # a loadable checkpoint with the trained VAE (and an untrained transformer) as soon as it exists
-        write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, args.seed, MAX_SEQUENCE_LENGTH)
-    elif args.vae_tune_minutes > 0:
-        vae = train_vae(args.vae_tune_minutes, stream, args.vae_lr, vae_curve, vae, args.shape_weight)
-        vae = calibrate(vae, stream)
-        write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, args.seed, MAX_SEQUENCE_LENGTH)
+    vae = autoencoder(args, vae, stream, cfg, vae_curve)
     record["vae_config"] = dataclasses.asdict(vae.cfg)
     record["vae_seconds"] = round(time.perf_counter() - start, 1)
     pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
