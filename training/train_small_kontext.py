@@ -9,10 +9,10 @@ context). The transformer trains on a pool of train-split samples encoded once b
 quarter as many captions), drawn at random with replacement. Both phases decay their learning rate over their time
 budget (cosine, after a warm-up). --shape-weight weighs the reconstruction error on the shapes' pixels up (they are
 a few percent of an image, and their colours are what most edits are about); --edit-weight weighs the flow loss on
-the tokens an edit changes up (one or two of 16). Text goes through the demo's tiny CLIP and T5 encoders (frozen,
-random, as write_diffusers_checkpoint writes them for --seed), so the result loads with Pipeline.from_pretrained
-like any checkpoint; its T5 tokenizer states the MAX_SEQUENCE_LENGTH tokens it was trained with, which the pipeline
-then reads by default.
+the tokens an edit changes up (one or two of 16; all of them in a background edit). Text goes through the demo's
+tiny CLIP and T5 encoders (frozen, random, as write_diffusers_checkpoint writes them for --seed), so the result
+loads with Pipeline.from_pretrained like any checkpoint; its T5 tokenizer states the MAX_SEQUENCE_LENGTH tokens it
+was trained with, which the pipeline then reads by default.
 
     python training/train_small_kontext.py --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
 
@@ -189,13 +189,14 @@ class TextTable:
 @torch.no_grad()
 def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n_gen: int, chunk: int = 64) -> dict:
     """Train-split samples encoded once: edit (context, target, prompt id) and generation (target, prompt id)."""
-    ctx, tgt, eid, gen, gid = [], [], [], [], []
+    ctx, tgt, changed, eid, gen, gid = [], [], [], [], [], []
     t0 = time.perf_counter()
     for start in range(0, n_edit, chunk):
         samples = stream.edit_batch(min(chunk, n_edit - start))
         z = im.pack(vae.encode(to_batch([s.source for s in samples] + [s.target for s in samples])))
         ctx.append(z[: len(samples)])
         tgt.append(z[len(samples) :])
+        changed.append(changed_tokens(samples))
         eid += text.ids([s.instruction for s in samples])
         if start % (chunk * 50) == 0:
             log(f"pool: {start + len(samples)} / {n_edit} edits  {time.perf_counter() - t0:.0f} s")
@@ -208,7 +209,7 @@ def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n
     return {
         "ctx": torch.cat(ctx),
         "tgt": torch.cat(tgt),
-        "changed": changed_tokens(torch.cat(ctx), torch.cat(tgt)),
+        "changed": torch.cat(changed),
         "eid": torch.tensor(eid),
         "gen": torch.cat(gen),
         "gid": torch.tensor(gid),
@@ -228,17 +229,19 @@ def flow_loss(model, z, ctx, txt, pooled, rope) -> torch.Tensor:
     return (v - (noise - z)).pow(2).mean(-1)
 
 
-def changed_tokens(ctx: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: the target tokens an edit changes, those whose mean-square difference from the context's token is
-    over a tenth of the sample's largest."""
-    d = (tgt - ctx).pow(2).mean(-1)
-    return d > 0.1 * d.amax(dim=1, keepdim=True)
+def changed_tokens(samples) -> torch.Tensor:
+    """(B, L) bool: the target tokens an edit changes, from its exact pixel mask (EditSample.mask): a token covers
+    16 x 16 px (8x down, 2x2 patches), one cell of the scene's grid, and counts as changed when over 5% of its pixels
+    are in the mask. A recolour, removal or addition changes one token, a move two, a background edit all 16."""
+    masks = torch.from_numpy(np.stack([s.mask for s in samples]).astype(np.float32))[:, None]
+    return F.avg_pool2d(masks, 16).flatten(1) > 0.05
 
 
 def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weight=0.0):
-    """(model, steps). Edit samples weigh each target token's error by 1 + edit_weight on the tokens the edit
-    changes (changed_tokens), normalised per batch: an edit changes one or two of 16 tokens, and without the weight
-    the loss is mostly about copying the context."""
+    """(model, steps). An edit sample's loss is the mean of its target tokens' errors weighted 1 + edit_weight on the
+    tokens the edit changes (changed_tokens), 1 elsewhere: most edits change one or two of 16 tokens, and without
+    the weight the loss is mostly about copying the context. Each sample's weights are normalised on their own, so
+    a background edit (every token changed) weighs as much as a recolour."""
     model = FluxTransformer(cfg)
     if init is not None:
         model.load_state_dict(init.state_dict())
@@ -259,7 +262,7 @@ def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weig
         loss_g = flow_loss(model, pool["gen"][g], None, pool["txt"][pg], pool["pooled"][pg], gen_rope).mean()
         loss_e = err_e.mean()
         w = 1.0 + edit_weight * pool["changed"][e].float()
-        loss = (n_edit * (w * err_e).sum() / w.sum() + n_gen * loss_g) / batch
+        loss = (n_edit * ((w * err_e).sum(1) / w.sum(1)).mean() + n_gen * loss_g) / batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -364,11 +367,15 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.init_from is not None and args.vae_from is None:
-        args.vae_from = args.init_from  # the transformer continues in the latent space it was trained in
+        args.vae_from = args.init_from  # its latent space (moved by --vae-tune-minutes, which the transformer follows)
     if args.flux_minutes <= 0 or (args.vae_from is None and args.vae_minutes <= 0):
         p.error("--flux-minutes and --vae-minutes must be positive")
     if args.vae_tune_minutes > 0 and args.vae_from is None:
         p.error("--vae-tune-minutes trains a loaded VAE further: give --vae-from or --init-from")
+    if min(args.shape_weight, args.edit_weight, args.vae_tune_minutes) < 0:
+        p.error("--shape-weight, --edit-weight and --vae-tune-minutes must not be negative")
+    if args.shape_weight and args.vae_from is not None and args.vae_tune_minutes <= 0:
+        p.error("--shape-weight weighs a VAE phase, and none runs: the VAE is loaded and --vae-tune-minutes is 0")
     if args.hidden % 32 or args.batch < 4 or args.pool < 1:
         p.error("--hidden must be a multiple of 32, --batch at least 4 and --pool positive")
     if args.out.exists() and any(args.out.iterdir()):
