@@ -191,8 +191,8 @@ def _eval(args) -> int:
         "backend": args.backend,
         **result,
     }
-    if result["n_edit"] and callable(getattr(pipe.vae, "encode", None)):
-        result["autoencoder"] = harness.autoencoder_ceiling(pipe.vae, samples)
+    if result["n_edit"]:
+        result["autoencoder"] = harness.autoencoder_ceiling(pipe.vae, samples, pipe.device)
     for line in summary(result):
         print(line)
     asked = {"split": args.split, "n": args.n, "sample_seed": args.seed + 1, "steps": args.steps, "seed": args.seed}
@@ -229,6 +229,6 @@ def summary(result: dict) -> list[str]:
         kinds = ", ".join(f"{k} {pct(v['success_rate'])}" for k, v in ceiling["per_kind"].items())
         lines.append(
             f"the exact answers through the autoencoder alone: {pct(ceiling['edit_success_rate'])} ({kinds}), "
-            f"kept {db(ceiling['preservation_psnr'])}: the most this checkpoint's transformer can reach"
+            f"kept {db(ceiling['preservation_psnr'])}: what an exact prediction of their latents would score"
         )
     return lines

@@ -127,9 +127,10 @@ def test_eval_writes_the_harness_result(tmp_path, capsys):
     assert code == 0, printed.err
     result = json.loads(out.read_text())
     assert result["n_edit"] == 5 and result["n_generate"] == 1 and result["drift"]["turns"] == 1
-    # the same edits' exact answers through the checkpoint's autoencoder, scored alike (random weights: none pass)
-    assert set(result["autoencoder"]["per_kind"]) == set(result["per_kind"])
-    assert result["autoencoder"]["edit_success_rate"] == 0.0
+    # the same edits' exact answers through the checkpoint's autoencoder, scored alike
+    ceiling = result["autoencoder"]
+    assert {k: v["n"] for k, v in ceiling["per_kind"].items()} == {k: v["n"] for k, v in result["per_kind"].items()}
+    assert 0.0 <= ceiling["edit_success_rate"] <= 1.0 and ceiling["preservation_psnr"] > 0
     assert "autoencoder alone" in printed.out
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

@@ -291,9 +291,11 @@ def test_autoencoder_ceiling_of_a_perfect_and_a_useless_autoencoder():
     # mid-grey everywhere is no palette colour (the nearest, black and white, are over 100 away in every channel)
     grey = harness.autoencoder_ceiling(_RoundTrip(lambda z: z * 0.0), samples)
     assert grey["edit_success_rate"] == 0.0 and grey["preservation_psnr"] < 10
+    captions = list(shapes.dataset("heldout", 2, kinds=(shapes.GEN_KIND,)))
     with pytest.raises(InputError, match="edit samples"):
-        captions = list(shapes.dataset("heldout", 2, kinds=(shapes.GEN_KIND,)))
         harness.autoencoder_ceiling(_RoundTrip(lambda z: z), captions)
+    with pytest.raises(InputError, match="encode and decode"):
+        harness.autoencoder_ceiling(object(), samples)
 
 
 # ---- the harness on the tiny random-weight checkpoint -------------------------------------------------------------

@@ -78,11 +78,11 @@ def test_encoders_of_another_dtype_never_read_each_others_entries(kontext_dir, t
     assert len(list(cache.glob("*.safetensors"))) == 2
 
 
+@pytest.mark.filterwarnings("ignore::kontext_rt.errors.PromptTruncated")
 def test_tokenizers_called_from_many_threads_with_different_settings(kontext_dir):
     """A fast tokenizer keeps its truncation and padding settings on one Rust object: calls with different lengths
     from several threads at once must neither collide ("Already borrowed") nor mix their settings up."""
     import threading
-    import warnings
 
     from kontext_rt.text import TextEncoders
 
@@ -97,9 +97,7 @@ def test_tokenizers_called_from_many_threads_with_different_settings(kontext_dir
             start.wait()
             for i in range(40):
                 p, n = prompts[(i + offset) % 3], lengths[(i // 3 + offset) % 3]
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    enc.warn_if_truncated(p, n)
+                enc.warn_if_truncated(p, n)  # warnings.catch_warnings is not thread-safe: the mark above ignores them
                 assert torch.equal(enc.encode(p, n)[0], expected[(p, n)])
         except Exception as e:  # noqa: BLE001 (reported from the main thread)
             errors.append(e)
@@ -108,5 +106,6 @@ def test_tokenizers_called_from_many_threads_with_different_settings(kontext_dir
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors[:3]

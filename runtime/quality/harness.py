@@ -155,21 +155,21 @@ def evaluate(
     return result
 
 
-def autoencoder_ceiling(vae, samples: Sequence[EditSample | GenSample]) -> dict:
-    """What the autoencoder alone allows: each edit's exact target through vae.decode(vae.encode(.)), scored like an
-    output. A transformer that predicted the target's latent perfectly would score this; a kind the round trip fails
-    cannot be learned through this autoencoder. vae: encode / decode of (B, 3, H, W) images in [-1, 1] (the model's
-    AutoEncoder, Pipeline.vae). Returns edit_success_rate, per_kind {kind: {n, success_rate}} and
+def autoencoder_ceiling(vae, samples: Sequence[EditSample | GenSample], device="cpu") -> dict:
+    """What an exact prediction of each edit's target latent scores: the exact target through
+    vae.decode(vae.encode(.)), scored like an output. A kind the round trip fails is one the transformer would have
+    to beat its own autoencoder at. vae: encode / decode of (B, 3, H, W) images in [-1, 1] on `device` (the model's
+    AutoEncoder, Pipeline.vae with pipe.device). Returns edit_success_rate, per_kind {kind: {n, success_rate}} and
     preservation_psnr / preservation_ssim, as evaluate's."""
     import torch
 
     from kontext_rt import image as im
 
+    if not (callable(getattr(vae, "encode", None)) and callable(getattr(vae, "decode", None))):
+        raise InputError(f"vae must have encode and decode methods, got {type(vae).__name__}")
     edits = [s for s in _check(samples, 1, 0, 0) if isinstance(s, EditSample)]
     if not edits:
         raise InputError("autoencoder_ceiling needs edit samples")
-    params = getattr(vae, "parameters", None)
-    device = next(params()).device if callable(params) else "cpu"
     records = []
     with torch.no_grad():
         for s in edits:
