@@ -237,6 +237,13 @@ def changed_tokens(samples) -> torch.Tensor:
     return F.avg_pool2d(masks, 16).flatten(1) > 0.05
 
 
+def edit_loss(err: torch.Tensor, changed: torch.Tensor, edit_weight: float) -> torch.Tensor:
+    """Mean over the samples of each one's weighted mean of its token errors err (B, L): weight 1 + edit_weight on
+    its changed tokens (B, L bool), 1 elsewhere, normalised per sample."""
+    w = 1.0 + edit_weight * changed.to(err.dtype)
+    return ((w * err).sum(1) / w.sum(1)).mean()
+
+
 def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weight=0.0):
     """(model, steps). An edit sample's loss is the mean of its target tokens' errors weighted 1 + edit_weight on the
     tokens the edit changes (changed_tokens), 1 elsewhere: most edits change one or two of 16 tokens, and without
@@ -261,8 +268,7 @@ def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weig
         err_e = flow_loss(model, pool["tgt"][e], pool["ctx"][e], pool["txt"][pe], pool["pooled"][pe], edit_rope)
         loss_g = flow_loss(model, pool["gen"][g], None, pool["txt"][pg], pool["pooled"][pg], gen_rope).mean()
         loss_e = err_e.mean()
-        w = 1.0 + edit_weight * pool["changed"][e].float()
-        loss = (n_edit * ((w * err_e).sum(1) / w.sum(1)).mean() + n_gen * loss_g) / batch
+        loss = (n_edit * edit_loss(err_e, pool["changed"][e], edit_weight) + n_gen * loss_g) / batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

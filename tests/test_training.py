@@ -1,0 +1,71 @@
+"""training/train_small_kontext.py's loss weights, on constructed cases (the script itself runs for hours: CI does
+not train)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kontext_rt.quality import shapes
+
+
+@pytest.fixture(scope="module")
+def train():
+    path = Path(__file__).resolve().parents[1] / "training" / "train_small_kontext.py"
+    spec = importlib.util.spec_from_file_location("train_small_kontext", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_changed_tokens_are_the_cells_the_edit_touches(train):
+    """A token is one 16 px cell of the 4x4 grid, row-major: the changed ones are the cells named by the edit."""
+    for kind in shapes.EDIT_KINDS:
+        samples = [shapes.edit_sample("train", kind, seed=2, index=i) for i in range(12)]
+        changed = train.changed_tokens(samples).numpy()
+        for s, row in zip(samples, changed, strict=True):
+            if kind == "background":
+                expected = set(range(16))
+            else:
+                cells = [shapes.Shape.from_dict(s.meta["shape"]).cell]
+                if kind == "move":
+                    cells.append(shapes.Shape.from_dict(s.meta["new_shape"]).cell)
+                expected = {r * shapes.GRID + c for r, c in cells}
+            assert set(np.flatnonzero(row)) == expected, s.instruction
+
+
+def test_edit_loss_by_hand(train):
+    err = torch.rand(3, 16, dtype=torch.float64)
+    changed = torch.zeros(3, 16, dtype=torch.bool)
+    changed[0, 5] = True  # a recolour
+    changed[1, [2, 3]] = True  # a move
+    changed[2] = True  # a background edit
+    assert train.edit_loss(err, changed, 0.0).item() == pytest.approx(err.mean().item(), rel=1e-15)
+    e = err.numpy()
+    expected = [
+        (e[0].sum() + 4 * e[0, 5]) / 20,  # weights 1 + 4 on one token of 16: 20 in all
+        (e[1].sum() + 4 * (e[1, 2] + e[1, 3])) / 24,
+        e[2].mean(),  # every token weighted 5: the plain mean
+    ]
+    assert train.edit_loss(err, changed, 4.0).item() == pytest.approx(np.mean(expected), rel=1e-12)
+
+
+def test_shape_weights_weigh_the_grown_shapes(train):
+    samples = [shapes.edit_sample("train", kind, seed=4, index=0) for kind in shapes.EDIT_KINDS]
+    w = train.shape_weights(samples, 10.0).numpy()
+    assert w.shape == (2 * len(samples), 1, 64, 64)
+    scenes = [s.meta["source"] for s in samples] + [s.meta["target"] for s in samples]
+    for plane, scene in zip(w[:, 0], scenes, strict=True):
+        rendered = np.asarray(shapes.Scene.from_dict(scene).render()).astype(int)
+        background = np.array(shapes.PALETTE[shapes.Scene.from_dict(scene).background])
+        drawn = np.any(rendered != background, axis=-1)  # the shapes' pixels, from the picture itself
+        padded = np.pad(drawn, 1)
+        grown = np.zeros_like(drawn)
+        for dy in (0, 1, 2):  # the drawn pixels dilated by a 3x3 square
+            for dx in (0, 1, 2):
+                grown |= padded[dy : dy + 64, dx : dx + 64]
+        np.testing.assert_array_equal(plane, np.where(grown, 11.0, 1.0))
