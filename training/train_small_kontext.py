@@ -369,9 +369,8 @@ def autoencoder(args, vae, stream: Stream, cfg, curve: list) -> AutoEncoder:
     return vae
 
 
-def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
+def check(p: argparse.ArgumentParser, args) -> None:
+    """The arguments, refused (p.error) before any work; --init-from implies --vae-from of the same folder."""
     if args.init_from is not None and args.vae_from is None:
         args.vae_from = args.init_from  # its latent space (moved by --vae-tune-minutes, which the transformer follows)
     if args.flux_minutes <= 0 or (args.vae_from is None and args.vae_minutes <= 0):
@@ -386,6 +385,12 @@ def main(argv=None) -> int:
         p.error("--hidden must be a multiple of 32, --batch at least 4 and --pool positive")
     if args.out.exists() and any(args.out.iterdir()):
         p.error(f"--out {args.out} is not empty")
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    check(p, args)
     cfg = flux_config(args.hidden, args.depth, args.single)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
