@@ -72,20 +72,25 @@ def _check(samples, steps, seed, drift_turns):
     return samples
 
 
+def _edit_record(s: EditSample, out) -> dict:
+    """One edit's score: its kind and prompt, whether out carries it out, and what out keeps of the rest."""
+    kept = metrics.preservation(s, out)
+    return {
+        "kind": s.kind,
+        "prompt": s.instruction,
+        "success": metrics.edit_success(s, out),
+        "psnr": _finite(kept["psnr"]),
+        "ssim": _finite(kept["ssim"]),
+    }
+
+
 def _run(pipe, samples, steps, seed, guidance, drift_turns, embed):
     """Per-sample records and outputs, then drift sessions over the recolour samples."""
     records, outputs, sessions = [], [], []
     for i, s in enumerate(samples):
         if isinstance(s, EditSample):
             out = _edit(pipe, s.source, s.instruction, steps, seed + i, guidance)
-            kept = metrics.preservation(s, out)
-            rec = {
-                "kind": s.kind,
-                "prompt": s.instruction,
-                "success": metrics.edit_success(s, out),
-                "psnr": _finite(kept["psnr"]),
-                "ssim": _finite(kept["ssim"]),
-            }
+            rec = _edit_record(s, out)
             if drift_turns and s.kind == "recolour":
                 sessions.append(_drift_session(pipe, s, drift_turns, steps, seed + i, guidance, embed))
         else:
@@ -175,15 +180,7 @@ def autoencoder_ceiling(vae, samples: Sequence[EditSample | GenSample], device="
         for s in edits:
             width, height = s.target.size
             out = im.to_pil(vae.decode(vae.encode(im.to_tensor(s.target, width, height).to(device))))[0]
-            kept = metrics.preservation(s, out)
-            records.append(
-                {
-                    "kind": s.kind,
-                    "success": metrics.edit_success(s, out),
-                    "psnr": _finite(kept["psnr"]),
-                    "ssim": _finite(kept["ssim"]),
-                }
-            )
+            records.append(_edit_record(s, out))
     agg = _aggregate(records, [], 0)
     return {k: agg[k] for k in ("edit_success_rate", "per_kind", "preservation_psnr", "preservation_ssim")}
 
