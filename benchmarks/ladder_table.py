@@ -87,10 +87,13 @@ def kernels(data: dict) -> list[str]:
     g = data.get("goals_one_context")
     if not isinstance(g, dict) or not g:
         return []
-    return [
+    line = (
         f"Fused attention at 8704 tokens: {g['fused_ms']:.3f} ms, {g['fused_tflops']:.0f} TFLOP/s; best SDPA with "
-        f"separate norm+RoPE ({g['best_sdpa_with_separate_rope']}): {g['best_sdpa_with_separate_rope_ms']:.3f} ms."
-    ]
+        f"separate norm+RoPE ({g['best_sdpa_with_separate_rope']}): {g['best_sdpa_with_separate_rope_ms']:.3f} ms"
+    )
+    if g.get("backend_ms") is not None:
+        line += f"; the triton backend's attention (norm+RoPE kernel, SDPA default): {g['backend_ms']:.3f} ms"
+    return [line + "."]
 
 
 def render(folder: Path) -> str:

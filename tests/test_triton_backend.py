@@ -56,22 +56,24 @@ def test_export_sees_one_op_per_kernel():
     assert targets == [torch.ops.kontext_rt.rope_attention.default]
 
 
+@pytest.mark.parametrize("variant", ["attention_prerotated", "attention_sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_prerotated_variant_matches_reference(dtype):
-    """The two-kernel variant (norm+RoPE pass, then plain flash attention) under the same rule as the fused one."""
+def test_two_kernel_variants_match_reference(dtype, variant):
+    """The norm+RoPE pass, then plain attention (the Triton flash kernel, or torch SDPA as the triton backend
+    runs it), under the same rule as the fused kernel."""
     from kontext_rt.kernels import reference
 
     q, k, v, qs, ks, split, cos, sin = _attention_args(dtype)
-    got = kernel_ops.attention_prerotated(q, k, v, qs, ks, split, cos, sin)
+    got = getattr(kernel_ops, variant)(q, k, v, qs, ks, split, cos, sin)
     as64 = [[t.double() for t in group] for group in ((q, k, v), qs, ks)]
     truth = reference.rope_attention(*as64[0], as64[1], as64[2], split, cos, sin)
-    assert_close(got, truth, reference.rope_attention(q, k, v, qs, ks, split, cos, sin), dtype, "prerotated")
+    assert_close(got, truth, reference.rope_attention(q, k, v, qs, ks, split, cos, sin), dtype, variant)
 
 
 def test_backend_resolves_on_the_interpreter():
     backend = resolve("triton", "cpu")
     ops = backend.ops
-    assert backend.name == "triton" and ops.attention is kernel_ops.attention and ops.head_dims == (32, 64, 128)
+    assert backend.name == "triton" and ops.attention is kernel_ops.attention_sdpa and ops.head_dims == (32, 64, 128)
     assert resolve("auto", "cpu").name == "eager"  # auto stays on the reference path (see backends.AUTO_ORDER)
 
 

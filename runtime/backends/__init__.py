@@ -160,7 +160,7 @@ class Triton(TorchBackend):
         else:
             raise BackendUnavailable(f"backend 'triton' runs on CUDA devices, not {device.type}; use backend='eager'")
         self.ops = Ops(
-            attention=kernels.attention,
+            attention=kernels.attention_sdpa,
             modulate=kernels.modulate,
             gated_residual=kernels.gated_residual,
             row_linear=kernels.row_linear_op,
