@@ -1,10 +1,12 @@
 """The README's GPU tables, as Markdown, from the files one `bash benchmarks/gpu_run.sh` brought back.
 
-    python benchmarks/ladder_table.py benchmarks/results/<device>-<date>/
+    python benchmarks/ladder_table.py benchmarks/results/<device>-<date>/ [--png]
 
 Reads suite.json, suite-compile.json (if present) and kernels.json (if present) from that folder and prints the
 speed ladder (with diffusers in the same run as the baseline), the end-to-end edits, the H100 goals beside what was
 measured, and the fused attention kernel's rate. Every figure is copied from the JSON, never typed by hand.
+--png redraws the folder's suite-ladder.png from both parts' ladders: for a compile part run in its own command,
+whose chart has only its own rung.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def ladder(suite: dict, compiled: dict) -> list[str]:
 
 def edits(suite: dict) -> list[str]:
     e2e = suite.get("end_to_end_s", {})
+    if not e2e:
+        return []
     steps = sorted({int(s) for runs in e2e.values() for s in runs})
     lines = ["| rung | " + " | ".join(f"{s}-step edit, s" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     lines += [
@@ -114,12 +118,29 @@ def render(folder: Path) -> str:
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
 
 
+def redraw(folder: Path) -> Path:
+    """suite-ladder.png from suite.json and suite-compile.json, as gpu_suite draws it."""
+    import suite_parts
+
+    suite, compiled = _load(folder, "suite.json"), _load(folder, "suite-compile.json")
+    rungs = {**suite.get("ladder", {}), **compiled.get("ladder", {})}
+    labels = [r for r in rungs if "kontext" in rungs[r]]
+    base = suite.get("diffusers", {}).get("kontext", {}).get("ms_per_step")
+    path = folder / "suite-ladder.png"
+    suite_parts.write_png(path, labels, [rungs[r]["kontext"]["ms_per_step"] for r in labels], base)
+    return path
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    png = "--png" in argv
+    argv = [a for a in argv if a != "--png"]
     if len(argv) != 1:
-        print("usage: python benchmarks/ladder_table.py RESULTS_FOLDER", file=sys.stderr)
+        print("usage: python benchmarks/ladder_table.py RESULTS_FOLDER [--png]", file=sys.stderr)
         return 2
     print(render(Path(argv[0])), end="")
+    if png:
+        print(f"wrote {redraw(Path(argv[0]))}")
     return 0
 
 

@@ -132,7 +132,13 @@ class Pipeline:
             engine_precision,
             placement,
         )
-        chosen.check(request)
+        try:
+            chosen.check(request)
+        except backends.BackendUnavailable:
+            if backend != "auto" or chosen.name == "eager":
+                raise
+            chosen = backends.Eager(device)  # auto may fall back: e.g. a head dim the kernels lack
+            chosen.check(request)
         # refuses unusable tokenizers before the weights
         text = TextEncoders(checkpoint.text_encoders, device, dtype, placement.text_encoders)
         loaded = chosen.load(request)

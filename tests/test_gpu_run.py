@@ -92,6 +92,8 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
         row = {**suite["ladder"], **compiled["ladder"]}[rung]["kontext"]
         assert f"| {rung} | {row['ms_per_step']:.1f} |" in table
     assert f"| diffusers (baseline, eager bf16) | {suite['diffusers']['kontext']['ms_per_step']:.1f} |" in table
+    (tmp_path / "suite-ladder.png").unlink()  # --png redraws it from both parts' JSON
+    assert _module("ladder_table").redraw(tmp_path).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_a_broken_phase_fails_the_run_and_the_others_are_still_written(tmp_path):
@@ -250,3 +252,15 @@ def test_random_models_are_drawn_in_their_dtype_and_initialised():
         assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
         matrices = [p for p in model.parameters() if p.ndim == 2]
         assert all(p.std() > 0 for p in matrices)
+
+
+def test_the_readme_gpu_tables_are_the_committed_results():
+    """Every table row ladder_table renders from the results folder the README cites is in the README verbatim, so
+    a claim cannot drift from the JSON it came from."""
+    readme = (BENCH.parent / "README.md").read_text()
+    folder = BENCH / "results" / "h200-2026-11-28-8fc0047"
+    assert f"`benchmarks/results/{folder.name}/`" in readme
+    rows = [line for line in _module("ladder_table").render(folder).splitlines() if line.startswith("| ")]
+    assert len(rows) >= 15
+    missing = [row for row in rows if row not in readme]
+    assert not missing, missing

@@ -74,7 +74,31 @@ def test_backend_resolves_on_the_interpreter():
     backend = resolve("triton", "cpu")
     ops = backend.ops
     assert backend.name == "triton" and ops.attention is kernel_ops.attention_sdpa and ops.head_dims == (32, 64, 128)
-    assert resolve("auto", "cpu").name == "eager"  # auto stays on the reference path (see backends.AUTO_ORDER)
+    assert resolve("auto", "cpu").name == "eager"  # on a CPU auto stays on the reference path, interpreter or not
+
+
+def test_auto_takes_triton_on_cuda_and_falls_back_to_eager(monkeypatch):
+    from kontext_rt import backends
+
+    # this machine: triton cannot run on "cuda" (interpreted kernels, or no GPU), so auto falls back to eager
+    assert resolve("auto", "cuda").name == "eager"
+
+    class Runs(backends.Triton):  # a triton backend that can run on "cuda" here
+        def __init__(self, device):
+            backends.Backend.__init__(self, device)
+
+    monkeypatch.setitem(backends.REGISTRY, "triton", Runs)
+    assert resolve("auto", "cuda").name == "triton"
+    assert resolve("auto", "cpu").name == "eager"
+
+
+def test_auto_falls_back_to_eager_on_a_head_dim_the_kernels_lack(kontext_dir, monkeypatch):
+    from kontext_rt import backends
+
+    monkeypatch.setattr(kernel_ops, "HEAD_DIMS", (64, 128))
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "eager"))
+    assert resolve("auto", "cpu").name == "triton"
+    assert Pipeline.from_pretrained(kontext_dir, backend="auto").backend == "eager"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
