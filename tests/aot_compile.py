@@ -7,6 +7,7 @@ with Python functions that cannot be compiled); tests/test_kernel_compile.py doe
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -43,12 +44,30 @@ def fp32_divisions(ptx: str) -> dict:
     return {kind: len(re.findall(rf"\bdiv\.{kind}(\.ftz)?\.f32\b", ptx)) for kind in ("rn", "full", "approx")}
 
 
-def compile_kernel(kernel, types: dict, constexprs: dict, warps: int, stages: int, arch: int) -> dict:
-    """types: triton type strings for pointer and float arguments; other runtime arguments are i32."""
+def global_accesses(ptx: str) -> dict:
+    """The PTX's global loads and stores by form, e.g. {"ld.global.v4.b32": 16, "st.global.b16": 64}: a `.v4.b32`
+    moves 16 bytes per instruction, a `.b16` two."""
+    return dict(collections.Counter(re.findall(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", ptx)))
+
+
+# Arguments the JIT would specialize as divisible by 16 at FLUX's shapes (pointers from torch's allocator, strides
+# of head_dim-128 rows): compiled so, a kernel's loads can vectorize as they will on the device.
+ALIGNED = {
+    "qk_norm_rope D=128": (
+        *("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qs0_ptr", "qs1_ptr", "ks0_ptr", "ks1_ptr", "cos_ptr"),
+        *("sin_ptr", "stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "stride_kl"),
+    ),
+}
+
+
+def compile_kernel(kernel, types: dict, constexprs: dict, warps: int, stages: int, arch: int, aligned=()) -> dict:
+    """types: triton type strings for pointer and float arguments; other runtime arguments are i32. aligned: the
+    arguments to compile as divisible by 16."""
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in aligned}
     target = GPUTarget("cuda", arch, 32)
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=target,
         options={"num_warps": warps, "num_stages": stages},
     )
@@ -59,6 +78,7 @@ def compile_kernel(kernel, types: dict, constexprs: dict, warps: int, stages: in
         "stages": stages,
         "wgmma": "wgmma" in ptx,
         "fp32_div": fp32_divisions(ptx),
+        "global_accesses": global_accesses(ptx),
     }
 
 
@@ -132,7 +152,8 @@ def jobs():
 
 def main() -> int:
     results = {
-        name: compile_kernel(kernel, types, const, w, s, arch) for name, kernel, types, const, w, s, arch in jobs()
+        name: compile_kernel(kernel, types, const, w, s, arch, ALIGNED.get(name, ()))
+        for name, kernel, types, const, w, s, arch in jobs()
     }
     json.dump(results, sys.stdout, indent=1)
     return 0
