@@ -162,6 +162,38 @@ def modulation_section(shape, device, reps, copy_gbs):
     return section
 
 
+def fp8_quant_section(shape, device, reps, copy_gbs):
+    """The FP8 activation quantizer on a block's linear inputs (width C and the MLP's 4C), against torch's: the
+    values and scales must be equal bit for bit; bytes are one read of x and one write of q."""
+    import torch
+
+    from kontext_rt.kernels import fp8_quant
+    from kontext_rt.model import fp8_linear
+
+    length = shape["lengths"]["one-context"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    section = {}
+    for k in (shape["width"], 4 * shape["width"]):
+        x = torch.randn(length, k, device=device, dtype=torch.bfloat16, generator=gen)
+        (q, sq), (r, sr) = fp8_quant.quantize_rows(x), fp8_linear.quantize_rows(x)
+        equal = bool(torch.equal(q.view(torch.uint8), r.view(torch.uint8)) and torch.equal(sq, sr))
+        nbytes = x.numel() * (x.element_size() + 1)
+        section[f"K={k}"] = {
+            "shape": list(x.shape),
+            "bytes": nbytes,
+            "checks": {"ok": equal, "bit_for_bit": equal},
+            "timings": {
+                "triton": _timed(
+                    lambda a=x: fp8_quant.quantize_rows(a), device, reps, nbytes=nbytes, copy_gbs=copy_gbs
+                ),
+                "eager": _timed(
+                    lambda a=x: fp8_linear.quantize_rows(a), device, reps, nbytes=nbytes, copy_gbs=copy_gbs
+                ),
+            },
+        }
+    return section
+
+
 def goals(attention):
     """The issue's bar at L=8704: the fused kernel no slower than SDPA + separate RoPE, and above 400 TFLOP/s."""
     case = attention.get("one-context")
@@ -225,10 +257,13 @@ def run(smoke: bool, reps: int, write) -> dict:
     result["qk_norm_rope"] = norm_rope_section(shape, device, reps, copy_gbs)
     write(result)
     result["modulation"] = modulation_section(shape, device, reps, copy_gbs)
+    write(result)
+    result["fp8_quant"] = fp8_quant_section(shape, device, reps, copy_gbs)
     result["goals_one_context"] = goals(result["attention"]) if device == "cuda" else "not evaluated: interpreter"
     checks = [c for s in result["attention"].values() for c in s["checks"].values()]
     checks += [c for s in result["qk_norm_rope"].values() for c in s["checks"].values()]
     checks += [s["checks"] for s in result["modulation"].values()]
+    checks += [s["checks"] for s in result["fp8_quant"].values()]
     result["all_checks_ok"] = all(c["ok"] for c in checks)
     write(result)
     return result

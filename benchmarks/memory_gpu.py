@@ -93,8 +93,8 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
     import torch
 
     from kontext_rt import memory
+    from kontext_rt.backends import resolve
     from kontext_rt.model import fp8_linear
-    from kontext_rt.model.op_table import EAGER_OPS
     from kontext_rt.placement import PRESETS, Placement, place_transformer
     from kontext_rt.sampling.denoisers import Hoisted
     from kontext_rt.sampling.loop import denoise
@@ -113,17 +113,16 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
     t0 = time.perf_counter()
     model = fresh_model(cfg, host_model)
     fp8 = precision == "fp8"
+    ops = resolve("auto", device).ops  # what a pipeline runs here: the triton kernels on a GPU, eager on a CPU
     if fp8:  # as the backends do: one linear at a time on the device, offloaded blocks parked back in host memory
         park = torch.device("cpu") if placement.offloads_blocks else None
-        fp8_linear.convert(
-            model, fp8_linear.quantize_rows, None, fp8_linear.matmul_for(device), device=device, park=park
-        )
+        fp8_linear.convert(model, ops.quantize_rows, None, fp8_linear.matmul_for(device), device=device, park=park)
     residency = place_transformer(model, placement, device)
     load_s = time.perf_counter() - t0
     loaded = (torch.cuda.memory_allocated(device) - base) if cuda else None
     load_peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
     base_reserved = torch.cuda.memory_reserved(device) if cuda else 0
-    denoiser = Hoisted(model, EAGER_OPS, torch.bfloat16)
+    denoiser = Hoisted(model, ops, torch.bfloat16)
     if residency is not None:
         denoiser = residency.denoiser(denoiser)
     x, cond = inputs(cfg, device, size, text_tokens)
@@ -183,6 +182,7 @@ def main(argv=None) -> int:
         ap.error("--smoke measures nothing: write it outside benchmarks/results")
     import torch
 
+    from kontext_rt.backends import resolve
     from kontext_rt.config import PRESETS, VAE_PRESETS
 
     if not args.smoke and not torch.cuda.is_available():
@@ -193,7 +193,9 @@ def main(argv=None) -> int:
     size, text_tokens = (64, 8) if args.smoke else (1024, 512)
     steps = args.steps or (2 if args.smoke else 4)
     data = {
-        "what": "denoising loop only (random full-size weights, eager ops, hoisted), peak above the pre-model baseline",
+        "what": "denoising loop only (random full-size weights, the auto backend's ops, hoisted), peak above the "
+        "pre-model baseline",
+        "backend": resolve("auto", device).name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke: measures nothing)",
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
