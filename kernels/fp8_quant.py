@@ -33,7 +33,8 @@ def _round_e4m3(v):
     bits = v.to(tl.int32, bitcast=True)
     exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3: 3 mantissa bits, subnormal below 2**-6
     step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2**(exp-3), exact
-    r = ((tl.div_rn(v, step) + ROUND_MAGIC) - ROUND_MAGIC) * step  # step is a power of two: exact
+    inv_step = ((127 - (exp - 3)) << 23).to(tl.float32, bitcast=True)  # 2**(3-exp): v * inv_step == v / step
+    r = ((v * inv_step + ROUND_MAGIC) - ROUND_MAGIC) * step  # powers of two, in range: every product exact
     return tl.where(r == 0.0, v * 0.0, r)  # keep the sign of values that round to zero, as torch's cast does
 
 

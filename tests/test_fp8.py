@@ -58,6 +58,23 @@ def test_triton_quantizer_is_torch_bit_for_bit(dtype, k):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+def test_triton_quantizer_rounds_every_e4m3_tie_and_its_neighbours_as_torch_does():
+    """Each row's amax is 448, so its scale is 1 and the quantizer rounds x itself: every e4m3 value, every
+    midpoint between neighbours (ties, subnormals included), and the float32 values one ulp either side, of both
+    signs, against torch's own cast."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    values = torch.cat([grid, mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(1e9))])
+    values = torch.cat([values, -values])
+    x = torch.cat([torch.full((1,), 448.0), values])
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 64)).view(-1, 64)
+    x[:, 0] = 448.0
+    q, scale = fp8_quant.quantize_rows(x)
+    assert (scale == 1).all()
+    assert torch.equal(q.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
 def test_triton_quantizer_reads_strided_rows():
     x = rows_for_test(torch.float32, 64)
     wide = torch.zeros(9, 100)
