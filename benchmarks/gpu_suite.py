@@ -16,7 +16,8 @@ and diffusers' FluxTransformer2DModel (eager bf16, same sizes, built once for bo
 
 Per rung and layout: per-step latency (CUDA events, median of --repeats loops of --steps-timed steps after a
 short warm-up loop), host time per step (the CPU time to issue a loop), MFU = step FLOPs / time / the measured
-bf16 (FP8 for the FP8 rungs) matmul rate, peak GPU memory. Then end-to-end edits at 4, 8 and 28 steps with VAE
+bf16 (FP8 for the FP8 rungs) matmul rate, peak GPU memory. A profile of the bf16 and FP8 steps (hoisted, not
+graphed) names the ops that take the time ("profile"). Then end-to-end edits at 4, 8 and 28 steps with VAE
 encode and decode (text embeddings as a cache hit) on the eager rung, the best bf16 rung and the fp8 rung; the
 on-device exactness checks (hoisted == per-step, graphs == no graphs, the FP8 quantizer == torch); the FP8 drift
 against bf16. Every phase is written to <out>/suite.json (or suite-compile.json) and the chart to
@@ -65,11 +66,13 @@ PHASES = {  # in order; core() and compile_part() run them
         "graphs",
         "checks",
         "edits-bf16",
+        "profile-bf16",
         "fp8-convert",
         "fp8-drift",
         "fp8-quantizer",
         "fp8",
         "edits-fp8",
+        "profile-fp8",
     ),
     "compile": ("setup", "triton-backend", "model", "fp8-convert", "compile-blocks", "compile"),
 }
@@ -239,6 +242,13 @@ class Suite:
     def edits_estimate_s(self, rungs=1):
         return 1.5 * rungs * (1 + sum(self.steps["edits"])) * self.step_s
 
+    def profile(self, rung):
+        """The rung's ops by device time, from its hoisted (not graphed: a replay hides its kernels) loop."""
+        run = parts.loop_fn(self.model, self.ops["triton"], self.dtype, self.denoiser("hoisted"))
+        found = parts.profile_steps(run, *self.data["kontext"], self.device)
+        self.result.setdefault("profile", {})[rung] = found
+        self.record.write()
+
     def best_bf16(self):
         ok = [r for r in ("graphs", "hoisted") if self.result["phases"].get(r, {}).get("status") == "ok"]
         return ok[:1]
@@ -320,6 +330,12 @@ def core(s: Suite) -> None:
         estimate_s=s.edits_estimate_s(2),
     )
     r.run(
+        "profile-bf16",
+        lambda: s.profile("hoisted"),
+        needs=["model", "triton-backend"],
+        estimate_s=8 * s.step_s,
+    )
+    r.run(
         "fp8-convert",
         lambda: s.fp8_convert(keep_reference=True),
         needs=["model", "triton-backend"],
@@ -329,6 +345,7 @@ def core(s: Suite) -> None:
     r.run("fp8-quantizer", s.quantizer, needs=["triton-backend"])
     r.run("fp8", lambda: s.rung("fp8"), needs=["fp8-convert"], estimate_s=s.rung_estimate_s())
     r.run("edits-fp8", lambda: s.edits(["fp8"]), needs=["fp8"], estimate_s=s.edits_estimate_s())
+    r.run("profile-fp8", lambda: s.profile("fp8"), needs=["fp8-convert"], estimate_s=8 * s.step_s)
 
 
 def compile_part(s: Suite) -> None:

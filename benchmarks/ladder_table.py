@@ -87,6 +87,25 @@ def goals_table(suite: dict, compiled: dict) -> list[str]:
     return lines
 
 
+def profile(suite: dict, top: int = 10) -> list[str]:
+    """The ops that take a step's time, per profiled rung (gpu_suite's profile phases)."""
+    lines = []
+    for rung, found in suite.get("profile", {}).items():
+        lines += [
+            f"Where a {rung} Kontext step goes ({found['clock']} time, {found['total_ms_per_step']:.1f} ms per "
+            "step in all, profiled):",
+            "",
+            "| op | calls per step | ms per step | share |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| `{o['name'][:70]}` | {o['calls_per_step']:g} | {o['ms_per_step']:.2f} | {o['share']:.1%} |"
+            for o in found["ops"][:top]
+        ]
+        lines.append("")
+    return lines[:-1]
+
+
 def kernels(data: dict) -> list[str]:
     g = data.get("goals_one_context")
     if not isinstance(g, dict) or not g:
@@ -113,6 +132,7 @@ def render(folder: Path) -> str:
         ladder(suite, compiled),
         edits(suite),
         goals_table(suite, compiled),
+        profile(suite),
         kernels(_load(folder, "kernels.json")),
     ]
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"

@@ -158,6 +158,50 @@ def time_loop(run, x, cond, device, steps, repeats, warmup_steps=2):
     return statistics.median(per_step), statistics.median(host)
 
 
+@torch.inference_mode()
+def profile_steps(run, x, cond, device, steps=2, top=25) -> dict:
+    """Where a step's time goes: torch.profiler over a `steps`-step loop (its hoisted table included; after a
+    warm-up loop), per step. "ops": the torch ops (custom kontext_rt ops included) by the time of the kernels each
+    launched itself, on the device (on a CPU rehearsal: CPU time, which says nothing about a GPU); on a GPU also
+    "kernels": the kernels by name. Each list's shares are of its own total."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from kontext_rt.sampling.schedule import schedule
+
+    cuda = torch.device(device).type == "cuda"
+    run(x, schedule(2, x.shape[1]), cond)
+    sync(device)
+    sigmas = schedule(steps, x.shape[1])
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        run(x, sigmas, cond)
+        sync(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+
+    def table(kind):
+        events = [e for e in averages if e.device_type == kind and getattr(e, attr) > 0]
+        total = sum(getattr(e, attr) for e in events)
+        events.sort(key=lambda e: getattr(e, attr), reverse=True)
+        rows = [
+            {
+                "name": e.key[:160],
+                "calls_per_step": e.count / steps,
+                "ms_per_step": getattr(e, attr) / 1e3 / steps,
+                "share": getattr(e, attr) / total,
+            }
+            for e in events[:top]
+        ]
+        return total / 1e3 / steps, rows
+
+    total, ops = table(DeviceType.CPU)
+    found = {"clock": "device" if cuda else "cpu (a rehearsal: not GPU figures)", "steps": steps}
+    found |= {"total_ms_per_step": total, "ops": ops}
+    if cuda:
+        found["kernels_total_ms_per_step"], found["kernels"] = table(DeviceType.CUDA)
+    return found
+
+
 def matmul_tflops(device, fp8: bool, n=8192, reps=20) -> float:
     """The dense matmul rate this device reaches in bf16 (or FP8 e4m3 through _scaled_mm): the MFU denominator."""
     from kernel_cases import time_ms

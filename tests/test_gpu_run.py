@@ -74,6 +74,11 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert suite["checks"]["finite"] and suite["checks"]["fp8_quantizer_kernel"]["values_equal"]
     assert 0 < suite["fp8_drift"]["final_latent_rel_error"] < 0.1
     assert set(suite["end_to_end_s"]) == {"eager", "graphs", "fp8"}
+    for rung in ("hoisted", "fp8"):  # the profiles name the step's own ops, which add up to the step
+        found = suite["profile"][rung]
+        names = {o["name"] for o in found["ops"]}
+        assert "kontext_rt::qk_norm_rope" in names and 0.99 < sum(o["share"] for o in found["ops"]) <= 1.0001
+    assert "kontext_rt::quantize_rows" in {o["name"] for o in suite["profile"]["fp8"]["ops"]}
     compiled = _load(tmp_path / "suite-compile.json")
     assert list(compiled["phases"]) == list(phases["compile"])
     assert set(compiled["ladder"]) == {"compile"} and compiled["compile_backend"] == "inductor"
