@@ -388,7 +388,8 @@ def weights_sha256(folder: Path) -> str:
 
 def report(cfg: Config, log=lambda line: None) -> dict:
     t0 = time.perf_counter()
-    checkpoint = {"path": str(cfg.checkpoint.resolve()), "weights_sha256": weights_sha256(cfg.checkpoint)}
+    # the path as given (a committed record must not carry this machine's folders); the digest names the weights
+    checkpoint = {"path": str(cfg.checkpoint), "weights_sha256": weights_sha256(cfg.checkpoint)}
     body = measure(cfg, log)
     return {
         "format": FORMAT,
