@@ -1,9 +1,11 @@
-"""Triton device functions shared by the QK-norm + RoPE kernel and the attention kernel.
+"""Triton device functions of the attention kernel (rope_attention.py); qk_norm_rope.py uses load_angles.
 
-RoPE rotates interleaved pairs (x[2j], x[2j+1]), so q and k tiles are loaded as their even and odd columns,
-(BLOCK, D/2) each: the rotation is then elementwise, and attention scores are q_even . k_even + q_odd . k_odd,
-two dots over D/2 without re-interleaving. (Loading the full tile and splitting it in registers instead cost
-hundreds of bytes of register spills per thread on sm_90 in every configuration tried.)
+RoPE rotates interleaved pairs (x[2j], x[2j+1]), so the attention kernel loads q and k tiles as their even and odd
+columns, (BLOCK, D/2) each: the rotation is then elementwise, and attention scores are q_even . k_even + q_odd .
+k_odd, two dots over D/2 without re-interleaving. (Loading the full tile and splitting it in registers instead cost
+hundreds of bytes of register spills per thread on sm_90 in every attention configuration tried. The norm+RoPE
+kernel, with no attention tiles to hold, loads whole rows and splits them: stride-2 loads there made every access
+2 bytes.)
 """
 
 import triton

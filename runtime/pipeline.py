@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import warnings
 from pathlib import Path
 
 import torch
@@ -132,13 +133,13 @@ class Pipeline:
             engine_precision,
             placement,
         )
-        try:
-            chosen.check(request)
-        except backends.BackendUnavailable:
-            if backend != "auto" or chosen.name == "eager":
-                raise
-            chosen = backends.Eager(device)  # auto may fall back: e.g. a head dim the kernels lack
-            chosen.check(request)
+        chosen = backends.checked(chosen, request, auto=backend == "auto")
+        if chosen.passed_over and device.type == "cuda":
+            warnings.warn(
+                f"backend 'auto' runs {chosen.name!r} on this GPU, not a faster one: {'; '.join(chosen.passed_over)}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         # refuses unusable tokenizers before the weights
         text = TextEncoders(checkpoint.text_encoders, device, dtype, placement.text_encoders)
         loaded = chosen.load(request)

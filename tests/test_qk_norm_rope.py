@@ -27,6 +27,26 @@ def test_matches_reference(dtype, head_dim, layout, seed):
         assert_close(o, t, s, dtype, f"{name} {dtype} D={head_dim} {layout}")
 
 
+@pytest.mark.parametrize("split", [0, 1, 127, 128, 129, 200, 300, 1000])
+def test_several_row_blocks_with_a_split_anywhere(split, seed):
+    """L = 300 spans three of the interpreter's 128-row blocks (ten GPU blocks) with a masked tail; `split` lands
+    before, on, just either side of and past a block boundary."""
+    from kontext_rt.kernels.qk_norm_rope import BLOCK_L_INTERPRET
+
+    gen = torch.Generator().manual_seed(split)
+    text, grids = 12, [(12, 12), (12, 12)]
+    cos, sin = rope_tables(text, grids, 128)
+    L = cos.shape[0]
+    assert L == 300 and L > 2 * BLOCK_L_INTERPRET and L % BLOCK_L_INTERPRET
+    q, k, _ = qkv(1, 2, L, 128, torch.bfloat16, gen)
+    qs, ks = norm_scales(128, torch.bfloat16, gen), norm_scales(128, torch.bfloat16, gen)
+    got = qk_norm_rope(q, k, qs, ks, split, cos, sin)
+    truth = reference.qk_norm_rope(q.double(), k.double(), double(qs), double(ks), split, cos, sin)
+    same_dtype = reference.qk_norm_rope(q, k, qs, ks, split, cos, sin)
+    for name, o, t, s in zip("qk", got, truth, same_dtype, strict=True):
+        assert_close(o, t, s, torch.bfloat16, f"{name} split={split}")
+
+
 def test_split_selects_the_scales(seed):
     """Tokens before `split` take the first scale, the rest the second: swapping the pair changes exactly those."""
     gen = torch.Generator().manual_seed(1)

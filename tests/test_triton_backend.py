@@ -87,18 +87,46 @@ def test_auto_takes_triton_on_cuda_and_falls_back_to_eager(monkeypatch):
         def __init__(self, device):
             backends.Backend.__init__(self, device)
 
-    monkeypatch.setitem(backends.REGISTRY, "triton", Runs)
+    monkeypatch.setitem(backends.REGISTRY, "triton", Runs)  # the registry maps names to classes
     assert resolve("auto", "cuda").name == "triton"
     assert resolve("auto", "cpu").name == "eager"
 
 
-def test_auto_falls_back_to_eager_on_a_head_dim_the_kernels_lack(kontext_dir, monkeypatch):
+def test_auto_falls_back_to_eager_on_a_head_dim_the_kernels_lack_and_says_why(kontext_dir, monkeypatch):
+    from types import MappingProxyType
+
     from kontext_rt import backends
 
     monkeypatch.setattr(kernel_ops, "HEAD_DIMS", (64, 128))
-    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "eager"))
+    monkeypatch.setattr(backends, "AUTO_ORDER", MappingProxyType({"cpu": ("triton", "eager")}))
     assert resolve("auto", "cpu").name == "triton"
     assert Pipeline.from_pretrained(kontext_dir, backend="auto").backend == "eager"
+    with pytest.raises(BackendUnavailable, match="head dims"):  # asked for by name: refused, never swapped
+        Pipeline.from_pretrained(kontext_dir, backend="triton")
+
+    seen = []
+    real = backends.checked
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(backends, "checked", spy)
+    Pipeline.from_pretrained(kontext_dir, backend="auto")
+    assert seen[-1].name == "eager" and "supports head dims (64, 128), this model has 32" in seen[-1].passed_over[0]
+
+
+def test_triton_that_cannot_build_a_kernel_is_refused_with_the_reason(monkeypatch):
+    from kontext_rt import backends
+
+    backends.launches(kernel_ops, torch.device("cpu"))  # the interpreter runs it
+
+    def no_compiler(*args):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(kernel_ops, "gated_residual", no_compiler)
+    with pytest.raises(BackendUnavailable, match="could not compile and run a kernel here.*C compiler"):
+        backends.launches(kernel_ops, torch.device("cpu"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
@@ -168,3 +196,22 @@ def test_pipeline_with_the_triton_backend(kontext_dir):
         outs.append(pipe.edit(image, "a red car", steps=3, latents=latents, output="latent", auto_resize=False))
     rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("placement", ["lean", "offload"])
+def test_triton_with_a_placement_gives_the_resident_result(kontext_dir, placement):
+    """The triton op table over streamed and staged weights (what `auto` runs on a GPU with --placement): an edit
+    and a generation bit for bit the resident triton pipeline's."""
+    from PIL import Image
+
+    image = Image.fromarray((torch.arange(32 * 32 * 3) % 251).to(torch.uint8).reshape(32, 32, 3).numpy())
+
+    def run(pipe):
+        edit = pipe.edit(image, "red", steps=2, seed=3, auto_resize=False, output="latent")
+        return edit, pipe.generate("a fox", width=32, height=32, steps=2, seed=3, output="latent")
+
+    kw = dict(backend="triton", max_sequence_length=8)  # the interpreter pays per token row: few text tokens
+    resident = run(Pipeline.from_pretrained(kontext_dir, **kw))
+    got = run(Pipeline.from_pretrained(kontext_dir, placement=placement, **kw))
+    for a, b in zip(got, resident, strict=True):
+        assert torch.equal(a, b)

@@ -1,7 +1,7 @@
 """Backends: each builds what it runs (a Denoiser and a VAE) and owns its checks; only `auto` falls back.
 
     backend = resolve(name, device)   # refuses, with the reason, a backend that cannot run here
-    backend.check(request)            # before any weights are read
+    backend = checked(backend, request, auto=name == "auto")   # before any weights are read
     loaded = backend.load(request)    # Loaded(denoiser, vae, transformer, loras)
 
 The eager and triton backends run the runtime's own model with their op table (the reference ops, or the Triton
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -56,6 +57,7 @@ class Loaded:
 
 class Backend:
     name: str
+    passed_over: tuple[str, ...] = ()  # auto: why each backend before this one could not run (resolve, checked)
     engines = False  # True: runs prebuilt engines (needs engines=DIR, takes no runtime speed options or LoRAs)
 
     def __init__(self, device: torch.device):
@@ -150,6 +152,7 @@ class Triton(TorchBackend):
                     f"backend 'triton' needs compute capability 8.0 or newer (bf16), {name} "
                     f"has {torch.cuda.get_device_capability(device)}; use backend='eager'"
                 )
+            launches(kernels, device)
         elif device.type == "cpu":
             if not kernels.interpreted():
                 raise BackendUnavailable(
@@ -167,6 +170,21 @@ class Triton(TorchBackend):
             quantize_rows=kernels.quantize_rows,
             head_dims=kernels.HEAD_DIMS,
         )
+
+
+def launches(kernels, device: torch.device) -> None:
+    """Compile and run one small kernel, so that a machine where Triton cannot build its launcher (no C compiler,
+    no writable cache folder) is refused here, before any weights are read, not at the first denoising step."""
+    try:
+        x = torch.zeros(1, 1, 16, device=device)
+        kernels.gated_residual(x, x, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as err:  # whatever Triton's toolchain raises: the reason is the message
+        raise BackendUnavailable(
+            f"backend 'triton' could not compile and run a kernel here ({type(err).__name__}: {err}); "
+            "use backend='eager'"
+        ) from err
 
 
 class TensorRT(Backend):
@@ -224,8 +242,12 @@ REGISTRY: dict[str, type[Backend]] = {"eager": Eager, "triton": Triton, "tensorr
 # What auto tries, by device type. On CUDA the triton backend first: on an H200 its step took 336 ms against
 # eager's 411 and diffusers' 369 (benchmarks/results/h200-2026-11-28-8fc0047). Elsewhere the reference path: on a
 # CPU the kernels run only in the Triton interpreter, which is for tests.
-AUTO_ORDER = {"cuda": ("triton", "eager")}
+AUTO_ORDER = MappingProxyType({"cuda": ("triton", "eager")})
 AUTO_DEFAULT = ("eager",)
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    return AUTO_ORDER.get(device.type, AUTO_DEFAULT)
 
 
 def resolve(name: str, device, engines=None) -> Backend:
@@ -236,15 +258,41 @@ def resolve(name: str, device, engines=None) -> Backend:
         return TensorRT(device)
     if name == "auto":
         reasons = []
-        for candidate in AUTO_ORDER.get(device.type, AUTO_DEFAULT):
+        for candidate in _auto_order(device):
             try:
-                return REGISTRY[candidate](device)
+                backend = REGISTRY[candidate](device)
             except BackendUnavailable as e:
                 reasons.append(str(e))
+                continue
+            backend.passed_over = tuple(reasons)
+            return backend
         raise BackendUnavailable(f"backend 'auto' found none that runs on {device}: {'; '.join(reasons)}")
     if name not in REGISTRY:
         raise InputError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}")
     return REGISTRY[name](device)
+
+
+def checked(backend: Backend, request: LoadRequest, auto: bool) -> Backend:
+    """backend.check(request). For `auto`, a refusal (e.g. a head dim the kernels lack) moves on to the next backend
+    of the order that can run here and accepts the request; each reason is kept in `passed_over`."""
+    try:
+        backend.check(request)
+        return backend
+    except BackendUnavailable as err:
+        if not auto:
+            raise
+        reasons = [*backend.passed_over, str(err)]
+    order = _auto_order(backend.device)
+    for candidate in order[order.index(backend.name) + 1 :] if backend.name in order else ():
+        try:
+            other = REGISTRY[candidate](backend.device)
+            other.check(request)
+        except BackendUnavailable as e:
+            reasons.append(str(e))
+            continue
+        other.passed_over = tuple(reasons)
+        return other
+    raise BackendUnavailable(f"backend 'auto' found none that runs this model here: {'; '.join(reasons)}")
 
 
 def _lora_path(item) -> Path:
