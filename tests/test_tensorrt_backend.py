@@ -82,7 +82,7 @@ def test_the_pipeline_refuses_engines_with_another_backend(kontext_dir):
     from kontext_rt import Pipeline
 
     with pytest.raises(ValueError, match="engines= is only used by backend='tensorrt'"):
-        Pipeline.from_pretrained(kontext_dir, engines="x")
+        Pipeline.from_pretrained(kontext_dir, backend="eager", engines="x")
 
 
 def _ranges(spec):

@@ -92,6 +92,17 @@ def test_auto_takes_triton_on_cuda_and_falls_back_to_eager(monkeypatch):
     assert resolve("auto", "cpu").name == "eager"
 
 
+def test_from_pretrained_defaults_to_auto(kontext_dir, monkeypatch):
+    """auto is the default: on this CPU it is eager, and where auto's order puts triton first, the default does too."""
+    from types import MappingProxyType
+
+    from kontext_rt import backends
+
+    assert Pipeline.from_pretrained(kontext_dir).backend == "eager"
+    monkeypatch.setattr(backends, "AUTO_ORDER", MappingProxyType({"cpu": ("triton", "eager")}))
+    assert Pipeline.from_pretrained(kontext_dir).backend == "triton"
+
+
 def test_auto_falls_back_to_eager_on_a_head_dim_the_kernels_lack_and_says_why(kontext_dir, monkeypatch):
     from types import MappingProxyType
 
