@@ -257,16 +257,7 @@ def resolve(name: str, device, engines=None) -> Backend:
     if name == "auto" and engines is not None:
         return TensorRT(device)
     if name == "auto":
-        reasons = []
-        for candidate in _auto_order(device):
-            try:
-                backend = REGISTRY[candidate](device)
-            except BackendUnavailable as e:
-                reasons.append(str(e))
-                continue
-            backend.passed_over = tuple(reasons)
-            return backend
-        raise BackendUnavailable(f"backend 'auto' found none that runs on {device}: {'; '.join(reasons)}")
+        return _first_of(_auto_order(device), device, [], None, f"runs on {device}")
     if name not in REGISTRY:
         raise InputError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}")
     return REGISTRY[name](device)
@@ -283,16 +274,24 @@ def checked(backend: Backend, request: LoadRequest, auto: bool) -> Backend:
             raise
         reasons = [*backend.passed_over, str(err)]
     order = _auto_order(backend.device)
-    for candidate in order[order.index(backend.name) + 1 :] if backend.name in order else ():
+    rest = order[order.index(backend.name) + 1 :] if backend.name in order else ()
+    return _first_of(rest, backend.device, reasons, request, "runs this model here")
+
+
+def _first_of(candidates, device, reasons: list[str], request: LoadRequest | None, what: str) -> Backend:
+    """The first candidate that can run on `device` (and accepts `request`, if given), with the reasons for every
+    one passed over, these included, in its `passed_over`."""
+    for candidate in candidates:
         try:
-            other = REGISTRY[candidate](backend.device)
-            other.check(request)
+            backend = REGISTRY[candidate](device)
+            if request is not None:
+                backend.check(request)
         except BackendUnavailable as e:
             reasons.append(str(e))
             continue
-        other.passed_over = tuple(reasons)
-        return other
-    raise BackendUnavailable(f"backend 'auto' found none that runs this model here: {'; '.join(reasons)}")
+        backend.passed_over = tuple(reasons)
+        return backend
+    raise BackendUnavailable(f"backend 'auto' found none that {what}: {'; '.join(reasons)}")
 
 
 def _lora_path(item) -> Path:
