@@ -88,8 +88,9 @@ class Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
         backend: "auto" (triton on a CUDA GPU where it can run, else eager; the engines when given `engines`),
-        "eager", "triton" or "tensorrt". backend="tensorrt" runs the engines in `engines` (a folder made by `kontext-rt export --out`; with several
-        precisions there, engine_precision picks one) and reads no transformer or VAE weights at all.
+        "eager", "triton" or "tensorrt". backend="tensorrt" runs the engines in `engines` (a folder made by
+        `kontext-rt export --out`; with several precisions there, engine_precision picks one) and reads no
+        transformer or VAE weights at all.
         optimize: speed options (Optimizations: hoisting, CUDA graphs, FP8 linears, compile). loras: LoRA files,
         each a path or (path, strength), fused before FP8 quantization (the only way to use LoRAs with fp8).
         variant: a name in config.VARIANTS. A diffusers folder says its own (a contradicting one is refused); a BFL
