@@ -14,14 +14,14 @@ attention); "text-to-image" = 512 + 4096. Rungs, each adding to the previous one
     compile   + torch.compile of each block (inductor): the `compile` part, run last and time-boxed
 and diffusers' FluxTransformer2DModel (eager bf16, same sizes, built once for both layouts) as the baseline.
 
-Per rung and layout: per-step latency (CUDA events, median of --repeats loops of --steps-timed steps after a
-short warm-up loop), host time per step (the CPU time to issue a loop), MFU = step FLOPs / time / the measured
-bf16 (FP8 for the FP8 rungs) matmul rate, peak GPU memory. A profile of the bf16 and FP8 steps (hoisted, not
-graphed) names the ops that take the time ("profile"). Then end-to-end edits at 4, 8 and 28 steps with VAE
-encode and decode (text embeddings as a cache hit) on the eager rung, the best bf16 rung and the fp8 rung; the
-on-device exactness checks (hoisted == per-step, graphs == no graphs, the FP8 quantizer == torch); the FP8 drift
-against bf16. Every phase is written to <out>/suite.json (or suite-compile.json) and the chart to
-<out>/suite-ladder.png as soon as it ends (benchmarks/phases.py).
+Per rung and layout: per-step latency (CUDA events, median of --repeats loops of --steps-timed steps after a short
+warm-up loop), host time per step (the CPU time to issue a loop), MFU = step FLOPs / time / the measured bf16 (FP8
+for the FP8 rungs) matmul rate, peak GPU memory. A profile of the eager step (10% slower than diffusers' on an
+H200) and of the bf16 and FP8 steps (hoisted, not graphed) names the ops that take the time ("profile"). Then
+end-to-end edits at 4, 8 and 28 steps with VAE encode and decode (text embeddings as a cache hit) on the eager
+rung, the best bf16 rung and the fp8 rung; the on-device exactness checks (hoisted == per-step, graphs == no
+graphs, the FP8 quantizer == torch); the FP8 drift against bf16. Every phase is written to <out>/suite.json (or
+suite-compile.json) and the chart to <out>/suite-ladder.png as soon as it ends (benchmarks/phases.py).
 
 --rehearse runs the same phases on the CPU: the tiny preset, the Triton kernels in the interpreter, an eager
 stand-in for CUDA-graph capture, torch's own _scaled_mm if it takes row-wise scales on the CPU (else a stand-in
@@ -242,12 +242,17 @@ class Suite:
     def edits_estimate_s(self, rungs=1):
         return 1.5 * rungs * (1 + sum(self.steps["edits"])) * self.step_s
 
-    def profile(self, rung):
-        """The rung's ops by device time, from its hoisted (not graphed: a replay hides its kernels) loop."""
-        run = parts.loop_fn(self.model, self.ops["triton"], self.dtype, self.denoiser("hoisted"))
-        found = parts.profile_steps(run, *self.data["kontext"], self.device)
-        self.result.setdefault("profile", {})[rung] = found
-        self.record.write()
+    def profile(self, *rungs):
+        """Each rung's ops by device time: the eager loop, or the hoisted one (not graphed: a replay hides its
+        kernels) with the triton ops."""
+        for rung in rungs:
+            if rung == "eager":
+                run = self.loop("eager")
+            else:
+                run = parts.loop_fn(self.model, self.ops["triton"], self.dtype, self.denoiser("hoisted"))
+            found = parts.profile_steps(run, *self.data["kontext"], self.device)
+            self.result.setdefault("profile", {})[rung] = found
+            self.record.write()
 
     def best_bf16(self):
         ok = [r for r in ("graphs", "hoisted") if self.result["phases"].get(r, {}).get("status") == "ok"]
@@ -331,9 +336,9 @@ def core(s: Suite) -> None:
     )
     r.run(
         "profile-bf16",
-        lambda: s.profile("hoisted"),
+        lambda: s.profile("eager", "hoisted"),
         needs=["model", "triton-backend"],
-        estimate_s=8 * s.step_s,
+        estimate_s=16 * s.step_s,
     )
     r.run(
         "fp8-convert",

@@ -74,6 +74,7 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert suite["checks"]["finite"] and suite["checks"]["fp8_quantizer_kernel"]["values_equal"]
     assert 0 < suite["fp8_drift"]["final_latent_rel_error"] < 0.1
     assert set(suite["end_to_end_s"]) == {"eager", "graphs", "fp8"}
+    assert list(suite["profile"]) == ["eager", "hoisted", "fp8"]
     for rung in ("hoisted", "fp8"):  # the profiles name the step's own ops, which add up to the step
         found = suite["profile"][rung]
         names = {o["name"] for o in found["ops"]}
