@@ -17,6 +17,9 @@ deadline (a kill at the deadline keeps whatever the child had already written):
     tensorrt  tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
     memory    memory_gpu.py: peak memory and ms/step of the full-size loop per placement x precision, beside the plan
     compile   gpu_suite.py --part compile: the inductor rung, last, with the time that is left
+    train     opt-in (--only train), its own command: training/train_small_kontext.py on the GPU for
+              --train-minutes from the shipped small Kontext (kontext_rt.demo.small_kontext), evaluated there;
+              the checkpoint comes back as small-kontext-gpu.tar.gz, with its train_log.json
 
 Files in DIR: run.json (this record: every phase's status, exit code, time and output tail; the environment),
 run.log (all output), suite.json, suite-compile.json, suite-ladder.png, kernels.json, tensorrt.json, memory.json.
@@ -61,8 +64,13 @@ DEADLINES = {
     "kernels": 120,
     "tensorrt": 60,
     "memory": 150,
-}  # seconds; suite and compile: see above
-PHASES = ("install", "env", "suite", "kernels", "tensorrt", "memory", "compile")
+}  # seconds; suite and compile: see above; train: its minutes + TRAIN_OVERHEAD_S
+PHASES = ("install", "env", "suite", "kernels", "tensorrt", "memory", "compile", "train")
+OPT_IN = ("train",)  # run only when --only names them
+TRAIN_OVERHEAD_S = 180  # the pool (100,000 edits drawn in 12 processes), the evaluation, the writes
+# the GPU training run: from the shipped model, a batch 4x the CPU runs', a pool 5x (tens of thousands of steps)
+TRAIN_ARGS = ["--batch", "128", "--pool", "100000", "--workers", "12", "--lr", "5e-4", "--edit-weight", "4"]
+TRAIN_REHEARSAL_ARGS = ["--batch", "8", "--pool", "64", "--workers", "2", "--eval-n", "2", "--eval-steps", "2"]
 MIN_COMPILE_S = 150  # below this the compile part (inductor on 2 block types x 2 layouts) is killed mid-way
 
 
@@ -225,6 +233,24 @@ class Run:
         cmd += [f"--break={phase}" for which, phase in self.forward if which == part]
         return self.child("suite" if part == "core" else "compile", cmd, timeout_s)  # the phase's name
 
+    def train(self):
+        """The shipped small Kontext trained further on this device; the checkpoint and its log into the results."""
+        import shutil
+
+        minutes = 0.05 if self.args.rehearse else self.args.train_minutes
+        device = "cpu" if self.args.rehearse else "cuda"
+        with tempfile.TemporaryDirectory(prefix="kontext-rt-train-") as tmp:
+            out = Path(tmp) / "small-kontext"
+            cmd = [str(ROOT / "training" / "train_small_kontext.py"), "--device", device]
+            cmd += ["--flux-minutes", str(minutes), "--out", str(out)]
+            cmd += ["--init-from", str(ROOT / "runtime" / "demo" / "small_kontext")]
+            cmd += TRAIN_REHEARSAL_ARGS if self.args.rehearse else TRAIN_ARGS
+            details = self.child("train", cmd, (60 * minutes + TRAIN_OVERHEAD_S) * self.slack)
+            shutil.copy(out / "train_log.json", self.out / "train_log.json")
+            archive = shutil.make_archive(str(Path(tmp) / "small-kontext-gpu"), "gztar", tmp, "small-kontext")
+            shutil.move(archive, self.out / "small-kontext-gpu.tar.gz")
+        return details
+
     def script(self, name, out_name, timeout_s, *extra):
         return self.child(name, [str(HERE / f"{name}_gpu.py"), "--out", str(self.out / out_name), *extra], timeout_s)
 
@@ -252,10 +278,12 @@ class Run:
                 ),
             ),
             ("compile", lambda: self.suite("compile", r.left_s())),
+            ("train", self.train),
         ]
         for name, fn in steps:
-            if wanted and name not in wanted:
-                self.data["phases"][name] = {"status": "skipped", "reason": "not selected (--only)"}
+            if (wanted and name not in wanted) or (name in OPT_IN and not wanted):
+                why = f"opt-in (--only {name})" if name in OPT_IN and not wanted else "not selected (--only)"
+                self.data["phases"][name] = {"status": "skipped", "reason": why}
                 continue
             r.run(name, fn, needs=["install"], estimate_s=MIN_COMPILE_S * self.slack if name == "compile" else 0)
         for leftover in self.out.glob("*.tmp*"):  # a child killed mid-write: its complete file is the last one
@@ -294,6 +322,9 @@ def parse(argv):
         type=lambda s: set(s.split(",")),
         default=None,
         help=f"comma-separated phases among {', '.join(PHASES[2:])} (install and env always run)",
+    )
+    p.add_argument(
+        "--train-minutes", type=float, default=3.0, help="the train phase's transformer budget (--only train)"
     )
     p.add_argument(
         "--break",

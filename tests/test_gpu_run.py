@@ -56,7 +56,9 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
         "tensorrt",
         "memory",
         "compile",
+        "train",
     }
+    assert record["phases"].pop("train") == {"status": "skipped", "reason": "opt-in (--only train)"}
     assert all(p["status"] == "ok" for p in record["phases"].values()), record["phases"]
     assert record["env"]["imports"]["kontext_rt"]["ok"] and record["env"]["packages"]["torch"] == torch.__version__
 
@@ -100,6 +102,29 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert f"| diffusers (baseline, eager bf16) | {suite['diffusers']['kontext']['ms_per_step']:.1f} |" in table
     (tmp_path / "suite-ladder.png").unlink()  # --png redraws it from both parts' JSON
     assert _module("ladder_table").redraw(tmp_path).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_train_phase_brings_back_a_checkpoint_that_loads(tmp_path):
+    """--only train: the small Kontext trained further (on the CPU here, seconds), packed into one archive beside
+    its log; the archive unpacks to a checkpoint the pipeline loads."""
+    import tarfile
+
+    run = _gpu_run(tmp_path / "out", "--only", "train")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "run.json",
+        "run.log",
+        "small-kontext-gpu.tar.gz",
+        "train_log.json",
+    ]
+    log = _load(tmp_path / "out" / "train_log.json")
+    assert log["flux_steps"] > 0 and log["init_from"].endswith("small_kontext") and "heldout" in log["eval"]
+    with tarfile.open(tmp_path / "out" / "small-kontext-gpu.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    from kontext_rt import Pipeline
+
+    pipe = Pipeline.from_pretrained(tmp_path / "small-kontext", max_sequence_length=64)
+    assert pipe.cfg.hidden_size == log["flux_config"]["hidden_size"]
 
 
 def test_a_broken_phase_fails_the_run_and_the_others_are_still_written(tmp_path):

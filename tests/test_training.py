@@ -4,6 +4,8 @@ not train)."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,10 @@ def train():
     path = Path(__file__).resolve().parents[1] / "training" / "train_small_kontext.py"
     spec = importlib.util.spec_from_file_location("train_small_kontext", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its functions pickle by name, for the pool's worker processes
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules[spec.name]
 
 
 def test_changed_tokens_are_the_cells_the_edit_touches(train):
@@ -69,3 +73,33 @@ def test_shape_weights_weigh_the_grown_shapes(train):
             for dx in (0, 1, 2):
                 grown |= padded[dy : dy + 64, dx : dx + 64]
         np.testing.assert_array_equal(plane, np.where(grown, 11.0, 1.0))
+
+
+def test_workers_draw_the_same_samples_in_the_same_order(train):
+    """The pool drawn in two processes is the one process's, sample for sample (images, instructions), and the
+    stream goes on from the same index."""
+    one, two = train.Stream(3, workers=1), train.Stream(3, workers=2)
+    a = [s for chunk in one.take(train.edit_samples, 11, 4) for s in chunk]
+    b = [s for chunk in two.take(train.edit_samples, 11, 4) for s in chunk]
+    assert [s.instruction for s in a] == [s.instruction for s in b] and len(a) == 11
+    assert all(np.array_equal(np.array(x.target), np.array(y.target)) for x, y in zip(a, b, strict=True))
+    assert (
+        one.edit_batch(1)[0].instruction
+        == two.edit_batch(1)[0].instruction
+        == train.edit_samples(3, 11, 1)[0].instruction
+    )
+    assert [s.instruction for s in a] == [s.instruction for s in train.edit_samples(3, 0, 11)]
+
+
+def test_a_short_run_from_the_shipped_model_writes_a_loadable_checkpoint(train, tmp_path):
+    """The whole script on the CPU, from the shipped model, two pool workers, seconds of training: the checkpoint
+    loads and its log records the device and the steps."""
+    from kontext_rt import Pipeline
+    from kontext_rt.demo import small_kontext
+
+    out = tmp_path / "run"
+    argv = ["--init-from", str(small_kontext()), "--flux-minutes", "0.03", "--pool", "24", "--batch", "4"]
+    assert train.main([*argv, "--workers", "2", "--eval-n", "0", "--out", str(out)]) == 0
+    record = json.loads((out / "train_log.json").read_text())
+    assert record["device"] == "cpu" and record["flux_steps"] > 0
+    assert Pipeline.from_pretrained(out, max_sequence_length=train.MAX_SEQUENCE_LENGTH).transformer is not None

@@ -16,6 +16,10 @@ was trained with, which the pipeline then reads by default.
 
     python training/train_small_kontext.py --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
 
+--device cuda trains on a GPU (the same code; float32 with TF32 matmuls), and --workers renders the pool's scenes
+in that many processes (a GPU outruns one process drawing them). benchmarks/gpu_run.py's opt-in `train` phase
+runs it on the GPU machines.
+
 The checkpoint (diffusers layout), train_log.json (seed, wall times, loss curves, the harness's scores, and the
 autoencoder's ceiling: the exact answers through the VAE alone) and nothing else are written to --out. The number of
 steps a budget buys depends on the machine; the seed fixes the data, the initial weights and the noise.
@@ -24,6 +28,7 @@ steps a budget buys depends on the machine; the seed fixes the data, the initial
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -82,24 +87,47 @@ def cosine_lr(base: float, step: int, warmup: int, progress: float) -> float:
     return base * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class Stream:
-    """Train-split samples in a fixed order: edit i has kind EDIT_KINDS[i % 5], every sample drawn from (seed, i)."""
+def edit_samples(seed: int, start: int, n: int) -> list:
+    """Train-split edits start..start+n-1: edit i has kind EDIT_KINDS[i % 5], drawn from (seed, i)."""
+    kinds = shapes.EDIT_KINDS
+    return [shapes.edit_sample("train", kinds[i % len(kinds)], seed, i, SIZE) for i in range(start, start + n)]
 
-    def __init__(self, seed: int):
-        self.seed, self.edits, self.gens = seed, 0, 0
+
+def gen_samples(seed: int, start: int, n: int) -> list:
+    return [shapes.gen_sample("train", seed, i, SIZE) for i in range(start, start + n)]
+
+
+class Stream:
+    """Train-split samples in a fixed order (edit_samples, gen_samples); `take` draws the next ones of a kind in
+    `workers` processes, in the same order as one process would."""
+
+    def __init__(self, seed: int, workers: int = 1):
+        self.seed, self.edits, self.gens, self.workers = seed, 0, 0, workers
 
     def edit_batch(self, n: int):
-        out = []
-        for _ in range(n):
-            kind = shapes.EDIT_KINDS[self.edits % len(shapes.EDIT_KINDS)]
-            out.append(shapes.edit_sample("train", kind, self.seed, self.edits, SIZE))
-            self.edits += 1
+        out = edit_samples(self.seed, self.edits, n)
+        self.edits += n
         return out
 
     def gen_batch(self, n: int):
-        out = [shapes.gen_sample("train", self.seed, self.gens + i, SIZE) for i in range(n)]
+        out = gen_samples(self.seed, self.gens, n)
         self.gens += n
         return out
+
+    def take(self, draw, n: int, chunk: int):
+        """Chunks of the next n samples of `draw` (edit_samples or gen_samples), as lists, in order."""
+        first = self.edits if draw is edit_samples else self.gens
+        if draw is edit_samples:
+            self.edits += n
+        else:
+            self.gens += n
+        starts = range(first, first + n, chunk)
+        sizes = [min(chunk, first + n - s) for s in starts]
+        if self.workers <= 1:
+            yield from (draw(self.seed, s, k) for s, k in zip(starts, sizes, strict=True))
+            return
+        with concurrent.futures.ProcessPoolExecutor(self.workers) as pool:
+            yield from pool.map(draw, [self.seed] * len(sizes), starts, sizes)
 
 
 def shape_weights(samples, weight: float) -> torch.Tensor:
@@ -111,13 +139,13 @@ def shape_weights(samples, weight: float) -> torch.Tensor:
     return 1.0 + weight * torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
 
 
-def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0) -> AutoEncoder:
+def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0, device="cpu") -> AutoEncoder:
     """An autoencoder trained for `minutes` (from `init`'s weights when given) on reconstruction: MSE weighted by
     shape_weights, plus a small pull of the latents toward 0 so their scale stays put."""
     vae = AutoEncoder(VAE_CONFIG if init is None else init.cfg)
     if init is not None:
         vae.load_state_dict(init.state_dict())
-    vae.train().requires_grad_(True)
+    vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     step, t0, window = 0, time.perf_counter(), []
     budget = 60.0 * minutes
@@ -125,12 +153,12 @@ def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0) -> AutoEn
         for g in opt.param_groups:
             g["lr"] = cosine_lr(lr, step, 100, elapsed / budget)
         samples = stream.edit_batch(VAE_BATCH // 2)
-        x = to_batch([s.source for s in samples] + [s.target for s in samples])
+        x = to_batch([s.source for s in samples] + [s.target for s in samples]).to(device)
         mean = vae.encoder(x).chunk(2, dim=1)[0]
         rec = vae.decoder(mean)
         mse = F.mse_loss(rec, x)
         if shape_weight:
-            w = shape_weights(samples, shape_weight)
+            w = shape_weights(samples, shape_weight).to(device)
             fit = (w * (rec - x).pow(2)).mean() / w.mean()
         else:
             fit = mse
@@ -152,14 +180,15 @@ def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0) -> AutoEn
 @torch.no_grad()
 def calibrate(vae: AutoEncoder, stream: Stream) -> AutoEncoder:
     """The same weights with scale_factor and shift_factor making the latents zero-mean, unit-variance, as FLUX's
-    VAE config does for its own latents."""
+    VAE config does for its own latents; on vae's device."""
+    device = next(vae.parameters()).device
     samples = stream.edit_batch(64)
-    mean = vae.encoder(to_batch([s.target for s in samples])).chunk(2, dim=1)[0]
+    mean = vae.encoder(to_batch([s.target for s in samples]).to(device)).chunk(2, dim=1)[0]
     shift, std = round(mean.mean().item(), 4), mean.std().item()
     cfg = dataclasses.replace(vae.cfg, shift_factor=shift, scale_factor=round(1.0 / std, 4))
     out = AutoEncoder(cfg)
     out.load_state_dict(vae.state_dict())
-    return out.eval().requires_grad_(False)
+    return out.to(device).eval().requires_grad_(False)
 
 
 class TextTable:
@@ -188,21 +217,22 @@ class TextTable:
 
 @torch.no_grad()
 def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n_gen: int, chunk: int = 64) -> dict:
-    """Train-split samples encoded once: edit (context, target, prompt id) and generation (target, prompt id)."""
+    """Train-split samples encoded once: edit (context, target, prompt id) and generation (target, prompt id), on
+    vae's device."""
+    device = next(vae.parameters()).device
     ctx, tgt, changed, eid, gen, gid = [], [], [], [], [], []
     t0 = time.perf_counter()
-    for start in range(0, n_edit, chunk):
-        samples = stream.edit_batch(min(chunk, n_edit - start))
-        z = im.pack(vae.encode(to_batch([s.source for s in samples] + [s.target for s in samples])))
+    for n, samples in enumerate(stream.take(edit_samples, n_edit, chunk)):
+        x = to_batch([s.source for s in samples] + [s.target for s in samples]).to(device)
+        z = im.pack(vae.encode(x))
         ctx.append(z[: len(samples)])
         tgt.append(z[len(samples) :])
-        changed.append(changed_tokens(samples))
+        changed.append(changed_tokens(samples).to(device))
         eid += text.ids([s.instruction for s in samples])
-        if start % (chunk * 50) == 0:
-            log(f"pool: {start + len(samples)} / {n_edit} edits  {time.perf_counter() - t0:.0f} s")
-    for start in range(0, n_gen, chunk):
-        samples = stream.gen_batch(min(chunk, n_gen - start))
-        gen.append(im.pack(vae.encode(to_batch([s.target for s in samples]))))
+        if n % 50 == 0:
+            log(f"pool: {n * chunk + len(samples)} / {n_edit} edits  {time.perf_counter() - t0:.0f} s")
+    for samples in stream.take(gen_samples, n_gen, chunk):
+        gen.append(im.pack(vae.encode(to_batch([s.target for s in samples]).to(device))))
         gid += text.ids([s.caption for s in samples])
     txt, pooled = text.tensors()
     log(f"pool: {n_edit} edits, {n_gen} captions, {len(text.index)} prompts in {time.perf_counter() - t0:.0f} s")
@@ -210,21 +240,21 @@ def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n
         "ctx": torch.cat(ctx),
         "tgt": torch.cat(tgt),
         "changed": torch.cat(changed),
-        "eid": torch.tensor(eid),
+        "eid": torch.tensor(eid, device=device),
         "gen": torch.cat(gen),
-        "gid": torch.tensor(gid),
-        "txt": txt,
-        "pooled": pooled,
+        "gid": torch.tensor(gid, device=device),
+        "txt": txt.to(device),
+        "pooled": pooled.to(device),
     }
 
 
 def flow_loss(model, z, ctx, txt, pooled, rope) -> torch.Tensor:
     """(B, L) mean-square velocity error per target token."""
     b = z.shape[0]
-    t = torch.sigmoid(torch.randn(b))
+    t = torch.sigmoid(torch.randn(b, device=z.device))
     noise = torch.randn_like(z)
     x_t = (1 - t)[:, None, None] * z + t[:, None, None] * noise
-    guidance = torch.empty(b).uniform_(*GUIDANCE_RANGE)
+    guidance = torch.empty(b, device=z.device).uniform_(*GUIDANCE_RANGE)
     v = model(x_t, ctx, txt, pooled, t, guidance, *rope)
     return (v - (noise - z)).pow(2).mean(-1)
 
@@ -249,21 +279,25 @@ def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weig
     tokens the edit changes (changed_tokens), 1 elsewhere: most edits change one or two of 16 tokens, and without
     the weight the loss is mostly about copying the context. Each sample's weights are normalised on their own, so
     a background edit (every token changed) weighs as much as a recolour."""
+    device = pool["tgt"].device
     model = FluxTransformer(cfg)
     if init is not None:
         model.load_state_dict(init.state_dict())
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     n_edit, n_gen = batch * 3 // 4, batch - batch * 3 // 4
     grid = (SIZE // 16, SIZE // 16)
-    edit_rope = rope_table(sequence_ids(MAX_SEQUENCE_LENGTH, [grid, grid]), cfg.axes_dim, cfg.theta)
-    gen_rope = rope_table(sequence_ids(MAX_SEQUENCE_LENGTH, [grid]), cfg.axes_dim, cfg.theta)
+    edit_rope, gen_rope = (
+        [t.to(device) for t in rope_table(sequence_ids(MAX_SEQUENCE_LENGTH, grids), cfg.axes_dim, cfg.theta)]
+        for grids in ([grid, grid], [grid])
+    )
     step, t0, window = 0, time.perf_counter(), []
     budget = 60.0 * minutes
     while (elapsed := time.perf_counter() - t0) < budget:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(lr, step, 200, elapsed / budget)
-        e = torch.randint(len(pool["eid"]), (n_edit,))
-        g = torch.randint(len(pool["gid"]), (n_gen,))
+        e = torch.randint(len(pool["eid"]), (n_edit,)).to(device)
+        g = torch.randint(len(pool["gid"]), (n_gen,)).to(device)
         pe, pg = pool["eid"][e], pool["gid"][g]
         err_e = flow_loss(model, pool["tgt"][e], pool["ctx"][e], pool["txt"][pe], pool["pooled"][pe], edit_rope)
         loss_g = flow_loss(model, pool["gen"][g], None, pool["txt"][pg], pool["pooled"][pg], gen_rope).mean()
@@ -280,20 +314,20 @@ def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weig
             curve.append([step, round(time.perf_counter() - t0, 1), float(le), float(lg)])
             log(f"flux step {step:6d}  {curve[-1][1]:7.1f} s  edit loss {le:.4f}  gen loss {lg:.4f}")
             window = []
-    return model.eval().requires_grad_(False), step
+    return model.cpu().eval().requires_grad_(False), step
 
 
-def evaluate(folder: Path, n: int, steps: int, seed: int) -> dict:
+def evaluate(folder: Path, n: int, steps: int, seed: int, device: str = "cpu") -> dict:
     from kontext_rt.pipeline import Pipeline
     from kontext_rt.quality.harness import autoencoder_ceiling
     from kontext_rt.quality.harness import evaluate as harness_evaluate
 
-    pipe = Pipeline.from_pretrained(folder, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    pipe = Pipeline.from_pretrained(folder, device=device, max_sequence_length=MAX_SEQUENCE_LENGTH)
     out = {}
     for split in shapes.SPLITS:
         samples = list(shapes.dataset(split, n, seed=seed + 1, size=SIZE))
         out[split] = harness_evaluate(pipe, samples, steps=steps, seed=seed, drift_turns=2, per_sample=False)
-        out[split]["autoencoder"] = autoencoder_ceiling(pipe.vae, samples)
+        out[split]["autoencoder"] = autoencoder_ceiling(pipe.vae, samples, device)
     return out
 
 
@@ -345,6 +379,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU: the same training, much faster)")
+    p.add_argument("--workers", type=int, default=1, help="processes drawing the pool's scenes")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (must not exist or be empty)")
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -364,9 +400,9 @@ def autoencoder(args, vae, stream: Stream, cfg, curve: list) -> AutoEncoder:
     if vae is not None and args.vae_tune_minutes <= 0:
         return vae
     minutes = args.vae_minutes if vae is None else args.vae_tune_minutes
-    vae = calibrate(train_vae(minutes, stream, args.vae_lr, curve, vae, args.shape_weight), stream)
-    write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae, args.seed, MAX_SEQUENCE_LENGTH)
-    return vae
+    vae = calibrate(train_vae(minutes, stream, args.vae_lr, curve, vae, args.shape_weight, args.device), stream)
+    write_diffusers_checkpoint(args.out, FluxTransformer(cfg), vae.cpu(), args.seed, MAX_SEQUENCE_LENGTH)
+    return vae.to(args.device)
 
 
 def check(p: argparse.ArgumentParser, args) -> None:
@@ -381,8 +417,12 @@ def check(p: argparse.ArgumentParser, args) -> None:
         p.error("--shape-weight, --edit-weight and --vae-tune-minutes must not be negative")
     if args.shape_weight and args.vae_from is not None and args.vae_tune_minutes <= 0:
         p.error("--shape-weight weighs a VAE phase, and none runs: the VAE is loaded and --vae-tune-minutes is 0")
-    if args.hidden % 32 or args.batch < 4 or args.pool < 1:
-        p.error("--hidden must be a multiple of 32, --batch at least 4 and --pool positive")
+    if args.hidden % 32 or args.batch < 4 or args.pool < 1 or args.workers < 1:
+        p.error("--hidden must be a multiple of 32, --batch at least 4, --pool and --workers positive")
+    if args.device not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, not {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible here")
     if args.out.exists() and any(args.out.iterdir()):
         p.error(f"--out {args.out} is not empty")
 
@@ -393,11 +433,13 @@ def main(argv=None) -> int:
     check(p, args)
     cfg = flux_config(args.hidden, args.depth, args.single)
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU; no effect on a CPU
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     record = {"argv": sys.argv[1:] if argv is None else list(argv), "seed": args.seed, "threads": args.threads}
+    record["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     record.update(size=SIZE, max_sequence_length=MAX_SEQUENCE_LENGTH, flux_config=dataclasses.asdict(cfg))
-    log(f"seed {args.seed}, {args.threads} thread(s) -> {args.out}")
+    log(f"seed {args.seed}, {args.threads} thread(s), {record['device']} -> {args.out}")
     loaded = vae = init = None
     if args.vae_from is not None:  # one load serves --vae-from and --init-from of the same folder
         loaded, vae = load(args.vae_from)
@@ -411,9 +453,11 @@ def main(argv=None) -> int:
     # the text encoders first: written by the same call (and seed) that writes the final checkpoint
     write_diffusers_checkpoint(args.out, FluxTransformer(cfg), AutoEncoder(VAE_CONFIG), args.seed, MAX_SEQUENCE_LENGTH)
     text = TextTable(args.out)
-    stream = Stream(args.seed)
+    stream = Stream(args.seed, args.workers)
 
     vae_curve, flux_curve = [], []
+    if vae is not None:
+        vae = vae.to(args.device)
     vae = autoencoder(args, vae, stream, cfg, vae_curve)
     record["vae_config"] = dataclasses.asdict(vae.cfg)
     record["vae_seconds"] = round(time.perf_counter() - start, 1)
@@ -426,10 +470,10 @@ def main(argv=None) -> int:
     record["flux_steps"] = steps
     record["vae_curve"], record["flux_curve"] = vae_curve, flux_curve
 
-    write_final(args.out, model, vae, args.seed, text)
+    write_final(args.out, model, vae.cpu(), args.seed, text)
     if args.eval_n:
         t0 = time.perf_counter()
-        record["eval"] = evaluate(args.out, args.eval_n, args.eval_steps, args.seed)
+        record["eval"] = evaluate(args.out, args.eval_n, args.eval_steps, args.seed, args.device)
         record["eval_seconds"] = round(time.perf_counter() - t0, 1)
     record["wall_seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "train_log.json").write_text(json.dumps(record, indent=1, allow_nan=False))
