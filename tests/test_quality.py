@@ -116,6 +116,9 @@ def test_renderer_is_deterministic_and_per_index():
         for img in ("target",) + (("source",) if isinstance(x, EditSample) else ()):
             assert np.array_equal(np.asarray(getattr(x, img)), np.asarray(getattr(y, img)))
             assert np.array_equal(np.asarray(getattr(x, img)), np.asarray(getattr(z, img)))
+    tail = shapes.sample_range("train", (*shapes.EDIT_KINDS, shapes.GEN_KIND), 7, 64, 5, 7)  # samples 5..11
+    assert [x.kind for x in tail] == [x.kind for x in a[5:]]
+    assert all(np.array_equal(np.asarray(x.target), np.asarray(y.target)) for x, y in zip(tail, a[5:], strict=True))
     other = list(shapes.dataset("train", 12, seed=8))
     for kind in (*shapes.EDIT_KINDS, shapes.GEN_KIND):  # the seed reaches every kind's draw
         pairs = [(x, y) for x, y in zip(a, other, strict=True) if x.kind == kind]

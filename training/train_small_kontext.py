@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -89,12 +91,11 @@ def cosine_lr(base: float, step: int, warmup: int, progress: float) -> float:
 
 def edit_samples(seed: int, start: int, n: int) -> list:
     """Train-split edits start..start+n-1: edit i has kind EDIT_KINDS[i % 5], drawn from (seed, i)."""
-    kinds = shapes.EDIT_KINDS
-    return [shapes.edit_sample("train", kinds[i % len(kinds)], seed, i, SIZE) for i in range(start, start + n)]
+    return shapes.sample_range("train", shapes.EDIT_KINDS, seed, SIZE, start, n)
 
 
 def gen_samples(seed: int, start: int, n: int) -> list:
-    return [shapes.gen_sample("train", seed, i, SIZE) for i in range(start, start + n)]
+    return shapes.sample_range("train", (shapes.GEN_KIND,), seed, SIZE, start, n)
 
 
 class Stream:
@@ -126,8 +127,12 @@ class Stream:
         if self.workers <= 1:
             yield from (draw(self.seed, s, k) for s, k in zip(starts, sizes, strict=True))
             return
-        with concurrent.futures.ProcessPoolExecutor(self.workers) as pool:
-            yield from pool.map(draw, [self.seed] * len(sizes), starts, sizes)
+        kinds = shapes.EDIT_KINDS if draw is edit_samples else (shapes.GEN_KIND,)
+        job = functools.partial(shapes.sample_range, "train", kinds, self.seed, SIZE)  # importable by name
+        # spawned, not forked: this process has threads (torch's, CUDA's), which a fork would copy mid-lock
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+            yield from pool.map(job, starts, sizes)
 
 
 def shape_weights(samples, weight: float) -> torch.Tensor:

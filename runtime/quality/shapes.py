@@ -384,17 +384,24 @@ def gen_sample(split: str, seed: int = 0, index: int = 0, size: int = 64) -> Gen
 
 
 def dataset(
-    split: str = "train", n: int = 100, seed: int = 0, size: int = 64, kinds=(*EDIT_KINDS, GEN_KIND)
+    split: str = "train", n: int = 100, seed: int = 0, size: int = 64, kinds=(*EDIT_KINDS, GEN_KIND), start: int = 0
 ) -> Iterator[EditSample | GenSample]:
-    """n samples of the split; sample i has kind kinds[i % len(kinds)] and depends only on (split, seed, i)."""
+    """n samples of the split, from sample `start` on; sample i has kind kinds[i % len(kinds)] and depends only on
+    (split, seed, i)."""
     _check_split(split)
     check_size(size)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise InputError(f"n must be a non-negative integer, got {n!r}")
+    for name, value in (("n", n), ("start", start)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InputError(f"{name} must be a non-negative integer, got {value!r}")
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in (*EDIT_KINDS, GEN_KIND)]
     if not kinds or unknown:
         raise InputError(f"kinds must be a non-empty subset of {(*EDIT_KINDS, GEN_KIND)}, got {kinds!r}")
-    for i in range(n):
+    for i in range(start, start + n):
         kind = kinds[i % len(kinds)]
         yield gen_sample(split, seed, i, size) if kind == GEN_KIND else edit_sample(split, kind, seed, i, size)
+
+
+def sample_range(split: str, kinds: tuple, seed: int, size: int, start: int, n: int) -> list:
+    """dataset(...) samples start..start+n-1 as a list: a function worker processes can run by name."""
+    return list(dataset(split, n, seed, size, kinds, start))
