@@ -22,7 +22,8 @@ deadline (a kill at the deadline keeps whatever the child had already written):
               the checkpoint comes back as small-kontext-gpu.tar.gz, with its train_log.json
 
 Files in DIR: run.json (this record: every phase's status, exit code, time and output tail; the environment),
-run.log (all output), suite.json, suite-compile.json, suite-ladder.png, kernels.json, tensorrt.json, memory.json.
+run.log (all output), suite.json, suite-compile.json, suite-ladder.png, kernels.json, tensorrt.json, memory.json;
+with --only train: small-kontext-gpu.tar.gz and train_log.json.
 run.json is rewritten after every phase. The exit status is 0 only when every phase succeeded.
 
 --rehearse: the tiny model on the CPU with the Triton interpreter, an eager stand-in for graph capture and, where
@@ -238,6 +239,9 @@ class Run:
         import shutil
 
         minutes = 0.05 if self.args.rehearse else self.args.train_minutes
+        left = self.record.left_s() / self.slack - TRAIN_OVERHEAD_S
+        if 60 * minutes > left:
+            raise PhaseError(f"--train-minutes {minutes:g} does not fit: {max(left, 0) / 60:.1f} min are left")
         device = "cpu" if self.args.rehearse else "cuda"
         with tempfile.TemporaryDirectory(prefix="kontext-rt-train-") as tmp:
             out = Path(tmp) / "small-kontext"
@@ -245,11 +249,14 @@ class Run:
             cmd += ["--flux-minutes", str(minutes), "--out", str(out)]
             cmd += ["--init-from", str(ROOT / "runtime" / "demo" / "small_kontext")]
             cmd += TRAIN_REHEARSAL_ARGS if self.args.rehearse else TRAIN_ARGS
-            details = self.child("train", cmd, (60 * minutes + TRAIN_OVERHEAD_S) * self.slack)
-            shutil.copy(out / "train_log.json", self.out / "train_log.json")
-            archive = shutil.make_archive(str(Path(tmp) / "small-kontext-gpu"), "gztar", tmp, "small-kontext")
-            shutil.move(archive, self.out / "small-kontext-gpu.tar.gz")
-        return details
+            try:
+                return self.child("train", cmd, (60 * minutes + TRAIN_OVERHEAD_S) * self.slack)
+            finally:  # a failed evaluation or a kill must not lose a checkpoint the script already wrote
+                if (out / "train_log.json").is_file():
+                    shutil.copy(out / "train_log.json", self.out / "train_log.json")
+                if (out / "transformer").is_dir():
+                    archive = shutil.make_archive(str(Path(tmp) / "small-kontext-gpu"), "gztar", tmp, "small-kontext")
+                    shutil.move(archive, self.out / "small-kontext-gpu.tar.gz")
 
     def script(self, name, out_name, timeout_s, *extra):
         return self.child(name, [str(HERE / f"{name}_gpu.py"), "--out", str(self.out / out_name), *extra], timeout_s)
@@ -339,6 +346,10 @@ def parse(argv):
         p.error("give --out DIR (on the GPU machine $OUT is the default)")
     if args.only and (unknown := args.only - set(PHASES[2:])):
         p.error(f"--only: unknown phases {sorted(unknown)}; choose among {', '.join(PHASES[2:])}")
+    if args.only and set(OPT_IN) & args.only and len(args.only) > 1:
+        p.error(f"--only: {', '.join(OPT_IN)} runs alone, in its own command (it takes the command's time)")
+    if not 0 < args.train_minutes <= 5:
+        p.error("--train-minutes must be above 0 and at most 5 (with the pool and the evaluation: one command)")
     for b in args.broken:
         which, _, phase = b.rpartition(":")
         if which not in ("", "suite", "compile") or (not which and phase not in PHASES):

@@ -177,6 +177,7 @@ class Export:
             self.opts.checkpoint,
             device=self.opts.device,
             dtype=self.dtype,
+            backend="eager",  # the modules the ONNX export traces, with their own ops
             ae=self.opts.ae,
             text_encoders=self.opts.text_encoders,
             variant=self.variant.name,

@@ -77,6 +77,8 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert 0 < suite["fp8_drift"]["final_latent_rel_error"] < 0.1
     assert set(suite["end_to_end_s"]) == {"eager", "graphs", "fp8"}
     assert list(suite["profile"]) == ["eager", "hoisted", "fp8"]
+    eager_ops = {o["name"] for o in suite["profile"]["eager"]["ops"]}  # the reference ops: no kernel of ours
+    assert not any(name.startswith("kontext_rt::") for name in eager_ops) and "aten::addmm" in eager_ops
     for rung in ("hoisted", "fp8"):  # the profiles name the step's own ops, which add up to the step
         found = suite["profile"][rung]
         names = {o["name"] for o in found["ops"]}
@@ -263,6 +265,22 @@ def test_a_misspelt_break_is_refused():
         _module("gpu_suite").parse(["--rehearse", "--out", "/tmp/x", "--break", "fp8-rung"])
     with pytest.raises(SystemExit):
         _module("gpu_run").parse(["--rehearse", "--out", "/tmp/x", "--break", "kernel"])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--only", "train,suite"], "train runs alone"),
+        (["--only", "train", "--train-minutes", "9"], "--train-minutes must be"),
+        (["--train-minutes", "0"], "--train-minutes must be"),
+    ],
+)
+def test_the_train_phase_runs_alone_and_inside_one_command(args, message, capsys):
+    """train takes a command's time: with another phase, or minutes that cannot end inside one command, it is
+    refused before anything runs."""
+    with pytest.raises(SystemExit):
+        _module("gpu_run").parse(["--out", "/tmp/x", *args])
+    assert message in capsys.readouterr().err
 
 
 def test_step_flops_is_the_published_kontext_figure():

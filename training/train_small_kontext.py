@@ -301,8 +301,8 @@ def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weig
     while (elapsed := time.perf_counter() - t0) < budget:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(lr, step, 200, elapsed / budget)
-        e = torch.randint(len(pool["eid"]), (n_edit,)).to(device)
-        g = torch.randint(len(pool["gid"]), (n_gen,)).to(device)
+        e = torch.randint(len(pool["eid"]), (n_edit,), device=device)
+        g = torch.randint(len(pool["gid"]), (n_gen,), device=device)
         pe, pg = pool["eid"][e], pool["gid"][g]
         err_e = flow_loss(model, pool["tgt"][e], pool["ctx"][e], pool["txt"][pe], pool["pooled"][pe], edit_rope)
         loss_g = flow_loss(model, pool["gen"][g], None, pool["txt"][pg], pool["pooled"][pg], gen_rope).mean()
@@ -313,9 +313,9 @@ def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weig
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        window.append((loss_e.item(), loss_g.item()))
+        window.append(torch.stack([loss_e.detach(), loss_g.detach()]))  # read every 100 steps: no sync per step
         if step % 100 == 0:
-            le, lg = np.mean(window, axis=0)
+            le, lg = torch.stack(window).mean(0).tolist()
             curve.append([step, round(time.perf_counter() - t0, 1), float(le), float(lg)])
             log(f"flux step {step:6d}  {curve[-1][1]:7.1f} s  edit loss {le:.4f}  gen loss {lg:.4f}")
             window = []
@@ -327,7 +327,8 @@ def evaluate(folder: Path, n: int, steps: int, seed: int, device: str = "cpu") -
     from kontext_rt.quality.harness import autoencoder_ceiling
     from kontext_rt.quality.harness import evaluate as harness_evaluate
 
-    pipe = Pipeline.from_pretrained(folder, device=device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    # eager, as every run's evaluation: scores comparable across machines and devices
+    pipe = Pipeline.from_pretrained(folder, device=device, backend="eager", max_sequence_length=MAX_SEQUENCE_LENGTH)
     out = {}
     for split in shapes.SPLITS:
         samples = list(shapes.dataset(split, n, seed=seed + 1, size=SIZE))
@@ -340,7 +341,7 @@ def load(folder: Path):
     """A checkpoint this script wrote, loaded once: (transformer, VAE)."""
     from kontext_rt.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(folder, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    pipe = Pipeline.from_pretrained(folder, backend="eager", max_sequence_length=MAX_SEQUENCE_LENGTH)
     return pipe.transformer, pipe.vae.eval().requires_grad_(False)
 
 
@@ -352,6 +353,21 @@ def write_final(folder: Path, model, vae, seed: int, text: TextTable) -> None:
     after = TextTable(folder)
     if not torch.equal(before, after.txt[after.ids([probe])[0]]):
         raise RuntimeError("the rewritten text encoders differ from the ones trained with")
+
+
+def write_log(folder: Path, record: dict) -> None:
+    """train_log.json, with any non-finite loss written as null (strict JSON)."""
+
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [finite(v) for v in x]
+        return x
+
+    (folder / "train_log.json").write_text(json.dumps(finite(record), indent=1, allow_nan=False))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -438,7 +454,8 @@ def main(argv=None) -> int:
     check(p, args)
     cfg = flux_config(args.hidden, args.depth, args.single)
     torch.set_num_threads(args.threads)
-    torch.set_float32_matmul_precision("high")  # TF32 on a GPU; no effect on a CPU
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls (on some CPUs it would change results too)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     record = {"argv": sys.argv[1:] if argv is None else list(argv), "seed": args.seed, "threads": args.threads}
@@ -476,12 +493,14 @@ def main(argv=None) -> int:
     record["vae_curve"], record["flux_curve"] = vae_curve, flux_curve
 
     write_final(args.out, model, vae.cpu(), args.seed, text)
+    write_log(args.out, record)  # now, and again after the evaluation: a failed evaluation keeps the training's
     if args.eval_n:
         t0 = time.perf_counter()
         record["eval"] = evaluate(args.out, args.eval_n, args.eval_steps, args.seed, args.device)
         record["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        record["eval_backend"] = "eager"
     record["wall_seconds"] = round(time.perf_counter() - start, 1)
-    (args.out / "train_log.json").write_text(json.dumps(record, indent=1, allow_nan=False))
+    write_log(args.out, record)
     log(json.dumps({k: record[k] for k in ("seed", "train_seconds", "wall_seconds", "flux_steps")}))
     if "eval" in record:
         log(json.dumps(record["eval"], indent=1))
