@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import warnings
 from pathlib import Path
 
 import torch
@@ -136,12 +135,6 @@ class Pipeline:
             placement,
         )
         chosen = backends.checked(chosen, request, auto=backend == "auto")
-        if chosen.passed_over and device.type == "cuda":
-            warnings.warn(
-                f"backend 'auto' runs {chosen.name!r} on this GPU, not a faster one: {'; '.join(chosen.passed_over)}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         # refuses unusable tokenizers before the weights
         text = TextEncoders(checkpoint.text_encoders, device, dtype, placement.text_encoders)
         loaded = chosen.load(request)

@@ -2,6 +2,7 @@
 tiny model with backend="triton" against backend="eager" on the same weights (CPU, TRITON_INTERPRET)."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +227,21 @@ def test_triton_with_a_placement_gives_the_resident_result(kontext_dir, placemen
     got = run(Pipeline.from_pretrained(kontext_dir, placement=placement, **kw))
     for a, b in zip(got, resident, strict=True):
         assert torch.equal(a, b)
+
+
+def test_auto_on_a_gpu_warns_why_it_runs_a_slower_backend():
+    """On CUDA a backend passed over costs speed: auto says so, with the reasons; asked for by name, nothing to say."""
+    import warnings
+
+    from kontext_rt import Optimizations, backends
+    from kontext_rt.config import PRESETS
+
+    request = backends.LoadRequest(None, Path("x"), PRESETS["tiny"], torch.float32, Optimizations())
+    chosen = backends.Eager(torch.device("cuda"))  # no CUDA call is made: a stand-in for what resolve returned
+    chosen.passed_over = ("backend 'triton' could not compile and run a kernel here (no C compiler)",)
+    with pytest.warns(RuntimeWarning, match="runs 'eager' on this GPU.*no C compiler"):
+        assert backends.checked(chosen, request, auto=True) is chosen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends.checked(chosen, request, auto=False)
+        backends.checked(backends.Eager(torch.device("cpu")), request, auto=True)

@@ -11,6 +11,7 @@ Nothing outside this module compares backend names.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -265,17 +266,24 @@ def resolve(name: str, device, engines=None) -> Backend:
 
 def checked(backend: Backend, request: LoadRequest, auto: bool) -> Backend:
     """backend.check(request). For `auto`, a refusal (e.g. a head dim the kernels lack) moves on to the next backend
-    of the order that can run here and accepts the request; each reason is kept in `passed_over`."""
+    of the order that can run here and accepts the request; each reason is kept in `passed_over`, and on a GPU,
+    where that costs speed, given in a RuntimeWarning."""
     try:
         backend.check(request)
-        return backend
     except BackendUnavailable as err:
         if not auto:
             raise
+        order = _auto_order(backend.device)
+        rest = order[order.index(backend.name) + 1 :] if backend.name in order else ()
         reasons = [*backend.passed_over, str(err)]
-    order = _auto_order(backend.device)
-    rest = order[order.index(backend.name) + 1 :] if backend.name in order else ()
-    return _first_of(rest, backend.device, reasons, request, "runs this model here")
+        backend = _first_of(rest, backend.device, reasons, request, "runs this model here")
+    if auto and backend.passed_over and backend.device.type == "cuda":
+        warnings.warn(
+            f"backend 'auto' runs {backend.name!r} on this GPU, not a faster one: {'; '.join(backend.passed_over)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return backend
 
 
 def _first_of(candidates, device, reasons: list[str], request: LoadRequest | None, what: str) -> Backend:
