@@ -3,6 +3,8 @@ _scaled_mm product against a float64 product of the dequantized operands, and th
 against the export stage's ModelOpt recipe and calibration files."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,18 +60,22 @@ def test_triton_quantizer_is_torch_bit_for_bit(dtype, k):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+def _suite_parts():
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import suite_parts
+
+    return suite_parts
+
+
 def test_triton_quantizer_rounds_every_e4m3_tie_and_its_neighbours_as_torch_does():
     """Each row's amax is 448, so its scale is 1 and the quantizer rounds x itself: every e4m3 value, every
     midpoint between neighbours (ties, subnormals included), and the float32 values one ulp either side, of both
     signs, against torch's own cast."""
-    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    grid = grid[torch.isfinite(grid) & (grid >= 0)].unique()
-    mids = (grid[1:] + grid[:-1]) / 2
-    values = torch.cat([grid, mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(1e9))])
-    values = torch.cat([values, -values])
-    rows = torch.nn.functional.pad(values, (0, -values.numel() % 63)).view(-1, 63)
-    x = torch.cat([torch.full((rows.shape[0], 1), 448.0), rows], dim=1)  # every value kept, beside a 448
-    assert torch.isin(values, x).all()
+    x = _suite_parts().e4m3_tie_rows("cpu")  # the inputs the GPU run checks too
+    # 127 non-negative e4m3 values, 126 midpoints and each one's two float32 neighbours, all kept beside the 448s
+    assert x.shape[1] == 64 and (x[:, 0] == 448).all() and x[:, 1:].abs().unique().numel() >= 127 + 3 * 126
     q, scale = fp8_quant.quantize_rows(x)
     assert (scale == 1).all()
     assert torch.equal(q.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))

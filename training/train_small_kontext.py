@@ -110,18 +110,11 @@ class Stream:
         self.edits += n
         return out
 
-    def gen_batch(self, n: int):
-        out = gen_samples(self.seed, self.gens, n)
-        self.gens += n
-        return out
-
     def take(self, draw, n: int, chunk: int):
         """Chunks of the next n samples of `draw` (edit_samples or gen_samples), as lists, in order."""
-        first = self.edits if draw is edit_samples else self.gens
-        if draw is edit_samples:
-            self.edits += n
-        else:
-            self.gens += n
+        counter = "edits" if draw is edit_samples else "gens"
+        first = getattr(self, counter)
+        setattr(self, counter, first + n)
         starts = range(first, first + n, chunk)
         sizes = [min(chunk, first + n - s) for s in starts]
         if self.workers <= 1:
