@@ -90,6 +90,31 @@ def test_workers_draw_the_same_samples_in_the_same_order(train):
     assert [s.instruction for s in a] == [s.instruction for s in train.edit_samples(3, 0, 11)]
 
 
+def test_skip_starts_the_stream_further_on(train):
+    """--skip N: the stream's first edit is train edit N and its first caption train caption N // 4, the samples
+    a stream from 0 would reach only after them."""
+    later = train.Stream(3, skip=9)
+    first = [s.instruction for s in later.edit_batch(3)]
+    assert first == [s.instruction for s in train.edit_samples(3, 9, 3)]
+    assert first != [s.instruction for s in train.edit_samples(3, 0, 3)]
+    (caption,) = next(later.take(train.gen_samples, 1, 1))
+    assert caption.caption == train.gen_samples(3, 2, 1)[0].caption != train.gen_samples(3, 0, 1)[0].caption
+
+
+def test_init_from_refuses_a_seed_whose_text_encoders_differ(train, tmp_path, capsys):
+    """The script rewrites the text encoders for --seed: continuing the shipped model (trained with seed 0's) with
+    another seed would pair it with other encoders. Refused before anything is written; seed 0 is accepted."""
+    from kontext_rt.demo import small_kontext
+
+    out = tmp_path / "run"
+    argv = ["--init-from", str(small_kontext()), "--out", str(out)]
+    with pytest.raises(SystemExit) as refused:
+        train.check(train.parser(), train.parser().parse_args([*argv, "--seed", "1"]))
+    assert refused.value.code == 2 and "other text encoders than --seed 1" in capsys.readouterr().err
+    assert not out.exists()
+    train.check(train.parser(), train.parser().parse_args([*argv, "--seed", "0"]))
+
+
 def test_a_short_run_from_the_shipped_model_writes_a_loadable_checkpoint(train, tmp_path):
     """The whole script on the CPU, from the shipped model, two pool workers, seconds of training: the checkpoint
     loads and its log records the device and the steps."""

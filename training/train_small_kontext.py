@@ -35,6 +35,7 @@ import json
 import math
 import multiprocessing
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,8 +103,8 @@ class Stream:
     """Train-split samples in a fixed order (edit_samples, gen_samples); `take` draws the next ones of a kind in
     `workers` processes, in the same order as one process would."""
 
-    def __init__(self, seed: int, workers: int = 1):
-        self.seed, self.edits, self.gens, self.workers = seed, 0, 0, workers
+    def __init__(self, seed: int, workers: int = 1, skip: int = 0):
+        self.seed, self.edits, self.gens, self.workers = seed, skip, skip // 4, workers
 
     def edit_batch(self, n: int):
         out = edit_samples(self.seed, self.edits, n)
@@ -392,6 +393,12 @@ def parser() -> argparse.ArgumentParser:
         help="extra flow-loss weight on the target tokens an edit changes (0: every token alike)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="start the sample stream at train edit N (and caption N/4): a continued run sees scenes its start did not",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU: the same training, much faster)")
     p.add_argument("--workers", type=int, default=1, help="processes drawing the pool's scenes")
@@ -419,6 +426,20 @@ def autoencoder(args, vae, stream: Stream, cfg, curve: list) -> AutoEncoder:
     return vae.to(args.device)
 
 
+def same_text_encoders(folder: Path, seed: int) -> bool:
+    """Whether folder's text encoders are the ones this script writes for seed (it rewrites them into --out, and a
+    transformer trained on other ones reads noise where its text was)."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
+        write_diffusers_checkpoint(Path(tmp), FluxTransformer(flux_config(32, 1, 1)), AutoEncoder(VAE_CONFIG), seed)
+        for sub in ("text_encoder", "text_encoder_2"):
+            mine, theirs = (load_file(Path(d) / sub / "model.safetensors") for d in (tmp, folder))
+            if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+                return False
+    return True
+
+
 def check(p: argparse.ArgumentParser, args) -> None:
     """The arguments, refused (p.error) before any work; --init-from implies --vae-from of the same folder."""
     if args.init_from is not None and args.vae_from is None:
@@ -431,14 +452,18 @@ def check(p: argparse.ArgumentParser, args) -> None:
         p.error("--shape-weight, --edit-weight and --vae-tune-minutes must not be negative")
     if args.shape_weight and args.vae_from is not None and args.vae_tune_minutes <= 0:
         p.error("--shape-weight weighs a VAE phase, and none runs: the VAE is loaded and --vae-tune-minutes is 0")
-    if args.hidden % 32 or args.batch < 4 or args.pool < 1 or args.workers < 1:
-        p.error("--hidden must be a multiple of 32, --batch at least 4, --pool and --workers positive")
+    if args.hidden % 32 or args.batch < 4 or args.pool < 1 or args.workers < 1 or args.skip < 0:
+        p.error(
+            "--hidden must be a multiple of 32, --batch at least 4, --pool and --workers positive, --skip not negative"
+        )
     if args.device not in ("cpu", "cuda"):
         p.error(f"--device must be cpu or cuda, not {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible here")
     if args.out.exists() and any(args.out.iterdir()):
         p.error(f"--out {args.out} is not empty")
+    if args.init_from is not None and not same_text_encoders(args.init_from, args.seed):
+        p.error(f"--init-from {args.init_from} was trained with other text encoders than --seed {args.seed} writes")
 
 
 def main(argv=None) -> int:
@@ -468,7 +493,7 @@ def main(argv=None) -> int:
     # the text encoders first: written by the same call (and seed) that writes the final checkpoint
     write_diffusers_checkpoint(args.out, FluxTransformer(cfg), AutoEncoder(VAE_CONFIG), args.seed, MAX_SEQUENCE_LENGTH)
     text = TextTable(args.out)
-    stream = Stream(args.seed, args.workers)
+    stream = Stream(args.seed, args.workers, args.skip)
 
     vae_curve, flux_curve = [], []
     if vae is not None:
