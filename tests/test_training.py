@@ -113,6 +113,9 @@ def test_init_from_refuses_a_seed_whose_text_encoders_differ(train, tmp_path, ca
     assert refused.value.code == 2 and "other text encoders than --seed 1" in capsys.readouterr().err
     assert not out.exists()
     train.check(train.parser(), train.parser().parse_args([*argv, "--seed", "0"]))
+    with pytest.raises(SystemExit):  # a folder without text encoders: named, not a traceback
+        train.check(train.parser(), train.parser().parse_args(["--init-from", str(tmp_path), "--out", str(out)]))
+    assert "has no text_encoder/model.safetensors" in capsys.readouterr().err
 
 
 def test_a_short_run_from_the_shipped_model_writes_a_loadable_checkpoint(train, tmp_path):
@@ -129,4 +132,5 @@ def test_a_short_run_from_the_shipped_model_writes_a_loadable_checkpoint(train, 
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]  # its own process: it sets torch's globals
     record = json.loads((out / "train_log.json").read_text())
     assert record["device"] == "cpu" and record["flux_steps"] > 0
+    assert record["stream"] == {"edits": [0, 24], "captions": [0, 6]}  # the pool, no VAE phase
     assert Pipeline.from_pretrained(out, max_sequence_length=train.MAX_SEQUENCE_LENGTH).transformer is not None

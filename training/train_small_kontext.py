@@ -426,6 +426,9 @@ def autoencoder(args, vae, stream: Stream, cfg, curve: list) -> AutoEncoder:
     return vae.to(args.device)
 
 
+TEXT_ENCODER_FILES = ("text_encoder/model.safetensors", "text_encoder_2/model.safetensors")
+
+
 def same_text_encoders(folder: Path, seed: int) -> bool:
     """Whether folder's text encoders are the ones this script writes for seed (it rewrites them into --out, and a
     transformer trained on other ones reads noise where its text was)."""
@@ -433,8 +436,8 @@ def same_text_encoders(folder: Path, seed: int) -> bool:
 
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
         write_diffusers_checkpoint(Path(tmp), FluxTransformer(flux_config(32, 1, 1)), AutoEncoder(VAE_CONFIG), seed)
-        for sub in ("text_encoder", "text_encoder_2"):
-            mine, theirs = (load_file(Path(d) / sub / "model.safetensors") for d in (tmp, folder))
+        for name in TEXT_ENCODER_FILES:
+            mine, theirs = (load_file(Path(d) / name) for d in (tmp, folder))
             if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
                 return False
     return True
@@ -462,8 +465,12 @@ def check(p: argparse.ArgumentParser, args) -> None:
         p.error("--device cuda: no CUDA GPU is visible here")
     if args.out.exists() and any(args.out.iterdir()):
         p.error(f"--out {args.out} is not empty")
-    if args.init_from is not None and not same_text_encoders(args.init_from, args.seed):
-        p.error(f"--init-from {args.init_from} was trained with other text encoders than --seed {args.seed} writes")
+    if args.init_from is not None:
+        missing = [name for name in TEXT_ENCODER_FILES if not (args.init_from / name).is_file()]
+        if missing:
+            p.error(f"--init-from {args.init_from} has no {', '.join(missing)}: give a checkpoint this script wrote")
+        if not same_text_encoders(args.init_from, args.seed):
+            p.error(f"--init-from {args.init_from} was trained with other text encoders than --seed {args.seed} writes")
 
 
 def main(argv=None) -> int:
@@ -507,6 +514,8 @@ def main(argv=None) -> int:
         cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve, init, args.edit_weight
     )
     record["train_seconds"] = round(time.perf_counter() - start, 1)
+    # the train samples this run drew (VAE phase and pool): a later run's --skip past edits[1] sees only new scenes
+    record["stream"] = {"edits": [args.skip, stream.edits], "captions": [args.skip // 4, stream.gens]}
     record["flux_steps"] = steps
     record["vae_curve"], record["flux_curve"] = vae_curve, flux_curve
 
