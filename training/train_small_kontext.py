@@ -397,7 +397,7 @@ def parser() -> argparse.ArgumentParser:
         "--skip",
         type=int,
         default=0,
-        help="start the sample stream at train edit N (and caption N/4): a continued run sees scenes its start did not",
+        help="start the sample stream at train edit N (caption N/4); train_log.json's stream says what a run drew",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU: the same training, much faster)")
