@@ -1,9 +1,9 @@
-"""training/train_small_kontext.py's loss weights, on constructed cases (the script itself runs for hours: CI does
-not train)."""
+"""training/train_small_kontext.py and its two modules: the loss weights on constructed cases, the sample stream,
+the argument checks and a seconds-long run (the script itself runs for hours: CI does not train)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -15,21 +15,37 @@ import torch
 
 from kontext_rt.quality import shapes
 
+TRAINING = Path(__file__).resolve().parents[1] / "training"
+
 
 @pytest.fixture(scope="module")
-def train():
-    path = Path(__file__).resolve().parents[1] / "training" / "train_small_kontext.py"
-    spec = importlib.util.spec_from_file_location("train_small_kontext", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def on_path():
+    """The training folder on sys.path, as python puts a script's folder there: the script imports its modules."""
+    sys.path.insert(0, str(TRAINING))
+    yield
+    sys.path.remove(str(TRAINING))
 
 
-def test_changed_tokens_are_the_cells_the_edit_touches(train):
+@pytest.fixture(scope="module")
+def train(on_path):
+    return importlib.import_module("train_small_kontext")
+
+
+@pytest.fixture(scope="module")
+def data(on_path):
+    return importlib.import_module("small_kontext_data")
+
+
+@pytest.fixture(scope="module")
+def phases(on_path):
+    return importlib.import_module("small_kontext_phases")
+
+
+def test_changed_tokens_are_the_cells_the_edit_touches(data):
     """A token is one 16 px cell of the 4x4 grid, row-major: the changed ones are the cells named by the edit."""
     for kind in shapes.EDIT_KINDS:
         samples = [shapes.edit_sample("train", kind, seed=2, index=i) for i in range(12)]
-        changed = train.changed_tokens(samples).numpy()
+        changed = data.changed_tokens(samples).numpy()
         for s, row in zip(samples, changed, strict=True):
             if kind == "background":
                 expected = set(range(16))
@@ -41,25 +57,25 @@ def test_changed_tokens_are_the_cells_the_edit_touches(train):
             assert set(np.flatnonzero(row)) == expected, s.instruction
 
 
-def test_edit_loss_by_hand(train):
+def test_edit_loss_by_hand(phases):
     err = torch.rand(3, 16, dtype=torch.float64)
     changed = torch.zeros(3, 16, dtype=torch.bool)
     changed[0, 5] = True  # a recolour
     changed[1, [2, 3]] = True  # a move
     changed[2] = True  # a background edit
-    assert train.edit_loss(err, changed, 0.0).item() == pytest.approx(err.mean().item(), rel=1e-15)
+    assert phases.edit_loss(err, changed, 0.0).item() == pytest.approx(err.mean().item(), rel=1e-15)
     e = err.numpy()
     expected = [
         (e[0].sum() + 4 * e[0, 5]) / 20,  # weights 1 + 4 on one token of 16: 20 in all
         (e[1].sum() + 4 * (e[1, 2] + e[1, 3])) / 24,
         e[2].mean(),  # every token weighted 5: the plain mean
     ]
-    assert train.edit_loss(err, changed, 4.0).item() == pytest.approx(np.mean(expected), rel=1e-12)
+    assert phases.edit_loss(err, changed, 4.0).item() == pytest.approx(np.mean(expected), rel=1e-12)
 
 
-def test_shape_weights_weigh_the_grown_shapes(train):
+def test_shape_weights_weigh_the_grown_shapes(data):
     samples = [shapes.edit_sample("train", kind, seed=4, index=0) for kind in shapes.EDIT_KINDS]
-    w = train.shape_weights(samples, 10.0).numpy()
+    w = data.shape_weights(samples, 10.0).numpy()
     assert w.shape == (2 * len(samples), 1, 64, 64)
     scenes = [s.meta["source"] for s in samples] + [s.meta["target"] for s in samples]
     for plane, scene in zip(w[:, 0], scenes, strict=True):
@@ -74,31 +90,31 @@ def test_shape_weights_weigh_the_grown_shapes(train):
         np.testing.assert_array_equal(plane, np.where(grown, 11.0, 1.0))
 
 
-def test_workers_draw_the_same_samples_in_the_same_order(train):
+def test_workers_draw_the_same_samples_in_the_same_order(data):
     """The pool drawn in two processes is the one process's, sample for sample (images, instructions), and the
     stream goes on from the same index."""
-    one, two = train.Stream(3, workers=1), train.Stream(3, workers=2)
-    a = [s for chunk in one.take(train.edit_samples, 11, 4) for s in chunk]
-    b = [s for chunk in two.take(train.edit_samples, 11, 4) for s in chunk]
+    one, two = data.Stream(3, workers=1), data.Stream(3, workers=2)
+    a = [s for chunk in one.take(data.edit_samples, 11, 4) for s in chunk]
+    b = [s for chunk in two.take(data.edit_samples, 11, 4) for s in chunk]
     assert [s.instruction for s in a] == [s.instruction for s in b] and len(a) == 11
     assert all(np.array_equal(np.array(x.target), np.array(y.target)) for x, y in zip(a, b, strict=True))
     assert (
         one.edit_batch(1)[0].instruction
         == two.edit_batch(1)[0].instruction
-        == train.edit_samples(3, 11, 1)[0].instruction
+        == data.edit_samples(3, 11, 1)[0].instruction
     )
-    assert [s.instruction for s in a] == [s.instruction for s in train.edit_samples(3, 0, 11)]
+    assert [s.instruction for s in a] == [s.instruction for s in data.edit_samples(3, 0, 11)]
 
 
-def test_skip_starts_the_stream_further_on(train):
+def test_skip_starts_the_stream_further_on(data):
     """--skip N: the stream's first edit is train edit N and its first caption train caption N // 4, the samples
     a stream from 0 would reach only after them."""
-    later = train.Stream(3, skip=9)
+    later = data.Stream(3, skip=9)
     first = [s.instruction for s in later.edit_batch(3)]
-    assert first == [s.instruction for s in train.edit_samples(3, 9, 3)]
-    assert first != [s.instruction for s in train.edit_samples(3, 0, 3)]
-    (caption,) = next(later.take(train.gen_samples, 1, 1))
-    assert caption.caption == train.gen_samples(3, 2, 1)[0].caption != train.gen_samples(3, 0, 1)[0].caption
+    assert first == [s.instruction for s in data.edit_samples(3, 9, 3)]
+    assert first != [s.instruction for s in data.edit_samples(3, 0, 3)]
+    (caption,) = next(later.take(data.gen_samples, 1, 1))
+    assert caption.caption == data.gen_samples(3, 2, 1)[0].caption != data.gen_samples(3, 0, 1)[0].caption
 
 
 def test_init_from_refuses_a_seed_whose_text_encoders_differ(train, tmp_path, capsys):

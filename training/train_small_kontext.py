@@ -1,18 +1,18 @@
 """Train a small FLUX.1 Kontext of the runtime's own architecture on the synthetic shapes task, on the CPU.
 
-Two phases: an autoencoder (kontext_rt.model.vae.AutoEncoder, VAE_CONFIG below) on rendered scenes for
---vae-minutes (or one loaded by --vae-from, trained further for --vae-tune-minutes), then a transformer
-(kontext_rt.model.transformer.FluxTransformer, FLUX_CONFIG) for --flux-minutes with the rectified-flow objective:
+Two phases (small_kontext_phases.py): an autoencoder (kontext_rt.model.vae.AutoEncoder, VAE_CONFIG) on rendered
+scenes for --vae-minutes (or one loaded by --vae-from, trained further for --vae-tune-minutes), then a transformer
+(kontext_rt.model.transformer.FluxTransformer, flux_config) for --flux-minutes with the rectified-flow objective:
 x_t = (1 - t) x_0 + t noise, target velocity noise - x_0, t = sigmoid(N(0, 1)), on edits (the source's packed latent
 tokens as context, RoPE ids (1, r, c), as kontext_rt.model.rope.sequence_ids builds them) and on generation (no
-context). The transformer trains on a pool of train-split samples encoded once by the trained VAE (--pool edits, a
-quarter as many captions), drawn at random with replacement. Both phases decay their learning rate over their time
-budget (cosine, after a warm-up). --shape-weight weighs the reconstruction error on the shapes' pixels up (they are
-a few percent of an image, and their colours are what most edits are about); --edit-weight weighs the flow loss on
-the tokens an edit changes up (one or two of 16; all of them in a background edit). Text goes through the demo's
-tiny CLIP and T5 encoders (frozen, random, as write_diffusers_checkpoint writes them for --seed), so the result
-loads with Pipeline.from_pretrained like any checkpoint; its T5 tokenizer states the MAX_SEQUENCE_LENGTH tokens it
-was trained with, which the pipeline then reads by default.
+context). The transformer trains on a pool of train-split samples (small_kontext_data.py) encoded once by the
+trained VAE (--pool edits, a quarter as many captions), drawn at random with replacement. Both phases decay their
+learning rate over their time budget (cosine, after a warm-up). --shape-weight weighs the reconstruction error on
+the shapes' pixels up (they are a few percent of an image, and their colours are what most edits are about);
+--edit-weight weighs the flow loss on the tokens an edit changes up (one or two of 16; all of them in a background
+edit). Text goes through the demo's tiny CLIP and T5 encoders (frozen, random, as write_diffusers_checkpoint writes
+them for --seed), so the result loads with Pipeline.from_pretrained like any checkpoint; its T5 tokenizer states the
+MAX_SEQUENCE_LENGTH tokens it was trained with, which the pipeline then reads by default.
 
     python training/train_small_kontext.py --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
 
@@ -28,292 +28,24 @@ steps a budget buys depends on the machine; the seed fixes the data, the initial
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
-import functools
 import json
 import math
-import multiprocessing
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from kontext_rt import image as im
-from kontext_rt.config import PRESETS, FluxConfig, VAEConfig
 from kontext_rt.demo import write_diffusers_checkpoint
-from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
 from kontext_rt.quality import shapes
 
-_TEXT = PRESETS["tiny"]  # the demo's text encoders fix the text widths: T5 48, CLIP pooled 32
-# One norm group: GroupNorm with one channel per group (8 groups of 8 channels) subtracts each channel's mean over the
-# image, so a flat colour field normalises to zero and the decoder cannot tell a red background from a blue one.
-# scale_factor / shift_factor are set from the trained encoder's latents (calibrate).
-VAE_CONFIG = VAEConfig(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=1)
-MAX_SEQUENCE_LENGTH = 64  # T5 tokens (the demo tokenizer: one per character; instructions need at most 31)
-SIZE = 64  # px: 8x8 latent, 4x4 = 16 tokens per image, one per cell of the scene's grid
-VAE_BATCH = 32
-GUIDANCE_RANGE = (1.0, 5.0)  # no guidance distillation here: drawn at random, so any guidance value is in range
-
-
-def flux_config(hidden: int, depth: int, single: int) -> FluxConfig:
-    heads = hidden // 32  # head dim 32: RoPE axes (4, 14, 14) as the tiny preset
-    return FluxConfig(
-        vec_in_dim=_TEXT.vec_in_dim,
-        context_in_dim=_TEXT.context_in_dim,
-        hidden_size=hidden,
-        num_heads=heads,
-        depth=depth,
-        depth_single_blocks=single,
-        axes_dim=(4, 14, 14),
-    )
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def to_batch(images) -> torch.Tensor:
-    """PIL images -> (B, 3, H, W) in [-1, 1]."""
-    return torch.cat([im.to_tensor(img, *img.size) for img in images])
-
-
-def cosine_lr(base: float, step: int, warmup: int, progress: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine from base to base/20 as progress (0..1 of the budget) runs."""
-    progress = min(max(progress, 0.0), 1.0)
-    return base * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def edit_samples(seed: int, start: int, n: int) -> list:
-    """Train-split edits start..start+n-1: edit i has kind EDIT_KINDS[i % 5], drawn from (seed, i)."""
-    return shapes.sample_range("train", shapes.EDIT_KINDS, seed, SIZE, start, n)
-
-
-def gen_samples(seed: int, start: int, n: int) -> list:
-    return shapes.sample_range("train", (shapes.GEN_KIND,), seed, SIZE, start, n)
-
-
-class Stream:
-    """Train-split samples in a fixed order (edit_samples, gen_samples); `take` draws the next ones of a kind in
-    `workers` processes, in the same order as one process would."""
-
-    def __init__(self, seed: int, workers: int = 1, skip: int = 0):
-        self.seed, self.edits, self.gens, self.workers = seed, skip, skip // 4, workers
-
-    def edit_batch(self, n: int):
-        out = edit_samples(self.seed, self.edits, n)
-        self.edits += n
-        return out
-
-    def take(self, draw, n: int, chunk: int):
-        """Chunks of the next n samples of `draw` (edit_samples or gen_samples), as lists, in order."""
-        counter = "edits" if draw is edit_samples else "gens"
-        first = getattr(self, counter)
-        setattr(self, counter, first + n)
-        starts = range(first, first + n, chunk)
-        sizes = [min(chunk, first + n - s) for s in starts]
-        if self.workers <= 1:
-            yield from (draw(self.seed, s, k) for s, k in zip(starts, sizes, strict=True))
-            return
-        kinds = shapes.EDIT_KINDS if draw is edit_samples else (shapes.GEN_KIND,)
-        job = functools.partial(shapes.sample_range, "train", kinds, self.seed, SIZE)  # importable by name
-        # spawned, not forked: this process has threads (torch's, CUDA's), which a fork would copy mid-lock
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-            yield from pool.map(job, starts, sizes)
-
-
-def shape_weights(samples, weight: float) -> torch.Tensor:
-    """(2B, 1, H, W) reconstruction weights for [sources..., targets...]: 1 + weight on the pixels of the shapes
-    (grown by one pixel). Shapes cover a few percent of an image; with plain MSE the background outweighs them and the
-    autoencoder learns their colours last."""
-    scenes = [s.meta["source"] for s in samples] + [s.meta["target"] for s in samples]
-    masks = [shapes.grow(shapes.Scene.from_dict(d).shapes_mask()) for d in scenes]
-    return 1.0 + weight * torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
-
-
-def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0, device="cpu") -> AutoEncoder:
-    """An autoencoder trained for `minutes` (from `init`'s weights when given) on reconstruction: MSE weighted by
-    shape_weights, plus a small pull of the latents toward 0 so their scale stays put."""
-    vae = AutoEncoder(VAE_CONFIG if init is None else init.cfg)
-    if init is not None:
-        vae.load_state_dict(init.state_dict())
-    vae.to(device).train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    step, t0, window = 0, time.perf_counter(), []
-    budget = 60.0 * minutes
-    while (elapsed := time.perf_counter() - t0) < budget:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(lr, step, 100, elapsed / budget)
-        samples = stream.edit_batch(VAE_BATCH // 2)
-        x = to_batch([s.source for s in samples] + [s.target for s in samples]).to(device)
-        mean = vae.encoder(x).chunk(2, dim=1)[0]
-        rec = vae.decoder(mean)
-        mse = F.mse_loss(rec, x)
-        if shape_weight:
-            w = shape_weights(samples, shape_weight).to(device)
-            fit = (w * (rec - x).pow(2)).mean() / w.mean()
-        else:
-            fit = mse
-        loss = fit + 1e-4 * mean.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        window.append(mse.item())
-        if step % 50 == 0:
-            m = float(np.mean(window))
-            curve.append([step, round(time.perf_counter() - t0, 1), m, round(10 * math.log10(4 / m), 2)])
-            log(f"vae step {step:5d}  {curve[-1][1]:7.1f} s  mse {m:.5f}  psnr {curve[-1][3]:.2f} dB")
-            window = []
-    return vae.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def calibrate(vae: AutoEncoder, stream: Stream) -> AutoEncoder:
-    """The same weights with scale_factor and shift_factor making the latents zero-mean, unit-variance, as FLUX's
-    VAE config does for its own latents; on vae's device."""
-    device = next(vae.parameters()).device
-    samples = stream.edit_batch(64)
-    mean = vae.encoder(to_batch([s.target for s in samples]).to(device)).chunk(2, dim=1)[0]
-    shift, std = round(mean.mean().item(), 4), mean.std().item()
-    cfg = dataclasses.replace(vae.cfg, shift_factor=shift, scale_factor=round(1.0 / std, 4))
-    out = AutoEncoder(cfg)
-    out.load_state_dict(vae.state_dict())
-    return out.to(device).eval().requires_grad_(False)
-
-
-class TextTable:
-    """The frozen text encoders' (txt, pooled) per prompt, computed once each; prompts become indices."""
-
-    def __init__(self, folder: Path):
-        from kontext_rt.text import TextEncoders
-
-        self.encoders = TextEncoders(folder, "cpu", torch.float32)
-        self.index, self.txt, self.pooled = {}, [], []
-
-    def ids(self, prompts) -> list[int]:
-        out = []
-        for p in prompts:
-            if p not in self.index:
-                txt, pooled = self.encoders.encode(p, MAX_SEQUENCE_LENGTH)
-                self.index[p] = len(self.txt)
-                self.txt.append(txt[0])
-                self.pooled.append(pooled[0])
-            out.append(self.index[p])
-        return out
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack(self.txt), torch.stack(self.pooled)
-
-
-@torch.no_grad()
-def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n_gen: int, chunk: int = 64) -> dict:
-    """Train-split samples encoded once: edit (context, target, prompt id) and generation (target, prompt id), on
-    vae's device."""
-    device = next(vae.parameters()).device
-    ctx, tgt, changed, eid, gen, gid = [], [], [], [], [], []
-    t0 = time.perf_counter()
-    for n, samples in enumerate(stream.take(edit_samples, n_edit, chunk)):
-        x = to_batch([s.source for s in samples] + [s.target for s in samples]).to(device)
-        z = im.pack(vae.encode(x))
-        ctx.append(z[: len(samples)])
-        tgt.append(z[len(samples) :])
-        changed.append(changed_tokens(samples).to(device))
-        eid += text.ids([s.instruction for s in samples])
-        if n % 50 == 0:
-            log(f"pool: {n * chunk + len(samples)} / {n_edit} edits  {time.perf_counter() - t0:.0f} s")
-    for samples in stream.take(gen_samples, n_gen, chunk):
-        gen.append(im.pack(vae.encode(to_batch([s.target for s in samples]).to(device))))
-        gid += text.ids([s.caption for s in samples])
-    txt, pooled = text.tensors()
-    log(f"pool: {n_edit} edits, {n_gen} captions, {len(text.index)} prompts in {time.perf_counter() - t0:.0f} s")
-    return {
-        "ctx": torch.cat(ctx),
-        "tgt": torch.cat(tgt),
-        "changed": torch.cat(changed),
-        "eid": torch.tensor(eid, device=device),
-        "gen": torch.cat(gen),
-        "gid": torch.tensor(gid, device=device),
-        "txt": txt.to(device),
-        "pooled": pooled.to(device),
-    }
-
-
-def flow_loss(model, z, ctx, txt, pooled, rope) -> torch.Tensor:
-    """(B, L) mean-square velocity error per target token."""
-    b = z.shape[0]
-    t = torch.sigmoid(torch.randn(b, device=z.device))
-    noise = torch.randn_like(z)
-    x_t = (1 - t)[:, None, None] * z + t[:, None, None] * noise
-    guidance = torch.empty(b, device=z.device).uniform_(*GUIDANCE_RANGE)
-    v = model(x_t, ctx, txt, pooled, t, guidance, *rope)
-    return (v - (noise - z)).pow(2).mean(-1)
-
-
-def changed_tokens(samples) -> torch.Tensor:
-    """(B, L) bool: the target tokens an edit changes, from its exact pixel mask (EditSample.mask): a token covers
-    16 x 16 px (8x down, 2x2 patches), one cell of the scene's grid, and counts as changed when over 5% of its pixels
-    are in the mask. A recolour, removal or addition changes one token, a move two, a background edit all 16."""
-    masks = torch.from_numpy(np.stack([s.mask for s in samples]).astype(np.float32))[:, None]
-    return F.avg_pool2d(masks, 16).flatten(1) > 0.05
-
-
-def edit_loss(err: torch.Tensor, changed: torch.Tensor, edit_weight: float) -> torch.Tensor:
-    """Mean over the samples of each one's weighted mean of its token errors err (B, L): weight 1 + edit_weight on
-    its changed tokens (B, L bool), 1 elsewhere, normalised per sample."""
-    w = 1.0 + edit_weight * changed.to(err.dtype)
-    return ((w * err).sum(1) / w.sum(1)).mean()
-
-
-def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weight=0.0):
-    """(model, steps). An edit sample's loss is the mean of its target tokens' errors weighted 1 + edit_weight on the
-    tokens the edit changes (changed_tokens), 1 elsewhere: most edits change one or two of 16 tokens, and without
-    the weight the loss is mostly about copying the context. Each sample's weights are normalised on their own, so
-    a background edit (every token changed) weighs as much as a recolour."""
-    device = pool["tgt"].device
-    model = FluxTransformer(cfg)
-    if init is not None:
-        model.load_state_dict(init.state_dict())
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    n_edit, n_gen = batch * 3 // 4, batch - batch * 3 // 4
-    grid = (SIZE // 16, SIZE // 16)
-    edit_rope, gen_rope = (
-        [t.to(device) for t in rope_table(sequence_ids(MAX_SEQUENCE_LENGTH, grids), cfg.axes_dim, cfg.theta)]
-        for grids in ([grid, grid], [grid])
-    )
-    step, t0, window = 0, time.perf_counter(), []
-    budget = 60.0 * minutes
-    while (elapsed := time.perf_counter() - t0) < budget:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(lr, step, 200, elapsed / budget)
-        e = torch.randint(len(pool["eid"]), (n_edit,), device=device)
-        g = torch.randint(len(pool["gid"]), (n_gen,), device=device)
-        pe, pg = pool["eid"][e], pool["gid"][g]
-        err_e = flow_loss(model, pool["tgt"][e], pool["ctx"][e], pool["txt"][pe], pool["pooled"][pe], edit_rope)
-        loss_g = flow_loss(model, pool["gen"][g], None, pool["txt"][pg], pool["pooled"][pg], gen_rope).mean()
-        loss_e = err_e.mean()
-        loss = (n_edit * edit_loss(err_e, pool["changed"][e], edit_weight) + n_gen * loss_g) / batch
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        window.append(torch.stack([loss_e.detach(), loss_g.detach()]))  # read every 100 steps: no sync per step
-        if step % 100 == 0:
-            le, lg = torch.stack(window).mean(0).tolist()
-            curve.append([step, round(time.perf_counter() - t0, 1), float(le), float(lg)])
-            log(f"flux step {step:6d}  {curve[-1][1]:7.1f} s  edit loss {le:.4f}  gen loss {lg:.4f}")
-            window = []
-    return model.cpu().eval().requires_grad_(False), step
+# the script's own modules, beside it (python puts a script's folder first on sys.path)
+from small_kontext_data import MAX_SEQUENCE_LENGTH, SIZE, Stream, TextTable, build_pool, log
+from small_kontext_phases import VAE_CONFIG, calibrate, flux_config, train_transformer, train_vae
 
 
 def evaluate(folder: Path, n: int, steps: int, seed: int, device: str = "cpu") -> dict:

@@ -1,0 +1,159 @@
+"""The two training phases of train_small_kontext.py: the autoencoder on reconstruction, then the transformer on the
+rectified-flow objective over the encoded pool (small_kontext_data.build_pool)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kontext_rt.config import PRESETS, FluxConfig, VAEConfig
+from kontext_rt.model.rope import rope_table, sequence_ids
+from kontext_rt.model.transformer import FluxTransformer
+from kontext_rt.model.vae import AutoEncoder
+
+from small_kontext_data import MAX_SEQUENCE_LENGTH, SIZE, Stream, log, shape_weights, to_batch
+
+_TEXT = PRESETS["tiny"]  # the demo's text encoders fix the text widths: T5 48, CLIP pooled 32
+# One norm group: GroupNorm with one channel per group (8 groups of 8 channels) subtracts each channel's mean over the
+# image, so a flat colour field normalises to zero and the decoder cannot tell a red background from a blue one.
+# scale_factor / shift_factor are set from the trained encoder's latents (calibrate).
+VAE_CONFIG = VAEConfig(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=1)
+VAE_BATCH = 32
+GUIDANCE_RANGE = (1.0, 5.0)  # no guidance distillation here: drawn at random, so any guidance value is in range
+
+
+def flux_config(hidden: int, depth: int, single: int) -> FluxConfig:
+    heads = hidden // 32  # head dim 32: RoPE axes (4, 14, 14) as the tiny preset
+    return FluxConfig(
+        vec_in_dim=_TEXT.vec_in_dim,
+        context_in_dim=_TEXT.context_in_dim,
+        hidden_size=hidden,
+        num_heads=heads,
+        depth=depth,
+        depth_single_blocks=single,
+        axes_dim=(4, 14, 14),
+    )
+
+
+def cosine_lr(base: float, step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from base to base/20 as progress (0..1 of the budget) runs."""
+    progress = min(max(progress, 0.0), 1.0)
+    return base * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0, device="cpu") -> AutoEncoder:
+    """An autoencoder trained for `minutes` (from `init`'s weights when given) on reconstruction: MSE weighted by
+    shape_weights, plus a small pull of the latents toward 0 so their scale stays put."""
+    vae = AutoEncoder(VAE_CONFIG if init is None else init.cfg)
+    if init is not None:
+        vae.load_state_dict(init.state_dict())
+    vae.to(device).train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    step, t0, window = 0, time.perf_counter(), []
+    budget = 60.0 * minutes
+    while (elapsed := time.perf_counter() - t0) < budget:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(lr, step, 100, elapsed / budget)
+        samples = stream.edit_batch(VAE_BATCH // 2)
+        x = to_batch([s.source for s in samples] + [s.target for s in samples]).to(device)
+        mean = vae.encoder(x).chunk(2, dim=1)[0]
+        rec = vae.decoder(mean)
+        mse = F.mse_loss(rec, x)
+        if shape_weight:
+            w = shape_weights(samples, shape_weight).to(device)
+            fit = (w * (rec - x).pow(2)).mean() / w.mean()
+        else:
+            fit = mse
+        loss = fit + 1e-4 * mean.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        window.append(mse.item())
+        if step % 50 == 0:
+            m = float(np.mean(window))
+            curve.append([step, round(time.perf_counter() - t0, 1), m, round(10 * math.log10(4 / m), 2)])
+            log(f"vae step {step:5d}  {curve[-1][1]:7.1f} s  mse {m:.5f}  psnr {curve[-1][3]:.2f} dB")
+            window = []
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def calibrate(vae: AutoEncoder, stream: Stream) -> AutoEncoder:
+    """The same weights with scale_factor and shift_factor making the latents zero-mean, unit-variance, as FLUX's
+    VAE config does for its own latents; on vae's device."""
+    device = next(vae.parameters()).device
+    samples = stream.edit_batch(64)
+    mean = vae.encoder(to_batch([s.target for s in samples]).to(device)).chunk(2, dim=1)[0]
+    shift, std = round(mean.mean().item(), 4), mean.std().item()
+    cfg = dataclasses.replace(vae.cfg, shift_factor=shift, scale_factor=round(1.0 / std, 4))
+    out = AutoEncoder(cfg)
+    out.load_state_dict(vae.state_dict())
+    return out.to(device).eval().requires_grad_(False)
+
+
+def flow_loss(model, z, ctx, txt, pooled, rope) -> torch.Tensor:
+    """(B, L) mean-square velocity error per target token."""
+    b = z.shape[0]
+    t = torch.sigmoid(torch.randn(b, device=z.device))
+    noise = torch.randn_like(z)
+    x_t = (1 - t)[:, None, None] * z + t[:, None, None] * noise
+    guidance = torch.empty(b, device=z.device).uniform_(*GUIDANCE_RANGE)
+    v = model(x_t, ctx, txt, pooled, t, guidance, *rope)
+    return (v - (noise - z)).pow(2).mean(-1)
+
+
+def edit_loss(err: torch.Tensor, changed: torch.Tensor, edit_weight: float) -> torch.Tensor:
+    """Mean over the samples of each one's weighted mean of its token errors err (B, L): weight 1 + edit_weight on
+    its changed tokens (B, L bool), 1 elsewhere, normalised per sample."""
+    w = 1.0 + edit_weight * changed.to(err.dtype)
+    return ((w * err).sum(1) / w.sum(1)).mean()
+
+
+def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weight=0.0):
+    """(model, steps). An edit sample's loss is the mean of its target tokens' errors weighted 1 + edit_weight on the
+    tokens the edit changes (changed_tokens), 1 elsewhere: most edits change one or two of 16 tokens, and without
+    the weight the loss is mostly about copying the context. Each sample's weights are normalised on their own, so
+    a background edit (every token changed) weighs as much as a recolour."""
+    device = pool["tgt"].device
+    model = FluxTransformer(cfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    n_edit, n_gen = batch * 3 // 4, batch - batch * 3 // 4
+    grid = (SIZE // 16, SIZE // 16)
+    edit_rope, gen_rope = (
+        [t.to(device) for t in rope_table(sequence_ids(MAX_SEQUENCE_LENGTH, grids), cfg.axes_dim, cfg.theta)]
+        for grids in ([grid, grid], [grid])
+    )
+    step, t0, window = 0, time.perf_counter(), []
+    budget = 60.0 * minutes
+    while (elapsed := time.perf_counter() - t0) < budget:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(lr, step, 200, elapsed / budget)
+        e = torch.randint(len(pool["eid"]), (n_edit,), device=device)
+        g = torch.randint(len(pool["gid"]), (n_gen,), device=device)
+        pe, pg = pool["eid"][e], pool["gid"][g]
+        err_e = flow_loss(model, pool["tgt"][e], pool["ctx"][e], pool["txt"][pe], pool["pooled"][pe], edit_rope)
+        loss_g = flow_loss(model, pool["gen"][g], None, pool["txt"][pg], pool["pooled"][pg], gen_rope).mean()
+        loss_e = err_e.mean()
+        loss = (n_edit * edit_loss(err_e, pool["changed"][e], edit_weight) + n_gen * loss_g) / batch
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        window.append(torch.stack([loss_e.detach(), loss_g.detach()]))  # read every 100 steps: no sync per step
+        if step % 100 == 0:
+            le, lg = torch.stack(window).mean(0).tolist()
+            curve.append([step, round(time.perf_counter() - t0, 1), float(le), float(lg)])
+            log(f"flux step {step:6d}  {curve[-1][1]:7.1f} s  edit loss {le:.4f}  gen loss {lg:.4f}")
+            window = []
+    return model.cpu().eval().requires_grad_(False), step
