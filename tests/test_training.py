@@ -150,3 +150,59 @@ def test_a_short_run_from_the_shipped_model_writes_a_loadable_checkpoint(train, 
     assert record["device"] == "cpu" and record["flux_steps"] > 0
     assert record["stream"] == {"edits": [0, 24], "captions": [0, 6]}  # the pool, no VAE phase
     assert Pipeline.from_pretrained(out, max_sequence_length=train.MAX_SEQUENCE_LENGTH).transformer is not None
+
+
+def test_decoder_phase_trains_the_decoder_alone(phases, data):
+    """decoder_only: the encoder (and so the latents a transformer learnt) bit for bit as it was, the decoder
+    moved; without it both move."""
+    from kontext_rt.model.vae import AutoEncoder
+
+    torch.manual_seed(0)
+    vae = AutoEncoder(phases.VAE_CONFIG)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    for decoder_only in (True, False):
+        out = phases.train_vae(0.003, data.Stream(5), 1e-3, [], vae, 10.0, decoder_only=decoder_only)
+        moved = {k.split(".")[0] for k, v in out.state_dict().items() if not torch.equal(v, before[k])}
+        assert moved == ({"decoder"} if decoder_only else {"encoder", "decoder"}), decoder_only
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--flux-minutes", "0"], "--flux-minutes 0 keeps a loaded transformer as it is: give --init-from"),
+        (["--flux-minutes", "-1"], "--flux-minutes must not be negative"),
+        (["--decoder-minutes", "-1"], "--decoder-minutes must not be negative"),
+    ],
+)
+def test_refused_arguments_are_named(train, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as refused:
+        train.check(train.parser(), train.parser().parse_args([*argv, "--out", str(tmp_path / "run")]))
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_decoder_run_keeps_the_transformer_and_the_latent_space(train, tmp_path):
+    """--init-from the shipped model, --decoder-minutes, --flux-minutes 0 (shape weight accepted: a VAE phase
+    runs): the written transformer, text encoders, VAE encoder and latent calibration are the shipped ones, bit for
+    bit; the decoder is not."""
+    from safetensors.torch import load_file
+
+    from kontext_rt.demo import small_kontext
+
+    out = tmp_path / "run"
+    argv = ["--init-from", str(small_kontext()), "--decoder-minutes", "0.02", "--shape-weight", "10"]
+    argv += ["--flux-minutes", "0", "--skip", "100", "--eval-n", "0", "--out", str(out)]
+    run = subprocess.run([sys.executable, train.__file__, *argv], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    record = json.loads((out / "train_log.json").read_text())
+    assert record["flux_steps"] == 0 and record["decoder_seconds"] > 0 and record["stream"]["edits"][0] == 100
+    for part in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        (mine,), (shipped,) = ((d / part).glob("*.safetensors") for d in (out, small_kontext()))
+        mine, shipped = load_file(mine), load_file(shipped)
+        assert mine.keys() == shipped.keys()
+        changed = {k for k in mine if not torch.equal(mine[k], shipped[k])}
+        if part == "vae":
+            assert changed and all(k.startswith("decoder.") for k in changed)
+            configs = (json.loads((d / "vae" / "config.json").read_text()) for d in (out, small_kontext()))
+            assert len({(c["scaling_factor"], c["shift_factor"]) for c in configs}) == 1
+        else:
+            assert not changed, part

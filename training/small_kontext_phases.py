@@ -46,14 +46,20 @@ def cosine_lr(base: float, step: int, warmup: int, progress: float) -> float:
     return base * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0, device="cpu") -> AutoEncoder:
+def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0, device="cpu", decoder_only=False) -> AutoEncoder:
     """An autoencoder trained for `minutes` (from `init`'s weights when given) on reconstruction: MSE weighted by
-    shape_weights, plus a small pull of the latents toward 0 so their scale stays put."""
+    shape_weights, plus a small pull of the latents toward 0 so their scale stays put. decoder_only: init's encoder
+    kept as it is (so the latent space, and a transformer trained on it, stay valid), its decoder trained to read
+    those latents better."""
     vae = AutoEncoder(VAE_CONFIG if init is None else init.cfg)
     if init is not None:
         vae.load_state_dict(init.state_dict())
     vae.to(device).train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    trained = vae
+    if decoder_only:
+        vae.encoder.eval().requires_grad_(False)
+        trained = vae.decoder
+    opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=0.0)
     step, t0, window = 0, time.perf_counter(), []
     budget = 60.0 * minutes
     while (elapsed := time.perf_counter() - t0) < budget:
@@ -61,7 +67,8 @@ def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0, device="c
             g["lr"] = cosine_lr(lr, step, 100, elapsed / budget)
         samples = stream.edit_batch(VAE_BATCH // 2)
         x = to_batch([s.source for s in samples] + [s.target for s in samples]).to(device)
-        mean = vae.encoder(x).chunk(2, dim=1)[0]
+        with torch.set_grad_enabled(not decoder_only):
+            mean = vae.encoder(x).chunk(2, dim=1)[0]
         rec = vae.decoder(mean)
         mse = F.mse_loss(rec, x)
         if shape_weight:
@@ -72,14 +79,15 @@ def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0, device="c
         loss = fit + 1e-4 * mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         step += 1
         window.append(mse.item())
         if step % 50 == 0:
             m = float(np.mean(window))
             curve.append([step, round(time.perf_counter() - t0, 1), m, round(10 * math.log10(4 / m), 2)])
-            log(f"vae step {step:5d}  {curve[-1][1]:7.1f} s  mse {m:.5f}  psnr {curve[-1][3]:.2f} dB")
+            phase = "decoder" if decoder_only else "vae"
+            log(f"{phase} step {step:5d}  {curve[-1][1]:7.1f} s  mse {m:.5f}  psnr {curve[-1][3]:.2f} dB")
             window = []
     return vae.eval().requires_grad_(False)
 

@@ -1,18 +1,20 @@
 """Train a small FLUX.1 Kontext of the runtime's own architecture on the synthetic shapes task, on the CPU.
 
 Two phases (small_kontext_phases.py): an autoencoder (kontext_rt.model.vae.AutoEncoder, VAE_CONFIG) on rendered
-scenes for --vae-minutes (or one loaded by --vae-from, trained further for --vae-tune-minutes), then a transformer
+scenes for --vae-minutes (or one loaded by --vae-from, trained further for --vae-tune-minutes; --decoder-minutes
+then trains its decoder alone, the latent space unchanged), then a transformer
 (kontext_rt.model.transformer.FluxTransformer, flux_config) for --flux-minutes with the rectified-flow objective:
 x_t = (1 - t) x_0 + t noise, target velocity noise - x_0, t = sigmoid(N(0, 1)), on edits (the source's packed latent
 tokens as context, RoPE ids (1, r, c), as kontext_rt.model.rope.sequence_ids builds them) and on generation (no
-context). The transformer trains on a pool of train-split samples (small_kontext_data.py) encoded once by the
-trained VAE (--pool edits, a quarter as many captions), drawn at random with replacement. Both phases decay their
-learning rate over their time budget (cosine, after a warm-up). --shape-weight weighs the reconstruction error on
-the shapes' pixels up (they are a few percent of an image, and their colours are what most edits are about);
---edit-weight weighs the flow loss on the tokens an edit changes up (one or two of 16; all of them in a background
-edit). Text goes through the demo's tiny CLIP and T5 encoders (frozen, random, as write_diffusers_checkpoint writes
-them for --seed), so the result loads with Pipeline.from_pretrained like any checkpoint; its T5 tokenizer states the
-MAX_SEQUENCE_LENGTH tokens it was trained with, which the pipeline then reads by default.
+context), unless --flux-minutes is 0 (--init-from's transformer as it is). The transformer trains on a pool of
+train-split samples (small_kontext_data.py) encoded once by the trained VAE (--pool edits, a quarter as many
+captions), drawn at random with replacement. Both phases decay their learning rate over their time budget (cosine,
+after a warm-up). --shape-weight weighs the reconstruction error on the shapes' pixels up (they are a few percent of
+an image, and their colours are what most edits are about); --edit-weight weighs the flow loss on the tokens an edit
+changes up (one or two of 16; all of them in a background edit). Text goes through the demo's tiny CLIP and T5
+encoders (frozen, random, as write_diffusers_checkpoint writes them for --seed), so the result loads with
+Pipeline.from_pretrained like any checkpoint; its T5 tokenizer states the MAX_SEQUENCE_LENGTH tokens it was trained
+with, which the pipeline then reads by default.
 
     python training/train_small_kontext.py --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
 
@@ -99,7 +101,12 @@ def write_log(folder: Path, record: dict) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae-minutes", type=float, default=12.0, help="wall-time budget of the autoencoder")
-    p.add_argument("--flux-minutes", type=float, default=80.0, help="wall-time budget of the transformer")
+    p.add_argument(
+        "--flux-minutes",
+        type=float,
+        default=80.0,
+        help="wall-time budget of the transformer (0, with --init-from: its transformer as it is)",
+    )
     p.add_argument("--vae-from", type=Path, help="a checkpoint folder this script wrote: reuse its VAE, no phase 1")
     p.add_argument(
         "--init-from",
@@ -111,6 +118,13 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="with --vae-from: train its VAE further (encoder and decoder) for this long, then recalibrate",
+    )
+    p.add_argument(
+        "--decoder-minutes",
+        type=float,
+        default=0.0,
+        help="after the VAE phase (or load): train the VAE's decoder alone this long; its encoder, and so the "
+        "latents a transformer learnt, unchanged",
     )
     p.add_argument(
         "--shape-weight",
@@ -179,14 +193,19 @@ def check(p: argparse.ArgumentParser, args) -> None:
     """The arguments, refused (p.error) before any work; --init-from implies --vae-from of the same folder."""
     if args.init_from is not None and args.vae_from is None:
         args.vae_from = args.init_from  # its latent space (moved by --vae-tune-minutes, which the transformer follows)
-    if args.flux_minutes <= 0 or (args.vae_from is None and args.vae_minutes <= 0):
-        p.error("--flux-minutes and --vae-minutes must be positive")
+    if args.flux_minutes < 0 or (args.vae_from is None and args.vae_minutes <= 0):
+        p.error("--flux-minutes must not be negative and --vae-minutes must be positive")
+    if args.flux_minutes == 0 and args.init_from is None:
+        p.error("--flux-minutes 0 keeps a loaded transformer as it is: give --init-from")
     if args.vae_tune_minutes > 0 and args.vae_from is None:
         p.error("--vae-tune-minutes trains a loaded VAE further: give --vae-from or --init-from")
-    if min(args.shape_weight, args.edit_weight, args.vae_tune_minutes) < 0:
-        p.error("--shape-weight, --edit-weight and --vae-tune-minutes must not be negative")
-    if args.shape_weight and args.vae_from is not None and args.vae_tune_minutes <= 0:
-        p.error("--shape-weight weighs a VAE phase, and none runs: the VAE is loaded and --vae-tune-minutes is 0")
+    if min(args.shape_weight, args.edit_weight, args.vae_tune_minutes, args.decoder_minutes) < 0:
+        p.error("--shape-weight, --edit-weight, --vae-tune-minutes and --decoder-minutes must not be negative")
+    if args.shape_weight and args.vae_from is not None and args.vae_tune_minutes <= 0 and args.decoder_minutes <= 0:
+        p.error(
+            "--shape-weight weighs a VAE phase, and none runs: the VAE is loaded and --vae-tune-minutes and "
+            "--decoder-minutes are 0"
+        )
     if args.hidden % 32 or args.batch < 4 or args.pool < 1 or args.workers < 1 or args.skip < 0:
         p.error(
             "--hidden must be a multiple of 32, --batch at least 4, --pool and --workers positive, --skip not negative"
@@ -234,22 +253,33 @@ def main(argv=None) -> int:
     text = TextTable(args.out)
     stream = Stream(args.seed, args.workers, args.skip)
 
-    vae_curve, flux_curve = [], []
+    vae_curve, decoder_curve, flux_curve = [], [], []
     if vae is not None:
         vae = vae.to(args.device)
     vae = autoencoder(args, vae, stream, cfg, vae_curve)
     record["vae_config"] = dataclasses.asdict(vae.cfg)
     record["vae_seconds"] = round(time.perf_counter() - start, 1)
-    pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
-    record["pool_seconds"] = round(time.perf_counter() - start - record["vae_seconds"], 1)
-    model, steps = train_transformer(
-        cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve, init, args.edit_weight
-    )
+    if args.decoder_minutes > 0:  # the encoder, its calibration and so the pool's latents stay as they are
+        t0 = time.perf_counter()
+        vae = train_vae(
+            args.decoder_minutes, stream, args.vae_lr, decoder_curve, vae, args.shape_weight, args.device, True
+        )
+        record["decoder_seconds"] = round(time.perf_counter() - t0, 1)
+    model, steps = init, 0  # --flux-minutes 0: the loaded transformer as it is
+    if args.flux_minutes > 0:
+        t0 = time.perf_counter()
+        pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
+        record["pool_seconds"] = round(time.perf_counter() - t0, 1)
+        model, steps = train_transformer(
+            cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve, init, args.edit_weight
+        )
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     # the train samples this run drew (VAE phase and pool): a later run's --skip past edits[1] sees only new scenes
     record["stream"] = {"edits": [args.skip, stream.edits], "captions": [args.skip // 4, stream.gens]}
     record["flux_steps"] = steps
     record["vae_curve"], record["flux_curve"] = vae_curve, flux_curve
+    if args.decoder_minutes > 0:
+        record["decoder_curve"] = decoder_curve
 
     write_final(args.out, model, vae.cpu(), args.seed, text)
     write_log(args.out, record)  # now, and again after the evaluation: a failed evaluation keeps the training's
