@@ -171,10 +171,14 @@ def test_decoder_phase_trains_the_decoder_alone(phases, data):
     [
         (["--flux-minutes", "0"], "--flux-minutes 0 keeps a loaded transformer as it is: give --init-from"),
         (["--flux-minutes", "-1"], "--flux-minutes must not be negative"),
+        (["--vae-minutes", "0"], "--vae-minutes must be positive"),
+        (["--init-from", "ck", "--flux-minutes", "0", "--vae-tune-minutes", "1"], "would not read the latents"),
+        (["--init-from", "ck", "--flux-minutes", "0", "--edit-weight", "4"], "--flux-minutes 0 trains no transformer"),
         (["--decoder-minutes", "-1"], "--decoder-minutes must not be negative"),
     ],
 )
 def test_refused_arguments_are_named(train, tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / "missing") if a == "ck" else a for a in argv]  # refused before the folder is read
     with pytest.raises(SystemExit) as refused:
         train.check(train.parser(), train.parser().parse_args([*argv, "--out", str(tmp_path / "run")]))
     assert refused.value.code == 2 and message in capsys.readouterr().err
@@ -195,6 +199,7 @@ def test_a_decoder_run_keeps_the_transformer_and_the_latent_space(train, tmp_pat
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     record = json.loads((out / "train_log.json").read_text())
     assert record["flux_steps"] == 0 and record["decoder_seconds"] > 0 and record["stream"]["edits"][0] == 100
+    assert record["stream"]["edits"][1] - 100 == 16 * record["decoder_steps"] > 0  # 16 edits (32 images) a step
     for part in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         (mine,), (shipped,) = ((d / part).glob("*.safetensors") for d in (out, small_kontext()))
         mine, shipped = load_file(mine), load_file(shipped)
@@ -206,3 +211,23 @@ def test_a_decoder_run_keeps_the_transformer_and_the_latent_space(train, tmp_pat
             assert len({(c["scaling_factor"], c["shift_factor"]) for c in configs}) == 1
         else:
             assert not changed, part
+
+
+def test_a_kept_transformer_refuses_a_vae_with_other_latents(train, tmp_path):
+    """--flux-minutes 0 with --vae-from another folder: accepted only if that VAE encodes the same latents (same
+    encoder and scale) as --init-from's own; a VAE with another encoder is refused by name, before --out is
+    written."""
+    from kontext_rt.demo import small_kontext, write_diffusers_checkpoint
+    from kontext_rt.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(small_kontext(), backend="eager")
+    other = tmp_path / "other"
+    with torch.no_grad():
+        pipe.vae.encoder.conv_in.weight.add_(1e-3)
+    write_diffusers_checkpoint(other, pipe.transformer, pipe.vae, 0, train.MAX_SEQUENCE_LENGTH)
+    out = tmp_path / "run"
+    argv = ["--init-from", str(small_kontext()), "--vae-from", str(other), "--flux-minutes", "0"]
+    argv += ["--eval-n", "0", "--out", str(out)]
+    run = subprocess.run([sys.executable, train.__file__, *argv], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and "encodes other latents than its VAE" in run.stderr, run.stderr[-2000:]
+    assert not out.exists()

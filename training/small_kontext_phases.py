@@ -24,6 +24,7 @@ _TEXT = PRESETS["tiny"]  # the demo's text encoders fix the text widths: T5 48, 
 # scale_factor / shift_factor are set from the trained encoder's latents (calibrate).
 VAE_CONFIG = VAEConfig(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=1)
 VAE_BATCH = 32
+VAE_BATCH_EDITS = VAE_BATCH // 2  # a VAE step's images: the sources and targets of this many edits
 GUIDANCE_RANGE = (1.0, 5.0)  # no guidance distillation here: drawn at random, so any guidance value is in range
 
 
@@ -65,7 +66,7 @@ def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0, device="c
     while (elapsed := time.perf_counter() - t0) < budget:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(lr, step, 100, elapsed / budget)
-        samples = stream.edit_batch(VAE_BATCH // 2)
+        samples = stream.edit_batch(VAE_BATCH_EDITS)
         x = to_batch([s.source for s in samples] + [s.target for s in samples]).to(device)
         with torch.set_grad_enabled(not decoder_only):
             mean = vae.encoder(x).chunk(2, dim=1)[0]

@@ -47,7 +47,7 @@ from kontext_rt.quality import shapes
 
 # the script's own modules, beside it (python puts a script's folder first on sys.path)
 from small_kontext_data import MAX_SEQUENCE_LENGTH, SIZE, Stream, TextTable, build_pool, log
-from small_kontext_phases import VAE_CONFIG, calibrate, flux_config, train_transformer, train_vae
+from small_kontext_phases import VAE_BATCH_EDITS, VAE_CONFIG, calibrate, flux_config, train_transformer, train_vae
 
 
 def evaluate(folder: Path, n: int, steps: int, seed: int, device: str = "cpu") -> dict:
@@ -189,14 +189,27 @@ def same_text_encoders(folder: Path, seed: int) -> bool:
     return True
 
 
+def same_latents(a: AutoEncoder, b: AutoEncoder) -> bool:
+    """Whether two VAEs encode an image to the same latents: the same encoder weights, scale and shift."""
+    sa, sb = a.encoder.state_dict(), b.encoder.state_dict()
+    same_scale = (a.cfg.scale_factor, a.cfg.shift_factor) == (b.cfg.scale_factor, b.cfg.shift_factor)
+    return same_scale and sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
 def check(p: argparse.ArgumentParser, args) -> None:
     """The arguments, refused (p.error) before any work; --init-from implies --vae-from of the same folder."""
     if args.init_from is not None and args.vae_from is None:
         args.vae_from = args.init_from  # its latent space (moved by --vae-tune-minutes, which the transformer follows)
-    if args.flux_minutes < 0 or (args.vae_from is None and args.vae_minutes <= 0):
-        p.error("--flux-minutes must not be negative and --vae-minutes must be positive")
+    if args.flux_minutes < 0:
+        p.error("--flux-minutes must not be negative")
+    if args.vae_from is None and args.vae_minutes <= 0:
+        p.error("--vae-minutes must be positive (or give --vae-from or --init-from)")
     if args.flux_minutes == 0 and args.init_from is None:
         p.error("--flux-minutes 0 keeps a loaded transformer as it is: give --init-from")
+    if args.flux_minutes == 0 and args.vae_tune_minutes > 0:
+        p.error("--flux-minutes 0 keeps the transformer, which would not read the latents --vae-tune-minutes moves")
+    if args.flux_minutes == 0 and args.edit_weight:
+        p.error("--edit-weight weighs the transformer's loss, and --flux-minutes 0 trains no transformer")
     if args.vae_tune_minutes > 0 and args.vae_from is None:
         p.error("--vae-tune-minutes trains a loaded VAE further: give --vae-from or --init-from")
     if min(args.shape_weight, args.edit_weight, args.vae_tune_minutes, args.decoder_minutes) < 0:
@@ -243,10 +256,15 @@ def main(argv=None) -> int:
         loaded, vae = load(args.vae_from)
         record["vae_from"] = str(args.vae_from)
     if args.init_from is not None:
-        init = loaded if args.init_from == args.vae_from else load(args.init_from)[0]
+        init, init_vae = (loaded, vae) if args.init_from == args.vae_from else load(args.init_from)
         record["init_from"] = str(args.init_from)
         if init.cfg != cfg:
             p.error(f"--init-from {args.init_from} holds another architecture than --hidden/--depth/--single")
+        if args.flux_minutes == 0 and not same_latents(vae, init_vae):
+            p.error(
+                f"--flux-minutes 0 keeps --init-from {args.init_from}'s transformer, and --vae-from {args.vae_from} "
+                "encodes other latents than its VAE (encoder or scale differ)"
+            )
 
     # the text encoders first: written by the same call (and seed) that writes the final checkpoint
     write_diffusers_checkpoint(args.out, FluxTransformer(cfg), AutoEncoder(VAE_CONFIG), args.seed, MAX_SEQUENCE_LENGTH)
@@ -260,11 +278,12 @@ def main(argv=None) -> int:
     record["vae_config"] = dataclasses.asdict(vae.cfg)
     record["vae_seconds"] = round(time.perf_counter() - start, 1)
     if args.decoder_minutes > 0:  # the encoder, its calibration and so the pool's latents stay as they are
-        t0 = time.perf_counter()
+        t0, drawn = time.perf_counter(), stream.edits
         vae = train_vae(
             args.decoder_minutes, stream, args.vae_lr, decoder_curve, vae, args.shape_weight, args.device, True
         )
         record["decoder_seconds"] = round(time.perf_counter() - t0, 1)
+        record["decoder_steps"] = (stream.edits - drawn) // VAE_BATCH_EDITS
     model, steps = init, 0  # --flux-minutes 0: the loaded transformer as it is
     if args.flux_minutes > 0:
         t0 = time.perf_counter()
@@ -274,7 +293,8 @@ def main(argv=None) -> int:
             cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve, init, args.edit_weight
         )
     record["train_seconds"] = round(time.perf_counter() - start, 1)
-    # the train samples this run drew (VAE phase and pool): a later run's --skip past edits[1] sees only new scenes
+    # the train samples this run drew (VAE and decoder phases, pool): a later run's --skip past edits[1] sees only
+    # new scenes
     record["stream"] = {"edits": [args.skip, stream.edits], "captions": [args.skip // 4, stream.gens]}
     record["flux_steps"] = steps
     record["vae_curve"], record["flux_curve"] = vae_curve, flux_curve
@@ -293,7 +313,8 @@ def main(argv=None) -> int:
     log(json.dumps({k: record[k] for k in ("seed", "train_seconds", "wall_seconds", "flux_steps")}))
     if "eval" in record:
         log(json.dumps(record["eval"], indent=1))
-    return 1 if flux_curve and not math.isfinite(flux_curve[-1][2]) else 0
+    diverged = [c for c in (vae_curve, decoder_curve, flux_curve) if c and not math.isfinite(c[-1][2])]
+    return 1 if diverged else 0
 
 
 if __name__ == "__main__":
