@@ -237,20 +237,9 @@ def check(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--init-from {args.init_from} was trained with other text encoders than --seed {args.seed} writes")
 
 
-def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    check(p, args)
-    cfg = flux_config(args.hidden, args.depth, args.single)
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls (on some CPUs it would change results too)
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    record = {"argv": sys.argv[1:] if argv is None else list(argv), "seed": args.seed, "threads": args.threads}
-    record["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    record.update(size=SIZE, max_sequence_length=MAX_SEQUENCE_LENGTH, flux_config=dataclasses.asdict(cfg))
-    log(f"seed {args.seed}, {args.threads} thread(s), {record['device']} -> {args.out}")
+def loaded_models(p: argparse.ArgumentParser, args, cfg, record: dict):
+    """(VAE, transformer) of --vae-from and --init-from (None where not given), refused (p.error) before --out is
+    written when the transformer's architecture or, with --flux-minutes 0, the VAE's latents do not match."""
     loaded = vae = init = None
     if args.vae_from is not None:  # one load serves --vae-from and --init-from of the same folder
         loaded, vae = load(args.vae_from)
@@ -265,6 +254,24 @@ def main(argv=None) -> int:
                 f"--flux-minutes 0 keeps --init-from {args.init_from}'s transformer, and --vae-from {args.vae_from} "
                 "encodes other latents than its VAE (encoder or scale differ)"
             )
+    return vae, init
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    check(p, args)
+    cfg = flux_config(args.hidden, args.depth, args.single)
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls (on some CPUs it would change results too)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    record = {"argv": sys.argv[1:] if argv is None else list(argv), "seed": args.seed, "threads": args.threads}
+    record["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    record.update(size=SIZE, max_sequence_length=MAX_SEQUENCE_LENGTH, flux_config=dataclasses.asdict(cfg))
+    log(f"seed {args.seed}, {args.threads} thread(s), {record['device']} -> {args.out}")
+    vae, init = loaded_models(p, args, cfg, record)
 
     # the text encoders first: written by the same call (and seed) that writes the final checkpoint
     write_diffusers_checkpoint(args.out, FluxTransformer(cfg), AutoEncoder(VAE_CONFIG), args.seed, MAX_SEQUENCE_LENGTH)
