@@ -23,8 +23,7 @@ _TEXT = PRESETS["tiny"]  # the demo's text encoders fix the text widths: T5 48, 
 # image, so a flat colour field normalises to zero and the decoder cannot tell a red background from a blue one.
 # scale_factor / shift_factor are set from the trained encoder's latents (calibrate).
 VAE_CONFIG = VAEConfig(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=1)
-VAE_BATCH = 32
-VAE_BATCH_EDITS = VAE_BATCH // 2  # a VAE step's images: the sources and targets of this many edits
+VAE_BATCH_EDITS = 16  # a VAE step's 32 images: the sources and targets of this many edits
 GUIDANCE_RANGE = (1.0, 5.0)  # no guidance distillation here: drawn at random, so any guidance value is in range
 
 
@@ -77,7 +76,7 @@ def train_vae(minutes, stream, lr, curve, init=None, shape_weight=0.0, device="c
             fit = (w * (rec - x).pow(2)).mean() / w.mean()
         else:
             fit = mse
-        loss = fit + 1e-4 * mean.pow(2).mean()
+        loss = fit if decoder_only else fit + 1e-4 * mean.pow(2).mean()  # a fixed encoder's latents pull nothing
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
