@@ -3,6 +3,7 @@ the argument checks and a seconds-long run (the script itself runs for hours: CI
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import subprocess
@@ -192,22 +193,29 @@ def test_a_decoder_run_keeps_the_transformer_and_the_latent_space(train, tmp_pat
 
     from kontext_rt.demo import small_kontext
 
-    out = tmp_path / "run"
-    argv = ["--init-from", str(small_kontext()), "--decoder-minutes", "0.02", "--shape-weight", "10"]
+    out, ck = tmp_path / "run", small_kontext()
+    argv = ["--init-from", str(ck), "--decoder-minutes", "0.02", "--shape-weight", "10"]
     argv += ["--flux-minutes", "0", "--skip", "100", "--eval-n", "0", "--out", str(out)]
     run = subprocess.run([sys.executable, train.__file__, *argv], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     record = json.loads((out / "train_log.json").read_text())
     assert record["flux_steps"] == 0 and record["decoder_seconds"] > 0 and record["stream"]["edits"][0] == 100
     assert record["stream"]["edits"][1] - 100 == 16 * record["decoder_steps"] > 0  # 16 edits (32 images) a step
+    files = {d: {part: next((d / part).glob("*.safetensors")) for part in ("transformer", "vae")} for d in (out, ck)}
+    sha = {
+        d: {part: hashlib.sha256(f.read_bytes()).hexdigest() for part, f in parts.items()} for d, parts in files.items()
+    }
+    # the record names the weights it started from and wrote, as sha256sum would: the transformer passes unchanged
+    assert record["init_from_sha256"] == sha[ck]["transformer"] == record["weights_sha256"]["transformer"]
+    assert record["vae_from_sha256"] == sha[ck]["vae"] != sha[out]["vae"] == record["weights_sha256"]["vae"]
     for part in ("transformer", "text_encoder", "text_encoder_2", "vae"):
-        (mine,), (shipped,) = ((d / part).glob("*.safetensors") for d in (out, small_kontext()))
+        (mine,), (shipped,) = ((d / part).glob("*.safetensors") for d in (out, ck))
         mine, shipped = load_file(mine), load_file(shipped)
         assert mine.keys() == shipped.keys()
         changed = {k for k in mine if not torch.equal(mine[k], shipped[k])}
         if part == "vae":
             assert changed and all(k.startswith("decoder.") for k in changed)
-            configs = (json.loads((d / "vae" / "config.json").read_text()) for d in (out, small_kontext()))
+            configs = (json.loads((d / "vae" / "config.json").read_text()) for d in (out, ck))
             assert len({(c["scaling_factor"], c["shift_factor"]) for c in configs}) == 1
         else:
             assert not changed, part

@@ -22,8 +22,9 @@ with, which the pipeline then reads by default.
 in that many processes (a GPU outruns one process drawing them). benchmarks/gpu_run.py's opt-in `train` phase
 runs it on the GPU machines.
 
-The checkpoint (diffusers layout), train_log.json (seed, wall times, loss curves, the harness's scores, and the
-autoencoder's ceiling: the exact answers through the VAE alone) and nothing else are written to --out. The number of
+The checkpoint (diffusers layout), train_log.json (seed, wall times, loss curves, the harness's scores, the
+autoencoder's ceiling: the exact answers through the VAE alone, and the sha256 of the weights it started from and
+wrote) and nothing else are written to --out. The number of
 steps a budget buys depends on the machine; the seed fixes the data, the initial weights and the noise.
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -81,6 +83,19 @@ def write_final(folder: Path, model, vae, seed: int, text: TextTable) -> None:
     after = TextTable(folder)
     if not torch.equal(before, after.txt[after.ids([probe])[0]]):
         raise RuntimeError("the rewritten text encoders differ from the ones trained with")
+
+
+def weights_sha256(folder: Path) -> dict:
+    """sha256 of the transformer's and of the VAE's weights (the bytes of their safetensors files, in name order; of
+    the one file, sha256sum's): the record names the checkpoints a run started from and the one it wrote, so a chain
+    of runs can be followed link by link."""
+    out = {}
+    for part in ("transformer", "vae"):
+        h = hashlib.sha256()
+        for path in sorted((folder / part).glob("*.safetensors")):
+            h.update(path.read_bytes())
+        out[part] = h.hexdigest()
+    return out
 
 
 def write_log(folder: Path, record: dict) -> None:
@@ -244,9 +259,11 @@ def loaded_models(p: argparse.ArgumentParser, args, cfg, record: dict):
     if args.vae_from is not None:  # one load serves --vae-from and --init-from of the same folder
         loaded, vae = load(args.vae_from)
         record["vae_from"] = str(args.vae_from)
+        record["vae_from_sha256"] = weights_sha256(args.vae_from)["vae"]
     if args.init_from is not None:
         init, init_vae = (loaded, vae) if args.init_from == args.vae_from else load(args.init_from)
         record["init_from"] = str(args.init_from)
+        record["init_from_sha256"] = weights_sha256(args.init_from)["transformer"]
         if init.cfg != cfg:
             p.error(f"--init-from {args.init_from} holds another architecture than --hidden/--depth/--single")
         if args.flux_minutes == 0 and not same_latents(vae, init_vae):
@@ -309,6 +326,7 @@ def main(argv=None) -> int:
         record["decoder_curve"] = decoder_curve
 
     write_final(args.out, model, vae.cpu(), args.seed, text)
+    record["weights_sha256"] = weights_sha256(args.out)
     write_log(args.out, record)  # now, and again after the evaluation: a failed evaluation keeps the training's
     if args.eval_n:
         t0 = time.perf_counter()
