@@ -250,6 +250,46 @@ def test_preservation_outside_the_mask():
     assert metrics.preservation(s, out.astype(np.uint8))["psnr"] == pytest.approx(20 * math.log10(255 / 9))
 
 
+def test_kept_only_is_the_output_outside_the_mask_and_the_target_inside():
+    s = shapes.edit_sample("train", "move", seed=2, index=0)
+    out = _image(4, 64, 64)
+    kept = metrics.kept_only(s, out)
+    np.testing.assert_array_equal(kept[s.mask], np.asarray(s.target, np.float64)[s.mask])
+    np.testing.assert_array_equal(kept[~s.mask], out[~s.mask].astype(np.float64))
+    assert 0 < s.mask.sum() < s.mask.size
+
+
+class _Outputs:
+    """A stand-in pipeline whose edits return the given images in turn."""
+
+    def __init__(self, images):
+        self.images = iter(images)
+
+    def edit(self, image, prompt, **kw):
+        return next(self.images)
+
+
+def test_perceptual_slot_scores_only_the_kept_region():
+    """evaluate(perceptual=f): the mean of f(kept_only(sample, output), target) over the edits; None without f. The
+    outputs are the targets with an offset of d outside the mask and noise inside it, so a mean absolute difference
+    (standing in for LPIPS) must see d on the kept pixels' share of the image, whatever the noise."""
+    samples = list(shapes.dataset("heldout", 5, seed=6, kinds=shapes.EDIT_KINDS))
+    outputs, expected = [], []
+    for i, s in enumerate(samples):
+        d = 3 + 2 * i
+        t = np.asarray(s.target).astype(np.int64)
+        out = np.clip(t + np.where(t > 127, -d, d), 0, 255)
+        out[s.mask] = _image(i, 64, 64)[s.mask]
+        outputs.append(out.astype(np.uint8))
+        expected.append(d * (~s.mask).mean())
+    mad = lambda a, b: float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())
+    res = harness.evaluate(_Outputs(outputs), samples, steps=1, drift_turns=0, perceptual=mad)
+    assert [r["perceptual"] for r in res["samples"]] == pytest.approx(expected, rel=1e-12)
+    assert res["preservation_perceptual"] == pytest.approx(np.mean(expected), rel=1e-12)
+    plain = harness.evaluate(_Outputs(outputs), samples, steps=1, drift_turns=0)
+    assert plain["preservation_perceptual"] is None and plain["preservation_psnr"] == res["preservation_psnr"]
+
+
 def test_generation_success():
     for s in shapes.dataset("heldout", 6, seed=2, kinds=(shapes.GEN_KIND,)):
         scene = Scene.from_dict(s.meta["target"])

@@ -72,8 +72,9 @@ def _check(samples, steps, seed, drift_turns):
     return samples
 
 
-def _edit_record(s: EditSample, out) -> dict:
-    """One edit's score: its kind and prompt, whether out carries it out, and what out keeps of the rest."""
+def _edit_record(s: EditSample, out, perceptual: Callable | None = None) -> dict:
+    """One edit's score: its kind and prompt, whether out carries it out, and what out keeps of the rest (with
+    perceptual, its distance too, on metrics.kept_only)."""
     kept = metrics.preservation(s, out)
     return {
         "kind": s.kind,
@@ -81,16 +82,17 @@ def _edit_record(s: EditSample, out) -> dict:
         "success": metrics.edit_success(s, out),
         "psnr": _finite(kept["psnr"]),
         "ssim": _finite(kept["ssim"]),
+        "perceptual": None if perceptual is None else float(perceptual(metrics.kept_only(s, out), s.target)),
     }
 
 
-def _run(pipe, samples, steps, seed, guidance, drift_turns, embed):
+def _run(pipe, samples, steps, seed, guidance, drift_turns, embed, perceptual=None):
     """Per-sample records and outputs, then drift sessions over the recolour samples."""
     records, outputs, sessions = [], [], []
     for i, s in enumerate(samples):
         if isinstance(s, EditSample):
             out = _edit(pipe, s.source, s.instruction, steps, seed + i, guidance)
-            rec = _edit_record(s, out)
+            rec = _edit_record(s, out, perceptual)
             if drift_turns and s.kind == "recolour":
                 sessions.append(_drift_session(pipe, s, drift_turns, steps, seed + i, guidance, embed))
         else:
@@ -128,6 +130,7 @@ def _aggregate(records, sessions, drift_turns) -> dict:
         "per_kind": per_kind,
         "preservation_psnr": _mean([r["psnr"] for r in edits]),
         "preservation_ssim": _mean([r["ssim"] for r in edits]),
+        "preservation_perceptual": _mean([r["perceptual"] for r in edits]),
         "generation_success_rate": _mean([float(r["success"]) for r in gens]),
         "drift": drift,
     }
@@ -142,18 +145,22 @@ def evaluate(
     drift_turns: int = 2,
     embed: Callable | None = None,
     per_sample: bool = True,
+    perceptual: Callable | None = None,
 ) -> dict:
     """Run every sample through pipe and aggregate:
 
     edit_success_rate (all edits) and per_kind {kind: {n, success_rate}} (metrics.edit_success);
     preservation_psnr / preservation_ssim: means over the edits of metrics.preservation (outside the edit mask,
-    against the target); generation_success_rate (metrics.generation_success, colours only); drift: for each
+    against the target); preservation_perceptual: with perceptual (images (a, b) -> distance; LPIPS is
+    functools.partial(metrics.lpips, model=lpips.LPIPS(net="alex")) where the lpips package and its weights are
+    installed), the mean distance of metrics.kept_only(sample, output) to the target, else None;
+    generation_success_rate (metrics.generation_success, colours only); drift: for each
     recolour sample, `drift_turns` chained (edit, undo) pairs, the mean PSNR to the source after each undo and,
     with embed, the mean cosine similarity of the embeddings (metrics.drift); None without recolour samples or with
     drift_turns=0. guidance None: the pipeline's defaults. per_sample adds each sample's record.
     """
     samples = _check(samples, steps, seed, drift_turns)
-    records, _, sessions = _run(pipe, samples, steps, seed, guidance, drift_turns, embed)
+    records, _, sessions = _run(pipe, samples, steps, seed, guidance, drift_turns, embed, perceptual)
     result = {"steps": steps, "seed": seed, "guidance": guidance, **_aggregate(records, sessions, drift_turns)}
     if per_sample:
         result["samples"] = records
@@ -207,8 +214,10 @@ def compare(
     guidance: float | None = None,
     drift_turns: int = 2,
     embed: Callable | None = None,
+    perceptual: Callable | None = None,
 ) -> dict:
-    """Evaluate several pipelines on the same samples and seeds. The first is the reference:
+    """Evaluate several pipelines on the same samples and seeds (embed and perceptual as evaluate's). The first is
+    the reference:
 
     results {name: evaluate's aggregates}; delta {name: {metric: value - reference's value}} over the numeric
     metrics both have (dotted keys, e.g. "per_kind.move.success_rate"); output_psnr {name: mean PSNR (dB, capped)
@@ -220,7 +229,7 @@ def compare(
     samples = _check(samples, steps, seed, drift_turns)
     results, outputs = {}, {}
     for name, pipe in configs.items():
-        records, outs, sessions = _run(pipe, samples, steps, seed, guidance, drift_turns, embed)
+        records, outs, sessions = _run(pipe, samples, steps, seed, guidance, drift_turns, embed, perceptual)
         results[name] = {
             "steps": steps,
             "seed": seed,

@@ -221,6 +221,15 @@ def preservation(sample: EditSample, output) -> dict:
     return {"psnr": psnr(output, sample.target, keep), "ssim": ssim(output, sample.target, keep)}
 
 
+def kept_only(sample: EditSample, output) -> np.ndarray:
+    """output outside the edit mask and the target inside it (float64, 0..255): a whole-image metric of it against
+    the target (LPIPS) then sees only what the edit should have kept."""
+    out, target = _pair(output, sample.target)
+    mask = _check_mask(sample.mask, out.shape)
+    out[mask] = target[mask]
+    return out
+
+
 def generation_success(sample: GenSample, output) -> bool:
     """A deliberately simple text-to-image check, on colours only (neither positions nor kinds, which a caption
     does not fix or a colour test cannot tell): the image's dominant colour matches the caption's background, and
