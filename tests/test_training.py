@@ -153,6 +153,34 @@ def test_a_short_run_from_the_shipped_model_writes_a_loadable_checkpoint(train, 
     assert Pipeline.from_pretrained(out, max_sequence_length=train.MAX_SEQUENCE_LENGTH).transformer is not None
 
 
+def test_a_budget_in_steps_or_minutes(phases):
+    """The phase's length and the progress its learning-rate cosine follows: steps done of steps, or wall time
+    spent of the minutes; the other measure is ignored."""
+    steps, minutes = phases.Budget(steps=10), phases.Budget(minutes=2.0)
+    assert steps.progress(5, 1e9) == 0.5 and steps.left(9, 1e9) and not steps.left(10, 0.0)
+    assert minutes.progress(10**6, 60.0) == 0.5 and minutes.left(10**6, 119.0) and not minutes.left(0, 120.0)
+    assert not phases.Budget() and steps and minutes
+
+
+def test_a_step_budget_gives_the_same_weights_twice(train, tmp_path):
+    """--flux-steps: two runs from the shipped model, one drawing the pool in one process and one in two, write the
+    same transformer byte for byte (sha256 of the files), one that moved from the shipped one, in exactly that
+    many steps."""
+    from kontext_rt.demo import small_kontext
+
+    shipped = next((small_kontext() / "transformer").glob("*.safetensors"))
+    digests = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"run{workers}"
+        argv = ["--init-from", str(small_kontext()), "--flux-steps", "3", "--pool", "24", "--batch", "4"]
+        argv += ["--workers", workers, "--eval-n", "0", "--out", str(out)]
+        run = subprocess.run([sys.executable, train.__file__, *argv], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        assert json.loads((out / "train_log.json").read_text())["flux_steps"] == 3
+        digests.append(hashlib.sha256(next((out / "transformer").glob("*.safetensors")).read_bytes()).hexdigest())
+    assert digests[0] == digests[1] != hashlib.sha256(shipped.read_bytes()).hexdigest()
+
+
 def test_decoder_phase_trains_the_decoder_alone(phases, data):
     """decoder_only: the encoder (and so the latents a transformer learnt) bit for bit as it was, the decoder
     moved; without it both move."""
@@ -176,6 +204,10 @@ def test_decoder_phase_trains_the_decoder_alone(phases, data):
         (["--init-from", "ck", "--flux-minutes", "0", "--vae-tune-minutes", "1"], "would not read the latents"),
         (["--init-from", "ck", "--flux-minutes", "0", "--edit-weight", "4"], "--flux-minutes 0 trains no transformer"),
         (["--decoder-minutes", "-1"], "--decoder-minutes must not be negative"),
+        (["--flux-minutes", "5", "--flux-steps", "100"], "two budgets for the one phase: give one"),
+        (["--flux-steps", "0"], "--flux-steps must be positive"),
+        (["--flux-steps", "3", "--vae-minutes", "0"], "--vae-minutes must be positive"),  # it still needs a VAE
+        (["--vae-from", "ck", "--flux-steps", "3", "--vae-tune-minutes", "-1"], "must not be negative"),
     ],
 )
 def test_refused_arguments_are_named(train, tmp_path, capsys, argv, message):

@@ -40,6 +40,25 @@ def flux_config(hidden: int, depth: int, single: int) -> FluxConfig:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long a phase runs: wall minutes (the steps they buy depend on the machine and its load) or, with steps,
+    exactly that many steps (the same run, step for step, on any machine). The learning rate's cosine follows
+    whichever it is."""
+
+    minutes: float = 0.0
+    steps: int = 0
+
+    def __bool__(self) -> bool:  # any training at all
+        return self.steps > 0 or self.minutes > 0
+
+    def progress(self, step: int, elapsed: float) -> float:
+        return step / self.steps if self.steps else elapsed / (60.0 * self.minutes)
+
+    def left(self, step: int, elapsed: float) -> bool:
+        return step < self.steps if self.steps else elapsed < 60.0 * self.minutes
+
+
 def cosine_lr(base: float, step: int, warmup: int, progress: float) -> float:
     """Linear warm-up over `warmup` steps, then cosine from base to base/20 as progress (0..1 of the budget) runs."""
     progress = min(max(progress, 0.0), 1.0)
@@ -124,11 +143,11 @@ def edit_loss(err: torch.Tensor, changed: torch.Tensor, edit_weight: float) -> t
     return ((w * err).sum(1) / w.sum(1)).mean()
 
 
-def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weight=0.0):
-    """(model, steps). An edit sample's loss is the mean of its target tokens' errors weighted 1 + edit_weight on the
-    tokens the edit changes (changed_tokens), 1 elsewhere: most edits change one or two of 16 tokens, and without
-    the weight the loss is mostly about copying the context. Each sample's weights are normalised on their own, so
-    a background edit (every token changed) weighs as much as a recolour."""
+def train_transformer(cfg, budget: Budget, pool, lr, batch, curve, init=None, edit_weight=0.0):
+    """(model, steps), trained for budget. An edit sample's loss is the mean of its target tokens' errors weighted
+    1 + edit_weight on the tokens the edit changes (changed_tokens), 1 elsewhere: most edits change one or two of 16
+    tokens, and without the weight the loss is mostly about copying the context. Each sample's weights are normalised
+    on their own, so a background edit (every token changed) weighs as much as a recolour."""
     device = pool["tgt"].device
     model = FluxTransformer(cfg)
     if init is not None:
@@ -142,10 +161,9 @@ def train_transformer(cfg, minutes, pool, lr, batch, curve, init=None, edit_weig
         for grids in ([grid, grid], [grid])
     )
     step, t0, window = 0, time.perf_counter(), []
-    budget = 60.0 * minutes
-    while (elapsed := time.perf_counter() - t0) < budget:
+    while budget.left(step, elapsed := time.perf_counter() - t0):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(lr, step, 200, elapsed / budget)
+            g["lr"] = cosine_lr(lr, step, 200, budget.progress(step, elapsed))
         e = torch.randint(len(pool["eid"]), (n_edit,), device=device)
         g = torch.randint(len(pool["gid"]), (n_gen,), device=device)
         pe, pg = pool["eid"][e], pool["gid"][g]

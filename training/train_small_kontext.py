@@ -49,7 +49,15 @@ from kontext_rt.quality import shapes
 
 # the script's own modules, beside it (python puts a script's folder first on sys.path)
 from small_kontext_data import MAX_SEQUENCE_LENGTH, SIZE, Stream, TextTable, build_pool, log
-from small_kontext_phases import VAE_BATCH_EDITS, VAE_CONFIG, calibrate, flux_config, train_transformer, train_vae
+from small_kontext_phases import (
+    VAE_BATCH_EDITS,
+    VAE_CONFIG,
+    Budget,
+    calibrate,
+    flux_config,
+    train_transformer,
+    train_vae,
+)
 
 
 def evaluate(folder: Path, n: int, steps: int, seed: int, device: str = "cpu") -> dict:
@@ -119,8 +127,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flux-minutes",
         type=float,
-        default=80.0,
-        help="wall-time budget of the transformer (0, with --init-from: its transformer as it is)",
+        help="wall-time budget of the transformer (default 80; 0, with --init-from: its transformer as it is)",
+    )
+    p.add_argument(
+        "--flux-steps",
+        type=int,
+        help="instead of --flux-minutes: exactly this many transformer steps, the same on any machine",
     )
     p.add_argument("--vae-from", type=Path, help="a checkpoint folder this script wrote: reuse its VAE, no phase 1")
     p.add_argument(
@@ -215,15 +227,23 @@ def check(p: argparse.ArgumentParser, args) -> None:
     """The arguments, refused (p.error) before any work; --init-from implies --vae-from of the same folder."""
     if args.init_from is not None and args.vae_from is None:
         args.vae_from = args.init_from  # its latent space (moved by --vae-tune-minutes, which the transformer follows)
-    if args.flux_minutes < 0:
-        p.error("--flux-minutes must not be negative")
+    if args.flux_steps is not None:
+        if args.flux_minutes is not None:
+            p.error("--flux-minutes and --flux-steps are two budgets for the one phase: give one")
+        if args.flux_steps < 1:
+            p.error("--flux-steps must be positive (--flux-minutes 0 keeps a loaded transformer as it is)")
+        args.flux = Budget(steps=args.flux_steps)
+    else:
+        args.flux = Budget(minutes=80.0 if args.flux_minutes is None else args.flux_minutes)
+        if args.flux.minutes < 0:
+            p.error("--flux-minutes must not be negative")
     if args.vae_from is None and args.vae_minutes <= 0:
         p.error("--vae-minutes must be positive (or give --vae-from or --init-from)")
-    if args.flux_minutes == 0 and args.init_from is None:
+    if not args.flux and args.init_from is None:
         p.error("--flux-minutes 0 keeps a loaded transformer as it is: give --init-from")
-    if args.flux_minutes == 0 and args.vae_tune_minutes > 0:
+    if not args.flux and args.vae_tune_minutes > 0:
         p.error("--flux-minutes 0 keeps the transformer, which would not read the latents --vae-tune-minutes moves")
-    if args.flux_minutes == 0 and args.edit_weight:
+    if not args.flux and args.edit_weight:
         p.error("--edit-weight weighs the transformer's loss, and --flux-minutes 0 trains no transformer")
     if args.vae_tune_minutes > 0 and args.vae_from is None:
         p.error("--vae-tune-minutes trains a loaded VAE further: give --vae-from or --init-from")
@@ -266,7 +286,7 @@ def loaded_models(p: argparse.ArgumentParser, args, cfg, record: dict):
         record["init_from_sha256"] = weights_sha256(args.init_from)["transformer"]
         if init.cfg != cfg:
             p.error(f"--init-from {args.init_from} holds another architecture than --hidden/--depth/--single")
-        if args.flux_minutes == 0 and not same_latents(vae, init_vae):
+        if not args.flux and not same_latents(vae, init_vae):
             p.error(
                 f"--flux-minutes 0 keeps --init-from {args.init_from}'s transformer, and --vae-from {args.vae_from} "
                 "encodes other latents than its VAE (encoder or scale differ)"
@@ -309,12 +329,19 @@ def main(argv=None) -> int:
         record["decoder_seconds"] = round(time.perf_counter() - t0, 1)
         record["decoder_steps"] = (stream.edits - drawn) // VAE_BATCH_EDITS
     model, steps = init, 0  # --flux-minutes 0: the loaded transformer as it is
-    if args.flux_minutes > 0:
+    if args.flux:  # else --flux-minutes 0
         t0 = time.perf_counter()
         pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
         record["pool_seconds"] = round(time.perf_counter() - t0, 1)
         model, steps = train_transformer(
-            cfg, args.flux_minutes, pool, args.lr, args.batch, flux_curve, init, args.edit_weight
+            cfg,
+            args.flux,
+            pool,
+            args.lr,
+            args.batch,
+            flux_curve,
+            init,
+            args.edit_weight,
         )
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     # the train samples this run drew (VAE and decoder phases, pool): a later run's --skip past edits[1] sees only
