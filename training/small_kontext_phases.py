@@ -43,7 +43,7 @@ def flux_config(hidden: int, depth: int, single: int) -> FluxConfig:
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """How long a phase runs: wall minutes (the steps they buy depend on the machine and its load) or, with steps,
-    exactly that many steps (the same run, step for step, on any machine). The learning rate's cosine follows
+    exactly that many steps (the same steps whatever the machine and its load). The learning rate's cosine follows
     whichever it is."""
 
     minutes: float = 0.0

@@ -132,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flux-steps",
         type=int,
-        help="instead of --flux-minutes: exactly this many transformer steps, the same on any machine",
+        help="instead of --flux-minutes: exactly this many transformer steps, whatever the machine and its load",
     )
     p.add_argument("--vae-from", type=Path, help="a checkpoint folder this script wrote: reuse its VAE, no phase 1")
     p.add_argument(
