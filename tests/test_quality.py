@@ -253,9 +253,12 @@ def test_preservation_outside_the_mask():
 def test_kept_only_is_the_output_outside_the_mask_and_the_target_inside():
     s = shapes.edit_sample("train", "move", seed=2, index=0)
     out = _image(4, 64, 64)
-    kept = metrics.kept_only(s, out)
+    kept = metrics.kept_only(s, out.astype(np.float64))
     np.testing.assert_array_equal(kept[s.mask], np.asarray(s.target, np.float64)[s.mask])
     np.testing.assert_array_equal(kept[~s.mask], out[~s.mask].astype(np.float64))
+    floats = out.astype(np.float64)
+    metrics.kept_only(s, floats)
+    np.testing.assert_array_equal(floats, out)  # the caller's array, even a float64 one, is left as it was
     assert 0 < s.mask.sum() < s.mask.size
 
 
@@ -288,6 +291,11 @@ def test_perceptual_slot_scores_only_the_kept_region():
     assert res["preservation_perceptual"] == pytest.approx(np.mean(expected), rel=1e-12)
     plain = harness.evaluate(_Outputs(outputs), samples, steps=1, drift_turns=0)
     assert plain["preservation_perceptual"] is None and plain["preservation_psnr"] == res["preservation_psnr"]
+    # no score (metrics.lpips without its package) or a non-finite one: None, and the result stays JSON
+    for unscored in (lambda a, b: None, lambda a, b: math.nan):
+        res = harness.evaluate(_Outputs(outputs), samples, steps=1, drift_turns=0, perceptual=unscored)
+        assert res["preservation_perceptual"] is None
+        json.dumps(res, allow_nan=False)
 
 
 def test_generation_success():

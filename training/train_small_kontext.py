@@ -3,13 +3,14 @@
 Two phases (small_kontext_phases.py): an autoencoder (kontext_rt.model.vae.AutoEncoder, VAE_CONFIG) on rendered
 scenes for --vae-minutes (or one loaded by --vae-from, trained further for --vae-tune-minutes; --decoder-minutes
 then trains its decoder alone, the latent space unchanged), then a transformer
-(kontext_rt.model.transformer.FluxTransformer, flux_config) for --flux-minutes with the rectified-flow objective:
+(kontext_rt.model.transformer.FluxTransformer, flux_config) for --flux-minutes (or --flux-steps steps) with the
+rectified-flow objective:
 x_t = (1 - t) x_0 + t noise, target velocity noise - x_0, t = sigmoid(N(0, 1)), on edits (the source's packed latent
 tokens as context, RoPE ids (1, r, c), as kontext_rt.model.rope.sequence_ids builds them) and on generation (no
 context), unless --flux-minutes is 0 (--init-from's transformer as it is). The transformer trains on a pool of
 train-split samples (small_kontext_data.py) encoded once by the trained VAE (--pool edits, a quarter as many
-captions), drawn at random with replacement. Both phases decay their learning rate over their time budget (cosine,
-after a warm-up). --shape-weight weighs the reconstruction error on the shapes' pixels up (they are a few percent of
+captions), drawn at random with replacement. Both phases decay their learning rate over their budget (cosine, after
+a warm-up). --shape-weight weighs the reconstruction error on the shapes' pixels up (they are a few percent of
 an image, and their colours are what most edits are about); --edit-weight weighs the flow loss on the tokens an edit
 changes up (one or two of 16; all of them in a background edit). Text goes through the demo's tiny CLIP and T5
 encoders (frozen, random, as write_diffusers_checkpoint writes them for --seed), so the result loads with
@@ -24,8 +25,8 @@ runs it on the GPU machines.
 
 The checkpoint (diffusers layout), train_log.json (seed, wall times, loss curves, the harness's scores, the
 autoencoder's ceiling: the exact answers through the VAE alone, and the sha256 of the weights it started from and
-wrote) and nothing else are written to --out. The number of
-steps a budget buys depends on the machine; the seed fixes the data, the initial weights and the noise.
+wrote) and nothing else are written to --out. The seed fixes the data, the initial weights and the noise; the
+number of steps a budget in minutes buys depends on the machine and its load.
 """
 
 from __future__ import annotations
@@ -353,7 +354,7 @@ def main(argv=None) -> int:
         record["decoder_curve"] = decoder_curve
 
     write_final(args.out, model, vae.cpu(), args.seed, text)
-    record["weights_sha256"] = weights_sha256(args.out)
+    record["written_sha256"] = weights_sha256(args.out)
     write_log(args.out, record)  # now, and again after the evaluation: a failed evaluation keeps the training's
     if args.eval_n:
         t0 = time.perf_counter()

@@ -82,8 +82,13 @@ def _edit_record(s: EditSample, out, perceptual: Callable | None = None) -> dict
         "success": metrics.edit_success(s, out),
         "psnr": _finite(kept["psnr"]),
         "ssim": _finite(kept["ssim"]),
-        "perceptual": None if perceptual is None else float(perceptual(metrics.kept_only(s, out), s.target)),
+        "perceptual": None if perceptual is None else _distance(perceptual(metrics.kept_only(s, out), s.target)),
     }
+
+
+def _distance(x) -> float | None:
+    """A JSON-safe distance: None (no score: metrics.lpips without its package), nan and inf -> None."""
+    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def _run(pipe, samples, steps, seed, guidance, drift_turns, embed, perceptual=None):
@@ -220,7 +225,8 @@ def compare(
     the reference:
 
     results {name: evaluate's aggregates}; delta {name: {metric: value - reference's value}} over the numeric
-    metrics both have (dotted keys, e.g. "per_kind.move.success_rate"); output_psnr {name: mean PSNR (dB, capped)
+    metrics both have (dotted keys, e.g. "per_kind.move.success_rate"; preservation_perceptual is a distance, so
+    there a positive delta is worse); output_psnr {name: mean PSNR (dB, capped)
     of each output against the reference's output for the same sample and seed}: how much a speed option changes
     the pixels, whether or not the task is solved.
     """

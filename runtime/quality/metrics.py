@@ -226,6 +226,7 @@ def kept_only(sample: EditSample, output) -> np.ndarray:
     the target (LPIPS) then sees only what the edit should have kept."""
     out, target = _pair(output, sample.target)
     mask = _check_mask(sample.mask, out.shape)
+    out = out.copy()  # as_array does not copy a float64 array: the caller's output stays as it was
     out[mask] = target[mask]
     return out
 
