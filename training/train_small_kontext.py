@@ -200,6 +200,27 @@ def autoencoder(args, vae, stream: Stream, cfg, curve: list) -> AutoEncoder:
     return vae.to(args.device)
 
 
+def decoder(args, vae, stream: Stream, curve: list, record: dict) -> AutoEncoder:
+    """--decoder-minutes: vae's decoder trained alone; the encoder, its calibration and so the pool's latents stay
+    as they are."""
+    t0, drawn = time.perf_counter(), stream.edits
+    vae = train_vae(args.decoder_minutes, stream, args.vae_lr, curve, vae, args.shape_weight, args.device, True)
+    record["decoder_seconds"] = round(time.perf_counter() - t0, 1)
+    record["decoder_steps"] = (stream.edits - drawn) // VAE_BATCH_EDITS
+    return vae
+
+
+def transformer(args, cfg, vae, text: TextTable, stream: Stream, init, curve: list, record: dict):
+    """Phase 2, (model, steps): a transformer (init's weights, if loaded) trained for args.flux on a pool encoded
+    by vae, or with --flux-minutes 0 the loaded one as it is."""
+    if not args.flux:
+        return init, 0
+    t0 = time.perf_counter()
+    pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
+    record["pool_seconds"] = round(time.perf_counter() - t0, 1)
+    return train_transformer(cfg, args.flux, pool, args.lr, args.batch, curve, init, args.edit_weight)
+
+
 TEXT_ENCODER_FILES = ("text_encoder/model.safetensors", "text_encoder_2/model.safetensors")
 
 
@@ -322,28 +343,9 @@ def main(argv=None) -> int:
     vae = autoencoder(args, vae, stream, cfg, vae_curve)
     record["vae_config"] = dataclasses.asdict(vae.cfg)
     record["vae_seconds"] = round(time.perf_counter() - start, 1)
-    if args.decoder_minutes > 0:  # the encoder, its calibration and so the pool's latents stay as they are
-        t0, drawn = time.perf_counter(), stream.edits
-        vae = train_vae(
-            args.decoder_minutes, stream, args.vae_lr, decoder_curve, vae, args.shape_weight, args.device, True
-        )
-        record["decoder_seconds"] = round(time.perf_counter() - t0, 1)
-        record["decoder_steps"] = (stream.edits - drawn) // VAE_BATCH_EDITS
-    model, steps = init, 0  # --flux-minutes 0: the loaded transformer as it is
-    if args.flux:  # else --flux-minutes 0
-        t0 = time.perf_counter()
-        pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
-        record["pool_seconds"] = round(time.perf_counter() - t0, 1)
-        model, steps = train_transformer(
-            cfg,
-            args.flux,
-            pool,
-            args.lr,
-            args.batch,
-            flux_curve,
-            init,
-            args.edit_weight,
-        )
+    if args.decoder_minutes > 0:
+        vae = decoder(args, vae, stream, decoder_curve, record)
+    model, steps = transformer(args, cfg, vae, text, stream, init, flux_curve, record)
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     # the train samples this run drew (VAE and decoder phases, pool): a later run's --skip past edits[1] sees only
     # new scenes
