@@ -48,7 +48,7 @@ import torch
 from quality_steps import OrtTransformer, step_drift, trajectories
 
 from kontext_rt.errors import BackendUnavailable, InputError
-from kontext_rt.quality import harness, shapes
+from kontext_rt.quality import harness, metrics, shapes
 from kontext_rt.quality.shapes import EditSample
 from kontext_rt.requests import RunReport
 from kontext_rt.sampling.denoisers import PerStep
@@ -265,7 +265,7 @@ def run_group(configs: dict[str, Timed], samples, steps: int, seed: int, turns: 
     for timed in configs.values():
         if first is not None:
             timed.warm_up(first)
-    res = harness.compare(configs, samples, steps=steps, seed=seed, drift_turns=turns)
+    res = harness.compare(configs, samples, steps=steps, seed=seed, drift_turns=turns, embed=metrics.scene_embedding)
     out = {}
     for name, timed in configs.items():
         quality = res["results"][name]

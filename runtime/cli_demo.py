@@ -164,7 +164,7 @@ def _eval(args) -> int:
     from kontext_rt.cli_args import DTYPE_NAMES, UsageError, check_writable, write_atomically
     from kontext_rt.demo import small_kontext
     from kontext_rt.load_checks import check_device
-    from kontext_rt.quality import bar, harness, shapes
+    from kontext_rt.quality import bar, harness, metrics, shapes
 
     out = Path(args.output) if args.output else None
     if out is not None:
@@ -182,7 +182,13 @@ def _eval(args) -> int:
         checkpoint, device=args.device, dtype=getattr(torch, DTYPE_NAMES[args.dtype]), backend=args.backend
     )
     result = harness.evaluate(
-        pipe, samples, steps=args.steps, seed=args.seed, guidance=args.guidance, drift_turns=args.turns
+        pipe,
+        samples,
+        steps=args.steps,
+        seed=args.seed,
+        guidance=args.guidance,
+        drift_turns=args.turns,
+        embed=metrics.scene_embedding,
     )
     result = {
         "checkpoint": str(checkpoint),
@@ -224,6 +230,9 @@ def summary(result: dict) -> list[str]:
     ]
     if result["drift"]:
         lines.append("drift over edit-then-undo turns: " + ", ".join(db(x) for x in result["drift"]["psnr"]))
+        if result["drift"]["cosine"]:
+            cosines = ", ".join("n/a" if x is None else f"{x:.3f}" for x in result["drift"]["cosine"])
+            lines.append(f"  scene embedding's cosine to the first image: {cosines}")
     if result.get("autoencoder"):
         ceiling = result["autoencoder"]
         kinds = ", ".join(f"{k} {pct(v['success_rate'])}" for k, v in ceiling["per_kind"].items())

@@ -319,6 +319,23 @@ def test_drift_psnr_and_embedding_slot():
     assert out["cosine"] == pytest.approx([math.sqrt(0.5), 0.0], abs=1e-12)
 
 
+def test_scene_embedding_by_hand():
+    """Cells' mean colours about mid-grey: white against black is -1; half the cells the same and half their
+    opposite is 0; a shape of area A recoloured in one cell moves that cell's mean by A / cell area."""
+    white, black = np.full((64, 64, 3), 255, np.uint8), np.zeros((64, 64, 3), np.uint8)
+    cos = lambda a, b: metrics.drift([a, b], embed=metrics.scene_embedding)["cosine"][0]
+    assert cos(white, white) == pytest.approx(1.0, abs=1e-12) and cos(white, black) == pytest.approx(-1.0, abs=1e-12)
+    half = white.copy()
+    half[32:] = 0  # two rows of cells of four
+    assert cos(white, half) == pytest.approx(0.0, abs=1e-12)
+    dot = white.copy()
+    dot[4:8, 20:28] = 0  # 32 px of cell (0, 1)'s 256 turn black: its mean drops by 255 * 32 / 256
+    e = metrics.scene_embedding(dot).reshape(4, 4, 3)
+    assert e[0, 1] == pytest.approx([127.5 - 255 / 8] * 3, abs=1e-12) and (e[0, 0] == 127.5).all()
+    with pytest.raises(InputError, match="4x4 grid"):
+        metrics.scene_embedding(np.zeros((30, 32, 3), np.uint8))
+
+
 class _RoundTrip:
     """A stand-in autoencoder: encode is the identity; decode applies `paint` to the image."""
 

@@ -246,6 +246,18 @@ def generation_success(sample: GenSample, output) -> bool:
     return True
 
 
+def scene_embedding(img, grid: int = shapes.GRID) -> np.ndarray:
+    """The shapes task's stand-in for an identity embedder (drift's embed): the mean colour of each cell of a
+    grid x grid split of the image, centred on mid-grey (0..255 -> -127.5..127.5), flattened. Two pictures with the
+    same shapes in the same places and colours embed alike; a shape lost, moved or recoloured turns the vector."""
+    a = as_array(img)
+    h, w = a.shape[:2]
+    if h % grid or w % grid:
+        raise InputError(f"scene_embedding: a {h}x{w} image does not split into a {grid}x{grid} grid")
+    cells = a.reshape(grid, h // grid, grid, w // grid, a.shape[2]).mean(axis=(1, 3))
+    return (cells - 127.5).ravel()
+
+
 def drift(images: Sequence, embed: Callable | None = None) -> dict:
     """How far a multi-turn session wanders from its start: for images [turn 0, turn 1, ...] (e.g. the image after
     each edit-then-undo pair), PSNR (dB) of each later turn to turn 0, and, with embed (image -> vector; a face
