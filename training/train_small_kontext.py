@@ -94,17 +94,14 @@ def write_final(folder: Path, model, vae, seed: int, text: TextTable) -> None:
         raise RuntimeError("the rewritten text encoders differ from the ones trained with")
 
 
-def weights_sha256(folder: Path) -> dict:
-    """sha256 of the transformer's and of the VAE's weights (the bytes of their safetensors files, in name order; of
-    the one file, sha256sum's): the record names the checkpoints a run started from and the one it wrote, so a chain
-    of runs can be followed link by link."""
-    out = {}
-    for part in ("transformer", "vae"):
-        h = hashlib.sha256()
-        for path in sorted((folder / part).glob("*.safetensors")):
-            h.update(path.read_bytes())
-        out[part] = h.hexdigest()
-    return out
+def weights_sha256(folder: Path, part: str) -> str:
+    """sha256 of a part's weights (transformer or vae: the bytes of its safetensors files, in name order; of the one
+    file, sha256sum's): the record names the checkpoints a run started from and the one it wrote, so a chain of runs
+    can be followed link by link."""
+    h = hashlib.sha256()
+    for path in sorted((folder / part).glob("*.safetensors")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def write_log(folder: Path, record: dict) -> None:
@@ -301,11 +298,11 @@ def loaded_models(p: argparse.ArgumentParser, args, cfg, record: dict):
     if args.vae_from is not None:  # one load serves --vae-from and --init-from of the same folder
         loaded, vae = load(args.vae_from)
         record["vae_from"] = str(args.vae_from)
-        record["vae_from_sha256"] = weights_sha256(args.vae_from)["vae"]
+        record["vae_from_sha256"] = weights_sha256(args.vae_from, "vae")
     if args.init_from is not None:
         init, init_vae = (loaded, vae) if args.init_from == args.vae_from else load(args.init_from)
         record["init_from"] = str(args.init_from)
-        record["init_from_sha256"] = weights_sha256(args.init_from)["transformer"]
+        record["init_from_sha256"] = weights_sha256(args.init_from, "transformer")
         if init.cfg != cfg:
             p.error(f"--init-from {args.init_from} holds another architecture than --hidden/--depth/--single")
         if not args.flux and not same_latents(vae, init_vae):
@@ -356,7 +353,7 @@ def main(argv=None) -> int:
         record["decoder_curve"] = decoder_curve
 
     write_final(args.out, model, vae.cpu(), args.seed, text)
-    record["written_sha256"] = weights_sha256(args.out)
+    record["written_sha256"] = {part: weights_sha256(args.out, part) for part in ("transformer", "vae")}
     write_log(args.out, record)  # now, and again after the evaluation: a failed evaluation keeps the training's
     if args.eval_n:
         t0 = time.perf_counter()
