@@ -284,3 +284,70 @@ def test_a_kept_transformer_refuses_a_vae_with_other_latents(train, tmp_path):
     run = subprocess.run([sys.executable, train.__file__, *argv], capture_output=True, text=True, timeout=600)
     assert run.returncode == 2 and "encodes other latents than its VAE" in run.stderr, run.stderr[-2000:]
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def compare(on_path):
+    return importlib.import_module("compare_runs")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread, as compare_runs' workers run: another thread count sums in another order (1e-4 dB)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_compare_runs_scores_as_kontext_rt_eval_does(compare, tmp_path, one_thread):
+    """Each run's main cell is what `kontext-rt eval` reports for the same checkpoint, split, n and seed; the second
+    noise draw is harness.evaluate on the same samples with the other seed (its definition)."""
+    from kontext_rt.cli import main as cli
+    from kontext_rt.demo import small_kontext
+    from kontext_rt.quality import harness, metrics
+
+    folder = small_kontext()
+    assert cli(["eval", "--checkpoint", str(folder), "--split", "heldout", "--n", "5", "--seed", "7",
+                "-o", str(tmp_path / "eval.json")]) == 0  # fmt: skip
+    out = tmp_path / "cmp.json"
+    argv = ["--run", "a", str(folder), "shipped", "--why", "test", "--n", "5", "--seed", "7", "--other-seed", "3"]
+    assert compare.main([*argv, "-o", str(out)]) == 0
+    record = json.loads(out.read_text())
+    by_cli = json.loads((tmp_path / "eval.json").read_text())
+    run = record["runs"]["a"]
+    for key in (*compare.FULL, "autoencoder"):
+        assert run["heldout"][key] == by_cli[key], key
+    assert (
+        run["sha256"]["transformer"]
+        == hashlib.sha256((folder / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    )
+    from kontext_rt import Pipeline
+
+    samples = list(shapes.dataset("heldout", 5, seed=8, size=64))
+    other = harness.evaluate(
+        Pipeline.from_pretrained(folder), samples, steps=8, seed=3, drift_turns=1, embed=metrics.scene_embedding
+    )
+    got = record["same_samples_other_noise"]["runs"]["a"]["heldout"]
+    assert {k: got[k] for k in compare.SUMMARY} == {k: other[k] for k in compare.SUMMARY}
+    assert got["preservation_psnr"] != run["heldout"]["preservation_psnr"]  # another noise draw, not the same one
+    assert set(record["runs"]["a"]) == {"what", "sha256", "train", "heldout"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--run", "a", "{folder}", "again"], "each NAME once"),
+        (["--other-seed", "10"], "a seed other than --seed"),
+        (["--run", "b", "{tmp}", "not a checkpoint"], "is not a diffusers folder"),
+    ],
+)
+def test_compare_runs_refuses_before_scoring(compare, tmp_path, capsys, extra, message):
+    from kontext_rt.demo import small_kontext
+
+    extra = [x.format(folder=small_kontext(), tmp=tmp_path) for x in extra]
+    argv = ["--run", "a", str(small_kontext()), "shipped", "--why", "test", "-o", str(tmp_path / "c.json"), *extra]
+    with pytest.raises(SystemExit):
+        compare.main(argv)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()

@@ -1,0 +1,159 @@
+"""Score training runs side by side on larger draws than a run's own log, and write one comparison record.
+
+Each checkpoint is scored as `kontext-rt eval --checkpoint DIR --split SPLIT --n N --seed SEED` scores it (fp32,
+eager, one thread, `--steps` and `--turns` as the bar's): the same samples (shapes.dataset(SPLIT, N, seed=SEED + 1)),
+sample i denoised with seed SEED + i, on both splits, with the autoencoder's ceiling (the exact answers through the
+checkpoint's VAE alone). Then the same samples again with sample i denoised with OTHER_SEED + i instead: two noise
+draws of one sample set say how much of a difference between runs is the noise. The record names each checkpoint's
+weights by sha256 (the transformer's and the VAE's, as train_log.json's `written_sha256` does).
+
+    python training/compare_runs.py --why "run 4 against its rerun" \\
+        --run run4 /work/runs/G "run 4 as shipped" --run run4-rerun /work/runs/G2 "its rerun" \\
+        -o benchmarks/results/small-kontext-run4-replicate-comparison.json
+
+--jobs scores that many (checkpoint, split, noise) cells at once, one process and one thread each. Nothing is
+written but the output, and only once every cell is scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kontext_rt.quality import bar, shapes
+
+SUMMARY = ("n_edit", "edit_success_rate", "per_kind", "preservation_psnr", "preservation_ssim")
+FULL = (*SUMMARY, "generation_success_rate", "drift")
+
+
+def score(folder: str, split: str, n: int, sample_seed: int, seed: int, steps: int, turns: int, ceiling: bool):
+    """One cell: harness.evaluate on one thread (a worker process's whole job; importable by name)."""
+    import torch
+
+    from kontext_rt import Pipeline
+    from kontext_rt.quality import harness, metrics
+
+    torch.set_num_threads(1)
+    samples = list(shapes.dataset(split, n, seed=sample_seed, size=64))
+    pipe = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, backend="eager")
+    result = harness.evaluate(
+        pipe, samples, steps=steps, seed=seed, drift_turns=turns, embed=metrics.scene_embedding, per_sample=False
+    )
+    out = {k: result[k] for k in FULL}
+    if ceiling:
+        out["autoencoder"] = harness.autoencoder_ceiling(pipe.vae, samples, pipe.device)
+    return out
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--run",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("NAME", "DIR", "WHAT"),
+        help="a checkpoint (diffusers folder) to score, its name in the record and what it is; repeat",
+    )
+    p.add_argument("--why", required=True, help="what the comparison is for (the record says it)")
+    p.add_argument("-o", "--output", required=True, help="the comparison record (.json)")
+    p.add_argument("--n", type=int, default=150, help="samples per split, edit kinds and captions in turn (150)")
+    p.add_argument("--seed", type=int, default=10, help="sample i denoised with seed + i; samples: seed + 1 (10)")
+    p.add_argument("--other-seed", type=int, default=0, help="the second noise draw: other-seed + i (0)")
+    p.add_argument("--jobs", type=int, default=1, help="cells scored at once, one process each (1)")
+    args = p.parse_args(argv)
+    names = [name for name, _, _ in args.run]
+    if len(set(names)) != len(names):
+        p.error(f"--run: each NAME once, got {', '.join(names)}")
+    for name, folder, _ in args.run:
+        if not (Path(folder) / "model_index.json").is_file():
+            p.error(f"--run {name}: {folder} is not a diffusers folder (no model_index.json)")
+    out = Path(args.output)
+    if out.suffix != ".json" or not out.parent.is_dir():
+        p.error(f"--output {out}: a .json file in a folder that exists")
+    if args.n < 1 or args.jobs < 1 or min(args.seed, args.other_seed) < 0:
+        p.error("--n and --jobs: at least 1; --seed and --other-seed: not negative")
+    if args.other_seed == args.seed:
+        p.error("--other-seed: a seed other than --seed (the point is a second noise draw)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from train_small_kontext import weights_sha256  # beside this script
+
+    steps, turns = bar.SETTINGS["steps"], bar.SETTINGS["drift_turns"]
+    cells = [
+        (name, split, seed)
+        for name, _, _ in args.run
+        for seed in (args.seed, args.other_seed)
+        for split in shapes.SPLITS
+    ]
+    folders = {name: folder for name, folder, _ in args.run}
+    t0 = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            cell: pool.submit(
+                score, folders[cell[0]], cell[1], args.n, args.seed + 1, cell[2], steps, turns, cell[2] == args.seed
+            )
+            for cell in cells
+        }
+        results = {}
+        for cell, future in futures.items():
+            results[cell] = future.result()
+            name, split, seed = cell
+            r = results[cell]
+            print(
+                f"{name} {split} noise {seed}: edits {r['edit_success_rate']}, kept {r['preservation_psnr']} dB "
+                f"({time.perf_counter() - t0:.0f} s)",
+                file=sys.stderr,
+            )
+    record = {
+        "command": f"python training/compare_runs.py {' '.join(sys.argv[1:] if argv is None else argv)}",
+        "settings": {
+            "n": args.n,
+            "sample_seed": args.seed + 1,
+            "seed": args.seed,
+            "other_seed": args.other_seed,
+            "steps": steps,
+            "drift_turns": turns,
+            "dtype": "fp32",
+            "backend": "eager",
+            "threads": 1,
+        },
+        "why": args.why,
+        "runs": {
+            name: {
+                "what": what,
+                "sha256": {part: weights_sha256(Path(folder), part) for part in ("transformer", "vae")},
+                **{split: results[(name, split, args.seed)] for split in shapes.SPLITS},
+            }
+            for name, folder, what in args.run
+        },
+        "same_samples_other_noise": {
+            "note": f"the same {args.n} samples per split, sample i denoised with seed {args.other_seed} + i "
+            f"instead of {args.seed} + i",
+            "runs": {
+                name: {
+                    split: {k: results[(name, split, args.other_seed)][k] for k in SUMMARY} for split in shapes.SPLITS
+                }
+                for name, _, _ in args.run
+            },
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out = Path(args.output)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(record, tmp, indent=1, allow_nan=False)
+    Path(tmp.name).replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
