@@ -84,49 +84,42 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse(argv)
-    from train_small_kontext import weights_sha256  # beside this script
-
-    steps, turns = bar.SETTINGS["steps"], bar.SETTINGS["drift_turns"]
-    cells = [
-        (name, split, seed)
-        for name, _, _ in args.run
-        for seed in (args.seed, args.other_seed)
-        for split in shapes.SPLITS
-    ]
+def score_all(args, steps: int, turns: int) -> dict:
+    """{(name, split, noise seed): score(...)} for every run, split and noise draw, args.jobs processes at once."""
     folders = {name: folder for name, folder, _ in args.run}
-    t0 = time.perf_counter()
+    cells = [
+        (name, split, seed) for name in folders for seed in (args.seed, args.other_seed) for split in shapes.SPLITS
+    ]
+    t0, results = time.perf_counter(), {}
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {
-            cell: pool.submit(
-                score, folders[cell[0]], cell[1], args.n, args.seed + 1, cell[2], steps, turns, cell[2] == args.seed
+            (name, split, seed): pool.submit(
+                score, folders[name], split, args.n, args.seed + 1, seed, steps, turns, seed == args.seed
             )
-            for cell in cells
+            for name, split, seed in cells
         }
-        results = {}
-        for cell, future in futures.items():
-            results[cell] = future.result()
-            name, split, seed = cell
-            r = results[cell]
+        for (name, split, seed), future in futures.items():
+            r = results[(name, split, seed)] = future.result()
             print(
                 f"{name} {split} noise {seed}: edits {r['edit_success_rate']}, kept {r['preservation_psnr']} dB "
                 f"({time.perf_counter() - t0:.0f} s)",
                 file=sys.stderr,
             )
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from train_small_kontext import weights_sha256  # beside this script
+
+    steps, turns = bar.SETTINGS["steps"], bar.SETTINGS["drift_turns"]
+    t0 = time.perf_counter()
+    results = score_all(args, steps, turns)
+    settings = {"n": args.n, "sample_seed": args.seed + 1, "seed": args.seed, "other_seed": args.other_seed}
+    settings.update(steps=steps, drift_turns=turns, dtype="fp32", backend="eager", threads=1)
     record = {
         "command": f"python training/compare_runs.py {' '.join(sys.argv[1:] if argv is None else argv)}",
-        "settings": {
-            "n": args.n,
-            "sample_seed": args.seed + 1,
-            "seed": args.seed,
-            "other_seed": args.other_seed,
-            "steps": steps,
-            "drift_turns": turns,
-            "dtype": "fp32",
-            "backend": "eager",
-            "threads": 1,
-        },
+        "settings": settings,
         "why": args.why,
         "runs": {
             name: {
