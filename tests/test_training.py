@@ -91,6 +91,36 @@ def test_shape_weights_weigh_the_grown_shapes(data):
         np.testing.assert_array_equal(plane, np.where(grown, 11.0, 1.0))
 
 
+def test_the_pool_knows_each_edits_kind(data, phases):
+    """build_pool's kinds follow the stream's order (edit i is EDIT_KINDS[i % 5]), from --skip on."""
+    from kontext_rt.demo import small_kontext
+    from kontext_rt.model.vae import AutoEncoder
+
+    torch.manual_seed(0)
+    vae = AutoEncoder(phases.VAE_CONFIG).eval()
+    pool = data.build_pool(data.Stream(0, skip=3), vae, data.TextTable(small_kontext()), 12, 2, chunk=5)
+    assert pool["kind"].tolist() == [(3 + j) % 5 for j in range(12)] and len(pool["kind"]) == len(pool["eid"])
+
+
+def test_a_kind_mix_draws_kinds_in_its_proportions(phases):
+    """draw_edits: each edit in proportion to its kind's weight (an unnamed kind 1), against the expected shares of
+    an uneven pool (binomial, 5 sigma); without a mix, torch.randint's draw as before the option existed."""
+    counts = [400, 100, 100, 200, 200]  # recolour, move, remove, background, add
+    pool = {"eid": torch.zeros(sum(counts), dtype=torch.long)}
+    pool["kind"] = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
+    mix, n = {"move": 6.0, "add": 0.5}, 40_000
+    torch.manual_seed(1)
+    drawn = torch.bincount(pool["kind"][phases.draw_edits(pool, n, mix)], minlength=5).double() / n
+    weights = [mix.get(k, 1.0) for k in shapes.EDIT_KINDS]
+    expected = torch.tensor([w * c for w, c in zip(weights, counts, strict=True)], dtype=torch.float64)
+    expected /= expected.sum()
+    assert torch.all((drawn - expected).abs() <= 5 * (expected * (1 - expected) / n).sqrt()), (drawn, expected)
+    torch.manual_seed(2)
+    plain = phases.draw_edits(pool, 64)
+    torch.manual_seed(2)
+    assert torch.equal(plain, torch.randint(sum(counts), (64,)))
+
+
 def test_workers_draw_the_same_samples_in_the_same_order(data):
     """The pool drawn in two processes is the one process's, sample for sample (images, instructions), and the
     stream goes on from the same index."""
@@ -221,6 +251,15 @@ def test_decoder_phase_trains_the_decoder_alone(phases, data):
         (["--flux-minutes", "5", "--flux-steps", "100"], "two budgets for the one phase: give one"),
         (["--flux-steps", "0"], "--flux-steps must be positive"),
         (["--vae-from", "ck", "--flux-steps", "3", "--vae-tune-minutes", "-1"], "must not be negative"),
+        (
+            ["--init-from", "ck", "--flux-minutes", "0", "--kind-mix", "move=2"],
+            "--flux-minutes 0 trains no transformer",
+        ),
+        (["--kind-mix", "recolor=2"], "'recolor': each of recolour, move, remove, background, add at most once"),
+        (["--kind-mix", "move=2,move=3"], "'move': each of"),
+        (["--kind-mix", "move"], "'move': kind=weight, the weight a number"),
+        (["--kind-mix", "move=0"], "'move=0': the weight must be positive and finite"),
+        (["--kind-mix", "move=inf"], "must be positive and finite"),
     ],
 )
 def test_refused_arguments_are_named(train, tmp_path, capsys, argv, message):

@@ -112,10 +112,10 @@ class TextTable:
 
 @torch.no_grad()
 def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n_gen: int, chunk: int = 64) -> dict:
-    """Train-split samples encoded once: edit (context, target, prompt id) and generation (target, prompt id), on
-    vae's device."""
+    """Train-split samples encoded once: edit (context, target, changed tokens, prompt id, kind) and generation
+    (target, prompt id), on vae's device."""
     device = next(vae.parameters()).device
-    ctx, tgt, changed, eid, gen, gid = [], [], [], [], [], []
+    ctx, tgt, changed, eid, kind, gen, gid = [], [], [], [], [], [], []
     t0 = time.perf_counter()
     for n, samples in enumerate(stream.take(edit_samples, n_edit, chunk)):
         x = to_batch([s.source for s in samples] + [s.target for s in samples]).to(device)
@@ -124,6 +124,7 @@ def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n
         tgt.append(z[len(samples) :])
         changed.append(changed_tokens(samples).to(device))
         eid += text.ids([s.instruction for s in samples])
+        kind += [shapes.EDIT_KINDS.index(s.kind) for s in samples]
         if n % 50 == 0:
             log(f"pool: {n * chunk + len(samples)} / {n_edit} edits  {time.perf_counter() - t0:.0f} s")
     for samples in stream.take(gen_samples, n_gen, chunk):
@@ -136,6 +137,7 @@ def build_pool(stream: Stream, vae: AutoEncoder, text: TextTable, n_edit: int, n
         "tgt": torch.cat(tgt),
         "changed": torch.cat(changed),
         "eid": torch.tensor(eid, device=device),
+        "kind": torch.tensor(kind, device=device),  # index into shapes.EDIT_KINDS
         "gen": torch.cat(gen),
         "gid": torch.tensor(gid, device=device),
         "txt": txt.to(device),

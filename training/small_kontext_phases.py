@@ -15,6 +15,7 @@ from kontext_rt.config import PRESETS, FluxConfig, VAEConfig
 from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
+from kontext_rt.quality import shapes
 
 from small_kontext_data import MAX_SEQUENCE_LENGTH, SIZE, Stream, log, shape_weights, to_batch
 
@@ -143,11 +144,20 @@ def edit_loss(err: torch.Tensor, changed: torch.Tensor, edit_weight: float) -> t
     return ((w * err).sum(1) / w.sum(1)).mean()
 
 
-def train_transformer(cfg, budget: Budget, pool, lr, batch, curve, init=None, edit_weight=0.0):
+def draw_edits(pool, n: int, kind_mix: dict | None = None) -> torch.Tensor:
+    """n pool edits' indices, at random with replacement: each alike, or with kind_mix ({edit kind: weight}, a
+    kind not named weighs 1) each edit of a kind drawn in proportion to its kind's weight."""
+    if not kind_mix:
+        return torch.randint(len(pool["eid"]), (n,), device=pool["eid"].device)
+    weights = torch.tensor([kind_mix.get(k, 1.0) for k in shapes.EDIT_KINDS], device=pool["kind"].device)
+    return torch.multinomial(weights[pool["kind"]], n, replacement=True)
+
+
+def train_transformer(cfg, budget: Budget, pool, lr, batch, curve, init=None, edit_weight=0.0, kind_mix=None):
     """(model, steps), trained for budget. An edit sample's loss is the mean of its target tokens' errors weighted
     1 + edit_weight on the tokens the edit changes (changed_tokens), 1 elsewhere: most edits change one or two of 16
     tokens, and without the weight the loss is mostly about copying the context. Each sample's weights are normalised
-    on their own, so a background edit (every token changed) weighs as much as a recolour."""
+    on their own, so a background edit (every token changed) weighs as much as a recolour. kind_mix: draw_edits."""
     device = pool["tgt"].device
     model = FluxTransformer(cfg)
     if init is not None:
@@ -164,7 +174,7 @@ def train_transformer(cfg, budget: Budget, pool, lr, batch, curve, init=None, ed
     while budget.left(step, elapsed := time.perf_counter() - t0):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(lr, step, 200, budget.progress(step, elapsed))
-        e = torch.randint(len(pool["eid"]), (n_edit,), device=device)
+        e = draw_edits(pool, n_edit, kind_mix)
         g = torch.randint(len(pool["gid"]), (n_gen,), device=device)
         pe, pg = pool["eid"][e], pool["gid"][g]
         err_e = flow_loss(model, pool["tgt"][e], pool["ctx"][e], pool["txt"][pe], pool["pooled"][pe], edit_rope)

@@ -119,6 +119,25 @@ def write_log(folder: Path, record: dict) -> None:
     (folder / "train_log.json").write_text(json.dumps(finite(record), indent=1, allow_nan=False))
 
 
+def kind_mix(text: str) -> dict[str, float]:
+    """--kind-mix's value: "kind=weight,..." -> {kind: weight}, each an edit kind once, each weight positive."""
+    mix = {}
+    for item in text.split(","):
+        kind, _, weight = item.partition("=")
+        kind = kind.strip()
+        if kind not in shapes.EDIT_KINDS or kind in mix:
+            raise argparse.ArgumentTypeError(
+                f"{kind!r}: each of {', '.join(shapes.EDIT_KINDS)} at most once, as kind=weight"
+            )
+        try:
+            mix[kind] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: kind=weight, the weight a number") from None
+        if not (math.isfinite(mix[kind]) and mix[kind] > 0):
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be positive and finite")
+    return mix
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae-minutes", type=float, default=12.0, help="wall-time budget of the autoencoder")
@@ -162,6 +181,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="extra flow-loss weight on the target tokens an edit changes (0: every token alike)",
+    )
+    p.add_argument(
+        "--kind-mix",
+        type=kind_mix,
+        help="draw the pool's edits by kind in these proportions, e.g. recolour=3,move=2 (a kind not named: 1; "
+        "default: every edit alike)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -215,7 +240,7 @@ def transformer(args, cfg, vae, text: TextTable, stream: Stream, init, curve: li
     t0 = time.perf_counter()
     pool = build_pool(stream, vae, text, args.pool, args.pool // 4)
     record["pool_seconds"] = round(time.perf_counter() - t0, 1)
-    return train_transformer(cfg, args.flux, pool, args.lr, args.batch, curve, init, args.edit_weight)
+    return train_transformer(cfg, args.flux, pool, args.lr, args.batch, curve, init, args.edit_weight, args.kind_mix)
 
 
 TEXT_ENCODER_FILES = ("text_encoder/model.safetensors", "text_encoder_2/model.safetensors")
@@ -264,6 +289,8 @@ def check(p: argparse.ArgumentParser, args) -> None:
         p.error("--flux-minutes 0 keeps the transformer, which would not read the latents --vae-tune-minutes moves")
     if not args.flux and args.edit_weight:
         p.error("--edit-weight weighs the transformer's loss, and --flux-minutes 0 trains no transformer")
+    if not args.flux and args.kind_mix:
+        p.error("--kind-mix draws the transformer's samples, and --flux-minutes 0 trains no transformer")
     if args.vae_tune_minutes > 0 and args.vae_from is None:
         p.error("--vae-tune-minutes trains a loaded VAE further: give --vae-from or --init-from")
     if min(args.shape_weight, args.edit_weight, args.vae_tune_minutes, args.decoder_minutes) < 0:
