@@ -1,8 +1,9 @@
 """Score training runs side by side on larger draws than a run's own log, and write one comparison record.
 
-Each checkpoint is scored as `kontext-rt eval --checkpoint DIR --split SPLIT --n N --seed SEED` scores it (fp32,
-eager, one thread, `--steps` and `--turns` as the bar's): the same samples (shapes.dataset(SPLIT, N, seed=SEED + 1)),
-sample i denoised with seed SEED + i, on both splits, with the autoencoder's ceiling (the exact answers through the
+Each checkpoint is scored with the samples, seeds and settings of `kontext-rt eval --checkpoint DIR --split SPLIT
+--n N --seed SEED` (fp32, eager, `--steps` and `--turns` as the bar's), on one thread (eval gives the same numbers to
+the last digit when it runs on one thread too): the same samples (shapes.dataset(SPLIT, N, seed=SEED + 1)), sample i
+denoised with seed SEED + i, on both splits, with the autoencoder's ceiling (the exact answers through the
 checkpoint's VAE alone). Then the same samples again with sample i denoised with OTHER_SEED + i instead: two noise
 draws of one sample set say how much of a difference between runs is the noise. The record names each checkpoint's
 weights by sha256 (the transformer's and the VAE's, as train_log.json's `written_sha256` does).
@@ -11,8 +12,9 @@ weights by sha256 (the transformer's and the VAE's, as train_log.json's `written
         --run run4 /work/runs/G "run 4 as shipped" --run run4-rerun /work/runs/G2 "its rerun" \\
         -o benchmarks/results/small-kontext-run4-replicate-comparison.json
 
---jobs scores that many (checkpoint, split, noise) cells at once, one process and one thread each. Nothing is
-written but the output, and only once every cell is scored.
+--jobs scores that many (checkpoint, split, noise) cells at once, one process and one thread each; a cell that fails
+stops the rest. Nothing is written but the output, and only once every cell is scored. The weights are hashed
+before scoring and again after it: a checkpoint rewritten meanwhile is refused.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
+import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from kontext_rt.cli_args import UsageError, check_writable, nonneg_int, positive_int, write_atomically
 from kontext_rt.quality import bar, shapes
 
 SUMMARY = ("n_edit", "edit_success_rate", "per_kind", "preservation_psnr", "preservation_ssim")
@@ -63,10 +66,14 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--why", required=True, help="what the comparison is for (the record says it)")
     p.add_argument("-o", "--output", required=True, help="the comparison record (.json)")
-    p.add_argument("--n", type=int, default=150, help="samples per split, edit kinds and captions in turn (150)")
-    p.add_argument("--seed", type=int, default=10, help="sample i denoised with seed + i; samples: seed + 1 (10)")
-    p.add_argument("--other-seed", type=int, default=0, help="the second noise draw: other-seed + i (0)")
-    p.add_argument("--jobs", type=int, default=1, help="cells scored at once, one process each (1)")
+    p.add_argument(
+        "--n", type=positive_int, default=150, help="samples per split, edit kinds and captions in turn (150)"
+    )
+    p.add_argument(
+        "--seed", type=nonneg_int, default=10, help="sample i denoised with seed + i; samples: seed + 1 (10)"
+    )
+    p.add_argument("--other-seed", type=nonneg_int, default=0, help="the second noise draw: other-seed + i (0)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="cells scored at once, one process each (1)")
     args = p.parse_args(argv)
     names = [name for name, _, _ in args.run]
     if len(set(names)) != len(names):
@@ -75,12 +82,16 @@ def parse(argv=None) -> argparse.Namespace:
         if not (Path(folder) / "model_index.json").is_file():
             p.error(f"--run {name}: {folder} is not a diffusers folder (no model_index.json)")
     out = Path(args.output)
-    if out.suffix != ".json" or not out.parent.is_dir():
+    if out.suffix.lower() != ".json" or not out.parent.is_dir() or out.is_dir():
         p.error(f"--output {out}: a .json file in a folder that exists")
-    if args.n < 1 or args.jobs < 1 or min(args.seed, args.other_seed) < 0:
-        p.error("--n and --jobs: at least 1; --seed and --other-seed: not negative")
+    try:
+        check_writable(out.parent, f"--output {out}")
+    except UsageError as e:
+        p.error(str(e))
     if args.other_seed == args.seed:
         p.error("--other-seed: a seed other than --seed (the point is a second noise draw)")
+    if max(args.seed, args.other_seed) + args.n > 2**64 - 1:
+        p.error("--seed, --other-seed: sample i runs with seed + i, at most 2**64-1-n")
     return args
 
 
@@ -92,19 +103,22 @@ def score_all(args, steps: int, turns: int) -> dict:
     ]
     t0, results = time.perf_counter(), {}
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {
-            (name, split, seed): pool.submit(
-                score, folders[name], split, args.n, args.seed + 1, seed, steps, turns, seed == args.seed
-            )
-            for name, split, seed in cells
-        }
-        for (name, split, seed), future in futures.items():
-            r = results[(name, split, seed)] = future.result()
-            print(
-                f"{name} {split} noise {seed}: edits {r['edit_success_rate']}, kept {r['preservation_psnr']} dB "
-                f"({time.perf_counter() - t0:.0f} s)",
-                file=sys.stderr,
-            )
+        futures = {}
+        for name, split, seed in cells:
+            job = (folders[name], split, args.n, args.seed + 1, seed, steps, turns, seed == args.seed)
+            futures[pool.submit(score, *job)] = (name, split, seed)
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                name, split, seed = futures[future]
+                r = results[(name, split, seed)] = future.result()
+                print(
+                    f"{name} {split} noise {seed}: edits {r['edit_success_rate']}, kept {r['preservation_psnr']} "
+                    f"dB ({len(results)} of {len(cells)}, {time.perf_counter() - t0:.0f} s)",
+                    file=sys.stderr,
+                )
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
     return results
 
 
@@ -114,17 +128,21 @@ def main(argv=None) -> int:
 
     steps, turns = bar.SETTINGS["steps"], bar.SETTINGS["drift_turns"]
     t0 = time.perf_counter()
+    digests = {name: {p: weights_sha256(Path(f), p) for p in ("transformer", "vae")} for name, f, _ in args.run}
     results = score_all(args, steps, turns)
+    for name, folder, _ in args.run:
+        if {p: weights_sha256(Path(folder), p) for p in digests[name]} != digests[name]:
+            raise SystemExit(f"--run {name}: {folder}'s weights changed while it was scored; nothing written")
     settings = {"n": args.n, "sample_seed": args.seed + 1, "seed": args.seed, "other_seed": args.other_seed}
     settings.update(steps=steps, drift_turns=turns, dtype="fp32", backend="eager", threads=1)
     record = {
-        "command": f"python training/compare_runs.py {' '.join(sys.argv[1:] if argv is None else argv)}",
+        "command": "python training/compare_runs.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": settings,
         "why": args.why,
         "runs": {
             name: {
                 "what": what,
-                "sha256": {part: weights_sha256(Path(folder), part) for part in ("transformer", "vae")},
+                "sha256": digests[name],
                 **{split: results[(name, split, args.seed)] for split in shapes.SPLITS},
             }
             for name, folder, what in args.run
@@ -141,10 +159,8 @@ def main(argv=None) -> int:
         },
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = Path(args.output)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(record, tmp, indent=1, allow_nan=False)
-    Path(tmp.name).replace(out)
+    text = json.dumps(record, indent=1, allow_nan=False)
+    write_atomically(Path(args.output), lambda tmp: tmp.write_text(text))
     return 0
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from kontext_rt.cli_args import finite_float
 from kontext_rt.demo import write_diffusers_checkpoint
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
@@ -129,12 +130,9 @@ def kind_mix(text: str) -> dict[str, float]:
             raise argparse.ArgumentTypeError(
                 f"{kind!r}: each of {', '.join(shapes.EDIT_KINDS)} at most once, as kind=weight"
             )
-        try:
-            mix[kind] = float(weight)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r}: kind=weight, the weight a number") from None
-        if not (math.isfinite(mix[kind]) and mix[kind] > 0):
-            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be positive and finite")
+        mix[kind] = finite_float(weight)  # names a weight that is no number, or not a finite one
+        if mix[kind] <= 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be positive")
     return mix
 
 
