@@ -168,24 +168,7 @@ def parser() -> argparse.ArgumentParser:
         help="after the VAE phase (or load): train the VAE's decoder alone this long; its encoder, and so the "
         "latents a transformer learnt, unchanged",
     )
-    p.add_argument(
-        "--shape-weight",
-        type=float,
-        default=0.0,
-        help="extra reconstruction weight on the shapes' pixels in the VAE phases (0: plain MSE)",
-    )
-    p.add_argument(
-        "--edit-weight",
-        type=float,
-        default=0.0,
-        help="extra flow-loss weight on the target tokens an edit changes (0: every token alike)",
-    )
-    p.add_argument(
-        "--kind-mix",
-        type=kind_mix,
-        help="draw the pool's edits by kind in these proportions, e.g. recolour=3,move=2 (a kind not named: 1; "
-        "default: every edit alike)",
-    )
+    weights(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--skip",
@@ -207,6 +190,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=30, help="samples per split for the final evaluation (0: none)")
     p.add_argument("--eval-steps", type=int, default=8)
     return p
+
+
+def weights(p: argparse.ArgumentParser) -> None:
+    """The arguments that weigh the losses and the draw."""
+    p.add_argument(
+        "--shape-weight",
+        type=float,
+        default=0.0,
+        help="extra reconstruction weight on the shapes' pixels in the VAE phases (0: plain MSE)",
+    )
+    p.add_argument(
+        "--edit-weight",
+        type=float,
+        default=0.0,
+        help="extra flow-loss weight on the target tokens an edit changes (0: every token alike)",
+    )
+    p.add_argument(
+        "--kind-mix",
+        type=kind_mix,
+        help="draw the pool's edits by kind in these proportions, e.g. recolour=3,move=2 (a kind not named: 1; "
+        "default: every edit alike)",
+    )
 
 
 def autoencoder(args, vae, stream: Stream, cfg, curve: list) -> AutoEncoder:
