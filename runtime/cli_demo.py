@@ -164,7 +164,7 @@ def _eval(args) -> int:
     from kontext_rt.cli_args import DTYPE_NAMES, UsageError, check_writable, write_atomically
     from kontext_rt.demo import small_kontext
     from kontext_rt.load_checks import check_device
-    from kontext_rt.quality import bar, harness, metrics, shapes
+    from kontext_rt.quality import bar, harness, metrics
 
     out = Path(args.output) if args.output else None
     if out is not None:
@@ -177,15 +177,16 @@ def _eval(args) -> int:
         )
     check_device(args.device)
     checkpoint = Path(args.checkpoint) if args.checkpoint else small_kontext()
-    samples = list(shapes.dataset(args.split, args.n, seed=args.seed + 1, size=64))
     pipe = Pipeline.from_pretrained(
         checkpoint, device=args.device, dtype=getattr(torch, DTYPE_NAMES[args.dtype]), backend=args.backend
     )
-    result = harness.evaluate(
+    result = harness.score_split(
         pipe,
-        samples,
-        steps=args.steps,
+        args.split,
+        args.n,
+        sample_seed=args.seed + 1,
         seed=args.seed,
+        steps=args.steps,
         guidance=args.guidance,
         drift_turns=args.turns,
         embed=metrics.scene_embedding,
@@ -197,8 +198,6 @@ def _eval(args) -> int:
         "backend": args.backend,
         **result,
     }
-    if result["n_edit"]:
-        result["autoencoder"] = harness.autoencoder_ceiling(pipe.vae, samples, pipe.device)
     for line in summary(result):
         print(line)
     asked = {"split": args.split, "n": args.n, "sample_seed": args.seed + 1, "steps": args.steps, "seed": args.seed}

@@ -390,6 +390,20 @@ def test_harness_end_to_end_on_random_weights(tiny_pipe):
     assert res["drift"]["sessions"] == 1 and len(res["drift"]["psnr"]) == 1
 
 
+def test_score_split_is_evaluate_on_the_split_plus_the_ceiling(tiny_pipe):
+    """score_split (what eval, compare_runs, the training log and the bar score with) is its docstring: the split's
+    first n samples drawn with sample_seed, through evaluate with the noise seed, and the autoencoder's ceiling."""
+    samples = list(shapes.dataset("heldout", 7, seed=12, size=64))
+    want = harness.evaluate(tiny_pipe, samples, steps=1, seed=4, drift_turns=1, per_sample=False)
+    want["autoencoder"] = harness.autoencoder_ceiling(tiny_pipe.vae, samples, tiny_pipe.device)
+    got = harness.score_split(tiny_pipe, "heldout", 7, sample_seed=12, seed=4, steps=1, drift_turns=1, per_sample=False)
+    assert got == want
+    bare = harness.score_split(
+        tiny_pipe, "heldout", 7, sample_seed=12, seed=4, steps=1, drift_turns=1, per_sample=False, ceiling=False
+    )
+    assert bare == {k: v for k, v in want.items() if k != "autoencoder"}
+
+
 def test_compare_same_seeds_same_numbers(tiny_pipe):
     samples = list(shapes.dataset("train", 2, seed=1, kinds=("move", shapes.GEN_KIND)))
     res = harness.compare({"a": tiny_pipe, "b": tiny_pipe}, samples, steps=1, seed=4, drift_turns=0)

@@ -43,15 +43,20 @@ def score(folder: str, split: str, n: int, sample_seed: int, seed: int, steps: i
     from kontext_rt.quality import harness, metrics
 
     torch.set_num_threads(1)
-    samples = list(shapes.dataset(split, n, seed=sample_seed, size=64))
     pipe = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, backend="eager")
-    result = harness.evaluate(
-        pipe, samples, steps=steps, seed=seed, drift_turns=turns, embed=metrics.scene_embedding, per_sample=False
+    result = harness.score_split(
+        pipe,
+        split,
+        n,
+        sample_seed=sample_seed,
+        seed=seed,
+        steps=steps,
+        drift_turns=turns,
+        embed=metrics.scene_embedding,
+        per_sample=False,
+        ceiling=ceiling,
     )
-    out = {k: result[k] for k in FULL}
-    if ceiling:
-        out["autoencoder"] = harness.autoencoder_ceiling(pipe.vae, samples, pipe.device)
-    return out
+    return {k: result[k] for k in (*FULL, "autoencoder") if k in result}
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -64,17 +64,14 @@ from small_kontext_phases import (
 
 def evaluate(folder: Path, n: int, steps: int, seed: int, device: str = "cpu") -> dict:
     from kontext_rt.pipeline import Pipeline
-    from kontext_rt.quality.harness import autoencoder_ceiling
-    from kontext_rt.quality.harness import evaluate as harness_evaluate
+    from kontext_rt.quality.harness import score_split
 
     # eager, as every run's evaluation: scores comparable across machines and devices
     pipe = Pipeline.from_pretrained(folder, device=device, backend="eager", max_sequence_length=MAX_SEQUENCE_LENGTH)
-    out = {}
-    for split in shapes.SPLITS:
-        samples = list(shapes.dataset(split, n, seed=seed + 1, size=SIZE))
-        out[split] = harness_evaluate(pipe, samples, steps=steps, seed=seed, drift_turns=2, per_sample=False)
-        out[split]["autoencoder"] = autoencoder_ceiling(pipe.vae, samples, device)
-    return out
+    return {
+        split: score_split(pipe, split, n, sample_seed=seed + 1, seed=seed, steps=steps, per_sample=False, size=SIZE)
+        for split in shapes.SPLITS
+    }
 
 
 def load(folder: Path):

@@ -59,10 +59,17 @@ def failures(result: dict) -> list[str]:
 
 def evaluate(pipe) -> dict:
     """harness.evaluate in the bar's configuration."""
-    from kontext_rt.quality import harness, shapes
+    from kontext_rt.quality import harness
 
     s = SETTINGS
-    samples = list(shapes.dataset(s["split"], s["n"], seed=s["sample_seed"], size=64))
-    return harness.evaluate(
-        pipe, samples, steps=s["steps"], seed=s["seed"], drift_turns=s["drift_turns"], per_sample=False
+    return harness.score_split(
+        pipe,
+        s["split"],
+        s["n"],
+        sample_seed=s["sample_seed"],
+        seed=s["seed"],
+        steps=s["steps"],
+        drift_turns=s["drift_turns"],
+        per_sample=False,
+        ceiling=False,
     )

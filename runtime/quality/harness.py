@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from kontext_rt.errors import InputError
-from kontext_rt.quality import metrics
+from kontext_rt.quality import metrics, shapes
 from kontext_rt.quality.shapes import EDIT_KINDS, EditSample, GenSample
 
 PSNR_CAP = 100.0  # dB, what an identical image counts as in means
@@ -169,6 +169,39 @@ def evaluate(
     result = {"steps": steps, "seed": seed, "guidance": guidance, **_aggregate(records, sessions, drift_turns)}
     if per_sample:
         result["samples"] = records
+    return result
+
+
+def score_split(
+    pipe,
+    split: str,
+    n: int,
+    sample_seed: int,
+    seed: int,
+    steps: int = 8,
+    guidance: float | None = None,
+    drift_turns: int = 2,
+    embed: Callable | None = None,
+    per_sample: bool = True,
+    ceiling: bool = True,
+    size: int = 64,
+) -> dict:
+    """A checkpoint's score on one split, as `kontext-rt eval` gives it: the first n samples of
+    shapes.dataset(split, n, seed=sample_seed, size=size) through evaluate(...), with the pipeline's autoencoder
+    ceiling (autoencoder_ceiling of pipe.vae on pipe.device) under "autoencoder" when there are edits and ceiling."""
+    samples = list(shapes.dataset(split, n, seed=sample_seed, size=size))
+    result = evaluate(
+        pipe,
+        samples,
+        steps=steps,
+        seed=seed,
+        guidance=guidance,
+        drift_turns=drift_turns,
+        embed=embed,
+        per_sample=per_sample,
+    )
+    if ceiling and result["n_edit"]:
+        result["autoencoder"] = autoencoder_ceiling(pipe.vae, samples, pipe.device)
     return result
 
 
