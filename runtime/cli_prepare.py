@@ -32,12 +32,35 @@ def _plan_parser(sub):
     )
 
 
+def _plan_model(args, dtype):
+    """(transformer config, VAE config, variant or None, text encoders' bytes) of --preset or --checkpoint."""
+    from kontext_rt import memory
+    from kontext_rt.config import PRESETS, VAE_PRESETS, VARIANTS, Variant
+
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r}; one of {', '.join(PRESETS)}")
+        for given in ("ae", "text_encoders", "variant"):
+            if getattr(args, given) is not None:
+                raise UsageError(f"--{given.replace('_', '-')} goes with --checkpoint, not --preset")
+        cfg = PRESETS[args.preset]
+        full = cfg.context_in_dim == 4096 and cfg.vec_in_dim == 768
+        encoders = memory.standard_text_encoder_bytes(dtype) if full else 0
+        return cfg, VAE_PRESETS["flux" if full else "tiny"], VARIANTS.get(args.preset, Variant(args.preset)), encoders
+    from kontext_rt.weights.formats import detect
+
+    checkpoint = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
+    variant = checkpoint.variant(args.variant) if args.text_tokens is None else None
+    folder = checkpoint.text_encoders
+    encoders = 0 if folder is None else memory.text_encoder_bytes(folder, dtype)
+    return checkpoint.transformer_config(), checkpoint.vae_config(), variant, encoders
+
+
 def _plan(args) -> int:
     import torch
 
     from kontext_rt import image as im
     from kontext_rt import memory
-    from kontext_rt.config import PRESETS, VAE_PRESETS, VARIANTS, Variant
     from kontext_rt.model.vae_tiling import DEFAULT_TILE
     from kontext_rt.placement import PRESETS as PLACEMENTS
     from kontext_rt.placement import Placement
@@ -49,25 +72,7 @@ def _plan(args) -> int:
     im.check_output_size(args.width, args.height)
     if args.text_tokens is not None and args.text_tokens > 512:
         raise UsageError(f"--text-tokens must be at most 512 (T5's limit here), got {args.text_tokens}")
-    if args.preset is not None:
-        if args.preset not in PRESETS:
-            raise UsageError(f"unknown preset {args.preset!r}; one of {', '.join(PRESETS)}")
-        for given in ("ae", "text_encoders", "variant"):
-            if getattr(args, given) is not None:
-                raise UsageError(f"--{given.replace('_', '-')} goes with --checkpoint, not --preset")
-        cfg = PRESETS[args.preset]
-        full = cfg.context_in_dim == 4096 and cfg.vec_in_dim == 768
-        vae_cfg = VAE_PRESETS["flux" if full else "tiny"]
-        variant = VARIANTS.get(args.preset, Variant(args.preset))
-        encoders = memory.standard_text_encoder_bytes(dtype) if full else 0
-    else:
-        from kontext_rt.weights.formats import detect
-
-        checkpoint = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
-        cfg, vae_cfg = checkpoint.transformer_config(), checkpoint.vae_config()
-        variant = checkpoint.variant(args.variant) if args.text_tokens is None else None
-        folder = checkpoint.text_encoders
-        encoders = 0 if folder is None else memory.text_encoder_bytes(folder, dtype)
+    cfg, vae_cfg, variant, encoders = _plan_model(args, dtype)
     tokens = (args.width // 16) * (args.height // 16)
     text_tokens = args.text_tokens or variant.max_sequence_length
     p = memory.plan(
