@@ -52,47 +52,49 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _common_options(sp, needs_checkpoint=True, seed_help="random, printed", device_help="cuda if available"):
+    """The options edit, generate and demo share."""
+    if needs_checkpoint:
+        sp.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
+        sp.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
+        sp.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
+        sp.add_argument(
+            "--variant",
+            help="flux-kontext-dev, flux-dev or flux-schnell: what a BFL file holds "
+            "when its shapes leave it open (generate needs it; edit takes flux-kontext-dev)",
+        )
+    sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
+    sp.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
+    sp.add_argument("--guidance", type=finite_float, help="distilled guidance scale, 0 to 100")
+    sp.add_argument("--seed", type=nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
+    sp.add_argument("--device", help=f"cpu, cuda, cuda:1 (default: {device_help})")
+    sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
+    sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
+    sp.add_argument(
+        "--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies --backend tensorrt)"
+    )
+    sp.add_argument(
+        "--placement",
+        help="where each part lives: resident (default), lean, offload, or part=mode,... "
+        "(text_encoders=device|staged|cpu, transformer=resident|offload, modulation=resident|staged, "
+        "vae=resident|staged); `kontext-rt plan` shows what each needs",
+    )
+    sp.add_argument(
+        "--vae-tiling",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="encode/decode images over 1024 px in overlapping tiles: auto (when the GPU would not fit the "
+        "untiled call), on, off",
+    )
+    sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
+    sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing summary")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="kontext-rt", description="FLUX.1 Kontext editing and FLUX.1 generation.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    def common(sp, needs_checkpoint=True, seed_help="random, printed", device_help="cuda if available"):
-        if needs_checkpoint:
-            sp.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
-            sp.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
-            sp.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
-            sp.add_argument(
-                "--variant",
-                help="flux-kontext-dev, flux-dev or flux-schnell: what a BFL file holds "
-                "when its shapes leave it open (generate needs it; edit takes flux-kontext-dev)",
-            )
-        sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
-        sp.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
-        sp.add_argument("--guidance", type=finite_float, help="distilled guidance scale, 0 to 100")
-        sp.add_argument("--seed", type=nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
-        sp.add_argument("--device", help=f"cpu, cuda, cuda:1 (default: {device_help})")
-        sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
-        sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
-        sp.add_argument(
-            "--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies --backend tensorrt)"
-        )
-        sp.add_argument(
-            "--placement",
-            help="where each part lives: resident (default), lean, offload, or part=mode,... "
-            "(text_encoders=device|staged|cpu, transformer=resident|offload, modulation=resident|staged, "
-            "vae=resident|staged); `kontext-rt plan` shows what each needs",
-        )
-        sp.add_argument(
-            "--vae-tiling",
-            choices=["auto", "on", "off"],
-            default="auto",
-            help="encode/decode images over 1024 px in overlapping tiles: auto (when the GPU would not fit the "
-            "untiled call), on, off",
-        )
-        sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
-        sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing summary")
 
     e = sub.add_parser("edit", help="edit an image from an instruction")
     e.add_argument("image")
@@ -101,16 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--width", type=positive_int, help="output width (default: the context's, after resizing)")
     e.add_argument("--height", type=positive_int, help="output height, like --width; at most 2048 px a side")
     e.add_argument("--no-auto-resize", action="store_true", help="keep the context size (floored to 16 px)")
-    common(e)
+    _common_options(e)
     g = sub.add_parser("generate", help="text-to-image")
     g.add_argument("prompt")
     g.add_argument("--width", type=positive_int, default=1024, help="a multiple of 16, at most 2048")
     g.add_argument("--height", type=positive_int, default=1024, help="a multiple of 16, at most 2048")
-    common(g)
+    _common_options(g)
     d = sub.add_parser(
         "demo", help="a small Kontext shipped in the package edits a rendered scene over 4 turns (CPU, no downloads)"
     )
-    common(d, needs_checkpoint=False, seed_help="0; turn k uses seed + k - 1", device_help="cpu")
+    _common_options(d, needs_checkpoint=False, seed_help="0; turn k uses seed + k - 1", device_help="cpu")
     _export_parser(sub)
     _plan_parser(sub)
     _serve_parser(sub)
