@@ -375,8 +375,9 @@ def machine(threads: int) -> dict:
     }
 
 
-def weights_sha256(folder: Path) -> str:
-    """sha256 over every .safetensors file under folder (relative path, then bytes), in sorted order."""
+def checkpoint_sha256(folder: Path) -> str:
+    """sha256 over every .safetensors file of the checkpoint folder (relative path, then bytes), in sorted order:
+    not the per-part digest of the training records (train_small_kontext.weights_sha256)."""
     h = hashlib.sha256()
     for path in sorted(folder.rglob("*.safetensors")):
         h.update(str(path.relative_to(folder)).encode() + b"\0")
@@ -389,7 +390,7 @@ def weights_sha256(folder: Path) -> str:
 def report(cfg: Config, log=lambda line: None) -> dict:
     t0 = time.perf_counter()
     # the path as given (a committed record must not carry this machine's folders); the digest names the weights
-    checkpoint = {"path": str(cfg.checkpoint), "weights_sha256": weights_sha256(cfg.checkpoint)}
+    checkpoint = {"path": str(cfg.checkpoint), "weights_sha256": checkpoint_sha256(cfg.checkpoint)}
     body = measure(cfg, log)
     return {
         "format": FORMAT,

@@ -160,3 +160,19 @@ def test_report_files_are_valid_json_and_a_png(cfg):
     assert precision["options"]["bf16"]["time"]["steps_run"] == [3]
     assert len(r["per_step_drift"]["options"]["bf16"]["rms"]) == 3
     assert {"cuda-graphs", "tensorrt"} <= set(r["not_run"])
+
+
+def test_the_committed_report_names_the_shipped_weights():
+    """benchmarks/results/quality-small-kontext-cpu.json is the shipped model's report: its digest is the shipped
+    folder's (computed here by its definition: each .safetensors file's relative path, a NUL, its bytes, in sorted
+    order). New weights without a new report fail here."""
+    import hashlib
+
+    from kontext_rt.demo import small_kontext
+
+    folder = small_kontext()
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        h.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    committed = json.loads((BENCH / "results" / "quality-small-kontext-cpu.json").read_text())
+    assert committed["checkpoint"]["weights_sha256"] == h.hexdigest() == _script().checkpoint_sha256(folder)
