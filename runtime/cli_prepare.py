@@ -50,10 +50,11 @@ def _plan_model(args, dtype):
     from kontext_rt.weights.formats import detect
 
     checkpoint = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
+    cfg, vae_cfg = checkpoint.transformer_config(), checkpoint.vae_config()
     variant = checkpoint.variant(args.variant) if args.text_tokens is None else None
     folder = checkpoint.text_encoders
     encoders = 0 if folder is None else memory.text_encoder_bytes(folder, dtype)
-    return checkpoint.transformer_config(), checkpoint.vae_config(), variant, encoders
+    return cfg, vae_cfg, variant, encoders
 
 
 def _plan(args) -> int:

@@ -393,15 +393,14 @@ def test_harness_end_to_end_on_random_weights(tiny_pipe):
 def test_score_split_is_evaluate_on_the_split_plus_the_ceiling(tiny_pipe):
     """score_split (what eval, compare_runs, the training log and the bar score with) is its docstring: the split's
     first n samples drawn with sample_seed, through evaluate with the noise seed, and the autoencoder's ceiling."""
-    samples = list(shapes.dataset("heldout", 7, seed=12, size=64))
-    want = harness.evaluate(tiny_pipe, samples, steps=1, seed=4, drift_turns=1, per_sample=False)
+    samples = list(shapes.dataset("heldout", 7, seed=12, size=48))
+    kw = dict(steps=1, seed=4, guidance=2.5, drift_turns=1, embed=metrics.scene_embedding)
+    want = harness.evaluate(tiny_pipe, samples, **kw)
     want["autoencoder"] = harness.autoencoder_ceiling(tiny_pipe.vae, samples, tiny_pipe.device)
-    got = harness.score_split(tiny_pipe, "heldout", 7, sample_seed=12, seed=4, steps=1, drift_turns=1, per_sample=False)
-    assert got == want
-    bare = harness.score_split(
-        tiny_pipe, "heldout", 7, sample_seed=12, seed=4, steps=1, drift_turns=1, per_sample=False, ceiling=False
-    )
-    assert bare == {k: v for k, v in want.items() if k != "autoencoder"}
+    assert want["drift"]["cosine"] is not None and len(want["samples"]) == 7
+    assert harness.score_split(tiny_pipe, "heldout", 7, sample_seed=12, size=48, **kw) == want
+    bare = harness.score_split(tiny_pipe, "heldout", 7, sample_seed=12, size=48, per_sample=False, ceiling=False, **kw)
+    assert bare == {k: v for k, v in want.items() if k not in ("autoencoder", "samples")}
 
 
 def test_compare_same_seeds_same_numbers(tiny_pipe):

@@ -36,7 +36,8 @@ FULL = (*SUMMARY, "generation_success_rate", "drift")
 
 
 def score(folder: str, split: str, n: int, sample_seed: int, seed: int, steps: int, turns: int, ceiling: bool):
-    """One cell: harness.evaluate on one thread (a worker process's whole job; importable by name)."""
+    """One cell: harness.score_split on one thread, as eval scores (a worker process's whole job; importable by
+    name)."""
     import torch
 
     from kontext_rt import Pipeline
@@ -56,7 +57,10 @@ def score(folder: str, split: str, n: int, sample_seed: int, seed: int, steps: i
         per_sample=False,
         ceiling=ceiling,
     )
-    return {k: result[k] for k in (*FULL, "autoencoder") if k in result}
+    out = {k: result[k] for k in FULL}
+    if ceiling:
+        out["autoencoder"] = result["autoencoder"]
+    return out
 
 
 def parse(argv=None) -> argparse.Namespace:
