@@ -58,7 +58,7 @@ def failures(result: dict) -> list[str]:
 
 
 def evaluate(pipe) -> dict:
-    """harness.evaluate in the bar's configuration."""
+    """harness.score_split in the bar's configuration (no autoencoder ceiling, no per-sample records)."""
     from kontext_rt.quality import harness
 
     s = SETTINGS
