@@ -247,7 +247,7 @@ class Run:
             out = Path(tmp) / "small-kontext"
             cmd = [str(ROOT / "training" / "train_small_kontext.py"), "--device", device]
             cmd += ["--flux-minutes", str(minutes), "--out", str(out)]
-            cmd += ["--init-from", str(ROOT / "runtime" / "demo" / "small_kontext")]
+            cmd += ["--init-from", str(ROOT / "runtime" / "kontext_rt" / "demo" / "small_kontext")]
             cmd += TRAIN_REHEARSAL_ARGS if self.args.rehearse else TRAIN_ARGS
             try:
                 return self.child("train", cmd, (60 * minutes + TRAIN_OVERHEAD_S) * self.slack)

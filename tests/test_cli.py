@@ -472,7 +472,7 @@ def test_advertised_export_flags_exist():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["export"]
     root = Path(__file__).parents[1]
-    texts = [p.read_text() for folder in ("runtime", "export") for p in (root / folder).glob("*.py")]
+    texts = [p.read_text() for folder in ("runtime/kontext_rt", "export") for p in (root / folder).glob("*.py")]
     texts.append((root / "README.md").read_text())
     used = {
         flag

@@ -1,1 +1,0 @@
-"""Triton kernels, each with a plain-torch reference. They know nothing of the model."""

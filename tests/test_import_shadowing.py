@@ -1,0 +1,78 @@
+"""The repository's root on sys.path must not shadow an installed package.
+
+`python -m pytest`, `python -c` and an interactive Python started in the root put the root first on sys.path, so
+any top-level folder with an `__init__.py` (or a top-level `*.py`) is imported under its folder's name before the
+installed package of that name. kernels/ did exactly that to Hugging Face's `kernels` (a dependency of
+transformers >= 5.25), and every diffusers import failed. The design that prevents it: the source folders
+(runtime/, kernels/, export/) and the script folders (benchmarks/, training/) have no `__init__.py`, so from the
+root each is at most a namespace portion, which any installed module or regular package of that name beats; the
+package is imported only as `kontext_rt` (runtime/ is its source root). tests/ is the one regular package at the
+top (test modules share helpers as `tests.*`); no distribution on the package index is called `tests`, and the
+first test below names it the day an installed one claims it.
+"""
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the only top-level folder allowed to be a regular package (see the module docstring)
+REGULAR_PACKAGES = {"tests"}
+
+
+def importable_names() -> dict[str, Path]:
+    """Every name the root offers to `import`: its folders and its *.py files, as Python's path finder sees them."""
+    names = {}
+    for path in ROOT.iterdir():
+        name = path.stem if path.suffix == ".py" else path.name
+        if name.isidentifier() and (path.is_dir() or path.suffix == ".py"):
+            names[name] = path
+    return names
+
+
+def where_from_root(name: str) -> list[str]:
+    """Where `import name` finds it in a Python started in the root (`python -c` puts the root first on sys.path).
+
+    find_spec, not import: the installed package is located without running its code."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.find_spec({name!r})\n"
+        "print('\\n'.join([spec.origin] if spec.origin else list(spec.submodule_search_locations)))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()
+
+
+def test_no_top_level_name_shadows_an_installed_distribution():
+    """Each installed import name that is also a top-level name here resolves, from the root, outside the tree."""
+    installed = importlib.metadata.packages_distributions()  # import name -> distributions providing it
+    ours = importable_names()
+    shadowed = {}
+    for name in sorted(set(ours) & set(installed)):
+        # the tree's own folder or file (a virtual environment inside the root is not the tree)
+        found = [p for p in where_from_root(name) if Path(p).resolve().is_relative_to(ours[name].resolve())]
+        if found:
+            shadowed[name] = (installed[name], found)
+    assert not shadowed, f"from the repository root these names import this tree, not the installed package: {shadowed}"
+
+
+def test_top_level_folders_are_not_regular_packages():
+    """The design itself, for names no distribution installed here claims today (`runtime` and `export` are both
+    on the package index): no top-level *.py, and no top-level folder but tests/ with an __init__.py."""
+    offenders = sorted(
+        name
+        for name, path in importable_names().items()
+        if path.suffix == ".py" or ((path / "__init__.py").exists() and name not in REGULAR_PACKAGES)
+    )
+    assert not offenders, f"importable from the repository root under their own names: {offenders}"
+
+
+def test_the_package_imports_from_its_install_not_from_the_root():
+    """kontext_rt and its kernels/export parts come from runtime/ (the source root the install maps), whichever
+    folder Python starts in."""
+    for name in ("kontext_rt", "kontext_rt.kernels.rope_attention", "kontext_rt.export.specs"):
+        (origin,) = where_from_root(name)
+        assert Path(origin).is_relative_to(ROOT / "runtime" / "kontext_rt"), (name, origin)
