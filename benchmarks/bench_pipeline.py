@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +245,7 @@ def main(argv=None):
         p.error("--pairs must be at least 2 (quartiles need two pairs)")
     torch.set_num_threads(1)
     load_start = os.getloadavg()
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory() as tmp:
         fns = make_cases(build_checkpoint(Path(tmp)))
         results = {}

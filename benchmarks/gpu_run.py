@@ -148,7 +148,7 @@ class Run:
         self.python = sys.executable
         mine = [b for b in args.broken if ":" not in b]
         self.forward = [b.split(":", 1) for b in args.broken if ":" in b]  # (suite|compile, phase)
-        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.data = {
             "mode": "rehearse" if args.rehearse else "gpu",
             "started_utc": started,
