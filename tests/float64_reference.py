@@ -66,3 +66,38 @@ def kontext_call(img, prompt: str, h: int, w: int, **extra) -> dict:
     """FluxKontextPipeline's arguments for a latent-out edit of img at h x w exactly (no auto-resize)."""
     args = dict(image=img, prompt=prompt, guidance_scale=2.5, output_type="latent", max_area=h * w, height=h, width=w)
     return {**args, "_auto_resize": False, **extra}
+
+
+def image_ids(grids) -> torch.Tensor:
+    """img_ids by the published Kontext rule: the target (0, r, c), then context image i (i, r, c); grids are
+    (rows, cols) in tokens, the target's first."""
+    ids = []
+    for i, (rows, cols) in enumerate(grids):
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        ids.append(torch.stack([torch.full_like(r, i), r, c], -1).reshape(-1, 3))
+    return torch.cat(ids).float()
+
+
+@torch.no_grad()
+def diffusers_euler(transformer, x, txt, pooled, ctx, grids, sigmas, guidance):
+    """The Euler loop over diffusers' FluxTransformer2DModel, in the transformer's dtype: packed target tokens x
+    (1, N, 64), context tokens ctx (1, M, 64) or None, text txt (1, T, D) and pooled (1, D'). Each step reads the
+    velocity of the target tokens (the first N); the step size is taken in float64."""
+    dtype, n = transformer.dtype, x.shape[1]
+    x, txt, pooled = x.to(dtype), txt.to(dtype), pooled.to(dtype)
+    ids = image_ids(grids)
+    g = torch.tensor([guidance], dtype=dtype) if transformer.config.guidance_embeds else None
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        hidden = x if ctx is None else torch.cat([x, ctx.to(dtype)], 1)
+        v = transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=txt,
+            pooled_projections=pooled,
+            timestep=torch.tensor([s], dtype=dtype),
+            guidance=g,
+            txt_ids=torch.zeros(txt.shape[1], 3),
+            img_ids=ids,
+            return_dict=False,
+        )[0][:, :n]
+        x = x + (s_next - s) * v
+    return x

@@ -239,9 +239,10 @@ def test_queued_requests_of_one_key_run_as_one_batch_with_each_ones_pixels(pipe,
     sched.close()
     text = sched.metrics.text().decode()
     assert metric(text, "kontext_rt_batch_size_count") == 2 and metric(text, "kontext_rt_batch_size_sum") == 3
-    for job, want in zip(jobs, alone, strict=True):
-        image, report = job.future.result(0)
-        assert np.array_equal(pixels(image), pixels(want)) and report.seed == job.request.seed
+    for job, want in zip(jobs, alone, strict=True):  # a batch rounds as its BLAS does: within one level of alone
+        image, report = job.future.result(0)  # (tests/test_batch.py bounds the latents against float64)
+        diff = np.abs(pixels(image).astype(np.int16) - pixels(want).astype(np.int16))
+        assert diff.max() <= 1 and report.seed == job.request.seed
 
 
 # ---- bad input: a 4xx with an OpenAI-style error, and the server goes on ----------------------------------------
