@@ -173,6 +173,32 @@ def test_plan_of_each_placement_is_the_loaded_pipeline(kontext_dir, placement):
     assert (p.largest_modulation_layer if pl.modulation == "staged" else 0) == mod
 
 
+@pytest.mark.parametrize("placement", ["offload", "lean"])
+def test_the_plan_streams_as_many_units_at_once_as_streaming_holds(kontext_dir, placement):
+    """The plan's allowance for streamed blocks (denoising step) and streamed modulation layers (modulation table)
+    is exactly what the streaming code held on the device at once in a real run: its own count of units holding
+    device memory (Streamed.max_on_device) times its largest unit. Both sides are read, neither restated: a plan
+    that allowed one block, or a stream that copied two ahead, fails here."""
+    from kontext_rt import load_checks
+    from kontext_rt.placement import Placement
+
+    pipe = Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, placement=placement)
+    pipe.generate("stream the blocks", width=64, height=64, steps=2, seed=0)
+    residency = pipe.transformer.residency
+    p = load_checks.memory_plan(
+        detect(kontext_dir), pipe.cfg, torch.bfloat16, False, 8, (64, 64), Placement.parse(placement)
+    )
+    planned = {
+        "blocks": p.stages["denoising step"] - p.resident - p.table - p.denoise_transient,
+        "modulation": p.stages["modulation table"] - p.resident - p.table,
+    }
+    for part, planned_bytes in planned.items():
+        streamed = getattr(residency, part, None)
+        held = streamed.max_on_device * streamed.largest_unit if streamed is not None else 0
+        assert planned_bytes == held, f"{placement}, {part}: planned {planned_bytes} bytes, streaming held {held}"
+    assert (residency.blocks is not None) == (placement == "offload") and residency.modulation is not None
+
+
 def test_a_refused_plan_names_the_placements_that_fit(kontext_dir, monkeypatch):
     from kontext_rt import load_checks
     from kontext_rt.placement import PRESETS as PLACEMENTS

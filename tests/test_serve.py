@@ -582,6 +582,16 @@ def _in_thread(fn, *args):
 GEN = {"prompt": "p", "size": "32x32", "steps": 1}
 
 
+def test_exactly_max_steps_is_accepted_and_one_more_refused():
+    stub = StubPipe()
+    with serving(create_app(stub, Settings(max_steps=3))) as port:
+        status, _, body = post_json(port, "/v1/images/generations", {**GEN, "steps": 3})
+        assert status == 200, body
+        status, _, body = post_json(port, "/v1/images/generations", {**GEN, "steps": 4})
+        assert status == 400 and body["error"]["param"] == "steps" and "at most 3" in body["error"]["message"], body
+    assert [k["steps"] for _, k in stub.calls] == [3]
+
+
 def test_a_full_queue_answers_429_with_retry_after():
     stub = StubPipe(hold=1)
     app = create_app(stub, Settings(max_queue=1, max_batch=1))
@@ -676,6 +686,55 @@ def test_a_client_that_hangs_up_mid_run_frees_the_worker_for_the_next():
     a_steps = max(d for p, d in stub.ran if p == "p")
     assert status == 200 and a_steps < stub.steps, (a_steps, answer)
     assert waited < stub.steps * stub.step_s * 1.5  # B did not wait for A's 100 steps, then its own 100
+    assert metric(text, 'kontext_rt_rejections_total{reason="disconnected"}') == 1
+
+
+class SteppingBatchStub(BatchStub):
+    """The batch API, each batch in `steps` steps of `step_s` seconds calling progress after each (as run_batch
+    does); the first batch waits for `release`, so the next requests queue and are taken together."""
+
+    def __init__(self, steps=100, step_s=0.02):
+        super().__init__()
+        self.steps, self.step_s, self.ran = steps, step_s, []
+
+    def run_batch(self, requests, reports=None, progress=None):
+        prompts = tuple(r.prompt for r in requests)
+        if not self.batches:
+            self.entered.set()
+            assert self.release.wait(30), "never released"
+        for done in range(1, self.steps + 1):
+            time.sleep(self.step_s)
+            self.ran.append((prompts, done))
+            if progress is not None:
+                progress(done, self.steps)
+        return super().run_batch(requests, reports, progress)
+
+
+def test_in_a_batch_of_two_one_client_hanging_up_leaves_the_other_its_image():
+    """Two requests share a batch; B's client hangs up mid-run. C still waits, so the batch runs to its last step
+    and C gets its own image; B is counted as disconnected."""
+    stub = SteppingBatchStub(steps=100, step_s=0.02)
+    app = create_app(stub, Settings(max_batch=2))
+    with serving(app) as port:
+        a = _in_thread(post_json, port, "/v1/images/generations", {**GEN, "prompt": "A", "seed": 1})
+        assert stub.entered.wait(10)
+        body = json.dumps({**GEN, "prompt": "B", "seed": 2}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            wait_for(lambda: app.state.scheduler.depth == 1, "B to be queued")
+            c = _in_thread(post_json, port, "/v1/images/generations", {**GEN, "prompt": "C", "seed": 3})
+            wait_for(lambda: app.state.scheduler.depth == 2, "C to be queued")
+            stub.release.set()
+            wait_for(lambda: any(p == ("B", "C") for p, _ in stub.ran), "B and C to run as one batch")
+        status, _, answer = c.result(30)  # B's client is gone
+        text = call(port, "GET", "/metrics")[2]
+        assert a.result(10)[0] == 200
+    assert status == 200, answer
+    assert decoded(answer["data"][0]["b64_json"]).getpixel((0, 0)) == color_of(3)
+    assert stub.batches[1] == ["B", "C"] and max(d for p, d in stub.ran if p == ("B", "C")) == stub.steps
     assert metric(text, 'kontext_rt_rejections_total{reason="disconnected"}') == 1
 
 
