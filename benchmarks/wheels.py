@@ -22,14 +22,21 @@ SOURCES = ("runtime", "kernels", "export", "pyproject.toml")  # what goes into t
 PROJECT = "kontext-rt"
 
 
+def built_here(path: Path) -> bool:
+    """What an install or a run writes beside the sources (never carried to the GPU machine, which is why it must
+    not count): byte code, and the egg-info setuptools writes into runtime/, the source root."""
+    return path.suffix == ".pyc" or any(part == "__pycache__" or part.endswith(".egg-info") for part in path.parts)
+
+
 def source_digest(root: Path = ROOT) -> str:
-    """sha256 over the package's source files (relative path and bytes, in path order)."""
+    """sha256 over the package's source files (relative path and bytes, in path order). The links that join
+    kernels/ and export/ to the package are not followed (rglob does not): both folders are hashed as themselves."""
     h = hashlib.sha256()
     for top in SOURCES:
         path = root / top
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for f in files:
-            if "__pycache__" in f.parts or f.suffix == ".pyc":
+            if built_here(f.relative_to(root)):
                 continue
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()

@@ -217,6 +217,30 @@ def test_wheel_plan_installs_what_is_missing_and_never_a_stale_project_wheel(tmp
     assert plan["project_wheel_stale"] and names[0] not in [p.name for p in plan["install"]]
 
 
+def test_the_source_digest_is_the_sources_not_what_an_install_writes_beside_them(tmp_path):
+    """The tree on the GPU machine carries no egg-info or byte code: the digest of the wheel's sources must not
+    change with them (setuptools writes kontext_rt.egg-info into runtime/, the source root), and must change with
+    any source."""
+    wheels = _module("wheels")
+    files = {
+        "runtime/kontext_rt/__init__.py": "x = 1\n",
+        "kernels/ops.py": "y = 2\n",
+        "export/specs.py": "",
+        "pyproject.toml": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    clean = wheels.source_digest(tmp_path)
+    (tmp_path / "runtime/kontext_rt.egg-info").mkdir()
+    (tmp_path / "runtime/kontext_rt.egg-info/PKG-INFO").write_text("Name: kontext-rt\n")
+    (tmp_path / "kernels/__pycache__").mkdir()
+    (tmp_path / "kernels/__pycache__/ops.cpython-311.pyc").write_bytes(b"\0")
+    assert wheels.source_digest(tmp_path) == clean
+    (tmp_path / "kernels/ops.py").write_text("y = 3\n")
+    assert wheels.source_digest(tmp_path) != clean
+
+
 def _fake_wheel(folder, dist, version, module):
     """A minimal valid wheel holding one empty module: enough for pip's offline --target install."""
     stem = f"{dist.replace('-', '_')}-{version}"

@@ -12,6 +12,7 @@ first test below names it the day an installed one claims it.
 """
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,13 @@ def where_from_root(name: str) -> list[str]:
 
     find_spec, not import: the installed package is located without running its code."""
     code = (
-        "import importlib.util, sys\n"
+        "import importlib.util, os, sys\n"
+        "assert os.path.abspath(sys.path[0]) == os.getcwd(), sys.path[:2]\n"  # the root first, as -c puts it
         f"spec = importlib.util.find_spec({name!r})\n"
         "print('\\n'.join([spec.origin] if spec.origin else list(spec.submodule_search_locations)))\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}  # it would leave the root off sys.path
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     return run.stdout.split()
 
@@ -71,8 +74,15 @@ def test_top_level_folders_are_not_regular_packages():
 
 
 def test_the_package_imports_from_its_install_not_from_the_root():
-    """kontext_rt and its kernels/export parts come from runtime/ (the source root the install maps), whichever
-    folder Python starts in."""
-    for name in ("kontext_rt", "kontext_rt.kernels.rope_attention", "kontext_rt.export.specs"):
+    """kontext_rt and its kernels/export parts come from the install, even in a Python started in the root: from
+    runtime/kontext_rt/ (an editable install) or from site-packages, never from the top-level folders."""
+    tails = {
+        "kontext_rt": ("kontext_rt", "__init__.py"),
+        "kontext_rt.kernels.rope_attention": ("kontext_rt", "kernels", "rope_attention.py"),
+        "kontext_rt.export.specs": ("kontext_rt", "export", "specs.py"),
+    }
+    for name, tail in tails.items():
         (origin,) = where_from_root(name)
-        assert Path(origin).is_relative_to(ROOT / "runtime" / "kontext_rt"), (name, origin)
+        path = Path(origin)
+        assert path.parts[-len(tail) :] == tail, (name, origin)
+        assert not path.is_relative_to(ROOT) or path.is_relative_to(ROOT / "runtime" / "kontext_rt"), (name, origin)
