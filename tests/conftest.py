@@ -36,3 +36,15 @@ def schnell_dir(tmp_path_factory):
 def bfl_files(tmp_path_factory, kontext_dir):
     """The same weights as kontext_dir as BFL single files (flux1-*.safetensors + ae.safetensors)."""
     return builders.bfl_checkpoint(tmp_path_factory.mktemp("bfl"), kontext_dir)
+
+
+@pytest.fixture
+def lora_file(tmp_path):
+    """A PEFT-format LoRA for the tiny checkpoints (tests/test_lora.py's), saved as style.safetensors."""
+    from safetensors.torch import save_file
+
+    from tests.test_lora import diffusers_lora
+
+    path = tmp_path / "style.safetensors"
+    save_file(diffusers_lora(torch.Generator().manual_seed(10)), str(path))
+    return path

@@ -526,3 +526,81 @@ def test_demo_on_a_device_this_runtime_does_not_run_on_writes_nothing(tmp_path, 
     code, err = run(["demo", "--device", "mps", "--cache-dir", cache], capsys)
     assert code == 2 and err.strip() == "error: device mps: kontext-rt runs on 'cpu' or 'cuda' devices"
     assert not cache.exists()
+
+
+# ---- the speed options: the same load options on every door --------------------------------------------------
+
+
+SPEED = ["--dtype", "bf16", "--fp8", "dynamic", "--no-hoist", "--backend", "eager"]
+
+
+def speed_pipe(kontext_dir, lora):
+    """What the speed flags SPEED and --lora LORA:0.5 ask for, through the Python API."""
+    import torch
+
+    from kontext_rt import Optimizations, Pipeline
+
+    opts = Optimizations(fp8="dynamic", hoist=False)
+    return Pipeline.from_pretrained(
+        kontext_dir, dtype=torch.bfloat16, backend="eager", optimize=opts, loras=[(lora, 0.5)]
+    )
+
+
+def test_speed_options_give_the_apis_pixels(kontext_dir, picture, lora_file, tmp_path, capsys, monkeypatch):
+    """edit and generate with --fp8 dynamic --no-hoist --lora FILE:0.5 load what the API loads with the same
+    options, and give its pixels (the FP8 stand-in on the CPU)."""
+    import numpy as np
+
+    from kontext_rt import Optimizations, Pipeline
+
+    loads = []
+    real = Pipeline.from_pretrained.__func__
+    monkeypatch.setattr(
+        Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(k) or real(cls, *a, **k))
+    )
+    out = tmp_path / "out.png"
+    common = ["--checkpoint", kontext_dir, "-o", out, "--steps", "2", "--seed", "3", "--no-text-cache", "-q", *SPEED]
+    lora = ["--lora", f"{lora_file}:0.5"]
+    pipe = speed_pipe(kontext_dir, lora_file)
+    runs = {
+        "edit": lambda: pipe.edit(str(picture), "make it blue", steps=2, seed=3, auto_resize=False),
+        "generate": lambda: pipe.generate("a fox", width=32, height=32, steps=2, seed=3),
+    }
+    commands = {"edit": ["edit", picture, "make it blue", "--no-auto-resize"], "generate": ["generate", "a fox"]}
+    commands["generate"] += ["--width", "32", "--height", "32"]
+    for name, command in commands.items():
+        want = runs[name]
+        code, err = run([*command, *common, *lora], capsys)
+        assert code == 0, err
+        assert loads[-1]["optimize"] == Optimizations(fp8="dynamic", hoist=False)
+        assert loads[-1]["loras"] == [(str(lora_file), 0.5)]
+        assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want()))
+    plain = Image.open(out).copy()
+    code, err = run(["generate", "a fox", "--width", "32", "--height", "32", *common], capsys)
+    assert code == 0 and loads[-1]["loras"] == [], err
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(plain)), "--lora made no difference"
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--cuda-graphs"], "cuda_graphs needs a CUDA device"),
+        (["--fp8", "dynamic"], "fp8 linears produce bfloat16"),
+        (["--dtype", "bf16", "--fp8", "static"], "fp8_calibration"),
+        (["--fp8", "fast"], "invalid choice"),
+        (["--lora", "missing.safetensors"], "missing.safetensors"),
+    ],
+)
+def test_bad_speed_options_are_one_error_line(kontext_dir, picture, tmp_path, capsys, flags, words):
+    out = tmp_path / "out.png"
+    code, err = run(["edit", picture, "x", "--checkpoint", kontext_dir, "-o", out, "--steps", "1", *flags], capsys)
+    assert code == 2 and err.startswith("error: ") and words in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_lora_spec_reads_an_optional_strength():
+    from kontext_rt.cli_args import lora_spec
+
+    assert lora_spec("a.safetensors") == ("a.safetensors", 1.0)
+    assert lora_spec("a.safetensors:0.25") == ("a.safetensors", 0.25)
+    assert lora_spec("/x:y/a.safetensors") == ("/x:y/a.safetensors", 1.0)

@@ -823,6 +823,30 @@ def test_sigterm_drains_and_exits_0(kontext_dir, pictures):
         proc.wait()
 
 
+def test_serve_with_speed_options_gives_the_apis_pixels(kontext_dir, lora_file):
+    """The load options of edit and generate reach the server too: FP8, no hoisting and a LoRA, as the API."""
+    from tests.test_cli import SPEED, speed_pipe
+
+    cmd = [sys.executable, "-m", "kontext_rt.cli", "serve", "--checkpoint", str(kontext_dir), "--port", "0", *SPEED]
+    proc = subprocess.Popen([*cmd, "--lora", f"{lora_file}:0.5"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server exited before serving"
+        port = int(line.rsplit(":", 1)[1].split()[0])
+        assert line.rstrip().endswith("(eager, cpu; fp8 dynamic, modulation per step, LoRA style x0.5)"), line
+        wait_for(lambda: _up(port), "the server to answer", 60)
+        request = {"prompt": "a fox", "size": "32x32", "steps": 2, "seed": 4}
+        status, _, body = post_json(port, "/v1/images/generations", request)
+        assert status == 200, body
+    finally:
+        proc.kill()
+        proc.wait()
+    want = speed_pipe(kontext_dir, lora_file).generate("a fox", width=32, height=32, steps=2, seed=4)
+    assert np.array_equal(pixels(decoded(body["data"][0]["b64_json"])), pixels(want))
+
+
 def _up(port) -> bool:
     try:
         return call(port, "GET", "/health", timeout=2)[0] == 200

@@ -16,11 +16,15 @@ from pathlib import Path
 
 from kontext_rt.cli_args import (
     DTYPE_NAMES,
+    VARIANT_HELP,
     Parser,
     UsageError,
     check_writable,
+    checkpoint_options,
     finite_float,
+    load_options,
     nonneg_int,
+    optimize_kwargs,
     positive_int,
     quiet_libraries,
     stage_summary,
@@ -55,37 +59,12 @@ def _version() -> str:
 def _common_options(sp, needs_checkpoint=True, seed_help="random, printed", device_help="cuda if available"):
     """The options edit, generate and demo share."""
     if needs_checkpoint:
-        sp.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
-        sp.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
-        sp.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
-        sp.add_argument(
-            "--variant",
-            help="flux-kontext-dev, flux-dev or flux-schnell: what a BFL file holds "
-            "when its shapes leave it open (generate needs it; edit takes flux-kontext-dev)",
-        )
+        checkpoint_options(sp, VARIANT_HELP + " (generate needs it; edit takes flux-kontext-dev)")
     sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
     sp.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     sp.add_argument("--guidance", type=finite_float, help="distilled guidance scale, 0 to 100")
     sp.add_argument("--seed", type=nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
-    sp.add_argument("--device", help=f"cpu, cuda, cuda:1 (default: {device_help})")
-    sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
-    sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
-    sp.add_argument(
-        "--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies --backend tensorrt)"
-    )
-    sp.add_argument(
-        "--placement",
-        help="where each part lives: resident (default), lean, offload, or part=mode,... "
-        "(text_encoders=device|staged|cpu, transformer=resident|offload, modulation=resident|staged, "
-        "vae=resident|staged); `kontext-rt plan` shows what each needs",
-    )
-    sp.add_argument(
-        "--vae-tiling",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="encode/decode images over 1024 px in overlapping tiles: auto (when the GPU would not fit the "
-        "untiled call), on, off",
-    )
+    load_options(sp, device_help)
     sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
     sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing summary")
@@ -265,6 +244,8 @@ VAE_TILING = {"auto": "auto", "on": True, "off": False}  # --vae-tiling -> Pipel
 
 def load_kwargs(args, text_cache_dir, variant, **extra) -> dict:
     """Pipeline.from_pretrained's arguments from the flags edit, generate, demo and serve share."""
+    from kontext_rt.options import Optimizations
+
     device, dtype = _device_dtype(args)
     return dict(
         path=args.checkpoint,
@@ -278,6 +259,8 @@ def load_kwargs(args, text_cache_dir, variant, **extra) -> dict:
         variant=variant,
         placement=args.placement,
         vae_tiling=VAE_TILING[args.vae_tiling],
+        optimize=Optimizations(**optimize_kwargs(args)),
+        loras=list(args.lora),
         **extra,
     )
 

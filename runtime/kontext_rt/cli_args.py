@@ -56,6 +56,101 @@ def finite_float(s: str) -> float:
     return v
 
 
+def lora_spec(s: str) -> tuple[str, float]:
+    """--lora FILE[:STRENGTH] -> (FILE, STRENGTH); strength 1 without one. A last ':...' that is not a number
+    belongs to the path."""
+    path, sep, tail = s.rpartition(":")
+    if sep and path:
+        try:
+            return path, finite_float(tail)
+        except argparse.ArgumentTypeError:
+            pass
+    return s, 1.0
+
+
+VARIANT_HELP = "flux-kontext-dev, flux-dev or flux-schnell: what a BFL file holds when its shapes leave it open"
+
+
+def checkpoint_options(sp, variant_help: str = VARIANT_HELP) -> None:
+    """Where the weights are: every command that loads a pipeline."""
+    sp.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
+    sp.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
+    sp.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
+    sp.add_argument("--variant", help=variant_help)
+
+
+def load_options(sp, device_help: str = "cuda if available") -> None:
+    """How the pipeline loads and how fast it runs: Pipeline.from_pretrained's device, dtype, backend, placement,
+    VAE tiling, optimize= and loras=, the same on every command that loads one (edit, generate, demo, serve)."""
+    sp.add_argument("--device", help=f"cpu, cuda, cuda:1 (default: {device_help})")
+    sp.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
+    sp.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
+    sp.add_argument(
+        "--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies --backend tensorrt)"
+    )
+    sp.add_argument(
+        "--placement",
+        help="where each part lives: resident (default), lean, offload, or part=mode,... "
+        "(text_encoders=device|staged|cpu, transformer=resident|offload, modulation=resident|staged, "
+        "vae=resident|staged); `kontext-rt plan` shows what each needs",
+    )
+    sp.add_argument(
+        "--vae-tiling",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="encode/decode images over 1024 px in overlapping tiles: auto (when the GPU would not fit the "
+        "untiled call), on, off",
+    )
+    g = sp.add_argument_group("speed options (Python: Pipeline.from_pretrained's optimize= and loras=)")
+    g.add_argument(
+        "--fp8",
+        choices=["dynamic", "static"],
+        help="the blocks' large linears in FP8 e4m3 (lossy; needs --dtype bf16 and compute capability 8.9+): "
+        "dynamic per-token scales, or static scales from --fp8-calibration",
+    )
+    g.add_argument("--fp8-calibration", metavar="FILE", help="the export stage's calibration file (--fp8 static)")
+    g.add_argument(
+        "--cuda-graphs", action="store_true", help="capture one denoising step per shape and replay it (CUDA)"
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block (inductor)")
+    g.add_argument("--compile-backend", metavar="NAME", help="torch.compile with this backend (implies --compile)")
+    g.add_argument(
+        "--no-hoist",
+        action="store_true",
+        help="compute each step's modulation inside the step (default: every step's, before the loop)",
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        type=lora_spec,
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="fuse a LoRA (.safetensors) into the weights at STRENGTH (default 1), before FP8; repeatable",
+    )
+
+
+def optimize_kwargs(args) -> dict:
+    """Optimizations' fields from the speed options."""
+    return dict(
+        hoist=not args.no_hoist,
+        cuda_graphs=args.cuda_graphs,
+        fp8=args.fp8,
+        fp8_calibration=args.fp8_calibration,
+        compile=args.compile_backend or args.compile,
+    )
+
+
+def speed_summary(optimize, loras) -> str:
+    """The speed options a pipeline loads with, in a few words (the server's start line names them)."""
+    parts = [f"fp8 {optimize.fp8}"] if optimize.fp8 else []
+    parts += ["CUDA graphs"] if optimize.cuda_graphs else []
+    if optimize.compile:
+        parts.append(f"compiled ({'inductor' if optimize.compile is True else optimize.compile})")
+    parts += [] if optimize.hoist else ["modulation per step"]
+    parts += [f"LoRA {Path(path).stem} x{strength:g}" for path, strength in loras]
+    return ", ".join(parts) or "no speed options"
+
+
 def check_writable(folder: Path, what: str):
     """Create and remove a file in `folder`: the only test of writability that root, ACLs and read-only mounts
     all answer truthfully."""

@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from kontext_rt.cli_args import DTYPE_NAMES, UsageError, finite_float, nonneg_int, positive_int
+from kontext_rt.cli_args import UsageError, checkpoint_options, finite_float, load_options, nonneg_int, positive_int
 
 SERVE_MODULES = {"fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client", "pydantic"}
 
@@ -37,20 +37,10 @@ def _positive_float(s: str) -> float:
 
 def _serve_parser(sub):
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for edits and generations (loopback default)")
-    s.add_argument("--checkpoint", required=True, help="diffusers folder or flux1-*.safetensors file")
-    s.add_argument("--ae", help="ae.safetensors for a BFL single file (default: beside it)")
-    s.add_argument("--text-encoders", help="folder with text_encoder*/ and tokenizer*/ (BFL files)")
-    s.add_argument("--variant", help="flux-kontext-dev, flux-dev or flux-schnell, when a BFL file leaves it open")
+    checkpoint_options(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port)")
-    s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    s.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
-    s.add_argument("--backend", default="auto", help="auto, eager, triton, tensorrt")
-    s.add_argument("--engines", help="TensorRT engine folder from `kontext-rt export --out` (implies tensorrt)")
-    s.add_argument("--placement", help="resident (default), lean, offload, or part=mode,... (see edit)")
-    s.add_argument(
-        "--vae-tiling", choices=["auto", "on", "off"], default="auto", help="whether the VAE may tile (see edit)"
-    )
+    load_options(s)
     s.add_argument("--text-cache-dir", help="keep text embeddings on disk here too (default: in memory only)")
     s.add_argument("--max-queue", type=positive_int, default=16, help="queued requests before 429 (default 16)")
     s.add_argument("--max-batch", type=positive_int, default=4, help="requests run together (default 4)")
@@ -88,7 +78,7 @@ def _serve(args) -> int:
         ) from None
     import kontext_rt as krt
     from kontext_rt.cli import load_kwargs
-    from kontext_rt.cli_args import check_writable, quiet_libraries
+    from kontext_rt.cli_args import check_writable, quiet_libraries, speed_summary
     from kontext_rt.load_checks import check_device
     from kontext_rt.placement import Placement
 
@@ -123,7 +113,8 @@ def _serve(args) -> int:
     config = uvicorn.Config(create_app(pipe, settings), log_level=args.log_level)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
-    print(f"serving {args.checkpoint} on http://{host}:{port} ({pipe.backend}, {device})", file=sys.stderr)
+    speed = speed_summary(load["optimize"], load["loras"])
+    print(f"serving {args.checkpoint} on http://{host}:{port} ({pipe.backend}, {device}; {speed})", file=sys.stderr)
     # uvicorn restores the handlers it found and raises the signal it stopped on again: a SIGTERM that was
     # handled (the queue drained) then reaches this no-op instead of killing the process, and the exit status is 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
@@ -154,7 +145,7 @@ def _serve_ray(args, settings) -> int:
             raise
         raise UsageError('--ray needs Ray Serve: pip install "kontext-rt[ray]"') from None
     from kontext_rt.cli import load_kwargs
-    from kontext_rt.cli_args import quiet_libraries
+    from kontext_rt.cli_args import quiet_libraries, speed_summary
 
     if args.ray_address is None:  # the replicas load from this machine: a bad path is refused before Ray starts
         from kontext_rt.weights.formats import detect
@@ -175,7 +166,8 @@ def _serve_ray(args, settings) -> int:
             raise UsageError(f"the Ray Serve replicas did not start ({e})") from None
         count = f"{autoscaling['min_replicas']}..{autoscaling['max_replicas']}" if autoscaling else args.replicas or 1
         print(
-            f"serving {args.checkpoint} on http://{host}:{port} ({count} Ray Serve replicas, {load['device']})",
+            f"serving {args.checkpoint} on http://{host}:{port} ({count} Ray Serve replicas, {load['device']}; "
+            f"{speed_summary(load['optimize'], load['loras'])})",
             file=sys.stderr,
         )
         while not stop.wait(1.0):  # Ctrl-C raises KeyboardInterrupt here: main() exits 130
