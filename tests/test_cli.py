@@ -174,6 +174,7 @@ def test_demo_checkpoint_is_a_real_diffusers_folder(tmp_path):
         (["edit", "{pic}", "", "--checkpoint", "{ckpt}"], "prompt must be a non-empty string"),
         (["edit", "{pic}", "x", "--checkpoint", "{tmp}/none"], "no such checkpoint"),
         (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--steps", "0"], "--steps: 0 must be at least 1"),
+        (["generate", "x", "--checkpoint", "{ckpt}", "--steps", "1001"], "--steps: 1001 is more than 1000 steps"),
         (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--guidance", "nan"], "not a finite number"),
         (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--seed", "-4"], "-4 must be at least 0"),
         (["generate", "x", "--checkpoint", "{ckpt}", "--width", "100"], "width 100 is not a multiple of 16"),

@@ -230,6 +230,8 @@ def test_bad_pipeline_options(kontext_dir):
         Pipeline.from_pretrained(kontext_dir, backend="tensorrt")
     with pytest.raises(ValueError, match="dtype must be one of"):
         Pipeline.from_pretrained(kontext_dir, dtype=torch.int8)
+    with pytest.raises(ValueError, match="path must be a checkpoint folder or file .* got None"):
+        Pipeline.from_pretrained(None)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU is available"):
             Pipeline.from_pretrained(kontext_dir, device="cuda")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kontext_rt.cli_args import (
     DTYPE_NAMES,
+    MAX_STEPS,
     VARIANT_HELP,
     Parser,
     UsageError,
@@ -28,6 +29,7 @@ from kontext_rt.cli_args import (
     positive_int,
     quiet_libraries,
     stage_summary,
+    steps_int,
     write_atomically,
 )
 from kontext_rt.cli_demo import _eval, _eval_parser
@@ -61,7 +63,7 @@ def _common_options(sp, needs_checkpoint=True, seed_help="random, printed", devi
     if needs_checkpoint:
         checkpoint_options(sp, VARIANT_HELP + " (generate needs it; edit takes flux-kontext-dev)")
     sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
-    sp.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
+    sp.add_argument("--steps", type=steps_int, help=f"denoising steps, at most {MAX_STEPS} (default: the model's)")
     sp.add_argument("--guidance", type=finite_float, help="distilled guidance scale, 0 to 100")
     sp.add_argument("--seed", type=nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
     load_options(sp, device_help)
@@ -76,15 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     e = sub.add_parser("edit", help="edit an image from an instruction")
-    e.add_argument("image")
-    e.add_argument("prompt")
+    e.add_argument("image", help="the image to edit (PNG, JPEG or WebP); --extra-image adds more")
+    e.add_argument("prompt", help='the instruction, e.g. "make the sky purple"')
     e.add_argument("--extra-image", action="append", default=[], help="another context image (repeatable)")
     e.add_argument("--width", type=positive_int, help="output width (default: the context's, after resizing)")
     e.add_argument("--height", type=positive_int, help="output height, like --width; at most 2048 px a side")
     e.add_argument("--no-auto-resize", action="store_true", help="keep the context size (floored to 16 px)")
     _common_options(e)
     g = sub.add_parser("generate", help="text-to-image")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help='what to draw, e.g. "a red fox in snow"')
     g.add_argument("--width", type=positive_int, default=1024, help="a multiple of 16, at most 2048")
     g.add_argument("--height", type=positive_int, default=1024, help="a multiple of 16, at most 2048")
     _common_options(g)

@@ -45,6 +45,16 @@ def _int_at_least(minimum: int):
 
 positive_int, nonneg_int = _int_at_least(1), _int_at_least(0)
 
+MAX_STEPS = 1000  # a typo's bound, not a quality one: FLUX.1 [dev] uses 28 steps, and the server caps at 100
+
+
+def steps_int(s: str) -> int:
+    """--steps: a positive integer of at most MAX_STEPS (a million steps would run for days before anything shows)."""
+    v = positive_int(s)
+    if v > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"{v} is more than {MAX_STEPS} steps (FLUX.1 [dev] uses 28)")
+    return v
+
 
 def finite_float(s: str) -> float:
     try:

@@ -4,6 +4,7 @@ and the memory plan of a run (refused when it does not fit)."""
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement, vae_t
 def checkpoint(path, ae, text_encoders, variant):
     """(the detected checkpoint, its transformer config, its variant), read from headers and configs alone: a bad
     checkpoint is refused before ~24 GB of weights are read."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a checkpoint folder or file (a str or Path), got {path!r}")
     found = detect(path, ae=ae, text_encoders=text_encoders)
     if found.text_encoders is None:
         raise CheckpointError(
