@@ -86,3 +86,20 @@ def test_the_package_imports_from_its_install_not_from_the_root():
         path = Path(origin)
         assert path.parts[-len(tail) :] == tail, (name, origin)
         assert not path.is_relative_to(ROOT) or path.is_relative_to(ROOT / "runtime" / "kontext_rt"), (name, origin)
+
+
+def test_the_package_and_the_cli_parser_import_no_torch():
+    """`import kontext_rt` exports lazily, so `kontext-rt --help` and `--version` answer without importing torch
+    (about 1 s here); the names still resolve on first use."""
+    code = (
+        "import sys, kontext_rt\n"
+        "from kontext_rt.cli import build_parser\n"
+        "build_parser()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert set(kontext_rt.__all__) == set(kontext_rt._EXPORTS)\n"
+        "assert all(getattr(kontext_rt, name).__name__ == name for name in kontext_rt.__all__ if name.isidentifier()"
+        " and not name.isupper())\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
