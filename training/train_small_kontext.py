@@ -86,7 +86,7 @@ def write_final(folder: Path, model, vae, seed: int, text: TextTable) -> None:
     """The trained checkpoint, with a check that its rewritten text encoders are the ones trained with."""
     probe = "make the circle red"
     before = text.txt[text.ids([probe])[0]]
-    write_diffusers_checkpoint(folder, model, vae, seed, MAX_SEQUENCE_LENGTH)
+    write_diffusers_checkpoint(folder, model, vae, seed, MAX_SEQUENCE_LENGTH, trained_sizes=[(SIZE, SIZE)])
     after = TextTable(folder)
     if not torch.equal(before, after.txt[after.ids([probe])[0]]):
         raise RuntimeError("the rewritten text encoders differ from the ones trained with")

@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(e)
     g = sub.add_parser("generate", help="text-to-image")
     g.add_argument("prompt", help='what to draw, e.g. "a red fox in snow"')
-    g.add_argument("--width", type=positive_int, default=1024, help="a multiple of 16, at most 2048")
-    g.add_argument("--height", type=positive_int, default=1024, help="a multiple of 16, at most 2048")
+    size_help = "a multiple of 16, at most 2048 (default: 1024, or the size the checkpoint says it was trained at)"
+    g.add_argument("--width", type=positive_int, help=size_help)
+    g.add_argument("--height", type=positive_int, help=size_help)
     _common_options(g)
     d = sub.add_parser(
         "demo", help="a small Kontext shipped in the package edits a rendered scene over 4 turns (CPU, no downloads)"
@@ -156,14 +157,29 @@ def _show_warnings(category):
 
 
 def _contexts(args) -> list[tuple[object, tuple[int, int], tuple[int, int]]]:
-    """(RGB image, its size, the size it is encoded at) per context image, read and checked before any loading."""
+    """(RGB image, its size, the size it is encoded at) per context image, read and checked before any loading;
+    auto-resized to the checkpoint's preferred resolutions (the images are read first: a bad image is named
+    before a bad checkpoint)."""
     from kontext_rt import image as im
 
-    out = []
-    for path in [args.image, *args.extra_image]:
-        pil = im.load_image(path)
-        out.append((pil, pil.size, im.context_size(*pil.size, not args.no_auto_resize, name=f"image {path}")))
-    return out
+    paths = [args.image, *args.extra_image]
+    pils = [im.load_image(path) for path in paths]
+    resolutions = _resolutions(args)
+    auto = not args.no_auto_resize
+    return [
+        (pil, pil.size, im.context_size(*pil.size, auto, name=f"image {path}", preferred=resolutions))
+        for path, pil in zip(paths, pils, strict=True)
+    ]
+
+
+def _resolutions(args):
+    """The sizes the checkpoint says it was trained at, or FLUX.1 Kontext's preferred resolutions (from
+    model_index.json, before any weights)."""
+    from kontext_rt import image as im
+    from kontext_rt.weights.formats import detect
+
+    found = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
+    return found.preferred_resolutions() or im.PREFERRED_KONTEXT_RESOLUTIONS
 
 
 def _text_cache_dir(args, cache_dir: Path) -> Path | None:
@@ -182,10 +198,11 @@ def _text_cache_dir(args, cache_dir: Path) -> Path | None:
 
 def _run(args) -> int:
     from kontext_rt import arguments
-    from kontext_rt.errors import PromptTruncated
+    from kontext_rt.errors import OutsideTrainedSize, PromptTruncated
 
     quiet_libraries()
     _show_warnings(PromptTruncated)
+    _show_warnings(OutsideTrainedSize)
     if args.command == "export":
         return _export(args)
     if args.command == "plan":
@@ -216,6 +233,11 @@ def _run(args) -> int:
                 raise UsageError(f"cache folder {cache_dir}: cannot create it ({e.strerror or e})") from None
     inputs = [args.image, *args.extra_image] if args.command == "edit" else []
     out = _check_output(args.output, inputs)
+    if args.command == "generate" and not (args.width and args.height):  # the checkpoint's default size
+        from kontext_rt import image as im
+
+        default = im.default_size(_resolutions(args))
+        args.width, args.height = args.width or default[0], args.height or default[1]
     contexts = _contexts(args) if args.command == "edit" else []
     text_cache = _text_cache_dir(args, cache_dir)
     if args.command == "demo":

@@ -38,3 +38,7 @@ class PromptTruncated(UserWarning):
 
 class OutOfMemoryPlan(InputError):
     """A request whose memory plan (kontext_rt.memory) does not fit the device's free memory or max_memory=."""
+
+
+class OutsideTrainedSize(UserWarning):
+    """A run far from the size a checkpoint says it was trained at (model_index.json's _kontext_rt)."""

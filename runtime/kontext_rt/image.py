@@ -74,21 +74,42 @@ def _check_input_pixels(size, name: str, max_pixels: int):
         raise InputError(f"{name} is {w}x{h}: both sides must be at least {MULTIPLE} pixels")
 
 
-def context_size(width: int, height: int, auto_resize: bool, name: str = "context image") -> tuple[int, int]:
-    """Floor to multiples of 16; with auto_resize, the preferred resolution of nearest aspect ratio.
+def context_size(
+    width: int, height: int, auto_resize: bool, name: str = "context image", preferred=PREFERRED_KONTEXT_RESOLUTIONS
+) -> tuple[int, int]:
+    """Floor to multiples of 16; with auto_resize, the preferred resolution of nearest aspect ratio (FLUX.1
+    Kontext's about 1 MP, or the sizes a checkpoint says it was trained at).
 
     Without auto_resize, a side over MAX_SIDE is refused (InputError): the image would be encoded at that size.
     """
     floored = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
     if auto_resize:
         ar = floored[0] / floored[1]
-        return min((abs(ar - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)[1:]
+        return min((abs(ar - w / h), w, h) for w, h in preferred)[1:]
     if max(floored) > MAX_SIDE:
         raise InputError(
             f"{name} is {width}x{height}: without auto-resize it is encoded at {floored[0]}x"
             f"{floored[1]}, over the {MAX_SIDE} px limit on a side; resize it or use auto-resize"
         )
     return floored
+
+
+def default_size(preferred=PREFERRED_KONTEXT_RESOLUTIONS) -> tuple[int, int]:
+    """A text-to-image run's size when none is given: the preferred resolution nearest to square (1024x1024)."""
+    return min((abs(w / h - 1), w, h) for w, h in preferred)[1:]
+
+
+def outside_trained_size(width: int, height: int, preferred) -> str | None:
+    """A warning's text when width x height is far (over 4x, or under a quarter) from the area of every size a
+    checkpoint says it was trained at; None when it is not."""
+    areas = [w * h for w, h in preferred]
+    if min(areas) / 4 <= width * height <= 4 * max(areas):
+        return None
+    sizes = ", ".join(f"{w}x{h}" for w, h in preferred)
+    return (
+        f"{width}x{height} is far from the size this checkpoint was trained at ({sizes}, its model_index.json "
+        "says): expect an image it cannot draw; ask for one of those sizes"
+    )
 
 
 def check_output_size(width, height):

@@ -73,6 +73,7 @@ def checkpoint(path, ae, text_encoders, variant):
         )
     cfg = found.transformer_config()
     found.vae_config()
+    found.preferred_resolutions()  # a bad declaration is refused here, before the weights
     return found, cfg, found.variant(variant)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from kontext_rt.arguments import check_guidance, check_seed
 from kontext_rt.backends import Loaded, LoadRequest
 from kontext_rt.concurrency import ReadWriteLock
 from kontext_rt.config import FluxConfig, Variant
-from kontext_rt.errors import InputError
+from kontext_rt.errors import InputError, OutsideTrainedSize
 from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.vae_tiling import DEFAULT_TILE
 from kontext_rt.options import Optimizations
@@ -46,6 +47,7 @@ class Pipeline:
         placement: Placement | None = None,
         vae_tiling: bool | str = "auto",
         vae_tile: int = DEFAULT_TILE,
+        trained_sizes: tuple[tuple[int, int], ...] | None = None,
     ):
         self.cfg = cfg
         self.denoiser, self.transformer = loaded.denoiser, loaded.transformer
@@ -60,6 +62,11 @@ class Pipeline:
         self.placement = placement or Placement()
         self.vae_tiling, self.vae_tile = vae_tiling, vae_tile
         self._weights = ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
+        # the sizes a checkpoint says it was trained at (None: FLUX.1's); what auto_resize snaps context images to,
+        # and what generate makes without a size
+        self.trained_sizes = trained_sizes
+        self.resolutions = tuple(trained_sizes or im.PREFERRED_KONTEXT_RESOLUTIONS)
+        self.default_size = im.default_size(self.resolutions)
 
     @classmethod
     def from_pretrained(
@@ -152,6 +159,7 @@ class Pipeline:
             placement,
             vae_tiling,
             vae_tile,
+            checkpoint.preferred_resolutions(),
         )
 
     # ---- public entry points ----------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ class Pipeline:
         if not images:
             raise InputError("edit needs at least one context image")
         pils = [im.load_image(img) for img in images]
-        sizes = [im.context_size(*pil.size, auto_resize) for pil in pils]
+        sizes = [im.context_size(*pil.size, auto_resize, preferred=self.resolutions) for pil in pils]
         (w0, h0) = sizes[0]
         width, height = width or w0, height or h0
         guidance = self.variant.edit_guidance if guidance is None else guidance
@@ -194,8 +202,8 @@ class Pipeline:
     def generate(
         self,
         prompt: str,
-        width=1024,
-        height=1024,
+        width=None,
+        height=None,
         steps=None,
         guidance=None,
         seed=None,
@@ -205,9 +213,11 @@ class Pipeline:
         progress=None,
         report=None,
     ):
-        """Text-to-image: the same sampler with no context tokens."""
+        """Text-to-image: the same sampler with no context tokens. width, height: default_size's (1024x1024, or the
+        size a checkpoint says it was trained at)."""
         check_prompt(prompt)
         check_arguments(width, height, steps, guidance, seed)
+        width, height = width or self.default_size[0], height or self.default_size[1]
         guidance = self.variant.generate_guidance if guidance is None else guidance
         plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas, progress)
         with self._weights.reading():
@@ -329,12 +339,12 @@ class Pipeline:
             raise InputError("Request.images must be a tuple of context images (paths or PIL images), or empty")
         images = list(r.images) if isinstance(r.images, (list, tuple)) else [r.images]
         pils = [im.load_image(img) for img in images]
-        sizes = [im.context_size(*pil.size, r.auto_resize) for pil in pils]
+        sizes = [im.context_size(*pil.size, r.auto_resize, preferred=self.resolutions) for pil in pils]
         if pils:
             width, height = r.width or sizes[0][0], r.height or sizes[0][1]
             guidance = self.variant.edit_guidance if r.guidance is None else r.guidance
         else:
-            width, height = r.width or 1024, r.height or 1024
+            width, height = r.width or self.default_size[0], r.height or self.default_size[1]
             guidance = self.variant.generate_guidance if r.guidance is None else r.guidance
         im.check_output_size(width, height)
         steps = self.variant.steps if r.steps is None else r.steps
@@ -344,6 +354,9 @@ class Pipeline:
         """Every run argument checked, and what the loop starts from: nothing is encoded yet."""
         check_progress(progress)
         im.check_output_size(width, height)
+        far = im.outside_trained_size(width, height, self.trained_sizes) if self.trained_sizes else None
+        if far:
+            warnings.warn(OutsideTrainedSize(far), stacklevel=3)
         if output not in OUTPUTS:
             raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
         check_guidance(guidance)

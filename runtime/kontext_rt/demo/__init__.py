@@ -98,14 +98,25 @@ def _save_mapped(module: torch.nn.Module, rules, path: Path):
 
 
 def write_diffusers_checkpoint(
-    folder: Path, transformer: FluxTransformer, vae: AutoEncoder, seed: int = 0, text_tokens: int | None = None
+    folder: Path,
+    transformer: FluxTransformer,
+    vae: AutoEncoder,
+    seed: int = 0,
+    text_tokens: int | None = None,
+    trained_sizes: list[tuple[int, int]] | None = None,
 ):
     """Write the runtime's modules (plus tiny text encoders and tokenizers) as a diffusers folder. text_tokens: the
-    T5 tokenizer's model_max_length (what the pipeline reads by default when under the variant's), or unset."""
+    T5 tokenizer's model_max_length (what the pipeline reads by default when under the variant's), or unset.
+    trained_sizes: the (width, height) sizes the model was trained at, recorded in model_index.json (the runtime
+    snaps context images to them and generates at them by default), or unset (FLUX.1's)."""
 
     with torch.random.fork_rng(devices=[]):  # seeded text encoders without touching the caller's global RNG
         torch.manual_seed(seed)
         _write_diffusers_checkpoint(folder, transformer, vae, text_tokens)
+    if trained_sizes is not None:
+        index = json.loads((folder / "model_index.json").read_text())
+        index["_kontext_rt"] = {"preferred_resolutions": [list(size) for size in trained_sizes]}
+        _write_json(folder / "model_index.json", index)
 
 
 def _write_diffusers_checkpoint(folder: Path, transformer: FluxTransformer, vae: AutoEncoder, text_tokens=None):

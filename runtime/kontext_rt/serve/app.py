@@ -211,8 +211,9 @@ def _batch_key(pipe, req):
     if hasattr(pipe, "batch_key"):
         return pipe.batch_key(req)
     arguments.check(req.width, req.height, req.steps, req.guidance, req.seed)
+    preferred = getattr(pipe, "resolutions", im.PREFERRED_KONTEXT_RESOLUTIONS)
     for i, pil in enumerate(req.images):
-        im.context_size(*pil.size, req.auto_resize, name=f"image {i}")
+        im.context_size(*pil.size, req.auto_resize, name=f"image {i}", preferred=preferred)
     return object()
 
 

@@ -121,6 +121,11 @@ class CheckpointFormat(ABC):
             f"with variant=NAME (CLI: --variant NAME)"
         )
 
+    def preferred_resolutions(self) -> tuple[tuple[int, int], ...] | None:
+        """The output sizes (width, height) the checkpoint says it was trained at; None when it says nothing (FLUX.1
+        itself: the Kontext preferred resolutions, about 1 MP)."""
+        return None
+
     def load_transformer(self, dtype: torch.dtype, device) -> FluxTransformer:
         cfg = self.transformer_config()
         model = on_meta(lambda: FluxTransformer(cfg))
@@ -194,6 +199,29 @@ class DiffusersFolder(CheckpointFormat):
     def vae_tensors(self):
         files = component_files(self.vae, DIFFUSERS_STEM)
         return files, {k: k for k in files.keys()}
+
+    def preferred_resolutions(self):
+        """model_index.json's "_kontext_rt": {"preferred_resolutions": [[width, height], ...]} (a key diffusers
+        ignores, as it does every key that starts with _): a checkpoint trained at other sizes than FLUX.1's."""
+        index = self.root / "model_index.json"
+        declared = read_json(index).get("_kontext_rt", {})
+        sizes = declared.get("preferred_resolutions") if isinstance(declared, dict) else None
+        if sizes is None:
+            return None
+        ok = (
+            isinstance(sizes, list)
+            and sizes
+            and all(
+                isinstance(s, list) and len(s) == 2 and all(type(v) is int and 0 < v <= 2048 and v % 16 == 0 for v in s)
+                for s in sizes
+            )
+        )
+        if not ok:
+            raise CheckpointError(
+                f"{index}: _kontext_rt.preferred_resolutions must be a list of [width, height], multiples of 16 up "
+                f"to 2048, got {sizes!r}"
+            )
+        return tuple((w, h) for w, h in sizes)
 
     def variant_evidence(self):
         guided = self.transformer_config().guidance_embed
