@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from kontext_rt.errors import InputError
+from kontext_rt.model.residency import Residency
 from kontext_rt.sampling.loop import Denoiser
 
 CHOICES = MappingProxyType(
@@ -321,26 +322,6 @@ class Streamed:
                 yield
             finally:
                 self.end_pass()
-
-
-class Residency:
-    """What the model asks before it uses a group of its tensors (FluxTransformer.residency): the default has every
-    tensor resident and does nothing; a placement that keeps some in host memory brings them in for the visit."""
-
-    def block(self, i: int):
-        """Around double block i (0..depth-1) or single block depth+i."""
-        return nullcontext()
-
-    def modulation_table(self):
-        """Around the building of a modulation table (every modulation layer once)."""
-        return nullcontext()
-
-    def modulation_layer(self, i: int):
-        """Around the modulation layer i (FluxTransformer.modulation_layers order) while the table is built."""
-        return nullcontext()
-
-
-RESIDENT = Residency()
 
 
 class StreamedResidency(Residency):

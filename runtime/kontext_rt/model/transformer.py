@@ -17,7 +17,7 @@ from torch import nn
 from kontext_rt.config import FluxConfig
 from kontext_rt.errors import InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
-from kontext_rt.placement import RESIDENT
+from kontext_rt.model.residency import RESIDENT
 
 TIME_FACTOR = 1000.0  # t and guidance are embedded as 1000 * value
 TIME_EMBED_DIM = 256
