@@ -1,4 +1,5 @@
-"""The README's GPU tables, as Markdown, from the files one `bash benchmarks/gpu_run.sh` brought back.
+"""The GPU tables of docs/benchmarks.md (and the README's speed table), as Markdown, from the files one
+`bash benchmarks/gpu_run.sh` brought back.
 
     python benchmarks/ladder_table.py benchmarks/results/<device>-<date>/ [--png]
 

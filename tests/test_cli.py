@@ -465,7 +465,8 @@ def test_version_is_the_package_version(capsys):
 
 
 def test_advertised_export_flags_exist():
-    """Every `kontext-rt export ...` in a message or doc names only flags the export command has."""
+    """Every `kontext-rt export ...` in a message or doc (README.md and docs/*.md) names only flags the export command
+    has."""
     import re
     from pathlib import Path
 
@@ -474,7 +475,7 @@ def test_advertised_export_flags_exist():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["export"]
     root = Path(__file__).parents[1]
     texts = [p.read_text() for folder in ("runtime/kontext_rt", "export") for p in (root / folder).glob("*.py")]
-    texts.append((root / "README.md").read_text())
+    texts += [p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]]
     used = {
         flag
         for t in texts

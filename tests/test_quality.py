@@ -384,7 +384,7 @@ def test_harness_end_to_end_on_random_weights(tiny_pipe):
     for key in ("edit_success_rate", "per_kind", "preservation_psnr", "preservation_ssim", "generation_success_rate"):
         assert key in res
     assert res["n_edit"] == 1 and res["n_generate"] == 1 and len(res["samples"]) == 2
-    # random weights cannot recolour (the goal for a trained model is 90% of recolours: README.md, Quality)
+    # random weights cannot recolour (the goal for a trained model is 90% of recolours: docs/quality.md)
     assert res["edit_success_rate"] < 0.5
     assert res["preservation_psnr"] < 25
     assert res["drift"]["sessions"] == 1 and len(res["drift"]["psnr"]) == 1
