@@ -6,7 +6,7 @@
     out  (R, N)  x's dtype
 
 Why: the runtime hoists the modulation vectors of every step out of the sampling loop, one matmul over all
-steps' rows per layer instead of one per step (REFERENCE.md 2.2; 3.2B parameters read once per image instead of
+steps' rows per layer instead of one per step (docs/model.md; 3.2B parameters read once per image instead of
 once per step). A BLAS or cuBLAS GEMM picks its algorithm (GEMV for one row, split-K for few) from the row count,
 so the per-step and the hoisted results differ in the last bits. Here every output element is accumulated the
 same way whatever R is: a fixed BLOCK_K walk over K in order, one fp32 accumulator per element, rows never

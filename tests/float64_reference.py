@@ -1,4 +1,4 @@
-"""diffusers run in float64: the exact side of the float32 comparisons (STYLE.md habit 7).
+"""diffusers run in float64: the exact side of the float32 comparisons (tolerances from a reference, not magic numbers).
 
 Two float32 implementations of the same math should differ by about their rounding noise. That noise is measured,
 not guessed: diffusers' own float32 result against the same diffusers computation in float64. The runtime then has

@@ -1,8 +1,8 @@
 """Inputs and the tolerance rule shared by the kernel tests.
 
-Tolerance (STYLE.md habit 7): the kernel's max error against the float64 reference may be at most twice torch's
-own error in the same dtype, plus one unit of the dtype's rounding at the output's magnitude (the interpreter
-truncates float32 -> bfloat16 where a GPU rounds, which costs up to one ulp).
+Tolerance (from a reference, not a constant): the kernel's max error against the float64 reference may be at most
+twice torch's own error in the same dtype, plus one unit of the dtype's rounding at the output's magnitude (the
+interpreter truncates float32 -> bfloat16 where a GPU rounds, which costs up to one ulp).
 """
 
 from __future__ import annotations

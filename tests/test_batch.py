@@ -4,7 +4,7 @@ What a batch shares is the transformer's matrix products over all its rows, and 
 the row count, so one request's rows can round differently alone than in a batch (this CPU's does at 6 target
 tokens, seen as 1e-6 in img_in and one pixel level in 1536). So the claim tested is the bound it really is: each
 request's latents, batched and alone, within twice the float32 error of the same request run through diffusers'
-transformer in float64 (tests/float64_reference.py, habit 7); hence batched and alone within four times that error
+transformer in float64 (tests/float64_reference.py); hence batched and alone within four times that error
 of each other, and, decoded per request, their pixels within one 8-bit level. A request that read another's seed,
 prompt, guidance or context image would be off by orders of magnitude. Threads against one by one run the same
 shapes, so those are compared bit for bit."""

@@ -2,7 +2,7 @@
 
 diffusers' converters for kohya single-block linear1 and for BFL-named (fal/BFL control) files hard-code FLUX's
 full width (3072 / 19 / 38 blocks), so on a tiny model those two are checked through the documented conversion
-(REFERENCE.md 7.2: A copied to every split, B split by rows) into a diffusers-format file that diffusers fuses.
+(diffusers' convention: A copied to every split, B split by rows) into a diffusers-format file that diffusers fuses.
 Tolerance (habit 7): both sides fuse in float32; each must be within 2x the other's error against a float64 fusion,
 plus one float32 ulp of the weights.
 """
@@ -105,7 +105,7 @@ def kohya_lora(gen, final_layer=False):
 
 
 def split_to_diffusers(module_b, a, b, parts, sizes, alpha=None):
-    """REFERENCE.md 7.2: a LoRA on a fused weight as diffusers-format LoRAs on its splits (A copied, B split)."""
+    """diffusers' convention: a LoRA on a fused weight as diffusers-format LoRAs on its splits (A copied, B split)."""
     out, start = {}, 0
     for part, size in zip(parts, sizes, strict=True):
         out[f"transformer.{module_b}.{part}.lora_A.weight"] = a.clone()

@@ -90,7 +90,7 @@ def _model_inputs(cfg, dtype):
 
 
 def test_ort_denoiser_is_the_eager_model_within_float32_rounding(cfg, tmp_path):
-    """Bound (STYLE.md habit 7): the ORT velocity's error against the model run in float64 is at most twice the
+    """Bound (from the reference): the ORT velocity's error against the model run in float64 is at most twice the
     eager float32 model's own error against it, plus float32's unit roundoff. The graph comes from the torchscript
     exporter here (a second, not 18); tests/test_onnx_export.py checks the dynamo graph against torch."""
     pytest.importorskip("onnxruntime")

@@ -1,4 +1,4 @@
-"""Frozen model configs and named presets (REFERENCE.md section 1.1)."""
+"""Frozen model configs and named presets (docs/model.md)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class FluxConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The FLUX autoencoder (REFERENCE.md section 4.3)."""
+    """The FLUX autoencoder (docs/model.md, The autoencoder)."""
 
     in_channels: int = 3
     ch: int = 128
@@ -61,7 +61,7 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class Variant:
-    """Sampling defaults of a checkpoint family (REFERENCE.md section 5.3)."""
+    """Sampling defaults of a checkpoint family (docs/model.md, Sampling)."""
 
     name: str
     shift_schedule: bool = True  # exponential time shift with mu from the target token count

@@ -1,4 +1,4 @@
-"""Image I/O and the latent layout: validation, preferred Kontext resolutions, packing (REFERENCE.md 3.5, 4.1)."""
+"""Image I/O and the latent layout: validation, preferred Kontext resolutions, packing (docs/model.md)."""
 
 from __future__ import annotations
 

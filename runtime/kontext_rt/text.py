@@ -1,4 +1,4 @@
-"""T5 + CLIP text encoding behind a text-embedding cache (REFERENCE.md section 5.4).
+"""T5 + CLIP text encoding behind a text-embedding cache (docs/model.md, Text encoders).
 
 The encoders load lazily, on the first cache miss: a server whose prompts are all cached never loads T5-XXL.
 The tokenizers (small files) load at once and are checked: transformers builds a T5 tokenizer from its special

@@ -1,7 +1,7 @@
 """The op table the model calls for its attention-path and elementwise work.
 
 Every backend supplies the same three ops; the eager table is the plain-torch reference in
-kontext_rt.kernels.reference (the numerics of REFERENCE.md sections 2.3 and 3.3), which the Triton kernels are
+kontext_rt.kernels.reference (the numerics docs/model.md states), which the Triton kernels are
 tested against. Shapes: q, k, v (B, H, L, D); x (B, L, C); shift/scale/gate (B, 1, C); cos/sin (L, D/2) float32.
 """
 

@@ -1,4 +1,4 @@
-"""Position ids and RoPE tables for the [text | target | context...] sequence (REFERENCE.md section 3)."""
+"""Position ids and RoPE tables for the [text | target | context...] sequence (docs/model.md, Positions)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The FLUX MMDiT (REFERENCE.md sections 1-3), BFL parameter names, one op table for the hot ops.
+"""The FLUX MMDiT (docs/model.md), BFL parameter names, one op table for the hot ops.
 
 Shapes: img (B, N, 64) target tokens, ctx (B, M, 64) context tokens, txt (B, T, context_in_dim),
 pooled (B, vec_in_dim), timesteps/guidance (B,) as sigma and the guidance scale (both x1000 inside),

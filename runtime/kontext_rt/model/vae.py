@@ -1,4 +1,4 @@
-"""The FLUX autoencoder (REFERENCE.md section 4.3), LDM parameter names as in ae.safetensors.
+"""The FLUX autoencoder (docs/model.md, The autoencoder), LDM parameter names as in ae.safetensors.
 
 Images are (B, 3, H, W) in [-1, 1]; latents are (B, 16, H/8, W/8) already scaled and shifted
 (z = scale * (mean - shift)), so encode/decode are exact inverses of the pipeline's conventions.

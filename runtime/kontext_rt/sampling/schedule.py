@@ -1,4 +1,4 @@
-"""The flow-matching schedules (REFERENCE.md sections 5.1-5.2): shifted or unshifted sigmas, or explicit ones."""
+"""The flow-matching schedules (docs/model.md, Sampling): shifted or unshifted sigmas, or explicit ones."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRA files in the diffusers/PEFT, kohya and BFL/ComfyUI formats, fused into the weights (REFERENCE.md 7).
+"""LoRA files in the diffusers/PEFT, kohya and BFL/ComfyUI formats, fused into the weights (docs/python-api.md, LoRA).
 
 Every format is read into the same form: per runtime linear (BFL names), a row range, A [r, in], B [rows, r], an
 optional B bias, and the scale alpha / r. Fusing adds  strength * scale * (B @ A)  (in float32, then cast) to those

@@ -1,7 +1,7 @@
 """Checkpoint key maps: each of the runtime's tensors (BFL names) from one or more checkpoint tensors.
 
 One table per layout drives both directions: loading (checkpoint -> runtime) and writing the diffusers layout
-(runtime -> checkpoint, used by the demo). REFERENCE.md 1.2-1.5 (transformer) and 4.4 (VAE).
+(runtime -> checkpoint, used by the demo). docs/model.md names the parts.
 
 The transformer's module names, public because the checkpoint loader and the LoRA reader share them:
 - GLOBAL_NAMES: BFL module -> diffusers module, outside the blocks;

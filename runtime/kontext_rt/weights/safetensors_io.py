@@ -1,6 +1,6 @@
 """Validated safetensors reading: clear errors naming the file and key, never pickle.
 
-Format (REFERENCE.md 6.1): u64 little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+Format (safetensors): u64 little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
 then the data section. Headers are checked before any tensor is read, so a truncated or corrupt file fails with
 the file's name instead of a crash deep inside a load.
 """
