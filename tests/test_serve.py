@@ -797,18 +797,9 @@ def test_shutdown_answers_the_running_and_queued_requests_first():
 
 def test_sigterm_drains_and_exits_0(kontext_dir, pictures):
     """The real command: a request in the model when SIGTERM arrives is answered, then the process exits 0."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kontext_rt.cli", "serve", "--checkpoint", str(kontext_dir), "--port", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = subprocess.Popen(_serve_command(kontext_dir), stderr=subprocess.PIPE, text=True)
     try:
-        line = ""
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line, "the server exited before serving"
-        port = int(line.rsplit(":", 1)[1].split()[0])
-        wait_for(lambda: _up(port), "the server to answer", 60)
+        port, _ = _serving(proc)
         a, _ = pictures
         fields = {"prompt": PROMPT, "size": "64x48", "steps": "8", "seed": "3", "auto_resize": "false"}
         answer = _in_thread(post_form, port, "/v1/images/edits", fields, [("image", "a.png", png(a))])
@@ -827,16 +818,11 @@ def test_serve_with_speed_options_gives_the_apis_pixels(kontext_dir, lora_file):
     """The load options of edit and generate reach the server too: FP8, no hoisting and a LoRA, as the API."""
     from tests.test_cli import SPEED, speed_pipe
 
-    cmd = [sys.executable, "-m", "kontext_rt.cli", "serve", "--checkpoint", str(kontext_dir), "--port", "0", *SPEED]
-    proc = subprocess.Popen([*cmd, "--lora", f"{lora_file}:0.5"], stderr=subprocess.PIPE, text=True)
+    cmd = _serve_command(kontext_dir, *SPEED, "--lora", f"{lora_file}:0.5")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
-        line = ""
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line, "the server exited before serving"
-        port = int(line.rsplit(":", 1)[1].split()[0])
+        port, line = _serving(proc)
         assert line.rstrip().endswith("(eager, cpu; fp8 dynamic, modulation per step, LoRA style x0.5)"), line
-        wait_for(lambda: _up(port), "the server to answer", 60)
         request = {"prompt": "a fox", "size": "32x32", "steps": 2, "seed": 4}
         status, _, body = post_json(port, "/v1/images/generations", request)
         assert status == 200, body
@@ -845,6 +831,21 @@ def test_serve_with_speed_options_gives_the_apis_pixels(kontext_dir, lora_file):
         proc.wait()
     want = speed_pipe(kontext_dir, lora_file).generate("a fox", width=32, height=32, steps=2, seed=4)
     assert np.array_equal(pixels(decoded(body["data"][0]["b64_json"])), pixels(want))
+
+
+def _serve_command(checkpoint, *flags) -> list[str]:
+    return [sys.executable, "-m", "kontext_rt.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0", *flags]
+
+
+def _serving(proc) -> tuple[int, str]:
+    """(port, the start line) of a `kontext-rt serve --port 0` process, once it answers /health."""
+    line = ""
+    while "serving" not in line:
+        line = proc.stderr.readline()
+        assert line, "the server exited before serving"
+    port = int(line.rsplit(":", 1)[1].split()[0])
+    wait_for(lambda: _up(port), "the server to answer", 60)
+    return port, line
 
 
 def _up(port) -> bool:
