@@ -164,8 +164,8 @@ def _contexts(args) -> list[tuple[object, tuple[int, int], tuple[int, int]]]:
 
     paths = [args.image, *args.extra_image]
     pils = [im.load_image(path) for path in paths]
-    resolutions = _resolutions(args)
     auto = not args.no_auto_resize
+    resolutions = _resolutions(args) if auto else im.PREFERRED_KONTEXT_RESOLUTIONS  # unused without auto-resize
     return [
         (pil, pil.size, im.context_size(*pil.size, auto, name=f"image {path}", preferred=resolutions))
         for path, pil in zip(paths, pils, strict=True)
