@@ -61,8 +61,8 @@ def memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement, vae_t
 
 
 def checkpoint(path, ae, text_encoders, variant):
-    """(the detected checkpoint, its transformer config, its variant), read from headers and configs alone: a bad
-    checkpoint is refused before ~24 GB of weights are read."""
+    """(the detected checkpoint, its transformer config, its variant, the sizes it says it was trained at or None),
+    read from headers and configs alone: a bad checkpoint is refused before ~24 GB of weights are read."""
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a checkpoint folder or file (a str or Path), got {path!r}")
     found = detect(path, ae=ae, text_encoders=text_encoders)
@@ -73,8 +73,7 @@ def checkpoint(path, ae, text_encoders, variant):
         )
     cfg = found.transformer_config()
     found.vae_config()
-    found.preferred_resolutions()  # a bad declaration is refused here, before the weights
-    return found, cfg, found.variant(variant)
+    return found, cfg, found.variant(variant), found.preferred_resolutions()
 
 
 def tokenizer_limit(text_encoders: Path) -> int | None:

@@ -62,11 +62,17 @@ class Pipeline:
         self.placement = placement or Placement()
         self.vae_tiling, self.vae_tile = vae_tiling, vae_tile
         self._weights = ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
-        # the sizes a checkpoint says it was trained at (None: FLUX.1's); what auto_resize snaps context images to,
-        # and what generate makes without a size
-        self.trained_sizes = trained_sizes
-        self.resolutions = tuple(trained_sizes or im.PREFERRED_KONTEXT_RESOLUTIONS)
-        self.default_size = im.default_size(self.resolutions)
+        self.trained_sizes = trained_sizes  # the sizes the checkpoint says it was trained at; None: FLUX.1's
+
+    @property
+    def resolutions(self) -> tuple[tuple[int, int], ...]:
+        """What auto_resize snaps context images to: the checkpoint's trained sizes, else Kontext's preferred ones."""
+        return tuple(self.trained_sizes or im.PREFERRED_KONTEXT_RESOLUTIONS)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """What generate makes without a size: the resolution nearest to square (1024x1024 for FLUX.1)."""
+        return im.default_size(self.resolutions)
 
     @classmethod
     def from_pretrained(
@@ -119,7 +125,7 @@ class Pipeline:
         placement = Placement.parse(placement)
         placement.check(optimize)
         load_checks.check_vae_tiling(vae_tiling, vae_tile, chosen)
-        checkpoint, cfg, variant = load_checks.checkpoint(path, ae, text_encoders, variant)
+        checkpoint, cfg, variant, trained_sizes = load_checks.checkpoint(path, ae, text_encoders, variant)
         msl = load_checks.sequence_length(
             variant, max_sequence_length, load_checks.tokenizer_limit(checkpoint.text_encoders)
         )
@@ -159,7 +165,7 @@ class Pipeline:
             placement,
             vae_tiling,
             vae_tile,
-            checkpoint.preferred_resolutions(),
+            trained_sizes,
         )
 
     # ---- public entry points ----------------------------------------------------------------------------------
