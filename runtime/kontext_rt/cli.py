@@ -130,56 +130,51 @@ def _device_dtype(args):
     return device, getattr(torch, name)
 
 
-def _variant(args) -> str | None:
-    """The stated variant; for `edit` without one, flux-kontext-dev where the checkpoint leaves it open (a BFL file
-    of FLUX.1 [dev] shapes): the user asked for an edit. `generate` states nothing, so such a file needs
+def _variant(args, found) -> str | None:
+    """The stated variant; for `edit` without one, flux-kontext-dev where the checkpoint (found) leaves it open (a
+    BFL file of FLUX.1 [dev] shapes): the user asked for an edit. `generate` states nothing, so such a file needs
     --variant. The checkpoint's own word (a diffusers folder, schnell shapes) always wins over this fallback."""
     if args.variant is not None or args.command != "edit":
         return args.variant
-    from kontext_rt.weights.formats import detect
-
-    fmt = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
-    return fmt.variant(if_ambiguous=EDIT_VARIANT).name
+    return found.variant(if_ambiguous=EDIT_VARIANT).name
 
 
-def _show_warnings(category):
-    """Warnings of `category` as one `warning: ...` line on stderr; others as Python prints them."""
+def _show_warnings(*categories):
+    """Warnings of these categories as one `warning: ...` line on stderr; others as Python prints them."""
     original = warnings.showwarning
 
     def show(message, cat, filename, lineno, file=None, line=None):
-        if issubclass(cat, category):
+        if issubclass(cat, categories):
             print(f"warning: {_one_line(message)}", file=sys.stderr)
         else:
             original(message, cat, filename, lineno, file, line)
 
-    warnings.simplefilter("always", category)
+    for category in categories:
+        warnings.simplefilter("always", category)
     warnings.showwarning = show
 
 
-def _contexts(args) -> list[tuple[object, tuple[int, int], tuple[int, int]]]:
-    """(RGB image, its size, the size it is encoded at) per context image, read and checked before any loading;
-    auto-resized to the checkpoint's preferred resolutions (the images are read first: a bad image is named
-    before a bad checkpoint)."""
-    from kontext_rt import image as im
-
-    paths = [args.image, *args.extra_image]
-    pils = [im.load_image(path) for path in paths]
-    auto = not args.no_auto_resize
-    resolutions = _resolutions(args) if auto else im.PREFERRED_KONTEXT_RESOLUTIONS  # unused without auto-resize
-    return [
-        (pil, pil.size, im.context_size(*pil.size, auto, name=f"image {path}", preferred=resolutions))
-        for path, pil in zip(paths, pils, strict=True)
-    ]
-
-
-def _resolutions(args):
-    """The sizes the checkpoint says it was trained at, or FLUX.1 Kontext's preferred resolutions (from
-    model_index.json, before any weights)."""
+def _inputs(args):
+    """(the context images, the checkpoint found), read and checked before any weights, in the order a user fixes
+    them: the images (and, without auto-resize, their sizes), then the checkpoint, whose model_index.json may name
+    the sizes auto-resize snaps to. Each context is (RGB image, its size, the size it is encoded at)."""
     from kontext_rt import image as im
     from kontext_rt.weights.formats import detect
 
+    paths = [args.image, *args.extra_image] if args.command == "edit" else []
+    pils = [im.load_image(path) for path in paths]
+    auto = not getattr(args, "no_auto_resize", False)
+    if not auto:  # a side over 2048 px is refused before the checkpoint is read
+        sizes = [im.context_size(*pil.size, False, name=f"image {path}") for path, pil in zip(paths, pils, strict=True)]
     found = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
-    return found.preferred_resolutions() or im.PREFERRED_KONTEXT_RESOLUTIONS
+    preferred = found.preferred_resolutions() or im.PREFERRED_KONTEXT_RESOLUTIONS
+    if auto:
+        sizes = [im.context_size(*pil.size, True, preferred=preferred) for pil in pils]
+    contexts = [(pil, pil.size, size) for pil, size in zip(pils, sizes, strict=True)]
+    if args.command == "generate":  # the checkpoint's default size where --width/--height leave it
+        default = im.default_size(preferred)
+        args.width, args.height = args.width or default[0], args.height or default[1]
+    return contexts, found
 
 
 def _text_cache_dir(args, cache_dir: Path) -> Path | None:
@@ -201,8 +196,7 @@ def _run(args) -> int:
     from kontext_rt.errors import OutsideTrainedSize, PromptTruncated
 
     quiet_libraries()
-    _show_warnings(PromptTruncated)
-    _show_warnings(OutsideTrainedSize)
+    _show_warnings(PromptTruncated, OutsideTrainedSize)
     if args.command == "export":
         return _export(args)
     if args.command == "plan":
@@ -233,18 +227,12 @@ def _run(args) -> int:
                 raise UsageError(f"cache folder {cache_dir}: cannot create it ({e.strerror or e})") from None
     inputs = [args.image, *args.extra_image] if args.command == "edit" else []
     out = _check_output(args.output, inputs)
-    if args.command == "generate" and not (args.width and args.height):  # the checkpoint's default size
-        from kontext_rt import image as im
-
-        default = im.default_size(_resolutions(args))
-        args.width, args.height = args.width or default[0], args.height or default[1]
-    contexts = _contexts(args) if args.command == "edit" else []
-    text_cache = _text_cache_dir(args, cache_dir)
     if args.command == "demo":
         from kontext_rt.cli_demo import run_demo
 
-        return run_demo(args, out, text_cache)
-    img, report = _generate(args, contexts, text_cache)
+        return run_demo(args, out, _text_cache_dir(args, cache_dir))
+    contexts, found = _inputs(args)
+    img, report = _generate(args, contexts, found, _text_cache_dir(args, cache_dir))
     write_atomically(out, img.save)
     if not args.quiet:
         label = f"{img.size[0]}x{img.size[1]} -> {out}"
@@ -289,12 +277,12 @@ def load_kwargs(args, text_cache_dir, variant, **extra) -> dict:
     )
 
 
-def _generate(args, contexts, text_cache: Path | None):
+def _generate(args, contexts, found, text_cache: Path | None):
     """Load the pipeline and run the command: the expensive part, after every check that can come first."""
     import kontext_rt as krt
 
     pipe = krt.Pipeline.from_pretrained(
-        **load_kwargs(args, text_cache, _variant(args), plan_size=_run_size(args, contexts))
+        **load_kwargs(args, text_cache, _variant(args, found), plan_size=_run_size(args, contexts))
     )
     report = krt.RunReport()
     bar = _progress(args.quiet)
