@@ -96,9 +96,8 @@ def test_the_package_and_the_cli_parser_import_no_torch():
         "from kontext_rt.cli import build_parser\n"
         "build_parser()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "assert set(kontext_rt.__all__) == set(kontext_rt._EXPORTS)\n"
-        "assert all(getattr(kontext_rt, name).__name__ == name for name in kontext_rt.__all__ if name.isidentifier()"
-        " and not name.isupper())\n"
+        "values = {name: getattr(kontext_rt, name) for name in kontext_rt.__all__}\n"  # each resolves
+        "assert all(name.isupper() or value.__name__ == name for name, value in values.items())\n"
         "assert 'torch' in sys.modules\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

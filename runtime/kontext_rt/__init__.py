@@ -8,7 +8,6 @@ out = pipe.edit(image, "make the sky purple")
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 # name -> the module that defines it. Imported on first use (PEP 562), so that `import kontext_rt` and the CLI's
 # --help and --version do not import torch.
@@ -32,40 +31,7 @@ _EXPORTS = {
     "VAE_PRESETS": "kontext_rt.config",
     "VARIANTS": "kontext_rt.config",
 }
-__all__ = [
-    "Pipeline",
-    "EditSession",
-    "Request",
-    "RunReport",
-    "Optimizations",
-    "KontextError",
-    "InputError",
-    "CheckpointError",
-    "LoRAError",
-    "EngineError",
-    "BackendUnavailable",
-    "PromptTruncated",
-    "FluxConfig",
-    "VAEConfig",
-    "Variant",
-    "PRESETS",
-    "VAE_PRESETS",
-    "VARIANTS",
-]
-
-if TYPE_CHECKING:
-    from kontext_rt.config import PRESETS, VAE_PRESETS, VARIANTS, FluxConfig, VAEConfig, Variant
-    from kontext_rt.errors import (
-        BackendUnavailable,
-        CheckpointError,
-        EngineError,
-        InputError,
-        KontextError,
-        LoRAError,
-        PromptTruncated,
-    )
-    from kontext_rt.options import Optimizations
-    from kontext_rt.pipeline import EditSession, Pipeline, Request, RunReport
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
