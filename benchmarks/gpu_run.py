@@ -17,8 +17,8 @@ deadline (a kill at the deadline keeps whatever the child had already written):
     tensorrt  tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
     memory    memory_gpu.py: peak memory and ms/step of the full-size loop per placement x precision, beside the plan
     compile   gpu_suite.py --part compile: the inductor rung, last, with the time that is left
-    train     opt-in (--only train), its own command: training/train_small_kontext.py on the GPU for
-              --train-minutes from the shipped small Kontext (kontext_rt.demo.small_kontext), evaluated there;
+    train     opt-in (--only train), its own command: kontext_toy/training/train.py on the GPU for
+              --train-minutes from the shipped small Kontext (kontext_toy.checkpoints.small_kontext), evaluated there;
               the checkpoint comes back as small-kontext-gpu.tar.gz, with its train_log.json
 
 Files in DIR: run.json (this record: every phase's status, exit code, time and output tail; the environment),
@@ -245,9 +245,9 @@ class Run:
         device = "cpu" if self.args.rehearse else "cuda"
         with tempfile.TemporaryDirectory(prefix="kontext-rt-train-") as tmp:
             out = Path(tmp) / "small-kontext"
-            cmd = [str(ROOT / "training" / "train_small_kontext.py"), "--device", device]
+            cmd = ["-m", "kontext_toy.training.train", "--device", device]
             cmd += ["--flux-minutes", str(minutes), "--out", str(out)]
-            cmd += ["--init-from", str(ROOT / "runtime" / "kontext_rt" / "demo" / "small_kontext")]
+            cmd += ["--init-from", str(ROOT / "runtime" / "kontext_toy" / "small_kontext")]
             cmd += TRAIN_REHEARSAL_ARGS if self.args.rehearse else TRAIN_ARGS
             try:
                 return self.child("train", cmd, (60 * minutes + TRAIN_OVERHEAD_S) * self.slack)

@@ -3,8 +3,8 @@
     python benchmarks/quality_report.py --checkpoint DIR --out-json F.json --out-png F.png [--n 20] [--seed 0]
         [--turns 3] [--steps 8] [--options bf16,fp16,fp8-dynamic,fp8-static,onnx-ort,triton,steps] [--threads 1]
 
-Every option edits the same held-out samples (kontext_rt.quality.shapes, split "heldout") with the same seeds
-(sample i: seed + i) and is scored by kontext_rt.quality.harness.compare against fp32 eager, in three groups:
+Every option edits the same held-out samples (kontext_toy.shapes, split "heldout") with the same seeds
+(sample i: seed + i) and is scored by kontext_toy.harness.compare against fp32 eager, in three groups:
 
   precision  fp32 eager (the reference), bf16, fp16, FP8 dynamic, FP8 static and the ONNX transformer graph in
              ONNX Runtime (CPU provider), all at --steps steps (default 8: the cost of a step count is the schedule
@@ -48,10 +48,10 @@ import torch
 from quality_steps import OrtTransformer, step_drift, trajectories
 
 from kontext_rt.errors import BackendUnavailable, InputError
-from kontext_rt.quality import harness, metrics, shapes
-from kontext_rt.quality.shapes import EditSample
 from kontext_rt.requests import RunReport
 from kontext_rt.sampling.denoisers import PerStep
+from kontext_toy import harness, metrics, shapes
+from kontext_toy.shapes import EditSample
 
 FORMAT = "kontext-rt quality report v1"
 SCHEDULE = (28, 8, 4)  # the first is the schedule group's reference

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from kontext_rt.backends import graph_io as io
-from kontext_rt.quality import harness, metrics
-from kontext_rt.quality.shapes import EditSample
 from kontext_rt.sampling.loop import Denoiser
+from kontext_toy import harness, metrics
+from kontext_toy.shapes import EditSample
 
 
 class Recording(Denoiser):

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from kontext_rt.config import PRESETS, VAE_PRESETS
-from kontext_rt.demo.tiny_text import clip_config, t5_config
-from kontext_rt.demo.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
+from kontext_toy.tiny_text import clip_config, t5_config
+from kontext_toy.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
 
 def _jitter(module: torch.nn.Module, gen: torch.Generator):

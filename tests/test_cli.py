@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kontext_rt.cli import main
+from kontext_rt.cli import build_parser, main
 
 
 def run(args, capsys):
@@ -77,24 +77,50 @@ def test_generate(kontext_dir, tmp_path, capsys):
 
 def test_demo_runs_from_nothing(tmp_path, capsys):
     """The shipped model, no checkpoint flag, nothing written but the picture (and the text cache)."""
-    from kontext_rt.cli_demo import LABEL, SCALE, TURNS
+    from kontext_toy.commands import EDITS, LABEL, SCALE
 
     code, err = run(["demo", "--cache-dir", tmp_path, "--steps", "2", "-q"], capsys)
     assert code == 0 and err == ""
     side = 64 * SCALE
-    assert Image.open(tmp_path / "demo-output.png").size == (3 * side + 16, len(TURNS) * (side + LABEL + 4) + 4)
+    assert Image.open(tmp_path / "demo-output.png").size == (3 * side + 16, EDITS * (side + LABEL + 4) + 4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-output.png", "text"]
 
 
-def test_demo_says_what_each_turn_did(tmp_path, capsys):
-    from kontext_rt.cli_demo import TURNS
+def test_demo_says_what_each_edit_did_and_counts_truthfully(tmp_path, capsys):
+    """One line per edit, and the counts printed are the edits its lines call done, out of the held-out draws."""
+    from kontext_toy.commands import SESSION_KINDS, SINGLE_KINDS
 
     out = tmp_path / "d.png"
     code, err = run(["demo", "-o", out, "--steps", "2", "--no-text-cache"], capsys)
     assert code == 0, err
-    turns = [line for line in err.splitlines() if line.startswith("turn ")]
-    assert len(turns) == len(TURNS) and all("denoise" in t and "seed" in t for t in turns)
-    assert f"of {len(TURNS)} edits carried out; wrote {out}" in err
+    lines = err.splitlines()
+    singles = [line for line in lines if line.startswith("edit ")]
+    turns = [line for line in lines if line.startswith("turn ")]
+    assert len(singles) == len(SINGLE_KINDS) and len(turns) == len(SESSION_KINDS)
+    assert all("denoise" in t and "seed" in t for t in singles + turns)
+    done = sum('": done' in t for t in singles), sum('": done' in t for t in turns)
+    summary = f"{done[0]} of {len(SINGLE_KINDS)} single edits and {done[1]} of {len(SESSION_KINDS)} session turns"
+    assert f"{summary} carried out; wrote {out}" in err
+    assert "heldout split" in err
+
+
+def test_the_demo_counts_in_the_docs_are_what_it_prints(tmp_path, capsys):
+    """README.md and docs/cli.md quote the demo's count line at its defaults: it must be what the demo prints."""
+    root = Path(__file__).resolve().parents[1]
+    code, err = run(["demo", "-o", tmp_path / "d.png", "--no-text-cache"], capsys)
+    assert code == 0, err
+    count = next(line for line in err.splitlines() if "single edits and" in line).partition(";")[0]
+    for doc in ("README.md", "docs/cli.md"):
+        assert f"`{count}`" in " ".join((root / doc).read_text().split()), (doc, count)
+
+
+def test_the_demo_runs_at_the_steps_the_model_was_scored_at():
+    """The demo's default steps are the bar's (its shown counts are comparable to the measured rates)."""
+    from kontext_toy.bar import SETTINGS
+
+    args = build_parser().parse_args(["demo"])
+    assert args.steps == SETTINGS["steps"]
+    assert build_parser().parse_args(["edit", "a.png", "x", "--checkpoint", "c"]).steps is None
 
 
 def test_eval_refuses_a_bad_output_before_loading(tmp_path, capsys):
@@ -118,7 +144,7 @@ def test_demo_checks_its_arguments_before_making_any_folder(tmp_path, capsys):
 
 
 def test_eval_writes_the_harness_result(tmp_path, capsys):
-    from kontext_rt.demo import demo_checkpoint
+    from kontext_toy.checkpoints import demo_checkpoint
 
     out = tmp_path / "r.json"
     ckpt = demo_checkpoint(tmp_path / "cache")
@@ -141,8 +167,8 @@ def test_demo_checkpoint_is_a_real_diffusers_folder(tmp_path):
     from diffusers import FluxTransformer2DModel
 
     from kontext_rt import Pipeline
-    from kontext_rt.demo import demo_checkpoint
     from kontext_rt.model.rope import rope_table, sequence_ids
+    from kontext_toy.checkpoints import demo_checkpoint
 
     ckpt = demo_checkpoint(tmp_path)
     ours = Pipeline.from_pretrained(ckpt).transformer
@@ -226,7 +252,7 @@ def test_console_script_has_no_traceback(tmp_path):
 def test_demo_checkpoint_leaves_the_global_rng_alone(tmp_path):
     import torch
 
-    from kontext_rt.demo import demo_checkpoint
+    from kontext_toy.checkpoints import demo_checkpoint
 
     torch.manual_seed(123)
     expected = torch.rand(3)

@@ -1,6 +1,6 @@
 """The documentation holds together: README.md is a short front door that links every page of docs/, and every
-relative link in README.md, docs/*.md and training/README.md reaches an existing file (and, with a #anchor into a
-Markdown file, one of its headings)."""
+relative link in README.md, docs/*.md and runtime/kontext_toy/README.md reaches an existing file (and, with a
+#anchor into a Markdown file, one of its headings)."""
 
 import re
 from pathlib import Path
@@ -11,7 +11,7 @@ MAX_README_LINES = 250
 
 
 def pages() -> list[Path]:
-    return [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "training" / "README.md"]
+    return [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "runtime" / "kontext_toy" / "README.md"]
 
 
 def prose(text: str) -> str:

@@ -4,7 +4,7 @@
 any top-level folder with an `__init__.py` (or a top-level `*.py`) is imported under its folder's name before the
 installed package of that name. kernels/ did exactly that to Hugging Face's `kernels` (a dependency of
 transformers >= 5.25), and every diffusers import failed. The design that prevents it: the source folders
-(runtime/, kernels/, export/) and the script folders (benchmarks/, training/) have no `__init__.py`, so from the
+(runtime/, kernels/, export/) and the script folder (benchmarks/) have no `__init__.py`, so from the
 root each is at most a namespace portion, which any installed module or regular package of that name beats; the
 package is imported only as `kontext_rt` (runtime/ is its source root). tests/ is the one regular package at the
 top (test modules share helpers as `tests.*`); no distribution on the package index is called `tests`, and the

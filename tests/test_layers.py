@@ -46,3 +46,43 @@ def test_a_layer_imports_nothing_above_it(folder):
         if not allowed(name, LAYERS[folder])
     }
     assert not above, sorted(above)
+
+
+def mentions(path: Path, package: str) -> list[str]:
+    """Every import of package in a file, and every string constant naming it (importlib.import_module("...")),
+    anywhere in the file; docstrings are not code and are left out."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == package]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
+            found.append(node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if node.value.split(".")[0].split(":")[0] == package:
+                found.append(repr(node.value))
+    return found
+
+
+def runtime_files() -> list[Path]:
+    """kontext_rt's own files: runtime/kontext_rt/ and the kernels/ and export/ folders linked into it."""
+    package = ROOT / "runtime" / "kontext_rt"
+    files = [p for p in package.rglob("*.py") if not {"kernels", "export"} & set(p.relative_to(package).parts)]
+    return files + sorted((ROOT / "kernels").rglob("*.py")) + sorted((ROOT / "export").rglob("*.py"))
+
+
+def test_the_runtime_never_imports_the_small_model():
+    """kontext_toy (the small Kontext, its task and commands) uses kontext_rt, never the other way round: the CLI
+    finds its commands through entry points."""
+    files = runtime_files()
+    assert len(files) > 40
+    found = {f"{path.relative_to(ROOT)}: {name}" for path in files for name in mentions(path, "kontext_toy")}
+    assert not found, sorted(found)

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from kontext_rt.errors import InputError
-from kontext_rt.quality import harness, metrics, shapes
-from kontext_rt.quality.shapes import EditSample, GenSample, Scene, Shape
+from kontext_toy import harness, metrics, shapes
+from kontext_toy.shapes import EditSample, GenSample, Scene, Shape
 
 C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2  # Wang et al. 2004 with L = 255
 
@@ -481,3 +481,38 @@ def test_edit_of_refuses_a_scene_with_two_shapes_of_one_kind():
     twins = Scene("white", (Shape("circle", "red", (0, 0)), Shape("circle", "blue", (3, 3))))
     with pytest.raises(InputError, match="one shape of each kind"):
         shapes.edit_of(twins, "recolour", "circle", "green")
+
+
+def _named(sample):
+    """edit_of's arguments for a sample, read from its meta (what the edit touched), not from its images."""
+    meta = sample.meta
+    if sample.kind == "background":
+        return (sample.kind, None, meta["colour"])
+    if sample.kind == "add":
+        return (sample.kind, meta["shape"]["kind"], meta["shape"]["colour"])
+    return (sample.kind, meta["shape"]["kind"], meta.get("colour"), meta.get("direction"))
+
+
+@pytest.mark.parametrize("split", shapes.SPLITS)
+def test_a_session_chains_edits_each_of_the_scene_before_it(split):
+    """Turn 1 is the split's draw; each later turn edits exactly the scene the turn before it leaves, and is the edit
+    edit_of builds from its own parameters (so the scene admits it); the same arguments draw the same session."""
+    kinds = ("recolour", "move", "background", "remove", "add")
+    turns = shapes.session(split, kinds, seed=3, index=2)
+    first = shapes.edit_sample(split, "recolour", seed=3, index=2)
+    assert turns[0].instruction == first.instruction and turns[0].meta["target"] == first.meta["target"]
+    assert [t.kind for t in turns] == list(kinds)
+    for before, after in zip(turns, turns[1:], strict=False):
+        assert after.meta["source"] == before.meta["target"]
+        assert np.array_equal(np.asarray(after.source), np.asarray(before.target))
+        rebuilt = shapes.edit_of(Scene.from_dict(after.meta["source"]), *_named(after))
+        assert rebuilt.instruction == after.instruction
+        assert np.array_equal(np.asarray(rebuilt.target), np.asarray(after.target))
+    again = shapes.session(split, kinds, seed=3, index=2)
+    assert [t.instruction for t in again] == [t.instruction for t in turns]
+    assert len({t.instruction for t in shapes.session(split, kinds, seed=4, index=2)} ^ {t.instruction for t in turns})
+
+
+def test_a_session_refuses_a_turn_its_scene_cannot_take():
+    with pytest.raises(InputError, match="grow"):
+        shapes.session("heldout", ("recolour", "grow"))

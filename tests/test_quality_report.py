@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from kontext_rt.config import PRESETS, VAE_PRESETS
-from kontext_rt.demo import write_diffusers_checkpoint
 from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
-from kontext_rt.quality import harness, shapes
+from kontext_toy import harness, shapes
+from kontext_toy.checkpoints import write_diffusers_checkpoint
 from tests.float64_reference import rel_err
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -168,7 +168,7 @@ def test_the_committed_report_names_the_shipped_weights():
     order). New weights without a new report fail here."""
     import hashlib
 
-    from kontext_rt.demo import small_kontext
+    from kontext_toy.checkpoints import small_kontext
 
     folder = small_kontext()
     h = hashlib.sha256()

@@ -10,9 +10,9 @@ import torch
 
 from kontext_rt import Pipeline
 from kontext_rt.config import PRESETS, VAE_PRESETS
-from kontext_rt.demo import write_diffusers_checkpoint
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
+from kontext_toy.checkpoints import write_diffusers_checkpoint
 
 # ---- the T5 tokenizer's limit is the default sequence length where it is under the variant's --------------------
 
@@ -45,22 +45,22 @@ def test_the_lowered_default_reaches_the_encoders(tmp_path, tiny_modules):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from kontext_rt.demo import small_kontext
+    from kontext_toy.checkpoints import small_kontext
 
     return Pipeline.from_pretrained(small_kontext())
 
 
 def test_shipped_model_loads_like_any_checkpoint(shipped):
     """A diffusers folder read by the same loader as any other: Kontext's variant, the trained text length."""
-    from kontext_rt.demo import small_kontext
     from kontext_rt.weights.formats import detect
+    from kontext_toy.checkpoints import small_kontext
 
     assert detect(small_kontext()).variant().name == "flux-kontext-dev"
     assert shipped.max_sequence_length == 64  # what its trainer wrote to the tokenizer's config
 
 
 def test_shipped_model_passes_its_bar(shipped):
-    from kontext_rt.quality import bar
+    from kontext_toy import bar
 
     result = bar.evaluate(shipped)
     assert bar.failures(result) == [], result
@@ -68,8 +68,8 @@ def test_shipped_model_passes_its_bar(shipped):
 
 def test_random_weights_fail_every_line_of_the_bar(tmp_path):
     """The same harness on the random-weight demo checkpoint: the bar is not one any model clears."""
-    from kontext_rt.demo import demo_checkpoint
-    from kontext_rt.quality import bar
+    from kontext_toy import bar
+    from kontext_toy.checkpoints import demo_checkpoint
 
     result = bar.evaluate(Pipeline.from_pretrained(demo_checkpoint(tmp_path), max_sequence_length=64))
     assert len(bar.failures(result)) == len(bar.BAR), result
@@ -96,7 +96,7 @@ def _nested(flat: dict) -> dict:
 
 
 def test_bar_names_each_aggregate_under_it():
-    from kontext_rt.quality import bar
+    from kontext_toy import bar
 
     assert {"edit_success_rate", "preservation_psnr"} <= set(bar.BAR)
     assert bar.failures(_nested(dict(bar.BAR))) == []  # at the threshold is on the bar

@@ -15,10 +15,10 @@ from PIL import Image
 
 from kontext_rt import Pipeline
 from kontext_rt.cli import main
-from kontext_rt.demo import small_kontext
 from kontext_rt.errors import CheckpointError, OutsideTrainedSize
 from kontext_rt.image import PREFERRED_KONTEXT_RESOLUTIONS
 from kontext_rt.weights.formats import detect
+from kontext_toy.checkpoints import small_kontext
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""training/train_small_kontext.py and its two modules: the loss weights on constructed cases, the sample stream,
-the argument checks and a seconds-long run (the script itself runs for hours: CI does not train)."""
+"""kontext_toy.training (train, and its two modules data and phases): the loss weights on constructed cases, the
+sample stream, the argument checks and a seconds-long run (the script itself runs for hours: CI does not train)."""
 
 from __future__ import annotations
 
@@ -8,38 +8,27 @@ import importlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from kontext_rt.quality import shapes
-
-TRAINING = Path(__file__).resolve().parents[1] / "training"
+from kontext_toy import shapes
 
 
 @pytest.fixture(scope="module")
-def on_path():
-    """The training folder on sys.path, as python puts a script's folder there: the script imports its modules."""
-    sys.path.insert(0, str(TRAINING))
-    yield
-    sys.path.remove(str(TRAINING))
+def train():
+    return importlib.import_module("kontext_toy.training.train")
 
 
 @pytest.fixture(scope="module")
-def train(on_path):
-    return importlib.import_module("train_small_kontext")
+def data():
+    return importlib.import_module("kontext_toy.training.data")
 
 
 @pytest.fixture(scope="module")
-def data(on_path):
-    return importlib.import_module("small_kontext_data")
-
-
-@pytest.fixture(scope="module")
-def phases(on_path):
-    return importlib.import_module("small_kontext_phases")
+def phases():
+    return importlib.import_module("kontext_toy.training.phases")
 
 
 def test_changed_tokens_are_the_cells_the_edit_touches(data):
@@ -93,8 +82,8 @@ def test_shape_weights_weigh_the_grown_shapes(data):
 
 def test_the_pool_knows_each_edits_kind(data, phases):
     """build_pool's kinds follow the stream's order (edit i is EDIT_KINDS[i % 5]), from --skip on."""
-    from kontext_rt.demo import small_kontext
     from kontext_rt.model.vae import AutoEncoder
+    from kontext_toy.checkpoints import small_kontext
 
     torch.manual_seed(0)
     vae = AutoEncoder(phases.VAE_CONFIG).eval()
@@ -151,7 +140,7 @@ def test_skip_starts_the_stream_further_on(data):
 def test_init_from_refuses_a_seed_whose_text_encoders_differ(train, tmp_path, capsys):
     """The script rewrites the text encoders for --seed: continuing the shipped model (trained with seed 0's) with
     another seed would pair it with other encoders. Refused before anything is written; seed 0 is accepted."""
-    from kontext_rt.demo import small_kontext
+    from kontext_toy.checkpoints import small_kontext
 
     out = tmp_path / "run"
     argv = ["--init-from", str(small_kontext()), "--out", str(out)]
@@ -169,13 +158,12 @@ def test_a_short_run_from_the_shipped_model_writes_a_loadable_checkpoint(train, 
     """The whole script on the CPU, from the shipped model, two pool workers, seconds of training: the checkpoint
     loads and its log records the device and the steps."""
     from kontext_rt import Pipeline
-    from kontext_rt.demo import small_kontext
+    from kontext_toy.checkpoints import small_kontext
 
     out = tmp_path / "run"
     argv = ["--init-from", str(small_kontext()), "--flux-minutes", "0.03", "--pool", "24", "--batch", "4"]
     argv += ["--workers", "2", "--eval-n", "0", "--out", str(out)]
-    script = Path(train.__file__)
-    run = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", train.__name__, *argv], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]  # its own process: it sets torch's globals
     record = json.loads((out / "train_log.json").read_text())
     assert record["device"] == "cpu" and record["flux_steps"] > 0
@@ -195,7 +183,7 @@ def test_a_budget_in_steps_or_minutes(phases):
 def test_a_step_budget_trains_the_transformer(train, phases, tmp_path):
     """--flux-steps is a transformer phase: what --flux-minutes 0 refuses (moving the latents under a kept
     transformer, an edit weight with nothing to train) is accepted with it."""
-    from kontext_rt.demo import small_kontext
+    from kontext_toy.checkpoints import small_kontext
 
     p, base = train.parser(), ["--init-from", str(small_kontext()), "--out", str(tmp_path / "run")]
     for extra in (["--vae-tune-minutes", "1"], ["--edit-weight", "4"]):
@@ -210,7 +198,7 @@ def test_a_step_budget_gives_the_same_weights_twice(train, tmp_path):
     """--flux-steps: two runs from the shipped model, one drawing the pool in one process and one in two, write the
     same transformer byte for byte (sha256 of the files), one that moved from the shipped one, in exactly that
     many steps."""
-    from kontext_rt.demo import small_kontext
+    from kontext_toy.checkpoints import small_kontext
 
     shipped = next((small_kontext() / "transformer").glob("*.safetensors"))
     digests = []
@@ -218,7 +206,7 @@ def test_a_step_budget_gives_the_same_weights_twice(train, tmp_path):
         out = tmp_path / f"run{workers}"
         argv = ["--init-from", str(small_kontext()), "--flux-steps", "3", "--pool", "24", "--batch", "4"]
         argv += ["--workers", workers, "--eval-n", "0", "--out", str(out)]
-        run = subprocess.run([sys.executable, train.__file__, *argv], capture_output=True, text=True, timeout=600)
+        run = subprocess.run([sys.executable, "-m", train.__name__, *argv], capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
         assert json.loads((out / "train_log.json").read_text())["flux_steps"] == 3
         digests.append(hashlib.sha256(next((out / "transformer").glob("*.safetensors")).read_bytes()).hexdigest())
@@ -275,12 +263,12 @@ def test_a_decoder_run_keeps_the_transformer_and_the_latent_space(train, tmp_pat
     bit; the decoder is not."""
     from safetensors.torch import load_file
 
-    from kontext_rt.demo import small_kontext
+    from kontext_toy.checkpoints import small_kontext
 
     out, ck = tmp_path / "run", small_kontext()
     argv = ["--init-from", str(ck), "--decoder-minutes", "0.02", "--shape-weight", "10"]
     argv += ["--flux-minutes", "0", "--skip", "100", "--eval-n", "0", "--out", str(out)]
-    run = subprocess.run([sys.executable, train.__file__, *argv], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", train.__name__, *argv], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     record = json.loads((out / "train_log.json").read_text())
     assert record["flux_steps"] == 0 and record["decoder_seconds"] > 0 and record["stream"]["edits"][0] == 100
@@ -309,8 +297,8 @@ def test_a_kept_transformer_refuses_a_vae_with_other_latents(train, tmp_path):
     """--flux-minutes 0 with --vae-from another folder: accepted only if that VAE encodes the same latents (same
     encoder and scale) as --init-from's own; a VAE with another encoder is refused by name, before --out is
     written."""
-    from kontext_rt.demo import small_kontext, write_diffusers_checkpoint
     from kontext_rt.pipeline import Pipeline
+    from kontext_toy.checkpoints import small_kontext, write_diffusers_checkpoint
 
     pipe = Pipeline.from_pretrained(small_kontext(), backend="eager")
     other = tmp_path / "other"
@@ -320,14 +308,14 @@ def test_a_kept_transformer_refuses_a_vae_with_other_latents(train, tmp_path):
     out = tmp_path / "run"
     argv = ["--init-from", str(small_kontext()), "--vae-from", str(other), "--flux-minutes", "0"]
     argv += ["--eval-n", "0", "--out", str(out)]
-    run = subprocess.run([sys.executable, train.__file__, *argv], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", train.__name__, *argv], capture_output=True, text=True, timeout=600)
     assert run.returncode == 2 and "encodes other latents than its VAE" in run.stderr, run.stderr[-2000:]
     assert not out.exists()
 
 
 @pytest.fixture(scope="module")
-def compare(on_path):
-    return importlib.import_module("compare_runs")
+def compare():
+    return importlib.import_module("kontext_toy.training.compare_runs")
 
 
 @pytest.fixture
@@ -343,8 +331,8 @@ def test_compare_runs_scores_as_kontext_rt_eval_does(compare, tmp_path, one_thre
     """Each run's main cell is what `kontext-rt eval` reports for the same checkpoint, split, n and seed; the second
     noise draw is harness.evaluate on the same samples with the other seed (its definition)."""
     from kontext_rt.cli import main as cli
-    from kontext_rt.demo import small_kontext
-    from kontext_rt.quality import harness, metrics
+    from kontext_toy import harness, metrics
+    from kontext_toy.checkpoints import small_kontext
 
     folder = small_kontext()
     assert cli(["eval", "--checkpoint", str(folder), "--split", "heldout", "--n", "5", "--seed", "7",
@@ -384,7 +372,7 @@ def test_compare_runs_scores_as_kontext_rt_eval_does(compare, tmp_path, one_thre
     ],
 )
 def test_compare_runs_refuses_before_scoring(compare, tmp_path, capsys, extra, message):
-    from kontext_rt.demo import small_kontext
+    from kontext_toy.checkpoints import small_kontext
 
     extra = [x.format(folder=small_kontext(), tmp=tmp_path) for x in extra]
     argv = ["--run", "a", str(small_kontext()), "shipped", "--why", "test", "-o", str(tmp_path / "c.json"), *extra]

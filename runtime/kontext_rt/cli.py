@@ -1,4 +1,7 @@
-"""`kontext-rt`: edit, generate and demo from the command line (plan and export: cli_prepare.py; serve: cli_serve.py).
+"""`kontext-rt`: edit and generate from the command line (plan and export: cli_prepare.py; serve: cli_serve.py).
+
+Other packages add subcommands through the "kontext_rt.commands" entry points (a `Command`: the small Kontext's
+`demo` and `eval` come from kontext_toy that way); this module never imports them by name.
 
 The only place that reads the environment (the cache folder). Bad input (any KontextError, argparse's errors
 included) is one `error: ...` line on stderr, exit status 2, no traceback and no output file; it is checked before
@@ -13,6 +16,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 from kontext_rt.cli_args import (
     DTYPE_NAMES,
@@ -32,7 +36,6 @@ from kontext_rt.cli_args import (
     steps_int,
     write_atomically,
 )
-from kontext_rt.cli_demo import _eval, _eval_parser
 from kontext_rt.cli_prepare import _export, _export_parser, _plan, _plan_parser
 from kontext_rt.cli_serve import _serve, _serve_parser
 from kontext_rt.errors import KontextError
@@ -58,12 +61,42 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _common_options(sp, needs_checkpoint=True, seed_help="random, printed", device_help="cuda if available"):
-    """The options edit, generate and demo share."""
+COMMANDS = "kontext_rt.commands"  # the entry-point group of added subcommands
+
+
+class Command(Protocol):
+    """A subcommand another package adds (entry point group "kontext_rt.commands"). add_parser registers its parser
+    on the subparsers and returns it; run(args) runs it and returns the exit status. Importing its module must be
+    cheap (no torch): every `kontext-rt` call builds the parser."""
+
+    def add_parser(self, subparsers) -> argparse.ArgumentParser: ...
+
+    def run(self, args) -> int: ...
+
+
+def _added_commands(sub) -> None:
+    """Each installed Command's parser, in name order; one that cannot be imported is named on stderr and left out."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMANDS), key=lambda ep: ep.name):
+        try:
+            command = ep.load()
+        except ImportError as e:
+            print(f"warning: command {ep.name!r} ({ep.value}) left out: {_one_line(e)}", file=sys.stderr)
+            continue
+        command.add_parser(sub).set_defaults(added_command=command)
+
+
+def common_options(
+    sp, needs_checkpoint=True, seed_help="random, printed", device_help="cuda if available", steps_default=None
+):
+    """The options edit, generate and image-making added commands (demo) share."""
     if needs_checkpoint:
         checkpoint_options(sp, VARIANT_HELP + " (generate needs it; edit takes flux-kontext-dev)")
     sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
-    sp.add_argument("--steps", type=steps_int, help=f"denoising steps, at most {MAX_STEPS} (default: the model's)")
+    default_steps = steps_default or "the model's"
+    steps_help = f"denoising steps, at most {MAX_STEPS} (default: {default_steps})"
+    sp.add_argument("--steps", type=steps_int, default=steps_default, help=steps_help)
     sp.add_argument("--guidance", type=finite_float, help="distilled guidance scale, 0 to 100")
     sp.add_argument("--seed", type=nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
     load_options(sp, device_help)
@@ -84,21 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--width", type=positive_int, help="output width (default: the context's, after resizing)")
     e.add_argument("--height", type=positive_int, help="output height, like --width; at most 2048 px a side")
     e.add_argument("--no-auto-resize", action="store_true", help="keep the context size (floored to 16 px)")
-    _common_options(e)
+    common_options(e)
     g = sub.add_parser("generate", help="text-to-image")
     g.add_argument("prompt", help='what to draw, e.g. "a red fox in snow"')
     size_help = "a multiple of 16, at most 2048 (default: 1024, or the size the checkpoint says it was trained at)"
     g.add_argument("--width", type=positive_int, help=size_help)
     g.add_argument("--height", type=positive_int, help=size_help)
-    _common_options(g)
-    d = sub.add_parser(
-        "demo", help="a small Kontext shipped in the package edits a rendered scene over 4 turns (CPU, no downloads)"
-    )
-    _common_options(d, needs_checkpoint=False, seed_help="0; turn k uses seed + k - 1", device_help="cpu")
+    common_options(g)
     _export_parser(sub)
     _plan_parser(sub)
     _serve_parser(sub)
-    _eval_parser(sub)
+    _added_commands(sub)
     return p
 
 
@@ -177,7 +206,7 @@ def _inputs(args):
     return contexts, found
 
 
-def _text_cache_dir(args, cache_dir: Path) -> Path | None:
+def text_cache_dir(args, cache_dir: Path) -> Path | None:
     """The on-disk text cache folder, or None (with a warning) when it cannot be written: the run goes on."""
     if args.no_text_cache:
         return None
@@ -191,8 +220,32 @@ def _text_cache_dir(args, cache_dir: Path) -> Path | None:
     return folder
 
 
-def _run(args) -> int:
+def checked_run(args, inputs=(), default_output: str | None = None) -> tuple[Path, Path]:
+    """The checks of common_options' flags, before any weights: the device, the placement, the size, steps,
+        guidance and seed, then the output path (never one of the inputs; default_output: a file name in the cache
+        folder, made here, when -o is not given). Returns (the output path, the cache folder); text_cache_dir makes the
+    text cache's folder in it when the run gets to loading."""
     from kontext_rt import arguments
+
+    if args.device is not None:
+        from kontext_rt.load_checks import check_device
+
+        check_device(args.device)  # before anything is written (a default output makes the cache folder)
+    from kontext_rt.placement import Placement
+
+    Placement.parse(args.placement)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    arguments.check(getattr(args, "width", None), getattr(args, "height", None), args.steps, args.guidance, args.seed)
+    if not args.output and default_output:  # the default output goes in the cache folder, made here
+        args.output = cache_dir / default_output
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cache folder {cache_dir}: cannot create it ({e.strerror or e})") from None
+    return _check_output(args.output, inputs), cache_dir
+
+
+def _run(args) -> int:
     from kontext_rt.errors import OutsideTrainedSize, PromptTruncated
 
     quiet_libraries()
@@ -203,36 +256,12 @@ def _run(args) -> int:
         return _plan(args)
     if args.command == "serve":
         return _serve(args)
-    if args.command == "eval":
-        return _eval(args)
-
-    if args.device is not None:
-        from kontext_rt.load_checks import check_device
-
-        check_device(args.device)  # before anything is written (the demo makes the cache folder)
-    from kontext_rt.placement import Placement
-
-    Placement.parse(args.placement)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    arguments.check(getattr(args, "width", None), getattr(args, "height", None), args.steps, args.guidance, args.seed)
-    if args.command == "demo":
-        from kontext_rt.cli_demo import check_demo
-
-        check_demo(args)
-        if not args.output:  # the default output goes in the cache folder, made here; a given one's must exist
-            args.output = cache_dir / "demo-output.png"
-            try:
-                cache_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UsageError(f"cache folder {cache_dir}: cannot create it ({e.strerror or e})") from None
+    if getattr(args, "added_command", None) is not None:
+        return args.added_command.run(args)
     inputs = [args.image, *args.extra_image] if args.command == "edit" else []
-    out = _check_output(args.output, inputs)
-    if args.command == "demo":
-        from kontext_rt.cli_demo import run_demo
-
-        return run_demo(args, out, _text_cache_dir(args, cache_dir))
+    out, cache_dir = checked_run(args, inputs)
     contexts, found = _inputs(args)
-    img, report = _generate(args, contexts, found, _text_cache_dir(args, cache_dir))
+    img, report = _generate(args, contexts, found, text_cache_dir(args, cache_dir))
     write_atomically(out, img.save)
     if not args.quiet:
         label = f"{img.size[0]}x{img.size[1]} -> {out}"
@@ -255,7 +284,7 @@ VAE_TILING = {"auto": "auto", "on": True, "off": False}  # --vae-tiling -> Pipel
 
 
 def load_kwargs(args, text_cache_dir, variant, **extra) -> dict:
-    """Pipeline.from_pretrained's arguments from the flags edit, generate, demo and serve share."""
+    """Pipeline.from_pretrained's arguments from the flags edit, generate, serve and added commands share."""
     from kontext_rt.options import Optimizations
 
     device, dtype = _device_dtype(args)

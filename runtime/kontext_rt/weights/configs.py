@@ -1,5 +1,6 @@
 """Model configs read from checkpoint files without reading any weights: a diffusers config.json, or the tensor
-shapes in a BFL file's safetensors header (BFL files carry no config)."""
+shapes in a BFL file's safetensors header (BFL files carry no config); and the diffusers config.json of a config,
+the inverse of the reading (FluxConfig <-> diffusers in this one module)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,50 @@ def diffusers_transformer_config(folder: Path) -> FluxConfig:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: bad transformer config ({e})") from None
+
+
+def transformer_config_json(cfg: FluxConfig) -> dict:
+    """diffusers' FluxTransformer2DModel config.json of cfg (diffusers_transformer_config reads it back)."""
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": cfg.in_channels,
+        "out_channels": None,
+        "num_layers": cfg.depth,
+        "num_single_layers": cfg.depth_single_blocks,
+        "attention_head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_in_dim,
+        "pooled_projection_dim": cfg.vec_in_dim,
+        "guidance_embeds": cfg.guidance_embed,
+        "axes_dims_rope": list(cfg.axes_dim),
+    }
+
+
+def vae_config_json(cfg: VAEConfig) -> dict:
+    """diffusers' AutoencoderKL config.json of cfg (diffusers_vae_config reads it back)."""
+    n = len(cfg.ch_mult)
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.in_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+        "layers_per_block": cfg.num_res_blocks,
+        "act_fn": "silu",
+        "latent_channels": cfg.z_channels,
+        "norm_num_groups": cfg.norm_groups,
+        "sample_size": 1024,
+        "scaling_factor": cfg.scale_factor,
+        "shift_factor": cfg.shift_factor,
+        "latents_mean": None,
+        "latents_std": None,
+        "force_upcast": True,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
+    }
 
 
 def bfl_transformer_config(shapes: dict[str, tuple[int, ...]], path: Path) -> FluxConfig:

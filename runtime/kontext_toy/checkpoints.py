@@ -1,7 +1,7 @@
 """Small checkpoints in the real diffusers layout, with no downloads.
 
-- small_kontext(): a small Kontext trained on the synthetic shapes task (kontext_rt.quality.shapes) by
-  training/train_small_kontext.py, shipped inside the package; `kontext-rt demo` edits with it.
+- small_kontext(): a small Kontext trained on the synthetic shapes task (kontext_toy.shapes) by
+  kontext_toy/training/train.py, shipped inside the package; `kontext-rt demo` edits with it.
 - demo_checkpoint(): random weights written by the runtime itself, for tests (diffusers loads the same folder and
   computes the same outputs) and as the baseline the trained model must beat.
 """
@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from kontext_rt.config import PRESETS, VAE_PRESETS, FluxConfig, VAEConfig
-from kontext_rt.demo.tiny_text import clip_config, t5_config
-from kontext_rt.demo.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
+from kontext_rt.config import PRESETS, VAE_PRESETS
 from kontext_rt.errors import CheckpointError
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
+from kontext_rt.weights.configs import transformer_config_json, vae_config_json
 from kontext_rt.weights.mapping import diffusers_transformer_rules, diffusers_vae_rules
+from kontext_toy.tiny_text import clip_config, t5_config
+from kontext_toy.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
 DEMO_VERSION = "1"  # bump when the demo checkpoint's contents change
 SMALL_KONTEXT = "small_kontext"  # the shipped model's folder inside this package
@@ -32,7 +33,7 @@ def small_kontext() -> Path:
     """The folder of the shipped small Kontext (64x64 px images; its tokenizer says it reads 64 T5 tokens)."""
     from importlib.resources import files
 
-    folder = Path(str(files(__name__) / SMALL_KONTEXT))
+    folder = Path(str(files(__package__) / SMALL_KONTEXT))
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(
             f"the shipped small Kontext is missing from this install ({folder}): reinstall kontext-rt"
@@ -43,48 +44,6 @@ def small_kontext() -> Path:
 def _write_json(path: Path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))
-
-
-def transformer_config_json(cfg: FluxConfig) -> dict:
-    return {
-        "_class_name": "FluxTransformer2DModel",
-        "patch_size": 1,
-        "in_channels": cfg.in_channels,
-        "out_channels": None,
-        "num_layers": cfg.depth,
-        "num_single_layers": cfg.depth_single_blocks,
-        "attention_head_dim": cfg.head_dim,
-        "num_attention_heads": cfg.num_heads,
-        "joint_attention_dim": cfg.context_in_dim,
-        "pooled_projection_dim": cfg.vec_in_dim,
-        "guidance_embeds": cfg.guidance_embed,
-        "axes_dims_rope": list(cfg.axes_dim),
-    }
-
-
-def vae_config_json(cfg: VAEConfig) -> dict:
-    n = len(cfg.ch_mult)
-    return {
-        "_class_name": "AutoencoderKL",
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.in_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * n,
-        "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
-        "layers_per_block": cfg.num_res_blocks,
-        "act_fn": "silu",
-        "latent_channels": cfg.z_channels,
-        "norm_num_groups": cfg.norm_groups,
-        "sample_size": 1024,
-        "scaling_factor": cfg.scale_factor,
-        "shift_factor": cfg.shift_factor,
-        "latents_mean": None,
-        "latents_std": None,
-        "force_upcast": True,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-        "mid_block_add_attention": True,
-    }
 
 
 def _save_mapped(module: torch.nn.Module, rules, path: Path):

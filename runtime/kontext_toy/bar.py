@@ -1,4 +1,4 @@
-"""The quality bar of the small Kontext shipped in the package (kontext_rt.demo.small_kontext()).
+"""The quality bar of the small Kontext shipped in the package (kontext_toy.checkpoints.small_kontext()).
 
 One configuration of the harness (SETTINGS: held-out samples, their seeds, steps, drift turns) and the least each
 aggregate may score there (BAR). The thresholds were set from the shipped model's own training (run 7: run 5's
@@ -59,7 +59,7 @@ def failures(result: dict) -> list[str]:
 
 def evaluate(pipe) -> dict:
     """harness.score_split in the bar's configuration (no autoencoder ceiling, no per-sample records)."""
-    from kontext_rt.quality import harness
+    from kontext_toy import harness
 
     s = SETTINGS
     return harness.score_split(

@@ -1,4 +1,4 @@
-"""The shapes task's train samples for train_small_kontext.py: a stream of them in a fixed order (drawn in one or
+"""The shapes task's train samples for train.py: a stream of them in a fixed order (drawn in one or
 more processes), and the pool the transformer trains on, encoded once by the VAE and the frozen text encoders."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kontext_rt import image as im
 from kontext_rt.model.vae import AutoEncoder
-from kontext_rt.quality import shapes
+from kontext_toy import shapes
 
 MAX_SEQUENCE_LENGTH = 64  # T5 tokens (the demo tokenizer: one per character; instructions need at most 31)
 SIZE = 64  # px: 8x8 latent, 4x4 = 16 tokens per image, one per cell of the scene's grid

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from kontext_rt.errors import InputError
-from kontext_rt.quality import shapes
-from kontext_rt.quality.shapes import PALETTE, EditSample, GenSample, Scene, Shape
+from kontext_toy import shapes
+from kontext_toy.shapes import PALETTE, EditSample, GenSample, Scene, Shape
 
 COLOUR_TOL = 40  # max |channel difference| (0-255) for a colour to count as a palette colour
 DATA_RANGE = 255.0

@@ -1,6 +1,6 @@
 """Train a small FLUX.1 Kontext of the runtime's own architecture on the synthetic shapes task, on the CPU.
 
-Two phases (small_kontext_phases.py): an autoencoder (kontext_rt.model.vae.AutoEncoder, VAE_CONFIG) on rendered
+Two phases (phases.py): an autoencoder (kontext_rt.model.vae.AutoEncoder, VAE_CONFIG) on rendered
 scenes for --vae-minutes (or one loaded by --vae-from, trained further for --vae-tune-minutes; --decoder-minutes
 then trains its decoder alone, the latent space unchanged), then a transformer
 (kontext_rt.model.transformer.FluxTransformer, flux_config) for --flux-minutes (or --flux-steps steps) with the
@@ -8,7 +8,7 @@ rectified-flow objective:
 x_t = (1 - t) x_0 + t noise, target velocity noise - x_0, t = sigmoid(N(0, 1)), on edits (the source's packed latent
 tokens as context, RoPE ids (1, r, c), as kontext_rt.model.rope.sequence_ids builds them) and on generation (no
 context), unless --flux-minutes is 0 (--init-from's transformer as it is). The transformer trains on a pool of
-train-split samples (small_kontext_data.py) encoded once by the trained VAE (--pool edits, a quarter as many
+train-split samples (data.py) encoded once by the trained VAE (--pool edits, a quarter as many
 captions), drawn at random with replacement. Both phases decay their learning rate over their budget (cosine, after
 a warm-up). --shape-weight weighs the reconstruction error on the shapes' pixels up (they are a few percent of
 an image, and their colours are what most edits are about); --edit-weight weighs the flow loss on the tokens an edit
@@ -17,7 +17,7 @@ encoders (frozen, random, as write_diffusers_checkpoint writes them for --seed),
 Pipeline.from_pretrained like any checkpoint; its T5 tokenizer states the MAX_SEQUENCE_LENGTH tokens it was trained
 with, which the pipeline then reads by default.
 
-    python training/train_small_kontext.py --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
+    python -m kontext_toy.training.train --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
 
 --device cuda trains on a GPU (the same code; float32 with TF32 matmuls), and --workers renders the pool's scenes
 in that many processes (a GPU outruns one process drawing them). benchmarks/gpu_run.py's opt-in `train` phase
@@ -44,14 +44,14 @@ from pathlib import Path
 import torch
 
 from kontext_rt.cli_args import finite_float
-from kontext_rt.demo import write_diffusers_checkpoint
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
-from kontext_rt.quality import shapes
+from kontext_toy import shapes
+from kontext_toy.checkpoints import write_diffusers_checkpoint
 
 # the script's own modules, beside it (python puts a script's folder first on sys.path)
-from small_kontext_data import MAX_SEQUENCE_LENGTH, SIZE, Stream, TextTable, build_pool, log
-from small_kontext_phases import (
+from kontext_toy.training.data import MAX_SEQUENCE_LENGTH, SIZE, Stream, TextTable, build_pool, log
+from kontext_toy.training.phases import (
     VAE_BATCH_EDITS,
     VAE_CONFIG,
     Budget,
@@ -64,7 +64,7 @@ from small_kontext_phases import (
 
 def evaluate(folder: Path, n: int, steps: int, seed: int, device: str = "cpu") -> dict:
     from kontext_rt.pipeline import Pipeline
-    from kontext_rt.quality.harness import score_split
+    from kontext_toy.harness import score_split
 
     # eager, as every run's evaluation: scores comparable across machines and devices
     pipe = Pipeline.from_pretrained(folder, device=device, backend="eager", max_sequence_length=MAX_SEQUENCE_LENGTH)

@@ -8,7 +8,7 @@ checkpoint's VAE alone). Then the same samples again with sample i denoised with
 draws of one sample set say how much of a difference between runs is the noise. The record names each checkpoint's
 weights by sha256 (the transformer's and the VAE's, as train_log.json's `written_sha256` does).
 
-    python training/compare_runs.py --why "run 4 against its rerun" \\
+    python -m kontext_toy.training.compare_runs --why "run 4 against its rerun" \\
         --run run4 /work/runs/G "run 4 as shipped" --run run4-rerun /work/runs/G2 "its rerun" \\
         -o benchmarks/results/small-kontext-run4-replicate-comparison.json
 
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from kontext_rt.cli_args import UsageError, check_writable, nonneg_int, positive_int, write_atomically
-from kontext_rt.quality import bar, shapes
+from kontext_toy import bar, shapes
 
 SUMMARY = ("n_edit", "edit_success_rate", "per_kind", "preservation_psnr", "preservation_ssim")
 FULL = (*SUMMARY, "generation_success_rate", "drift")
@@ -41,7 +41,7 @@ def score(folder: str, split: str, n: int, sample_seed: int, seed: int, steps: i
     import torch
 
     from kontext_rt import Pipeline
-    from kontext_rt.quality import harness, metrics
+    from kontext_toy import harness, metrics
 
     torch.set_num_threads(1)
     pipe = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, backend="eager")
@@ -133,7 +133,7 @@ def score_all(args, steps: int, turns: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from train_small_kontext import weights_sha256  # beside this script
+    from kontext_toy.training.train import weights_sha256  # beside this script
 
     steps, turns = bar.SETTINGS["steps"], bar.SETTINGS["drift_turns"]
     t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     settings = {"n": args.n, "sample_seed": args.seed + 1, "seed": args.seed, "other_seed": args.other_seed}
     settings.update(steps=steps, drift_turns=turns, dtype="fp32", backend="eager", threads=1)
     record = {
-        "command": "python training/compare_runs.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m kontext_toy.training.compare_runs " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": settings,
         "why": args.why,
         "runs": {

@@ -257,11 +257,20 @@ def _unused_colours(scene: Scene) -> list[str]:
 def _edit(rng: _Rand, kind: str, size: int):
     """(source scene, instruction, target scene, changed shapes (source and target), meta) or None when the drawn
     scene admits no such edit."""
-    src = random_scene(rng, size)
+    return _edit_on(rng, random_scene(rng, size), kind)
+
+
+def _edit_on(rng: _Rand, src: Scene, kind: str):
+    """An edit of this kind of src, its parameters drawn by rng (as _edit returns it), or None when src admits none
+    (those checks draw nothing, so _edit's draws are what they were before sessions existed)."""
+    if kind != "add" and kind != "background" and not src.shapes:
+        return None
     if kind == "background":
         return _apply(src, kind, colour=rng.choice(_unused_colours(src)))
     if kind == "add":
         new_kinds = [k for k in KINDS if k not in {s.kind for s in src.shapes}]
+        if not new_kinds or not src.free_cells() or not _unused_colours(src):
+            return None
         return _apply(src, kind, rng.choice(new_kinds), rng.choice(_unused_colours(src)))
     shape = rng.choice(src.shapes)
     if kind == "recolour":
@@ -367,6 +376,30 @@ def edit_sample(split: str, kind: str, seed: int = 0, index: int = 0, size: int 
     src, instruction, tgt, changed, meta = drawn
     meta.update(split=split, seed=seed, index=index)
     return _sample(src, instruction, tgt, changed, meta, kind)
+
+
+def session(split: str, kinds: tuple[str, ...], seed: int = 0, index: int = 0, size: int = 64) -> list[EditSample]:
+    """A multi-turn editing session, one EditSample per kind: turn 1 is edit_sample(split, kinds[0], seed, index);
+    each later turn is an edit of its kind of the exact scene the turns before it leave, its parameters drawn by
+    (split, turn, seed, index) (redrawn while the scene admits none). Later turns need not touch a held-out pair;
+    the session starts in the split and goes where its edits take it, as a user's does."""
+    _check_split(split)
+    samples = [edit_sample(split, kinds[0], seed, index, size)]
+    for turn, kind in enumerate(kinds[1:], 2):
+        if kind not in EDIT_KINDS:
+            raise InputError(f"unknown edit kind {kind!r}; kinds: {', '.join(EDIT_KINDS)}")
+        scene = Scene.from_dict(samples[-1].meta["target"])
+        rng = _Rand(SPLITS.index(split), len(EDIT_KINDS) + turn, seed, index)
+        for _ in range(MAX_TRIES):
+            drawn = _edit_on(rng, scene, kind)
+            if drawn is not None:
+                break
+        else:
+            raise InputError(f"turn {turn}: the scene the turns before it leave admits no {kind} edit")
+        src, instruction, tgt, changed, meta = drawn
+        meta.update(split=split, seed=seed, index=index, turn=turn)
+        samples.append(_sample(src, instruction, tgt, changed, meta, kind))
+    return samples
 
 
 def gen_sample(split: str, seed: int = 0, index: int = 0, size: int = 64) -> GenSample:

@@ -1,9 +1,12 @@
-"""`kontext-rt demo`: the shipped small Kontext edits a rendered scene over a few turns, on any machine.
+"""`kontext-rt demo` and `kontext-rt eval`, added to the CLI through the "kontext_rt.commands" entry points (DEMO,
+EVAL: kontext_rt.cli.Command). Importing this module imports no torch: every `kontext-rt` call builds the parser.
 
-Each turn edits the previous turn's output (the model's, not the exact answer), as a multi-turn editing session
-does. The picture written has one row per turn: the turn's input, the model's output and the exact answer the
-shapes task knows; the lines printed say what each turn asked, whether the output carries it out (the quality
-harness's own test, kontext_rt.quality.metrics.edit_success) and how long each stage took.
+demo: the shipped small Kontext edits scenes it never saw: one held-out edit of each kind, then a short multi-turn
+session in which each turn edits the previous turn's output (the model's, not the exact answer), as a user's session
+does. The scenes are drawn from the shapes task's held-out split by a fixed draw (DRAW), neither picked for nor
+against the model, so what it shows is typical of it. The picture written has one row per edit: its input, the
+model's output and the exact answer; the lines printed say what each edit asked, whether the output carries it out
+(the quality harness's own test, kontext_toy.metrics.edit_success), and the counts.
 """
 
 from __future__ import annotations
@@ -12,36 +15,28 @@ import sys
 import time
 from pathlib import Path
 
-# A scene of colours and kinds the model saw in training, and four turns over it: (kind, shape, colour, direction)
-SCENE = {
-    "background": "white",
-    "size": 64,
-    "shapes": [
-        {"kind": "circle", "colour": "red", "cell": [1, 1], "size": "large"},
-        {"kind": "square", "colour": "blue", "cell": [2, 2], "size": "large"},
-        {"kind": "triangle", "colour": "orange", "cell": [0, 3], "size": "large"},
-    ],
-}
-TURNS = (
-    ("remove", "triangle", None, None),
-    ("background", None, "black", None),
-    ("recolour", "circle", "purple", None),
-    ("move", "square", None, "left"),
-)
+SPLIT = "heldout"  # colour x shape pairs the model never trained on
+DRAW = 0  # the task's seed of every scene the demo edits; fixed, so every run shows the same scenes
+SINGLE_KINDS = ("recolour", "move", "remove", "background", "add")  # one held-out single edit of each
+SESSION_KINDS = ("recolour", "move", "background")  # a session's turns, from the next held-out draw
 SCALE = 4  # the 64 px images are drawn 4x larger (nearest neighbour) in the picture
 LABEL = 14  # px of caption above each row
+EDITS = len(SINGLE_KINDS) + len(SESSION_KINDS)  # edit i (from 1) runs with seed + i - 1
+STEPS = 8  # the default: the steps the model's scores were measured at (kontext_toy.bar.SETTINGS, tested)
 
 
-def session(scene):
-    """The demo's edits, each of the exact scene the turns before it leave: [(EditSample, exact target scene)]."""
-    from kontext_rt.quality import shapes
+def singles():
+    """The demo's single edits: edit_sample(SPLIT, kind, DRAW, index 0) of each kind."""
+    from kontext_toy import shapes
 
-    out = []
-    for kind, shape, colour, direction in TURNS:
-        sample = shapes.edit_of(scene, kind, shape, colour, direction)
-        out.append(sample)
-        scene = shapes.Scene.from_dict(sample.meta["target"])
-    return out
+    return [shapes.edit_sample(SPLIT, kind, seed=DRAW, index=0) for kind in SINGLE_KINDS]
+
+
+def session():
+    """The demo's session: shapes.session(SPLIT, SESSION_KINDS, DRAW, index 1)."""
+    from kontext_toy import shapes
+
+    return shapes.session(SPLIT, SESSION_KINDS, seed=DRAW, index=1)
 
 
 def picture(rows):
@@ -64,27 +59,24 @@ def picture(rows):
 
 
 def check_demo(args) -> None:
-    """What only the demo refuses, before anything is written: turn k runs with seed + k - 1."""
+    """What only the demo refuses, before anything is written: edit i runs with seed + i - 1."""
     from kontext_rt.cli_args import UsageError
 
-    if args.seed is not None and args.seed + len(TURNS) - 1 > 2**64 - 1:
-        raise UsageError(
-            f"--seed: the demo's {len(TURNS)} turns use seed .. seed + {len(TURNS) - 1}: at most 2**64-{len(TURNS)}"
-        )
+    if args.seed is not None and args.seed + EDITS - 1 > 2**64 - 1:
+        raise UsageError(f"--seed: the demo's {EDITS} edits use seed .. seed + {EDITS - 1}: at most 2**64-{EDITS}")
 
 
 def run_demo(args, out: Path, text_cache) -> int:
-    """Load the shipped model, run the session, write the picture, print what happened."""
+    """Load the shipped model, run the single edits and the session, write the picture, print what happened."""
     import kontext_rt as krt
     from kontext_rt.cli import load_kwargs
     from kontext_rt.cli_args import stage_summary, write_atomically
-    from kontext_rt.demo import small_kontext
-    from kontext_rt.quality import metrics, shapes
+    from kontext_toy import metrics
+    from kontext_toy.checkpoints import small_kontext
 
     args.checkpoint = small_kontext()
     args.ae = args.text_encoders = None
     args.device = args.device or "cpu"
-    samples = session(shapes.Scene.from_dict(SCENE))
     t0 = time.perf_counter()
     pipe = krt.Pipeline.from_pretrained(**load_kwargs(args, text_cache, None, plan_size=(64, 64)))
     loaded = time.perf_counter() - t0
@@ -94,35 +86,48 @@ def run_demo(args, out: Path, text_cache) -> int:
         f"demo: a small Kontext ({params:.1f}M-parameter transformer) trained on a synthetic shapes-editing task, "
         f"shipped in the package; loaded in {loaded:.2f} s ({pipe.device}, {str(pipe.dtype).removeprefix('torch.')})"
     )
+    say(f"the scenes: the task's {SPLIT} split (colour x shape pairs never trained on), draw {DRAW}")
     seed = 0 if args.seed is None else args.seed
-    current, rows, right = samples[0].source, [], 0
-    for turn, sample in enumerate(samples, 1):
+    rows, done = [], {"single": 0, "session": 0}
+
+    def edit(n, image, sample, part, label):
         report = krt.RunReport()
         output = pipe.edit(
-            current,
+            image,
             sample.instruction,
             steps=args.steps,
             guidance=args.guidance,
-            seed=seed + turn - 1,
+            seed=seed + n - 1,
             auto_resize=False,
             report=report,
         )
-        done = metrics.edit_success(sample, output)
+        ok = metrics.edit_success(sample, output)
         kept = metrics.preservation(sample, output)["psnr"]
-        right += done
-        verdict = "done" if done else "NOT done"
-        say(stage_summary(report, f'turn {turn} "{sample.instruction}": {verdict}, the rest {kept:.1f} dB from exact'))
-        rows.append((f"{turn}. {sample.instruction}: input | output | exact", [current, output, sample.target]))
-        current = output
+        done[part] += ok
+        verdict = "done" if ok else "NOT done"
+        say(stage_summary(report, f'{label} "{sample.instruction}": {verdict}, the rest {kept:.1f} dB from exact'))
+        rows.append((f"{label}. {sample.instruction}: input | output | exact", [image, output, sample.target]))
+        return output
+
+    for n, sample in enumerate(singles(), 1):
+        edit(n, sample.source, sample, "single", f"edit {n}")
+    turns = session()
+    current = turns[0].source
+    for turn, sample in enumerate(turns, 1):
+        current = edit(len(SINGLE_KINDS) + turn, current, sample, "session", f"turn {turn}")
     write_atomically(out, picture(rows).save)
-    say(f"{right} of {len(samples)} edits carried out; wrote {out} (one row per turn: input, output, exact answer)")
+    say(
+        f"{done['single']} of {len(SINGLE_KINDS)} single edits and {done['session']} of {len(turns)} session turns "
+        f"carried out; wrote {out} (one row per edit: input, output, exact answer)"
+    )
+    say("more samples, scored: kontext-rt eval (docs/quality.md)")
     return 0
 
 
-def _eval_parser(sub) -> None:
+def _eval_parser(sub):
     from kontext_rt.cli_args import DTYPE_NAMES, finite_float, nonneg_int, positive_int
-    from kontext_rt.quality.bar import SETTINGS
-    from kontext_rt.quality.shapes import SPLITS
+    from kontext_toy.bar import SETTINGS
+    from kontext_toy.shapes import SPLITS
 
     e = sub.add_parser(
         "eval", help="score a checkpoint on the synthetic shapes-editing task (default: the shipped small Kontext)"
@@ -152,6 +157,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     e.add_argument("--backend", default="eager", help="eager, triton, auto")
     e.add_argument("-o", "--output", help="write the full result as JSON here")
+    return e
 
 
 def _eval(args) -> int:
@@ -162,9 +168,9 @@ def _eval(args) -> int:
 
     from kontext_rt import Pipeline
     from kontext_rt.cli_args import DTYPE_NAMES, UsageError, check_writable, write_atomically
-    from kontext_rt.demo import small_kontext
     from kontext_rt.load_checks import check_device
-    from kontext_rt.quality import bar, harness, metrics
+    from kontext_toy import bar, harness, metrics
+    from kontext_toy.checkpoints import small_kontext
 
     out = Path(args.output) if args.output else None
     if out is not None:
@@ -204,7 +210,7 @@ def _eval(args) -> int:
     if args.guidance is None and {**asked, "drift_turns": args.turns} == dict(bar.SETTINGS):
         under = bar.failures(result)
         result["bar"] = {"passed": not under, "under": under}
-        print("the bar (kontext_rt.quality.bar): " + ("passed" if not under else "FAILED: " + "; ".join(under)))
+        print("the bar (kontext_toy.bar): " + ("passed" if not under else "FAILED: " + "; ".join(under)))
     if out is not None:
         text = json.dumps(result, indent=1, allow_nan=False)
         write_atomically(out, lambda tmp: tmp.write_text(text))
@@ -240,3 +246,43 @@ def summary(result: dict) -> list[str]:
             f"kept {db(ceiling['preservation_psnr'])}: what an exact prediction of their latents would score"
         )
     return lines
+
+
+class _Demo:
+    """`kontext-rt demo`: edit, generate's options but the checkpoint (the shipped one); device cpu by default."""
+
+    def add_parser(self, sub):
+        from kontext_rt.cli import common_options
+
+        d = sub.add_parser(
+            "demo",
+            help="the shipped small Kontext edits held-out scenes: 5 edits, a 3-turn session (CPU, no downloads)",
+        )
+        common_options(
+            d,
+            needs_checkpoint=False,
+            seed_help="0; edit i uses seed + i - 1",
+            device_help="cpu",
+            steps_default=STEPS,
+        )
+        return d
+
+    def run(self, args) -> int:
+        from kontext_rt.cli import checked_run, text_cache_dir
+
+        check_demo(args)
+        out, cache_dir = checked_run(args, default_output="demo-output.png")
+        return run_demo(args, out, text_cache_dir(args, cache_dir))
+
+
+class _Eval:
+    """`kontext-rt eval`: the quality harness on a checkpoint (default: the shipped small Kontext)."""
+
+    def add_parser(self, sub):
+        return _eval_parser(sub)
+
+    def run(self, args) -> int:
+        return _eval(args)
+
+
+DEMO, EVAL = _Demo(), _Eval()

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from kontext_rt.errors import InputError
-from kontext_rt.quality import metrics, shapes
-from kontext_rt.quality.shapes import EDIT_KINDS, EditSample, GenSample
+from kontext_toy import metrics, shapes
+from kontext_toy.shapes import EDIT_KINDS, EditSample, GenSample
 
 PSNR_CAP = 100.0  # dB, what an identical image counts as in means
 

@@ -1,5 +1,5 @@
-"""The two training phases of train_small_kontext.py: the autoencoder on reconstruction, then the transformer on the
-rectified-flow objective over the encoded pool (small_kontext_data.build_pool)."""
+"""The two training phases of train.py: the autoencoder on reconstruction, then the transformer on the
+rectified-flow objective over the encoded pool (data.build_pool)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from kontext_rt.config import PRESETS, FluxConfig, VAEConfig
 from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
-from kontext_rt.quality import shapes
-
-from small_kontext_data import MAX_SEQUENCE_LENGTH, SIZE, Stream, log, shape_weights, to_batch
+from kontext_toy import shapes
+from kontext_toy.training.data import MAX_SEQUENCE_LENGTH, SIZE, Stream, log, shape_weights, to_batch
 
 _TEXT = PRESETS["tiny"]  # the demo's text encoders fix the text widths: T5 48, CLIP pooled 32
 # One norm group: GroupNorm with one channel per group (8 groups of 8 channels) subtracts each channel's mean over the
