@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     import torch
 
     import kontext_rt as krt
-    from kontext_rt import demo
+    from kontext_toy import checkpoints as demo
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or demo.demo_checkpoint(Path(tmp))

@@ -158,6 +158,7 @@ def test_eval_writes_the_harness_result(tmp_path, capsys):
     assert {k: v["n"] for k, v in ceiling["per_kind"].items()} == {k: v["n"] for k, v in result["per_kind"].items()}
     assert 0.0 <= ceiling["edit_success_rate"] <= 1.0 and ceiling["preservation_psnr"] > 0
     assert "autoencoder alone" in printed.out
+    assert "eval: 100%" in printed.err and "6/6" in printed.err  # progress, one step per sample
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -581,11 +582,9 @@ def test_speed_options_give_the_apis_pixels(kontext_dir, picture, lora_file, tmp
 
     from kontext_rt import Optimizations, Pipeline
 
-    loads = []
-    real = Pipeline.from_pretrained.__func__
-    monkeypatch.setattr(
-        Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(k) or real(cls, *a, **k))
-    )
+    loads = []  # the LoadSpec of each CLI load
+    real = Pipeline.load.__func__
+    monkeypatch.setattr(Pipeline, "load", classmethod(lambda cls, spec: loads.append(spec) or real(cls, spec)))
     out = tmp_path / "out.png"
     common = ["--checkpoint", kontext_dir, "-o", out, "--steps", "2", "--seed", "3", "--no-text-cache", "-q", *SPEED]
     lora = ["--lora", f"{lora_file}:0.5"]
@@ -600,12 +599,12 @@ def test_speed_options_give_the_apis_pixels(kontext_dir, picture, lora_file, tmp
         want = runs[name]
         code, err = run([*command, *common, *lora], capsys)
         assert code == 0, err
-        assert loads[-1]["optimize"] == Optimizations(fp8="dynamic", hoist=False)
-        assert loads[-1]["loras"] == [(str(lora_file), 0.5)]
+        assert loads[-1].optimize == Optimizations(fp8="dynamic", hoist=False)
+        assert list(loads[-1].loras) == [(str(lora_file), 0.5)]
         assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want()))
     plain = Image.open(out).copy()
     code, err = run(["generate", "a fox", "--width", "32", "--height", "32", *common], capsys)
-    assert code == 0 and loads[-1]["loras"] == [], err
+    assert code == 0 and list(loads[-1].loras) == [], err
     assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(plain)), "--lora made no difference"
 
 

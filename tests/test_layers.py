@@ -86,3 +86,40 @@ def test_the_runtime_never_imports_the_small_model():
     assert len(files) > 40
     found = {f"{path.relative_to(ROOT)}: {name}" for path in files for name in mentions(path, "kontext_toy")}
     assert not found, sorted(found)
+
+
+# What the doors (the CLI and the server) may import: the package's exports (kontext_rt: Pipeline, Request,
+# RunReport, LoadSpec, Optimizations, the errors, the configs) and the public modules the docs name, the export
+# stage (kontext_rt.export, docs/export.md), and each other. Never the model, kernels, sampling, backends,
+# weights' internals, text encoders or the VAE stage: what a door needs of them goes through the public API.
+PUBLIC = (
+    "kontext_rt.errors",
+    "kontext_rt.options",
+    "kontext_rt.placement",
+    "kontext_rt.image",
+    "kontext_rt.arguments",
+    "kontext_rt.memory",
+    "kontext_rt.load_spec",
+    "kontext_rt.load_checks",
+    "kontext_rt.config",
+    "kontext_rt.weights.formats",
+    "kontext_rt.export",
+)
+DOORS = ("kontext_rt.cli", "kontext_rt.cli_args", "kontext_rt.cli_prepare", "kontext_rt.cli_serve", "kontext_rt.serve")
+
+
+def door_files() -> list[Path]:
+    package = ROOT / "runtime" / "kontext_rt"
+    return sorted(package.glob("cli*.py")) + sorted((package / "serve").glob("*.py"))
+
+
+def test_the_cli_and_the_server_use_only_the_public_api():
+    files = door_files()
+    assert len(files) >= 8
+    inside = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in files
+        for name in project_imports(path)
+        if name != "kontext_rt" and not allowed(name, PUBLIC + DOORS)
+    }
+    assert not inside, sorted(inside)

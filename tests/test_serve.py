@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import dataclasses
 import http.client
 import io
 import json
@@ -231,10 +232,10 @@ def test_queued_requests_of_one_key_run_as_one_batch_with_each_ones_pixels(pipe,
         pipe.generate("a red fox", width=32, height=32, steps=2, guidance=3.5, seed=2),
         pipe.edit(mirrored, "add a hat", width=32, height=32, steps=2, guidance=4.0, seed=3, auto_resize=False),
     ]
-    keys = [pipe.batch_key(r) for r in requests]
-    assert keys[0] == keys[2] != keys[1]
+    checked = [pipe.check(r) for r in requests]
+    assert checked[0].key == checked[2].key != checked[1].key
     sched = Scheduler(pipe, max_queue=8, max_batch=4, metrics=Metrics())
-    jobs = [sched.submit(r, k, 60) for r, k in zip(requests, keys, strict=True)]
+    jobs = [sched.submit(c, 60) for c in checked]
     sched.start()  # all three are queued before the worker looks: the two edits go together
     sched.close()
     text = sched.metrics.text().decode()
@@ -242,7 +243,7 @@ def test_queued_requests_of_one_key_run_as_one_batch_with_each_ones_pixels(pipe,
     for job, want in zip(jobs, alone, strict=True):  # a batch rounds as its BLAS does: within one level of alone
         image, report = job.future.result(0)  # (tests/test_batch.py bounds the latents against float64)
         diff = np.abs(pixels(image).astype(np.int16) - pixels(want).astype(np.int16))
-        assert diff.max() <= 1 and report.seed == job.request.seed
+        assert diff.max() <= 1 and report.seed == job.checked.request.seed
 
 
 # ---- bad input: a 4xx with an OpenAI-style error, and the server goes on ----------------------------------------
@@ -429,16 +430,35 @@ def test_two_apps_in_one_process_have_their_own_metrics():
 # ---- the scheduler, with a stand-in pipeline --------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """A stand-in pipeline's checked request: the request and its batch key."""
+
+    request: Request
+    key: object
+
+
 class StubPipe:
-    """edit/generate without a model: records each call's prompt and kwargs, and holds the first `hold` calls
-    until `release` is set (the worker is then busy). The image's colour is the seed, to tell answers apart. The
-    prompt 'refused' raises InputError (a request the pipeline refuses), 'crash' a RuntimeError (a bug), 'oom' the
-    device's out-of-memory error."""
+    """check/run_checked without a model: every request its own key (never batched); records each run's prompt
+    and arguments, and holds the first `hold` runs until `release` is set (the worker is then busy). The image's
+    colour is the seed, to tell answers apart. The prompt 'refused' raises InputError (a request the pipeline
+    refuses), 'crash' a RuntimeError (a bug), 'oom' the device's out-of-memory error."""
 
     def __init__(self, hold: int = 0):
         self.calls, self.hold = [], hold
         self.entered, self.release = threading.Event(), threading.Event()
         self.text_cache = SimpleNamespace(stats=SimpleNamespace(hits=0, misses=0))
+
+    def check(self, r):
+        return Checked(r, object())
+
+    def run_checked(self, checked, reports, progress=None):
+        return [self._one(c.request, report, progress) for c, report in zip(checked, reports, strict=True)]
+
+    def _one(self, r, report, progress):
+        width, height = (32, 32) if r.images else (1024, 1024)
+        kwargs = {"steps": r.steps, "guidance": r.guidance, "seed": r.seed, "report": report, "progress": progress}
+        return self._run(r.prompt, kwargs, r.width or width, r.height or height)
 
     def _run(self, prompt, kwargs, width, height):
         self.calls.append((prompt, kwargs))
@@ -456,36 +476,27 @@ class StubPipe:
             report.seed = kwargs.get("seed")
         return Image.new("RGB", (width, height), color_of(kwargs.get("seed")))
 
-    def edit(self, images, prompt, **kwargs):
-        return self._run(prompt, kwargs, kwargs.get("width", 32), kwargs.get("height", 32))
-
-    def generate(self, prompt, **kwargs):
-        return self._run(prompt, kwargs, kwargs.get("width", 1024), kwargs.get("height", 1024))
-
 
 def color_of(seed):
     return (0, 0, 0) if seed is None else (seed % 256, (seed * 7) % 256, (seed * 13) % 256)
 
 
 class BatchStub(StubPipe):
-    """The batch API: requests of equal (width, height) share a key; run_batch records each batch's prompts and
-    refuses a batch holding the prompt 'bad' (InputError), as a pipeline refuses a bad request."""
+    """Batches: requests of equal (width, height) share a key; run_checked records each batch's prompts and refuses
+    a batch holding the prompt 'bad' (InputError), as a pipeline refuses a bad request."""
 
     def __init__(self, hold: int = 0):
         super().__init__(hold)
         self.batches = []
 
-    def batch_key(self, r):
-        return (r.width, r.height)
+    def check(self, r):
+        return Checked(r, (r.width, r.height))
 
-    def run_batch(self, requests, reports=None, progress=None):
-        self.batches.append([r.prompt for r in requests])
-        if any(r.prompt == "bad" for r in requests):
+    def run_checked(self, checked, reports, progress=None):
+        self.batches.append([c.request.prompt for c in checked])
+        if any(c.request.prompt == "bad" for c in checked):
             raise InputError("prompt 'bad' is refused")
-        out = []
-        for r, report in zip(requests, reports, strict=True):
-            out.append(self._run(r.prompt, {"seed": r.seed, "report": report}, r.width, r.height))
-        return out
+        return super().run_checked(checked, reports, progress)
 
 
 def _gen(prompt, seed=1, width=32, height=32):
@@ -496,16 +507,17 @@ def test_batches_take_queued_requests_of_the_same_key_in_order():
     stub = BatchStub(hold=1)
     sched = Scheduler(stub, max_queue=10, max_batch=3, metrics=Metrics())
     sched.start()
-    jobs = {"A": sched.submit(_gen("A", 1), (32, 32), 60)}
+    jobs = {"A": sched.submit(stub.check(_gen("A", 1)), 60)}
     assert stub.entered.wait(10)
     for name, seed, size in [("B", 2, 32), ("C", 3, 48), ("D", 4, 32), ("E", 5, 32), ("F", 6, 32)]:
-        jobs[name] = sched.submit(_gen(name, seed, size, size), (size, size), 60)
+        jobs[name] = sched.submit(stub.check(_gen(name, seed, size, size)), 60)
     stub.release.set()
     sched.close()
     assert stub.batches == [["A"], ["B", "D", "E"], ["C"], ["F"]]
     for name, job in jobs.items():  # each answer goes to its own request
         image, report = job.future.result(0)
-        assert image.getpixel((0, 0)) == color_of(job.request.seed) and report.seed == job.request.seed, name
+        seed = job.checked.request.seed
+        assert image.getpixel((0, 0)) == color_of(seed) and report.seed == seed, name
     text = sched.metrics.text().decode()
     assert metric(text, "kontext_rt_batch_size_count") == 4 and metric(text, "kontext_rt_batch_size_sum") == 6
 
@@ -514,9 +526,9 @@ def test_a_request_refused_in_a_batch_fails_alone():
     stub = BatchStub(hold=1)
     sched = Scheduler(stub, max_queue=10, max_batch=4, metrics=Metrics())
     sched.start()
-    first = sched.submit(_gen("A"), (32, 32), 60)
+    first = sched.submit(stub.check(_gen("A")), 60)
     assert stub.entered.wait(10)
-    jobs = [sched.submit(_gen(p, i), (32, 32), 60) for i, p in enumerate(["B", "bad", "D"])]
+    jobs = [sched.submit(stub.check(_gen(p, i)), 60) for i, p in enumerate(["B", "bad", "D"])]
     stub.release.set()
     sched.close()
     assert first.future.result(0)[0].size == (32, 32)
@@ -526,29 +538,13 @@ def test_a_request_refused_in_a_batch_fails_alone():
         jobs[1].future.result(0)
 
 
-def test_without_run_batch_each_request_runs_alone_with_only_the_given_arguments():
-    stub = StubPipe()
-    sched = Scheduler(stub, max_queue=10, max_batch=4, metrics=Metrics())
-    pic = Image.new("RGB", (32, 32))
-    jobs = [
-        sched.submit(Request("g", (), None, None, 2, None, 5), object(), 60),
-        sched.submit(Request("e", (pic,), 48, 32, None, 2.5, 6, False), object(), 60),
-    ]
-    sched.start()
-    sched.close()
-    assert [j.future.result(0)[0].size for j in jobs] == [(1024, 1024), (48, 32)]
-    (g, g_kwargs), (e, e_kwargs) = stub.calls
-    assert "width" not in g_kwargs and "height" not in g_kwargs and g_kwargs["steps"] == 2
-    assert e_kwargs["auto_resize"] is False and e_kwargs["guidance"] == 2.5 and e_kwargs["width"] == 48
-
-
 def test_a_cancelled_job_never_starts_and_a_started_one_cannot_be_cancelled():
     stub = StubPipe(hold=1)
     sched = Scheduler(stub, max_queue=10, max_batch=1, metrics=Metrics())
     sched.start()
-    a = sched.submit(_gen("A"), object(), 60)
+    a = sched.submit(stub.check(_gen("A")), 60)
     assert stub.entered.wait(10)
-    b = sched.submit(_gen("B"), object(), 60)
+    b = sched.submit(stub.check(_gen("B")), 60)
     assert sched.cancel(b, "disconnected") and b.future.cancelled() and sched.depth == 0
     assert not sched.cancel(a, "disconnected")
     stub.release.set()
@@ -561,9 +557,9 @@ def test_a_job_queued_past_its_deadline_is_dropped_by_the_worker():
     stub = StubPipe(hold=1)
     sched = Scheduler(stub, max_queue=10, max_batch=4, metrics=Metrics(), clock=lambda: now[0])
     sched.start()
-    a = sched.submit(_gen("A"), object(), 5)
+    a = sched.submit(stub.check(_gen("A")), 5)
     assert stub.entered.wait(10)
-    b = sched.submit(_gen("B"), object(), 5)
+    b = sched.submit(stub.check(_gen("B")), 5)
     now[0] = 6.0  # past B's deadline while A runs
     stub.release.set()
     sched.close()
@@ -641,25 +637,25 @@ class SteppingStub(StubPipe):
         super().__init__()
         self.steps, self.step_s, self.ran = steps, step_s, []
 
-    def generate(self, prompt, progress=None, **kwargs):
+    def _one(self, r, report, progress):
         self.entered.set()
         for done in range(1, self.steps + 1):
             time.sleep(self.step_s)
-            self.ran.append((prompt, done))
+            self.ran.append((r.prompt, done))
             if progress is not None:
                 progress(done, self.steps)
-        return super().generate(prompt, **kwargs)
+        return super()._one(r, report, progress)
 
 
 def test_a_running_batch_stops_at_a_step_once_every_client_is_gone():
     stub = SteppingStub(steps=50)
     sched = Scheduler(stub, max_queue=10, max_batch=1, metrics=Metrics())
     sched.start()
-    a = sched.submit(_gen("A"), object(), 60)
+    a = sched.submit(stub.check(_gen("A")), 60)
     assert stub.entered.wait(10)
     wait_for(lambda: a.started is not None, "A to start")
     sched.abandon(a)
-    b = sched.submit(_gen("B"), object(), 60)
+    b = sched.submit(stub.check(_gen("B")), 60)
     assert b.future.result(10)
     sched.close()
     with pytest.raises(Abandoned, match="stopped after step"):
@@ -690,15 +686,15 @@ def test_a_client_that_hangs_up_mid_run_frees_the_worker_for_the_next():
 
 
 class SteppingBatchStub(BatchStub):
-    """The batch API, each batch in `steps` steps of `step_s` seconds calling progress after each (as run_batch
+    """Batches, each in `steps` steps of `step_s` seconds calling progress after each (as run_checked
     does); the first batch waits for `release`, so the next requests queue and are taken together."""
 
     def __init__(self, steps=100, step_s=0.02):
         super().__init__()
         self.steps, self.step_s, self.ran = steps, step_s, []
 
-    def run_batch(self, requests, reports=None, progress=None):
-        prompts = tuple(r.prompt for r in requests)
+    def run_checked(self, checked, reports, progress=None):
+        prompts = tuple(c.request.prompt for c in checked)
         if not self.batches:
             self.entered.set()
             assert self.release.wait(30), "never released"
@@ -707,7 +703,7 @@ class SteppingBatchStub(BatchStub):
             self.ran.append((prompts, done))
             if progress is not None:
                 progress(done, self.steps)
-        return super().run_batch(requests, reports, progress)
+        return super().run_checked(checked, reports, progress)
 
 
 def test_in_a_batch_of_two_one_client_hanging_up_leaves_the_other_its_image():

@@ -17,6 +17,8 @@ _EXPORTS = {
     "Request": "kontext_rt.pipeline",
     "RunReport": "kontext_rt.pipeline",
     "Optimizations": "kontext_rt.options",
+    "LoadSpec": "kontext_rt.load_spec",
+    "CheckedLoad": "kontext_rt.load_spec",
     "KontextError": "kontext_rt.errors",
     "InputError": "kontext_rt.errors",
     "CheckpointError": "kontext_rt.errors",

@@ -283,25 +283,28 @@ def _run_size(args, contexts) -> tuple[int, int]:
 VAE_TILING = {"auto": "auto", "on": True, "off": False}  # --vae-tiling -> Pipeline.from_pretrained's vae_tiling
 
 
-def load_kwargs(args, text_cache_dir, variant, **extra) -> dict:
-    """Pipeline.from_pretrained's arguments from the flags edit, generate, serve and added commands share."""
+def load_spec(args, text_cache_dir, variant, checkpoint=None, **extra):
+    """The LoadSpec of the flags edit, generate, serve and added commands share (one place for every door).
+    checkpoint: the checkpoint found already (detect), loaded without being found and read again."""
+    from kontext_rt.load_spec import LoadSpec
     from kontext_rt.options import Optimizations
 
     device, dtype = _device_dtype(args)
-    return dict(
-        path=args.checkpoint,
+    found = checkpoint is not None
+    return LoadSpec(
+        path=checkpoint if found else args.checkpoint,
         device=device,
         dtype=dtype,
         backend=args.backend,
-        ae=args.ae,
-        text_encoders=args.text_encoders,
+        ae=None if found else args.ae,
+        text_encoders=None if found else args.text_encoders,
         text_cache_dir=text_cache_dir,
         engines=args.engines,
         variant=variant,
         placement=args.placement,
         vae_tiling=VAE_TILING[args.vae_tiling],
         optimize=Optimizations(**optimize_kwargs(args)),
-        loras=list(args.lora),
+        loras=tuple(args.lora),
         **extra,
     )
 
@@ -310,8 +313,8 @@ def _generate(args, contexts, found, text_cache: Path | None):
     """Load the pipeline and run the command: the expensive part, after every check that can come first."""
     import kontext_rt as krt
 
-    pipe = krt.Pipeline.from_pretrained(
-        **load_kwargs(args, text_cache, _variant(args, found), plan_size=_run_size(args, contexts))
+    pipe = krt.Pipeline.load(
+        load_spec(args, text_cache, _variant(args, found), checkpoint=found, plan_size=_run_size(args, contexts))
     )
     report = krt.RunReport()
     bar = _progress(args.quiet)

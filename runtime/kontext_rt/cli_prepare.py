@@ -62,7 +62,7 @@ def _plan(args) -> int:
 
     from kontext_rt import image as im
     from kontext_rt import memory
-    from kontext_rt.model.vae_tiling import DEFAULT_TILE
+    from kontext_rt.load_spec import DEFAULT_TILE
     from kontext_rt.placement import PRESETS as PLACEMENTS
     from kontext_rt.placement import Placement
 

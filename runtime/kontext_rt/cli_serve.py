@@ -77,7 +77,7 @@ def _serve(args) -> int:
             f'serve needs the serve extra ({e.name} is missing): pip install "kontext-rt[serve]"'
         ) from None
     import kontext_rt as krt
-    from kontext_rt.cli import load_kwargs
+    from kontext_rt.cli import load_spec
     from kontext_rt.cli_args import check_writable, quiet_libraries, speed_summary
     from kontext_rt.load_checks import check_device
     from kontext_rt.placement import Placement
@@ -107,14 +107,14 @@ def _serve(args) -> int:
         raise UsageError("--replicas, --autoscale-min, --autoscale-max and --ray-address need --ray")
     sock = _bind(args.host, args.port)  # a port in use is refused before minutes of loading
     quiet_libraries()
-    load = load_kwargs(args, args.text_cache_dir, args.variant)
-    device = load["device"]
-    pipe = krt.Pipeline.from_pretrained(**load)
+    spec = load_spec(args, args.text_cache_dir, args.variant)
+    pipe = krt.Pipeline.load(spec)
     config = uvicorn.Config(create_app(pipe, settings), log_level=args.log_level)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
-    speed = speed_summary(load["optimize"], load["loras"])
-    print(f"serving {args.checkpoint} on http://{host}:{port} ({pipe.backend}, {device}; {speed})", file=sys.stderr)
+    speed = speed_summary(spec.optimize, spec.loras)
+    where = f"http://{host}:{port} ({pipe.backend}, {spec.device}; {speed})"
+    print(f"serving {args.checkpoint} on {where}", file=sys.stderr)
     # uvicorn restores the handlers it found and raises the signal it stopped on again: a SIGTERM that was
     # handled (the queue drained) then reaches this no-op instead of killing the process, and the exit status is 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
@@ -144,7 +144,7 @@ def _serve_ray(args, settings) -> int:
         if e.name != "ray" and not (e.name or "").startswith("ray."):
             raise
         raise UsageError('--ray needs Ray Serve: pip install "kontext-rt[ray]"') from None
-    from kontext_rt.cli import load_kwargs
+    from kontext_rt.cli import load_spec
     from kontext_rt.cli_args import quiet_libraries, speed_summary
 
     if args.ray_address is None:  # the replicas load from this machine: a bad path is refused before Ray starts
@@ -155,19 +155,19 @@ def _serve_ray(args, settings) -> int:
     host, port = sock.getsockname()[:2]
     sock.close()
     quiet_libraries()
-    load = load_kwargs(args, args.text_cache_dir, args.variant)
+    spec = load_spec(args, args.text_cache_dir, args.variant)
     ray.init(address=args.ray_address, runtime_env={"env_vars": ray_app.proxy_env()}, logging_level=args.log_level)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         try:
-            ray_app.deploy(load, settings, args.replicas or 1, autoscaling, host, port)
+            ray_app.deploy(spec, settings, args.replicas or 1, autoscaling, host, port)
         except RuntimeError as e:  # a replica could not load: Ray has logged its traceback above
             raise UsageError(f"the Ray Serve replicas did not start ({e})") from None
         count = f"{autoscaling['min_replicas']}..{autoscaling['max_replicas']}" if autoscaling else args.replicas or 1
         print(
-            f"serving {args.checkpoint} on http://{host}:{port} ({count} Ray Serve replicas, {load['device']}; "
-            f"{speed_summary(load['optimize'], load['loras'])})",
+            f"serving {args.checkpoint} on http://{host}:{port} ({count} Ray Serve replicas, {spec.device}; "
+            f"{speed_summary(spec.optimize, spec.loras)})",
             file=sys.stderr,
         )
         while not stop.wait(1.0):  # Ctrl-C raises KeyboardInterrupt here: main() exits 130

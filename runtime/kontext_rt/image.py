@@ -49,7 +49,7 @@ def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(path)
-                _check_input_pixels(img.size, str(path), max_pixels)
+                check_input_pixels(img.size, str(path), max_pixels)
                 img.load()
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise InputError(f"image {path}: not a readable image ({e})") from None
@@ -57,13 +57,13 @@ def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise InputError(f"image {path}: unreadable ({e})") from None
     elif isinstance(src, Image.Image):
         img = src
-        _check_input_pixels(img.size, "image", max_pixels)
+        check_input_pixels(img.size, "image", max_pixels)
     else:
         raise TypeError(f"image must be a PIL image or a path, got {type(src).__name__}")
     return img.convert("RGB")
 
 
-def _check_input_pixels(size, name: str, max_pixels: int):
+def check_input_pixels(size, name: str, max_pixels: int):
     """An input image's own size, before it is decoded: not empty, not a decompression bomb, not under 16 px."""
     w, h = size
     if w <= 0 or h <= 0:

@@ -15,7 +15,7 @@ from kontext_rt import memory
 from kontext_rt.config import Variant
 from kontext_rt.errors import CheckpointError, InputError
 from kontext_rt.placement import Placement
-from kontext_rt.weights.formats import detect
+from kontext_rt.weights.formats import CheckpointFormat, detect
 
 
 def check_device(device) -> torch.device:
@@ -62,10 +62,16 @@ def memory_plan(checkpoint, cfg, dtype, fp8, text_tokens, size, placement, vae_t
 
 def checkpoint(path, ae, text_encoders, variant):
     """(the detected checkpoint, its transformer config, its variant, the sizes it says it was trained at or None),
-    read from headers and configs alone: a bad checkpoint is refused before ~24 GB of weights are read."""
-    if not isinstance(path, (str, os.PathLike)):
+    read from headers and configs alone: a bad checkpoint is refused before ~24 GB of weights are read. path may be
+    a checkpoint found already (detect), whose ae and text encoders were given to detect."""
+    if isinstance(path, CheckpointFormat):
+        if ae is not None or text_encoders is not None:
+            raise InputError("ae= and text_encoders= belong to detect(...) when path is a found checkpoint")
+        found = path
+    elif not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a checkpoint folder or file (a str or Path), got {path!r}")
-    found = detect(path, ae=ae, text_encoders=text_encoders)
+    else:
+        found = detect(path, ae=ae, text_encoders=text_encoders)
     if found.text_encoders is None:
         raise CheckpointError(
             f"{path}: no text encoders found beside it: pass text_encoders=FOLDER (a folder "

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from kontext_rt import backends, load_checks
 from kontext_rt import image as im
 from kontext_rt.arguments import check as check_arguments
 from kontext_rt.arguments import check_guidance, check_seed
-from kontext_rt.backends import Loaded, LoadRequest
+from kontext_rt.backends import Loaded
 from kontext_rt.concurrency import ReadWriteLock
 from kontext_rt.config import FluxConfig, Variant
 from kontext_rt.errors import InputError, OutsideTrainedSize
+from kontext_rt.load_spec import CheckedLoad, LoadSpec
 from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.vae_tiling import DEFAULT_TILE
 from kontext_rt.options import Optimizations
@@ -26,7 +26,6 @@ from kontext_rt.sampling.schedule import explicit_schedule, schedule
 from kontext_rt.text import TextEmbeddingCache, TextEncoders
 from kontext_rt.vae_stage import VAEStage
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUTPUTS = ("pil", "latent")
 LATENT_CHANNELS = 16
 
@@ -116,56 +115,40 @@ class Pipeline:
         True always, False never, "auto" when the untiled call would not fit in the CUDA device's free memory.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
-        device = load_checks.check_device(device)
-        if dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
-        chosen = backends.resolve(backend, device, engines)
-        optimize = optimize or Optimizations()
-        optimize.check(device, dtype)
-        placement = Placement.parse(placement)
-        placement.check(optimize)
-        load_checks.check_vae_tiling(vae_tiling, vae_tile, chosen)
-        checkpoint, cfg, variant, trained_sizes = load_checks.checkpoint(path, ae, text_encoders, variant)
-        msl = load_checks.sequence_length(
-            variant, max_sequence_length, load_checks.tokenizer_limit(checkpoint.text_encoders)
-        )
-        if isinstance(loras, (str, Path)):
-            raise InputError(f"loras must be a list of LoRA files (each a path or (path, strength)), got {loras!r}")
-        tile = None if vae_tiling is False else vae_tile
-        load_checks.check_memory(
-            chosen, checkpoint, cfg, device, dtype, optimize, variant, msl, max_memory, plan_size, placement, tile
-        )
-        cache = TextEmbeddingCache(text_cache_size, Path(text_cache_dir) if text_cache_dir else None)
-        request = LoadRequest(
-            checkpoint,
-            Path(path),
-            cfg,
-            dtype,
-            optimize,
-            tuple(loras),
-            None if engines is None else Path(engines),
-            engine_precision,
-            placement,
-        )
-        chosen = backends.checked(chosen, request, auto=backend == "auto")
+        spec = LoadSpec(
+            path, device, dtype, backend, max_sequence_length, ae, text_encoders, text_cache_dir, text_cache_size,
+            engines, engine_precision, optimize, loras, variant, max_memory, plan_size, placement, vae_tiling,
+            vae_tile,
+        )  # fmt: skip
+        return cls.load(spec)
+
+    @classmethod
+    def load(cls, spec: LoadSpec | CheckedLoad) -> Pipeline:
+        """Load what a LoadSpec names (checked first, reading no weights), or a CheckedLoad (checked already)."""
+        if isinstance(spec, LoadSpec):
+            spec = spec.check()
+        elif not isinstance(spec, CheckedLoad):
+            raise InputError(f"Pipeline.load takes a LoadSpec or a CheckedLoad, got {type(spec).__name__}")
+        s = spec.spec
+        cache = TextEmbeddingCache(s.text_cache_size, Path(s.text_cache_dir) if s.text_cache_dir else None)
         # refuses unusable tokenizers before the weights
-        text = TextEncoders(checkpoint.text_encoders, device, dtype, placement.text_encoders)
-        loaded = chosen.load(request)
+        text = TextEncoders(spec.checkpoint.text_encoders, spec.device, s.dtype, spec.placement.text_encoders)
+        loaded = spec.backend.load(spec.request)
         return cls(
             loaded,
-            cfg,
+            spec.cfg,
             text,
-            variant,
-            device,
-            dtype,
-            chosen.name,
-            msl,
+            spec.variant,
+            spec.device,
+            s.dtype,
+            spec.backend.name,
+            spec.max_sequence_length,
             cache,
-            optimize,
-            placement,
-            vae_tiling,
-            vae_tile,
-            trained_sizes,
+            spec.optimize,
+            spec.placement,
+            s.vae_tiling,
+            s.vae_tile,
+            spec.trained_sizes,
         )
 
     # ---- public entry points ----------------------------------------------------------------------------------
@@ -189,21 +172,12 @@ class Pipeline:
         """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction.
 
         Every argument is checked (the images read and sized, the schedule and noise made) before any encoding."""
-        check_prompt(prompt)
-        check_arguments(width, height, steps, guidance, seed)
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise InputError("edit needs at least one context image")
-        pils = [im.load_image(img) for img in images]
-        sizes = [im.context_size(*pil.size, auto_resize, preferred=self.resolutions) for pil in pils]
-        (w0, h0) = sizes[0]
-        width, height = width or w0, height or h0
-        guidance = self.variant.edit_guidance if guidance is None else guidance
-        plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas, progress)
-        with self._weights.reading():
-            with Stage(report, "vae_encode", self.device):
-                contexts = [(self._encode_context(pil, size), size) for pil, size in zip(pils, sizes, strict=True)]
-            return self._run(prompt, contexts, plan, progress, report)
+        request = Request(prompt, tuple(images), width, height, steps, guidance, seed, auto_resize)
+        checked = self._check(request, latents, output, sigmas, progress)
+        return self._execute([checked], progress, [report])[0]
 
     def generate(
         self,
@@ -221,22 +195,25 @@ class Pipeline:
     ):
         """Text-to-image: the same sampler with no context tokens. width, height: default_size's (1024x1024, or the
         size a checkpoint says it was trained at)."""
-        check_prompt(prompt)
-        check_arguments(width, height, steps, guidance, seed)
-        width, height = width or self.default_size[0], height or self.default_size[1]
-        guidance = self.variant.generate_guidance if guidance is None else guidance
-        plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas, progress)
-        with self._weights.reading():
-            return self._run(prompt, [], plan, progress, report)
+        request = Request(prompt, (), width, height, steps, guidance, seed)
+        return self._execute([self._check(request, latents, output, sigmas, progress)], progress, [report])[0]
 
     def session(self, image, **defaults) -> EditSession:
         """Multi-turn editing: each turn's output becomes the next turn's context image."""
         return EditSession(self, image, **defaults)
 
+    def check(self, request: Request) -> CheckedRequest:
+        """Check a request once, before any encoding (InputError naming the problem): every argument, its images read
+        and sized, its noise drawn and schedule made. run_checked runs what this returns; its key says which
+        checked requests can share one batch."""
+        if not isinstance(request, Request):
+            raise InputError(f"check takes a kontext_rt.Request, got {type(request).__name__}")
+        return self._check(request)
+
     def batch_key(self, request: Request) -> tuple:
         """Requests with equal keys can run as one batch (run_batch): the same output size, step count and context
         image sizes. Checks the request (InputError) and reads its images; nothing is encoded."""
-        return self._check(request).key
+        return self.check(request).key
 
     def run_batch(self, requests: list[Request], reports: list[RunReport] | None = None, progress=None) -> list:
         """Run requests of one batch key through one sampling loop, each with its own prompt, seed, guidance and
@@ -248,29 +225,26 @@ class Pipeline:
             raise InputError("run_batch needs a non-empty list of Request")
         if any(not isinstance(r, Request) for r in requests):
             raise InputError("run_batch takes kontext_rt.pipeline.Request objects")
-        if reports is not None and (
-            not isinstance(reports, (list, tuple))
-            or len(reports) != len(requests)
-            or any(not isinstance(r, RunReport) for r in reports)
-        ):
-            raise InputError(f"reports must be a list of one RunReport per request ({len(requests)}), got {reports!r}")
         check_progress(progress)
-        checked = [self._check(r) for r in requests]
+        return self.run_checked([self._check(r) for r in requests], reports, progress)
+
+    def run_checked(self, checked: list[CheckedRequest], reports: list[RunReport] | None = None, progress=None) -> list:
+        """Run requests checked by check (one batch key) through one sampling loop: run_batch without the checks,
+        for a caller (the server) that checked each request when it arrived. Returns their outputs in order."""
+        if not isinstance(checked, (list, tuple)) or not checked:
+            raise InputError("run_checked needs a non-empty list of checked requests (Pipeline.check)")
+        if any(not isinstance(c, CheckedRequest) or c.owner is not self for c in checked):
+            raise InputError("run_checked takes what this pipeline's check returned")
         if len({c.key for c in checked}) > 1:
             raise InputError("run_batch: the requests differ in output size, steps or context sizes (batch_key)")
-        plans = [
-            self._plan(c.width, c.height, c.request.steps, c.guidance, c.request.seed, None, "pil", None)
-            for c in checked
-        ]
-        reports = reports or [None] * len(requests)
-        with self._weights.reading():
-            contexts = []
-            for c, report in zip(checked, reports, strict=True):
-                with Stage(report, "vae_encode", self.device):
-                    contexts.append(
-                        [(self._encode_context(pil, size), size) for pil, size in zip(c.pils, c.sizes, strict=True)]
-                    )
-            return self._run_many([c.request.prompt for c in checked], contexts, plans, progress, reports)
+        if reports is not None and (
+            not isinstance(reports, (list, tuple))
+            or len(reports) != len(checked)
+            or any(not isinstance(r, RunReport) for r in reports)
+        ):
+            raise InputError(f"reports must be a list of one RunReport per request ({len(checked)}), got {reports!r}")
+        check_progress(progress)
+        return self._execute(list(checked), progress, list(reports or [None] * len(checked)))
 
     def load_lora(self, path, strength: float = 1.0, name: str | None = None) -> str:
         """Fuse a LoRA file into the transformer's weights (W += strength * alpha/r * B @ A); returns its name.
@@ -335,10 +309,12 @@ class Pipeline:
             self.text_cache.put(key, hit, prompt)
         return tuple(t.to(self.device, self.dtype) for t in hit)
 
-    def _check(self, r: Request) -> CheckedRequest:
-        """edit's or generate's checks of one request, its images read and sized; nothing encoded, no noise drawn."""
+    def _check(self, r: Request, latents=None, output="pil", sigmas=None, progress=None) -> CheckedRequest:
+        """The one check of a request (edit, generate, run_batch and the server's): its arguments, its images read
+        and sized, its noise drawn (on the CPU) and its schedule made; nothing encoded."""
         check_prompt(r.prompt)
         check_arguments(r.width, r.height, r.steps, r.guidance, r.seed)
+        check_progress(progress)
         if not isinstance(r.auto_resize, bool):
             raise InputError(f"auto_resize must be True or False, got {r.auto_resize!r}")
         if r.images is None:
@@ -353,13 +329,6 @@ class Pipeline:
             width, height = r.width or self.default_size[0], r.height or self.default_size[1]
             guidance = self.variant.generate_guidance if r.guidance is None else r.guidance
         im.check_output_size(width, height)
-        steps = self.variant.steps if r.steps is None else r.steps
-        return CheckedRequest(r, pils, sizes, width, height, guidance, steps)
-
-    def _plan(self, width, height, steps, guidance, seed, latents, output, sigmas, progress=None) -> RunPlan:
-        """Every run argument checked, and what the loop starts from: nothing is encoded yet."""
-        check_progress(progress)
-        im.check_output_size(width, height)
         far = im.outside_trained_size(width, height, self.trained_sizes) if self.trained_sizes else None
         if far:
             warnings.warn(OutsideTrainedSize(far), stacklevel=3)
@@ -370,9 +339,10 @@ class Pipeline:
         if sigmas is not None:
             sig = explicit_schedule(sigmas)
         else:
-            sig = schedule(self.variant.steps if steps is None else steps, rows * cols, self.variant.shift_schedule)
-        x, used_seed = self._initial_noise(latents, 1, rows, cols, seed)
-        return RunPlan(rows, cols, x, used_seed, sig, float(guidance), output)
+            sig = schedule(self.variant.steps if r.steps is None else r.steps, rows * cols, self.variant.shift_schedule)
+        x, used_seed = self._initial_noise(latents, 1, rows, cols, r.seed)
+        plan = RunPlan(rows, cols, x, used_seed, sig, float(guidance), output)
+        return CheckedRequest(r, pils, sizes, width, height, guidance, len(sig) - 1, plan, self)
 
     def _initial_noise(self, latents, batch, rows, cols, seed):
         if latents is not None:
@@ -380,13 +350,13 @@ class Pipeline:
             if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or tuple(latents.shape[1:]) != want:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise InputError(f"latents must be packed noise of shape [B, {want[0]}, {want[1]}], got {got}")
-            return latents.to(self.device, torch.float32), None
+            return latents.to("cpu", torch.float32), None
         if seed is None:
             seed = secrets.randbits(63)
         check_seed(seed)
         gen = torch.Generator().manual_seed(seed)  # noise drawn on the CPU: the same seed gives the same image anywhere
         noise = torch.randn(batch, LATENT_CHANNELS, 2 * rows, 2 * cols, generator=gen)
-        return im.pack(noise).to(self.device), seed
+        return im.pack(noise), seed  # on the CPU until the run: a queued request holds no device memory
 
     def _conditioning(self, txt, pooled, guidance: torch.Tensor, ctx, sizes, rows, cols) -> Conditioning:
         """txt (B, T, D), pooled (B, D'), guidance (B,) float32, ctx (B, M, 64) or None from context images of
@@ -397,54 +367,49 @@ class Pipeline:
         return Conditioning(ctx, txt, pooled, g, cos, sin)
 
     @torch.inference_mode()
-    def _run(self, prompt, contexts, plan: RunPlan, progress, report):
-        x, rows, cols = plan.noise, plan.rows, plan.cols
-        batch = x.shape[0]
-        with Stage(report, "text_encode", self.device):
-            txt, pooled = self.encode_prompt(prompt, report)
-        ctx = torch.cat([c for c, _ in contexts], 1).expand(batch, -1, -1) if contexts else None
-        guidance = torch.full((batch,), plan.guidance)
-        sizes = [size for _, size in contexts]
-        cond = self._conditioning(txt.expand(batch, -1, -1), pooled.expand(batch, -1), guidance, ctx, sizes, rows, cols)
-        with Stage(report, "denoise", self.device):
-            x = denoise(self.denoiser, x, plan.sigmas, cond, progress)
-        if report is not None:
-            report.seed, report.steps = plan.seed, len(plan.sigmas) - 1
-        if plan.output == "latent":
-            return x
-        with Stage(report, "vae_decode", self.device):
-            images = im.to_pil(self._vae_stage.decode(im.unpack(x, rows, cols), cols * 16, rows * 16))
-        return images[0] if batch == 1 else images
-
-    @torch.inference_mode()
-    def _run_many(self, prompts, contexts, plans: list[RunPlan], progress, reports) -> list:
-        """One sampling loop over requests of one batch key; text encoding and VAE decoding per request."""
-        rows, cols = plans[0].rows, plans[0].cols
-        txts, pooleds = [], []
-        for prompt, report in zip(prompts, reports, strict=True):
-            with Stage(report, "text_encode", self.device):
-                txt, pooled = self.encode_prompt(prompt, report)
-            txts.append(txt)
-            pooleds.append(pooled)
-        ctx = None
-        if contexts[0]:
-            ctx = torch.cat([torch.cat([c for c, _ in each], 1) for each in contexts])
-        guidance = torch.tensor([p.guidance for p in plans], dtype=torch.float32)
-        sizes = [size for _, size in contexts[0]]
-        cond = self._conditioning(torch.cat(txts), torch.cat(pooleds), guidance, ctx, sizes, rows, cols)
-        x = torch.cat([p.noise for p in plans])
-        shared = RunReport()
-        with Stage(shared, "denoise", self.device):
-            x = denoise(self.denoiser, x, plans[0].sigmas, cond, progress)
-        images = []
-        for b, (plan, report) in enumerate(zip(plans, reports, strict=True)):
-            if report is not None:
-                report.seed, report.steps, report.batch_size = plan.seed, len(plan.sigmas) - 1, len(plans)
-                report.timings["denoise"] = report.timings.get("denoise", 0.0) + shared.timings["denoise"]
-            with Stage(report, "vae_decode", self.device):
-                z = im.unpack(x[b : b + 1], rows, cols)
-                images.append(im.to_pil(self._vae_stage.decode(z, cols * 16, rows * 16))[0])
-        return images
+    def _execute(self, checked: list[CheckedRequest], progress, reports: list) -> list:
+        """The one run path of edit, generate, run_batch and the server: checked requests of one batch key through
+        one sampling loop, their contexts encoded, prompts encoded and outputs decoded per request. Returns one
+        output per request: an image, or a list of them (latents of batch > 1), or the latents (output="latent")."""
+        rows, cols = checked[0].plan.rows, checked[0].plan.cols
+        if any(not torch.equal(c.plan.sigmas, checked[0].plan.sigmas) for c in checked[1:]):
+            raise InputError("requests run together must have the same schedule (sigmas)")
+        with self._weights.reading():
+            txts, pooleds, ctxs, guidance = [], [], [], []
+            for c, report in zip(checked, reports, strict=True):
+                n = c.plan.noise.shape[0]
+                if c.pils:
+                    with Stage(report, "vae_encode", self.device):
+                        ctx = [self._encode_context(pil, size) for pil, size in zip(c.pils, c.sizes, strict=True)]
+                    ctxs.append(torch.cat(ctx, 1).expand(n, -1, -1))
+                with Stage(report, "text_encode", self.device):
+                    txt, pooled = self.encode_prompt(c.request.prompt, report)
+                txts.append(txt.expand(n, -1, -1))
+                pooleds.append(pooled.expand(n, -1))
+                guidance += [c.plan.guidance] * n
+            ctx = torch.cat(ctxs) if ctxs else None
+            cond = self._conditioning(
+                torch.cat(txts), torch.cat(pooleds), torch.tensor(guidance), ctx, checked[0].sizes, rows, cols
+            )
+            x = torch.cat([c.plan.noise for c in checked]).to(self.device)
+            shared = RunReport() if len(checked) > 1 else reports[0]
+            with Stage(shared, "denoise", self.device):
+                x = denoise(self.denoiser, x, checked[0].plan.sigmas, cond, progress)
+            outputs, start = [], 0
+            for c, report in zip(checked, reports, strict=True):
+                n = c.plan.noise.shape[0]
+                z, start = x[start : start + n], start + n
+                if report is not None:
+                    report.seed, report.steps, report.batch_size = c.plan.seed, len(c.plan.sigmas) - 1, len(checked)
+                    if shared is not report:
+                        report.timings["denoise"] = report.timings.get("denoise", 0.0) + shared.timings["denoise"]
+                if c.plan.output == "latent":
+                    outputs.append(z)
+                    continue
+                with Stage(report, "vae_decode", self.device):
+                    images = im.to_pil(self._vae_stage.decode(im.unpack(z, rows, cols), cols * 16, rows * 16))
+                outputs.append(images[0] if n == 1 else images)
+        return outputs
 
 
 class EditSession:

@@ -37,8 +37,22 @@ class Request:
 
 
 @dataclass(frozen=True)
+class RunPlan:
+    """A run's checked arguments: the target grid, the initial noise, the schedule."""
+
+    rows: int
+    cols: int
+    noise: torch.Tensor  # (B, rows * cols, 64) float32 on the CPU (moved to the device when the run starts)
+    seed: int | None  # None when latents were given
+    sigmas: torch.Tensor
+    guidance: float
+    output: str
+
+
+@dataclass(frozen=True)
 class CheckedRequest:
-    """A request with every argument checked and its images read: what a batch is keyed and run from."""
+    """A request with every argument checked, its images read, its noise drawn and its schedule made
+    (Pipeline.check): what a batch is keyed and run from (Pipeline.run_checked)."""
 
     request: Request
     pils: list
@@ -46,8 +60,9 @@ class CheckedRequest:
     width: int
     height: int
     guidance: float
-
-    steps: int  # the step count the schedule will have (the variant's default when the request leaves it)
+    steps: int  # the step count of its schedule
+    plan: RunPlan
+    owner: object = field(repr=False, compare=False, default=None)  # the pipeline that checked it
 
     @property
     def key(self) -> tuple:
@@ -66,19 +81,6 @@ class Stage:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.report.timings[self.name] = self.report.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """A run's checked arguments: the target grid, the initial noise, the schedule."""
-
-    rows: int
-    cols: int
-    noise: torch.Tensor  # (B, rows * cols, 64) float32 on the device
-    seed: int | None  # None when latents were given
-    sigmas: torch.Tensor
-    guidance: float
-    output: str
 
 
 def check_progress(progress) -> None:

@@ -69,7 +69,7 @@ def check_demo(args) -> None:
 def run_demo(args, out: Path, text_cache) -> int:
     """Load the shipped model, run the single edits and the session, write the picture, print what happened."""
     import kontext_rt as krt
-    from kontext_rt.cli import load_kwargs
+    from kontext_rt.cli import load_spec
     from kontext_rt.cli_args import stage_summary, write_atomically
     from kontext_toy import metrics
     from kontext_toy.checkpoints import small_kontext
@@ -78,7 +78,7 @@ def run_demo(args, out: Path, text_cache) -> int:
     args.ae = args.text_encoders = None
     args.device = args.device or "cpu"
     t0 = time.perf_counter()
-    pipe = krt.Pipeline.from_pretrained(**load_kwargs(args, text_cache, None, plan_size=(64, 64)))
+    pipe = krt.Pipeline.load(load_spec(args, text_cache, None, plan_size=(64, 64)))
     loaded = time.perf_counter() - t0
     say = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
@@ -157,6 +157,7 @@ def _eval_parser(sub):
     e.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     e.add_argument("--backend", default="eager", help="eager, triton, auto")
     e.add_argument("-o", "--output", help="write the full result as JSON here")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return e
 
 
@@ -165,6 +166,7 @@ def _eval(args) -> int:
     import json
 
     import torch
+    from tqdm import tqdm
 
     from kontext_rt import Pipeline
     from kontext_rt.cli_args import DTYPE_NAMES, UsageError, check_writable, write_atomically
@@ -186,17 +188,23 @@ def _eval(args) -> int:
     pipe = Pipeline.from_pretrained(
         checkpoint, device=args.device, dtype=getattr(torch, DTYPE_NAMES[args.dtype]), backend=args.backend
     )
-    result = harness.score_split(
-        pipe,
-        args.split,
-        args.n,
-        sample_seed=args.seed + 1,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        drift_turns=args.turns,
-        embed=metrics.scene_embedding,
-    )
+    shown = None if args.quiet else tqdm(total=args.n, desc="eval", unit="sample", file=sys.stderr)
+    try:
+        result = harness.score_split(
+            pipe,
+            args.split,
+            args.n,
+            sample_seed=args.seed + 1,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            drift_turns=args.turns,
+            embed=metrics.scene_embedding,
+            progress=None if shown is None else lambda done, total: shown.update(done - shown.n),
+        )
+    finally:
+        if shown is not None:
+            shown.close()
     result = {
         "checkpoint": str(checkpoint),
         "split": args.split,

@@ -91,8 +91,9 @@ def _distance(x) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _run(pipe, samples, steps, seed, guidance, drift_turns, embed, perceptual=None):
-    """Per-sample records and outputs, then drift sessions over the recolour samples."""
+def _run(pipe, samples, steps, seed, guidance, drift_turns, embed, perceptual=None, progress=None):
+    """Per-sample records and outputs, then drift sessions over the recolour samples; progress(done, total) after
+    each sample."""
     records, outputs, sessions = [], [], []
     for i, s in enumerate(samples):
         if isinstance(s, EditSample):
@@ -106,6 +107,8 @@ def _run(pipe, samples, steps, seed, guidance, drift_turns, embed, perceptual=No
             rec = {"kind": s.kind, "prompt": s.caption, "success": metrics.generation_success(s, out)}
         records.append(rec)
         outputs.append(out)
+        if progress is not None:
+            progress(i + 1, len(samples))
     return records, outputs, sessions
 
 
@@ -151,8 +154,9 @@ def evaluate(
     embed: Callable | None = None,
     per_sample: bool = True,
     perceptual: Callable | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Run every sample through pipe and aggregate:
+    """Run every sample through pipe and aggregate (progress(done, total): called after each sample):
 
     edit_success_rate (all edits) and per_kind {kind: {n, success_rate}} (metrics.edit_success);
     preservation_psnr / preservation_ssim: means over the edits of metrics.preservation (outside the edit mask,
@@ -165,7 +169,7 @@ def evaluate(
     drift_turns=0. guidance None: the pipeline's defaults. per_sample adds each sample's record.
     """
     samples = _check(samples, steps, seed, drift_turns)
-    records, _, sessions = _run(pipe, samples, steps, seed, guidance, drift_turns, embed, perceptual)
+    records, _, sessions = _run(pipe, samples, steps, seed, guidance, drift_turns, embed, perceptual, progress)
     result = {"steps": steps, "seed": seed, "guidance": guidance, **_aggregate(records, sessions, drift_turns)}
     if per_sample:
         result["samples"] = records
@@ -185,6 +189,7 @@ def score_split(
     per_sample: bool = True,
     ceiling: bool = True,
     size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """A checkpoint's score on one split, as `kontext-rt eval` gives it: the first n samples of
     shapes.dataset(split, n, seed=sample_seed, size=size) through evaluate(...), with the pipeline's autoencoder
@@ -199,6 +204,7 @@ def score_split(
         drift_turns=drift_turns,
         embed=embed,
         per_sample=per_sample,
+        progress=progress,
     )
     if ceiling and result["n_edit"]:
         result["autoencoder"] = autoencoder_ceiling(pipe.vae, samples, pipe.device)

@@ -23,8 +23,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from kontext_rt import arguments
-from kontext_rt import image as im
 from kontext_rt.errors import KontextError
 from kontext_rt.serve import safety
 from kontext_rt.serve.metrics import Metrics
@@ -120,11 +118,11 @@ async def _serve(request: Request, route: str, fields, files: list, model) -> JS
     try:
         images = await run_in_threadpool(_decode_all, files)
         req = dataclasses.replace(req, images=tuple(images))
-        key = await run_in_threadpool(_batch_key, app.state.pipe, req)
+        checked = await run_in_threadpool(app.state.pipe.check, req)  # the request's one check
     except KontextError as e:
         raise ApiError(400, str(e), *(("image", "invalid_image") if files else (None, "invalid_value"))) from None
     try:
-        job = scheduler.submit(req, key, settings.timeout_s)
+        job = scheduler.submit(checked, settings.timeout_s)
     except QueueFull as e:
         raise ApiError(429, str(e), None, "queue_full", headers={"Retry-After": str(e.retry_after)}) from None
     except ShuttingDown as e:
@@ -203,21 +201,6 @@ def _timeout(job) -> ApiError:
 
 def _decode_all(files: list[tuple[str, bytes]]) -> list:
     return [decode_image(data, name) for name, data in files]
-
-
-def _batch_key(pipe, req):
-    """The pipeline's batch key (it checks the request and sizes its images), or, for a pipeline without the batch
-    API, the same checks and a key of its own (never batched)."""
-    if hasattr(pipe, "batch_key"):
-        return pipe.batch_key(req)
-    arguments.check(req.width, req.height, req.steps, req.guidance, req.seed)
-    preferred = getattr(pipe, "resolutions", im.PREFERRED_KONTEXT_RESOLUTIONS)
-    for i, pil in enumerate(req.images):
-        im.context_size(*pil.size, req.auto_resize, name=f"image {i}", preferred=preferred)
-    return object()
-
-
-# ---- reading bodies ---------------------------------------------------------------------------------------------
 
 
 def _is_form(request: Request) -> bool:

@@ -11,6 +11,7 @@ room for it, and Ray's controller restarts a replica whose actor died or whose h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from ray import serve
@@ -29,10 +30,10 @@ class KontextDeployment:
     """One replica: a Pipeline loaded here, and create_app's app over it (its worker thread starts with the app's
     lifespan, which Ray runs when the replica starts and ends when it stops)."""
 
-    def __init__(self, load_kwargs: dict, settings: Settings):
+    def __init__(self, spec, settings: Settings):
         import kontext_rt
 
-        self.pipe = kontext_rt.Pipeline.from_pretrained(**load_kwargs)
+        self.pipe = kontext_rt.Pipeline.load(spec)
         self.settings = settings
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.scheduler = None
@@ -137,28 +138,34 @@ async def _send_error(send, status: int, message: str, code: str, headers: list)
 
 
 def build_app(
-    load_kwargs: dict,
+    spec,
     settings: Settings | None = None,
     replicas: int = 1,
     autoscaling: dict | None = None,
     num_cpus: float = 1,
 ):
     """The bound Ray Serve application (what serve.run takes): `replicas` replicas of KontextDeployment, each
-    loading Pipeline.from_pretrained(**load_kwargs), or, with `autoscaling` (Ray's autoscaling_config: min_replicas,
-    max_replicas, initial_replicas, target_ongoing_requests), as many as Ray's autoscaler decides.
+    loading Pipeline.load(spec) (spec: a kontext_rt.LoadSpec, or a dict of from_pretrained's arguments), or, with
+    `autoscaling` (Ray's autoscaling_config: min_replicas, max_replicas, initial_replicas,
+    target_ongoing_requests), as many as Ray's autoscaler decides.
 
     A CUDA device takes one GPU per replica (Ray picks it and makes it the replica's only visible device, so the
     replica loads on "cuda"); a CPU replica takes `num_cpus` CPUs and no GPU. A replica accepts up to
     max_queue + max_batch requests (its own queue and one batch); more wait in Ray's proxy for a free replica."""
     settings = settings or Settings()
-    if "path" not in load_kwargs:
-        raise InputError("load_kwargs needs 'path' (the checkpoint Pipeline.from_pretrained loads)")
+    from kontext_rt.load_spec import LoadSpec
+
+    if isinstance(spec, dict):
+        if "path" not in spec:
+            raise InputError("the load arguments need 'path' (the checkpoint Pipeline.from_pretrained loads)")
+        spec = LoadSpec(**spec)
+    if not isinstance(spec, LoadSpec):
+        raise InputError(f"spec must be a kontext_rt.LoadSpec, got {type(spec).__name__}")
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise InputError(f"replicas must be a positive integer, got {replicas!r}")
-    device = str(load_kwargs.get("device", "cpu"))
-    on_cuda = device.startswith("cuda")
+    on_cuda = str(spec.device).startswith("cuda")
     if on_cuda:
-        load_kwargs = {**load_kwargs, "device": "cuda"}  # the replica sees only the GPU Ray gave it
+        spec = dataclasses.replace(spec, device="cuda")  # the replica sees only the GPU Ray gave it
     options = {
         "ray_actor_options": {"num_gpus": 1 if on_cuda else 0, "num_cpus": num_cpus},
         "max_ongoing_requests": settings.max_queue + settings.max_batch,
@@ -167,7 +174,7 @@ def build_app(
         options["autoscaling_config"] = _autoscaling(autoscaling)
     else:
         options["num_replicas"] = replicas
-    return KontextDeployment.options(**options).bind(load_kwargs, settings)
+    return KontextDeployment.options(**options).bind(spec, settings)
 
 
 def _autoscaling(config: dict) -> dict:
@@ -184,7 +191,7 @@ def _autoscaling(config: dict) -> dict:
 
 
 def deploy(
-    load_kwargs: dict,
+    spec,
     settings: Settings | None = None,
     replicas: int = 1,
     autoscaling: dict | None = None,
@@ -196,6 +203,6 @@ def deploy(
 ):
     """Start Serve's HTTP proxy on host:port (on a Ray instance already initialised: ray.init) and run the app
     there; returns once every replica has loaded its pipeline. serve.shutdown() stops it."""
-    app = build_app(load_kwargs, settings, replicas, autoscaling, num_cpus)
+    app = build_app(spec, settings, replicas, autoscaling, num_cpus)
     serve.start(http_options={"host": host, "port": port})
     return serve.run(app, name=name, route_prefix=route_prefix)

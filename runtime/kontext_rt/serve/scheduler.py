@@ -1,8 +1,9 @@
 """Between HTTP and the model: a bounded queue, deadlines, cancellation and dynamic batching, one worker thread.
 
 The worker thread is the only caller of the pipeline (one model per process). It takes the oldest queued job and
-up to max_batch - 1 more queued jobs of the same batch key (the pipeline's `batch_key`: same output size, steps and
-context sizes), and runs them as one `run_batch`. A pipeline without `run_batch` runs each job alone. A job leaves
+up to max_batch - 1 more queued jobs of the same batch key (the key of the pipeline's `check`: same output size,
+steps and context sizes), and runs them as one `run_checked`: each request is checked once, when it arrives, and
+never again. The pipeline is anything with `check` and `run_checked` (ServedPipeline). A job leaves
 the queue before it starts when its client is gone or its deadline has passed (`cancel`); a running job whose
 client is gone is marked (`abandon`), and a batch whose every job is abandoned stops at its next denoising step,
 freeing the worker for the next jobs. `close` stops new jobs and, by default, lets the queue drain.
@@ -18,13 +19,29 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from kontext_rt import RunReport
 from kontext_rt.errors import KontextError
-from kontext_rt.requests import RunReport
 from kontext_rt.serve.metrics import Metrics
 from kontext_rt.serve.schemas import Request
 
 log = logging.getLogger("kontext_rt.serve")
+
+
+class Checked(Protocol):
+    """A request as the pipeline's check returns it: runnable by its run_checked; key: which ones share a batch."""
+
+    key: Hashable
+
+
+class ServedPipeline(Protocol):
+    """What the server needs of a pipeline (kontext_rt.Pipeline is one): check a request once (a KontextError
+    names what is wrong with it), then run checked requests of one key together, one output per request."""
+
+    def check(self, request: Request) -> Checked: ...
+
+    def run_checked(self, checked: list, reports: list[RunReport], progress: Callable[[int, int], None]) -> list: ...
 
 
 class QueueFull(Exception):
@@ -51,8 +68,7 @@ class Abandoned(Exception):
 class Job:
     """One request in the scheduler: resolved with (image, report) or an exception through `future`."""
 
-    request: Request
-    key: Hashable  # jobs with equal keys may run in one batch
+    checked: Checked  # the request as the pipeline's check returned it; its key: jobs that may share a batch
     deadline: float  # time.monotonic() after which a queued job is dropped
     future: Future = field(default_factory=Future)
     report: RunReport = field(default_factory=RunReport)
@@ -62,7 +78,9 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, pipe, max_queue: int, max_batch: int, metrics: Metrics, clock: Callable[[], float] = None):
+    def __init__(
+        self, pipe: ServedPipeline, max_queue: int, max_batch: int, metrics: Metrics, clock: Callable[[], float] = None
+    ):
         if max_queue < 1 or max_batch < 1:
             raise ValueError(f"max_queue and max_batch must be at least 1, got {max_queue}, {max_batch}")
         self.pipe, self.max_queue, self.max_batch, self.metrics = pipe, max_queue, max_batch, metrics
@@ -94,9 +112,10 @@ class Scheduler:
     def depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, request: Request, key: Hashable, timeout_s: float) -> Job:
-        """Queue a job; QueueFull when max_queue are waiting, ShuttingDown once close() was called."""
-        job = Job(request, key, self.clock() + timeout_s)
+    def submit(self, checked: Checked, timeout_s: float) -> Job:
+        """Queue a checked request (the pipeline's check); QueueFull when max_queue are waiting, ShuttingDown once
+        close() was called."""
+        job = Job(checked, self.clock() + timeout_s)
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the server is shutting down: it finishes the queued requests and takes no new ones")
@@ -170,7 +189,7 @@ class Scheduler:
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(DeadlineExceeded("the request waited in the queue past its deadline"))
                     self.metrics.rejected("timeout")
-            elif len(taken) < self.max_batch and (not taken or job.key == taken[0].key):
+            elif len(taken) < self.max_batch and (not taken or job.checked.key == taken[0].checked.key):
                 taken.append(job)
             else:
                 kept.append(job)
@@ -188,18 +207,14 @@ class Scheduler:
             self.metrics.stage("queue", t0 - job.enqueued)
         self.metrics.running.set(len(jobs))
         try:
-            if hasattr(self.pipe, "run_batch"):
-                self._run_batch(jobs)
-            else:  # a pipeline without the batch API: one request at a time
-                for job in jobs:
-                    self._run_jobs([job], lambda js, progress: [self._run_alone(js[0], progress)])
+            self._run_batch(jobs)
         finally:
             self.metrics.running.set(0)
             elapsed = self.clock() - t0
             self._batch_s = elapsed if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * elapsed
 
     def _run_batch(self, jobs: list[Job]) -> None:
-        run = lambda js, progress: self.pipe.run_batch([j.request for j in js], [j.report for j in js], progress)
+        run = lambda js, progress: self.pipe.run_checked([j.checked for j in js], [j.report for j in js], progress)
         if self._run_jobs(jobs, run, isolate=len(jobs) > 1):
             return
         for job in jobs:  # one request refused the whole batch: run each alone, so only it fails
@@ -236,11 +251,3 @@ class Scheduler:
                 self.metrics.stage(stage, seconds)
             job.future.set_result((image, job.report))
         return True
-
-    def _run_alone(self, job: Job, progress=None):
-        r = job.request
-        common = dict(steps=r.steps, guidance=r.guidance, seed=r.seed, report=job.report, progress=progress)
-        size = {k: v for k, v in (("width", r.width), ("height", r.height)) if v is not None}
-        if r.images:
-            return self.pipe.edit(list(r.images), r.prompt, auto_resize=r.auto_resize, **size, **common)
-        return self.pipe.generate(r.prompt, **size, **common)

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, field_validator
 
-from kontext_rt import arguments
+from kontext_rt import Request, arguments
 from kontext_rt import image as im
 from kontext_rt.errors import InputError
-from kontext_rt.requests import Request
 
 # OpenAI's image endpoints take PNG, JPEG and WebP. Other formats are refused before decoding: PIL's EPS plugin, for
 # one, runs Ghostscript on the upload.
@@ -160,15 +159,18 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """Uploaded bytes -> an RGB image. Refused (InputError): empty, not PNG/JPEG/WebP, truncated, or over
-    kontext_rt.image.MAX_PIXELS (checked from the header, before the pixels are decoded: decompression bombs)."""
+    """Uploaded bytes -> a decoded image (the pipeline's check converts it to RGB, once). Refused (InputError):
+    empty, not PNG/JPEG/WebP, truncated, or over kontext_rt.image.MAX_PIXELS (checked from the header, before the
+    pixels are decoded: decompression bombs)."""
     if not data:
         raise InputError(f"{name} is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             pil = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-            return im.load_image(pil)  # checks the size before it decodes the pixels
+            im.check_input_pixels(pil.size, "image", im.MAX_PIXELS)  # before the pixels are decoded
+            pil.load()
+            return pil
     except InputError as e:
         raise InputError(f"{name}: {e}") from None
     except UnidentifiedImageError:

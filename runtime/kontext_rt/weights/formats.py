@@ -1,7 +1,7 @@
 """Checkpoint formats: a diffusers folder or a BFL single file, behind one interface.
 
     fmt = detect(path, ae=None, text_encoders=None)      # DiffusersFolder | BFLFile; reads no tensor
-    fmt.transformer_config(), fmt.vae_config()           # from config.json or the safetensors headers
+    fmt.transformer_config(), fmt.vae_config()           # from config.json or the safetensors headers, read once
     fmt.variant(stated=None, if_ambiguous=None)          # sampling defaults (config.VARIANTS), before any weights
     fmt.load_transformer(dtype, device), fmt.load_vae(dtype, device)
     fmt.fingerprint()                                    # identity of the weights, recorded by exports
@@ -12,6 +12,10 @@ model_index.json's pipeline class (Kontext or not) and the scheduler (schnell: n
 schedule). A BFL file only shows shapes: schnell has no guidance_in, but FLUX.1 [dev] and FLUX.1 Kontext [dev]
 have the same tensors, so the caller states which (variant=, CLI --variant); left unstated it is an error naming
 the choices, raised before any weights are read. A stated variant the checkpoint contradicts is an error too.
+
+A found checkpoint is a value read once: its configs, variant evidence and trained sizes are read on first use and
+kept (a load, the CLI's checks before it and the memory plan share one object: Pipeline.from_pretrained takes it
+as its path), so a request reads each config file once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -61,12 +66,12 @@ class CheckpointFormat(ABC):
         """The checkpoint at `path`, its parts located (and checked to exist); no tensor is read."""
 
     @abstractmethod
-    def transformer_config(self) -> FluxConfig:
-        """From config.json or the tensor headers, without reading any weights."""
+    def read_transformer_config(self) -> FluxConfig:
+        """From config.json or the tensor headers, without reading any weights (transformer_config keeps it)."""
 
     @abstractmethod
-    def vae_config(self) -> VAEConfig:
-        """From config.json or the tensor headers, without reading any weights."""
+    def read_vae_config(self) -> VAEConfig:
+        """From config.json or the tensor headers, without reading any weights (vae_config keeps it)."""
 
     @abstractmethod
     def transformer_rules(self, shapes: dict[str, tuple[int, ...]]) -> list[Rule]:
@@ -85,10 +90,46 @@ class CheckpointFormat(ABC):
         """The autoencoder's files and {key as the rules spell it: key in the files}; headers only."""
 
     @abstractmethod
-    def variant_evidence(self) -> tuple[tuple[str, ...], str]:
+    def read_variant_evidence(self) -> tuple[tuple[str, ...], str]:
         """(the names in config.VARIANTS this checkpoint can be, what in the checkpoint says so)."""
 
-    # ---- shared ---------------------------------------------------------------------------------------------
+    def read_preferred_resolutions(self) -> tuple[tuple[int, int], ...] | None:
+        return None
+
+    # ---- shared: each read once per found checkpoint ----------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def path(self) -> Path:
+        """What the caller named: the folder, or the transformer's file."""
+
+    @cached_property
+    def _transformer_config(self) -> FluxConfig:
+        return self.read_transformer_config()
+
+    @cached_property
+    def _vae_config(self) -> VAEConfig:
+        return self.read_vae_config()
+
+    @cached_property
+    def _variant_evidence(self) -> tuple[tuple[str, ...], str]:
+        return self.read_variant_evidence()
+
+    @cached_property
+    def _preferred_resolutions(self) -> tuple[tuple[int, int], ...] | None:
+        return self.read_preferred_resolutions()
+
+    def transformer_config(self) -> FluxConfig:
+        """The transformer's config, read on first use, without reading any weights."""
+        return self._transformer_config
+
+    def vae_config(self) -> VAEConfig:
+        """The autoencoder's config, read on first use, without reading any weights."""
+        return self._vae_config
+
+    def variant_evidence(self) -> tuple[tuple[str, ...], str]:
+        """(the names in config.VARIANTS this checkpoint can be, what in the checkpoint says so)."""
+        return self._variant_evidence
 
     def variants(self) -> tuple[str, ...]:
         """The variants this checkpoint's configuration or tensor shapes allow (more than one: ambiguous)."""
@@ -124,7 +165,7 @@ class CheckpointFormat(ABC):
     def preferred_resolutions(self) -> tuple[tuple[int, int], ...] | None:
         """The output sizes (width, height) the checkpoint says it was trained at; None when it says nothing (FLUX.1
         itself: the Kontext preferred resolutions, about 1 MP)."""
-        return None
+        return self._preferred_resolutions
 
     def load_transformer(self, dtype: torch.dtype, device) -> FluxTransformer:
         cfg = self.transformer_config()
@@ -160,6 +201,10 @@ class DiffusersFolder(CheckpointFormat):
     text_encoders: Path | None
 
     @property
+    def path(self) -> Path:
+        return self.root
+
+    @property
     def transformer(self) -> Path:
         return self.root / "transformer"
 
@@ -180,10 +225,15 @@ class DiffusersFolder(CheckpointFormat):
             )
         return cls(Path(path), Path(text_encoders or path))
 
-    def transformer_config(self) -> FluxConfig:
+    @cached_property
+    def model_index(self) -> dict:
+        """model_index.json, read once."""
+        return read_json(self.root / "model_index.json")
+
+    def read_transformer_config(self) -> FluxConfig:
         return diffusers_transformer_config(self.transformer)
 
-    def vae_config(self) -> VAEConfig:
+    def read_vae_config(self) -> VAEConfig:
         return diffusers_vae_config(self.vae)
 
     def transformer_rules(self, shapes):
@@ -200,11 +250,11 @@ class DiffusersFolder(CheckpointFormat):
         files = component_files(self.vae, DIFFUSERS_STEM)
         return files, {k: k for k in files.keys()}
 
-    def preferred_resolutions(self):
+    def read_preferred_resolutions(self):
         """model_index.json's "_kontext_rt": {"preferred_resolutions": [[width, height], ...]} (a key diffusers
         ignores, as it does every key that starts with _): a checkpoint trained at other sizes than FLUX.1's."""
         index = self.root / "model_index.json"
-        declared = read_json(index).get("_kontext_rt", {})
+        declared = self.model_index.get("_kontext_rt", {})
         sizes = declared.get("preferred_resolutions") if isinstance(declared, dict) else None
         if sizes is None:
             return None
@@ -223,13 +273,13 @@ class DiffusersFolder(CheckpointFormat):
             )
         return tuple((w, h) for w, h in sizes)
 
-    def variant_evidence(self):
+    def read_variant_evidence(self):
         guided = self.transformer_config().guidance_embed
         sched = self.root / "scheduler" / "scheduler_config.json"
         shift = read_json(sched).get("use_dynamic_shifting", True) if sched.is_file() else guided
         if not guided and not shift:
             return ("flux-schnell",), "its transformer has no guidance embedding and its scheduler no shift"
-        name = read_json(self.root / "model_index.json").get("_class_name", "")
+        name = self.model_index.get("_class_name", "")
         fits = "flux-kontext-dev" if "Kontext" in name else "flux-dev"
         return (fits,), f"its model_index.json names the pipeline {name or '(none)'}"
 
@@ -255,10 +305,14 @@ class BFLFile(CheckpointFormat):
         tenc = Path(text_encoders) if text_encoders else path.parent
         return cls(path, ae, tenc if (tenc / "text_encoder_2").is_dir() else None)
 
-    def transformer_config(self) -> FluxConfig:
+    @property
+    def path(self) -> Path:
+        return self.transformer
+
+    def read_transformer_config(self) -> FluxConfig:
         return bfl_transformer_config(header_shapes(self.transformer, BFL_PREFIXES), self.transformer)
 
-    def vae_config(self) -> VAEConfig:
+    def read_vae_config(self) -> VAEConfig:
         return bfl_vae_config(header_shapes(self.vae, AE_PREFIXES), self.vae)
 
     def transformer_rules(self, shapes):
@@ -275,7 +329,7 @@ class BFLFile(CheckpointFormat):
         files = TensorFiles([self.vae])
         return files, strip_prefix(files, AE_PREFIXES)
 
-    def variant_evidence(self):
+    def read_variant_evidence(self):
         guided = self.transformer_config().guidance_embed
         fits = tuple(name for name in VARIANTS if PRESETS[name].guidance_embed == guided)
         return fits, f"its tensors {'include' if guided else 'lack'} a guidance embedding (guidance_in)"
