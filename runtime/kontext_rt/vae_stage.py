@@ -7,10 +7,28 @@ import threading
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 from kontext_rt import memory
 from kontext_rt.model.vae_tiling import TiledVAE
-from kontext_rt.placement import StagedVAE
+from kontext_rt.streaming import Staged
+
+
+class StagedVAE:
+    """The VAE copied to the device for each encode and decode (Placement.vae='staged')."""
+
+    def __init__(self, vae: nn.Module, device: torch.device):
+        self.staged = Staged(vae, device)
+        self.module = vae
+        self.cfg = vae.cfg
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        with self.staged.on_device() as vae:
+            return vae.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        with self.staged.on_device() as vae:
+            return vae.decode(z)
 
 
 class VAEStage:

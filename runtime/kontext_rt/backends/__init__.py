@@ -23,9 +23,11 @@ from kontext_rt.config import FluxConfig
 from kontext_rt.errors import BackendUnavailable, InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
 from kontext_rt.options import Optimizations
-from kontext_rt.placement import Placement, StagedVAE, place_transformer
+from kontext_rt.placement import Placement
 from kontext_rt.sampling import denoisers
 from kontext_rt.sampling.loop import Denoiser
+from kontext_rt.transformer_placement import place_transformer
+from kontext_rt.vae_stage import StagedVAE
 from kontext_rt.weights.formats import CheckpointFormat
 from kontext_rt.weights.lora import LoRAStack
 
