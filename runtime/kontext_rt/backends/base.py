@@ -1,0 +1,57 @@
+"""What every backend shares: the request it loads from (LoadRequest), what it builds (Loaded), and the Backend
+interface: `check` refuses what the backend cannot run before any weights are read, `load` builds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kontext_rt.config import FluxConfig
+from kontext_rt.options import Optimizations
+from kontext_rt.placement import Placement
+from kontext_rt.sampling.loop import Denoiser
+from kontext_rt.weights.formats import CheckpointFormat
+from kontext_rt.weights.lora import LoRAStack
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Everything a backend needs to build a pipeline's model (Pipeline.from_pretrained fills it in)."""
+
+    checkpoint: CheckpointFormat  # the detected checkpoint
+    path: Path  # the checkpoint as the user named it: messages and export commands name it
+    cfg: FluxConfig
+    dtype: torch.dtype
+    optimize: Optimizations
+    loras: tuple = ()  # LoRA files, each a path or (path, strength), fused at load
+    engines: Path | None = None  # tensorrt: the folder `kontext-rt export --out` wrote
+    engine_precision: str | None = None
+    placement: Placement = Placement()
+
+
+@dataclass
+class Loaded:
+    """What a backend built: the loop's denoiser, the VAE, and (for the runtime's own model) the transformer and
+    its LoRA stack; engines have neither (None)."""
+
+    denoiser: Denoiser
+    vae: object
+    transformer: torch.nn.Module | None = None
+    loras: LoRAStack | None = None
+
+
+class Backend:
+    name: str
+    passed_over: tuple[str, ...] = ()  # auto: why each backend before this one could not run (resolve, checked)
+    engines = False  # True: runs prebuilt engines (needs engines=DIR, takes no runtime speed options or LoRAs)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def check(self, req: LoadRequest) -> None:
+        """Refuse what this backend cannot run, naming the fix (before any weights are read)."""
+
+    def load(self, req: LoadRequest) -> Loaded:
+        raise NotImplementedError
