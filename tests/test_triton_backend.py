@@ -127,7 +127,8 @@ def test_auto_falls_back_to_eager_on_a_head_dim_the_kernels_lack_and_says_why(ko
 
     monkeypatch.setattr(backends, "checked", spy)
     Pipeline.from_pretrained(kontext_dir, backend="auto")
-    assert seen[-1].name == "eager" and "supports head dims (64, 128), this model has 32" in seen[-1].passed_over[0]
+    chosen = seen[-1].backend
+    assert chosen.name == "eager" and "supports head dims (64, 128), this model has 32" in chosen.passed_over[0]
 
 
 def test_triton_that_cannot_build_a_kernel_is_refused_with_the_reason(monkeypatch):
@@ -242,7 +243,7 @@ def test_auto_on_a_gpu_warns_why_it_runs_a_slower_backend():
     chosen = backends.Eager(torch.device("cuda"))  # no CUDA call is made: a stand-in for what resolve returned
     chosen.passed_over = ("backend 'triton' could not compile and run a kernel here (no C compiler)",)
     with pytest.warns(RuntimeWarning, match="runs 'eager' on this GPU.*no C compiler"):
-        assert backends.checked(chosen, request, auto=True) is chosen
+        assert backends.checked(chosen, request, auto=True).backend is chosen
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         backends.checked(chosen, request, auto=False)

@@ -147,10 +147,11 @@ class Pipeline:
             engine_precision,
             placement,
         )
-        chosen = backends.checked(chosen, request, auto=backend == "auto")
+        accepted = backends.checked(chosen, request, auto=backend == "auto")
+        chosen = accepted.backend
         # refuses unusable tokenizers before the weights
         text = TextEncoders(checkpoint.text_encoders, device, dtype, placement.text_encoders)
-        loaded = chosen.load(request)
+        loaded = chosen.load(accepted)
         return cls(
             loaded,
             cfg,

@@ -1,5 +1,7 @@
 """What every backend shares: the request it loads from (LoadRequest), what it builds (Loaded), and the Backend
-interface: `check` refuses what the backend cannot run before any weights are read, `load` builds it."""
+interface: `check` refuses what the backend cannot run before any weights are read and returns what it accepted
+(Accepted), which `load` builds from. What a check reads for the load travels in the Accepted, never on the
+backend."""
 
 from __future__ import annotations
 
@@ -42,6 +44,15 @@ class Loaded:
     loras: LoRAStack | None = None
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """A request a backend's check accepted, with what the check read that the load uses."""
+
+    backend: Backend
+    request: LoadRequest
+    input_amax: dict[str, torch.Tensor] | None = None  # static FP8: the calibration's input amax per layer name
+
+
 class Backend:
     name: str
     passed_over: tuple[str, ...] = ()  # auto: why each backend before this one could not run (resolve, checked)
@@ -50,8 +61,10 @@ class Backend:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def check(self, req: LoadRequest) -> None:
+    def check(self, req: LoadRequest) -> Accepted:
         """Refuse what this backend cannot run, naming the fix (before any weights are read)."""
+        return Accepted(self, req)
 
-    def load(self, req: LoadRequest) -> Loaded:
+    def load(self, accepted: Accepted) -> Loaded:
+        """Build what this backend runs from a request its check accepted."""
         raise NotImplementedError

@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 import torch
 
-from kontext_rt.backends.base import Backend, LoadRequest
+from kontext_rt.backends.base import Accepted, Backend, LoadRequest
 from kontext_rt.backends.tensorrt import TensorRT
 from kontext_rt.backends.torch_backends import Eager, Triton
 from kontext_rt.errors import BackendUnavailable, InputError
@@ -35,45 +35,47 @@ def resolve(name: str, device, engines=None) -> Backend:
     if name == "auto" and engines is not None:
         return TensorRT(device)
     if name == "auto":
-        return _first_of(_auto_order(device), device, [], None, f"runs on {device}")
+        return _first_of(_auto_order(device), device, [], None, f"runs on {device}")[0]
     if name not in REGISTRY:
         raise InputError(f"unknown backend {name!r}; choose one of {', '.join(['auto', *REGISTRY])}")
     return REGISTRY[name](device)
 
 
-def checked(backend: Backend, request: LoadRequest, auto: bool) -> Backend:
-    """backend.check(request). For `auto`, a refusal (e.g. a head dim the kernels lack) moves on to the next backend
-    of the order that can run here and accepts the request; each reason is kept in `passed_over`, and on a GPU,
-    where that costs speed, given in a RuntimeWarning."""
+def checked(backend: Backend, request: LoadRequest, auto: bool) -> Accepted:
+    """backend.check(request): what load takes, with the backend to load with (its `backend`). For `auto`, a
+    refusal (e.g. a head dim the kernels lack) moves on to the next backend of the order that can run here and
+    accepts the request; each reason is kept in `passed_over`, and on a GPU, where that costs speed, given in a
+    RuntimeWarning."""
     try:
-        backend.check(request)
+        accepted = backend.check(request)
     except BackendUnavailable as err:
         if not auto:
             raise
         order = _auto_order(backend.device)
         rest = order[order.index(backend.name) + 1 :] if backend.name in order else ()
         reasons = [*backend.passed_over, str(err)]
-        backend = _first_of(rest, backend.device, reasons, request, "runs this model here")
+        backend, accepted = _first_of(rest, backend.device, reasons, request, "runs this model here")
     if auto and backend.passed_over and backend.device.type == "cuda":
         warnings.warn(
             f"backend 'auto' runs {backend.name!r} on this GPU, not a faster one: {'; '.join(backend.passed_over)}",
             RuntimeWarning,
             stacklevel=3,
         )
-    return backend
+    return accepted
 
 
-def _first_of(candidates, device, reasons: list[str], request: LoadRequest | None, what: str) -> Backend:
-    """The first candidate that can run on `device` (and accepts `request`, if given), with the reasons for every
-    one passed over, these included, in its `passed_over`."""
+def _first_of(
+    candidates, device, reasons: list[str], request: LoadRequest | None, what: str
+) -> tuple[Backend, Accepted | None]:
+    """The first candidate that can run on `device` (and accepts `request`, if given: then with what its check
+    accepted, else None), with the reasons for every one passed over, these included, in its `passed_over`."""
     for candidate in candidates:
         try:
             backend = REGISTRY[candidate](device)
-            if request is not None:
-                backend.check(request)
+            accepted = None if request is None else backend.check(request)
         except BackendUnavailable as e:
             reasons.append(str(e))
             continue
         backend.passed_over = tuple(reasons)
-        return backend
+        return backend, accepted
     raise BackendUnavailable(f"backend 'auto' found none that {what}: {'; '.join(reasons)}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from kontext_rt.backends import graph_io as io
-from kontext_rt.backends.base import Backend, Loaded, LoadRequest
+from kontext_rt.backends.base import Accepted, Backend, Loaded, LoadRequest
 from kontext_rt.backends.manifest import GRAPHS, PRECISIONS, Manifest, engine_folder, export_command
 from kontext_rt.errors import BackendUnavailable, EngineError, InputError
 from kontext_rt.placement import Placement
@@ -232,7 +232,7 @@ class TensorRT(Backend):
                 "install it from NVIDIA's package index, or use backend='eager'"
             ) from err
 
-    def check(self, req: LoadRequest) -> None:
+    def check(self, req: LoadRequest) -> Accepted:
         optimize = req.optimize
         if req.engines is None:
             raise InputError("backend='tensorrt' needs engines=DIR, the folder `kontext-rt export --out DIR` wrote")
@@ -249,7 +249,8 @@ class TensorRT(Backend):
                 "checkpoint's weights before exporting it, or use the eager or triton backend"
             )
 
-    def load(self, req: LoadRequest) -> Loaded:
+    def load(self, accepted: Accepted) -> Loaded:
+        req = accepted.request
         transformer, vae = open_engines(
             req.engines,
             req.checkpoint.fingerprint(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kontext_rt.backends.base import Backend, Loaded, LoadRequest
+from kontext_rt.backends.base import Accepted, Backend, Loaded, LoadRequest
 from kontext_rt.backends.prepare import lora_path, prepare
 from kontext_rt.errors import BackendUnavailable, InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
@@ -19,9 +19,9 @@ class TorchBackend(Backend):
 
     ops: Ops = EAGER_OPS
 
-    def check(self, req: LoadRequest) -> None:
+    def check(self, req: LoadRequest) -> Accepted:
         """Engines, head dims, every LoRA file (read against the model built on the meta device: no weights) and
-        the static FP8 calibration (kept for load)."""
+        the static FP8 calibration (read here, handed to load in the Accepted)."""
         from kontext_rt.model import fp8_linear as fp8
         from kontext_rt.model.transformer import FluxTransformer
         from kontext_rt.weights import lora
@@ -39,13 +39,15 @@ class TorchBackend(Backend):
                 shape_only = FluxTransformer(req.cfg)
             for item in req.loras:
                 lora.read(lora_path(item), shape_only)
-        self._amax = None
+        amax = None
         if req.optimize.fp8 == "static":
-            self._amax = fp8.read_calibration(req.optimize.fp8_calibration, req.checkpoint.fingerprint())
+            amax = fp8.read_calibration(req.optimize.fp8_calibration, req.checkpoint.fingerprint())
+        return Accepted(self, req, amax)
 
-    def load(self, req: LoadRequest) -> Loaded:
+    def load(self, accepted: Accepted) -> Loaded:
         """The transformer is read into host memory when any of it will live there (placement) or be quantized
         (fp8): the device never holds a full-precision copy of what it does not keep."""
+        req = accepted.request
         placement, opt = req.placement, req.optimize
         streamed = placement.offloads_blocks or placement.modulation == "staged"
         host = torch.device("cpu")
@@ -55,7 +57,7 @@ class TorchBackend(Backend):
         # FP8 weights are quantized on the device one linear at a time; blocks streamed from host memory go back
         # there as soon as their linears are quantized: the device never holds more than one block of them
         stack = prepare(
-            transformer, self.ops, req, self.device, self._amax, host if placement.offloads_blocks else None
+            transformer, self.ops, req, self.device, accepted.input_amax, host if placement.offloads_blocks else None
         )
         residency = place_transformer(transformer, placement, self.device)
         denoiser = denoisers.for_model(
