@@ -13,6 +13,7 @@ from kontext_rt import image as im
 from kontext_rt.arguments import check as check_arguments
 from kontext_rt.arguments import check_guidance, check_seed
 from kontext_rt.backends import Loaded, LoadRequest
+from kontext_rt.backends.manifest import Precision
 from kontext_rt.concurrency import ReadWriteLock
 from kontext_rt.config import FluxConfig, Variant
 from kontext_rt.errors import InputError, OutsideTrainedSize
@@ -101,7 +102,8 @@ class Pipeline:
 
         backend: "auto" (triton on a CUDA GPU where it can run, else eager; the engines when given `engines`),
         "eager", "triton" or "tensorrt". backend="tensorrt" runs the engines in `engines` (a folder made by
-        `kontext-rt export --out`; with several precisions there, engine_precision picks one) and reads no
+        `kontext-rt export --out`; with several precisions there, engine_precision picks one: "fp16", "bf16" or
+        "fp8", or a backends.manifest.Precision) and reads no
         transformer or VAE weights at all.
         optimize: speed options (Optimizations: hoisting, CUDA graphs, FP8 linears, compile). loras: LoRA files,
         each a path or (path, strength), fused before FP8 quantization (the only way to use LoRAs with fp8).
@@ -119,6 +121,8 @@ class Pipeline:
         device = load_checks.check_device(device)
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
+        if engine_precision is not None:
+            engine_precision = Precision.parse(engine_precision, "engine_precision")
         chosen = backends.resolve(backend, device, engines)
         optimize = optimize or Optimizations()
         optimize.check(device, dtype)

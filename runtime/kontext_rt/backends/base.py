@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from kontext_rt.backends.manifest import Precision
 from kontext_rt.config import FluxConfig
 from kontext_rt.options import Optimizations
 from kontext_rt.placement import Placement
@@ -29,7 +30,7 @@ class LoadRequest:
     optimize: Optimizations
     loras: tuple = ()  # LoRA files, each a path or (path, strength), fused at load
     engines: Path | None = None  # tensorrt: the folder `kontext-rt export --out` wrote
-    engine_precision: str | None = None
+    engine_precision: Precision | None = None
     placement: Placement = Placement()
 
 

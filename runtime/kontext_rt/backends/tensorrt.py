@@ -15,18 +15,18 @@ import torch
 
 from kontext_rt.backends import graph_io as io
 from kontext_rt.backends.base import Accepted, Backend, Loaded, LoadRequest
-from kontext_rt.backends.manifest import GRAPHS, PRECISIONS, Manifest, engine_folder, export_command
+from kontext_rt.backends.manifest import GRAPHS, Manifest, Precision, engine_folder, export_command
 from kontext_rt.errors import BackendUnavailable, EngineError, InputError
 from kontext_rt.placement import Placement
 from kontext_rt.sampling import denoisers
 
 
-def locate(engines, checkpoint, precision: str | None = None) -> Path:
+def locate(engines, checkpoint, precision: Precision | str | None = None) -> Path:
     """The engine folder: `engines` itself if it holds engines, else its single (or the named) trt-<precision>/."""
     root = Path(engines)
     if (root / "transformer.json").is_file():
         return root
-    found = [p for p in PRECISIONS if (engine_folder(root, p) / "transformer.json").is_file()]
+    found = [p for p in Precision if (engine_folder(root, p) / "transformer.json").is_file()]
     if precision is not None:
         if precision not in found:
             raise EngineError(

@@ -40,7 +40,7 @@ class TorchBackend(Backend):
             for item in req.loras:
                 lora.read(lora_path(item), shape_only)
         amax = None
-        if req.optimize.fp8 == "static":
+        if req.optimize.fp8 is fp8.Fp8Mode.STATIC:
             amax = fp8.read_calibration(req.optimize.fp8_calibration, req.checkpoint.fingerprint())
         return Accepted(self, req, amax)
 
