@@ -138,7 +138,7 @@ def on_device_bytes(pipe) -> tuple[int, int, int]:
     pipeline's own objects: every tensor of the transformer, VAE and loaded text encoders, less those held in host
     memory by a streamed or staged part."""
     from kontext_rt.streaming import Staged
-    from kontext_rt.vae_stage import StagedVAE
+    from kontext_rt.vae_runner import StagedVAE
 
     def size(tensors):
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())

@@ -21,11 +21,11 @@ from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.vae_tiling import DEFAULT_TILE
 from kontext_rt.options import Optimizations
 from kontext_rt.placement import Placement
-from kontext_rt.requests import CheckedRequest, Request, RunPlan, RunReport, Stage, check_progress, check_prompt
+from kontext_rt.requests import CheckedRequest, PhaseTimer, Request, RunPlan, RunReport, check_progress, check_prompt
 from kontext_rt.sampling.loop import Conditioning, denoise
 from kontext_rt.sampling.schedule import explicit_schedule, schedule
 from kontext_rt.text import TextEmbeddingCache, TextEncoders
-from kontext_rt.vae_stage import VAEStage
+from kontext_rt.vae_runner import VAERunner
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUTPUTS = ("pil", "latent")
@@ -53,7 +53,7 @@ class Pipeline:
         self.cfg = cfg
         self.denoiser, self.transformer = loaded.denoiser, loaded.transformer
         engines = self.transformer is None
-        self._vae_stage = VAEStage(loaded.vae, device, dtype, vae_tiling, vae_tile, engines)  # holds pipe.vae
+        self._vae_runner = VAERunner(loaded.vae, device, dtype, vae_tiling, vae_tile, engines)  # holds pipe.vae
         self._loras = loaded.loras  # None: the backend's weights take no LoRAs (engines)
         self.text, self.variant, self.device, self.dtype = text, variant, device, dtype
         self.backend = backend  # the resolved backend's name
@@ -206,7 +206,7 @@ class Pipeline:
         guidance = self.variant.edit_guidance if guidance is None else guidance
         plan = self._plan(width, height, steps, guidance, seed, latents, output, sigmas, progress)
         with self._weights.reading():
-            with Stage(report, "vae_encode", self.device):
+            with PhaseTimer(report, "vae_encode", self.device):
                 contexts = [(self._encode_context(pil, size), size) for pil, size in zip(pils, sizes, strict=True)]
             return self._run(prompt, contexts, plan, progress, report)
 
@@ -271,7 +271,7 @@ class Pipeline:
         with self._weights.reading():
             contexts = []
             for c, report in zip(checked, reports, strict=True):
-                with Stage(report, "vae_encode", self.device):
+                with PhaseTimer(report, "vae_encode", self.device):
                     contexts.append(
                         [(self._encode_context(pil, size), size) for pil, size in zip(c.pils, c.sizes, strict=True)]
                     )
@@ -298,11 +298,11 @@ class Pipeline:
     @property
     def vae(self):
         """The autoencoder (or its engines) the pipeline runs, staged and tiled as its options say."""
-        return self._vae_stage.vae
+        return self._vae_runner.vae
 
     @vae.setter
     def vae(self, vae) -> None:
-        self._vae_stage.vae = vae
+        self._vae_runner.vae = vae
 
     @property
     def loras(self) -> list[str]:
@@ -325,7 +325,7 @@ class Pipeline:
     @torch.inference_mode()
     def _encode_context(self, pil, size: tuple[int, int]) -> torch.Tensor:
         x = im.to_tensor(pil, *size).to(self.device, self.dtype)
-        return im.pack(self._vae_stage.encode(x, *size))
+        return im.pack(self._vae_runner.encode(x, *size))
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
@@ -405,20 +405,20 @@ class Pipeline:
     def _run(self, prompt, contexts, plan: RunPlan, progress, report):
         x, rows, cols = plan.noise, plan.rows, plan.cols
         batch = x.shape[0]
-        with Stage(report, "text_encode", self.device):
+        with PhaseTimer(report, "text_encode", self.device):
             txt, pooled = self.encode_prompt(prompt, report)
         ctx = torch.cat([c for c, _ in contexts], 1).expand(batch, -1, -1) if contexts else None
         guidance = torch.full((batch,), plan.guidance)
         sizes = [size for _, size in contexts]
         cond = self._conditioning(txt.expand(batch, -1, -1), pooled.expand(batch, -1), guidance, ctx, sizes, rows, cols)
-        with Stage(report, "denoise", self.device):
+        with PhaseTimer(report, "denoise", self.device):
             x = denoise(self.denoiser, x, plan.sigmas, cond, progress)
         if report is not None:
             report.seed, report.steps = plan.seed, len(plan.sigmas) - 1
         if plan.output == "latent":
             return x
-        with Stage(report, "vae_decode", self.device):
-            images = im.to_pil(self._vae_stage.decode(im.unpack(x, rows, cols), cols * 16, rows * 16))
+        with PhaseTimer(report, "vae_decode", self.device):
+            images = im.to_pil(self._vae_runner.decode(im.unpack(x, rows, cols), cols * 16, rows * 16))
         return images[0] if batch == 1 else images
 
     @torch.inference_mode()
@@ -427,7 +427,7 @@ class Pipeline:
         rows, cols = plans[0].rows, plans[0].cols
         txts, pooleds = [], []
         for prompt, report in zip(prompts, reports, strict=True):
-            with Stage(report, "text_encode", self.device):
+            with PhaseTimer(report, "text_encode", self.device):
                 txt, pooled = self.encode_prompt(prompt, report)
             txts.append(txt)
             pooleds.append(pooled)
@@ -439,16 +439,16 @@ class Pipeline:
         cond = self._conditioning(torch.cat(txts), torch.cat(pooleds), guidance, ctx, sizes, rows, cols)
         x = torch.cat([p.noise for p in plans])
         shared = RunReport()
-        with Stage(shared, "denoise", self.device):
+        with PhaseTimer(shared, "denoise", self.device):
             x = denoise(self.denoiser, x, plans[0].sigmas, cond, progress)
         images = []
         for b, (plan, report) in enumerate(zip(plans, reports, strict=True)):
             if report is not None:
                 report.seed, report.steps, report.batch_size = plan.seed, len(plan.sigmas) - 1, len(plans)
                 report.timings["denoise"] = report.timings.get("denoise", 0.0) + shared.timings["denoise"]
-            with Stage(report, "vae_decode", self.device):
+            with PhaseTimer(report, "vae_decode", self.device):
                 z = im.unpack(x[b : b + 1], rows, cols)
-                images.append(im.to_pil(self._vae_stage.decode(z, cols * 16, rows * 16))[0])
+                images.append(im.to_pil(self._vae_runner.decode(z, cols * 16, rows * 16))[0])
         return images
 
 

@@ -22,7 +22,7 @@ nothing. kontext_rt.memory plans the device memory of each mode.
 
 This module is the setting only. What carries it out: kontext_rt.streaming (tensors kept in host memory and copied
 to the device for their use), kontext_rt.transformer_placement (the transformer's streamed blocks and modulation
-layers) and kontext_rt.vae_stage (the staged VAE); kontext_rt.text stages the text encoders.
+layers) and kontext_rt.vae_runner (the staged VAE); kontext_rt.text stages the text encoders.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from kontext_rt.errors import BackendUnavailable, InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
 from kontext_rt.sampling import denoisers
 from kontext_rt.transformer_placement import place_transformer
-from kontext_rt.vae_stage import StagedVAE
+from kontext_rt.vae_runner import StagedVAE
 
 
 class TorchBackend(Backend):

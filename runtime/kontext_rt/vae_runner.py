@@ -31,9 +31,10 @@ class StagedVAE:
             return vae.decode(z)
 
 
-class VAEStage:
-    """vae: the backend's VAE (an AutoEncoder, a StagedVAE or engines); engines: True when it runs engines (never
-    tiled); tiling: True, False or "auto"; tile: px."""
+class VAERunner:
+    """A pipeline's encodes and decodes, staged and tiled as its load asked. vae: the backend's VAE (an AutoEncoder,
+    a StagedVAE or engines); engines: True when it runs engines (never tiled); tiling: True, False or "auto";
+    tile: px."""
 
     def __init__(self, vae, device: torch.device, dtype: torch.dtype, tiling, tile: int, engines: bool):
         self.vae, self.device, self.dtype = vae, device, dtype
