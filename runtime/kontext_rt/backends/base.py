@@ -55,6 +55,8 @@ class Accepted:
 
 
 class Backend:
+    """One backend on one device: `check` a request before any weights are read, then `load` what it accepted."""
+
     name: str
     passed_over: tuple[str, ...] = ()  # auto: why each backend before this one could not run (resolve, checked)
     engines = False  # True: runs prebuilt engines (needs engines=DIR, takes no runtime speed options or LoRAs)
