@@ -95,10 +95,11 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
     from kontext_rt import memory
     from kontext_rt.backends import resolve
     from kontext_rt.model import fp8_linear
-    from kontext_rt.placement import PRESETS, Placement, place_transformer
+    from kontext_rt.placement import PRESETS, Placement
     from kontext_rt.sampling.denoisers import Hoisted
     from kontext_rt.sampling.loop import denoise
     from kontext_rt.sampling.schedule import schedule
+    from kontext_rt.transformer_placement import place_transformer
 
     cuda = device.type == "cuda"
     preset = PRESETS[placement_name]

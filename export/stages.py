@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kontext_rt.backends.manifest import PRECISIONS, Manifest, engine_folder, file_sizes, onnx_folder
+from kontext_rt.backends.manifest import Manifest, Precision, engine_folder, file_sizes, onnx_folder
 from kontext_rt.export import specs
 from kontext_rt.export.fp8 import CalibrationSet
 from kontext_rt.weights.formats import detect
@@ -30,14 +30,14 @@ from kontext_rt.weights.formats import detect
 # calibration runs edits, and FLUX.1 [dev] and Kontext [dev] have the same graphs and text length (the same engines).
 EXPORT_VARIANT = "flux-kontext-dev"
 # The dtype of each precision's graphs: fp8 keeps bf16 around its FP8 GEMMs, and its VAE in bf16.
-GRAPH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+GRAPH_DTYPE = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16, Precision.FP8: torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     checkpoint: Path
     out: Path
-    precision: str
+    precision: Precision | str  # a string is read as its Precision (Export refuses others)
     onnx_only: bool = False
     device: str = "cpu"
     ae: Path | None = None
@@ -59,9 +59,8 @@ class Export:
     """One export run; `run()` goes through the stages and reports each through `log(line)`."""
 
     def __init__(self, opts: ExportOptions, log: Callable[[str], None] = lambda line: None):
-        if opts.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {opts.precision!r}")
         self.opts, self.log = opts, log
+        self.precision = Precision.parse(opts.precision)
         self.checkpoint = detect(opts.checkpoint, ae=opts.ae, text_encoders=opts.text_encoders)
         self.fingerprint = self.checkpoint.fingerprint()
         self.cfg, self.vae_cfg = self.checkpoint.transformer_config(), self.checkpoint.vae_config()
@@ -72,12 +71,12 @@ class Export:
             "vae_encoder": specs.vae_encoder_spec(self.vae_cfg, opts.max_batch),
             "vae_decoder": specs.vae_decoder_spec(self.vae_cfg, opts.max_batch),
         }
-        self.dtype = GRAPH_DTYPE[opts.precision]
+        self.dtype = GRAPH_DTYPE[self.precision]
         self._quantized = None  # the calibrated transformer, when calibration ran in this process
 
     def stages(self) -> list[tuple[str, str]]:
         out = [("onnx", "vae_encoder"), ("onnx", "vae_decoder")]
-        if self.opts.precision == "fp8":
+        if self.precision is Precision.FP8:
             out.append(("calibration", "fp8"))
         out.append(("onnx", "transformer"))
         if not self.opts.onnx_only:
@@ -108,12 +107,12 @@ class Export:
     # ---- per stage ------------------------------------------------------------------------------------------------
 
     def _folder(self, stage: str) -> Path:
-        out, p = Path(self.opts.out), self.opts.precision
+        out, p = Path(self.opts.out), self.precision
         return {"onnx": onnx_folder(out, p), "calibration": out / "calibration", "engine": engine_folder(out, p)}[stage]
 
     def _manifest(self, stage: str, graph: str) -> Manifest:
         tools = {"kontext-rt": _version("kontext-rt"), "torch": torch.__version__, "onnx": _version("onnx")}
-        if self.opts.precision == "fp8":
+        if self.precision is Precision.FP8:
             tools["modelopt"] = _version("nvidia-modelopt")
         gpu = None
         if stage == "engine":
@@ -121,10 +120,10 @@ class Export:
 
             tools["tensorrt"], gpu = tensorrt_version(), gpu_name()
         io = self.specs[graph].to_json(self.dtype) if graph in self.specs else {}
-        if self.opts.precision == "fp8" and graph in ("transformer", "fp8"):
+        if self.precision is Precision.FP8 and graph in ("transformer", "fp8"):
             # the FP8 graph and its engine carry the calibration's scales: other calibration data, other artifacts
             io["calibration"] = self.opts.calibration.describe()
-        return Manifest(stage, graph, self.opts.precision, self.fingerprint, io, tools, gpu)
+        return Manifest(stage, graph, self.precision.value, self.fingerprint, io, tools, gpu)
 
     def _make(self, stage: str, graph: str, folder: Path) -> tuple[list[Path], dict]:
         if stage == "calibration":
@@ -151,7 +150,7 @@ class Export:
         path, spec = folder / f"{graph}.onnx", self.specs[graph]
         if graph == "transformer":
             module = transformer_graph(self._transformer())
-            exporter = "torchscript" if self.opts.precision == "fp8" else "dynamo"
+            exporter = "torchscript" if self.precision is Precision.FP8 else "dynamo"
         else:
             vae = self.checkpoint.load_vae(self.dtype, self.opts.device)
             module, exporter = (VAEEncoderGraph if graph == "vae_encoder" else VAEDecoderGraph)(vae), "dynamo"
@@ -160,7 +159,7 @@ class Export:
         return [path, path.with_name(path.name + ".data")]
 
     def _transformer(self):
-        if self.opts.precision != "fp8":
+        if self.precision is not Precision.FP8:
             return self.checkpoint.load_transformer(self.dtype, self.opts.device)
         if self._quantized is not None:
             return self._quantized

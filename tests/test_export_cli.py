@@ -160,3 +160,14 @@ def test_edit_with_engines_on_a_machine_without_gpu_says_why(kontext_dir, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "backend 'tensorrt' needs a CUDA GPU" in err and "Traceback" not in err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_export_takes_the_precision_as_a_string_and_refuses_others(kontext_dir, tmp_path):
+    from kontext_rt.backends.manifest import Precision
+    from kontext_rt.errors import InputError
+    from kontext_rt.export.stages import Export, ExportOptions
+
+    export = Export(ExportOptions(kontext_dir, tmp_path, "fp8"))
+    assert export.precision is Precision.FP8 and ("calibration", "fp8") in export.stages()
+    with pytest.raises(InputError, match="precision must be one of fp16, bf16, fp8, got 'fp32'"):
+        Export(ExportOptions(kontext_dir, tmp_path, "fp32"))

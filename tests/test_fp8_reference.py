@@ -135,3 +135,33 @@ def test_static_pipeline_uses_the_calibration_files_scales(kontext_dir, tmp_path
         y = pipes[0].transformer.get_submodule(name)(x)
     y_ref, terms, slack = reference(x, original.weight, original.bias, torch.tensor(amax[name]).item())
     assert ((y.double() - y_ref).abs() <= bound(y_ref, terms, slack, x.shape[1])).all()
+
+
+def test_a_backend_keeps_nothing_between_check_and_load(kontext_dir, tmp_path):
+    """What a check reads for the load (the static calibration) travels in what it returns, not on the backend: one
+    backend checking two requests hands each its own scales."""
+    from kontext_rt import backends
+
+    found = detect(kontext_dir)
+    cfg = found.transformer_config()
+    names = ["single_blocks.0.linear1", "single_blocks.0.linear2"]
+    requests = [
+        backends.LoadRequest(
+            found,
+            kontext_dir,
+            cfg,
+            torch.bfloat16,
+            Optimizations(
+                fp8="static",
+                fp8_calibration=write_calibration(tmp_path / f"{i}.safetensors", names, a, found.fingerprint()),
+            ),
+        )
+        for i, a in enumerate(({n: 1.0 for n in names}, {n: 2.0 for n in names}))
+    ]
+    eager = backends.Eager(torch.device("cpu"))
+    before = dict(vars(eager))
+    first, second = (eager.check(r) for r in requests)
+    assert vars(eager) == before
+    assert first.backend is eager and first.request is requests[0] and second.request is requests[1]
+    assert [first.input_amax[n].item() for n in names] == [1.0, 1.0]
+    assert [second.input_amax[n].item() for n in names] == [2.0, 2.0]

@@ -197,6 +197,7 @@ def test_load_arguments_are_checked_before_the_weights(kontext_dir, tmp_path, we
         (dict(text_cache_size=-1), InputError, "text cache size"),
         (dict(text_cache_size="64"), InputError, "text cache size"),
         (dict(engine_precision="fp16"), InputError, "only used by backend='tensorrt'"),
+        (dict(engine_precision="fp32"), InputError, "engine_precision must be one of fp16, bf16, fp8, got 'fp32'"),
         (dict(max_sequence_length=0), InputError, "max_sequence_length must be an integer in 1..512"),
         (
             dict(

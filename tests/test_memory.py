@@ -137,7 +137,8 @@ def on_device_bytes(pipe) -> tuple[int, int, int]:
     """(always on the device, largest streamed block, largest streamed modulation layer), counted from the loaded
     pipeline's own objects: every tensor of the transformer, VAE and loaded text encoders, less those held in host
     memory by a streamed or staged part."""
-    from kontext_rt.placement import Staged, StagedVAE
+    from kontext_rt.streaming import Staged
+    from kontext_rt.vae_runner import StagedVAE
 
     def size(tensors):
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())

@@ -14,7 +14,8 @@ from PIL import Image
 
 import kontext_rt as krt
 from kontext_rt.errors import InputError
-from kontext_rt.placement import PRESETS, HostTensors, Placement, Staged, Streamed
+from kontext_rt.placement import PRESETS, Placement
+from kontext_rt.streaming import HostTensors, Staged, Streamed
 
 MODES = {
     **PRESETS,

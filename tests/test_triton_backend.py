@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kontext_rt import Pipeline
-from kontext_rt.backends import BackendUnavailable, resolve
+from kontext_rt.backends import resolve
+from kontext_rt.errors import BackendUnavailable
 from kontext_rt.kernels import ops as kernel_ops
 from kontext_rt.model.op_table import EAGER_OPS
 from kontext_rt.model.rope import rope_table, sequence_ids
@@ -97,10 +98,10 @@ def test_from_pretrained_defaults_to_auto(kontext_dir, monkeypatch):
     """auto is the default: on this CPU it is eager, and where auto's order puts triton first, the default does too."""
     from types import MappingProxyType
 
-    from kontext_rt import backends
+    from kontext_rt.backends import registry
 
     assert Pipeline.from_pretrained(kontext_dir).backend == "eager"
-    monkeypatch.setattr(backends, "AUTO_ORDER", MappingProxyType({"cpu": ("triton", "eager")}))
+    monkeypatch.setattr(registry, "AUTO_ORDER", MappingProxyType({"cpu": ("triton", "eager")}))
     assert Pipeline.from_pretrained(kontext_dir).backend == "triton"
 
 
@@ -108,9 +109,10 @@ def test_auto_falls_back_to_eager_on_a_head_dim_the_kernels_lack_and_says_why(ko
     from types import MappingProxyType
 
     from kontext_rt import backends
+    from kontext_rt.backends import registry
 
     monkeypatch.setattr(kernel_ops, "HEAD_DIMS", (64, 128))
-    monkeypatch.setattr(backends, "AUTO_ORDER", MappingProxyType({"cpu": ("triton", "eager")}))
+    monkeypatch.setattr(registry, "AUTO_ORDER", MappingProxyType({"cpu": ("triton", "eager")}))
     assert resolve("auto", "cpu").name == "triton"
     assert Pipeline.from_pretrained(kontext_dir, backend="auto").backend == "eager"
     with pytest.raises(BackendUnavailable, match="head dims"):  # asked for by name: refused, never swapped
@@ -125,20 +127,21 @@ def test_auto_falls_back_to_eager_on_a_head_dim_the_kernels_lack_and_says_why(ko
 
     monkeypatch.setattr(backends, "checked", spy)
     Pipeline.from_pretrained(kontext_dir, backend="auto")
-    assert seen[-1].name == "eager" and "supports head dims (64, 128), this model has 32" in seen[-1].passed_over[0]
+    chosen = seen[-1].backend
+    assert chosen.name == "eager" and "supports head dims (64, 128), this model has 32" in chosen.passed_over[0]
 
 
 def test_triton_that_cannot_build_a_kernel_is_refused_with_the_reason(monkeypatch):
-    from kontext_rt import backends
+    from kontext_rt.backends.torch_backends import launches
 
-    backends.launches(kernel_ops, torch.device("cpu"))  # the interpreter runs it
+    launches(kernel_ops, torch.device("cpu"))  # the interpreter runs it
 
     def no_compiler(*args):
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
     monkeypatch.setattr(kernel_ops, "gated_residual", no_compiler)
     with pytest.raises(BackendUnavailable, match="could not compile and run a kernel here.*C compiler"):
-        backends.launches(kernel_ops, torch.device("cpu"))
+        launches(kernel_ops, torch.device("cpu"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
@@ -240,7 +243,7 @@ def test_auto_on_a_gpu_warns_why_it_runs_a_slower_backend():
     chosen = backends.Eager(torch.device("cuda"))  # no CUDA call is made: a stand-in for what resolve returned
     chosen.passed_over = ("backend 'triton' could not compile and run a kernel here (no C compiler)",)
     with pytest.warns(RuntimeWarning, match="runs 'eager' on this GPU.*no C compiler"):
-        assert backends.checked(chosen, request, auto=True) is chosen
+        assert backends.checked(chosen, request, auto=True).backend is chosen
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         backends.checked(chosen, request, auto=False)

@@ -300,7 +300,7 @@ def test_auto_tiles_only_when_the_device_would_not_fit_the_untiled_call(tiled_pi
     import numpy as np
 
     pipe = tiled_pipes["auto"]
-    auto = pipe._vae_stage
+    auto = pipe._vae_runner
     results = {}
     for free, name in ((None, "cpu"), (1, "tight"), (10**15, "roomy")):
         monkeypatch.setattr(auto, "budget", free)  # as measured after loading

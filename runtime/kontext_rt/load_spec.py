@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from kontext_rt import backends, load_checks
-from kontext_rt.backends import Backend, LoadRequest
+from kontext_rt.backends import Accepted, Backend, LoadRequest
+from kontext_rt.backends.manifest import Precision
 from kontext_rt.config import FluxConfig, Variant
 from kontext_rt.errors import InputError
 from kontext_rt.model.vae_tiling import DEFAULT_TILE
@@ -60,6 +61,9 @@ class LoadSpec:
         device = load_checks.check_device(self.device)
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {self.dtype!r}")
+        precision = (
+            None if self.engine_precision is None else Precision.parse(self.engine_precision, "engine_precision")
+        )
         chosen = backends.resolve(self.backend, device, self.engines)
         optimize = self.optimize or Optimizations()
         optimize.check(device, self.dtype)
@@ -89,12 +93,13 @@ class LoadSpec:
             optimize,
             tuple(self.loras),
             None if self.engines is None else Path(self.engines),
-            self.engine_precision,
+            precision,
             placement,
         )
-        chosen = backends.checked(chosen, request, auto=self.backend == "auto")
+        accepted = backends.checked(chosen, request, auto=self.backend == "auto")
+        chosen = accepted.backend
         return CheckedLoad(
-            self, device, chosen, optimize, placement, checkpoint, cfg, variant, trained_sizes, msl, request
+            self, device, chosen, optimize, placement, checkpoint, cfg, variant, trained_sizes, msl, accepted
         )
 
 
@@ -112,4 +117,4 @@ class CheckedLoad:
     variant: Variant
     trained_sizes: tuple[tuple[int, int], ...] | None
     max_sequence_length: int
-    request: LoadRequest = field(repr=False)
+    accepted: Accepted = field(repr=False)  # what the backend's check returned: its load takes it

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from kontext_rt.errors import InputError
-from kontext_rt.model.fp8_linear import MODES as FP8_MODES
+from kontext_rt.model.fp8_linear import Fp8Mode
 
 FP8_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
 
@@ -22,17 +22,23 @@ class Optimizations:
     fp8             None, "dynamic" (per-token activation scales at run time) or "static" (per-layer scales from
                     the export stage's calibration file, fp8_calibration): the blocks' large linears in FP8 e4m3
                     through torch._scaled_mm. bfloat16 models; CUDA compute capability 8.9+ (the CPU runs it too,
-                    slowly, for tests: through fp8.scaled_mm_dequantized where its torch lacks row-wise scales)
+                    slowly, for tests: through fp8.scaled_mm_dequantized where its torch lacks row-wise scales).
+                    A string or a model.fp8_linear.Fp8Mode: each mode's string is kept as its Fp8Mode member, and
+                    check() refuses any other value
     compile         torch.compile each transformer block (regional): True for inductor, or a backend name
     max_graphs      CUDA graphs kept (one per shape bucket), least recently used dropped
     """
 
     hoist: bool = True
     cuda_graphs: bool = False
-    fp8: str | None = None
+    fp8: Fp8Mode | str | None = None
     fp8_calibration: str | Path | None = None
     compile: bool | str = False
     max_graphs: int = 8
+
+    def __post_init__(self):
+        if isinstance(self.fp8, str) and self.fp8 in {m.value for m in Fp8Mode}:
+            object.__setattr__(self, "fp8", Fp8Mode(self.fp8))
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Refuse combinations that cannot run, naming the fix (before any weights are read); what a backend
@@ -44,8 +50,8 @@ class Optimizations:
                 "cuda_graphs replays one step whose modulation comes from the hoisted table: it needs hoist=True"
             )
         if self.fp8 is not None:
-            if self.fp8 not in FP8_MODES:
-                raise InputError(f"fp8 must be None or one of {FP8_MODES}, got {self.fp8!r}")
+            if not isinstance(self.fp8, Fp8Mode):  # __post_init__ made each allowed string its member
+                raise InputError(f"fp8 must be None or one of {', '.join(Fp8Mode)}, got {self.fp8!r}")
             if dtype != torch.bfloat16:
                 raise InputError(f"fp8 linears produce bfloat16: load with dtype=torch.bfloat16, not {dtype}")
             if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
@@ -54,7 +60,7 @@ class Optimizations:
                     f"fp8 needs compute capability {FP8_CAPABILITY} or newer (FP8 tensor cores); "
                     f"{name} has {torch.cuda.get_device_capability(device)}"
                 )
-            if (self.fp8 == "static") != (self.fp8_calibration is not None):
+            if (self.fp8 is Fp8Mode.STATIC) != (self.fp8_calibration is not None):
                 raise InputError(
                     "fp8='static' needs fp8_calibration=FILE (the export stage's calibration "
                     "safetensors), and only it uses one"

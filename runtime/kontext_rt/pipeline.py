@@ -20,11 +20,11 @@ from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.vae_tiling import DEFAULT_TILE
 from kontext_rt.options import Optimizations
 from kontext_rt.placement import Placement
-from kontext_rt.requests import CheckedRequest, Request, RunPlan, RunReport, Stage, check_progress, check_prompt
+from kontext_rt.requests import CheckedRequest, PhaseTimer, Request, RunPlan, RunReport, check_progress, check_prompt
 from kontext_rt.sampling.loop import Conditioning, denoise
 from kontext_rt.sampling.schedule import explicit_schedule, schedule
 from kontext_rt.text import TextEmbeddingCache, TextEncoders
-from kontext_rt.vae_stage import VAEStage
+from kontext_rt.vae_runner import VAERunner
 
 OUTPUTS = ("pil", "latent")
 LATENT_CHANNELS = 16
@@ -51,7 +51,7 @@ class Pipeline:
         self.cfg = cfg
         self.denoiser, self.transformer = loaded.denoiser, loaded.transformer
         engines = self.transformer is None
-        self._vae_stage = VAEStage(loaded.vae, device, dtype, vae_tiling, vae_tile, engines)  # holds pipe.vae
+        self._vae_runner = VAERunner(loaded.vae, device, dtype, vae_tiling, vae_tile, engines)  # holds pipe.vae
         self._loras = loaded.loras  # None: the backend's weights take no LoRAs (engines)
         self.text, self.variant, self.device, self.dtype = text, variant, device, dtype
         self.backend = backend  # the resolved backend's name
@@ -133,7 +133,7 @@ class Pipeline:
         cache = TextEmbeddingCache(s.text_cache_size, Path(s.text_cache_dir) if s.text_cache_dir else None)
         # refuses unusable tokenizers before the weights
         text = TextEncoders(spec.checkpoint.text_encoders, spec.device, s.dtype, spec.placement.text_encoders)
-        loaded = spec.backend.load(spec.request)
+        loaded = spec.backend.load(spec.accepted)
         return cls(
             loaded,
             spec.cfg,
@@ -267,11 +267,11 @@ class Pipeline:
     @property
     def vae(self):
         """The autoencoder (or its engines) the pipeline runs, staged and tiled as its options say."""
-        return self._vae_stage.vae
+        return self._vae_runner.vae
 
     @vae.setter
     def vae(self, vae) -> None:
-        self._vae_stage.vae = vae
+        self._vae_runner.vae = vae
 
     @property
     def loras(self) -> list[str]:
@@ -294,7 +294,7 @@ class Pipeline:
     @torch.inference_mode()
     def _encode_context(self, pil, size: tuple[int, int]) -> torch.Tensor:
         x = im.to_tensor(pil, *size).to(self.device, self.dtype)
-        return im.pack(self._vae_stage.encode(x, *size))
+        return im.pack(self._vae_runner.encode(x, *size))
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
@@ -379,10 +379,10 @@ class Pipeline:
             for c, report in zip(checked, reports, strict=True):
                 n = c.plan.noise.shape[0]
                 if c.pils:
-                    with Stage(report, "vae_encode", self.device):
+                    with PhaseTimer(report, "vae_encode", self.device):
                         ctx = [self._encode_context(pil, size) for pil, size in zip(c.pils, c.sizes, strict=True)]
                     ctxs.append(torch.cat(ctx, 1).expand(n, -1, -1))
-                with Stage(report, "text_encode", self.device):
+                with PhaseTimer(report, "text_encode", self.device):
                     txt, pooled = self.encode_prompt(c.request.prompt, report)
                 txts.append(txt.expand(n, -1, -1))
                 pooleds.append(pooled.expand(n, -1))
@@ -393,7 +393,7 @@ class Pipeline:
             )
             x = torch.cat([c.plan.noise for c in checked]).to(self.device)
             shared = RunReport() if len(checked) > 1 else reports[0]
-            with Stage(shared, "denoise", self.device):
+            with PhaseTimer(shared, "denoise", self.device):
                 x = denoise(self.denoiser, x, checked[0].plan.sigmas, cond, progress)
             outputs, start = [], 0
             for c, report in zip(checked, reports, strict=True):
@@ -406,8 +406,8 @@ class Pipeline:
                 if c.plan.output == "latent":
                     outputs.append(z)
                     continue
-                with Stage(report, "vae_decode", self.device):
-                    images = im.to_pil(self._vae_stage.decode(im.unpack(z, rows, cols), cols * 16, rows * 16))
+                with PhaseTimer(report, "vae_decode", self.device):
+                    images = im.to_pil(self._vae_runner.decode(im.unpack(z, rows, cols), cols * 16, rows * 16))
                 outputs.append(images[0] if n == 1 else images)
         return outputs
 

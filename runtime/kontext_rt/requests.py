@@ -69,7 +69,10 @@ class CheckedRequest:
         return (self.width, self.height, tuple(self.sizes), self.steps)
 
 
-class Stage:
+class PhaseTimer:
+    """`with PhaseTimer(report, "denoise", device):` adds the phase's seconds to report.timings[name] (after the
+    device has finished its work); nothing without a report."""
+
     def __init__(self, report: RunReport | None, name: str, device: torch.device):
         self.report, self.name, self.device = report, name, device
 

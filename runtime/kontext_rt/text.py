@@ -139,7 +139,7 @@ class TextEncoders:
             raise CheckpointError(f"{self.folder}: cannot load the text encoders ({e})") from None
         models = tuple(m.eval().requires_grad_(False) for m in (clip, t5))
         if self.placement == "staged":
-            from kontext_rt.placement import Staged
+            from kontext_rt.streaming import Staged
 
             return tuple(Staged(m, self.device) for m in models)
         return tuple(m.to(self.device) for m in models)

@@ -12,10 +12,30 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
+from kontext_rt.errors import InputError
+
 FORMAT = 1
-PRECISIONS = ("fp16", "bf16", "fp8")
+
+
+class Precision(StrEnum):
+    """What an export's graphs compute in (`kontext-rt export --precision`, engine_precision=): fp16, bf16, or FP8
+    GEMMs inside bf16 graphs. Manifests and folder names hold the strings."""
+
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP8 = "fp8"
+
+    @classmethod
+    def parse(cls, value, what: str = "precision") -> Precision:
+        """The member for a precision given as a string (or a member); InputError naming the choices otherwise."""
+        if isinstance(value, str) and value in {m.value for m in cls}:
+            return cls(value)
+        raise InputError(f"{what} must be one of {', '.join(cls)}, got {value!r}")
+
+
 GRAPHS = ("transformer", "vae_encoder", "vae_decoder")
 
 
@@ -23,7 +43,7 @@ GRAPHS = ("transformer", "vae_encoder", "vae_decoder")
 class Manifest:
     stage: str  # "onnx" | "calibration" | "engine"
     graph: str  # one of GRAPHS, or "fp8" for calibration state
-    precision: str  # one of PRECISIONS
+    precision: str  # a Precision (read back from JSON as its string)
     checkpoint: str  # checkpoint.fingerprint() of the weights it was made from
     io: dict = field(default_factory=dict)  # inputs, outputs, profiles (export.specs.GraphSpec.to_json)
     tools: dict = field(default_factory=dict)  # name -> version, for every tool whose output this depends on
@@ -68,13 +88,13 @@ def file_sizes(*paths: Path) -> dict[str, int]:
     return {Path(p).name: Path(p).stat().st_size for p in paths if Path(p).exists()}
 
 
-def export_command(checkpoint, out, precision: str) -> str:
+def export_command(checkpoint, out, precision: Precision | str) -> str:
     return f"kontext-rt export --checkpoint {checkpoint} --out {out} --precision {precision}"
 
 
-def engine_folder(out: Path, precision: str) -> Path:
+def engine_folder(out: Path, precision: Precision | str) -> Path:
     return Path(out) / f"trt-{precision}"
 
 
-def onnx_folder(out: Path, precision: str) -> Path:
+def onnx_folder(out: Path, precision: Precision | str) -> Path:
     return Path(out) / f"onnx-{precision}"

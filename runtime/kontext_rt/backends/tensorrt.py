@@ -14,16 +14,19 @@ from pathlib import Path
 import torch
 
 from kontext_rt.backends import graph_io as io
-from kontext_rt.backends.manifest import GRAPHS, PRECISIONS, Manifest, engine_folder, export_command
-from kontext_rt.errors import EngineError
+from kontext_rt.backends.base import Accepted, Backend, Loaded, LoadRequest
+from kontext_rt.backends.manifest import GRAPHS, Manifest, Precision, engine_folder, export_command
+from kontext_rt.errors import BackendUnavailable, EngineError, InputError
+from kontext_rt.placement import Placement
+from kontext_rt.sampling import denoisers
 
 
-def locate(engines, checkpoint, precision: str | None = None) -> Path:
+def locate(engines, checkpoint, precision: Precision | str | None = None) -> Path:
     """The engine folder: `engines` itself if it holds engines, else its single (or the named) trt-<precision>/."""
     root = Path(engines)
     if (root / "transformer.json").is_file():
         return root
-    found = [p for p in PRECISIONS if (engine_folder(root, p) / "transformer.json").is_file()]
+    found = [p for p in Precision if (engine_folder(root, p) / "transformer.json").is_file()]
     if precision is not None:
         if precision not in found:
             raise EngineError(
@@ -209,3 +212,53 @@ def open_engines(engines, fingerprint: str, checkpoint, device, cfg, vae_cfg, pr
         TensorRTTransformer(loaded["transformer"], cfg),
         TensorRTVAE(loaded["vae_encoder"], loaded["vae_decoder"], vae_cfg),
     )
+
+
+class TensorRT(Backend):
+    """Engines replace the whole transformer and VAE. Needs a CUDA GPU and TensorRT."""
+
+    name = "tensorrt"
+    engines = True
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise BackendUnavailable(f"backend 'tensorrt' needs a CUDA GPU (device is {device}); use backend='eager'")
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as err:  # PyPI's tensorrt stubs fail here too, on a missing libnvinfer
+            raise BackendUnavailable(
+                f"backend 'tensorrt' needs TensorRT, which is not importable here ({err}); "
+                "install it from NVIDIA's package index, or use backend='eager'"
+            ) from err
+
+    def check(self, req: LoadRequest) -> Accepted:
+        optimize = req.optimize
+        if req.engines is None:
+            raise InputError("backend='tensorrt' needs engines=DIR, the folder `kontext-rt export --out DIR` wrote")
+        if optimize.cuda_graphs or optimize.fp8 or optimize.compile:
+            raise InputError(
+                "backend='tensorrt' runs engines: cuda_graphs, fp8 and compile apply to the eager and "
+                "triton backends (engines get FP8 from `kontext-rt export --precision fp8`)"
+            )
+        if req.placement != Placement():
+            raise InputError("backend='tensorrt' runs engines, which stay resident: placement applies to eager/triton")
+        if req.loras:
+            raise InputError(
+                "backend='tensorrt' runs engines, which take no LoRAs: fuse a LoRA into the "
+                "checkpoint's weights before exporting it, or use the eager or triton backend"
+            )
+
+    def load(self, accepted: Accepted) -> Loaded:
+        req = accepted.request
+        transformer, vae = open_engines(
+            req.engines,
+            req.checkpoint.fingerprint(),
+            req.path,
+            self.device,
+            req.cfg,
+            req.checkpoint.vae_config(),
+            req.engine_precision,
+        )
+        # the state is cast once per step, to what the engine reads (not to the pipeline's dtype, then again)
+        return Loaded(denoisers.PerStep(transformer, transformer.engine.dtypes[io.IMG]), vae)

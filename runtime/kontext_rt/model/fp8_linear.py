@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -24,12 +25,18 @@ from kontext_rt.errors import CheckpointError
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-12  # the kernel's floor too: an all-zero row gets a tiny scale, not a division by zero
-MODES = ("dynamic", "static")
 CALIBRATION_FORMAT = "kontext-rt fp8 amax 1"  # the header tag of the export stage's calibration files
 FP8_LINEARS = re.compile(
     r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
     r"|single_blocks\.\d+\.linear[12])$"
 )
+
+
+class Fp8Mode(StrEnum):
+    """How FP8 linears scale their activations (Optimizations.fp8, which also takes the strings)."""
+
+    DYNAMIC = "dynamic"  # per token, at run time
+    STATIC = "static"  # one calibrated scale per layer (read_calibration)
 
 
 def fp8_eligible(name: str) -> bool:
@@ -144,7 +151,7 @@ class FP8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        mode = "dynamic" if self.input_scale is None else "static"
+        mode = Fp8Mode.DYNAMIC if self.input_scale is None else Fp8Mode.STATIC
         return f"in_features={self.in_features}, out_features={self.out_features}, activations={mode}"
 
 

@@ -1,6 +1,6 @@
 """The model's side of where its tensors live: FluxTransformer asks its `residency` before it uses a group of
-tensors. The default has every tensor resident; kontext_rt.placement supplies one that streams blocks from host
-memory. It lives with the model so the model imports nothing above it."""
+tensors. The default has every tensor resident; kontext_rt.transformer_placement supplies one that streams blocks
+from host memory. It lives with the model so the model imports nothing above it."""
 
 from __future__ import annotations
 

@@ -181,7 +181,7 @@ class FluxTransformer(nn.Module):
         # columns of the modulation table per layer, in modulation_layers() order (fixed by the config)
         self.mod_widths = [6 * dim] * (2 * cfg.depth) + [3 * dim] * cfg.depth_single_blocks + [2 * dim]
         # asked before each block and modulation layer is used: a placement that keeps them in host memory
-        # (kontext_rt.placement) brings them to the device for their turn; by default everything is resident
+        # (kontext_rt.transformer_placement) brings them to the device for their turn; by default everything is resident
         self.residency = RESIDENT
 
     def modulation_layers(self) -> list[nn.Linear]:

@@ -7,15 +7,34 @@ import threading
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 from kontext_rt import memory
 from kontext_rt.model.vae_tiling import TiledVAE
-from kontext_rt.placement import StagedVAE
+from kontext_rt.streaming import Staged
 
 
-class VAEStage:
-    """vae: the backend's VAE (an AutoEncoder, a StagedVAE or engines); engines: True when it runs engines (never
-    tiled); tiling: True, False or "auto"; tile: px."""
+class StagedVAE:
+    """The VAE copied to the device for each encode and decode (Placement.vae='staged')."""
+
+    def __init__(self, vae: nn.Module, device: torch.device):
+        self.staged = Staged(vae, device)
+        self.module = vae
+        self.cfg = vae.cfg
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        with self.staged.on_device() as vae:
+            return vae.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        with self.staged.on_device() as vae:
+            return vae.decode(z)
+
+
+class VAERunner:
+    """A pipeline's encodes and decodes, staged and tiled as its load asked. vae: the backend's VAE (an AutoEncoder,
+    a StagedVAE or engines); engines: True when it runs engines (never tiled); tiling: True, False or "auto";
+    tile: px."""
 
     def __init__(self, vae, device: torch.device, dtype: torch.dtype, tiling, tile: int, engines: bool):
         self.vae, self.device, self.dtype = vae, device, dtype
