@@ -224,10 +224,10 @@ def main(argv=None) -> int:
     import torch
 
     import kontext_rt as krt
-    from kontext_rt import demo
+    from kontext_toy.checkpoints import demo_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint or demo.demo_checkpoint(Path(tmp))
+        checkpoint = args.checkpoint or demo_checkpoint(Path(tmp))
         pipe = krt.Pipeline.from_pretrained(checkpoint, device=args.device)
         timeout = 300.0
         data = {
