@@ -3,7 +3,6 @@ every phase of the real control flow (tiny model, the Triton interpreter, an eag
 the files that would come back from the device, a failure that must not lose the other phases, a kill that must
 keep what was written. Timings here are CPU timings of a tiny model and say nothing about GPU speed."""
 
-import importlib
 import json
 import os
 import signal
@@ -17,15 +16,23 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests import bench_scripts
+
+BENCH = bench_scripts.BENCH
 RUNGS = {"eager", "triton", "hoisted", "graphs", "fp8"}
+SCRIPTS = {  # the modules these tests load, by file
+    "gpu_suite": "gpu/gpu_suite.py",
+    "suite_parts": "gpu/suite_parts.py",
+    "ladder_table": "gpu/ladder_table.py",
+    "gpu_run": "machine/gpu_run.py",
+    "phases": "machine/phases.py",
+    "wheels": "machine/wheels.py",
+}
 
 
 def _module(name):
-    """A benchmarks/ script as a module (they import each other by plain name, as when run as scripts)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
+    """A benchmark script under test, loaded by its path."""
+    return bench_scripts.load(SCRIPTS[name])
 
 
 def _gpu_run(out, *args, timeout=900):
@@ -158,7 +165,7 @@ def test_a_killed_suite_keeps_every_phase_it_finished(tmp_path):
     """The device tool returns only what is already written when a command hits its limit."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, str(BENCH / "gpu_suite.py"), "--rehearse", "--out", str(tmp_path)],
+        [sys.executable, str(bench_scripts.path("gpu/gpu_suite.py")), "--rehearse", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

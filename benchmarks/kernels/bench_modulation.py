@@ -1,6 +1,6 @@
 """Fused adaLN modulation and gated residual vs the eager torch ops, bf16, (1, 8704, 3072) (GPU only), in GB/s.
 
-    python -m pytest benchmarks/bench_modulation.py --benchmark-only --benchmark-group-by=func
+    python -m pytest benchmarks/kernels/bench_modulation.py --benchmark-only --benchmark-group-by=func
 
 Bytes moved: modulate reads x and writes the result (2 passes of B*L*C); gated_residual reads x and y (3 passes).
 """

@@ -1,6 +1,6 @@
 """What each speed option costs in quality, next to what it buys in speed: the shapes task on the CPU.
 
-    python benchmarks/quality_report.py --checkpoint DIR --out-json F.json --out-png F.png [--n 20] [--seed 0]
+    python benchmarks/quality/quality_report.py --checkpoint DIR --out-json F.json --out-png F.png [--n 20] [--seed 0]
         [--turns 3] [--steps 8] [--options bf16,fp16,fp8-dynamic,fp8-static,onnx-ort,triton,steps] [--threads 1]
 
 Every option edits the same held-out samples (kontext_toy.shapes, split "heldout") with the same seeds
@@ -45,13 +45,15 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import torch
-from quality_steps import OrtTransformer, step_drift, trajectories
 
 from kontext_rt.errors import BackendUnavailable, InputError
 from kontext_rt.requests import RunReport
 from kontext_rt.sampling.denoisers import PerStep
 from kontext_toy import harness, metrics, shapes
 from kontext_toy.shapes import EditSample
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its step and chart modules, by plain name
+from quality_steps import OrtTransformer, step_drift, trajectories  # noqa: E402
 
 FORMAT = "kontext-rt quality report v1"
 SCHEDULE = (28, 8, 4)  # the first is the schedule group's reference

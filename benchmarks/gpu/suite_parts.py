@@ -8,12 +8,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from kernel_cases import sync
+# benchmarks' scripts import each other by plain name: the kernel cases' timer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from kernel_cases import sync  # noqa: E402
 
 
 def step_flops(cfg, text: int, target: int, context: int) -> float:

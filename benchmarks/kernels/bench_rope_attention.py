@@ -1,10 +1,10 @@
 """Attention with fused norm + RoPE vs SDPA with RoPE applied separately, bf16, FLUX.1 shapes (GPU only).
 
-    python -m pytest benchmarks/bench_rope_attention.py --benchmark-only --benchmark-group-by=param:length
+    python -m pytest benchmarks/kernels/bench_rope_attention.py --benchmark-only --benchmark-group-by=param:length
 
 Compare the rows of one group: `eager` is the eager backend (torch norm + RoPE, SDPA's default choice),
 `triton-fused` the kernel with norm + RoPE on load, `triton-prerotated` the norm+RoPE kernel then the plain flash
-kernel. TFLOP/s = 4 * B * H * L^2 * D / time; benchmarks/kernels_gpu.py reports it with every SDPA backend.
+kernel. TFLOP/s = 4 * B * H * L^2 * D / time; benchmarks/kernels/kernels_gpu.py reports it with every SDPA backend.
 """
 
 import sys

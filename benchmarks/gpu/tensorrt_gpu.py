@@ -1,7 +1,7 @@
 """TensorRT engines on a GPU: build fp16 and fp8 engines for a full-width, reduced-depth transformer, check them
 against PyTorch, and time one transformer step per precision against the eager bf16 model, in the same run.
 
-    python benchmarks/tensorrt_gpu.py          # writes benchmarks/results/tensorrt-<device>-<date>.json
+    python benchmarks/gpu/tensorrt_gpu.py          # writes benchmarks/results/tensorrt-<device>-<date>.json
 
 The first thing it records is whether TensorRT is importable (and its version); without TensorRT or a GPU it
 writes that finding and exits 0, so a GPU session always leaves a record. Shapes: the Kontext edit layout at
@@ -166,8 +166,9 @@ def main(argv=None) -> int:
     else:
         record["skipped"] = "needs TensorRT and a CUDA GPU; recorded what was found"
     slug = device.lower().replace(" ", "-")
-    out = args.out or Path(__file__).parent / "results" / f"tensorrt-{slug}-{record['date']}.json"
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    bench = Path(__file__).resolve().parents[1]
+    out = args.out or bench / "results" / f"tensorrt-{slug}-{record['date']}.json"
+    sys.path.insert(0, str(bench / "machine"))
     from phases import write_json
 
     write_json(out, record)

@@ -1,7 +1,7 @@
 """Peak device memory and ms/step of the denoising loop for each placement x precision, beside the memory plan.
 
-    python benchmarks/memory_gpu.py --out memory.json               # a GPU: full-size Kontext, a 1024x1024 edit
-    python benchmarks/memory_gpu.py --smoke --out /tmp/memory.json  # the CPU: the tiny preset; measures nothing
+    python benchmarks/gpu/memory_gpu.py --out memory.json               # a GPU: full-size Kontext, a 1024x1024 edit
+    python benchmarks/gpu/memory_gpu.py --smoke --out /tmp/memory.json  # the CPU: the tiny preset; measures nothing
 
 The GPU machine has no checkpoint, so the transformer is built at full size with random weights (memory and time
 do not depend on the values) and only the denoising loop runs: no VAE, no text encoders. Its measured peak
@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # benchmarks/gpu/
+BENCH = HERE.parent
 CASES = [  # (precision, placement): the cards people have first (FP8 and bf16 lean), then offload, then resident
     ("fp8", "lean"),
     ("bf16", "lean"),
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="denoising steps per case (default 4; --smoke: 2)")
     ap.add_argument("--budget-s", type=float, help="skip the cases that would end past this many seconds")
     args = ap.parse_args(argv)
-    if args.smoke and args.out.resolve().is_relative_to((HERE / "results").resolve()):
+    if args.smoke and args.out.resolve().is_relative_to((BENCH / "results").resolve()):
         ap.error("--smoke measures nothing: write it outside benchmarks/results")
     import torch
 

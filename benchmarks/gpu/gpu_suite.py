@@ -1,7 +1,7 @@
 """The speed ladder of the runtime on a full-size FLUX.1 Kontext transformer (random weights), in phases.
 
-    python benchmarks/gpu_suite.py --out DIR [--part core|compile] [--deadline-s 285]
-    python benchmarks/gpu_suite.py --rehearse --out DIR      # CPU: tiny model, the Triton interpreter, stand-ins
+    python benchmarks/gpu/gpu_suite.py --out DIR [--part core|compile] [--deadline-s 285]
+    python benchmarks/gpu/gpu_suite.py --rehearse --out DIR      # CPU: tiny model, the Triton interpreter, stand-ins
 
 `bash benchmarks/gpu_run.sh` runs it (the core first, the compile part last); run it alone to repeat one part.
 Layouts: "kontext" = 512 text + 4096 target + 4096 context tokens (a 1024x1024 edit of a 1024x1024 image, 8704 in
@@ -21,7 +21,7 @@ H200) and of the bf16 and FP8 steps (hoisted, not graphed) names the ops that ta
 end-to-end edits at 4, 8 and 28 steps with VAE encode and decode (text embeddings as a cache hit) on the eager
 rung, the best bf16 rung and the fp8 rung; the on-device exactness checks (hoisted == per-step, graphs == no
 graphs, the FP8 quantizer == torch); the FP8 drift against bf16. Every phase is written to <out>/suite.json (or
-suite-compile.json) and the chart to <out>/suite-ladder.png as soon as it ends (benchmarks/phases.py).
+suite-compile.json) and the chart to <out>/suite-ladder.png as soon as it ends (benchmarks/machine/phases.py).
 
 --rehearse runs the same phases on the CPU: the tiny preset, the Triton kernels in the interpreter, an eager
 stand-in for CUDA-graph capture, torch's own _scaled_mm if it takes row-wise scales on the CPU (else a stand-in
@@ -42,8 +42,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+HERE = Path(__file__).resolve().parent  # benchmarks/gpu/
+BENCH = HERE.parent
+# benchmarks' scripts import each other by plain name: this folder, the run's phases, the kernel cases' timer
+sys.path[:0] = [str(HERE), str(BENCH / "machine"), str(BENCH / "kernels")]
 
 import suite_parts as parts  # noqa: E402
 from phases import Record, say  # noqa: E402
@@ -409,7 +411,7 @@ def parse(argv):
     args = p.parse_args(argv)
     if unknown := [b for b in args.broken if b not in PHASES[args.part]]:
         p.error(f"--break {unknown[0]}: the {args.part} part has no such phase ({', '.join(PHASES[args.part])})")
-    if args.rehearse and args.out.resolve().is_relative_to((HERE / "results").resolve()):
+    if args.rehearse and args.out.resolve().is_relative_to((BENCH / "results").resolve()):
         p.error("--rehearse timings are not GPU timings: write them outside benchmarks/results")
     return args
 

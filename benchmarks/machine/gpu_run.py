@@ -10,13 +10,14 @@ deadline (a kill at the deadline keeps whatever the child had already written):
 
     install   the carried wheels (wheels/, from `bash benchmarks/gpu_wheels.sh`) into a fresh folder, offline;
               without wheels/, the installed kontext_rt (CI, a developer's environment)
-    env       GPU, driver, CUDA, packages, and what imports (gpu_env.py)
-    suite     gpu_suite.py --part core: the bf16 ladder, the diffusers baseline, the exactness checks, the end-to-end
-              edits and FP8; must end by CORE_END_S
-    kernels   kernels_gpu.py: the Triton kernels at FLUX shapes against SDPA
-    tensorrt  tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
-    memory    memory_gpu.py: peak memory and ms/step of the full-size loop per placement x precision, beside the plan
-    compile   gpu_suite.py --part compile: the inductor rung, last, with the time that is left
+    env       GPU, driver, CUDA, packages, and what imports (machine/gpu_env.py)
+    suite     gpu/gpu_suite.py --part core: the bf16 ladder, the diffusers baseline, the exactness checks, the
+              end-to-end edits and FP8; must end by CORE_END_S
+    kernels   kernels/kernels_gpu.py: the Triton kernels at FLUX shapes against SDPA
+    tensorrt  gpu/tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
+    memory    gpu/memory_gpu.py: peak memory and ms/step of the full-size loop per placement x precision, beside
+              the plan
+    compile   gpu/gpu_suite.py --part compile: the inductor rung, last, with the time that is left
     train     opt-in (--only train), its own command: kontext_toy/training/train.py on the GPU for
               --train-minutes from the shipped small Kontext (kontext_toy.checkpoints.small_kontext), evaluated there;
               the checkpoint comes back as small-kontext-gpu.tar.gz, with its train_log.json
@@ -48,8 +49,9 @@ from collections import deque
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+HERE = Path(__file__).resolve().parent  # benchmarks/machine/
+BENCH = HERE.parent
+ROOT = BENCH.parent
 sys.path.insert(0, str(HERE))
 
 import wheels  # noqa: E402
@@ -66,6 +68,12 @@ DEADLINES = {
     "tensorrt": 60,
     "memory": 150,
 }  # seconds; suite and compile: see above; train: its minutes + TRAIN_OVERHEAD_S
+SUITE = BENCH / "gpu" / "gpu_suite.py"
+SCRIPTS = {  # phase -> the script it runs with --out FILE
+    "kernels": BENCH / "kernels" / "kernels_gpu.py",
+    "tensorrt": BENCH / "gpu" / "tensorrt_gpu.py",
+    "memory": BENCH / "gpu" / "memory_gpu.py",
+}
 PHASES = ("install", "env", "suite", "kernels", "tensorrt", "memory", "compile", "train")
 OPT_IN = ("train",)  # run only when --only names them
 TRAIN_OVERHEAD_S = 180  # the pool (100,000 edits drawn in 12 processes), the evaluation, the writes
@@ -222,7 +230,7 @@ class Run:
 
     def suite(self, part, timeout_s):
         cmd = [
-            str(HERE / "gpu_suite.py"),
+            str(SUITE),
             "--out",
             str(self.out),
             "--part",
@@ -259,7 +267,7 @@ class Run:
                     shutil.move(archive, self.out / "small-kontext-gpu.tar.gz")
 
     def script(self, name, out_name, timeout_s, *extra):
-        return self.child(name, [str(HERE / f"{name}_gpu.py"), "--out", str(self.out / out_name), *extra], timeout_s)
+        return self.child(name, [str(SCRIPTS[name]), "--out", str(self.out / out_name), *extra], timeout_s)
 
     def main(self) -> int:
         r, wanted = self.record, self.args.only
@@ -355,7 +363,7 @@ def parse(argv):
         if which not in ("", "suite", "compile") or (not which and phase not in PHASES):
             p.error(f"--break {b}: name a phase ({', '.join(PHASES)}) or suite:PHASE / compile:PHASE")
     args.out = args.out.resolve()
-    if args.rehearse and args.out.is_relative_to((HERE / "results").resolve()):
+    if args.rehearse and args.out.is_relative_to((BENCH / "results").resolve()):
         p.error("--rehearse timings are not GPU timings: write them outside benchmarks/results")
     return args
 

@@ -1,7 +1,7 @@
 """The GPU tables of docs/benchmarks.md (and the README's speed table), as Markdown, from the files one
 `bash benchmarks/gpu_run.sh` brought back.
 
-    python benchmarks/ladder_table.py benchmarks/results/<device>-<date>/ [--png]
+    python benchmarks/gpu/ladder_table.py benchmarks/results/<device>-<date>/ [--png]
 
 Reads suite.json, suite-compile.json (if present) and kernels.json (if present) from that folder and prints the
 speed ladder (with diffusers in the same run as the baseline), the end-to-end edits, the H100 goals beside what was
@@ -16,7 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent  # benchmarks/gpu/
+# benchmarks' scripts import each other by plain name: this folder, the run's phases, the kernel cases' timer
+sys.path[:0] = [str(HERE), str(HERE.parent / "machine"), str(HERE.parent / "kernels")]
 
 
 def _load(folder: Path, name: str) -> dict:
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
     png = "--png" in argv
     argv = [a for a in argv if a != "--png"]
     if len(argv) != 1:
-        print("usage: python benchmarks/ladder_table.py RESULTS_FOLDER [--png]", file=sys.stderr)
+        print("usage: python benchmarks/gpu/ladder_table.py RESULTS_FOLDER [--png]", file=sys.stderr)
         return 2
     print(render(Path(argv[0])), end="")
     if png:

@@ -2,8 +2,8 @@
 write benchmarks/results/kernels-<device>-<date>.json.
 
     pip install --no-deps -e .          # if kontext_rt is not installed yet
-    python benchmarks/kernels_gpu.py [--out PATH] [--reps 30]
-    python benchmarks/kernels_gpu.py --smoke --out /tmp/smoke.json   # CPU + Triton interpreter, tiny shapes
+    python benchmarks/kernels/kernels_gpu.py [--out PATH] [--reps 30]
+    python benchmarks/kernels/kernels_gpu.py --smoke --out /tmp/smoke.json   # CPU + Triton interpreter, tiny shapes
 
 Attention (B=1, H=24, D=128, bf16, L = 4608 / 8704 / 12800): the fused kernel (QK norm + RoPE on load), the
 two-kernel variant (norm+RoPE pass, then plain flash attention), and torch SDPA with each of its flash / cuDNN /
@@ -28,7 +28,9 @@ import re
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # benchmarks/kernels/
+RESULTS = HERE.parent / "results"
+sys.path[:0] = [str(HERE), str(HERE.parent / "machine")]  # the kernel cases and the run's writer, by plain name
 GOAL_TFLOPS = 400.0  # the bar for the fused kernel at L=8704 on an H100
 
 
@@ -276,15 +278,14 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes: not a timing")
     args = parser.parse_args(argv)
     if args.smoke:
-        if args.out is None or HERE / "results" in args.out.resolve().parents:
+        if args.out is None or RESULTS in args.out.resolve().parents:
             parser.error("--smoke needs --out outside benchmarks/results (its timings are not kernel speeds)")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-    sys.path.insert(0, str(HERE))
     from phases import write_json
 
     def path(result) -> Path:
         slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
-        return args.out or HERE / "results" / f"kernels-{slug}-{result['date']}.json"
+        return args.out or RESULTS / f"kernels-{slug}-{result['date']}.json"
 
     def write(result):
         path(result).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ them there (no network on the GPU machines, so what the image lacks travels with
 wheels/manifest.json records a digest of the sources the project's wheel was built from, so a wheel older than the
 tree is never measured by mistake: gpu_run.py rebuilds from the tree instead (setuptools is in the image) and says so.
 
-    python benchmarks/wheels.py manifest wheels     # after the downloads and the build (gpu_wheels.sh does this)
+    python benchmarks/machine/wheels.py manifest wheels   # after the downloads and the build (gpu_wheels.sh does it)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: benchmarks/machine/wheels.py)
 SOURCES = ("runtime", "kernels", "export", "pyproject.toml")  # what goes into the project's wheel
 PROJECT = "kontext-rt"
 
@@ -83,7 +83,7 @@ def plan(folder: Path, installed: Callable[[str], bool], root: Path = ROOT) -> d
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "manifest":
-        print("usage: python benchmarks/wheels.py manifest WHEELS_DIR", file=sys.stderr)
+        print("usage: python benchmarks/machine/wheels.py manifest WHEELS_DIR", file=sys.stderr)
         return 2
     manifest = write_manifest(Path(argv[1]))
     print(f"{len(manifest['wheels'])} wheels, sources {manifest['source_digest'][:12]}")

@@ -1,7 +1,7 @@
 """Peak host memory of the ONNX export against the weights' size, on a full-width, reduced-depth transformer.
 
-    python benchmarks/export_memory.py                  # width 3072, 2 double + 2 single blocks; writes JSON
-    python benchmarks/export_memory.py --smoke --out F  # tiny, for CI: checks the script runs
+    python benchmarks/e2e/export_memory.py                  # width 3072, 2 double + 2 single blocks; writes JSON
+    python benchmarks/e2e/export_memory.py --smoke --out F  # tiny, for CI: checks the script runs
 
 Each case runs in its own process, so the kernel's peak-RSS counter (VmHWM) covers that export alone:
     baseline   RSS after importing torch and the exporters, before the model exists
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     import torch
 
     host = f"cpu-{platform.machine()}"
-    out = args.out or Path(__file__).parent / "results" / f"export-memory-{host}.json"
+    out = args.out or Path(__file__).resolve().parents[1] / "results" / f"export-memory-{host}.json"
     if args.smoke and args.out is None:
         raise SystemExit("--smoke measures a tiny model: give --out, results/ is for real measurements")
     out.write_text(

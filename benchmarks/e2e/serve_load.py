@@ -1,8 +1,8 @@
 """Load test of `kontext-rt serve` on loopback: latency, throughput, 429s under a burst, and abandoned requests.
 
-    python benchmarks/serve_load.py --out benchmarks/results/serve-load-cpu.json          # the demo checkpoint
-    python benchmarks/serve_load.py --checkpoint DIR --device cuda --out ...              # a real one
-    python benchmarks/serve_load.py --smoke --out /tmp/serve-load.json                    # seconds: checks the script
+    python benchmarks/e2e/serve_load.py --out benchmarks/results/serve-load-cpu.json      # the demo checkpoint
+    python benchmarks/e2e/serve_load.py --checkpoint DIR --device cuda --out ...          # a real one
+    python benchmarks/e2e/serve_load.py --smoke --out /tmp/serve-load.json                # seconds: checks the script
 
 The server runs in this process (uvicorn on 127.0.0.1, a free port) over one loaded pipeline; clients are threads
 speaking HTTP (http.client), so nothing leaves the machine. Three parts, each writes its figures into one JSON:
@@ -31,7 +31,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # benchmarks/e2e/
+RESULTS = HERE.parent / "results"
 
 
 def _post(port, path, body: bytes, content_type: str, timeout: float) -> tuple[int, dict, float]:
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny numbers: checks the script in seconds")
     args = ap.parse_args(argv)
     if args.smoke:
-        if args.out.resolve().is_relative_to((HERE / "results").resolve()):
+        if args.out.resolve().is_relative_to((RESULTS).resolve()):
             ap.error("--smoke measures nothing: write it outside benchmarks/results")
         args.clients, args.requests, args.steps, args.size = 2, 2, 1, 32
     import torch

@@ -1,7 +1,7 @@
 """This runtime vs diffusers' FluxKontextPipeline on the same weights, in the same process: one thread, fp32.
 
-    python benchmarks/bench_pipeline.py --pairs 15     # interleaved pairs -> benchmarks/results/cpu-pipeline.json
-    python -m pytest benchmarks/bench_pipeline.py --benchmark-only --benchmark-group-by=group   # the same cases
+    python benchmarks/e2e/bench_pipeline.py --pairs 15     # interleaved pairs -> benchmarks/results/cpu-pipeline.json
+    python -m pytest benchmarks/e2e/bench_pipeline.py --benchmark-only --benchmark-group-by=group   # the same cases
 
 Model: a tiny checkpoint in the diffusers layout (tests/builders.py) whose transformer is 2 double + 4 single
 blocks, width 256 (4 heads of 64); 64 text + 256 target + 256 context tokens (a 256x256 image), 4 steps.
@@ -39,7 +39,7 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from kontext_rt import Pipeline  # noqa: E402
 from kontext_rt import image as im  # noqa: E402

@@ -1,6 +1,6 @@
 """Fused QK RMSNorm + RoPE vs the eager torch ops, bf16, FLUX.1 shapes (GPU only), in GB/s.
 
-    python -m pytest benchmarks/bench_qk_norm_rope.py --benchmark-only --benchmark-group-by=param:length
+    python -m pytest benchmarks/kernels/bench_qk_norm_rope.py --benchmark-only --benchmark-group-by=param:length
 
 Bytes moved: q and k read and written once, plus the cos/sin tables (kernel_cases.norm_rope_bytes).
 """
