@@ -3,8 +3,9 @@
     python benchmarks/e2e/bench_pipeline.py --pairs 15     # interleaved pairs -> benchmarks/results/cpu-pipeline.json
     python -m pytest benchmarks/e2e/bench_pipeline.py --benchmark-only --benchmark-group-by=group   # the same cases
 
-Model: a tiny checkpoint in the diffusers layout (tests/builders.py) whose transformer is 2 double + 4 single
-blocks, width 256 (4 heads of 64); 64 text + 256 target + 256 context tokens (a 256x256 image), 4 steps.
+Model: a tiny checkpoint in the diffusers layout (kontext_toy.checkpoints: the tiny VAE and text encoders) whose
+transformer is 2 double + 4 single blocks, width 256 (4 heads of 64), random weights; 64 text + 256 target + 256
+context tokens (a 256x256 image), 4 steps.
 Cases, each as its pipeline runs it:
   edit       a whole edit: prompt encode (the text cache is off), context VAE encode, 4 steps, VAE decode, PIL out
   forward    one transformer call over the Kontext sequence (ours builds its RoPE table inside the timed call, as
@@ -23,12 +24,12 @@ load average at start and end: on a shared machine the wall figures carry other 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -39,27 +40,40 @@ import pytest
 import torch
 from PIL import Image
 
+from kontext_rt import Pipeline
+from kontext_rt import image as im
+from kontext_rt.config import PRESETS, VAE_PRESETS
+from kontext_rt.model.rope import rope_table, sequence_ids
+from kontext_rt.model.transformer import FluxTransformer
+from kontext_rt.model.vae import AutoEncoder
+from kontext_toy.checkpoints import write_diffusers_checkpoint
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from kontext_rt import Pipeline  # noqa: E402
-from kontext_rt import image as im  # noqa: E402
-from kontext_rt.model.rope import rope_table, sequence_ids  # noqa: E402
-from tests import builders  # noqa: E402
 
 TEXT, SIDE, STEPS, GUIDANCE = 64, 256, 4, 2.5  # 64 text tokens; 256x256 -> 16x16 = 256 target + 256 context tokens
 PROMPT = "make it red"
 CASES = ("edit", "forward", "vae_encode", "vae_decode")
-TRANSFORMER = dict(
+TRANSFORMER = dict(  # as diffusers' FluxTransformer2DModel names it (the record's "setup")
     attention_head_dim=64, num_attention_heads=4, axes_dims_rope=(8, 28, 28), num_layers=2, num_single_layers=4
+)
+CONFIG = dataclasses.replace(  # the same transformer in this runtime's terms: the tiny preset, widened and deepened
+    PRESETS["tiny"],
+    hidden_size=TRANSFORMER["attention_head_dim"] * TRANSFORMER["num_attention_heads"],
+    num_heads=TRANSFORMER["num_attention_heads"],
+    axes_dim=TRANSFORMER["axes_dims_rope"],
+    depth=TRANSFORMER["num_layers"],
+    depth_single_blocks=TRANSFORMER["num_single_layers"],
 )
 
 
 def build_checkpoint(folder: Path) -> Path:
-    """The tiny diffusers checkpoint with its transformer replaced by the width-256, 2+4 block one."""
-    ckpt = builders.diffusers_checkpoint(folder, guidance=True)
-    ref = builders.diffusers_transformer(True, torch.Generator().manual_seed(0), **TRANSFORMER)
-    ref.save_pretrained(ckpt / "transformer")
-    return ckpt
+    """A diffusers folder (guidance-distilled, Kontext's scheduler) holding the width-256, 2+4 block transformer,
+    the tiny VAE and the tiny text encoders, with random weights: the speed of a call does not depend on them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer, vae = FluxTransformer(CONFIG), AutoEncoder(VAE_PRESETS["tiny"])
+    write_diffusers_checkpoint(folder, transformer, vae, seed=0)
+    return folder
 
 
 def make_cases(ckpt: Path) -> dict[str, dict]:
