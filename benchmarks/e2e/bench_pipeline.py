@@ -28,10 +28,9 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import subprocess
+import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,6 +48,8 @@ from kontext_rt.model.vae import AutoEncoder
 from kontext_toy.checkpoints import write_diffusers_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the timer, by plain name
+from timing import quartiles, timed  # noqa: E402
 
 TEXT, SIDE, STEPS, GUIDANCE = 64, 256, 4, 2.5  # 64 text tokens; 256x256 -> 16x16 = 256 target + 256 context tokens
 PROMPT = "make it red"
@@ -166,17 +167,6 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
 # ---- script: interleaved pairs -> JSON ----------------------------------------------------------------------------
 
 
-def _quartiles(xs: list[float]) -> dict:
-    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "min": min(xs), "max": max(xs)}
-
-
-def _timed(fn) -> tuple[float, float]:
-    c0, w0 = time.process_time(), time.perf_counter()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
-
-
 def measure(fns: dict, pairs: int, warmup: int) -> dict:
     """Interleaved runs of the two implementations; per-pair ratios diffusers/ours of wall and CPU time."""
     for _ in range(warmup):
@@ -186,13 +176,13 @@ def measure(fns: dict, pairs: int, warmup: int) -> dict:
     for i in range(pairs):
         order = ("kontext-rt", "diffusers") if i % 2 == 0 else ("diffusers", "kontext-rt")
         for name in order:
-            wall, cpu = _timed(fns[name])
-            runs[name]["wall_s"].append(wall)
-            runs[name]["cpu_s"].append(cpu)
-    out = {name: {k: {**_quartiles(v), "runs": v} for k, v in r.items()} for name, r in runs.items()}
+            sample = timed(fns[name])[1]
+            runs[name]["wall_s"].append(sample.wall_ms / 1e3)
+            runs[name]["cpu_s"].append(sample.cpu_ms / 1e3)
+    out = {name: {k: {**quartiles(v), "runs": v} for k, v in r.items()} for name, r in runs.items()}
     for k in ("wall_s", "cpu_s"):
         ratios = [d / o for o, d in zip(runs["kontext-rt"][k], runs["diffusers"][k], strict=True)]
-        out[f"speed_ratio_{k[:-2]}"] = _quartiles(ratios)
+        out[f"speed_ratio_{k[:-2]}"] = quartiles(ratios)
     return out
 
 

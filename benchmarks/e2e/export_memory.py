@@ -20,8 +20,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the timer, by plain name
+from timing import timed  # noqa: E402
 
 CASES = {"fp16-dynamo": ("float16", "dynamo"), "bf16-fp8-torchscript": ("bfloat16", "torchscript")}
 
@@ -69,9 +71,10 @@ def measure(case: str, smoke: bool, folder: Path) -> dict:
         from kontext_rt.export import fp8
 
         fp8.quantize(model, lambda m: transformer_graph(m)(*example_inputs(spec, dtype, "cpu")))
-    t0 = time.perf_counter()
-    path = export_onnx(transformer_graph(model), spec, folder / "transformer.onnx", dtype, exporter)
-    seconds = time.perf_counter() - t0
+    path, sample = timed(
+        lambda: export_onnx(transformer_graph(model), spec, folder / "transformer.onnx", dtype, exporter)
+    )
+    seconds = sample.wall_ms / 1e3
     _, peak = _rss_mib()
     data = path.with_name(path.name + ".data")
     return {

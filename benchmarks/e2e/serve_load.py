@@ -33,20 +33,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent  # benchmarks/e2e/
 RESULTS = HERE.parent / "results"
+sys.path.insert(0, str(HERE.parent))  # the timer, by plain name
+from timing import Stopwatch, percentile  # noqa: E402
 
 
 def _post(port, path, body: bytes, content_type: str, timeout: float) -> tuple[int, dict, float]:
     import http.client
 
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("POST", path, body=body, headers={"Content-Type": content_type})
         r = conn.getresponse()
         data = r.read()
-        return r.status, {"retry_after": r.getheader("retry-after"), "body": data[:200]}, time.perf_counter() - t0
+        return r.status, {"retry_after": r.getheader("retry-after"), "body": data[:200]}, watch.elapsed_s()
     except OSError as e:  # a timeout or a reset: a lost request
-        return -1, {"error": f"{type(e).__name__}: {e}"}, time.perf_counter() - t0
+        return -1, {"error": f"{type(e).__name__}: {e}"}, watch.elapsed_s()
     finally:
         conn.close()
 
@@ -85,12 +87,6 @@ def request(port, kind: str, seed: int, size: int, steps: int, timeout: float):
     return _post(port, "/v1/images/generations", body, "application/json", timeout)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[k]
-
-
 def mixed(pipe, clients: int, per_client: int, max_batch: int, size: int, steps: int, timeout: float) -> dict:
     from kontext_rt.serve import Settings, create_app
     from kontext_rt.serve.background import serving
@@ -106,10 +102,10 @@ def mixed(pipe, clients: int, per_client: int, max_batch: int, size: int, steps:
                 for i in range(per_client)
             ]
 
-        t0 = time.perf_counter()
+        watch = Stopwatch()
         with ThreadPoolExecutor(clients) as pool:
             results = [r for rs in pool.map(client, range(clients)) for r in rs]
-        wall = time.perf_counter() - t0
+        wall = watch.elapsed_s()
         metrics = _metrics(port)
     statuses = [s for s, _, _ in results]
     latencies = [t for s, _, t in results if s == 200]
@@ -181,7 +177,7 @@ def abandon(pipe, size: int, long_steps: int, timeout: float) -> dict:
         request(port, "generate", 1, size, long_steps, timeout)  # warm-up: the text encoders, the first run
         _, _, alone = request(port, "generate", 1, size, long_steps, timeout)  # the long request's time alone
         body = json.dumps({"prompt": "a red fox", "size": f"{size}x{size}", "steps": long_steps, "seed": 2}).encode()
-        t0 = time.perf_counter()
+        watch = Stopwatch()  # from the long request's start
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(
                 b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -189,7 +185,7 @@ def abandon(pipe, size: int, long_steps: int, timeout: float) -> dict:
             )
             time.sleep(min(0.5, alone / 4))  # let it start
         status, _, short = request(port, "generate", 3, size, 1, timeout)
-        done = time.perf_counter() - t0
+        done = watch.elapsed_s()
         metrics = _metrics(port)
     disconnected = 0.0
     for line in metrics.splitlines():

@@ -17,10 +17,13 @@ import argparse
 import dataclasses
 import datetime
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH), str(BENCH / "machine")]  # the timer and the run's writer, by plain name
+from timing import time_ms  # noqa: E402
 
 KONTEXT = {"txt": 512, "grids": [(64, 64), (64, 64)]}
 
@@ -53,20 +56,8 @@ def _inputs(cfg, dtype, device):
     return {k: v.to(device, dtype if k in ("img", "txt", "pooled") else torch.float32) for k, v in x.items()}
 
 
-def _time_ms(fn, warmup=3, iters=15) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def _time_ms(fn) -> float:
+    return time_ms(fn, "cuda", warmup=3, reps=15)
 
 
 def _engine(model, precision, dtype, folder: Path, spec):
@@ -166,9 +157,7 @@ def main(argv=None) -> int:
     else:
         record["skipped"] = "needs TensorRT and a CUDA GPU; recorded what was found"
     slug = device.lower().replace(" ", "-")
-    bench = Path(__file__).resolve().parents[1]
-    out = args.out or bench / "results" / f"tensorrt-{slug}-{record['date']}.json"
-    sys.path.insert(0, str(bench / "machine"))
+    out = args.out or BENCH / "results" / f"tensorrt-{slug}-{record['date']}.json"
     from phases import write_json
 
     write_json(out, record)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent  # benchmarks/kernels/
 RESULTS = HERE.parent / "results"
-sys.path[:0] = [str(HERE), str(HERE.parent / "machine")]  # the kernel cases and the run's writer, by plain name
+# the kernel cases, the timer and the run's writer, by plain name
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "machine")]
 GOAL_TFLOPS = 400.0  # the bar for the fused kernel at L=8704 on an H100
 
 
@@ -44,10 +45,10 @@ def _error_bound(out, truth, eager):
 
 
 def _timed(fn, device, reps, flops=None, nbytes=None, copy_gbs=None):
-    import kernel_cases as cases
+    from timing import time_ms
 
     try:
-        ms = cases.time_ms(fn, device, warmup=max(2, reps // 5), reps=reps)
+        ms = time_ms(fn, device, warmup=max(2, reps // 5), reps=reps)
     except Exception as err:  # e.g. an SDPA backend this GPU or build lacks
         return {"error": f"{type(err).__name__}: {err}"[:300]}
     row = {"ms": ms}

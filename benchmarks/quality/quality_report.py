@@ -22,7 +22,7 @@ Per-step drift (bf16, fp16, FP8, ONNX): the RMS over every edit sample of the fl
 step minus fp32 eager's latent after the same step (same sample, same seed), and the PSNR of the decoded image
 against fp32's. The multi-turn curve: the harness's drift (each turn a recolour and its undo, chained) per option.
 
-Time: wall time (time.perf_counter) on this machine's CPU with --threads threads (torch and ONNX Runtime), median
+Time: wall time (benchmarks/timing.py) on this machine's CPU with --threads threads (torch and ONNX Runtime), median
 over every edit call of an option (its samples' edits and their drift turns) after one untimed warm-up edit;
 edit_median_s counts VAE encode + denoising + VAE decode (not the text encoders, whose embeddings are cached
 after a prompt's first use), denoise_median_s the denoising loop alone.
@@ -38,7 +38,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
@@ -52,7 +51,9 @@ from kontext_rt.sampling.denoisers import PerStep
 from kontext_toy import harness, metrics, shapes
 from kontext_toy.shapes import EditSample
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # its step and chart modules, by plain name
+# its step and chart modules, and the timer, by plain name
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import timing  # noqa: E402
 from quality_steps import OrtTransformer, step_drift, trajectories  # noqa: E402
 
 FORMAT = "kontext-rt quality report v1"
@@ -174,9 +175,9 @@ class Timed:
         return kw if self.steps is None else {**kw, "steps": self.steps}
 
     def edit(self, image, prompt, **kw):
-        report, t0 = RunReport(), time.perf_counter()
-        out = self.pipe.edit(image, prompt, report=report, **self._steps(kw))
-        self.walls.append(time.perf_counter() - t0)
+        report = RunReport()
+        out, sample = timing.timed(lambda: self.pipe.edit(image, prompt, report=report, **self._steps(kw)))
+        self.walls.append(sample.wall_ms / 1e3)
         self.edits.append(report)
         return out
 
@@ -285,14 +286,14 @@ def run_group(configs: dict[str, Timed], samples, steps: int, seed: int, turns: 
 def _built(names, cfg: Config, folder: Path, not_run: dict, log) -> dict[str, tuple[object, dict]]:
     pipes = {}
     for name in names:
-        t0 = time.perf_counter()
+        setup = timing.Stopwatch()
         try:
             pipe, how = build(name, cfg, folder)
         except (BackendUnavailable, ImportError) as err:
             not_run[name] = f"could not be built here: {err}"
             log(f"{name}: not run, {not_run[name]}")
             continue
-        pipes[name] = (pipe, {**how, "what": OPTIONS[name][0], "setup_s": time.perf_counter() - t0})
+        pipes[name] = (pipe, {**how, "what": OPTIONS[name][0], "setup_s": setup.elapsed_s()})
     return pipes
 
 
@@ -390,7 +391,7 @@ def checkpoint_sha256(folder: Path) -> str:
 
 
 def report(cfg: Config, log=lambda line: None) -> dict:
-    t0 = time.perf_counter()
+    run = timing.Stopwatch()
     # the path as given (a committed record must not carry this machine's folders); the digest names the weights
     checkpoint = {"path": str(cfg.checkpoint), "weights_sha256": checkpoint_sha256(cfg.checkpoint)}
     body = measure(cfg, log)
@@ -404,7 +405,7 @@ def report(cfg: Config, log=lambda line: None) -> dict:
         "triton": {"n": min(cfg.triton_n, cfg.n), "turns": cfg.triton_turns},
         "max_sequence_length": cfg.max_sequence_length,
         **body,
-        "run_seconds": time.perf_counter() - t0,
+        "run_seconds": run.elapsed_s(),
     }
 
 
