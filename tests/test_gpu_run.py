@@ -19,9 +19,9 @@ import torch
 from tests import bench_scripts
 
 BENCH = bench_scripts.BENCH
-RUNGS = {"eager", "triton", "hoisted", "graphs", "fp8"}
 SCRIPTS = {  # the modules these tests load, by file
     "gpu_suite": "gpu/gpu_suite.py",
+    "rungs": "gpu/rungs.py",
     "suite_parts": "gpu/suite_parts.py",
     "ladder_table": "gpu/ladder_table.py",
     "gpu_run": "machine/gpu_run.py",
@@ -33,6 +33,11 @@ SCRIPTS = {  # the modules these tests load, by file
 def _module(name):
     """A benchmark script under test, loaded by its path."""
     return bench_scripts.load(SCRIPTS[name])
+
+
+def _rungs(part):
+    """The names of a suite part's rungs, from the one table of rungs."""
+    return [r.name for r in _module("rungs").rungs(part)]
 
 
 def _gpu_run(out, *args, timeout=900):
@@ -75,7 +80,7 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     phases = _module("gpu_suite").PHASES
     assert list(suite["phases"]) == list(phases["core"]), "the phase list that --break checks against is stale"
     assert all(p["status"] == "ok" for p in suite["phases"].values())
-    assert set(suite["ladder"]) == RUNGS and all(
+    assert list(suite["ladder"]) == _rungs("core") and all(
         set(r) == {"kontext", "text-to-image"} for r in suite["ladder"].values()
     )
     assert set(suite["diffusers"]) == {"kontext", "text-to-image"}
@@ -95,7 +100,7 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert "kontext_rt::quantize_rows" in {o["name"] for o in suite["profile"]["fp8"]["ops"]}
     compiled = _load(tmp_path / "suite-compile.json")
     assert list(compiled["phases"]) == list(phases["compile"])
-    assert set(compiled["ladder"]) == {"compile"} and compiled["compile_backend"] == "inductor"
+    assert list(compiled["ladder"]) == _rungs("compile") == ["compile"] and compiled["compile_backend"] == "inductor"
     assert _load(tmp_path / "kernels.json")["all_checks_ok"]
     assert isinstance(_load(tmp_path / "tensorrt.json")["tensorrt"]["importable"], bool)
     cases = _load(tmp_path / "memory.json")["cases"]
@@ -107,7 +112,7 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     # the README's tables are rendered from these files: a row per rung, the figures as in the JSON
     table = _module("ladder_table").render(tmp_path)
     assert "CPU REHEARSAL" in table
-    for rung in [*RUNGS, "compile"]:
+    for rung in _rungs(None):
         row = {**suite["ladder"], **compiled["ladder"]}[rung]["kontext"]
         assert f"| {rung} | {row['ms_per_step']:.1f} |" in table
     assert f"| diffusers (baseline, eager bf16) | {suite['diffusers']['kontext']['ms_per_step']:.1f} |" in table
@@ -356,3 +361,45 @@ def test_the_readme_gpu_tables_are_the_committed_results():
     page_rows = {line.strip() for line in page.splitlines()}
     drifted = [row for row in front if row.strip() not in page_rows]
     assert not drifted, drifted
+
+
+def test_the_docs_show_the_table_of_rungs():
+    """docs/benchmarks.md shows the ladder as rungs.py has it, row for row (ladder_table.py --rungs renders it)."""
+    page = (BENCH.parent / "docs" / "benchmarks.md").read_text()
+    rows = _module("ladder_table").rungs_table()
+    assert len(rows) == 2 + len(_module("rungs").RUNGS)
+    missing = [row for row in rows if row not in page]
+    assert not missing, missing
+
+
+def test_the_phases_and_goals_come_from_the_table_of_rungs():
+    """A rung is one entry: the suite's phases list each rung where its precision and part put it, and a goal
+    counts the rungs that name it."""
+    rungs, suite = _module("rungs"), _module("gpu_suite")
+    core = list(suite.PHASES["core"])
+    at = core.index("fp8-convert")
+    assert [p for p in core[:at] if p in rungs.BY_NAME] == [r.name for r in rungs.rungs("core", fp8=False)]
+    assert [p for p in core[at:] if p in rungs.BY_NAME] == [r.name for r in rungs.rungs("core", fp8=True)]
+    assert suite.PHASES["compile"][-1:] == tuple(r.name for r in rungs.rungs("compile"))
+    result = {"ladder": {r.name: {"kontext": {"ms_per_step": 100.0 + i}} for i, r in enumerate(rungs.RUNGS)}}
+    found = rungs.goals({**result, "end_to_end_s": {"fp8": {"28": 9.0}}})
+    for goal in rungs.GOALS:
+        counted = [100.0 + i for i, r in enumerate(rungs.RUNGS) if r.goal == goal.key]
+        assert found[goal.key] == (9.0 if goal.key == rungs.EDIT else min(counted, default=None))
+    assert found["targets"] == {g.key: g.target for g in rungs.GOALS}
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda r, R: (r.BY_NAME["fp8"], r.BY_NAME["graphs"]), "out of order"),
+        (lambda r, R: (r.BY_NAME["eager"], r.BY_NAME["eager"]), "repeat"),
+        (lambda r, R: (R("x", "triton", r.Optimizations(hoist=False, cuda_graphs=True), "."),), "needs hoist=True"),
+        (lambda r, R: (R("x", "tensorrt", r.Optimizations(), "."),), "backend"),
+        (lambda r, R: (R("x", "triton", r.Optimizations(), ".", "kontext_ms"),), "goal"),
+    ],
+)
+def test_a_table_of_rungs_the_suite_cannot_run_is_refused(change, message):
+    rungs = _module("rungs")
+    with pytest.raises(ValueError, match=message):
+        rungs.check(change(rungs, rungs.Rung))
