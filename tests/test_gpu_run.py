@@ -27,6 +27,7 @@ SCRIPTS = {  # the modules these tests load, by file
     "gpu_run": "machine/gpu_run.py",
     "phases": "machine/phases.py",
     "wheels": "machine/wheels.py",
+    "run_folder": "run_folder.py",
 }
 
 
@@ -118,6 +119,12 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert f"| diffusers (baseline, eager bf16) | {suite['diffusers']['kontext']['ms_per_step']:.1f} |" in table
     (tmp_path / "suite-ladder.png").unlink()  # --png redraws it from both parts' JSON
     assert _module("ladder_table").redraw(tmp_path).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    # copied into a run folder of benchmarks/results/, the files get their manifest from run.json
+    manifest = _module("run_folder").gpu_manifest(tmp_path)
+    assert manifest["command"] == f"bash benchmarks/gpu_run.sh --rehearse --out {tmp_path}" == record["command"]
+    assert manifest["commit"] == record["commit"] == _module("run_folder").git_state()["commit"] is not None
+    assert manifest["when"] == record["started_utc"] and manifest["files"] == files
 
 
 def test_the_train_phase_brings_back_a_checkpoint_that_loads(tmp_path):
@@ -287,6 +294,7 @@ def test_carried_wheels_install_offline_and_children_import_from_them(tmp_path):
     assert install["already_installed"] == ["requests"] and not install["built_from_tree"]
     imported = record["env"]["imports"]["kontext_rt"]
     assert imported["ok"] and imported["file"].startswith(install["site"])  # the carried one, not the dev install
+    assert record["commit"] == _module("run_folder").git_state()["commit"]  # the wheels' manifest recorded it
     assert not Path(install["site"]).exists()
 
 

@@ -159,9 +159,9 @@ def test_report_files_are_valid_json_and_a_png(cfg):
 
 
 def test_the_committed_report_names_the_shipped_weights():
-    """benchmarks/results/quality-small-kontext-cpu.json is the shipped model's report: its digest is the shipped
-    folder's (computed here by its definition: each .safetensors file's relative path, a NUL, its bytes, in sorted
-    order). New weights without a new report fail here."""
+    """The latest committed quality report (benchmarks/results/*-quality-small-kontext-<date>/) is the shipped
+    model's: its digest is the shipped folder's (computed here by its definition: each .safetensors file's relative
+    path, a NUL, its bytes, in sorted order). New weights without a new report fail here."""
     import hashlib
 
     from kontext_toy.checkpoints import small_kontext
@@ -170,5 +170,7 @@ def test_the_committed_report_names_the_shipped_weights():
     h = hashlib.sha256()
     for path in sorted(folder.rglob("*.safetensors")):
         h.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
-    committed = json.loads((bench_scripts.BENCH / "results" / "quality-small-kontext-cpu.json").read_text())
+    reports = (bench_scripts.BENCH / "results").glob("*-quality-small-kontext-*/quality.json")
+    report = max(reports, key=lambda p: p.parent.name.rsplit("-", 3)[-3:])  # the latest date
+    committed = json.loads(report.read_text())
     assert committed["checkpoint"]["weights_sha256"] == h.hexdigest() == _script().checkpoint_sha256(folder)

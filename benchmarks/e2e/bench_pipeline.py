@@ -1,6 +1,6 @@
 """This runtime vs diffusers' FluxKontextPipeline on the same weights, in the same process: one thread, fp32.
 
-    python benchmarks/e2e/bench_pipeline.py --pairs 15     # interleaved pairs -> benchmarks/results/cpu-pipeline.json
+    python benchmarks/e2e/bench_pipeline.py --pairs 15     # -> benchmarks/results/cpu-<n>core-pipeline-<date>/
     python -m pytest benchmarks/e2e/bench_pipeline.py --benchmark-only --benchmark-group-by=group   # the same cases
 
 Model: a tiny checkpoint in the diffusers layout (kontext_toy.checkpoints: the tiny VAE and text encoders) whose
@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -48,7 +47,8 @@ from kontext_rt.model.vae import AutoEncoder
 from kontext_toy.checkpoints import write_diffusers_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))  # the timer, by plain name
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the timer and the results' run folders, by plain name
+import run_folder  # noqa: E402
 from timing import quartiles, timed  # noqa: E402
 
 TEXT, SIDE, STEPS, GUIDANCE = 64, 256, 4, 2.5  # 64 text tokens; 256x256 -> 16x16 = 256 target + 256 context tokens
@@ -187,38 +187,16 @@ def measure(fns: dict, pairs: int, warmup: int) -> dict:
 
 
 def machine() -> dict:
-    model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else ""
-    )
     import diffusers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-            ).stdout.strip()
-        )
-    except OSError:
-        commit, dirty = "", None
     return {
-        "cpu_model": model,
+        "cpu_model": run_folder.host()["cpu"],
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
-        "commit": commit,
-        "dirty": dirty,
+        **run_folder.git_state(ROOT),  # commit, dirty
     }
 
 
@@ -240,8 +218,11 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=15, help="interleaved (ours, diffusers) pairs per case")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs of each implementation first")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu-pipeline.json")
+    p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/cpu-<n>core-pipeline-<date>/)")
     args = p.parse_args(argv)
+    args.out = run_folder.check_out(
+        args.out or run_folder.default_path(f"cpu-{os.cpu_count()}core", "pipeline", "pipeline.json")
+    )
     cases = args.cases.split(",")
     if unknown := set(cases) - set(CASES):
         p.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
@@ -292,6 +273,8 @@ def main(argv=None):
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
+    host = run_folder.host(torch=torch.__version__, threads=1)
+    run_folder.record(args.out, record["what"], host, started, __file__, argv)
     print(f"wrote {args.out} (load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f})")
 
 

@@ -1,8 +1,8 @@
 """Load test of `kontext-rt serve` on loopback: latency, throughput, 429s under a burst, and abandoned requests.
 
-    python benchmarks/e2e/serve_load.py --out benchmarks/results/serve-load-cpu.json      # the demo checkpoint
-    python benchmarks/e2e/serve_load.py --checkpoint DIR --device cuda --out ...          # a real one
-    python benchmarks/e2e/serve_load.py --smoke --out /tmp/serve-load.json                # seconds: checks the script
+    python benchmarks/e2e/serve_load.py                          # the demo checkpoint: a new run folder in results/
+    python benchmarks/e2e/serve_load.py --checkpoint DIR --device cuda --out ...   # a real one
+    python benchmarks/e2e/serve_load.py --smoke --out /tmp/serve-load.json         # seconds: checks the script
 
 The server runs in this process (uvicorn on 127.0.0.1, a free port) over one loaded pipeline; clients are threads
 speaking HTTP (http.client), so nothing leaves the machine. Three parts, each writes its figures into one JSON:
@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent  # benchmarks/e2e/
-RESULTS = HERE.parent / "results"
-sys.path.insert(0, str(HERE.parent))  # the timer, by plain name
+sys.path.insert(0, str(HERE.parent))  # the timer and the results' run folders, by plain name
+import run_folder  # noqa: E402
 from timing import Stopwatch, percentile  # noqa: E402
 
 
@@ -203,7 +203,7 @@ def abandon(pipe, size: int, long_steps: int, timeout: float) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<device>-serve-load-<date>/)")
     ap.add_argument(
         "--checkpoint", help="a checkpoint folder (default: the demo's tiny random one, written to a temp dir)"
     )
@@ -215,9 +215,12 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny numbers: checks the script in seconds")
     args = ap.parse_args(argv)
     if args.smoke:
-        if args.out.resolve().is_relative_to((RESULTS).resolve()):
-            ap.error("--smoke measures nothing: write it outside benchmarks/results")
+        if args.out is None or run_folder.in_results(args.out):
+            ap.error("--smoke measures nothing: give --out outside benchmarks/results")
         args.clients, args.requests, args.steps, args.size = 2, 2, 1, 32
+    if args.out is not None:
+        run_folder.check_out(args.out)
+    started = run_folder.now_utc()
     import torch
 
     import kontext_rt as krt
@@ -242,8 +245,12 @@ def main(argv=None) -> int:
             "burst": burst(pipe, 2, args.size, 1 if args.smoke else args.steps, timeout),
             "abandon": abandon(pipe, args.size, 30 if args.smoke else 100, timeout),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
+    device = data["device"] if args.device != "cpu" else f"cpu-{os.cpu_count()}core"
+    out = args.out or run_folder.default_path(device, "serve-load", "serve-load.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
+    machine = run_folder.host(device=data["device"], torch=torch.__version__)
+    run_folder.record(out, data["what"], machine, started, __file__, argv)
     ok = all(m["lost"] == 0 and m["server_errors"] == 0 and m["ok"] == m["requests"] for m in data["mixed"])
     b = data["burst"]
     ok = ok and b["lost"] == 0 and b["server_errors"] == 0 and b["ok"] + b["rejected_429"] == b["requests"]

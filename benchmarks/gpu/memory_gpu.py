@@ -25,7 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent  # benchmarks/gpu/
 BENCH = HERE.parent
-sys.path.insert(0, str(BENCH))  # the timer, by plain name
+sys.path.insert(0, str(BENCH))  # the timer and the results' run folders, by plain name
+import run_folder  # noqa: E402
 from timing import Stopwatch  # noqa: E402
 
 CASES = [  # (precision, placement): the cards people have first (FP8 and bf16 lean), then offload, then resident
@@ -173,8 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="denoising steps per case (default 4; --smoke: 2)")
     ap.add_argument("--budget-s", type=float, help="skip the cases that would end past this many seconds")
     args = ap.parse_args(argv)
-    if args.smoke and args.out.resolve().is_relative_to((BENCH / "results").resolve()):
+    if args.smoke and run_folder.in_results(args.out):
         ap.error("--smoke measures nothing: write it outside benchmarks/results")
+    run_folder.check_out(args.out)
+    started = run_folder.now_utc()
     import torch
 
     from kontext_rt.backends import resolve
@@ -221,6 +224,8 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, args.out)
     ok = all("error" not in r and r.get("equals", {}).get("bit_for_bit", True) for r in data["cases"])
+    machine = run_folder.host(device=data["device"], torch=torch.__version__)
+    run_folder.record(args.out, data["what"], machine, started, __file__, argv)
     return 0 if ok else 1
 
 

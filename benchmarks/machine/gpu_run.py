@@ -22,7 +22,8 @@ deadline (a kill at the deadline keeps whatever the child had already written):
               --train-minutes from the shipped small Kontext (kontext_toy.checkpoints.small_kontext), evaluated there;
               the checkpoint comes back as small-kontext-gpu.tar.gz, with its train_log.json
 
-Files in DIR: run.json (this record: every phase's status, exit code, time and output tail; the environment),
+Files in DIR: run.json (this record: the command, the commit (the carried wheel's, else the tree's), every phase's
+status, exit code, time and output tail; the environment),
 run.log (all output), suite.json, suite-compile.json, suite-ladder.png, kernels.json, tensorrt.json, memory.json;
 with --only train: small-kontext-gpu.tar.gz and train_log.json.
 run.json is rewritten after every phase. The exit status is 0 only when every phase succeeded.
@@ -39,6 +40,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -52,10 +54,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent  # benchmarks/machine/
 BENCH = HERE.parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(BENCH)]  # the wheels, the phases and the results' writer, by plain name
 
+import run_folder  # noqa: E402
 import wheels  # noqa: E402
-from phases import PhaseError, Record, say, write_json  # noqa: E402
+from phases import PhaseError, Record, say  # noqa: E402
+from run_folder import write_json  # noqa: E402
 
 BUDGET_S = 530  # the whole run: inside one 10-minute command, with a margin for the machine's file transfers
 CORE_END_S = 300  # install + env + the suite's core end by then
@@ -159,6 +163,8 @@ class Run:
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.data = {
             "mode": "rehearse" if args.rehearse else "gpu",
+            "command": shlex.join(["bash", "benchmarks/gpu_run.sh", *args.argv]),
+            **run_folder.git_state(ROOT),  # the tree's; the carried wheel's instead when that is what runs
             "started_utc": started,
             "budget_s": BUDGET_S,
             "core_end_s": CORE_END_S,
@@ -189,6 +195,8 @@ class Run:
                 ) from None
             return {"source": "the installed environment (no wheels/ folder)"}
         todo = wheels.plan(folder, installed)
+        if not todo["project_wheel_stale"]:
+            self.data |= todo["built_at"]
         self.site = tempfile.TemporaryDirectory(prefix="kontext-rt-site-")  # removed when the run ends
         site = Path(self.site.name)
         paths = [str(p) for p in todo["install"]]
@@ -317,6 +325,8 @@ class Run:
         ]
         self.data["ok"] = not problems
         r.write()
+        if run_folder.in_results(self.out):  # a run folder of results/ has its manifest (not $OUT: 8 files at most)
+            run_folder.gpu_manifest(self.out)
         say(
             f"[run {r.elapsed_s():.0f}s] {'all phases ok' if not problems else 'not ok: ' + ', '.join(problems)}; "
             f"files: {', '.join(files)}"
@@ -350,6 +360,7 @@ def parse(argv):
         help="fail this phase on purpose; SUITE:PHASE for one inside gpu_suite (suite: or compile:)",
     )
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.out is None:
         p.error("give --out DIR (on the GPU machine $OUT is the default)")
     if args.only and (unknown := args.only - set(PHASES[2:])):

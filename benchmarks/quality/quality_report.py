@@ -53,6 +53,7 @@ from kontext_toy.shapes import EditSample
 
 # its step and chart modules, and the timer, by plain name
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import run_folder  # noqa: E402
 import timing  # noqa: E402
 from quality_steps import OrtTransformer, step_drift, trajectories  # noqa: E402
 
@@ -137,6 +138,8 @@ def check(args: argparse.Namespace) -> Config:
             raise InputError(f"--{flag} {path}: its folder {path.parent} does not exist")
         if path.is_dir():
             raise InputError(f"--{flag} {path} is a folder, not a file name")
+        if path.resolve().parent == run_folder.RESULTS.resolve():
+            raise InputError(f"--{flag} {path}: write into a run folder, benchmarks/results/<device>-<what>-<date>/")
     if args.out_json.resolve() == args.out_png.resolve():
         raise InputError("--out-json and --out-png name the same file")
     for name, low in (("n", 1), ("seed", 0), ("turns", 0), ("steps", 1), ("threads", 1), ("triton-n", 0)):
@@ -448,12 +451,16 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    started = run_folder.now_utc()
     try:
         result = report(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     finally:
         torch.set_num_threads(threads)
     write_json(result, cfg.out_json)
     write_png(result, cfg.out_png)
+    what = "what each speed option costs in quality on the small Kontext, and its CPU time (quality_report.py)"
+    for path in (cfg.out_json, cfg.out_png):  # in results/: their run folder's manifest
+        run_folder.record(path, what, run_folder.host(threads=cfg.threads), started, __file__, argv)
     print(f"wrote {cfg.out_json} and {cfg.out_png} in {result['run_seconds']:.0f} s", file=sys.stderr)
     return 0
 
