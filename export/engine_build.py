@@ -7,7 +7,7 @@ edits and text-to-image for the transformer), and a timing cache shared by the b
 
 TensorRT cannot be installed on the machines this project is developed on: everything up to the builder's inputs
 (profiles, shapes, the parser check) is tested there; the build itself runs on a GPU machine with TensorRT
-(benchmarks/tensorrt_gpu.py).
+(benchmarks/gpu/tensorrt_gpu.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Two exporters, chosen by what the graph needs:
 - "dynamo" (torch.export based, opset 20), for fp32/fp16/bf16 graphs. It keeps the weights as references to the
   module's tensors and streams them into the external-data file while saving, so peak host memory stays near one
-  copy of the weights (benchmarks/export_memory.py measures it).
+  copy of the weights (benchmarks/e2e/export_memory.py measures it).
 - "torchscript" (the legacy tracer), for ModelOpt's FP8 graphs: only it calls the quantizers' ONNX symbolics that
   emit TensorRT's FP8 Q/DQ nodes.
 Both trace the model with export/graph_ops.EXPORT_OPS and mark every named dim of the I/O contract dynamic.

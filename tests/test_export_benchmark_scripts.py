@@ -6,18 +6,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parent.parent / "benchmarks"
+from tests import bench_scripts
 
 
 def test_export_memory_script_measures_peak_rss(tmp_path):
     pytest.importorskip("onnxscript")
     out = tmp_path / "mem.json"
     run = subprocess.run(
-        [sys.executable, str(BENCH / "export_memory.py"), "--smoke", "--out", str(out), "--cases", "fp16-dynamo"],
+        [
+            sys.executable,
+            str(bench_scripts.path("e2e/export_memory.py")),
+            "--smoke",
+            "--out",
+            str(out),
+            "--cases",
+            "fp16-dynamo",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -31,7 +38,10 @@ def test_export_memory_script_measures_peak_rss(tmp_path):
 def test_tensorrt_script_records_what_it_found(tmp_path):
     out = tmp_path / "trt.json"
     run = subprocess.run(
-        [sys.executable, str(BENCH / "tensorrt_gpu.py"), "--out", str(out)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(bench_scripts.path("gpu/tensorrt_gpu.py")), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads(out.read_text())

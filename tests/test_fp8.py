@@ -3,8 +3,6 @@ _scaled_mm product against a float64 product of the dequantized operands, and th
 against the export stage's ModelOpt recipe and calibration files."""
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -61,12 +59,10 @@ def test_triton_quantizer_is_torch_bit_for_bit(dtype, k):
 
 
 def _suite_parts():
-    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    import suite_parts
+    """The GPU suite's pieces (loaded by path): its FP8 tie rows are tested here, then checked on the device."""
+    from tests import bench_scripts
 
-    return suite_parts
+    return bench_scripts.load("gpu/suite_parts.py")
 
 
 def test_triton_quantizer_rounds_every_e4m3_tie_and_its_neighbours_as_torch_does():

@@ -3,7 +3,6 @@ every phase of the real control flow (tiny model, the Triton interpreter, an eag
 the files that would come back from the device, a failure that must not lose the other phases, a kill that must
 keep what was written. Timings here are CPU timings of a tiny model and say nothing about GPU speed."""
 
-import importlib
 import json
 import os
 import signal
@@ -17,15 +16,29 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-RUNGS = {"eager", "triton", "hoisted", "graphs", "fp8"}
+from tests import bench_scripts
+
+BENCH = bench_scripts.BENCH
+SCRIPTS = {  # the modules these tests load, by file
+    "gpu_suite": "gpu/gpu_suite.py",
+    "rungs": "gpu/rungs.py",
+    "suite_parts": "gpu/suite_parts.py",
+    "ladder_table": "gpu/ladder_table.py",
+    "gpu_run": "machine/gpu_run.py",
+    "phases": "machine/phases.py",
+    "wheels": "machine/wheels.py",
+    "run_folder": "run_folder.py",
+}
 
 
 def _module(name):
-    """A benchmarks/ script as a module (they import each other by plain name, as when run as scripts)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
+    """A benchmark script under test, loaded by its path."""
+    return bench_scripts.load(SCRIPTS[name])
+
+
+def _rungs(part):
+    """The names of a suite part's rungs, from the one table of rungs."""
+    return [r.name for r in _module("rungs").rungs(part)]
 
 
 def _gpu_run(out, *args, timeout=900):
@@ -68,7 +81,7 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     phases = _module("gpu_suite").PHASES
     assert list(suite["phases"]) == list(phases["core"]), "the phase list that --break checks against is stale"
     assert all(p["status"] == "ok" for p in suite["phases"].values())
-    assert set(suite["ladder"]) == RUNGS and all(
+    assert list(suite["ladder"]) == _rungs("core") and all(
         set(r) == {"kontext", "text-to-image"} for r in suite["ladder"].values()
     )
     assert set(suite["diffusers"]) == {"kontext", "text-to-image"}
@@ -88,7 +101,7 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert "kontext_rt::quantize_rows" in {o["name"] for o in suite["profile"]["fp8"]["ops"]}
     compiled = _load(tmp_path / "suite-compile.json")
     assert list(compiled["phases"]) == list(phases["compile"])
-    assert set(compiled["ladder"]) == {"compile"} and compiled["compile_backend"] == "inductor"
+    assert list(compiled["ladder"]) == _rungs("compile") == ["compile"] and compiled["compile_backend"] == "inductor"
     assert _load(tmp_path / "kernels.json")["all_checks_ok"]
     assert isinstance(_load(tmp_path / "tensorrt.json")["tensorrt"]["importable"], bool)
     cases = _load(tmp_path / "memory.json")["cases"]
@@ -100,12 +113,18 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     # the README's tables are rendered from these files: a row per rung, the figures as in the JSON
     table = _module("ladder_table").render(tmp_path)
     assert "CPU REHEARSAL" in table
-    for rung in [*RUNGS, "compile"]:
+    for rung in _rungs(None):
         row = {**suite["ladder"], **compiled["ladder"]}[rung]["kontext"]
         assert f"| {rung} | {row['ms_per_step']:.1f} |" in table
     assert f"| diffusers (baseline, eager bf16) | {suite['diffusers']['kontext']['ms_per_step']:.1f} |" in table
     (tmp_path / "suite-ladder.png").unlink()  # --png redraws it from both parts' JSON
     assert _module("ladder_table").redraw(tmp_path).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    # copied into a run folder of benchmarks/results/, the files get their manifest from run.json
+    manifest = _module("run_folder").gpu_manifest(tmp_path)
+    assert manifest["command"] == f"bash benchmarks/gpu_run.sh --rehearse --out {tmp_path}" == record["command"]
+    assert manifest["commit"] == record["commit"] == _module("run_folder").git_state()["commit"] is not None
+    assert manifest["when"] == record["started_utc"] and manifest["files"] == files
 
 
 def test_the_train_phase_brings_back_a_checkpoint_that_loads(tmp_path):
@@ -158,7 +177,7 @@ def test_a_killed_suite_keeps_every_phase_it_finished(tmp_path):
     """The device tool returns only what is already written when a command hits its limit."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, str(BENCH / "gpu_suite.py"), "--rehearse", "--out", str(tmp_path)],
+        [sys.executable, str(bench_scripts.path("gpu/gpu_suite.py")), "--rehearse", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -275,6 +294,7 @@ def test_carried_wheels_install_offline_and_children_import_from_them(tmp_path):
     assert install["already_installed"] == ["requests"] and not install["built_from_tree"]
     imported = record["env"]["imports"]["kontext_rt"]
     assert imported["ok"] and imported["file"].startswith(install["site"])  # the carried one, not the dev install
+    assert record["commit"] == _module("run_folder").git_state()["commit"]  # the wheels' manifest recorded it
     assert not Path(install["site"]).exists()
 
 
@@ -349,3 +369,45 @@ def test_the_readme_gpu_tables_are_the_committed_results():
     page_rows = {line.strip() for line in page.splitlines()}
     drifted = [row for row in front if row.strip() not in page_rows]
     assert not drifted, drifted
+
+
+def test_the_docs_show_the_table_of_rungs():
+    """docs/benchmarks.md shows the ladder as rungs.py has it, row for row (ladder_table.py --rungs renders it)."""
+    page = (BENCH.parent / "docs" / "benchmarks.md").read_text()
+    rows = _module("ladder_table").rungs_table()
+    assert len(rows) == 2 + len(_module("rungs").RUNGS)
+    missing = [row for row in rows if row not in page]
+    assert not missing, missing
+
+
+def test_the_phases_and_goals_come_from_the_table_of_rungs():
+    """A rung is one entry: the suite's phases list each rung where its precision and part put it, and a goal
+    counts the rungs that name it."""
+    rungs, suite = _module("rungs"), _module("gpu_suite")
+    core = list(suite.PHASES["core"])
+    at = core.index("fp8-convert")
+    assert [p for p in core[:at] if p in rungs.BY_NAME] == [r.name for r in rungs.rungs("core", fp8=False)]
+    assert [p for p in core[at:] if p in rungs.BY_NAME] == [r.name for r in rungs.rungs("core", fp8=True)]
+    assert suite.PHASES["compile"][-1:] == tuple(r.name for r in rungs.rungs("compile"))
+    result = {"ladder": {r.name: {"kontext": {"ms_per_step": 100.0 + i}} for i, r in enumerate(rungs.RUNGS)}}
+    found = rungs.goals({**result, "end_to_end_s": {"fp8": {"28": 9.0}}})
+    for goal in rungs.GOALS:
+        counted = [100.0 + i for i, r in enumerate(rungs.RUNGS) if r.goal == goal.key]
+        assert found[goal.key] == (9.0 if goal.key == rungs.EDIT else min(counted, default=None))
+    assert found["targets"] == {g.key: g.target for g in rungs.GOALS}
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda r, R: (r.BY_NAME["fp8"], r.BY_NAME["graphs"]), "out of order"),
+        (lambda r, R: (r.BY_NAME["eager"], r.BY_NAME["eager"]), "repeat"),
+        (lambda r, R: (R("x", "triton", r.Optimizations(hoist=False, cuda_graphs=True), "."),), "needs hoist=True"),
+        (lambda r, R: (R("x", "tensorrt", r.Optimizations(), "."),), "backend"),
+        (lambda r, R: (R("x", "triton", r.Optimizations(), ".", "kontext_ms"),), "goal"),
+    ],
+)
+def test_a_table_of_rungs_the_suite_cannot_run_is_refused(change, message):
+    rungs = _module("rungs")
+    with pytest.raises(ValueError, match=message):
+        rungs.check(change(rungs, rungs.Rung))

@@ -1,20 +1,15 @@
-"""benchmarks/kernels_gpu.py is the one call a GPU machine gets: check here, on the CPU, that it runs through,
+"""benchmarks/kernels/kernels_gpu.py is the one call a GPU machine gets: check here, on the CPU, that it runs through,
 that its checks pass on the interpreter, and that its smoke mode never writes into benchmarks/results."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels_gpu.py"
+from tests import bench_scripts
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("kernels_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("kernels/kernels_gpu.py")
 
 
 def test_smoke_run_writes_checked_json(tmp_path):
@@ -30,4 +25,4 @@ def test_smoke_run_writes_checked_json(tmp_path):
 
 def test_smoke_refuses_the_results_folder():
     with pytest.raises(SystemExit):
-        _script().main(["--smoke", "--out", str(SCRIPT.parent / "results" / "x.json")])
+        _script().main(["--smoke", "--out", str(bench_scripts.BENCH / "results" / "x.json")])

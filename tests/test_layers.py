@@ -178,3 +178,54 @@ def test_no_import_cycles_at_module_level():
     for module in sorted(graph):
         visit(module, [])
     assert not cycles, cycles
+
+
+# ---- benchmarks and tests --------------------------------------------------------------------------------------------
+
+BENCH, TESTS = ROOT / "benchmarks", ROOT / "tests"
+
+
+def module_names(folder: Path) -> set[str]:
+    """The plain names a folder's modules are imported by when the folder is on sys.path."""
+    return {p.stem for p in folder.rglob("*.py") if p.stem not in ("conftest", "__init__")}
+
+
+IMPORTERS = ("import_module", "__import__", "find_spec")  # calls that import the module a string names
+
+
+def crossings(path: Path, package: str, plain: set[str]) -> list[str]:
+    """Every import in a file of package (`package`, `package.x`) or of one of its modules by plain name, anywhere in
+    the file: import statements, and a string handed to importlib (`importlib.import_module("package.x")`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in IMPORTERS and node.args:
+            first = node.args[0]
+            names = [first.value] if isinstance(first, ast.Constant) and isinstance(first.value, str) else []
+        else:
+            continue
+        found += [n for n in names if n.split(".")[0] in (package, *plain)]
+    return found
+
+
+def test_benchmarks_and_tests_never_import_each_other():
+    """The rule: no file under benchmarks/ imports tests (`tests`, `tests.*`, or a test module by plain name), and no
+    file under tests/ imports a benchmark (`benchmarks`, `benchmarks.*`, or a benchmark module by plain name). What
+    both need lives in the packages (kontext_toy.checkpoints builds the benchmarks' small checkpoints). A test reaches
+    a benchmark script only by its file (tests/bench_scripts.py): run as a subprocess, or loaded to test its logic;
+    that is testing the script, not sharing code with it."""
+    bench_files, test_files = sorted(BENCH.rglob("*.py")), sorted(TESTS.rglob("*.py"))
+    assert len(bench_files) > 15 and len(test_files) > 40
+    found = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for files, package, plain in (
+            (bench_files, "tests", module_names(TESTS)),
+            (test_files, "benchmarks", module_names(BENCH)),
+        )
+        for path in files
+        for name in crossings(path, package, plain)
+    ]
+    assert not found, found

@@ -291,7 +291,7 @@ def test_the_denoising_stage_bounds_what_the_real_loop_allocates(kontext_dir, pl
     """The real sampling loop of the tiny pipeline, run under LiveBytes on the CPU: every storage it creates (the
     modulation table, the streamed blocks' copies, the step's activations) stays within the plan's denoising stage
     above what is always on the device. On the CPU a block is copied in after the previous one has run, so the
-    plan's two blocks are an upper bound here; on a GPU the copy overlaps (benchmarks/memory_gpu.py measures it)."""
+    plan's two blocks are an upper bound here; on a GPU the copy overlaps (benchmarks/gpu/memory_gpu.py measures it)."""
     from kontext_rt import load_checks, pipeline
     from kontext_rt.placement import Placement
 

@@ -1,13 +1,11 @@
-"""benchmarks/quality_report.py on a tiny random-weight checkpoint: its per-step drift, its ONNX Runtime denoiser,
-its refusals and its files. The numbers of a random model mean nothing; what is checked is how they are made."""
+"""benchmarks/quality/quality_report.py on a tiny random-weight checkpoint: its per-step drift, its ONNX Runtime
+denoiser, its refusals and its files. The numbers of a random model mean nothing; what is checked is how they are
+made."""
 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,17 +16,15 @@ from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.vae import AutoEncoder
 from kontext_toy import harness, shapes
 from kontext_toy.checkpoints import write_diffusers_checkpoint
+from tests import bench_scripts
 from tests.float64_reference import rel_err
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 F32_EPS = 2.0**-24  # float32's unit roundoff
 
 
 def _script():
-    """The script as a module (it imports its chart module by plain name, as when run as a script)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module("quality_report")
+    """The script under test, loaded by its path."""
+    return bench_scripts.load("quality/quality_report.py")
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +159,9 @@ def test_report_files_are_valid_json_and_a_png(cfg):
 
 
 def test_the_committed_report_names_the_shipped_weights():
-    """benchmarks/results/quality-small-kontext-cpu.json is the shipped model's report: its digest is the shipped
-    folder's (computed here by its definition: each .safetensors file's relative path, a NUL, its bytes, in sorted
-    order). New weights without a new report fail here."""
+    """The latest committed quality report (benchmarks/results/*-quality-small-kontext-<date>/) is the shipped
+    model's: its digest is the shipped folder's (computed here by its definition: each .safetensors file's relative
+    path, a NUL, its bytes, in sorted order). New weights without a new report fail here."""
     import hashlib
 
     from kontext_toy.checkpoints import small_kontext
@@ -174,5 +170,7 @@ def test_the_committed_report_names_the_shipped_weights():
     h = hashlib.sha256()
     for path in sorted(folder.rglob("*.safetensors")):
         h.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
-    committed = json.loads((BENCH / "results" / "quality-small-kontext-cpu.json").read_text())
+    reports = (bench_scripts.BENCH / "results").glob("*-quality-small-kontext-*/quality.json")
+    report = max(reports, key=lambda p: p.parent.name.rsplit("-", 3)[-3:])  # the latest date
+    committed = json.loads(report.read_text())
     assert committed["checkpoint"]["weights_sha256"] == h.hexdigest() == _script().checkpoint_sha256(folder)

@@ -949,14 +949,15 @@ def test_a_safety_spec_names_a_callable():
 
 
 def test_the_load_test_script_runs_and_its_invariants_hold(tmp_path):
-    """benchmarks/serve_load.py --smoke: none lost, no 5xx, a burst gets 429s, an abandoned request frees the worker
+    """benchmarks/e2e/serve_load.py --smoke: none lost, no 5xx, a burst gets 429s, an abandoned request frees the worker
     (the script exits 1 otherwise); the figures themselves are the benchmark's, not checked here."""
     import subprocess
     import sys
-    from pathlib import Path
+
+    from tests import bench_scripts
 
     out = tmp_path / "load.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    script = bench_scripts.path("e2e/serve_load.py")
     run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -15,3 +15,13 @@ RUFF = shutil.which("ruff")
 def test_ruff(command):
     run = subprocess.run([RUFF, *command, "."], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, f"ruff {' '.join(command)} found:\n{run.stdout}{run.stderr}"
+
+
+def test_isort_knows_every_benchmark_module():
+    """benchmarks' scripts import each other by plain name; ruff sorts those imports as local only when
+    pyproject.toml lists them (known-local-folder): the list is every module under benchmarks/, no more."""
+    import tomllib
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]["isort"]
+    modules = {p.stem for p in (ROOT / "benchmarks").rglob("*.py") if p.stem != "conftest"}
+    assert set(listed["known-local-folder"]) == modules

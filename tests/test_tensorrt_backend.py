@@ -1,6 +1,6 @@
 """The tensorrt backend up to TensorRT itself: engine lookup, stale and missing engines refused with the export
 command, and the optimization profiles against every size the pipeline produces. Building and running engines
-needs TensorRT and a CUDA GPU: those tests skip with that reason (benchmarks/tensorrt_gpu.py runs them there)."""
+needs TensorRT and a CUDA GPU: those tests skip with that reason (benchmarks/gpu/tensorrt_gpu.py runs them there)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 One configuration of the harness (SETTINGS: held-out samples, their seeds, steps, drift turns) and the least each
 aggregate may score there (BAR). The thresholds were set from the shipped model's own training (run 7: run 5's
-transformer trained further, paired with run 6's VAE; benchmarks/results/small-kontext-train-run7-paired.json) and a
+transformer trained further, paired with run 6's VAE; kontext_toy/records/small-kontext-train-run7-paired.json) and a
 rerun of that run from the same seed and checkpoint, paired the same way (small-kontext-train-run7-paired-
 replicate.json), a margin below the lower of the two. They are far above what the random-weight demo checkpoint
 scores (tests/test_small_kontext.py checks both, in CI).

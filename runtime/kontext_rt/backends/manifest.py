@@ -28,6 +28,9 @@ class Precision(StrEnum):
     BF16 = "bf16"
     FP8 = "fp8"
 
+    def __repr__(self) -> str:  # as the string it stands for: reprs of options (and the docs made from them) read so
+        return repr(self.value)
+
     @classmethod
     def parse(cls, value, what: str = "precision") -> Precision:
         """The member for a precision given as a string (or a member); InputError naming the choices otherwise."""

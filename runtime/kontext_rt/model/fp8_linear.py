@@ -38,6 +38,9 @@ class Fp8Mode(StrEnum):
     DYNAMIC = "dynamic"  # per token, at run time
     STATIC = "static"  # one calibrated scale per layer (read_calibration)
 
+    def __repr__(self) -> str:  # as the string it stands for: reprs of options (and the docs made from them) read so
+        return repr(self.value)
+
 
 def fp8_eligible(name: str) -> bool:
     """True for the linears that run in FP8 (module names of kontext_rt.model.transformer.FluxTransformer)."""

@@ -10,7 +10,7 @@ weights by sha256 (the transformer's and the VAE's, as train_log.json's `written
 
     python -m kontext_toy.training.compare_runs --why "run 4 against its rerun" \\
         --run run4 /work/runs/G "run 4 as shipped" --run run4-rerun /work/runs/G2 "its rerun" \\
-        -o benchmarks/results/small-kontext-run4-replicate-comparison.json
+        -o runtime/kontext_toy/records/small-kontext-run4-replicate-comparison.json
 
 --jobs scores that many (checkpoint, split, noise) cells at once, one process and one thread each; a cell that fails
 stops the rest. Nothing is written but the output, and only once every cell is scored. The weights are hashed

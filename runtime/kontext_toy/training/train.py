@@ -20,7 +20,7 @@ with, which the pipeline then reads by default.
     python -m kontext_toy.training.train --vae-minutes 12 --flux-minutes 80 --out /tmp/small-kontext
 
 --device cuda trains on a GPU (the same code; float32 with TF32 matmuls), and --workers renders the pool's scenes
-in that many processes (a GPU outruns one process drawing them). benchmarks/gpu_run.py's opt-in `train` phase
+in that many processes (a GPU outruns one process drawing them). benchmarks/machine/gpu_run.py's opt-in `train` phase
 runs it on the GPU machines.
 
 The checkpoint (diffusers layout), train_log.json (seed, wall times, loss curves, the harness's scores, the

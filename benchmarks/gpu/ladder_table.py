@@ -1,11 +1,13 @@
 """The GPU tables of docs/benchmarks.md (and the README's speed table), as Markdown, from the files one
 `bash benchmarks/gpu_run.sh` brought back.
 
-    python benchmarks/ladder_table.py benchmarks/results/<device>-<date>/ [--png]
+    python benchmarks/gpu/ladder_table.py benchmarks/results/<device>-<date>/ [--png]
+    python benchmarks/gpu/ladder_table.py --rungs       # the table of rungs (rungs.py), as the docs show it
 
 Reads suite.json, suite-compile.json (if present) and kernels.json (if present) from that folder and prints the
 speed ladder (with diffusers in the same run as the baseline), the end-to-end edits, the H100 goals beside what was
-measured, and the fused attention kernel's rate. Every figure is copied from the JSON, never typed by hand.
+measured, and the fused attention kernel's rate. Every figure is copied from the JSON, never typed by hand; the
+rows follow rungs.py's order (a rung an older run has and the table no longer does comes after them).
 --png redraws the folder's suite-ladder.png from both parts' ladders: for a compile part run in its own command,
 whose chart has only its own rung.
 """
@@ -16,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the rungs and the suite's parts, by plain name
+from rungs import GOALS, RUNGS, goals, ordered  # noqa: E402
 
 
 def _load(folder: Path, name: str) -> dict:
@@ -44,7 +47,8 @@ def ladder(suite: dict, compiled: dict) -> list[str]:
             f"{base.get('kontext', {}).get('host_ms_per_step', 0):.1f} | {_ms(base, 'text-to-image')} | "
             f"{'' if peak is None else f'{peak:.1f}'} |"
         )
-    for name, row in rungs.items():
+    for name in ordered(rungs):
+        row = rungs[name]
         k = row.get("kontext")
         if not k:
             continue
@@ -65,15 +69,13 @@ def edits(suite: dict) -> list[str]:
     lines = ["| rung | " + " | ".join(f"{s}-step edit, s" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     lines += [
         f"| {rung} | " + " | ".join(f"{runs[str(s)]:.2f}" if str(s) in runs else "-" for s in steps) + " |"
-        for rung, runs in e2e.items()
+        for rung, runs in ((name, e2e[name]) for name in ordered(e2e))
     ]
     return lines
 
 
 def goals_table(suite: dict, compiled: dict) -> list[str]:
-    """The H100 goals against both parts' rungs (gpu_suite.goals over the merged ladder)."""
-    from gpu_suite import goals
-
+    """The H100 goals against both parts' rungs (rungs.goals over the merged ladder)."""
     merged = {**suite, "ladder": {**suite.get("ladder", {}), **compiled.get("ladder", {})}}
     g = goals(merged)
     lines = [f"| goal (H100) | target | measured on {suite.get('device', '?')} | met |", "|---|---|---|---|"]
@@ -105,6 +107,17 @@ def profile(suite: dict, top: int = 10) -> list[str]:
         ]
         lines.append("")
     return lines[:-1]
+
+
+def rungs_table() -> list[str]:
+    """The ladder itself: each rung, what it adds, the goal it counts toward, and how a pipeline is loaded to run
+    it."""
+    targets = {g.key: g.target for g in GOALS}
+    lines = ["| rung | adds to the rung above | counts toward (H100) | as a pipeline loads it |", "|---|---|---|---|"]
+    for r in RUNGS:
+        goal = f"{r.goal} <= {targets[r.goal]}" if r.goal else ""
+        lines.append(f"| {r.name} | {r.adds} | {goal} | `{r.settings()}` |")
+    return lines
 
 
 def kernels(data: dict) -> list[str]:
@@ -145,7 +158,7 @@ def redraw(folder: Path) -> Path:
 
     suite, compiled = _load(folder, "suite.json"), _load(folder, "suite-compile.json")
     rungs = {**suite.get("ladder", {}), **compiled.get("ladder", {})}
-    labels = [r for r in rungs if "kontext" in rungs[r]]
+    labels = [r for r in ordered(rungs) if "kontext" in rungs[r]]
     base = suite.get("diffusers", {}).get("kontext", {}).get("ms_per_step")
     path = folder / "suite-ladder.png"
     suite_parts.write_png(path, labels, [rungs[r]["kontext"]["ms_per_step"] for r in labels], base)
@@ -154,10 +167,13 @@ def redraw(folder: Path) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--rungs"]:
+        print("\n".join(rungs_table()))
+        return 0
     png = "--png" in argv
     argv = [a for a in argv if a != "--png"]
     if len(argv) != 1:
-        print("usage: python benchmarks/ladder_table.py RESULTS_FOLDER [--png]", file=sys.stderr)
+        print("usage: python benchmarks/gpu/ladder_table.py RESULTS_FOLDER [--png] | --rungs", file=sys.stderr)
         return 2
     print(render(Path(argv[0])), end="")
     if png:

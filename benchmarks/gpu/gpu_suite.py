@@ -1,27 +1,23 @@
 """The speed ladder of the runtime on a full-size FLUX.1 Kontext transformer (random weights), in phases.
 
-    python benchmarks/gpu_suite.py --out DIR [--part core|compile] [--deadline-s 285]
-    python benchmarks/gpu_suite.py --rehearse --out DIR      # CPU: tiny model, the Triton interpreter, stand-ins
+    python benchmarks/gpu/gpu_suite.py --out DIR [--part core|compile] [--deadline-s 285]
+    python benchmarks/gpu/gpu_suite.py --rehearse --out DIR      # CPU: tiny model, the Triton interpreter, stand-ins
 
 `bash benchmarks/gpu_run.sh` runs it (the core first, the compile part last); run it alone to repeat one part.
 Layouts: "kontext" = 512 text + 4096 target + 4096 context tokens (a 1024x1024 edit of a 1024x1024 image, 8704 in
-attention); "text-to-image" = 512 + 4096. Rungs, each adding to the previous one:
-    eager     the reference ops, the modulation computed inside every step (denoisers.PerStep)
-    triton    + the Triton kernels (attention with fused QK-norm/RoPE, modulation, row-invariant linears)
-    hoisted   + every step's modulation computed before the loop (denoisers.Hoisted)
-    graphs    + one CUDA graph per shape bucket, replayed per step
-    fp8       + the blocks' linears in FP8 e4m3 through torch._scaled_mm, per-token activation scales
-    compile   + torch.compile of each block (inductor): the `compile` part, run last and time-boxed
-and diffusers' FluxTransformer2DModel (eager bf16, same sizes, built once for both layouts) as the baseline.
+attention); "text-to-image" = 512 + 4096. The rungs, each adding one option to the one before it, are the table
+in rungs.py (eager, triton, hoisted, graphs, fp8; compile, in the `compile` part, run last and time-boxed): this
+suite's phases are derived from it, and each rung runs as its backend and Optimizations say. Beside them runs
+diffusers' FluxTransformer2DModel (eager bf16, same sizes, built once for both layouts) as the baseline.
 
 Per rung and layout: per-step latency (CUDA events, median of --repeats loops of --steps-timed steps after a short
 warm-up loop), host time per step (the CPU time to issue a loop), MFU = step FLOPs / time / the measured bf16 (FP8
 for the FP8 rungs) matmul rate, peak GPU memory. A profile of the eager step (10% slower than diffusers' on an
 H200) and of the bf16 and FP8 steps (hoisted, not graphed) names the ops that take the time ("profile"). Then
 end-to-end edits at 4, 8 and 28 steps with VAE encode and decode (text embeddings as a cache hit) on the eager
-rung, the best bf16 rung and the fp8 rung; the on-device exactness checks (hoisted == per-step, graphs == no
+rung, the best bf16 rung and the best fp8 rung; the on-device exactness checks (hoisted == per-step, graphs == no
 graphs, the FP8 quantizer == torch); the FP8 drift against bf16. Every phase is written to <out>/suite.json (or
-suite-compile.json) and the chart to <out>/suite-ladder.png as soon as it ends (benchmarks/phases.py).
+suite-compile.json) and the chart to <out>/suite-ladder.png as soon as it ends (benchmarks/machine/phases.py).
 
 --rehearse runs the same phases on the CPU: the tiny preset, the Triton kernels in the interpreter, an eager
 stand-in for CUDA-graph capture, torch's own _scaled_mm if it takes row-wise scales on the CPU (else a stand-in
@@ -42,39 +38,43 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+HERE = Path(__file__).resolve().parent  # benchmarks/gpu/
+BENCH = HERE.parent
+# benchmarks' scripts import each other by plain name: this folder (the rungs, the parts), the run's phases
+sys.path[:0] = [str(HERE), str(BENCH / "machine")]
 
 import suite_parts as parts  # noqa: E402
 from phases import Record, say  # noqa: E402
+from rungs import BY_NAME, RUNGS, Rung, goals, ordered, rungs  # noqa: E402
 
-GOALS_H100 = {"kontext_bf16_ms_per_step": 230.0, "kontext_fp8_ms_per_step": 150.0, "edit_28_steps_s": 4.5}
 LAYOUTS = {"kontext": (512, 4096, 4096), "text-to-image": (512, 4096, 0)}  # text, target, context tokens
 # The rehearsal's kernels run in the Triton interpreter, ~1.5 s per step even for the tiny model (one Python
 # program per token row): 2x2-token images, and as few steps as still take every branch.
 REHEARSE_LAYOUTS = {"kontext": (4, 4, 4), "text-to-image": (4, 4, 0)}
-GRAPHED = ("graphs", "fp8", "compile")  # the rungs that replay CUDA graphs
-PHASES = {  # in order; core() and compile_part() run them
+REFERENCE = RUNGS[0]  # the first rung: edited and profiled beside the best ones
+HOISTED, GRAPHS = BY_NAME["hoisted"], BY_NAME["graphs"]  # what the exactness checks compare
+PROFILED = {"bf16": (REFERENCE, HOISTED), "fp8": rungs("core", fp8=True)[:1]}  # profiled hoisted, never graphed
+COMPILE_FP8 = any(r.fp8 for r in rungs("compile"))  # the compile part converts its model to FP8 first
+
+
+def names(part: str, fp8: bool) -> list[str]:
+    return [r.name for r in rungs(part, fp8)]
+
+
+PHASES = {  # in order, the rungs' from rungs.py; core() and compile_part() run them
     "core": (
-        "setup",
-        "triton-backend",
-        "diffusers",
-        "model",
-        "eager",
-        "triton",
-        "hoisted",
-        "graphs",
-        "checks",
-        "edits-bf16",
-        "profile-bf16",
-        "fp8-convert",
-        "fp8-drift",
-        "fp8-quantizer",
-        "fp8",
-        "edits-fp8",
-        "profile-fp8",
+        *("setup", "triton-backend", "diffusers", "model"),
+        *names("core", fp8=False),
+        *("checks", "edits-bf16", "profile-bf16", "fp8-convert", "fp8-drift", "fp8-quantizer"),
+        *names("core", fp8=True),
+        *("edits-fp8", "profile-fp8"),
     ),
-    "compile": ("setup", "triton-backend", "model", "fp8-convert", "compile-blocks", "compile"),
+    "compile": (
+        *("setup", "triton-backend", "model"),
+        *("fp8-convert",) * COMPILE_FP8,
+        "compile-blocks",
+        *(r.name for r in rungs("compile")),
+    ),
 }
 STEPS = {  # steps per timed loop, timed loops, warm-up loop, edits, FP8 drift trace, exactness loops
     "gpu": dict(steps_timed=6, repeats=3, warmup=2, edits=(4, 8, 28), drift=8, exactness=3),
@@ -159,20 +159,16 @@ class Suite:
 
     # --- the ladder ----------------------------------------------------------------------------------------------
 
-    def denoiser(self, rung):
-        """The rung's hoisted or graphed denoiser (None for the per-step rungs), made once per rung."""
-        from kontext_rt.sampling.denoisers import Graphed, Hoisted
+    def denoiser(self, rung: Rung):
+        """The rung's denoiser over the model, as its Optimizations say (per-step, hoisted or graphed, over its
+        backend's ops), made once per rung."""
+        from kontext_rt.sampling.denoisers import for_model
 
-        if rung in ("eager", "triton"):
-            return None
-        if rung not in self.denoisers:
-            ops = self.ops["triton"]
-            self.denoisers[rung] = (
-                Graphed(self.model, ops, self.dtype, self.capture)
-                if rung in GRAPHED
-                else Hoisted(self.model, ops, self.dtype)
-            )
-        return self.denoisers[rung]
+        if rung.name not in self.denoisers:
+            o = rung.optimize
+            ops = self.ops[rung.backend]
+            self.denoisers[rung.name] = for_model(self.model, ops, self.dtype, o.hoist, o.cuda_graphs, self.capture)
+        return self.denoisers[rung.name]
 
     @property
     def steps(self) -> dict:
@@ -182,16 +178,15 @@ class Suite:
         n = self.steps
         return parts.time_loop(run, *data, self.device, n["steps_timed"], n["repeats"], n["warmup"])
 
-    def loop(self, rung):
+    def loop(self, rung: Rung):
         """The rung's sampling loop, (x, sigmas, cond) -> x."""
-        ops = self.ops["eager" if rung == "eager" else "triton"]
-        return parts.loop_fn(self.model, ops, self.dtype, self.denoiser(rung))
+        return parts.loop_fn(self.model, self.ops[rung.backend], self.dtype, self.denoiser(rung))
 
-    def rung(self, rung):
+    def rung(self, rung: Rung):
         """Time one rung on every layout, writing after each (a kill keeps the layouts done)."""
         run = self.loop(rung)
-        peak = self.result["matmul_tflops"]["fp8" if rung in ("fp8", "compile") else "bf16"]
-        row = self.result["ladder"].setdefault(rung, {})
+        peak = self.result["matmul_tflops"]["fp8" if rung.fp8 else "bf16"]
+        row = self.result["ladder"].setdefault(rung.name, {})
         for key, data in self.data.items():
             parts.reset_peak(self.device)
             ms, host = self.time_loop(run, data)
@@ -207,28 +202,34 @@ class Suite:
                 self.step_s = ms / 1e3
             self.record.write()
 
-    def rung_estimate_s(self):
+    def rung_estimate_s(self, rung: Rung | None = None):
         n = self.steps
-        return 1.5 * len(self.layouts) * (n["warmup"] + n["repeats"] * n["steps_timed"]) * self.step_s
+        loops = 1.5 * len(self.layouts) * (n["warmup"] + n["repeats"] * n["steps_timed"]) * self.step_s
+        compiling = 30 if self.args.rehearse else 120  # inductor: 2 block types x 2 layouts, in the warm-up loops
+        return loops + (compiling if rung is not None and rung.optimize.compile else 0)
+
+    def run_rung(self, rung: Rung):
+        self.record.run(rung.name, lambda: self.rung(rung), needs=rung.needs(), estimate_s=self.rung_estimate_s(rung))
 
     def checks(self):
-        graphs = self.denoiser("graphs") if self.capture is not None else None
+        """Hoisted == per-step (over the hoisted rung's ops), graphs == no graphs."""
+        graphs = self.denoiser(GRAPHS) if self.capture is not None else None
         found = parts.exactness(
             self.model,
-            self.ops["triton"],
+            self.ops[HOISTED.backend],
             self.dtype,
             self.data["kontext"],
-            self.denoiser("hoisted"),
+            self.denoiser(HOISTED),
             graphs,
             self.steps["exactness"],
         )
         self.result["checks"].update(found)
         require(found)
 
-    def edits(self, rungs):
-        for rung in rungs:
+    def edits(self, chosen: list[Rung]):
+        for rung in chosen:
             run = self.loop(rung)
-            self.result["end_to_end_s"][rung] = parts.end_to_end(
+            self.result["end_to_end_s"][rung.name] = parts.end_to_end(
                 self.vae,
                 run,
                 self.layouts["kontext"],
@@ -239,24 +240,31 @@ class Suite:
             )
             self.record.write()
 
-    def edits_estimate_s(self, rungs=1):
-        return 1.5 * rungs * (1 + sum(self.steps["edits"])) * self.step_s
+    def edits_estimate_s(self, count=1):
+        return 1.5 * count * (1 + sum(self.steps["edits"])) * self.step_s
 
-    def profile(self, *rungs):
-        """Each rung's ops by device time: the eager loop, or the hoisted one (not graphed: a replay hides its
-        kernels) with the triton ops."""
-        for rung in rungs:
-            if rung == "eager":
-                run = self.loop("eager")
-            else:
-                run = parts.loop_fn(self.model, self.ops["triton"], self.dtype, self.denoiser("hoisted"))
+    def profile(self, *profiled: Rung):
+        """Each rung's ops by device time, over its backend's ops and its loop, hoisted or per-step but never
+        graphed (a replay hides its kernels)."""
+        from kontext_rt.sampling.denoisers import for_model
+
+        for rung in profiled:
+            ops = self.ops[rung.backend]
+            denoiser = for_model(self.model, ops, self.dtype, rung.optimize.hoist)
+            run = parts.loop_fn(self.model, ops, self.dtype, denoiser)
             found = parts.profile_steps(run, *self.data["kontext"], self.device)
-            self.result.setdefault("profile", {})[rung] = found
+            self.result.setdefault("profile", {})[rung.name] = found
             self.record.write()
 
-    def best_bf16(self):
-        ok = [r for r in ("graphs", "hoisted") if self.result["phases"].get(r, {}).get("status") == "ok"]
-        return ok[:1]
+    def best(self, fp8: bool) -> list[Rung]:
+        """The last core rung of a precision that hoists and succeeded (each rung adds to the one before it), if
+        any: the one whose edits are timed."""
+        ok = [
+            r
+            for r in rungs("core", fp8)
+            if r.optimize.hoist and self.result["phases"].get(r.name, {}).get("status") == "ok"
+        ]
+        return ok[-1:]
 
     # --- FP8 and compile -----------------------------------------------------------------------------------------
 
@@ -267,14 +275,14 @@ class Suite:
         self.denoisers.clear()  # the bf16 graphs read the bf16 weights: they must never replay again
         parts.free_memory(self.device)
         if keep_reference:
-            self.reference = parts.trace(self.denoiser("hoisted"), self.data["kontext"], self.steps["drift"])
+            self.reference = parts.trace(self.denoiser(HOISTED), self.data["kontext"], self.steps["drift"])
             self.denoisers.clear()
         convert(self.model, self.ops["triton"].quantize_rows, matmul=self.fp8_matmul)
 
     def fp8_drift(self):
-        fp8 = parts.trace(self.denoiser("hoisted"), self.data["kontext"], self.steps["drift"])
+        fp8 = parts.trace(self.denoiser(HOISTED), self.data["kontext"], self.steps["drift"])
         self.result["fp8_drift"] = parts.drift(self.reference, fp8)
-        self.denoisers.pop("hoisted")
+        self.denoisers.pop(HOISTED.name)
 
     def quantizer(self):
         rows, cols = (40, 96) if self.args.rehearse else (8704, 3072)
@@ -295,7 +303,7 @@ class Suite:
         (read from its suite.json, written earlier in the same run), so the one chart has every rung."""
         self.result["goals_h100"] = goals(self.result)
         ladder = {**self.core.get("ladder", {}), **self.result["ladder"]}
-        labels = [r for r in ladder if "kontext" in ladder[r]]
+        labels = [r for r in ordered(ladder) if "kontext" in ladder[r]]
         if labels and len(labels) != self.charted:
             self.charted = len(labels)
             base = {**self.core, **self.result}.get("diffusers", {}).get("kontext", {}).get("ms_per_step")
@@ -320,25 +328,20 @@ def core(s: Suite) -> None:
     if not s.args.no_diffusers:
         r.run("diffusers", s.baseline, needs=["setup"], estimate_s=s.rung_estimate_s())
     r.run("model", s.build_model, needs=["setup"])
-    for rung in ("eager", "triton", "hoisted", "graphs"):
-        r.run(
-            rung,
-            lambda rung=rung: s.rung(rung),
-            needs=["model"] + ([] if rung == "eager" else ["triton-backend"]),
-            estimate_s=s.rung_estimate_s(),
-        )
+    for rung in rungs("core", fp8=False):
+        s.run_rung(rung)
     r.run("checks", s.checks, needs=["model", "triton-backend"], estimate_s=15 * s.step_s)
     r.run(
         "edits-bf16",
-        lambda: s.edits(["eager", *s.best_bf16()]),
-        needs=["model", "eager"],
+        lambda: s.edits([REFERENCE, *s.best(fp8=False)]),
+        needs=["model", REFERENCE.name],
         estimate_s=s.edits_estimate_s(2),
     )
     r.run(
         "profile-bf16",
-        lambda: s.profile("eager", "hoisted"),
+        lambda: s.profile(*PROFILED["bf16"]),
         needs=["model", "triton-backend"],
-        estimate_s=16 * s.step_s,
+        estimate_s=8 * len(PROFILED["bf16"]) * s.step_s,
     )
     r.run(
         "fp8-convert",
@@ -348,46 +351,31 @@ def core(s: Suite) -> None:
     )
     r.run("fp8-drift", s.fp8_drift, needs=["fp8-convert"], estimate_s=2 * s.steps["drift"] * s.step_s)
     r.run("fp8-quantizer", s.quantizer, needs=["triton-backend"])
-    r.run("fp8", lambda: s.rung("fp8"), needs=["fp8-convert"], estimate_s=s.rung_estimate_s())
-    r.run("edits-fp8", lambda: s.edits(["fp8"]), needs=["fp8"], estimate_s=s.edits_estimate_s())
-    r.run("profile-fp8", lambda: s.profile("fp8"), needs=["fp8-convert"], estimate_s=8 * s.step_s)
+    fp8 = rungs("core", fp8=True)
+    for rung in fp8:
+        s.run_rung(rung)
+    first = [x.name for x in fp8[:1]]  # the edits need an FP8 rung that ran; they take the best one
+    r.run("edits-fp8", lambda: s.edits(s.best(fp8=True)), needs=first, estimate_s=s.edits_estimate_s())
+    r.run(
+        "profile-fp8",
+        lambda: s.profile(*PROFILED["fp8"]),
+        needs=["fp8-convert"],
+        estimate_s=8 * len(PROFILED["fp8"]) * s.step_s,
+    )
 
 
 def compile_part(s: Suite) -> None:
-    """compile = fp8 + graphs + torch.compile of each block: rebuilt from scratch in its own process, so the core's
-    results never wait on (or die with) inductor."""
+    """The rungs with torch.compile (compile = fp8 + graphs + torch.compile of each block): rebuilt from scratch in
+    its own process, so the core's results never wait on (or die with) inductor."""
     r = s.record
     r.run("setup", s.setup)
     r.run("triton-backend", s.triton_backend, needs=["setup"])
     r.run("model", s.build_model, needs=["setup"])
-    r.run("fp8-convert", lambda: s.fp8_convert(keep_reference=False), needs=["model", "triton-backend"])
-    r.run("compile-blocks", s.compile_blocks, needs=["fp8-convert"])
-    # inductor compiles 2 block types x 2 layouts on first use, inside the rung's warm-up loops
-    r.run(
-        "compile",
-        lambda: s.rung("compile"),
-        needs=["compile-blocks"],
-        estimate_s=s.rung_estimate_s() + (30 if s.args.rehearse else 120),
-    )
-
-
-def goals(result) -> dict:
-    lad, e2e = result["ladder"], result["end_to_end_s"]
-
-    def best(rungs):
-        return min((lad[r]["kontext"]["ms_per_step"] for r in rungs if "kontext" in lad.get(r, {})), default=None)
-
-    edit = min((v["28"] for v in e2e.values() if "28" in v), default=None)
-    base = result.get("diffusers", {}).get("kontext", {}).get("ms_per_step")
-    faster = {r: lad[r]["kontext"]["ms_per_step"] < base for r in lad if "kontext" in lad[r]} if base else None
-    return {
-        "targets": GOALS_H100,
-        "kontext_bf16_ms_per_step": best(("triton", "hoisted", "graphs")),
-        "kontext_fp8_ms_per_step": best(("fp8", "compile")),
-        "edit_28_steps_s": edit,
-        "faster_than_diffusers": faster,
-        "note": "the targets are for an H100; compare only on the device named",
-    }
+    if COMPILE_FP8:
+        r.run("fp8-convert", lambda: s.fp8_convert(keep_reference=False), needs=["model", "triton-backend"])
+    r.run("compile-blocks", s.compile_blocks, needs=["fp8-convert"] if COMPILE_FP8 else ["model", "triton-backend"])
+    for rung in rungs("compile"):  # inductor compiles on first use, inside the rung's warm-up loops
+        s.run_rung(rung)
 
 
 def parse(argv):
@@ -409,7 +397,7 @@ def parse(argv):
     args = p.parse_args(argv)
     if unknown := [b for b in args.broken if b not in PHASES[args.part]]:
         p.error(f"--break {unknown[0]}: the {args.part} part has no such phase ({', '.join(PHASES[args.part])})")
-    if args.rehearse and args.out.resolve().is_relative_to((HERE / "results").resolve()):
+    if args.rehearse and args.out.resolve().is_relative_to((BENCH / "results").resolve()):
         p.error("--rehearse timings are not GPU timings: write them outside benchmarks/results")
     return args
 
@@ -446,9 +434,10 @@ def new_suite(args) -> Suite:
     core_file = args.out / "suite.json"
     if args.part == "compile" and core_file.exists():
         suite.core = json.loads(core_file.read_text())
-        fp8 = suite.core.get("ladder", {}).get("fp8", {}).get("kontext")
-        if fp8:  # the compile rung's estimate starts from the fp8 rung the core measured
-            suite.step_s = fp8["ms_per_step"] / 1e3
+        ladder = suite.core.get("ladder", {})
+        timed = [ladder[r.name]["kontext"] for r in rungs("core", COMPILE_FP8) if "kontext" in ladder.get(r.name, {})]
+        if timed:  # the compile rungs' estimate starts from the last core rung of their precision
+            suite.step_s = timed[-1]["ms_per_step"] / 1e3
     name = "suite.json" if args.part == "core" else "suite-compile.json"
     suite.record = Record(
         args.out / name, result, args.deadline_s, f"suite {args.part}", args.broken, suite.before_write

@@ -1,4 +1,5 @@
-"""The chart of benchmarks/quality_report.py's JSON: quality against steps and options, drift over turns and steps.
+"""The chart of benchmarks/quality/quality_report.py's JSON: quality against steps and options, drift over turns and
+steps.
 
 1a  edit success and preservation PSNR of fp32 eager at 28, 8 and 4 steps
 1b  the same per precision / backend option, at the report's step count

@@ -1,7 +1,7 @@
 """Peak host memory of the ONNX export against the weights' size, on a full-width, reduced-depth transformer.
 
-    python benchmarks/export_memory.py                  # width 3072, 2 double + 2 single blocks; writes JSON
-    python benchmarks/export_memory.py --smoke --out F  # tiny, for CI: checks the script runs
+    python benchmarks/e2e/export_memory.py                  # width 3072, 2 double + 2 single blocks: a run folder
+    python benchmarks/e2e/export_memory.py --smoke --out F  # tiny, for CI: checks the script runs
 
 Each case runs in its own process, so the kernel's peak-RSS counter (VmHWM) covers that export alone:
     baseline   RSS after importing torch and the exporters, before the model exists
@@ -20,8 +20,11 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the timer, the run folders, by name
+import run_folder  # noqa: E402
+from timing import timed  # noqa: E402
 
 CASES = {"fp16-dynamo": ("float16", "dynamo"), "bf16-fp8-torchscript": ("bfloat16", "torchscript")}
 
@@ -69,9 +72,10 @@ def measure(case: str, smoke: bool, folder: Path) -> dict:
         from kontext_rt.export import fp8
 
         fp8.quantize(model, lambda m: transformer_graph(m)(*example_inputs(spec, dtype, "cpu")))
-    t0 = time.perf_counter()
-    path = export_onnx(transformer_graph(model), spec, folder / "transformer.onnx", dtype, exporter)
-    seconds = time.perf_counter() - t0
+    path, sample = timed(
+        lambda: export_onnx(transformer_graph(model), spec, folder / "transformer.onnx", dtype, exporter)
+    )
+    seconds = sample.wall_ms / 1e3
     _, peak = _rss_mib()
     data = path.with_name(path.name + ".data")
     return {
@@ -95,7 +99,7 @@ def measure(case: str, smoke: bool, folder: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model (checks the script, measures nothing useful)")
-    ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/export-memory-<host>.json)")
+    ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/cpu-<arch>-export-memory-<date>/)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -103,6 +107,11 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             print(json.dumps(measure(args.child, args.smoke, Path(d))))
         return 0
+    host = f"cpu-{platform.machine()}"
+    if args.smoke and (args.out is None or run_folder.in_results(args.out)):
+        raise SystemExit("--smoke measures a tiny model: give --out outside benchmarks/results (real measurements)")
+    out = run_folder.check_out(args.out or run_folder.default_path(host, "export-memory", "export-memory.json"))
+    started = run_folder.now_utc()
     results = []
     for case in args.cases:
         cmd = [sys.executable, __file__, "--child", case] + (["--smoke"] if args.smoke else [])
@@ -114,13 +123,12 @@ def main(argv=None) -> int:
         print(json.dumps(results[-1]), file=sys.stderr)
     import torch
 
-    host = f"cpu-{platform.machine()}"
-    out = args.out or Path(__file__).parent / "results" / f"export-memory-{host}.json"
-    if args.smoke and args.out is None:
-        raise SystemExit("--smoke measures a tiny model: give --out, results/ is for real measurements")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps({"host": host, "torch": torch.__version__, "smoke": args.smoke, "results": results}, indent=1) + "\n"
     )
+    what = "peak host memory of the ONNX export against the weights' size (benchmarks/e2e/export_memory.py)"
+    run_folder.record(out, what, run_folder.host(torch=torch.__version__), started, __file__, argv)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

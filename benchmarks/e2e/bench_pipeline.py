@@ -1,10 +1,11 @@
 """This runtime vs diffusers' FluxKontextPipeline on the same weights, in the same process: one thread, fp32.
 
-    python benchmarks/bench_pipeline.py --pairs 15     # interleaved pairs -> benchmarks/results/cpu-pipeline.json
-    python -m pytest benchmarks/bench_pipeline.py --benchmark-only --benchmark-group-by=group   # the same cases
+    python benchmarks/e2e/bench_pipeline.py --pairs 15     # -> benchmarks/results/cpu-<n>core-pipeline-<date>/
+    python -m pytest benchmarks/e2e/bench_pipeline.py --benchmark-only --benchmark-group-by=group   # the same cases
 
-Model: a tiny checkpoint in the diffusers layout (tests/builders.py) whose transformer is 2 double + 4 single
-blocks, width 256 (4 heads of 64); 64 text + 256 target + 256 context tokens (a 256x256 image), 4 steps.
+Model: a tiny checkpoint in the diffusers layout (kontext_toy.checkpoints: the tiny VAE and text encoders) whose
+transformer is 2 double + 4 single blocks, width 256 (4 heads of 64), random weights; 64 text + 256 target + 256
+context tokens (a 256x256 image), 4 steps.
 Cases, each as its pipeline runs it:
   edit       a whole edit: prompt encode (the text cache is off), context VAE encode, 4 steps, VAE decode, PIL out
   forward    one transformer call over the Kontext sequence (ours builds its RoPE table inside the timed call, as
@@ -23,14 +24,12 @@ load average at start and end: on a shared machine the wall figures carry other 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,27 +38,43 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from kontext_rt import Pipeline  # noqa: E402
-from kontext_rt import image as im  # noqa: E402
-from kontext_rt.model.rope import rope_table, sequence_ids  # noqa: E402
-from tests import builders  # noqa: E402
+from kontext_rt import Pipeline
+from kontext_rt import image as im
+from kontext_rt.config import PRESETS, VAE_PRESETS
+from kontext_rt.model.rope import rope_table, sequence_ids
+from kontext_rt.model.transformer import FluxTransformer
+from kontext_rt.model.vae import AutoEncoder
+from kontext_toy.checkpoints import write_diffusers_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the timer and the results' run folders, by plain name
+import run_folder  # noqa: E402
+from timing import quartiles, timed  # noqa: E402
 
 TEXT, SIDE, STEPS, GUIDANCE = 64, 256, 4, 2.5  # 64 text tokens; 256x256 -> 16x16 = 256 target + 256 context tokens
 PROMPT = "make it red"
 CASES = ("edit", "forward", "vae_encode", "vae_decode")
-TRANSFORMER = dict(
+TRANSFORMER = dict(  # as diffusers' FluxTransformer2DModel names it (the record's "setup")
     attention_head_dim=64, num_attention_heads=4, axes_dims_rope=(8, 28, 28), num_layers=2, num_single_layers=4
+)
+CONFIG = dataclasses.replace(  # the same transformer in this runtime's terms: the tiny preset, widened and deepened
+    PRESETS["tiny"],
+    hidden_size=TRANSFORMER["attention_head_dim"] * TRANSFORMER["num_attention_heads"],
+    num_heads=TRANSFORMER["num_attention_heads"],
+    axes_dim=TRANSFORMER["axes_dims_rope"],
+    depth=TRANSFORMER["num_layers"],
+    depth_single_blocks=TRANSFORMER["num_single_layers"],
 )
 
 
 def build_checkpoint(folder: Path) -> Path:
-    """The tiny diffusers checkpoint with its transformer replaced by the width-256, 2+4 block one."""
-    ckpt = builders.diffusers_checkpoint(folder, guidance=True)
-    ref = builders.diffusers_transformer(True, torch.Generator().manual_seed(0), **TRANSFORMER)
-    ref.save_pretrained(ckpt / "transformer")
-    return ckpt
+    """A diffusers folder (guidance-distilled, Kontext's scheduler) holding the width-256, 2+4 block transformer,
+    the tiny VAE and the tiny text encoders, with random weights: the speed of a call does not depend on them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer, vae = FluxTransformer(CONFIG), AutoEncoder(VAE_PRESETS["tiny"])
+    write_diffusers_checkpoint(folder, transformer, vae, seed=0)
+    return folder
 
 
 def make_cases(ckpt: Path) -> dict[str, dict]:
@@ -152,17 +167,6 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
 # ---- script: interleaved pairs -> JSON ----------------------------------------------------------------------------
 
 
-def _quartiles(xs: list[float]) -> dict:
-    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "min": min(xs), "max": max(xs)}
-
-
-def _timed(fn) -> tuple[float, float]:
-    c0, w0 = time.process_time(), time.perf_counter()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
-
-
 def measure(fns: dict, pairs: int, warmup: int) -> dict:
     """Interleaved runs of the two implementations; per-pair ratios diffusers/ours of wall and CPU time."""
     for _ in range(warmup):
@@ -172,49 +176,27 @@ def measure(fns: dict, pairs: int, warmup: int) -> dict:
     for i in range(pairs):
         order = ("kontext-rt", "diffusers") if i % 2 == 0 else ("diffusers", "kontext-rt")
         for name in order:
-            wall, cpu = _timed(fns[name])
-            runs[name]["wall_s"].append(wall)
-            runs[name]["cpu_s"].append(cpu)
-    out = {name: {k: {**_quartiles(v), "runs": v} for k, v in r.items()} for name, r in runs.items()}
+            sample = timed(fns[name])[1]
+            runs[name]["wall_s"].append(sample.wall_ms / 1e3)
+            runs[name]["cpu_s"].append(sample.cpu_ms / 1e3)
+    out = {name: {k: {**quartiles(v), "runs": v} for k, v in r.items()} for name, r in runs.items()}
     for k in ("wall_s", "cpu_s"):
         ratios = [d / o for o, d in zip(runs["kontext-rt"][k], runs["diffusers"][k], strict=True)]
-        out[f"speed_ratio_{k[:-2]}"] = _quartiles(ratios)
+        out[f"speed_ratio_{k[:-2]}"] = quartiles(ratios)
     return out
 
 
 def machine() -> dict:
-    model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else ""
-    )
     import diffusers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-            ).stdout.strip()
-        )
-    except OSError:
-        commit, dirty = "", None
     return {
-        "cpu_model": model,
+        "cpu_model": run_folder.host()["cpu"],
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
-        "commit": commit,
-        "dirty": dirty,
+        **run_folder.git_state(ROOT),  # commit, dirty
     }
 
 
@@ -236,8 +218,11 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=15, help="interleaved (ours, diffusers) pairs per case")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs of each implementation first")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu-pipeline.json")
+    p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/cpu-<n>core-pipeline-<date>/)")
     args = p.parse_args(argv)
+    args.out = run_folder.check_out(
+        args.out or run_folder.default_path(f"cpu-{os.cpu_count()}core", "pipeline", "pipeline.json")
+    )
     cases = args.cases.split(",")
     if unknown := set(cases) - set(CASES):
         p.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
@@ -288,6 +273,8 @@ def main(argv=None):
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
+    host = run_folder.host(torch=torch.__version__, threads=1)
+    run_folder.record(args.out, record["what"], host, started, __file__, argv)
     print(f"wrote {args.out} (load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f})")
 
 

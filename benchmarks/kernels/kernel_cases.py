@@ -1,6 +1,6 @@
-"""The kernel benchmark cases, their roofline units, and a timer: shared by the pytest-benchmark files
+"""The kernel benchmark cases and their roofline units: shared by the pytest-benchmark files
 (bench_rope_attention.py, bench_qk_norm_rope.py, bench_modulation.py) and the one-call GPU script
-(kernels_gpu.py), so both time exactly the same calls.
+(kernels_gpu.py), so both time exactly the same calls (with benchmarks/timing.py, the benchmarks' one timer).
 
 FLUX.1 shapes: B=1, H=24, D=128, width C=3072, bf16. L = 512 text + 4096 target (+ 4096 per 1024x1024 context):
 4608 text-to-image, 8704 one context image, 12800 two.
@@ -8,11 +8,14 @@ FLUX.1 shapes: B=1, H=24, D=128, width C=3072, bf16. L = 512 text + 4096 target 
 
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the timer, by plain name
+from timing import time_ms  # noqa: E402
 
 LENGTHS = {"text-to-image": 4608, "one-context": 8704, "two-contexts": 12800}
 TEXT = 512
@@ -78,33 +81,6 @@ def sdpa_backends() -> dict:
 
     names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
     return {name: getattr(SDPBackend, attr) for name, attr in names.items() if hasattr(SDPBackend, attr)}
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device, warmup=5, reps=20) -> float:
-    """Median milliseconds of fn(): CUDA events on a GPU (after warm-up, which also runs the autotuner)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    if torch.device(device).type == "cuda":
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def copy_bandwidth_gbs(device, nbytes=1 << 30) -> float:

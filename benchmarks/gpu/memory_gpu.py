@@ -1,7 +1,7 @@
 """Peak device memory and ms/step of the denoising loop for each placement x precision, beside the memory plan.
 
-    python benchmarks/memory_gpu.py --out memory.json               # a GPU: full-size Kontext, a 1024x1024 edit
-    python benchmarks/memory_gpu.py --smoke --out /tmp/memory.json  # the CPU: the tiny preset; measures nothing
+    python benchmarks/gpu/memory_gpu.py --out memory.json               # a GPU: full-size Kontext, a 1024x1024 edit
+    python benchmarks/gpu/memory_gpu.py --smoke --out /tmp/memory.json  # the CPU: the tiny preset; measures nothing
 
 The GPU machine has no checkpoint, so the transformer is built at full size with random weights (memory and time
 do not depend on the values) and only the denoising loop runs: no VAE, no text encoders. Its measured peak
@@ -21,10 +21,14 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # benchmarks/gpu/
+BENCH = HERE.parent
+sys.path.insert(0, str(BENCH))  # the timer and the results' run folders, by plain name
+import run_folder  # noqa: E402
+from timing import Stopwatch  # noqa: E402
+
 CASES = [  # (precision, placement): the cards people have first (FP8 and bf16 lean), then offload, then resident
     ("fp8", "lean"),
     ("bf16", "lean"),
@@ -111,7 +115,7 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if cuda else 0
-    t0 = time.perf_counter()
+    load = Stopwatch()  # not synced: the load as the host sees it
     model = fresh_model(cfg, host_model)
     fp8 = precision == "fp8"
     ops = resolve("auto", device).ops  # what a pipeline runs here: the triton kernels on a GPU, eager on a CPU
@@ -119,7 +123,7 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
         park = torch.device("cpu") if placement.offloads_blocks else None
         fp8_linear.convert(model, ops.quantize_rows, None, fp8_linear.matmul_for(device), device=device, park=park)
     residency = place_transformer(model, placement, device)
-    load_s = time.perf_counter() - t0
+    load_s = load.elapsed_s()
     loaded = (torch.cuda.memory_allocated(device) - base) if cuda else None
     load_peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
     base_reserved = torch.cuda.memory_reserved(device) if cuda else 0
@@ -128,19 +132,11 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
         denoiser = residency.denoiser(denoiser)
     x, cond = inputs(cfg, device, size, text_tokens)
     sigmas = schedule(steps, (size // 16) ** 2, True)
-    times, last = [], [time.perf_counter()]
-
-    def tick(done, total):
-        if cuda:
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    last[0] = time.perf_counter()
-    out = denoise(denoiser, x, sigmas, cond, tick)
+    steps_watch = Stopwatch(device)  # a lap per step, each after a device sync (the loop's progress callback)
+    out = denoise(denoiser, x, sigmas, cond, steps_watch.lap)
+    times = steps_watch.laps_s
     run_peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
     reserved_peak = (torch.cuda.max_memory_reserved(device) - base_reserved + loaded) if cuda else None
     tokens = (size // 16) ** 2
@@ -179,8 +175,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="denoising steps per case (default 4; --smoke: 2)")
     ap.add_argument("--budget-s", type=float, help="skip the cases that would end past this many seconds")
     args = ap.parse_args(argv)
-    if args.smoke and args.out.resolve().is_relative_to((HERE / "results").resolve()):
+    if args.smoke and run_folder.in_results(args.out):
         ap.error("--smoke measures nothing: write it outside benchmarks/results")
+    run_folder.check_out(args.out)
+    started = run_folder.now_utc()
     import torch
 
     from kontext_rt.backends import resolve
@@ -203,33 +201,34 @@ def main(argv=None) -> int:
         "size": f"{size}x{size} + one context image, {text_tokens} text tokens",
         "cases": [],
     }
-    t0 = time.perf_counter()
+    run = Stopwatch()
     host = random_host_model(cfg, device)
-    data["build_s"] = time.perf_counter() - t0
+    data["build_s"] = run.elapsed_s()
     firsts = {}  # precision -> the first case's output: every placement must give it bit for bit
     times = []
     for precision, placement in CASES:
-        elapsed = time.perf_counter() - t0
+        elapsed = run.elapsed_s()
         if args.budget_s and times and elapsed + max(times) > args.budget_s:
             row = {"precision": precision, "placement": placement, "skipped": f"budget ({elapsed:.0f} s used)"}
         else:
-            t_case = time.perf_counter()
+            case = Stopwatch()
             try:
                 row, out = run_case(host, cfg, vae_cfg, precision, placement, device, size, steps, text_tokens)
                 first = firsts.setdefault(precision, (placement, out))
                 row["equals"] = {"placement": first[0], "bit_for_bit": bool(torch.equal(out, first[1]))}
             except Exception as err:  # one case failing (e.g. out of memory) must not lose the others
                 row = {"precision": precision, "placement": placement, "error": f"{type(err).__name__}: {err}"[:400]}
-            times.append(time.perf_counter() - t_case)
+            times.append(case.elapsed_s())
         data["cases"].append(row)
         print(json.dumps(row), flush=True)
         tmp = args.out.with_name(args.out.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, args.out)
     ok = all("error" not in r and r.get("equals", {}).get("bit_for_bit", True) for r in data["cases"])
+    machine = run_folder.host(device=data["device"], torch=torch.__version__)
+    run_folder.record(args.out, data["what"], machine, started, __file__, argv)
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     sys.exit(main())

@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
-from kernel_cases import sync
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the timer, by plain name
+import timing  # noqa: E402
 
 
 def step_flops(cfg, text: int, target: int, context: int) -> float:
@@ -134,28 +135,14 @@ def loop_fn(model, ops, dtype, denoiser=None):
 @torch.inference_mode()
 def time_loop(run, x, cond, device, steps, repeats, warmup_steps=2):
     """(median ms per step, host ms per step) over `repeats` loops of `steps` steps, after one short warm-up loop
-    (autotuning, graph capture, compilation: a 2-step loop has the same shapes as a 28-step one)."""
+    (autotuning, graph capture, compilation: a 2-step loop has the same shapes as a 28-step one). ms per step is
+    the device's time on a GPU (timing.Sample.ms), host ms the time to issue the loop."""
     from kontext_rt.sampling.schedule import schedule
 
     run(x, schedule(warmup_steps, x.shape[1]), cond)
-    sync(device)
     sigmas = schedule(steps, x.shape[1])
-    cuda = torch.device(device).type == "cuda"
-    per_step, host = [], []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        run(x, sigmas, cond)
-        host.append((time.perf_counter() - t0) * 1e3 / steps)
-        if cuda:
-            end.record()
-            end.synchronize()
-            per_step.append(start.elapsed_time(end) / steps)
-        else:
-            per_step.append((time.perf_counter() - t0) * 1e3 / steps)
-    return statistics.median(per_step), statistics.median(host)
+    samples = timing.repeat(lambda: run(x, sigmas, cond), device, repeats)
+    return statistics.median(s.ms / steps for s in samples), statistics.median(s.host_ms / steps for s in samples)
 
 
 @torch.inference_mode()
@@ -169,13 +156,13 @@ def profile_steps(run, x, cond, device, steps=2, top=25) -> dict:
 
     from kontext_rt.sampling.schedule import schedule
 
-    cuda = torch.device(device).type == "cuda"
+    cuda = timing.is_cuda(device)
     run(x, schedule(2, x.shape[1]), cond)
-    sync(device)
+    timing.sync(device)
     sigmas = schedule(steps, x.shape[1])
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         run(x, sigmas, cond)
-        sync(device)
+        timing.sync(device)
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     averages = prof.key_averages()
 
@@ -208,8 +195,6 @@ def profile_steps(run, x, cond, device, steps=2, top=25) -> dict:
 
 def matmul_tflops(device, fp8: bool, n=8192, reps=20) -> float:
     """The dense matmul rate this device reaches in bf16 (or FP8 e4m3 through _scaled_mm): the MFU denominator."""
-    from kernel_cases import time_ms
-
     a = torch.randn(n, n, device=device).to(torch.bfloat16)
     b = torch.randn(n, n, device=device).to(torch.bfloat16)
     if fp8:
@@ -218,7 +203,7 @@ def matmul_tflops(device, fp8: bool, n=8192, reps=20) -> float:
         fn = lambda: torch._scaled_mm(qa, qb.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
     else:
         fn = lambda: a @ b  # noqa: E731
-    return 2 * n**3 / (time_ms(fn, device, warmup=3, reps=reps) * 1e-3) / 1e12
+    return 2 * n**3 / (timing.time_ms(fn, device, warmup=3, reps=reps) * 1e-3) / 1e12
 
 
 def diffusers_loop(ref, cfg, layout, data, device, dtype):
@@ -336,8 +321,9 @@ def e4m3_tie_rows(device) -> torch.Tensor:
 
 @torch.inference_mode()
 def end_to_end(vae, run, layout, data, device, dtype, steps_list) -> dict:
-    """Seconds for whole edits: VAE encode of the context image, the loop, VAE decode (embeddings as a cache hit).
-    One 1-step edit warms up first (VAE kernels; the loop's graphs and autotuning were warmed by the ladder)."""
+    """Seconds for whole edits: VAE encode of the context image, the loop, VAE decode (embeddings as a cache hit),
+    until the device has finished (timing.Sample.wall_ms). One 1-step edit warms up first (VAE kernels; the loop's
+    graphs and autotuning were warmed by the ladder)."""
     from kontext_rt.image import pack, unpack
     from kontext_rt.sampling.schedule import schedule
 
@@ -354,11 +340,8 @@ def end_to_end(vae, run, layout, data, device, dtype, steps_list) -> dict:
     edit(1)
     out = {}
     for steps in steps_list:
-        sync(device)
-        t0 = time.perf_counter()
-        edit(steps)
-        sync(device)
-        out[str(steps)] = time.perf_counter() - t0
+        timing.sync(device)
+        out[str(steps)] = timing.timed(lambda steps=steps: edit(steps), device)[1].wall_ms / 1e3
     return out
 
 

@@ -1,9 +1,9 @@
 """One call on a GPU machine: check the Triton kernels at FLUX.1 shapes, time them against their baselines, and
-write benchmarks/results/kernels-<device>-<date>.json.
+write benchmarks/results/<device>-kernels-<date>/kernels.json (with the run folder's manifest.json).
 
     pip install --no-deps -e .          # if kontext_rt is not installed yet
-    python benchmarks/kernels_gpu.py [--out PATH] [--reps 30]
-    python benchmarks/kernels_gpu.py --smoke --out /tmp/smoke.json   # CPU + Triton interpreter, tiny shapes
+    python benchmarks/kernels/kernels_gpu.py [--out PATH] [--reps 30]
+    python benchmarks/kernels/kernels_gpu.py --smoke --out /tmp/smoke.json   # CPU + Triton interpreter, tiny shapes
 
 Attention (B=1, H=24, D=128, bf16, L = 4608 / 8704 / 12800): the fused kernel (QK norm + RoPE on load), the
 two-kernel variant (norm+RoPE pass, then plain flash attention), and torch SDPA with each of its flash / cuDNN /
@@ -24,11 +24,14 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # benchmarks/kernels/
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the kernel cases, the timer and the results' run folders, by name
+import run_folder  # noqa: E402
+from run_folder import RESULTS  # noqa: E402
+
 GOAL_TFLOPS = 400.0  # the issue's bar for the fused kernel at L=8704 on an H100
 
 
@@ -42,10 +45,10 @@ def _error_bound(out, truth, eager):
 
 
 def _timed(fn, device, reps, flops=None, nbytes=None, copy_gbs=None):
-    import kernel_cases as cases
+    from timing import time_ms
 
     try:
-        ms = cases.time_ms(fn, device, warmup=max(2, reps // 5), reps=reps)
+        ms = time_ms(fn, device, warmup=max(2, reps // 5), reps=reps)
     except Exception as err:  # e.g. an SDPA backend this GPU or build lacks
         return {"error": f"{type(err).__name__}: {err}"[:300]}
     row = {"ms": ms}
@@ -271,26 +274,29 @@ def run(smoke: bool, reps: int, write) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/kernels-<device>-<date>.json)")
+    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<device>-kernels-<date>/)")
     parser.add_argument("--reps", type=int, default=30, help="timed repetitions per row (median reported)")
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes: not a timing")
     args = parser.parse_args(argv)
     if args.smoke:
-        if args.out is None or HERE / "results" in args.out.resolve().parents:
+        if args.out is None or RESULTS in args.out.resolve().parents:
             parser.error("--smoke needs --out outside benchmarks/results (its timings are not kernel speeds)")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-    sys.path.insert(0, str(HERE))
-    from phases import write_json
+    if args.out is not None:
+        run_folder.check_out(args.out)
+    started = run_folder.now_utc()
 
     def path(result) -> Path:
-        slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
-        return args.out or HERE / "results" / f"kernels-{slug}-{result['date']}.json"
+        return args.out or run_folder.default_path(result["device"], "kernels", "kernels.json", result["date"])
 
     def write(result):
         path(result).parent.mkdir(parents=True, exist_ok=True)
-        write_json(path(result), result)
+        run_folder.write_json(path(result), result)
 
     result = run(args.smoke, args.reps, write)
+    what = "the Triton kernels at FLUX.1 shapes against their baselines (benchmarks/kernels/kernels_gpu.py)"
+    machine = run_folder.host(device=result["device"], **result["versions"])
+    run_folder.record(path(result), what, machine, started, __file__, argv)
     print(
         f"wrote {path(result)}; checks {'ok' if result['all_checks_ok'] else 'FAILED'}; "
         f"goals {result['goals_one_context']}"

@@ -10,18 +10,20 @@ deadline (a kill at the deadline keeps whatever the child had already written):
 
     install   the carried wheels (wheels/, from `bash benchmarks/gpu_wheels.sh`) into a fresh folder, offline;
               without wheels/, the installed kontext_rt (CI, a developer's environment)
-    env       GPU, driver, CUDA, packages, and what imports (gpu_env.py)
-    suite     gpu_suite.py --part core: the bf16 ladder, the diffusers baseline, the exactness checks, the end-to-end
-              edits and FP8; must end by CORE_END_S
-    kernels   kernels_gpu.py: the Triton kernels at FLUX shapes against SDPA
-    tensorrt  tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
-    memory    memory_gpu.py: peak memory and ms/step of the full-size loop per placement x precision, beside the plan
-    compile   gpu_suite.py --part compile: the inductor rung, last, with the time that is left
+    env       GPU, driver, CUDA, packages, and what imports (machine/gpu_env.py)
+    suite     gpu/gpu_suite.py --part core: the bf16 ladder, the diffusers baseline, the exactness checks, the
+              end-to-end edits and FP8; must end by CORE_END_S
+    kernels   kernels/kernels_gpu.py: the Triton kernels at FLUX shapes against SDPA
+    tensorrt  gpu/tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
+    memory    gpu/memory_gpu.py: peak memory and ms/step of the full-size loop per placement x precision, beside
+              the plan
+    compile   gpu/gpu_suite.py --part compile: the inductor rung, last, with the time that is left
     train     opt-in (--only train), its own command: kontext_toy/training/train.py on the GPU for
               --train-minutes from the shipped small Kontext (kontext_toy.checkpoints.small_kontext), evaluated there;
               the checkpoint comes back as small-kontext-gpu.tar.gz, with its train_log.json
 
-Files in DIR: run.json (this record: every phase's status, exit code, time and output tail; the environment),
+Files in DIR: run.json (this record: the command, the commit (the carried wheel's, else the tree's), every phase's
+status, exit code, time and output tail; the environment),
 run.log (all output), suite.json, suite-compile.json, suite-ladder.png, kernels.json, tensorrt.json, memory.json;
 with --only train: small-kontext-gpu.tar.gz and train_log.json.
 run.json is rewritten after every phase. The exit status is 0 only when every phase succeeded.
@@ -38,6 +40,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -48,12 +51,15 @@ from collections import deque
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+HERE = Path(__file__).resolve().parent  # benchmarks/machine/
+BENCH = HERE.parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(HERE), str(BENCH)]  # the wheels, the phases and the results' writer, by plain name
 
+import run_folder  # noqa: E402
 import wheels  # noqa: E402
-from phases import PhaseError, Record, say, write_json  # noqa: E402
+from phases import PhaseError, Record, say  # noqa: E402
+from run_folder import write_json  # noqa: E402
 
 BUDGET_S = 530  # the whole run: inside one 10-minute command, with a margin for the machine's file transfers
 CORE_END_S = 300  # install + env + the suite's core end by then
@@ -66,6 +72,12 @@ DEADLINES = {
     "tensorrt": 60,
     "memory": 150,
 }  # seconds; suite and compile: see above; train: its minutes + TRAIN_OVERHEAD_S
+SUITE = BENCH / "gpu" / "gpu_suite.py"
+SCRIPTS = {  # phase -> the script it runs with --out FILE
+    "kernels": BENCH / "kernels" / "kernels_gpu.py",
+    "tensorrt": BENCH / "gpu" / "tensorrt_gpu.py",
+    "memory": BENCH / "gpu" / "memory_gpu.py",
+}
 PHASES = ("install", "env", "suite", "kernels", "tensorrt", "memory", "compile", "train")
 OPT_IN = ("train",)  # run only when --only names them
 TRAIN_OVERHEAD_S = 180  # the pool (100,000 edits drawn in 12 processes), the evaluation, the writes
@@ -151,6 +163,8 @@ class Run:
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.data = {
             "mode": "rehearse" if args.rehearse else "gpu",
+            "command": shlex.join(["bash", "benchmarks/gpu_run.sh", *args.argv]),
+            **run_folder.git_state(ROOT),  # the tree's; the carried wheel's instead when that is what runs
             "started_utc": started,
             "budget_s": BUDGET_S,
             "core_end_s": CORE_END_S,
@@ -181,6 +195,8 @@ class Run:
                 ) from None
             return {"source": "the installed environment (no wheels/ folder)"}
         todo = wheels.plan(folder, installed)
+        if not todo["project_wheel_stale"]:
+            self.data |= todo["built_at"]
         self.site = tempfile.TemporaryDirectory(prefix="kontext-rt-site-")  # removed when the run ends
         site = Path(self.site.name)
         paths = [str(p) for p in todo["install"]]
@@ -222,7 +238,7 @@ class Run:
 
     def suite(self, part, timeout_s):
         cmd = [
-            str(HERE / "gpu_suite.py"),
+            str(SUITE),
             "--out",
             str(self.out),
             "--part",
@@ -259,7 +275,7 @@ class Run:
                     shutil.move(archive, self.out / "small-kontext-gpu.tar.gz")
 
     def script(self, name, out_name, timeout_s, *extra):
-        return self.child(name, [str(HERE / f"{name}_gpu.py"), "--out", str(self.out / out_name), *extra], timeout_s)
+        return self.child(name, [str(SCRIPTS[name]), "--out", str(self.out / out_name), *extra], timeout_s)
 
     def main(self) -> int:
         r, wanted = self.record, self.args.only
@@ -309,6 +325,8 @@ class Run:
         ]
         self.data["ok"] = not problems
         r.write()
+        if run_folder.in_results(self.out):  # a run folder of results/ has its manifest (not $OUT: 8 files at most)
+            run_folder.gpu_manifest(self.out)
         say(
             f"[run {r.elapsed_s():.0f}s] {'all phases ok' if not problems else 'not ok: ' + ', '.join(problems)}; "
             f"files: {', '.join(files)}"
@@ -342,6 +360,7 @@ def parse(argv):
         help="fail this phase on purpose; SUITE:PHASE for one inside gpu_suite (suite: or compile:)",
     )
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.out is None:
         p.error("give --out DIR (on the GPU machine $OUT is the default)")
     if args.only and (unknown := args.only - set(PHASES[2:])):
@@ -355,7 +374,7 @@ def parse(argv):
         if which not in ("", "suite", "compile") or (not which and phase not in PHASES):
             p.error(f"--break {b}: name a phase ({', '.join(PHASES)}) or suite:PHASE / compile:PHASE")
     args.out = args.out.resolve()
-    if args.rehearse and args.out.is_relative_to((HERE / "results").resolve()):
+    if args.rehearse and args.out.is_relative_to((BENCH / "results").resolve()):
         p.error("--rehearse timings are not GPU timings: write them outside benchmarks/results")
     return args
 

@@ -11,12 +11,14 @@ one failure neither stops the others nor goes unreported).
 
 from __future__ import annotations
 
-import json
-import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the results' writer, by plain name
+from run_folder import write_json  # noqa: E402
 
 
 class Broken(RuntimeError):
@@ -33,13 +35,6 @@ class PhaseError(RuntimeError):
 
 def say(message: str) -> None:
     print(message, flush=True)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Replace `path` by `data` as JSON in one rename: a reader (or a kill) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 class Record:

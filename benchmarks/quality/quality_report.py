@@ -1,6 +1,6 @@
 """What each speed option costs in quality, next to what it buys in speed: the shapes task on the CPU.
 
-    python benchmarks/quality_report.py --checkpoint DIR --out-json F.json --out-png F.png [--n 20] [--seed 0]
+    python benchmarks/quality/quality_report.py --checkpoint DIR --out-json F.json --out-png F.png [--n 20] [--seed 0]
         [--turns 3] [--steps 8] [--options bf16,fp16,fp8-dynamic,fp8-static,onnx-ort,triton,steps] [--threads 1]
 
 Every option edits the same held-out samples (kontext_toy.shapes, split "heldout") with the same seeds
@@ -22,7 +22,7 @@ Per-step drift (bf16, fp16, FP8, ONNX): the RMS over every edit sample of the fl
 step minus fp32 eager's latent after the same step (same sample, same seed), and the PSNR of the decoded image
 against fp32's. The multi-turn curve: the harness's drift (each turn a recolour and its undo, chained) per option.
 
-Time: wall time (time.perf_counter) on this machine's CPU with --threads threads (torch and ONNX Runtime), median
+Time: wall time (benchmarks/timing.py) on this machine's CPU with --threads threads (torch and ONNX Runtime), median
 over every edit call of an option (its samples' edits and their drift turns) after one untimed warm-up edit;
 edit_median_s counts VAE encode + denoising + VAE decode (not the text encoders, whose embeddings are cached
 after a prompt's first use), denoise_median_s the denoising loop alone.
@@ -38,20 +38,24 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 
 import torch
-from quality_steps import OrtTransformer, step_drift, trajectories
 
 from kontext_rt.errors import BackendUnavailable, InputError
 from kontext_rt.requests import RunReport
 from kontext_rt.sampling.denoisers import PerStep
 from kontext_toy import harness, metrics, shapes
 from kontext_toy.shapes import EditSample
+
+# its step and chart modules, and the timer, by plain name
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import run_folder  # noqa: E402
+import timing  # noqa: E402
+from quality_steps import OrtTransformer, step_drift, trajectories  # noqa: E402
 
 FORMAT = "kontext-rt quality report v1"
 SCHEDULE = (28, 8, 4)  # the first is the schedule group's reference
@@ -134,6 +138,8 @@ def check(args: argparse.Namespace) -> Config:
             raise InputError(f"--{flag} {path}: its folder {path.parent} does not exist")
         if path.is_dir():
             raise InputError(f"--{flag} {path} is a folder, not a file name")
+        if path.resolve().parent == run_folder.RESULTS.resolve():
+            raise InputError(f"--{flag} {path}: write into a run folder, benchmarks/results/<device>-<what>-<date>/")
     if args.out_json.resolve() == args.out_png.resolve():
         raise InputError("--out-json and --out-png name the same file")
     for name, low in (("n", 1), ("seed", 0), ("turns", 0), ("steps", 1), ("threads", 1), ("triton-n", 0)):
@@ -172,9 +178,9 @@ class Timed:
         return kw if self.steps is None else {**kw, "steps": self.steps}
 
     def edit(self, image, prompt, **kw):
-        report, t0 = RunReport(), time.perf_counter()
-        out = self.pipe.edit(image, prompt, report=report, **self._steps(kw))
-        self.walls.append(time.perf_counter() - t0)
+        report = RunReport()
+        out, sample = timing.timed(lambda: self.pipe.edit(image, prompt, report=report, **self._steps(kw)))
+        self.walls.append(sample.wall_ms / 1e3)
         self.edits.append(report)
         return out
 
@@ -283,14 +289,14 @@ def run_group(configs: dict[str, Timed], samples, steps: int, seed: int, turns: 
 def _built(names, cfg: Config, folder: Path, not_run: dict, log) -> dict[str, tuple[object, dict]]:
     pipes = {}
     for name in names:
-        t0 = time.perf_counter()
+        setup = timing.Stopwatch()
         try:
             pipe, how = build(name, cfg, folder)
         except (BackendUnavailable, ImportError) as err:
             not_run[name] = f"could not be built here: {err}"
             log(f"{name}: not run, {not_run[name]}")
             continue
-        pipes[name] = (pipe, {**how, "what": OPTIONS[name][0], "setup_s": time.perf_counter() - t0})
+        pipes[name] = (pipe, {**how, "what": OPTIONS[name][0], "setup_s": setup.elapsed_s()})
     return pipes
 
 
@@ -388,7 +394,7 @@ def checkpoint_sha256(folder: Path) -> str:
 
 
 def report(cfg: Config, log=lambda line: None) -> dict:
-    t0 = time.perf_counter()
+    run = timing.Stopwatch()
     # the path as given (a committed record must not carry this machine's folders); the digest names the weights
     checkpoint = {"path": str(cfg.checkpoint), "weights_sha256": checkpoint_sha256(cfg.checkpoint)}
     body = measure(cfg, log)
@@ -402,7 +408,7 @@ def report(cfg: Config, log=lambda line: None) -> dict:
         "triton": {"n": min(cfg.triton_n, cfg.n), "turns": cfg.triton_turns},
         "max_sequence_length": cfg.max_sequence_length,
         **body,
-        "run_seconds": time.perf_counter() - t0,
+        "run_seconds": run.elapsed_s(),
     }
 
 
@@ -445,12 +451,16 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    started = run_folder.now_utc()
     try:
         result = report(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     finally:
         torch.set_num_threads(threads)
     write_json(result, cfg.out_json)
     write_png(result, cfg.out_png)
+    what = "what each speed option costs in quality on the small Kontext, and its CPU time (quality_report.py)"
+    for path in (cfg.out_json, cfg.out_png):  # in results/: their run folder's manifest
+        run_folder.record(path, what, run_folder.host(threads=cfg.threads), started, __file__, argv)
     print(f"wrote {cfg.out_json} and {cfg.out_png} in {result['run_seconds']:.0f} s", file=sys.stderr)
     return 0
 

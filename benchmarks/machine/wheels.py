@@ -3,8 +3,9 @@ them there (no network on the GPU machines, so what the image lacks travels with
 
 wheels/manifest.json records a digest of the sources the project's wheel was built from, so a wheel older than the
 tree is never measured by mistake: gpu_run.py rebuilds from the tree instead (setuptools is in the image) and says so.
+It records the commit too (the GPU machine gets the tree without its git history): run.json names it.
 
-    python benchmarks/wheels.py manifest wheels     # after the downloads and the build (gpu_wheels.sh does this)
+    python benchmarks/machine/wheels.py manifest wheels   # after the downloads and the build (gpu_wheels.sh does it)
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: benchmarks/machine/wheels.py)
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the results' git_state, by plain name
+from run_folder import git_state  # noqa: E402
+
 SOURCES = ("runtime", "kernels", "export", "pyproject.toml")  # what goes into the project's wheel
 PROJECT = "kontext-rt"
 
@@ -52,6 +56,7 @@ def write_manifest(folder: Path, root: Path = ROOT) -> dict:
     if not any(dist_name(Path(w)) == PROJECT for w in wheels):
         raise SystemExit(f"error: no {PROJECT} wheel in {folder}: build it first (pip wheel --no-deps .)")
     manifest = {"source_digest": source_digest(root), "wheels": wheels, "made": datetime.date.today().isoformat()}
+    manifest |= git_state(root)  # commit, dirty
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -77,13 +82,14 @@ def plan(folder: Path, installed: Callable[[str], bool], root: Path = ROOT) -> d
             present.append(dist)
         else:
             install.append(wheel)
-    return {"install": install, "already_installed": present, "project_wheel_stale": stale}
+    built_at = {"commit": manifest.get("commit"), "dirty": manifest.get("dirty")}  # older manifests: unknown
+    return {"install": install, "already_installed": present, "project_wheel_stale": stale, "built_at": built_at}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "manifest":
-        print("usage: python benchmarks/wheels.py manifest WHEELS_DIR", file=sys.stderr)
+        print("usage: python benchmarks/machine/wheels.py manifest WHEELS_DIR", file=sys.stderr)
         return 2
     manifest = write_manifest(Path(argv[1]))
     print(f"{len(manifest['wheels'])} wheels, sources {manifest['source_digest'][:12]}")

@@ -1,5 +1,5 @@
-"""What benchmarks/quality_report.py follows step by step: the latent after every denoising step of an edit, and the
-exported transformer graph in ONNX Runtime as a denoiser's model."""
+"""What benchmarks/quality/quality_report.py follows step by step: the latent after every denoising step of an edit,
+and the exported transformer graph in ONNX Runtime as a denoiser's model."""
 
 from __future__ import annotations
 

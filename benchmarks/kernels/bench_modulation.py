@@ -1,6 +1,6 @@
 """Fused adaLN modulation and gated residual vs the eager torch ops, bf16, (1, 8704, 3072) (GPU only), in GB/s.
 
-    python -m pytest benchmarks/bench_modulation.py --benchmark-only --benchmark-group-by=func
+    python -m pytest benchmarks/kernels/bench_modulation.py --benchmark-only --benchmark-group-by=func
 
 Bytes moved: modulate reads x and writes the result (2 passes of B*L*C); gated_residual reads x and y (3 passes).
 """
@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the kernel cases and the timer, by plain name
 import kernel_cases as cases  # noqa: E402
+from timing import synced  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="kernel speed is measured on a GPU only; interpreter timings mean nothing"
@@ -22,12 +24,7 @@ LENGTH = cases.LENGTHS["one-context"]
 
 def _bench(benchmark, fn, args, passes):
     fn(*args)
-
-    def run():
-        fn(*args)
-        torch.cuda.synchronize()
-
-    benchmark(run)
+    benchmark(synced(lambda: fn(*args), "cuda"))
     benchmark.extra_info["gbs"] = passes * args[0].numel() * args[0].element_size() / benchmark.stats["median"] / 1e9
 
 

@@ -1,8 +1,8 @@
 """Load test of `kontext-rt serve` on loopback: latency, throughput, 429s under a burst, and abandoned requests.
 
-    python benchmarks/serve_load.py --out benchmarks/results/serve-load-cpu.json          # the demo checkpoint
-    python benchmarks/serve_load.py --checkpoint DIR --device cuda --out ...              # a real one
-    python benchmarks/serve_load.py --smoke --out /tmp/serve-load.json                    # seconds: checks the script
+    python benchmarks/e2e/serve_load.py                          # the demo checkpoint: a new run folder in results/
+    python benchmarks/e2e/serve_load.py --checkpoint DIR --device cuda --out ...   # a real one
+    python benchmarks/e2e/serve_load.py --smoke --out /tmp/serve-load.json         # seconds: checks the script
 
 The server runs in this process (uvicorn on 127.0.0.1, a free port) over one loaded pipeline; clients are threads
 speaking HTTP (http.client), so nothing leaves the machine. Three parts, each writes its figures into one JSON:
@@ -31,21 +31,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # benchmarks/e2e/
+sys.path.insert(0, str(HERE.parent))  # the timer and the results' run folders, by plain name
+import run_folder  # noqa: E402
+from timing import Stopwatch, percentile  # noqa: E402
 
 
 def _post(port, path, body: bytes, content_type: str, timeout: float) -> tuple[int, dict, float]:
     import http.client
 
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("POST", path, body=body, headers={"Content-Type": content_type})
         r = conn.getresponse()
         data = r.read()
-        return r.status, {"retry_after": r.getheader("retry-after"), "body": data[:200]}, time.perf_counter() - t0
+        return r.status, {"retry_after": r.getheader("retry-after"), "body": data[:200]}, watch.elapsed_s()
     except OSError as e:  # a timeout or a reset: a lost request
-        return -1, {"error": f"{type(e).__name__}: {e}"}, time.perf_counter() - t0
+        return -1, {"error": f"{type(e).__name__}: {e}"}, watch.elapsed_s()
     finally:
         conn.close()
 
@@ -84,12 +87,6 @@ def request(port, kind: str, seed: int, size: int, steps: int, timeout: float):
     return _post(port, "/v1/images/generations", body, "application/json", timeout)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[k]
-
-
 def mixed(pipe, clients: int, per_client: int, max_batch: int, size: int, steps: int, timeout: float) -> dict:
     from kontext_rt.serve import Settings, create_app
     from kontext_rt.serve.background import serving
@@ -105,10 +102,10 @@ def mixed(pipe, clients: int, per_client: int, max_batch: int, size: int, steps:
                 for i in range(per_client)
             ]
 
-        t0 = time.perf_counter()
+        watch = Stopwatch()
         with ThreadPoolExecutor(clients) as pool:
             results = [r for rs in pool.map(client, range(clients)) for r in rs]
-        wall = time.perf_counter() - t0
+        wall = watch.elapsed_s()
         metrics = _metrics(port)
     statuses = [s for s, _, _ in results]
     latencies = [t for s, _, t in results if s == 200]
@@ -180,7 +177,7 @@ def abandon(pipe, size: int, long_steps: int, timeout: float) -> dict:
         request(port, "generate", 1, size, long_steps, timeout)  # warm-up: the text encoders, the first run
         _, _, alone = request(port, "generate", 1, size, long_steps, timeout)  # the long request's time alone
         body = json.dumps({"prompt": "a red fox", "size": f"{size}x{size}", "steps": long_steps, "seed": 2}).encode()
-        t0 = time.perf_counter()
+        watch = Stopwatch()  # from the long request's start
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(
                 b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -188,7 +185,7 @@ def abandon(pipe, size: int, long_steps: int, timeout: float) -> dict:
             )
             time.sleep(min(0.5, alone / 4))  # let it start
         status, _, short = request(port, "generate", 3, size, 1, timeout)
-        done = time.perf_counter() - t0
+        done = watch.elapsed_s()
         metrics = _metrics(port)
     disconnected = 0.0
     for line in metrics.splitlines():
@@ -206,7 +203,7 @@ def abandon(pipe, size: int, long_steps: int, timeout: float) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<device>-serve-load-<date>/)")
     ap.add_argument(
         "--checkpoint", help="a checkpoint folder (default: the demo's tiny random one, written to a temp dir)"
     )
@@ -218,16 +215,19 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny numbers: checks the script in seconds")
     args = ap.parse_args(argv)
     if args.smoke:
-        if args.out.resolve().is_relative_to((HERE / "results").resolve()):
-            ap.error("--smoke measures nothing: write it outside benchmarks/results")
+        if args.out is None or run_folder.in_results(args.out):
+            ap.error("--smoke measures nothing: give --out outside benchmarks/results")
         args.clients, args.requests, args.steps, args.size = 2, 2, 1, 32
+    if args.out is not None:
+        run_folder.check_out(args.out)
+    started = run_folder.now_utc()
     import torch
 
     import kontext_rt as krt
-    from kontext_toy import checkpoints as demo
+    from kontext_toy.checkpoints import demo_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint or demo.demo_checkpoint(Path(tmp))
+        checkpoint = args.checkpoint or demo_checkpoint(Path(tmp))
         pipe = krt.Pipeline.from_pretrained(checkpoint, device=args.device)
         timeout = 300.0
         data = {
@@ -245,8 +245,12 @@ def main(argv=None) -> int:
             "burst": burst(pipe, 2, args.size, 1 if args.smoke else args.steps, timeout),
             "abandon": abandon(pipe, args.size, 30 if args.smoke else 100, timeout),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
+    device = data["device"] if args.device != "cpu" else f"cpu-{os.cpu_count()}core"
+    out = args.out or run_folder.default_path(device, "serve-load", "serve-load.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
+    machine = run_folder.host(device=data["device"], torch=torch.__version__)
+    run_folder.record(out, data["what"], machine, started, __file__, argv)
     ok = all(m["lost"] == 0 and m["server_errors"] == 0 and m["ok"] == m["requests"] for m in data["mixed"])
     b = data["burst"]
     ok = ok and b["lost"] == 0 and b["server_errors"] == 0 and b["ok"] + b["rejected_429"] == b["requests"]

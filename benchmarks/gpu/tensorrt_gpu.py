@@ -1,7 +1,7 @@
 """TensorRT engines on a GPU: build fp16 and fp8 engines for a full-width, reduced-depth transformer, check them
 against PyTorch, and time one transformer step per precision against the eager bf16 model, in the same run.
 
-    python benchmarks/tensorrt_gpu.py          # writes benchmarks/results/tensorrt-<device>-<date>.json
+    python benchmarks/gpu/tensorrt_gpu.py          # writes benchmarks/results/<device>-tensorrt-<date>/tensorrt.json
 
 The first thing it records is whether TensorRT is importable (and its version); without TensorRT or a GPU it
 writes that finding and exits 0, so a GPU session always leaves a record. Shapes: the Kontext edit layout at
@@ -17,10 +17,14 @@ import argparse
 import dataclasses
 import datetime
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BENCH))  # the timer and the results' run folders, by plain name
+import run_folder  # noqa: E402
+from timing import time_ms  # noqa: E402
 
 KONTEXT = {"txt": 512, "grids": [(64, 64), (64, 64)]}
 
@@ -53,20 +57,8 @@ def _inputs(cfg, dtype, device):
     return {k: v.to(device, dtype if k in ("img", "txt", "pooled") else torch.float32) for k, v in x.items()}
 
 
-def _time_ms(fn, warmup=3, iters=15) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def _time_ms(fn) -> float:
+    return time_ms(fn, "cuda", warmup=3, reps=15)
 
 
 def _engine(model, precision, dtype, folder: Path, spec):
@@ -151,6 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--single", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if args.out is not None:
+        run_folder.check_out(args.out)
+    started = run_folder.now_utc()
     import torch
 
     record = {
@@ -165,12 +160,11 @@ def main(argv=None) -> int:
         record.update(run(args.depth, args.single))
     else:
         record["skipped"] = "needs TensorRT and a CUDA GPU; recorded what was found"
-    slug = device.lower().replace(" ", "-")
-    out = args.out or Path(__file__).parent / "results" / f"tensorrt-{slug}-{record['date']}.json"
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from phases import write_json
-
-    write_json(out, record)
+    out = args.out or run_folder.default_path(device, "tensorrt", "tensorrt.json", record["date"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_folder.write_json(out, record)
+    what = "TensorRT engines (fp16, fp8) of a full-width 2+2 block transformer against eager bf16 (gpu/tensorrt_gpu.py)"
+    run_folder.record(out, what, run_folder.host(device=device, torch=torch.__version__), started, __file__, argv)
     print(json.dumps(record, indent=1))
     print(f"wrote {out}", file=sys.stderr)
     return 0
