@@ -1,4 +1,4 @@
-"""The per-run arguments of edit and generate (size, steps, guidance, seed), checked before any work.
+"""The per-run arguments of edit and generate (size, steps, guidance, seed, solver), checked before any work.
 
 Pipeline.edit/generate call `check` first thing; the CLI calls it before it even loads a checkpoint.
 """
@@ -16,6 +16,7 @@ SEED_MAX = 2**64 - 1
 # The distilled-guidance range of ComfyUI's FluxGuidance node. FLUX's own defaults are 2.5 (Kontext), 3.5 (dev);
 # the model embeds guidance * 1000 as a timestep, so a huge value overflows and an infinite one gives NaN pixels.
 GUIDANCE_MIN, GUIDANCE_MAX = 0.0, 100.0
+SOLVERS = ("euler", "dpm++2m")  # sampling/solvers.py; named here, where the CLI's parser reads them without torch
 
 
 def _is_int(v) -> bool:
@@ -49,3 +50,8 @@ def check(width=None, height=None, steps=None, guidance=None, seed=None) -> None
         check_guidance(guidance)
     if seed is not None:
         check_seed(seed)
+
+
+def check_solver(solver) -> None:
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise InputError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")

@@ -12,15 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from kontext_rt.errors import InputError
+from kontext_rt.arguments import SOLVERS, check_solver
 
-SOLVERS = ("euler", "dpm++2m")
-
-
-def check_solver(name) -> str:
-    if name not in SOLVERS:
-        raise InputError(f"solver must be one of {', '.join(SOLVERS)}; got {name!r}")
-    return name
+__all__ = ["SOLVERS", "DPMSolverPP2M", "Euler", "check_solver", "make"]
 
 
 class Euler:
@@ -56,7 +50,7 @@ class DPMSolverPP2M:
     def __init__(self, sigmas: torch.Tensor, device: torch.device):
         a, b, c = dpm_coefficients(sigmas)
         self.sigmas = sigmas.to(device)
-        self.a, self.b, self.c = (t.float().to(device) for t in (a, b, c))
+        self.a, self.b, self.c = (t.to(device, sigmas.dtype) for t in (a, b, c))  # float32 from the pipeline
         self.x0_prev: torch.Tensor | None = None
 
     def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -70,4 +64,5 @@ class DPMSolverPP2M:
 
 def make(name: str, sigmas: torch.Tensor, device: torch.device):
     """The solver of one sampling loop over `sigmas` (steps + 1 values ending in 0); it holds that loop's state."""
-    return {"euler": Euler, "dpm++2m": DPMSolverPP2M}[check_solver(name)](sigmas, device)
+    check_solver(name)
+    return {"euler": Euler, "dpm++2m": DPMSolverPP2M}[name](sigmas, device)
