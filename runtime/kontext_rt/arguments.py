@@ -9,6 +9,7 @@ import math
 
 from kontext_rt import image as im
 from kontext_rt.errors import InputError
+from kontext_rt.sampling import SOLVERS, check_solver  # noqa: F401 (the per-run checks, in one place)
 
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and maps a negative seed s to 2**64 - 1 + s, so the
 # non-negative range below already names every generator state; anything larger overflows inside torch.
@@ -16,7 +17,6 @@ SEED_MAX = 2**64 - 1
 # The distilled-guidance range of ComfyUI's FluxGuidance node. FLUX's own defaults are 2.5 (Kontext), 3.5 (dev);
 # the model embeds guidance * 1000 as a timestep, so a huge value overflows and an infinite one gives NaN pixels.
 GUIDANCE_MIN, GUIDANCE_MAX = 0.0, 100.0
-SOLVERS = ("euler", "dpm++2m")  # sampling/solvers.py; named here, where the CLI's parser reads them without torch
 
 
 def _is_int(v) -> bool:
@@ -50,8 +50,3 @@ def check(width=None, height=None, steps=None, guidance=None, seed=None) -> None
         check_guidance(guidance)
     if seed is not None:
         check_seed(seed)
-
-
-def check_solver(solver) -> None:
-    if not isinstance(solver, str) or solver not in SOLVERS:
-        raise InputError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")

@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 from typing import Protocol
 
-from kontext_rt.arguments import SOLVERS
 from kontext_rt.cli_args import (
     DTYPE_NAMES,
     MAX_STEPS,
@@ -41,6 +40,7 @@ from kontext_rt.cli_args import (
 from kontext_rt.cli_prepare import _export, _export_parser, _plan, _plan_parser
 from kontext_rt.cli_serve import _serve, _serve_parser
 from kontext_rt.errors import KontextError
+from kontext_rt.sampling import SOLVERS
 
 EXIT_BUG, EXIT_USAGE = 1, 2
 BUG_LINE = "error: internal error (a bug in kontext-rt): please report it with the traceback above"

@@ -126,8 +126,8 @@ def run_demo(args, out: Path, text_cache) -> int:
 
 
 def _eval_parser(sub):
-    from kontext_rt.arguments import SOLVERS
     from kontext_rt.cli_args import DTYPE_NAMES, finite_float, nonneg_int, positive_int
+    from kontext_rt.sampling import SOLVERS
     from kontext_toy.bar import SETTINGS
     from kontext_toy.shapes import SPLITS
 

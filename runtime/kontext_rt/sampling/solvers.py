@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kontext_rt.arguments import SOLVERS, check_solver
+from kontext_rt.sampling import SOLVERS, check_solver
 
 __all__ = ["SOLVERS", "DPMSolverPP2M", "Euler", "check_solver", "make"]
 
