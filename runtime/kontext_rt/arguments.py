@@ -50,3 +50,20 @@ def check(width=None, height=None, steps=None, guidance=None, seed=None) -> None
         check_guidance(guidance)
     if seed is not None:
         check_seed(seed)
+
+
+def parse_sigmas(value):
+    """explicit_schedule of a comma list ("1.0,0.75,0.5,0.25,0", the CLI's --sigmas and the server's form field)
+    or of a sequence of numbers (the server's JSON list): the float32 tensor; one InputError line for anything else."""
+    if isinstance(value, str):
+        try:
+            value = [float(p) for p in value.split(",")]
+        except ValueError:
+            raise InputError(
+                f"sigmas must be a comma list of numbers such as 1.0,0.75,0.5,0.25,0; got {value!r}"
+            ) from None
+    if isinstance(value, (list, tuple)) and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise InputError(f"sigmas must be numbers, got {value!r}")
+    from kontext_rt.sampling.schedule import explicit_schedule  # torch: only when sigmas are given
+
+    return explicit_schedule(value)

@@ -40,7 +40,6 @@ from kontext_rt.cli_args import (
 from kontext_rt.cli_prepare import _export, _export_parser, _plan, _plan_parser
 from kontext_rt.cli_serve import _serve, _serve_parser
 from kontext_rt.errors import KontextError
-from kontext_rt.sampling import SOLVERS
 
 EXIT_BUG, EXIT_USAGE = 1, 2
 BUG_LINE = "error: internal error (a bug in kontext-rt): please report it with the traceback above"
@@ -112,7 +111,6 @@ def common_options(
         )
     sp.add_argument(
         "--solver",
-        choices=SOLVERS,
         default="euler",
         help="euler (default), or dpm++2m: DPM-Solver++ 2M, second order, one model call per step as Euler",
     )
@@ -255,11 +253,14 @@ def checked_run(args, inputs=(), default_output: str | None = None) -> tuple[Pat
     Placement.parse(args.placement)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     arguments.check(getattr(args, "width", None), getattr(args, "height", None), args.steps, args.guidance, args.seed)
+    try:
+        # checked here, not by argparse choices: the parser imports neither torch nor the runtime's internals
+        arguments.check_solver(args.solver)
+    except KontextError as e:
+        raise UsageError(f"--solver: {e}") from None
     if getattr(args, "sigmas", None) is not None:
-        from kontext_rt.sampling.schedule import explicit_schedule
-
         try:
-            args.sigmas = explicit_schedule(args.sigmas).tolist()  # a terminal 0 appended if absent
+            args.sigmas = arguments.parse_sigmas(args.sigmas).tolist()  # a terminal 0 appended if absent
         except KontextError as e:
             raise UsageError(f"--sigmas: {e}") from None
         if args.steps is not None and args.steps != len(args.sigmas) - 1:

@@ -43,18 +43,3 @@ def explicit_schedule(sigmas) -> torch.Tensor:
     if len(s) < 2 or not bool(torch.isfinite(s).all()) or s[0] > 1 or not bool((s[1:] < s[:-1]).all()):
         raise InputError(f"sigmas must decrease strictly within (0, 1], got {sigmas!r}")
     return s
-
-
-def parse_sigmas(value) -> torch.Tensor:
-    """explicit_schedule of a comma list ("1.0,0.75,0.5,0.25,0", the CLI's --sigmas and the server's form field)
-    or of a sequence of numbers (the server's JSON list); one InputError line for anything else."""
-    if isinstance(value, str):
-        try:
-            value = [float(p) for p in value.split(",")]
-        except ValueError:
-            raise InputError(
-                f"sigmas must be a comma list of numbers such as 1.0,0.75,0.5,0.25,0; got {value!r}"
-            ) from None
-    if isinstance(value, (list, tuple)) and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
-        raise InputError(f"sigmas must be numbers, got {value!r}")
-    return explicit_schedule(value)

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, field_va
 from kontext_rt import Request, arguments
 from kontext_rt import image as im
 from kontext_rt.errors import InputError
-from kontext_rt.sampling.schedule import parse_sigmas
 
 # OpenAI's image endpoints take PNG, JPEG and WebP. Other formats are refused before decoding: PIL's EPS plugin, for
 # one, runs Ghostscript on the upload.
@@ -154,7 +153,7 @@ def to_request(f: GenerateFields, images: list, settings: Settings) -> Request:
 def parse_request_sigmas(value, steps: int | None, settings: Settings) -> tuple[float, ...]:
     """The sigmas field as explicit_schedule's values (a terminal 0 appended if absent); 400 naming the field."""
     try:
-        sig = parse_sigmas(value)
+        sig = arguments.parse_sigmas(value)
     except InputError as e:
         raise ApiError(400, str(e), "sigmas") from None
     n = len(sig) - 1
