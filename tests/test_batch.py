@@ -139,6 +139,8 @@ def test_batch_keys_part_what_cannot_share_a_loop(pipe):
         krt.Request("x", (picture(1),), steps=3, auto_resize=False),  # more steps
         krt.Request("x", (picture(1), picture(2)), steps=2, auto_resize=False),  # two context images
         krt.Request("x", steps=2, width=48, height=32),  # no context image
+        krt.Request("x", (picture(1),), steps=2, auto_resize=False, solver="dpm++2m"),  # another solver
+        krt.Request("x", (picture(1),), auto_resize=False, sigmas=[1.0, 0.3]),  # another schedule, 2 steps too
     ]
     for other in others:
         assert pipe.batch_key(other) != pipe.batch_key(base)

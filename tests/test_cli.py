@@ -75,6 +75,23 @@ def test_generate(kontext_dir, tmp_path, capsys):
     assert Image.open(out).size == (32, 48) and err == ""
 
 
+def test_solver_and_sigmas_reach_the_pipeline(kontext_dir, picture, tmp_path, capsys):
+    """--solver and --sigmas (with the --steps they imply) give the Python API's image."""
+    import numpy as np
+
+    from kontext_rt import Pipeline
+
+    out = tmp_path / "out.png"
+    flags = ["--solver", "dpm++2m", "--sigmas", "0.9,0.6,0.3,0", "--steps", "3", "--seed", "3", "--no-auto-resize"]
+    code, err = run(["edit", picture, "make it blue", "--checkpoint", kontext_dir, "-o", out, "-q", *flags], capsys)
+    assert code == 0, err
+    pipe = Pipeline.from_pretrained(kontext_dir)
+    kw = dict(seed=3, auto_resize=False, sigmas=[0.9, 0.6, 0.3])
+    want = pipe.edit(Image.open(picture), "make it blue", solver="dpm++2m", **kw)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
+    assert not np.array_equal(np.asarray(want), np.asarray(pipe.edit(Image.open(picture), "make it blue", **kw)))
+
+
 def test_demo_runs_from_nothing(tmp_path, capsys):
     """The shipped model, no checkpoint flag, nothing written but the picture (and the text cache)."""
     from kontext_toy.commands import EDITS, LABEL, SCALE
@@ -207,6 +224,13 @@ def test_demo_checkpoint_is_a_real_diffusers_folder(tmp_path):
         (["generate", "x", "--checkpoint", "{ckpt}", "--width", "100"], "width 100 is not a multiple of 16"),
         (["generate", "x", "--checkpoint", "{ckpt}", "--backend", "warp"], "unknown backend 'warp'"),
         (["generate", "x", "--checkpoint", "{ckpt}", "--device", "tpu:9"], "device"),
+        (
+            ["generate", "x", "--checkpoint", "{ckpt}", "--solver", "heun"],
+            "--solver: solver must be one of euler, dpm++2m; got 'heun'",
+        ),
+        (["generate", "x", "--checkpoint", "{ckpt}", "--sigmas", "1,0.5,a"], "not a comma list of numbers"),
+        (["generate", "x", "--checkpoint", "{ckpt}", "--sigmas", "0.5,0.7"], "--sigmas: sigmas must decrease"),
+        (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--sigmas", "1,.5,0", "--steps", "3"], "--steps 3 disagrees"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_file(args, match, kontext_dir, picture, tmp_path, capsys):

@@ -40,6 +40,8 @@ BAD_RUNS = [
     (dict(guidance=-1.0), "guidance"),
     (dict(guidance=100.5), "guidance"),
     (dict(steps=0), "steps must be a positive integer"),
+    (dict(solver="heun"), r"solver must be one of euler, dpm\+\+2m; got 'heun'"),
+    (dict(solver=None), "solver must be one of"),
 ]
 
 
@@ -60,6 +62,7 @@ BAD_PLANS = [
     (dict(output="numpy"), "output must be one of"),
     (dict(latents=torch.zeros(1, 5, 64)), r"latents must be packed noise of shape \[B, 4, 64\]"),
     (dict(sigmas=[0.5, 0.7]), "sigmas must decrease strictly"),
+    (dict(sigmas=[1.0, 0.5, 0.0], steps=3), r"steps=3 disagrees with the 2 steps of sigmas"),
 ]
 
 

@@ -181,6 +181,21 @@ def test_generate_equals_the_pipeline_and_the_seed_decides(port, pipe):
     assert not np.array_equal(pixels(first), pixels(other))
 
 
+def test_solver_and_sigmas_reach_the_pipeline(port, pipe, pictures):
+    """solver and sigmas: a JSON list on a generation, a comma string on a (multipart) edit."""
+    c, (a, _) = client(port), pictures
+    sig = [0.9, 0.6, 0.3]  # from 1, the first two steps of dpm++2m are Euler's (lambda(1) = -inf)
+    extra = {"seed": 4, "solver": "dpm++2m", "sigmas": sig}
+    got = decoded(c.images.generate(prompt="a red fox", size="32x32", extra_body=extra).data[0].b64_json)
+    want = pipe.generate("a red fox", width=32, height=32, seed=4, solver="dpm++2m", sigmas=sig)
+    euler = pipe.generate("a red fox", width=32, height=32, seed=4, sigmas=sig)
+    assert np.array_equal(pixels(got), pixels(want)) and not np.array_equal(pixels(got), pixels(euler))
+    extra = {"seed": 3, "auto_resize": False, "solver": "dpm++2m", "sigmas": "0.9,0.6,0.3,0", "steps": 3}
+    r = c.images.edit(image=("a.png", png(a), "image/png"), prompt=PROMPT, size="64x48", extra_body=extra)
+    want = pipe.edit(a, PROMPT, width=64, height=48, seed=3, auto_resize=False, solver="dpm++2m", sigmas=sig)
+    assert np.array_equal(pixels(decoded(r.data[0].b64_json)), pixels(want))
+
+
 def test_edit_without_size_takes_the_pipelines_choice(port, pipe, pictures):
     a, _ = pictures
     status, _, body = post_form(
@@ -310,6 +325,18 @@ BAD = {
     "seed negative": (_generate({"seed": -1}), 400, "seed", "non-negative"),
     "seed too large": (_generate({"seed": 2**64}), 400, "seed", "2**64-1"),
     "n of 2": (_generate({"n": 2}), 400, "n", "must be 1"),
+    "unknown solver": (_generate({"solver": "heun"}), 400, "solver", "one of euler, dpm++2m; got 'heun'"),
+    "solver not a string": (_generate({"solver": 2}), 400, "solver", "valid string"),
+    "sigmas not numbers": (_edit({"sigmas": "1,a"}), 400, "sigmas", "comma list of numbers"),
+    "sigmas of booleans": (_generate({"steps": None, "sigmas": [True, 0]}), 400, "sigmas", "numbers"),
+    "sigmas increasing": (_generate({"steps": None, "sigmas": [0.5, 0.7]}), 400, "sigmas", "decrease strictly"),
+    "sigmas disagreeing with steps": (_generate({"sigmas": [1.0, 0.5, 0]}), 400, "sigmas", "steps=1 disagrees"),
+    "sigmas over the server's limit": (
+        _generate({"steps": None, "sigmas": [1 - i / 10 for i in range(10)]}),
+        400,
+        "sigmas",
+        "at most 8",
+    ),
     "response_format url": (_generate({"response_format": "url"}), 400, "response_format", "not supported"),
     "unknown response_format": (_edit({"response_format": "png"}), 400, "response_format", "b64_json"),
     "unknown parameter": (_generate({"stepz": 3}), 400, "stepz", "unknown parameter"),

@@ -258,15 +258,16 @@ def exactness(model, ops, dtype, data, hoisted, graphs, steps) -> dict:
 @torch.inference_mode()
 def trace(hoisted, data, steps) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(velocity per step, final state) of a hoisted loop without graphs: what the FP8 drift compares."""
+    from kontext_rt.sampling import solvers
     from kontext_rt.sampling.schedule import schedule
 
     x, cond = data
-    mods, dts = hoisted.plan(schedule(steps, x.shape[1]), cond, x)
+    sigmas = schedule(steps, x.shape[1])
+    mods, euler = hoisted.plan(sigmas, cond, x), solvers.Euler(sigmas, x.device)
     state, velocities = x.float(), []
     for i in range(steps):
-        nxt = hoisted.step(state, mods[i], dts[i], cond.ctx, cond.txt, cond.cos, cond.sin)
-        velocities.append((nxt - state) / dts[i])
-        state = nxt
+        velocities.append(hoisted.velocity(state, mods[i], cond.ctx, cond.txt, cond.cos, cond.sin))
+        state = euler.step(i, state, velocities[-1])
     return velocities, state
 
 

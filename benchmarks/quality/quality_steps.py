@@ -10,13 +10,15 @@ from pathlib import Path
 import torch
 
 from kontext_rt.backends import graph_io as io
+from kontext_rt.sampling import solvers
 from kontext_rt.sampling.loop import Denoiser
 from kontext_toy import harness, metrics
 from kontext_toy.shapes import EditSample
 
 
 class Recording(Denoiser):
-    """Another denoiser, keeping a copy of the float32 state after every step it takes."""
+    """Another denoiser, keeping a copy of the float32 state after every Euler step taken with its velocities
+    (x + (s[i+1] - s[i]) * v, the default solver's arithmetic)."""
 
     def __init__(self, inner: Denoiser):
         self.inner, self.dtype = inner, inner.dtype
@@ -24,12 +26,13 @@ class Recording(Denoiser):
 
     @contextmanager
     def prepare(self, sigmas, cond, x):
-        with self.inner.prepare(sigmas, cond, x) as step:
+        euler = solvers.Euler(sigmas, x.device)
+        with self.inner.prepare(sigmas, cond, x) as velocity:
 
             def recorded(i: int, x: torch.Tensor) -> torch.Tensor:
-                x = step(i, x)
-                self.states.append(x.detach().clone())
-                return x
+                v = velocity(i, x)
+                self.states.append(euler.step(i, x, v))
+                return v
 
             yield recorded
 

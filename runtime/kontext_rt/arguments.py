@@ -1,4 +1,4 @@
-"""The per-run arguments of edit and generate (size, steps, guidance, seed), checked before any work.
+"""The per-run arguments of edit and generate (size, steps, guidance, seed, solver), checked before any work.
 
 Pipeline.edit/generate call `check` first thing; the CLI calls it before it even loads a checkpoint.
 """
@@ -9,6 +9,7 @@ import math
 
 from kontext_rt import image as im
 from kontext_rt.errors import InputError
+from kontext_rt.sampling import SOLVERS, check_solver  # noqa: F401 (the per-run checks, in one place)
 
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and maps a negative seed s to 2**64 - 1 + s, so the
 # non-negative range below already names every generator state; anything larger overflows inside torch.
@@ -49,3 +50,20 @@ def check(width=None, height=None, steps=None, guidance=None, seed=None) -> None
         check_guidance(guidance)
     if seed is not None:
         check_seed(seed)
+
+
+def parse_sigmas(value):
+    """explicit_schedule of a comma list ("1.0,0.75,0.5,0.25,0", the CLI's --sigmas and the server's form field)
+    or of a sequence of numbers (the server's JSON list): the float32 tensor; one InputError line for anything else."""
+    if isinstance(value, str):
+        try:
+            value = [float(p) for p in value.split(",")]
+        except ValueError:
+            raise InputError(
+                f"sigmas must be a comma list of numbers such as 1.0,0.75,0.5,0.25,0; got {value!r}"
+            ) from None
+    if isinstance(value, (list, tuple)) and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise InputError(f"sigmas must be numbers, got {value!r}")
+    from kontext_rt.sampling.schedule import explicit_schedule  # torch: only when sigmas are given
+
+    return explicit_schedule(value)

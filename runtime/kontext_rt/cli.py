@@ -32,6 +32,7 @@ from kontext_rt.cli_args import (
     optimize_kwargs,
     positive_int,
     quiet_libraries,
+    sigmas_list,
     stage_summary,
     steps_int,
     write_atomically,
@@ -88,15 +89,31 @@ def _added_commands(sub) -> None:
 
 
 def common_options(
-    sp, needs_checkpoint=True, seed_help="random, printed", device_help="cuda if available", steps_default=None
+    sp,
+    needs_checkpoint=True,
+    seed_help="random, printed",
+    device_help="cuda if available",
+    steps_default=None,
+    sigmas=True,
 ):
-    """The options edit, generate and image-making added commands (demo) share."""
+    """The options edit, generate and image-making added commands (demo) share (--sigmas where `sigmas`)."""
     if needs_checkpoint:
         checkpoint_options(sp, VARIANT_HELP + " (generate needs it; edit takes flux-kontext-dev)")
     sp.add_argument("-o", "--output", help="output image (.png, .jpg, .webp, ...); never one of the inputs")
     default_steps = steps_default or "the model's"
     steps_help = f"denoising steps, at most {MAX_STEPS} (default: {default_steps})"
     sp.add_argument("--steps", type=steps_int, default=steps_default, help=steps_help)
+    if sigmas:
+        sp.add_argument(
+            "--sigmas",
+            type=sigmas_list,
+            help="explicit schedule, a comma list decreasing to 0 such as 1.0,0.75,0.5,0.25,0 (steps + 1 values)",
+        )
+    sp.add_argument(
+        "--solver",
+        default="euler",
+        help="euler (default), or dpm++2m: DPM-Solver++ 2M, second order, one model call per step as Euler",
+    )
     sp.add_argument("--guidance", type=finite_float, help="distilled guidance scale, 0 to 100")
     sp.add_argument("--seed", type=nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
     load_options(sp, device_help)
@@ -236,6 +253,18 @@ def checked_run(args, inputs=(), default_output: str | None = None) -> tuple[Pat
     Placement.parse(args.placement)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     arguments.check(getattr(args, "width", None), getattr(args, "height", None), args.steps, args.guidance, args.seed)
+    try:
+        # checked here, not by argparse choices: the parser imports neither torch nor the runtime's internals
+        arguments.check_solver(args.solver)
+    except KontextError as e:
+        raise UsageError(f"--solver: {e}") from None
+    if getattr(args, "sigmas", None) is not None:
+        try:
+            args.sigmas = arguments.parse_sigmas(args.sigmas).tolist()  # a terminal 0 appended if absent
+        except KontextError as e:
+            raise UsageError(f"--sigmas: {e}") from None
+        if args.steps is not None and args.steps != len(args.sigmas) - 1:
+            raise UsageError(f"--steps {args.steps} disagrees with the {len(args.sigmas) - 1} steps of --sigmas")
     if not args.output and default_output:  # the default output goes in the cache folder, made here
         args.output = cache_dir / default_output
         try:
@@ -318,7 +347,15 @@ def _generate(args, contexts, found, text_cache: Path | None):
     )
     report = krt.RunReport()
     bar = _progress(args.quiet)
-    common = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, progress=bar, report=report)
+    common = dict(
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        progress=bar,
+        report=report,
+        solver=args.solver,
+        sigmas=getattr(args, "sigmas", None),
+    )
     try:
         if args.command == "generate":
             img = pipe.generate(args.prompt, width=args.width, height=args.height, **common)

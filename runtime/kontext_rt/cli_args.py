@@ -56,6 +56,14 @@ def steps_int(s: str) -> int:
     return v
 
 
+def sigmas_list(s: str) -> list[float]:
+    """--sigmas: a comma list of numbers (explicit_schedule checks the values, in checked_run: it needs torch)."""
+    try:
+        return [float(p) for p in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma list of numbers such as 1.0,0.75,0.5,0.25,0") from None
+
+
 def finite_float(s: str) -> float:
     try:
         v = float(s)

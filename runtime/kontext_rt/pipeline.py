@@ -10,7 +10,7 @@ import torch
 
 from kontext_rt import image as im
 from kontext_rt.arguments import check as check_arguments
-from kontext_rt.arguments import check_guidance, check_seed
+from kontext_rt.arguments import check_guidance, check_seed, check_solver
 from kontext_rt.backends import Loaded
 from kontext_rt.concurrency import ReadWriteLock
 from kontext_rt.config import FluxConfig, Variant
@@ -168,15 +168,17 @@ class Pipeline:
         sigmas=None,
         progress=None,
         report=None,
+        solver="euler",
     ):
         """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction.
 
-        Every argument is checked (the images read and sized, the schedule and noise made) before any encoding."""
+        Every argument is checked (the images read and sized, the schedule and noise made) before any encoding.
+        solver: "euler" (the default) or "dpm++2m" (sampling/solvers.py), one model call per step either way."""
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise InputError("edit needs at least one context image")
-        request = Request(prompt, tuple(images), width, height, steps, guidance, seed, auto_resize)
-        checked = self._check(request, latents, output, sigmas, progress)
+        request = Request(prompt, tuple(images), width, height, steps, guidance, seed, auto_resize, solver, sigmas)
+        checked = self._check(request, latents, output, progress)
         return self._execute([checked], progress, [report])[0]
 
     def generate(
@@ -192,11 +194,12 @@ class Pipeline:
         sigmas=None,
         progress=None,
         report=None,
+        solver="euler",
     ):
         """Text-to-image: the same sampler with no context tokens. width, height: default_size's (1024x1024, or the
         size a checkpoint says it was trained at)."""
-        request = Request(prompt, (), width, height, steps, guidance, seed)
-        return self._execute([self._check(request, latents, output, sigmas, progress)], progress, [report])[0]
+        request = Request(prompt, (), width, height, steps, guidance, seed, solver=solver, sigmas=sigmas)
+        return self._execute([self._check(request, latents, output, progress)], progress, [report])[0]
 
     def session(self, image, **defaults) -> EditSession:
         """Multi-turn editing: each turn's output becomes the next turn's context image."""
@@ -212,7 +215,7 @@ class Pipeline:
 
     def batch_key(self, request: Request) -> tuple:
         """Requests with equal keys can run as one batch (run_batch): the same output size, step count and context
-        image sizes. Checks the request (InputError) and reads its images; nothing is encoded."""
+        image sizes, solver and schedule. Checks the request (InputError) and reads its images; nothing is encoded."""
         return self.check(request).key
 
     def run_batch(self, requests: list[Request], reports: list[RunReport] | None = None, progress=None) -> list:
@@ -236,7 +239,9 @@ class Pipeline:
         if any(not isinstance(c, CheckedRequest) or c.owner is not self for c in checked):
             raise InputError("run_checked takes what this pipeline's check returned")
         if len({c.key for c in checked}) > 1:
-            raise InputError("run_batch: the requests differ in output size, steps or context sizes (batch_key)")
+            raise InputError(
+                "run_batch: the requests differ in output size, steps, context sizes, solver or sigmas (batch_key)"
+            )
         if reports is not None and (
             not isinstance(reports, (list, tuple))
             or len(reports) != len(checked)
@@ -309,12 +314,13 @@ class Pipeline:
             self.text_cache.put(key, hit, prompt)
         return tuple(t.to(self.device, self.dtype) for t in hit)
 
-    def _check(self, r: Request, latents=None, output="pil", sigmas=None, progress=None) -> CheckedRequest:
+    def _check(self, r: Request, latents=None, output="pil", progress=None) -> CheckedRequest:
         """The one check of a request (edit, generate, run_batch and the server's): its arguments, its images read
         and sized, its noise drawn (on the CPU) and its schedule made; nothing encoded."""
         check_prompt(r.prompt)
         check_arguments(r.width, r.height, r.steps, r.guidance, r.seed)
         check_progress(progress)
+        check_solver(r.solver)
         if not isinstance(r.auto_resize, bool):
             raise InputError(f"auto_resize must be True or False, got {r.auto_resize!r}")
         if r.images is None:
@@ -336,12 +342,14 @@ class Pipeline:
             raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
         check_guidance(guidance)
         rows, cols = height // im.MULTIPLE, width // im.MULTIPLE
-        if sigmas is not None:
-            sig = explicit_schedule(sigmas)
+        if r.sigmas is not None:
+            sig = explicit_schedule(r.sigmas)
+            if r.steps is not None and r.steps != len(sig) - 1:
+                raise InputError(f"steps={r.steps} disagrees with the {len(sig) - 1} steps of sigmas {r.sigmas!r}")
         else:
             sig = schedule(self.variant.steps if r.steps is None else r.steps, rows * cols, self.variant.shift_schedule)
         x, used_seed = self._initial_noise(latents, 1, rows, cols, r.seed)
-        plan = RunPlan(rows, cols, x, used_seed, sig, float(guidance), output)
+        plan = RunPlan(rows, cols, x, used_seed, sig, float(guidance), output, r.solver)
         return CheckedRequest(r, pils, sizes, width, height, guidance, len(sig) - 1, plan, self)
 
     def _initial_noise(self, latents, batch, rows, cols, seed):
@@ -374,6 +382,8 @@ class Pipeline:
         rows, cols = checked[0].plan.rows, checked[0].plan.cols
         if any(not torch.equal(c.plan.sigmas, checked[0].plan.sigmas) for c in checked[1:]):
             raise InputError("requests run together must have the same schedule (sigmas)")
+        if any(c.plan.solver != checked[0].plan.solver for c in checked[1:]):
+            raise InputError("requests run together must have the same solver")
         with self._weights.reading():
             txts, pooleds, ctxs, guidance = [], [], [], []
             for c, report in zip(checked, reports, strict=True):
@@ -394,7 +404,7 @@ class Pipeline:
             x = torch.cat([c.plan.noise for c in checked]).to(self.device)
             shared = RunReport() if len(checked) > 1 else reports[0]
             with PhaseTimer(shared, "denoise", self.device):
-                x = denoise(self.denoiser, x, checked[0].plan.sigmas, cond, progress)
+                x = denoise(self.denoiser, x, checked[0].plan.sigmas, cond, progress, checked[0].plan.solver)
             outputs, start = [], 0
             for c, report in zip(checked, reports, strict=True):
                 n = c.plan.noise.shape[0]

@@ -34,11 +34,13 @@ class Request:
     guidance: float | None = None
     seed: int | None = None
     auto_resize: bool = True
+    solver: str = "euler"  # sampling.solvers.SOLVERS
+    sigmas: object = None  # explicit sigmas (a sequence of numbers, explicit_schedule's), or None: steps' schedule
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A run's checked arguments: the target grid, the initial noise, the schedule."""
+    """A run's checked arguments: the target grid, the initial noise, the schedule and its solver."""
 
     rows: int
     cols: int
@@ -47,6 +49,7 @@ class RunPlan:
     sigmas: torch.Tensor
     guidance: float
     output: str
+    solver: str = "euler"
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,14 @@ class CheckedRequest:
 
     @property
     def key(self) -> tuple:
-        return (self.width, self.height, tuple(self.sizes), self.steps)
+        return (
+            self.width,
+            self.height,
+            tuple(self.sizes),
+            self.steps,
+            self.plan.solver,
+            tuple(self.plan.sigmas.tolist()),  # one loop runs one schedule
+        )
 
 
 class PhaseTimer:

@@ -43,8 +43,8 @@ class OnePass(Denoiser):
 
     @contextmanager
     def prepare(self, sigmas, cond, x):
-        with self.blocks.one_pass(), self.inner.prepare(sigmas, cond, x) as step:
-            yield step
+        with self.blocks.one_pass(), self.inner.prepare(sigmas, cond, x) as velocity:
+            yield velocity
 
     def weights_changed(self) -> None:
         self.inner.weights_changed()

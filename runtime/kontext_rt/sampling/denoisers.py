@@ -6,8 +6,10 @@
   (FluxTransformer.modulation_table: one matmul per layer over all steps' rows instead of reading the 3.2B
   modulation parameters again at every step). With the triton table (row-invariant linears) it equals PerStep bit
   for bit (tests/test_hoisting.py).
-- Graphed: Hoisted's step captured as a CUDA graph per shape bucket (graphs.StepGraphs) and replayed; equal to
+- Graphed: Hoisted's velocity captured as a CUDA graph per shape bucket (graphs.StepGraphs) and replayed; equal to
   Hoisted bit for bit (tests/test_graphs.py).
+
+Each yields velocity(i, x) -> v float32; the loop's solver (solvers.py) takes the step, outside any graph.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ from kontext_rt.sampling.graphs import StepGraphs, capture_cuda
 from kontext_rt.sampling.loop import Conditioning, Denoiser
 
 
-def _step_sizes(sigmas: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps (S, B), step sizes (S,)) on x's device: the schedule crosses to the device once, before the loop."""
-    sigmas = sigmas.to(x.device)
-    return sigmas[:-1, None].expand(-1, x.shape[0]), sigmas[1:] - sigmas[:-1]
+def _timesteps(sigmas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """timesteps (S, B) on x's device: the schedule crosses to the device once, before the loop."""
+    return sigmas.to(x.device)[:-1, None].expand(-1, x.shape[0])
 
 
 class PerStep(Denoiser):
@@ -40,15 +41,15 @@ class PerStep(Denoiser):
 
     @contextmanager
     def prepare(self, sigmas, cond: Conditioning, x):
-        timesteps, dts = _step_sizes(sigmas, x)
+        timesteps = _timesteps(sigmas, x)
 
-        def step(i: int, x: torch.Tensor) -> torch.Tensor:
+        def velocity(i: int, x: torch.Tensor) -> torch.Tensor:
             v = self.velocity(
                 x.to(self.dtype), cond.ctx, cond.txt, cond.pooled, timesteps[i], cond.guidance, cond.cos, cond.sin
             )
-            return x + dts[i] * v.float()
+            return v.float()
 
-        yield step
+        yield velocity
 
 
 class Hoisted(Denoiser):
@@ -57,29 +58,28 @@ class Hoisted(Denoiser):
     def __init__(self, model, ops: Ops, dtype: torch.dtype):
         self.model, self.ops, self.dtype = model, ops, dtype
 
-    def step(self, x, mod, dt, ctx, txt, cos, sin) -> torch.Tensor:
-        """One Euler step of the float32 state x (B, N, 64) with this step's modulation row mod (B, K), dt (0-d)."""
-        v = self.model.velocity(x.to(self.dtype), ctx, txt, mod, cos, sin, self.ops)
-        return x + dt * v.float()
+    def velocity(self, x, mod, ctx, txt, cos, sin) -> torch.Tensor:
+        """The float32 velocity at the float32 state x (B, N, 64) with this step's modulation row mod (B, K)."""
+        return self.model.velocity(x.to(self.dtype), ctx, txt, mod, cos, sin, self.ops).float()
 
-    def plan(self, sigmas, cond: Conditioning, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """(modulation table (S, B, K), step sizes (S,)) on x's device: everything the loop reads per step."""
-        timesteps, dts = _step_sizes(sigmas, x)
-        return self.model.modulation_table(timesteps, cond.guidance, cond.pooled, self.ops), dts
+    def plan(self, sigmas, cond: Conditioning, x) -> torch.Tensor:
+        """The modulation table (S, B, K) on x's device: everything the loop reads per step."""
+        return self.model.modulation_table(_timesteps(sigmas, x), cond.guidance, cond.pooled, self.ops)
 
     @contextmanager
     def prepare(self, sigmas, cond: Conditioning, x):
-        mods, dts = self.plan(sigmas, cond, x)
-        yield lambda i, x: self.step(x, mods[i], dts[i], cond.ctx, cond.txt, cond.cos, cond.sin)
+        mods = self.plan(sigmas, cond, x)
+        yield lambda i, x: self.velocity(x, mods[i], cond.ctx, cond.txt, cond.cos, cond.sin)
 
 
 class Graphed(Denoiser):
-    """Hoisted's step captured once per shape bucket and replayed; graphs of older weights are never replayed."""
+    """Hoisted's velocity captured once per shape bucket and replayed; graphs of older weights are never replayed.
+    The solver's update runs after the replay, eagerly: the same kernels on the same values as Hoisted's loop."""
 
     def __init__(self, model, ops: Ops, dtype: torch.dtype, capture=capture_cuda, max_graphs: int = 8):
         self.hoisted = Hoisted(model, ops, dtype)
         self.dtype = dtype
-        self.graphs = StepGraphs(self.hoisted.step, capture, max_graphs)
+        self.graphs = StepGraphs(self.hoisted.velocity, capture, max_graphs)
         self._version = 0
 
     def weights_changed(self) -> None:
@@ -87,18 +87,16 @@ class Graphed(Denoiser):
 
     @contextmanager
     def prepare(self, sigmas, cond: Conditioning, x):
-        mods, dts = self.hoisted.plan(sigmas, cond, x)
-        last = len(dts) - 1
+        mods = self.hoisted.plan(sigmas, cond, x)
         fixed = dict(ctx=cond.ctx, txt=cond.txt, cos=cond.cos, sin=cond.sin)
-        with self.graphs.session(dict(x=x, mod=mods[0], dt=dts[0], **fixed), self._version) as graph:
-            graph.load(**fixed)  # the conditioning once per loop, then three small copies per step
+        with self.graphs.session(dict(x=x, mod=mods[0], **fixed), self._version) as graph:
+            graph.load(**fixed)  # the conditioning once per loop, then two small copies per step
 
-            def step(i: int, x: torch.Tensor) -> torch.Tensor:
-                graph.load(x=x, mod=mods[i], dt=dts[i])
-                out = graph.replay()
-                return out.clone() if i == last else out  # the static output is overwritten by the next loop
+            def velocity(i: int, x: torch.Tensor) -> torch.Tensor:
+                graph.load(x=x, mod=mods[i])
+                return graph.replay()  # the static output: the solver reads it before the next replay
 
-            yield step
+            yield velocity
 
 
 def for_model(

@@ -1,4 +1,4 @@
-"""CUDA graphs of one denoising step (transformer + Euler update), one per shape bucket.
+"""CUDA graphs of one denoising step (the transformer's velocity), one per shape bucket.
 
 A step reads static input buffers and writes a static output; replaying the graph reruns every kernel on whatever
 the buffers hold, with no Python and no launches on the host. The cache keys each graph on the name, shape, dtype

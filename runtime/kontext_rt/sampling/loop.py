@@ -1,4 +1,4 @@
-"""The one sampling loop (Euler steps of the flow-matching ODE) over any Denoiser, and what it is given."""
+"""The one sampling loop (steps of the flow-matching ODE by a solver) over any Denoiser, and what it is given."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+
+from kontext_rt.sampling import solvers
 
 
 @dataclass
@@ -23,12 +25,14 @@ class Conditioning:
 
 
 class Denoiser(ABC):
-    """What the sampling loop runs: `prepare` computes everything invariant for one loop, `step` advances the state.
+    """What the sampling loop runs: `prepare` computes everything invariant for one loop, `velocity` the model.
 
     prepare(sigmas, cond, x) is a context manager (held for the whole loop: a CUDA-graphed denoiser keeps its graph
-    to itself until the loop ends) yielding step(i, x) -> x, the i-th Euler step x + (s[i+1] - s[i]) * v of the
-    float32 state x (B, N, 64). The per-step, hoisted and CUDA-graphed loops over the runtime's model and the
-    TensorRT engines are implementations (denoisers.py beside this file); `denoise` drives every one of them.
+    to itself until the loop ends) yielding velocity(i, x) -> v, the model's float32 velocity (B, N, 64) at the
+    float32 state x (B, N, 64) and sigmas[i]; v may be a buffer the next call overwrites (a graph's static output),
+    so the loop's solver uses it at once (solvers.py: the step is the solver's, the model call the denoiser's).
+    The per-step, hoisted and CUDA-graphed loops over the runtime's model and the TensorRT engines are
+    implementations (denoisers.py beside this file); `denoise` drives every one of them.
     """
 
     dtype: torch.dtype  # what the model reads; the state stays float32
@@ -49,17 +53,20 @@ def denoise(
     sigmas: torch.Tensor,
     cond: Conditioning,
     progress: Callable[[int, int], None] | None = None,
+    solver: str = "euler",
 ) -> torch.Tensor:
-    """The one sampling loop: Euler steps over `sigmas` (steps + 1 values ending in 0), state in float32.
+    """The one sampling loop: the solver's steps over `sigmas` (steps + 1 values ending in 0), state in float32,
+    one velocity (one model call) per step.
 
     Always in inference mode: a graphed denoiser's static buffers are made on its first loop and loaded on every
     later one, and a tensor made in inference mode cannot be updated in place outside it (or the reverse).
     """
     x = x.float()
     steps = len(sigmas) - 1
-    with denoiser.prepare(sigmas, cond, x) as step:
+    solve = solvers.make(solver, sigmas, x.device)
+    with denoiser.prepare(sigmas, cond, x) as velocity:
         for i in range(steps):
-            x = step(i, x)
+            x = solve.step(i, x, velocity(i, x))
             if progress is not None:
                 progress(i + 1, steps)
     return x

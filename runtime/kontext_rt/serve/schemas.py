@@ -83,6 +83,8 @@ class GenerateFields(BaseModel):
     steps: int | None = None
     guidance: float | None = None
     seed: int | None = None
+    solver: StrictStr = "euler"  # kontext_rt.sampling.solvers.SOLVERS
+    sigmas: list | StrictStr | None = None  # a JSON list of numbers or a comma string: an explicit schedule
 
     @field_validator("n", "steps", "seed", "guidance", mode="before")
     @classmethod
@@ -137,10 +139,29 @@ def to_request(f: GenerateFields, images: list, settings: Settings) -> Request:
                 raise ApiError(400, str(e), name) from None
     if f.steps is not None and f.steps > settings.max_steps:
         raise ApiError(400, f"steps must be at most {settings.max_steps} on this server, got {f.steps}", "steps")
+    try:
+        arguments.check_solver(f.solver)
+    except InputError as e:
+        raise ApiError(400, str(e), "solver") from None
+    sigmas = None if f.sigmas is None else parse_request_sigmas(f.sigmas, f.steps, settings)
     if len(images) > settings.max_images:
         raise ApiError(400, f"at most {settings.max_images} context images, got {len(images)}", "image")
     auto_resize = getattr(f, "auto_resize", True)
-    return Request(f.prompt, tuple(images), width, height, f.steps, f.guidance, f.seed, auto_resize)
+    return Request(f.prompt, tuple(images), width, height, f.steps, f.guidance, f.seed, auto_resize, f.solver, sigmas)
+
+
+def parse_request_sigmas(value, steps: int | None, settings: Settings) -> tuple[float, ...]:
+    """The sigmas field as explicit_schedule's values (a terminal 0 appended if absent); 400 naming the field."""
+    try:
+        sig = arguments.parse_sigmas(value)
+    except InputError as e:
+        raise ApiError(400, str(e), "sigmas") from None
+    n = len(sig) - 1
+    if steps is not None and steps != n:
+        raise ApiError(400, f"steps={steps} disagrees with the {n} steps of sigmas", "sigmas")
+    if n > settings.max_steps:
+        raise ApiError(400, f"sigmas must give at most {settings.max_steps} steps on this server, got {n}", "sigmas")
+    return tuple(sig.tolist())
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
