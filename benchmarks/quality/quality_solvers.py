@@ -2,7 +2,7 @@
 and 8 steps (and Euler's at 28), and how far each output is from 200 Euler steps' (a stand-in for the ODE's exact
 solution, seven times closer to it than 28 steps' at Euler's first order).
 
-    PYTHONPATH=runtime python benchmarks/quality_solvers.py -o runtime/kontext_toy/records/small-kontext-solvers.json
+    python benchmarks/quality/quality_solvers.py -o runtime/kontext_toy/records/small-kontext-solvers.json
 
 The held-out draw and seeds of `kontext-rt eval` (kontext_toy.bar.SETTINGS: 30 samples, seed 0, one drift turn),
 fp32 on the CPU; every configuration runs the same samples with the same seeds (harness.compare).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +22,10 @@ from kontext_rt import Pipeline
 from kontext_toy import harness, metrics, shapes
 from kontext_toy.bar import SETTINGS
 from kontext_toy.checkpoints import small_kontext
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # benchmarks/: the one timer
+
+import timing  # noqa: E402
 
 REFERENCE = ("euler", 200)
 CONFIGS = [REFERENCE, ("euler", 28), ("euler", 4), ("dpm++2m", 4), ("euler", 8), ("dpm++2m", 8)]
@@ -35,9 +39,9 @@ class Fixed:
         self.seconds = 0.0
 
     def _run(self, fn, args, kwargs):
-        t0 = time.perf_counter()
+        watch = timing.Stopwatch()  # the benchmarks' one timer
         out = fn(*args, **{**kwargs, "steps": self.steps, "solver": self.solver})
-        self.seconds += time.perf_counter() - t0
+        self.seconds += watch.elapsed_s()
         return out
 
     def edit(self, *args, **kwargs):
@@ -63,7 +67,7 @@ def main() -> None:
     )
     record = {
         "what": __doc__.splitlines()[0],
-        "command": "PYTHONPATH=runtime python benchmarks/quality_solvers.py -o " + args.output,
+        "command": "python benchmarks/quality/quality_solvers.py -o " + args.output,
         "settings": dict(SETTINGS),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
