@@ -33,6 +33,7 @@ from kontext_rt.cli_args import (
     positive_int,
     quiet_libraries,
     stage_summary,
+    step_cache_threshold,
     steps_int,
     write_atomically,
 )
@@ -99,6 +100,13 @@ def common_options(
     sp.add_argument("--steps", type=steps_int, default=steps_default, help=steps_help)
     sp.add_argument("--guidance", type=finite_float, help="distilled guidance scale, 0 to 100")
     sp.add_argument("--seed", type=nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
+    sp.add_argument(
+        "--step-cache",
+        type=step_cache_threshold,
+        metavar="T",
+        help="skip a step's later blocks while the first block's residual changes by less than T (relative L1; "
+        "lossy, e.g. 0.1; default off; eager/triton without CUDA graphs)",
+    )
     load_options(sp, device_help)
     sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
     sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
@@ -319,6 +327,7 @@ def _generate(args, contexts, found, text_cache: Path | None):
     report = krt.RunReport()
     bar = _progress(args.quiet)
     common = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, progress=bar, report=report)
+    common["step_cache"] = args.step_cache
     try:
         if args.command == "generate":
             img = pipe.generate(args.prompt, width=args.width, height=args.height, **common)

@@ -20,6 +20,8 @@ class RunReport:
     text_cache_hit: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1  # requests that shared the denoising loop (run_batch)
+    model_calls: int = 0  # full transformer passes of the loop (steps, less the steps the step cache skipped)
+    cached_steps: int = 0  # steps that ran only the first block and reused the step cache's residual
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Request:
     guidance: float | None = None
     seed: int | None = None
     auto_resize: bool = True
+    step_cache: float | None = None  # first-block residual cache threshold (sampling/step_cache.py); None/0: off
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class CheckedRequest:
 
     @property
     def key(self) -> tuple:
-        return (self.width, self.height, tuple(self.sizes), self.steps)
+        # the step cache decides per batch (every row skips a step or none): only requests of one threshold share
+        return (self.width, self.height, tuple(self.sizes), self.steps, self.request.step_cache or None)
 
 
 class PhaseTimer:

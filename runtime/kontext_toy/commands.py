@@ -100,6 +100,7 @@ def run_demo(args, out: Path, text_cache) -> int:
             seed=seed + n - 1,
             auto_resize=False,
             report=report,
+            step_cache=args.step_cache,
         )
         ok = metrics.edit_success(sample, output)
         kept = metrics.preservation(sample, output)["psnr"]

@@ -83,8 +83,9 @@ class GenerateFields(BaseModel):
     steps: int | None = None
     guidance: float | None = None
     seed: int | None = None
+    step_cache: float | None = None  # the first-block residual cache's threshold (lossy); None or 0: off
 
-    @field_validator("n", "steps", "seed", "guidance", mode="before")
+    @field_validator("n", "steps", "seed", "guidance", "step_cache", mode="before")
     @classmethod
     def _no_bool(cls, v):
         if isinstance(v, bool):  # pydantic's lax mode would read true as 1
@@ -128,6 +129,7 @@ def to_request(f: GenerateFields, images: list, settings: Settings) -> Request:
         ("steps", f.steps, arguments.check_steps),
         ("guidance", f.guidance, arguments.check_guidance),
         ("seed", f.seed, arguments.check_seed),
+        ("step_cache", f.step_cache, arguments.check_step_cache),
     )
     for name, value, check in checks:
         if value is not None:
@@ -140,7 +142,7 @@ def to_request(f: GenerateFields, images: list, settings: Settings) -> Request:
     if len(images) > settings.max_images:
         raise ApiError(400, f"at most {settings.max_images} context images, got {len(images)}", "image")
     auto_resize = getattr(f, "auto_resize", True)
-    return Request(f.prompt, tuple(images), width, height, f.steps, f.guidance, f.seed, auto_resize)
+    return Request(f.prompt, tuple(images), width, height, f.steps, f.guidance, f.seed, auto_resize, f.step_cache)
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
