@@ -78,13 +78,13 @@ class FirstBlockCache(Denoiser):
     def prepare(self, sigmas, cond: Conditioning, x):
         mod_of, dts = self._mods(sigmas, cond, x)
         model, ops = self.model, self.ops
-        cache: dict[str, torch.Tensor] = {}  # r_full: first-block residual, rest: remaining blocks' (float32)
+        cache: dict[str, torch.Tensor] = {}  # r_full: first block's residual, rest: the remaining blocks', (B, N, C)
 
         def step(i: int, x: torch.Tensor) -> torch.Tensor:
             mods = mod_of(i).split(model.mod_widths, -1)
             first: FirstBlock = model.first_block(x.to(self.dtype), cond.ctx, cond.txt, mods, cond.cos, cond.sin, ops)
             out = first.x[:, : first.n]
-            r = out - first.x_in[:, : first.n]
+            r = out.float() - first.x_in[:, : first.n].float()  # float32: a bf16 difference loses the small changes
             if cache and relative_l1(r, cache["r_full"]).max().item() < self.threshold:  # the host sync
                 hidden = (out.float() + cache["rest"]).to(out.dtype)
                 self.cached_steps += 1
