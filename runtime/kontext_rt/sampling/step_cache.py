@@ -28,7 +28,6 @@ from contextlib import contextmanager
 
 import torch
 
-from kontext_rt.arguments import check_step_cache
 from kontext_rt.errors import InputError
 from kontext_rt.model.transformer import FirstBlock
 from kontext_rt.sampling.denoisers import Hoisted, PerStep, _step_sizes
@@ -60,7 +59,8 @@ class FirstBlockCache(Denoiser):
     barely moved (module docstring). One instance per loop: model_calls and cached_steps count that loop."""
 
     def __init__(self, denoiser: Denoiser, threshold: float):
-        check_step_cache(threshold)
+        if not float(threshold) >= 0:  # the public check (arguments.check_step_cache) is the pipeline's
+            raise InputError(f"step_cache must be >= 0, got {threshold!r}")
         self.model, self.ops, self.hoist = cacheable(denoiser)
         self.dtype, self.threshold = denoiser.dtype, float(threshold)
         self.model_calls = self.cached_steps = 0
