@@ -221,6 +221,8 @@ def test_demo_checkpoint_is_a_real_diffusers_folder(tmp_path):
         (["generate", "x", "--checkpoint", "{ckpt}", "--steps", "1001"], "--steps: 1001 is more than 1000 steps"),
         (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--guidance", "nan"], "not a finite number"),
         (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--seed", "-4"], "-4 must be at least 0"),
+        (["edit", "{pic}", "x", "--checkpoint", "{ckpt}", "--step-cache", "-0.1"], "--step-cache: '-0.1' is negative"),
+        (["generate", "x", "--checkpoint", "{ckpt}", "--step-cache", "inf"], "--step-cache: 'inf' is not a finite"),
         (["generate", "x", "--checkpoint", "{ckpt}", "--width", "100"], "width 100 is not a multiple of 16"),
         (["generate", "x", "--checkpoint", "{ckpt}", "--backend", "warp"], "unknown backend 'warp'"),
         (["generate", "x", "--checkpoint", "{ckpt}", "--device", "tpu:9"], "device"),

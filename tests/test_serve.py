@@ -323,6 +323,8 @@ BAD = {
     "guidance not finite": (_edit({"guidance": "nan"}), 400, "guidance", "finite"),
     "guidance out of range": (_generate({"guidance": 1e9}), 400, "guidance", "[0, 100]"),
     "seed negative": (_generate({"seed": -1}), 400, "seed", "non-negative"),
+    "step_cache negative": (_generate({"step_cache": -0.5}), 400, "step_cache", "finite number >= 0"),
+    "step_cache not finite": (_edit({"step_cache": "nan"}), 400, "step_cache", "finite"),
     "seed too large": (_generate({"seed": 2**64}), 400, "seed", "2**64-1"),
     "n of 2": (_generate({"n": 2}), 400, "n", "must be 1"),
     "unknown solver": (_generate({"solver": "heun"}), 400, "solver", "one of euler, dpm++2m; got 'heun'"),

@@ -39,6 +39,18 @@ def check_steps(steps) -> None:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
 
 
+def check_step_cache(threshold) -> None:
+    """None or a finite number >= 0 (None and 0: off; sampling/step_cache.py)."""
+    if threshold is None:
+        return
+    ok = isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)
+    if not ok or threshold < 0:
+        raise InputError(
+            "step_cache must be a finite number >= 0 (the relative L1 change of the first block's residual under "
+            f"which a step reuses the cached residual of the others; None or 0: off), got {threshold!r}"
+        )
+
+
 def check(width=None, height=None, steps=None, guidance=None, seed=None) -> None:
     """Each argument given (not None, which means "the default") is checked; InputError names the first bad one."""
     for name, side in (("width", width), ("height", height)):

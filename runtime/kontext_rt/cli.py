@@ -34,6 +34,7 @@ from kontext_rt.cli_args import (
     quiet_libraries,
     sigmas_list,
     stage_summary,
+    step_cache_threshold,
     steps_int,
     write_atomically,
 )
@@ -116,6 +117,13 @@ def common_options(
     )
     sp.add_argument("--guidance", type=finite_float, help="distilled guidance scale, 0 to 100")
     sp.add_argument("--seed", type=nonneg_int, help=f"noise seed, 0 to 2**64-1 (default: {seed_help})")
+    sp.add_argument(
+        "--step-cache",
+        type=step_cache_threshold,
+        metavar="T",
+        help="skip a step's later blocks while the first block's residual changes by less than T (relative L1; "
+        "lossy, e.g. 0.1; default off; eager/triton without CUDA graphs)",
+    )
     load_options(sp, device_help)
     sp.add_argument("--cache-dir", help="text-embedding cache and demo files (default: ~/.cache/kontext-rt)")
     sp.add_argument("--no-text-cache", action="store_true", help="do not read or write the on-disk text cache")
@@ -355,6 +363,7 @@ def _generate(args, contexts, found, text_cache: Path | None):
         report=report,
         solver=args.solver,
         sigmas=getattr(args, "sigmas", None),
+        step_cache=args.step_cache,
     )
     try:
         if args.command == "generate":

@@ -74,6 +74,14 @@ def finite_float(s: str) -> float:
     return v
 
 
+def step_cache_threshold(s: str) -> float:
+    """--step-cache T: a finite number >= 0 (0: off)."""
+    v = finite_float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is negative: the step cache's threshold is a relative change >= 0")
+    return v
+
+
 def lora_spec(s: str) -> tuple[str, float]:
     """--lora FILE[:STRENGTH] -> (FILE, STRENGTH); strength 1 without one. A last ':...' that is not a number
     belongs to the path."""
@@ -206,7 +214,10 @@ def stage_summary(report, label: str) -> str:
         if key in report.timings:
             extra = " (cache hit)" if key == "text_encode" and report.text_cache_hit else ""
             if key == "denoise" and report.steps:
-                extra = f" ({report.steps} steps, {report.timings[key] / report.steps * 1000:.1f} ms/step)"
+                extra = f" ({report.steps} steps, {report.timings[key] / report.steps * 1000:.1f} ms/step"
+                if report.cached_steps:  # the step cache skipped some: say how many full transformer calls ran
+                    extra += f", {report.model_calls} full model calls, {report.cached_steps} steps from the cache"
+                extra += ")"
             parts.append(f"{name} {report.timings[key]:.2f} s{extra}")
     return f"{label} | " + " | ".join(parts) + f" | seed {report.seed}"
 

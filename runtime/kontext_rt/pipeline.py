@@ -10,7 +10,7 @@ import torch
 
 from kontext_rt import image as im
 from kontext_rt.arguments import check as check_arguments
-from kontext_rt.arguments import check_guidance, check_seed, check_solver
+from kontext_rt.arguments import check_guidance, check_seed, check_solver, check_step_cache
 from kontext_rt.backends import Loaded
 from kontext_rt.concurrency import ReadWriteLock
 from kontext_rt.config import FluxConfig, Variant
@@ -23,6 +23,7 @@ from kontext_rt.placement import Placement
 from kontext_rt.requests import CheckedRequest, PhaseTimer, Request, RunPlan, RunReport, check_progress, check_prompt
 from kontext_rt.sampling.loop import Conditioning, denoise
 from kontext_rt.sampling.schedule import explicit_schedule, schedule
+from kontext_rt.sampling.step_cache import FirstBlockCache, cacheable
 from kontext_rt.text import TextEmbeddingCache, TextEncoders
 from kontext_rt.vae_runner import VAERunner
 
@@ -169,15 +170,19 @@ class Pipeline:
         progress=None,
         report=None,
         solver="euler",
+        step_cache=None,
     ):
         """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction.
 
         Every argument is checked (the images read and sized, the schedule and noise made) before any encoding.
-        solver: "euler" (the default) or "dpm++2m" (sampling/solvers.py), one model call per step either way."""
+        solver: "euler" (the default) or "dpm++2m" (sampling/solvers.py), one model call per step either way.
+        step_cache: a threshold for the first-block residual cache (lossy; sampling/step_cache.py), None or 0: off."""
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise InputError("edit needs at least one context image")
-        request = Request(prompt, tuple(images), width, height, steps, guidance, seed, auto_resize, solver, sigmas)
+        request = Request(
+            prompt, tuple(images), width, height, steps, guidance, seed, auto_resize, solver, sigmas, step_cache
+        )
         checked = self._check(request, latents, output, progress)
         return self._execute([checked], progress, [report])[0]
 
@@ -195,10 +200,13 @@ class Pipeline:
         progress=None,
         report=None,
         solver="euler",
+        step_cache=None,
     ):
         """Text-to-image: the same sampler with no context tokens. width, height: default_size's (1024x1024, or the
-        size a checkpoint says it was trained at)."""
-        request = Request(prompt, (), width, height, steps, guidance, seed, solver=solver, sigmas=sigmas)
+        size a checkpoint says it was trained at). solver, step_cache: as edit's."""
+        request = Request(
+            prompt, (), width, height, steps, guidance, seed, solver=solver, sigmas=sigmas, step_cache=step_cache
+        )
         return self._execute([self._check(request, latents, output, progress)], progress, [report])[0]
 
     def session(self, image, **defaults) -> EditSession:
@@ -321,6 +329,9 @@ class Pipeline:
         check_arguments(r.width, r.height, r.steps, r.guidance, r.seed)
         check_progress(progress)
         check_solver(r.solver)
+        check_step_cache(r.step_cache)
+        if r.step_cache:
+            cacheable(self.denoiser)  # refused here, before any work, where the denoiser cannot skip blocks
         if not isinstance(r.auto_resize, bool):
             raise InputError(f"auto_resize must be True or False, got {r.auto_resize!r}")
         if r.images is None:
@@ -403,14 +414,18 @@ class Pipeline:
             )
             x = torch.cat([c.plan.noise for c in checked]).to(self.device)
             shared = RunReport() if len(checked) > 1 else reports[0]
+            steps, threshold = len(checked[0].plan.sigmas) - 1, checked[0].request.step_cache
+            denoiser = FirstBlockCache(self.denoiser, threshold) if threshold else self.denoiser  # one per loop
             with PhaseTimer(shared, "denoise", self.device):
-                x = denoise(self.denoiser, x, checked[0].plan.sigmas, cond, progress, checked[0].plan.solver)
+                x = denoise(denoiser, x, checked[0].plan.sigmas, cond, progress, checked[0].plan.solver)
+            calls, cached = (denoiser.model_calls, denoiser.cached_steps) if threshold else (steps, 0)
             outputs, start = [], 0
             for c, report in zip(checked, reports, strict=True):
                 n = c.plan.noise.shape[0]
                 z, start = x[start : start + n], start + n
                 if report is not None:
-                    report.seed, report.steps, report.batch_size = c.plan.seed, len(c.plan.sigmas) - 1, len(checked)
+                    report.seed, report.steps, report.batch_size = c.plan.seed, steps, len(checked)
+                    report.model_calls, report.cached_steps = calls, cached
                     if shared is not report:
                         report.timings["denoise"] = report.timings.get("denoise", 0.0) + shared.timings["denoise"]
                 if c.plan.output == "latent":

@@ -20,6 +20,8 @@ class RunReport:
     text_cache_hit: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1  # requests that shared the denoising loop (run_batch)
+    model_calls: int = 0  # full transformer passes of the loop (steps, less the steps the step cache skipped)
+    cached_steps: int = 0  # steps that ran only the first block and reused the step cache's residual
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Request:
     auto_resize: bool = True
     solver: str = "euler"  # sampling.solvers.SOLVERS
     sigmas: object = None  # explicit sigmas (a sequence of numbers, explicit_schedule's), or None: steps' schedule
+    step_cache: float | None = None  # first-block residual cache threshold (sampling/step_cache.py); None/0: off
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class CheckedRequest:
 
     @property
     def key(self) -> tuple:
+        # the step cache decides per batch (every row skips a step or none): only requests of one threshold share
         return (
             self.width,
             self.height,
@@ -76,6 +80,7 @@ class CheckedRequest:
             self.steps,
             self.plan.solver,
             tuple(self.plan.sigmas.tolist()),  # one loop runs one schedule
+            self.request.step_cache or None,
         )
 
 

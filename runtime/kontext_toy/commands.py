@@ -101,6 +101,7 @@ def run_demo(args, out: Path, text_cache) -> int:
             auto_resize=False,
             report=report,
             solver=args.solver,
+            step_cache=args.step_cache,
         )
         ok = metrics.edit_success(sample, output)
         kept = metrics.preservation(sample, output)["psnr"]

@@ -165,6 +165,16 @@ class LastLayer(nn.Module):
         return self.linear(ops.modulate(x, shift, scale))
 
 
+class FirstBlock(NamedTuple):
+    """What FluxTransformer.first_block gives: the image stream [target | context] (B, N+M, C) and text stream
+    (B, T, C) after double block 0, the image stream before it, and N, the target token count."""
+
+    x: torch.Tensor
+    txt: torch.Tensor
+    x_in: torch.Tensor
+    n: int
+
+
 class FluxTransformer(nn.Module):
     def __init__(self, cfg: FluxConfig):
         super().__init__()
@@ -243,22 +253,38 @@ class FluxTransformer(nn.Module):
 
     def velocity(self, img, ctx, txt, mod, cos, sin, ops: Ops = EAGER_OPS):
         """The transformer with its modulation given: mod (B, K), one step's rows of the modulation table."""
-        n = img.shape[1]
+        mods = mod.split(self.mod_widths, -1)
+        first = self.first_block(img, ctx, txt, mods, cos, sin, ops)
+        return self.output(self.remaining_blocks(first, mods, cos, sin, ops), mods, ops)
+
+    def first_block(self, img, ctx, txt, mods, cos, sin, ops: Ops = EAGER_OPS) -> FirstBlock:
+        """The input projections and double block 0: where the step cache (sampling/step_cache.py) decides whether
+        to run the rest. mods: mod.split(self.mod_widths, -1)."""
         x = img if ctx is None else torch.cat((img, ctx), 1)
         x = self.img_in(x)
         txt = self.txt_in(txt)
-        mods = iter(mod.split(self.mod_widths, -1))
+        with self.residency.block(0):
+            out, txt = self.double_blocks[0](x, txt, mods[0], mods[1], cos, sin, ops)
+        return FirstBlock(out, txt, x, img.shape[1])
+
+    def remaining_blocks(self, first: FirstBlock, mods, cos, sin, ops: Ops = EAGER_OPS) -> torch.Tensor:
+        """Every block after the first, from its output: the last hidden state of the target tokens, (B, N, C)."""
+        x, txt = first.x, first.txt
         residency, depth = self.residency, len(self.double_blocks)
-        for i, block in enumerate(self.double_blocks):
+        for i in range(1, depth):
             with residency.block(i):
-                x, txt = block(x, txt, next(mods), next(mods), cos, sin, ops)
-        t = txt.shape[1]
+                x, txt = self.double_blocks[i](x, txt, mods[2 * i], mods[2 * i + 1], cos, sin, ops)
+        t, n = txt.shape[1], first.n
         x = torch.cat((txt, x), 1)
         for i, block in enumerate(self.single_blocks):
             with residency.block(depth + i):
-                x = block(x, next(mods), cos, sin, ops)
+                x = block(x, mods[2 * depth + i], cos, sin, ops)
         # only the target tokens leave the model: the final layer is per token, context outputs are never used
-        return self.final_layer(x[:, t : t + n], next(mods), ops)
+        return x[:, t : t + n]
+
+    def output(self, hidden: torch.Tensor, mods, ops: Ops = EAGER_OPS) -> torch.Tensor:
+        """The final layer over the target tokens' last hidden state (B, N, C): the velocity (B, N, in_channels)."""
+        return self.final_layer(hidden, mods[-1], ops)
 
     def forward(self, img, ctx, txt, pooled, timesteps, guidance, cos, sin, ops: Ops = EAGER_OPS):
         """Velocity of the target tokens, (B, N, in_channels). ctx may be None (text-to-image).

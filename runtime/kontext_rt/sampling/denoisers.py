@@ -34,10 +34,13 @@ class PerStep(Denoiser):
 
     def __init__(self, velocity: Callable[..., torch.Tensor], dtype: torch.dtype):
         self.velocity, self.dtype = velocity, dtype
+        self.model = self.ops = None  # the runtime's model and op table, when velocity is that model (of_model)
 
     @classmethod
     def of_model(cls, model, ops: Ops, dtype: torch.dtype) -> PerStep:
-        return cls(lambda *args: model(*args, ops), dtype)
+        denoiser = cls(lambda *args: model(*args, ops), dtype)
+        denoiser.model, denoiser.ops = model, ops
+        return denoiser
 
     @contextmanager
     def prepare(self, sigmas, cond: Conditioning, x):

@@ -85,8 +85,9 @@ class GenerateFields(BaseModel):
     seed: int | None = None
     solver: StrictStr = "euler"  # kontext_rt.sampling.solvers.SOLVERS
     sigmas: list | StrictStr | None = None  # a JSON list of numbers or a comma string: an explicit schedule
+    step_cache: float | None = None  # the first-block residual cache's threshold (lossy); None or 0: off
 
-    @field_validator("n", "steps", "seed", "guidance", mode="before")
+    @field_validator("n", "steps", "seed", "guidance", "step_cache", mode="before")
     @classmethod
     def _no_bool(cls, v):
         if isinstance(v, bool):  # pydantic's lax mode would read true as 1
@@ -130,6 +131,7 @@ def to_request(f: GenerateFields, images: list, settings: Settings) -> Request:
         ("steps", f.steps, arguments.check_steps),
         ("guidance", f.guidance, arguments.check_guidance),
         ("seed", f.seed, arguments.check_seed),
+        ("step_cache", f.step_cache, arguments.check_step_cache),
     )
     for name, value, check in checks:
         if value is not None:
@@ -147,7 +149,19 @@ def to_request(f: GenerateFields, images: list, settings: Settings) -> Request:
     if len(images) > settings.max_images:
         raise ApiError(400, f"at most {settings.max_images} context images, got {len(images)}", "image")
     auto_resize = getattr(f, "auto_resize", True)
-    return Request(f.prompt, tuple(images), width, height, f.steps, f.guidance, f.seed, auto_resize, f.solver, sigmas)
+    return Request(
+        f.prompt,
+        tuple(images),
+        width,
+        height,
+        f.steps,
+        f.guidance,
+        f.seed,
+        auto_resize,
+        f.solver,
+        sigmas,
+        f.step_cache,
+    )
 
 
 def parse_request_sigmas(value, steps: int | None, settings: Settings) -> tuple[float, ...]:
