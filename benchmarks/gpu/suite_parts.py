@@ -51,21 +51,10 @@ def random_diffusers(cfg, device, dtype, seed=0):
     """diffusers' FluxTransformer2DModel at the same size, initialised by the same rule (the baseline)."""
     from diffusers import FluxTransformer2DModel
 
-    return _on_device(
-        lambda: FluxTransformer2DModel(
-            num_layers=cfg.depth,
-            num_single_layers=cfg.depth_single_blocks,
-            attention_head_dim=cfg.head_dim,
-            num_attention_heads=cfg.num_heads,
-            joint_attention_dim=cfg.context_in_dim,
-            pooled_projection_dim=cfg.vec_in_dim,
-            guidance_embeds=cfg.guidance_embed,
-            axes_dims_rope=cfg.axes_dim,
-        ),
-        device,
-        dtype,
-        seed,
-    )
+    from kontext_rt.weights.configs import transformer_config_json  # the one FluxConfig -> diffusers mapping
+
+    config = transformer_config_json(cfg)
+    return _on_device(lambda: FluxTransformer2DModel.from_config(config), device, dtype, seed)
 
 
 @torch.no_grad()
