@@ -354,7 +354,7 @@ def _generate(args, contexts, found, text_cache: Path | None):
         load_spec(args, text_cache, _variant(args, found), checkpoint=found, plan_size=_run_size(args, contexts))
     )
     report = krt.RunReport()
-    bar = _progress(args.quiet)
+    bar = Progress(args.quiet)
     common = dict(
         steps=args.steps,
         guidance=args.guidance,
@@ -382,11 +382,11 @@ def _generate(args, contexts, found, text_cache: Path | None):
     return img, report
 
 
-class _progress:
-    """A tqdm bar over denoising steps on stderr, created on the first step."""
+class Progress:
+    """A tqdm bar on stderr (denoising steps by default), created on the first call of (done, total)."""
 
-    def __init__(self, quiet: bool):
-        self.quiet, self.bar = quiet, None
+    def __init__(self, quiet: bool, desc: str = "denoise", unit: str = "step"):
+        self.quiet, self.bar, self.desc, self.unit = quiet, None, desc, unit
 
     def __call__(self, done: int, total: int):
         if self.quiet:
@@ -394,7 +394,7 @@ class _progress:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr)
         self.bar.update(done - self.bar.n)
 
     def close(self):

@@ -116,12 +116,7 @@ class Pipeline:
         True always, False never, "auto" when the untiled call would not fit in the CUDA device's free memory.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
-        spec = LoadSpec(
-            path, device, dtype, backend, max_sequence_length, ae, text_encoders, text_cache_dir, text_cache_size,
-            engines, engine_precision, optimize, loras, variant, max_memory, plan_size, placement, vae_tiling,
-            vae_tile,
-        )  # fmt: skip
-        return cls.load(spec)
+        return cls.load(LoadSpec(**{k: v for k, v in locals().items() if k != "cls"}))  # every argument, by name
 
     @classmethod
     def load(cls, spec: LoadSpec | CheckedLoad) -> Pipeline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -70,7 +71,7 @@ class CheckedRequest:
     plan: RunPlan
     owner: object = field(repr=False, compare=False, default=None)  # the pipeline that checked it
 
-    @property
+    @cached_property  # made once: the scheduler compares keys of every queued request
     def key(self) -> tuple:
         # the step cache decides per batch (every row skips a step or none): only requests of one threshold share
         return (

@@ -167,32 +167,20 @@ def _eval_parser(sub):
 
 def _eval(args) -> int:
     """Everything checked before the model loads; the JSON written atomically."""
-    import json
-
     import torch
-    from tqdm import tqdm
 
     from kontext_rt import Pipeline
-    from kontext_rt.cli_args import DTYPE_NAMES, UsageError, check_writable, write_atomically
-    from kontext_rt.load_checks import check_device
-    from kontext_toy import bar, harness, metrics
+    from kontext_rt.cli import Progress
+    from kontext_rt.cli_args import DTYPE_NAMES
+    from kontext_toy import harness, metrics
     from kontext_toy.checkpoints import small_kontext
 
-    out = Path(args.output) if args.output else None
-    if out is not None:
-        if out.suffix.lower() != ".json" or not out.parent.is_dir() or out.is_dir():
-            raise UsageError(f"output {out}: a .json file in a folder that exists")
-        check_writable(out.parent, f"output {out}")
-    if args.seed + args.n > 2**64 - 1:
-        raise UsageError(
-            "--seed: sample i runs with seed + i and the samples are drawn with seed + 1: at most 2**64-1-n"
-        )
-    check_device(args.device)
+    out = _check_eval(args)
     checkpoint = Path(args.checkpoint) if args.checkpoint else small_kontext()
     pipe = Pipeline.from_pretrained(
         checkpoint, device=args.device, dtype=getattr(torch, DTYPE_NAMES[args.dtype]), backend=args.backend
     )
-    shown = None if args.quiet else tqdm(total=args.n, desc="eval", unit="sample", file=sys.stderr)
+    shown = Progress(args.quiet, "eval", "sample")
     try:
         result = harness.score_split(
             WithSolver(pipe, args.solver),
@@ -204,19 +192,41 @@ def _eval(args) -> int:
             guidance=args.guidance,
             drift_turns=args.turns,
             embed=metrics.scene_embedding,
-            progress=None if shown is None else lambda done, total: shown.update(done - shown.n),
+            progress=shown,
         )
     finally:
-        if shown is not None:
-            shown.close()
-    result = {
-        "checkpoint": str(checkpoint),
-        "split": args.split,
-        "dtype": args.dtype,
-        "backend": args.backend,
-        "solver": args.solver,
-        **result,
-    }
+        shown.close()
+    result = {"checkpoint": str(checkpoint), "split": args.split, "dtype": args.dtype, "backend": args.backend,
+              "solver": args.solver, **result}  # fmt: skip
+    _report(args, result, out)
+    return 0
+
+
+def _check_eval(args) -> Path | None:
+    """eval's own checks, before the model loads: the output file, the seed range, the device."""
+    from kontext_rt.cli_args import UsageError, check_writable
+    from kontext_rt.load_checks import check_device
+
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        if out.suffix.lower() != ".json" or not out.parent.is_dir() or out.is_dir():
+            raise UsageError(f"output {out}: a .json file in a folder that exists")
+        check_writable(out.parent, f"output {out}")
+    if args.seed + args.n > 2**64 - 1:
+        raise UsageError(
+            "--seed: sample i runs with seed + i and the samples are drawn with seed + 1: at most 2**64-1-n"
+        )
+    check_device(args.device)
+    return out
+
+
+def _report(args, result: dict, out: Path | None) -> None:
+    """Print the summary and, at the bar's settings, the bar's verdict; write the JSON when asked."""
+    import json
+
+    from kontext_rt.cli_args import write_atomically
+    from kontext_toy import bar
+
     for line in summary(result):
         print(line)
     asked = {"split": args.split, "n": args.n, "sample_seed": args.seed + 1, "steps": args.steps, "seed": args.seed}
@@ -227,7 +237,6 @@ def _eval(args) -> int:
     if out is not None:
         text = json.dumps(result, indent=1, allow_nan=False)
         write_atomically(out, lambda tmp: tmp.write_text(text))
-    return 0
 
 
 class WithSolver:
