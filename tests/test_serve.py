@@ -343,6 +343,8 @@ BAD = {
     "unknown response_format": (_edit({"response_format": "png"}), 400, "response_format", "b64_json"),
     "unknown parameter": (_generate({"stepz": 3}), 400, "stepz", "unknown parameter"),
     "auto_resize on a generation": (_generate({"auto_resize": False}), 400, "auto_resize", "unknown"),
+    "reuse_latents not a boolean": (_edit({"reuse_latents": "maybe"}), 400, "reuse_latents", "boolean"),
+    "reuse_latents on a generation": (_generate({"reuse_latents": True}), 400, "reuse_latents", "unknown"),
     "a repeated field": (_edit([("prompt", "y")]), 400, "prompt", "given twice"),
     "body not JSON": (_raw("/v1/images/generations", b"prompt=x", "application/json"), 400, None, "not valid JSON"),
     "JSON not an object": (_raw("/v1/images/generations", b"[1, 2]", "application/json"), 400, None, "JSON object"),
@@ -447,6 +449,25 @@ def test_metrics_name_the_series_and_count_the_text_cache(port, pipe):
     assert metric(text, "kontext_rt_text_cache_hits_total") - metric(before, "kontext_rt_text_cache_hits_total") >= 1
     denoised = 'kontext_rt_stage_seconds_count{stage="denoise"}'
     assert metric(text, denoised) - metric(before, denoised) == 2
+
+
+def test_a_photo_edited_again_is_not_encoded_again_and_a_kept_output_skips_its_encode(port, pipe):
+    """The pipeline's context cache serves the server's requests: the same upload twice is one encode; an output
+    sent back with reuse_latents takes its kept latents (the counters are the pipeline's, and /metrics shows them)."""
+    photo = Image.fromarray(np.random.default_rng(7).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    stats, before = pipe.context_cache.stats, dataclasses.replace(pipe.context_cache.stats)
+    fields = {"prompt": PROMPT, "size": "48x32", "steps": "1", "seed": "2", "auto_resize": "false"}
+    first = post_form(port, "/v1/images/edits", {**fields, "reuse_latents": "true"}, [("image", "a.png", png(photo))])
+    second = post_form(port, "/v1/images/edits", fields, [("image", "a.png", png(photo))])
+    assert first[0] == second[0] == 200, (first[2], second[2])
+    assert (stats.misses - before.misses, stats.hits - before.hits) == (1, 1)
+    out = png(decoded(first[2]["data"][0]["b64_json"]))  # the first edit's output, sent back as the context
+    again = post_form(port, "/v1/images/edits", {**fields, "reuse_latents": "true"}, [("image", "o.png", out)])
+    assert again[0] == 200, again[2]
+    assert (stats.kept_hits - before.kept_hits, stats.misses - before.misses) == (1, 1)
+    text = call(port, "GET", "/metrics")[2]
+    for name in ("hits", "kept_hits", "misses"):
+        assert metric(text, f"kontext_rt_context_cache_{name}_total") == getattr(stats, name), name
 
 
 def test_two_apps_in_one_process_have_their_own_metrics():
@@ -900,6 +921,7 @@ def test_serve_without_the_extra_is_one_line_and_exit_2(tmp_path):
     [
         (["--port", "70000"], "not in 0..65535"),
         (["--max-queue", "0"], "must be at least 1"),
+        (["--context-cache", "-1"], "--context-cache"),
         (["--max-upload-mb", "-1"], "positive"),
         (["--timeout-s", "nan"], "finite"),
         (["--port", "{busy}"], "cannot listen on 127.0.0.1"),

@@ -42,6 +42,14 @@ def _serve_parser(sub):
     s.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port)")
     load_options(s)
     s.add_argument("--text-cache-dir", help="keep text embeddings on disk here too (default: in memory only)")
+    s.add_argument(
+        "--context-cache",
+        type=nonneg_int,
+        default=16,
+        metavar="N",
+        help="context images' latents kept by content, so a photo edited many times is encoded once (default 16; "
+        "0: off)",
+    )
     s.add_argument("--max-queue", type=positive_int, default=16, help="queued requests before 429 (default 16)")
     s.add_argument("--max-batch", type=positive_int, default=4, help="requests run together (default 4)")
     s.add_argument("--max-upload-mb", type=_positive_float, default=50.0, help="request body limit (default 50)")
@@ -107,7 +115,7 @@ def _serve(args) -> int:
         raise UsageError("--replicas, --autoscale-min, --autoscale-max and --ray-address need --ray")
     sock = _bind(args.host, args.port)  # a port in use is refused before minutes of loading
     quiet_libraries()
-    spec = load_spec(args, args.text_cache_dir, args.variant)
+    spec = load_spec(args, args.text_cache_dir, args.variant, context_cache_size=args.context_cache)
     pipe = krt.Pipeline.load(spec)
     config = uvicorn.Config(create_app(pipe, settings), log_level=args.log_level)
     server = uvicorn.Server(config)
@@ -155,7 +163,7 @@ def _serve_ray(args, settings) -> int:
     host, port = sock.getsockname()[:2]
     sock.close()
     quiet_libraries()
-    spec = load_spec(args, args.text_cache_dir, args.variant)
+    spec = load_spec(args, args.text_cache_dir, args.variant, context_cache_size=args.context_cache)
     ray.init(address=args.ray_address, runtime_env={"env_vars": ray_app.proxy_env()}, logging_level=args.log_level)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())

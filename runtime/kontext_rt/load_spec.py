@@ -21,6 +21,7 @@ from kontext_rt import backends, load_checks
 from kontext_rt.backends import Accepted, Backend, LoadRequest
 from kontext_rt.backends.manifest import Precision
 from kontext_rt.config import FluxConfig, Variant
+from kontext_rt.context_cache import check_capacity
 from kontext_rt.errors import InputError
 from kontext_rt.model.vae_tiling import DEFAULT_TILE
 from kontext_rt.options import Optimizations
@@ -53,6 +54,7 @@ class LoadSpec:
     placement: Placement | str | None = None
     vae_tiling: bool | str = "auto"
     vae_tile: int = DEFAULT_TILE
+    context_cache_size: int = 16
 
     def check(self) -> CheckedLoad:
         """Every argument checked before any weights are read, in the order a user fixes them: the device, dtype,
@@ -70,6 +72,7 @@ class LoadSpec:
         placement = Placement.parse(self.placement)
         placement.check(optimize)
         load_checks.check_vae_tiling(self.vae_tiling, self.vae_tile, chosen)
+        check_capacity(self.context_cache_size)
         checkpoint, cfg, variant, trained_sizes = load_checks.checkpoint(
             self.path, self.ae, self.text_encoders, self.variant
         )

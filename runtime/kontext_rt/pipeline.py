@@ -14,6 +14,7 @@ from kontext_rt.arguments import check_guidance, check_seed, check_solver, check
 from kontext_rt.backends import Loaded
 from kontext_rt.concurrency import ReadWriteLock
 from kontext_rt.config import FluxConfig, Variant
+from kontext_rt.context_cache import ContextCache
 from kontext_rt.errors import InputError, OutsideTrainedSize
 from kontext_rt.load_spec import CheckedLoad, LoadSpec
 from kontext_rt.model.rope import rope_table, sequence_ids
@@ -48,6 +49,7 @@ class Pipeline:
         vae_tiling: bool | str = "auto",
         vae_tile: int = DEFAULT_TILE,
         trained_sizes: tuple[tuple[int, int], ...] | None = None,
+        context_cache_size: int = 16,
     ):
         self.cfg = cfg
         self.denoiser, self.transformer = loaded.denoiser, loaded.transformer
@@ -63,6 +65,7 @@ class Pipeline:
         self.vae_tiling, self.vae_tile = vae_tiling, vae_tile
         self._weights = ReadWriteLock()  # runs read the weights together; a LoRA change waits for them, alone
         self.trained_sizes = trained_sizes  # the sizes the checkpoint says it was trained at; None: FLUX.1's
+        self.context_cache = ContextCache(context_cache_size)  # context tokens by the image's content
 
     @property
     def resolutions(self) -> tuple[tuple[int, int], ...]:
@@ -96,6 +99,7 @@ class Pipeline:
         placement: Placement | str | None = None,
         vae_tiling: bool | str = "auto",
         vae_tile: int = DEFAULT_TILE,
+        context_cache_size: int = 16,
     ) -> Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
@@ -114,6 +118,8 @@ class Pipeline:
         or "part=mode,..."); None keeps everything on the device.
         vae_tiling: encode and decode images larger than vae_tile px in overlapping tiles (model/vae_tiling.py):
         True always, False never, "auto" when the untiled call would not fit in the CUDA device's free memory.
+        context_cache_size: context images' latent tokens kept by content (kontext_rt.context_cache), so an image
+        edited with many prompts is encoded once; 0: off.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
         return cls.load(LoadSpec(**{k: v for k, v in locals().items() if k != "cls"}))  # every argument, by name
@@ -145,6 +151,7 @@ class Pipeline:
             s.vae_tiling,
             s.vae_tile,
             spec.trained_sizes,
+            s.context_cache_size,
         )
 
     # ---- public entry points ----------------------------------------------------------------------------------
@@ -166,17 +173,31 @@ class Pipeline:
         report=None,
         solver="euler",
         step_cache=None,
+        reuse_latents=False,
     ):
         """Edit one or several context images (a list: image i gets RoPE ids (i, r, c)) from an instruction.
 
         Every argument is checked (the images read and sized, the schedule and noise made) before any encoding.
         solver: "euler" (the default) or "dpm++2m" (sampling/solvers.py), one model call per step either way.
-        step_cache: a threshold for the first-block residual cache (lossy; sampling/step_cache.py), None or 0: off."""
+        step_cache: a threshold for the first-block residual cache (lossy; sampling/step_cache.py), None or 0: off.
+        reuse_latents: keep this edit's output latents, and take a context image that is such an output (the same
+        pixels, at the size it was made) from them in place of encoding it (kontext_rt.context_cache; sessions)."""
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise InputError("edit needs at least one context image")
         request = Request(
-            prompt, tuple(images), width, height, steps, guidance, seed, auto_resize, solver, sigmas, step_cache
+            prompt,
+            tuple(images),
+            width,
+            height,
+            steps,
+            guidance,
+            seed,
+            auto_resize,
+            solver,
+            sigmas,
+            step_cache,
+            reuse_latents,
         )
         checked = self._check(request, latents, output, progress)
         return self._execute([checked], progress, [report])[0]
@@ -205,7 +226,8 @@ class Pipeline:
         return self._execute([self._check(request, latents, output, progress)], progress, [report])[0]
 
     def session(self, image, **defaults) -> EditSession:
-        """Multi-turn editing: each turn's output becomes the next turn's context image."""
+        """Multi-turn editing: each turn's output becomes the next turn's context image. defaults: edit's keyword
+        arguments for every turn; reuse_latents=True hands each turn's latents to the next (no decode-encode)."""
         return EditSession(self, image, **defaults)
 
     def check(self, request: Request) -> CheckedRequest:
@@ -280,6 +302,7 @@ class Pipeline:
     @vae.setter
     def vae(self, vae) -> None:
         self._vae_runner.vae = vae
+        self.context_cache.clear()  # another VAE encodes otherwise
 
     @property
     def loras(self) -> list[str]:
@@ -303,6 +326,32 @@ class Pipeline:
     def _encode_context(self, pil, size: tuple[int, int]) -> torch.Tensor:
         x = im.to_tensor(pil, *size).to(self.device, self.dtype)
         return im.pack(self._vae_runner.encode(x, *size))
+
+    def _context_tokens(self, pil, size: tuple[int, int], reuse: bool, report: RunReport | None) -> torch.Tensor:
+        """One context image's tokens (1, N, 64): an earlier output's kept latents (reuse), the cache's encode of
+        the same pixels at the same size, or a fresh encode (then cached)."""
+        cache = self.context_cache
+        if not cache.enabled:
+            return self._encode_context(pil, size)
+        key = cache.key(pil, size)
+        tokens = cache.get(key, "kept") if reuse else None
+        if tokens is not None:
+            if report is not None:
+                report.reused_latents += 1
+            return tokens
+        tokens = cache.get(key, "encoded")
+        if tokens is None:
+            tokens = self._encode_context(pil, size)
+            cache.put(key, "encoded", tokens)
+        elif report is not None:
+            report.context_cache_hits += 1
+        return tokens
+
+    def _keep_latents(self, images: list, z: torch.Tensor, width: int, height: int) -> None:
+        """Remember the latents each output image was decoded from, for a later reuse_latents edit of it."""
+        if self.context_cache.enabled:
+            for img, latents in zip(images, z.split(1), strict=True):
+                self.context_cache.put(self.context_cache.key(img, (width, height)), "kept", latents.to(self.dtype))
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
@@ -329,6 +378,8 @@ class Pipeline:
             cacheable(self.denoiser)  # refused here, before any work, where the denoiser cannot skip blocks
         if not isinstance(r.auto_resize, bool):
             raise InputError(f"auto_resize must be True or False, got {r.auto_resize!r}")
+        if not isinstance(r.reuse_latents, bool):
+            raise InputError(f"reuse_latents must be True or False, got {r.reuse_latents!r}")
         if r.images is None:
             raise InputError("Request.images must be a tuple of context images (paths or PIL images), or empty")
         images = list(r.images) if isinstance(r.images, (list, tuple)) else [r.images]
@@ -396,7 +447,11 @@ class Pipeline:
                 n = c.plan.noise.shape[0]
                 if c.pils:
                     with PhaseTimer(report, "vae_encode", self.device):
-                        ctx = [self._encode_context(pil, size) for pil, size in zip(c.pils, c.sizes, strict=True)]
+                        reuse = c.request.reuse_latents
+                        ctx = [
+                            self._context_tokens(pil, size, reuse, report)
+                            for pil, size in zip(c.pils, c.sizes, strict=True)
+                        ]
                     ctxs.append(torch.cat(ctx, 1).expand(n, -1, -1))
                 with PhaseTimer(report, "text_encode", self.device):
                     txt, pooled = self.encode_prompt(c.request.prompt, report)
@@ -428,6 +483,8 @@ class Pipeline:
                     continue
                 with PhaseTimer(report, "vae_decode", self.device):
                     images = im.to_pil(self._vae_runner.decode(im.unpack(z, rows, cols), cols * 16, rows * 16))
+                if c.request.reuse_latents:
+                    self._keep_latents(images, z, cols * 16, rows * 16)
                 outputs.append(images[0] if n == 1 else images)
         return outputs
 

@@ -23,6 +23,8 @@ class RunReport:
     batch_size: int = 1  # requests that shared the denoising loop (run_batch)
     model_calls: int = 0  # full transformer passes of the loop (steps, less the steps the step cache skipped)
     cached_steps: int = 0  # steps that ran only the first block and reused the step cache's residual
+    context_cache_hits: int = 0  # context images whose tokens came from the context cache, not an encode
+    reused_latents: int = 0  # context images that were earlier outputs, taken from their latents (reuse_latents)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Request:
     solver: str = "euler"  # sampling.solvers.SOLVERS
     sigmas: object = None  # explicit sigmas (a sequence of numbers, explicit_schedule's), or None: steps' schedule
     step_cache: float | None = None  # first-block residual cache threshold (sampling/step_cache.py); None/0: off
+    reuse_latents: bool = False  # keep the output's latents; take kept latents for a context that is an output
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,18 @@ SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
-class _TextCacheCollector:
-    """The pipeline's text-embedding cache counters (pipe.text_cache.stats), read at each scrape."""
+COUNTERS = {  # the pipeline's cache -> (its stats field, the metric's help)
+    "text_cache": (("hits", "prompts found in the text-embedding cache"), ("misses", "prompts encoded")),
+    "context_cache": (
+        ("hits", "context images whose latents were found in the context cache"),
+        ("kept_hits", "context images that were earlier outputs, taken from their kept latents (reuse_latents)"),
+        ("misses", "context images encoded by the VAE"),
+    ),
+}
+
+
+class _CacheCollector:
+    """The pipeline's cache counters (pipe.text_cache.stats, pipe.context_cache.stats), read at each scrape."""
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -20,11 +30,12 @@ class _TextCacheCollector:
         return []  # no collect at registration: the counters are read at scrape time
 
     def collect(self):
-        stats = getattr(getattr(self.pipe, "text_cache", None), "stats", None)
-        for name, what in (("hits", "prompts found in the text-embedding cache"), ("misses", "prompts encoded")):
-            family = CounterMetricFamily(f"kontext_rt_text_cache_{name}", what)
-            family.add_metric([], getattr(stats, name, 0))
-            yield family
+        for cache, fields in COUNTERS.items():
+            stats = getattr(getattr(self.pipe, cache, None), "stats", None)
+            for name, what in fields:
+                family = CounterMetricFamily(f"kontext_rt_{cache}_{name}", what)
+                family.add_metric([], getattr(stats, name, 0))
+                yield family
 
 
 class Metrics:
@@ -52,7 +63,7 @@ class Metrics:
         self.errors = Counter("kontext_rt_errors", "error responses by kind (the error's code)", ["kind"], registry=r)
         self.requests = Counter("kontext_rt_requests", "responses by route and status", ["route", "status"], registry=r)
         if pipe is not None:
-            r.register(_TextCacheCollector(pipe))
+            r.register(_CacheCollector(pipe))
 
     def stage(self, name: str, seconds: float) -> None:
         self.stage_seconds.labels(stage=name).observe(seconds)

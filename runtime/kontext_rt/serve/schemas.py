@@ -97,6 +97,7 @@ class GenerateFields(BaseModel):
 
 class EditFields(GenerateFields):
     auto_resize: bool = True
+    reuse_latents: bool = False  # keep the output's latents; a context that is a kept output skips its encode
 
 
 def parse_fields(model: type[GenerateFields], data: dict) -> GenerateFields:
@@ -149,6 +150,7 @@ def to_request(f: GenerateFields, images: list, settings: Settings) -> Request:
     if len(images) > settings.max_images:
         raise ApiError(400, f"at most {settings.max_images} context images, got {len(images)}", "image")
     auto_resize = getattr(f, "auto_resize", True)
+    reuse_latents = getattr(f, "reuse_latents", False)
     return Request(
         f.prompt,
         tuple(images),
@@ -161,6 +163,7 @@ def to_request(f: GenerateFields, images: list, settings: Settings) -> Request:
         f.solver,
         sigmas,
         f.step_cache,
+        reuse_latents,
     )
 
 
