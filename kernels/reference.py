@@ -68,6 +68,47 @@ def rope_attention(q, k, v, q_scales, k_scales, split, cos, sin):
     return attention(q, k, v)
 
 
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, H, D) -> (float8_e4m3fn (B, L, H, D), descale (B, H) float32): one scale per (batch, head) over
+    every token and channel, amax / 448 (1 where the head is all zeros), the values divided by it in float32
+    and rounded to nearest-even by the cast. descale is what FA3's FP8 forward takes (q_descale etc.: the
+    factor that turns the stored values back into the tensor's)."""
+    amax = x.to(compute_dtype(x)).abs().amax(dim=(1, 3))  # (B, H)
+    descale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).float()
+    q = (x.float() / descale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, descale
+
+
+def attention_prepass(q, k, v, q_scales, k_scales, split, cos, sin, fp8: bool = False, smooth_k: bool = False):
+    """What comes before the attention kernel, in the layout FA3 reads: QK RMSNorm and RoPE of q and k (as
+    qk_norm_rope), k minus its mean over tokens when smooth_k (SageAttention's smoothing: exact for softmax, which
+    is invariant to adding q.m to every score of a query row, and it shrinks k's range before quantization), all
+    three transposed from (B, H, L, D) to (B, L, H, D) contiguous, and with fp8 cast to float8_e4m3fn with one
+    scale per (batch, head) each (quantize_per_head). Returns (q, k, v, q_descale, k_descale, v_descale); the
+    descales are None without fp8, and q, k, v keep the input dtype."""
+    q, k = qk_norm_rope(q, k, q_scales, k_scales, split, cos, sin)
+    if smooth_k:
+        k = (k.to(compute_dtype(k)) - k.to(compute_dtype(k)).mean(dim=2, keepdim=True)).to(k.dtype)
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    if not fp8:
+        return q, k, v, None, None, None
+    (q, qd), (k, kd), (v, vd) = (quantize_per_head(t) for t in (q, k, v))
+    return q, k, v, qd, kd, vd
+
+
+def attention_fp8_emulated(q, k, v, q_descale, k_descale, v_descale, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """FP8 attention as FA3's FP8 forward computes it, emulated: the e4m3 values of (B, L, H, D) q, k, v times
+    their per-(batch, head) descales, attention in float32, the output in out_dtype, (B, L, H*D). What the CPU
+    can run of an FP8 attention path (its quality cost); FA3 itself also rounds P to e4m3 before P @ V, which
+    this leaves out (one rounding fewer: a lower bound of the cost)."""
+    deq = [t.float() * d[:, None, :, None] for t, d in ((q, q_descale), (k, k_descale), (v, v_descale))]
+    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in deq))
+    return out.transpose(1, 2).flatten(2).to(out_dtype)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(1 + scale) * LayerNorm(x) + shift, LayerNorm without affine."""
     return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=EPS) + shift
