@@ -15,7 +15,9 @@ warm-up loop), host time per step (the CPU time to issue a loop), MFU = step FLO
 for the FP8 rungs) matmul rate, peak GPU memory. A profile of the eager step (10% slower than diffusers' on an
 H200) and of the bf16 and FP8 steps (hoisted, not graphed) names the ops that take the time ("profile"). Then
 end-to-end edits at 4, 8 and 28 steps with VAE encode and decode (text embeddings as a cache hit) on the eager
-rung, the best bf16 rung and the best fp8 rung; the on-device exactness checks (hoisted == per-step, graphs == no
+rung, the best bf16 rung and the best fp8 rung; the fewer-calls options' step times on the best fp8 rung
+(DPM-Solver++ 2M against Euler, hoisted and graphed; the step cache's cached and full steps); the on-device
+exactness checks (hoisted == per-step, graphs == no
 graphs, the FP8 quantizer == torch); the FP8 drift against bf16. Every phase is written to <out>/suite.json (or
 suite-compile.json) and the chart to <out>/suite-ladder.png as soon as it ends (benchmarks/machine/phases.py).
 
@@ -67,7 +69,7 @@ PHASES = {  # in order, the rungs' from rungs.py; core() and compile_part() run 
         *names("core", fp8=False),
         *("checks", "edits-bf16", "profile-bf16", "fp8-convert", "fp8-drift", "fp8-quantizer"),
         *names("core", fp8=True),
-        *("edits-fp8", "profile-fp8"),
+        *("edits-fp8", "fewer-calls", "profile-fp8"),
     ),
     "compile": (
         *("setup", "triton-backend", "model"),
@@ -240,6 +242,26 @@ class Suite:
             )
             self.record.write()
 
+    def fewer_calls(self, best: list[Rung]):
+        """The solver's and the step cache's step times over the best rung's ops, hoisted and (if it has them)
+        graphed: suite_parts.fewer_calls."""
+        from kontext_rt.sampling.denoisers import Hoisted
+
+        (rung,) = best
+        denoisers = {"hoisted": Hoisted(self.model, self.ops[rung.backend], self.dtype)}
+        if rung.optimize.cuda_graphs:
+            denoisers["graphs"] = self.denoiser(rung)
+        n = self.steps
+        self.result["fewer_calls"] = {"rung": rung.name} | parts.fewer_calls(
+            self.model, self.ops[rung.backend], self.dtype, denoisers, self.data["kontext"], self.device,
+            n["steps_timed"], n["repeats"], n["warmup"],
+        )  # fmt: skip
+        self.record.write()
+
+    def fewer_calls_estimate_s(self):
+        n = self.steps  # 6 loops at most (2 solvers x 2 denoisers, 2 cache loops), one layout
+        return 1.5 * 6 * (n["warmup"] + n["repeats"] * n["steps_timed"]) * self.step_s
+
     def edits_estimate_s(self, count=1):
         return 1.5 * count * (1 + sum(self.steps["edits"])) * self.step_s
 
@@ -356,6 +378,7 @@ def core(s: Suite) -> None:
         s.run_rung(rung)
     first = [x.name for x in fp8[:1]]  # the edits need an FP8 rung that ran; they take the best one
     r.run("edits-fp8", lambda: s.edits(s.best(fp8=True)), needs=first, estimate_s=s.edits_estimate_s())
+    r.run("fewer-calls", lambda: s.fewer_calls(s.best(fp8=True)), needs=first, estimate_s=s.fewer_calls_estimate_s())
     r.run(
         "profile-fp8",
         lambda: s.profile(*PROFILED["fp8"]),

@@ -133,6 +133,29 @@ def kernels(data: dict) -> list[str]:
     return [line + "."]
 
 
+def fewer_calls(suite: dict) -> list[str]:
+    """The fewer-calls phase: each denoiser's Euler and DPM++2M step, and the step cache's full and cached step."""
+    found = suite.get("fewer_calls")
+    if not found:
+        return []
+    denoisers = [k.removesuffix(" euler") for k in found if k.endswith(" euler")]
+    lines = [
+        f"| {found['rung']} rung, Kontext layout | Euler ms/step | DPM++2M ms/step | step cache: full / cached ms "
+        "| 28 steps at 10 full calls, s |",
+        "|---|---|---|---|---|",
+    ]
+    for d in denoisers:
+        cache = found.get(f"{d} step cache", {})
+        if "cached_step_ms" in cache:
+            cached = f"{cache['full_step_ms']:.1f} / {cache['cached_step_ms']:.1f}"
+            loop = f"{cache['loop_28_steps_10_calls_s']:.2f}"
+        else:
+            cached, loop = "refused" if "refused" in cache else "-", "-"
+        euler, dpm = found[f"{d} euler"]["ms_per_step"], found[f"{d} dpm++2m"]["ms_per_step"]
+        lines.append(f"| {d} | {euler:.1f} | {dpm:.1f} | {cached} | {loop} |")
+    return lines
+
+
 def render(folder: Path) -> str:
     suite, compiled = _load(folder, "suite.json"), _load(folder, "suite-compile.json")
     if not suite:
@@ -145,6 +168,7 @@ def render(folder: Path) -> str:
         [head],
         ladder(suite, compiled),
         edits(suite),
+        fewer_calls(suite),
         goals_table(suite, compiled),
         profile(suite),
         kernels(_load(folder, "kernels.json")),

@@ -335,6 +335,50 @@ def end_to_end(vae, run, layout, data, device, dtype, steps_list) -> dict:
     return out
 
 
+CACHE_NEVER, CACHE_ALWAYS = 0.0, 1e30  # step-cache thresholds: every step in full (with the cache's first-block
+# path and host read), and every step after the first answered from the cache
+
+
+def fewer_calls(model, ops, dtype, denoisers: dict, data, device, steps, repeats, warmup) -> dict:
+    """What the fewer-calls options cost per step at this size, each beside plain Euler in the same phase: the
+    DPM-Solver++ 2M step (one model call plus its update after the call) over every denoiser given (hoisted and,
+    where the rung has them, CUDA graphs: the solver's eager update after each replay); the step cache (first-block
+    residual, sampling/step_cache.py) never skipping (its first-block split and one host read per step) and always
+    skipping after the first step. A cached step's time is taken from the always-skipping loop of n steps, one of
+    them full: (n * ms - full) / (n - 1). Random weights: the cache's decisions here are forced by the threshold,
+    never by the data, and say nothing of how many steps a real edit would skip."""
+    from kontext_rt.sampling.loop import denoise
+    from kontext_rt.sampling.step_cache import FirstBlockCache, cacheable
+
+    def loop(denoiser, solver="euler"):
+        return lambda x, sigmas, cond: denoise(denoiser, x, sigmas, cond, solver=solver)
+
+    out = {}
+    for name, denoiser in denoisers.items():
+        for solver in ("euler", "dpm++2m"):
+            ms, host = time_loop(loop(denoiser, solver), *data, device, steps, repeats, warmup)
+            out[f"{name} {solver}"] = {"ms_per_step": ms, "host_ms_per_step": host}
+    for name, denoiser in denoisers.items():
+        try:
+            cacheable(denoiser)
+        except Exception as err:  # the denoisers the cache refuses: recorded, not timed
+            out[f"{name} step cache"] = {"refused": str(err)[:300]}
+            continue
+        full = out[f"{name} euler"]["ms_per_step"]
+        ms_never, _ = time_loop(loop(FirstBlockCache(denoiser, CACHE_NEVER)), *data, device, steps, repeats, warmup)
+        ms_always, _ = time_loop(loop(FirstBlockCache(denoiser, CACHE_ALWAYS)), *data, device, steps, repeats, warmup)
+        cached = (steps * ms_always - ms_never) / (steps - 1)
+        out[f"{name} step cache"] = {
+            "full_step_ms": ms_never,
+            "cached_step_ms": cached,
+            "cached_over_full": cached / full,
+            "overhead_of_the_check": ms_never / full - 1,
+            # an edit's loop at 28 steps with 10 full calls, from the two measured step times (a model, not a run)
+            "loop_28_steps_10_calls_s": (10 * ms_never + 18 * cached) / 1e3,
+        }
+    return out
+
+
 def write_png(path: Path, labels: list[str], values: list[float], baseline: float | None) -> None:
     """The ladder as a bar chart (matplotlib), written under a temporary name and renamed: a kill never leaves half
     a file."""
