@@ -1,6 +1,7 @@
-"""The step cache (sampling/step_cache.py): off is today's loop bit for bit, its counts follow its rule, and a
-skipped step is the first block's output plus the cached residual of the others, against a float64 computation
-made here from the model's own modules called one by one (not the cached code path)."""
+"""The step cache (sampling/step_cache.py): off is today's loop bit for bit, its counts follow its rule (a batch
+decides on its largest row), a skipped step is the first block's output plus the cached residual of the others,
+against a float64 computation made here from the model's own modules called one by one (not the cached code path),
+and its three CUDA graphs (with the capture stand-in) are the eager cache bit for bit."""
 
 import copy
 
@@ -10,10 +11,13 @@ import torch
 from kontext_rt import Pipeline, Request, RunReport
 from kontext_rt.errors import InputError
 from kontext_rt.model.op_table import EAGER_OPS
+from kontext_rt.sampling import step_cache
 from kontext_rt.sampling.denoisers import Graphed, Hoisted, PerStep
+from kontext_rt.sampling.graphs import capture_eager
 from kontext_rt.sampling.loop import denoise
 from kontext_rt.sampling.schedule import schedule
 from kontext_rt.sampling.step_cache import FirstBlockCache
+from kontext_rt.transformer_placement import OnePass
 from kontext_rt.weights.formats import detect
 from tests.float64_reference import rel_err
 from tests.test_hoisting import conditioning
@@ -40,10 +44,11 @@ def picture_path(tmp_path):
     return path
 
 
-def _inputs(cfg, batch=2, steps=5):
-    gen = torch.Generator().manual_seed(3)
-    cond = conditioning(cfg, batch, 7, [(3, 4), (2, 3)], torch.float32, gen)
-    return torch.randn(batch, 12, 64, generator=gen), schedule(steps, 12, True), cond
+def _inputs(cfg, batch=2, steps=5, grids=((3, 4), (2, 3)), seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    cond = conditioning(cfg, batch, 7, list(grids), torch.float32, gen)
+    n = grids[0][0] * grids[0][1]
+    return torch.randn(batch, n, 64, generator=gen), schedule(steps, n, True), cond
 
 
 # ---- off: today's pixels, bit for bit --------------------------------------------------------------------------
@@ -149,12 +154,144 @@ def test_a_bad_threshold_is_refused_before_any_work(pipe, bad):
     assert report.timings == {}  # nothing encoded
 
 
-def test_graphs_and_engines_take_no_step_cache(model):
-    graphed = Graphed(model, EAGER_OPS, torch.float32, capture=lambda *a: None)
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True])
+def test_the_cache_itself_refuses_what_the_pipeline_refuses(model, bad):
+    with pytest.raises(InputError, match="step_cache must be a finite number >= 0"):
+        FirstBlockCache(Hoisted(model, EAGER_OPS, torch.float32), bad)
+
+
+def test_engines_and_streamed_blocks_take_no_step_cache(model):
     engine = PerStep(lambda *args: None, torch.float32)  # what the TensorRT backend runs
-    for denoiser in (graphed, engine):
-        with pytest.raises(InputError, match="CUDA graph or a TensorRT engine"):
+    streamed = OnePass(Hoisted(model, EAGER_OPS, torch.float32), None)  # a placement that streams the blocks
+    for denoiser, name in ((engine, "PerStep"), (streamed, "OnePass")):
+        with pytest.raises(InputError, match=rf"runs {name}\): .*TensorRT engine .* streamed placement"):
             FirstBlockCache(denoiser, 0.1)
+    FirstBlockCache(Graphed(model, EAGER_OPS, torch.float32, capture=capture_eager), 0.1)  # graphs take it
+
+
+# ---- the batch decides on its largest row ---------------------------------------------------------------------
+
+
+def _record_steps(pipe, monkeypatch) -> list[dict]:
+    """One record per step of the pipeline's cached loop: its rows' deltas (none at step 0) and whether the blocks
+    after the first ran, on how many rows."""
+    steps, m = [], pipe.transformer
+    first_block, remaining_blocks, relative_l1 = m.first_block, m.remaining_blocks, step_cache.relative_l1
+
+    def first(*args, **kwargs):
+        steps.append(dict(deltas=None, full_rows=None))
+        return first_block(*args, **kwargs)
+
+    def rest(block, *args, **kwargs):
+        steps[-1]["full_rows"] = block.x.shape[0]
+        return remaining_blocks(block, *args, **kwargs)
+
+    def l1(now, last):
+        steps[-1]["deltas"] = relative_l1(now, last)
+        return steps[-1]["deltas"]
+
+    monkeypatch.setattr(m, "first_block", first)
+    monkeypatch.setattr(m, "remaining_blocks", rest)
+    monkeypatch.setattr(step_cache, "relative_l1", l1)
+    return steps
+
+
+def test_a_batch_skips_a_step_together_iff_its_largest_delta_is_under_the_threshold(pipe, monkeypatch):
+    def run(threshold):
+        requests = [
+            Request(prompt, width=48, height=32, steps=6, seed=seed, step_cache=threshold)
+            for prompt, seed in (("a red square", 1), ("a blue circle on grass", 2))
+        ]
+        reports = [RunReport(), RunReport()]
+        steps.clear()
+        pipe.run_batch(requests, reports)
+        return reports
+
+    steps = _record_steps(pipe, monkeypatch)
+    run(1e-9)  # every step in full: step 1's deltas do not depend on the threshold (step 0 always runs in full)
+    lo, hi = sorted(steps[1]["deltas"].tolist())
+    assert lo < hi, "the two requests' rows must change by different amounts"
+    threshold = (lo + 3 * hi) / 4  # over the rows' mean and min, under their max: only the max runs step 1 in full
+    reports = run(threshold)
+
+    assert len(steps) == 6 and steps[0]["deltas"] is None and steps[0]["full_rows"] == 2
+    cached = [s["deltas"].max().item() < threshold for s in steps[1:]]
+    for s, skip in zip(steps[1:], cached, strict=True):
+        assert s["full_rows"] == (None if skip else 2)  # every row skips, or every row runs all blocks
+    assert not cached[0] and steps[1]["deltas"].min().item() < threshold  # decided by the max
+    assert any(cached), "some step must skip for the test to see rows skip together"
+    for report in reports:
+        assert (report.model_calls, report.cached_steps) == (1 + cached.count(False), cached.count(True))
+
+
+# ---- with CUDA graphs (the capture stand-in) -----------------------------------------------------------------
+
+
+def _deltas(model, inputs, solver, monkeypatch) -> list[float]:
+    """The batch's delta at every step after the first of the eager cache that never skips."""
+    seen, delta = [], step_cache.delta
+    monkeypatch.setattr(step_cache, "delta", lambda r, r_full: seen.append(delta(r, r_full)) or seen[-1])
+    denoise(FirstBlockCache(Hoisted(model, EAGER_OPS, torch.float32), 0), *inputs, solver=solver)
+    monkeypatch.undo()
+    return [d.item() for d in seen]
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpm++2m"])
+def test_the_graphed_cache_is_the_eager_cache_bit_for_bit(model, solver, monkeypatch):
+    """Three thresholds (never, sometimes, always after the first step), two loops in a row over two shape buckets
+    (the graphs and their cache buffers reused, each loop's first step in full), then new weights' graphs."""
+    steps = 6
+    buckets = [_inputs(model.cfg, 2, steps), _inputs(model.cfg, 1, steps, [(3, 3)], seed=4)]  # edit, text-to-image
+    middle = torch.tensor([d for inputs in buckets for d in _deltas(model, inputs, solver, monkeypatch)]).median()
+    thresholds = [0.0, middle.item(), HUGE]
+    eager = Hoisted(model, EAGER_OPS, torch.float32)
+    graphed = Graphed(model, EAGER_OPS, torch.float32, capture=capture_eager)
+    for threshold, calls_per_bucket in zip(thresholds, ([steps] * 2, None, [1] * 2), strict=True):
+        for _ in range(2):
+            for b, (x, sigmas, cond) in enumerate(buckets):  # b: the bucket, for calls_per_bucket
+                want, got = FirstBlockCache(eager, threshold), FirstBlockCache(graphed, threshold)
+                ours = denoise(got, x, sigmas, cond, solver=solver)
+                assert torch.equal(ours, denoise(want, x, sigmas, cond, solver=solver))
+                assert (got.model_calls, got.cached_steps) == (want.model_calls, want.cached_steps)
+                if calls_per_bucket is None:
+                    assert 1 < got.model_calls < steps  # the middle threshold skips some steps, not all
+                else:
+                    assert got.model_calls == calls_per_bucket[b]
+    assert (graphed.cache_graphs.captures, graphed.graphs.captures) == (2, 0)
+    graphed.weights_changed()
+    x, sigmas, cond = buckets[0]
+    got = denoise(FirstBlockCache(graphed, HUGE), x, sigmas, cond, solver=solver)
+    assert torch.equal(got, denoise(FirstBlockCache(eager, HUGE), x, sigmas, cond, solver=solver))
+    assert graphed.cache_graphs.captures == 3  # the old weights' graphs dropped
+
+
+def test_a_cached_loop_waits_for_the_plain_graphs_loop(model):
+    """One loop at a time replays or captures a graphed denoiser's graphs, cached or not (as without the cache)."""
+    import threading
+
+    graphed = Graphed(model, EAGER_OPS, torch.float32, capture=capture_eager)
+    x, sigmas, cond = _inputs(model.cfg, 1, 2, [(3, 3)])
+    want = denoise(FirstBlockCache(Hoisted(model, EAGER_OPS, torch.float32), HUGE), x, sigmas, cond)
+    result = {}
+    cached = threading.Thread(
+        target=lambda: result.setdefault("x", denoise(FirstBlockCache(graphed, HUGE), x, sigmas, cond))
+    )
+    with graphed.prepare(sigmas, cond, x):  # a plain loop holds the graphs
+        cached.start()
+        cached.join(1.0)
+        assert cached.is_alive() and graphed.cache_graphs.captures == 0
+    cached.join(30)
+    assert torch.equal(result["x"], want)
+
+
+def test_a_graphed_pipeline_runs_the_step_cache(kontext_dir, picture_path, pipe):
+    graphed = Pipeline.from_pretrained(kontext_dir, backend="eager")
+    graphed.denoiser = Graphed(graphed.transformer, EAGER_OPS, torch.float32, capture=capture_eager)
+    args = dict(steps=5, seed=2, output="latent", step_cache=HUGE)
+    reports = RunReport(), RunReport()
+    got = graphed.edit(picture_path, "make it blue", report=reports[0], **args)
+    assert torch.equal(got, pipe.edit(picture_path, "make it blue", report=reports[1], **args))
+    assert [(r.model_calls, r.cached_steps) for r in reports] == [(1, 4)] * 2
 
 
 # ---- the CLI and the server --------------------------------------------------------------------------------------

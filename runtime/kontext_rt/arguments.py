@@ -9,7 +9,7 @@ import math
 
 from kontext_rt import image as im
 from kontext_rt.errors import InputError
-from kontext_rt.sampling import SOLVERS, check_solver  # noqa: F401 (the per-run checks, in one place)
+from kontext_rt.sampling import SOLVERS, check_solver, check_step_cache  # noqa: F401 (the per-run checks, in one place)
 
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and maps a negative seed s to 2**64 - 1 + s, so the
 # non-negative range below already names every generator state; anything larger overflows inside torch.
@@ -37,18 +37,6 @@ def check_guidance(guidance) -> None:
 def check_steps(steps) -> None:
     if not _is_int(steps) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
-
-
-def check_step_cache(threshold) -> None:
-    """None or a finite number >= 0 (None and 0: off; sampling/step_cache.py)."""
-    if threshold is None:
-        return
-    ok = isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)
-    if not ok or threshold < 0:
-        raise InputError(
-            "step_cache must be a finite number >= 0 (the relative L1 change of the first block's residual under "
-            f"which a step reuses the cached residual of the others; None or 0: off), got {threshold!r}"
-        )
 
 
 def check(width=None, height=None, steps=None, guidance=None, seed=None) -> None:

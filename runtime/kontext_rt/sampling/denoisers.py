@@ -7,13 +7,14 @@
   modulation parameters again at every step). With the triton table (row-invariant linears) it equals PerStep bit
   for bit (tests/test_hoisting.py).
 - Graphed: Hoisted's velocity captured as a CUDA graph per shape bucket (graphs.StepGraphs) and replayed; equal to
-  Hoisted bit for bit (tests/test_graphs.py).
+  Hoisted bit for bit (tests/test_graphs.py). Under the step cache, three graphs per bucket (step_cache.py).
 
 Each yields velocity(i, x) -> v float32; the loop's solver (solvers.py) takes the step, outside any graph.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -77,23 +78,37 @@ class Hoisted(Denoiser):
 
 class Graphed(Denoiser):
     """Hoisted's velocity captured once per shape bucket and replayed; graphs of older weights are never replayed.
-    The solver's update runs after the replay, eagerly: the same kernels on the same values as Hoisted's loop."""
+    The solver's update runs after the replay, eagerly: the same kernels on the same values as Hoisted's loop.
+    The step cache's three graphs per bucket (step_cache.CachedStep) are a second graph cache beside the first,
+    captured only when a loop with a step cache runs, and dropped with the others when the weights change; both
+    caches share one lock, so one loop at a time replays (or captures) this denoiser's graphs."""
 
     def __init__(self, model, ops: Ops, dtype: torch.dtype, capture=capture_cuda, max_graphs: int = 8):
+        from kontext_rt.sampling.step_cache import CachedStep  # here: step_cache imports this module
+
         self.hoisted = Hoisted(model, ops, dtype)
         self.dtype = dtype
-        self.graphs = StepGraphs(self.hoisted.velocity, capture, max_graphs)
+        lock = threading.Lock()
+        self.graphs = StepGraphs(self.hoisted.velocity, capture, max_graphs, lock=lock)
+        self.cache_graphs = StepGraphs(self.hoisted, capture, max_graphs, entry=CachedStep, lock=lock)
         self._version = 0
 
     def weights_changed(self) -> None:
         self._version += 1
 
     @contextmanager
-    def prepare(self, sigmas, cond: Conditioning, x):
+    def loop(self, graphs: StepGraphs, sigmas, cond: Conditioning, x):
+        """(the modulation table, graphs' entry for this loop's bucket with the conditioning loaded), the entry held
+        for the whole loop."""
         mods = self.hoisted.plan(sigmas, cond, x)
         fixed = dict(ctx=cond.ctx, txt=cond.txt, cos=cond.cos, sin=cond.sin)
-        with self.graphs.session(dict(x=x, mod=mods[0], **fixed), self._version) as graph:
-            graph.load(**fixed)  # the conditioning once per loop, then two small copies per step
+        with graphs.session(dict(x=x, mod=mods[0], **fixed), self._version) as entry:
+            entry.load(**fixed)  # the conditioning once per loop, then two small copies per step
+            yield mods, entry
+
+    @contextmanager
+    def prepare(self, sigmas, cond: Conditioning, x):
+        with self.loop(self.graphs, sigmas, cond, x) as (mods, graph):
 
             def velocity(i: int, x: torch.Tensor) -> torch.Tensor:
                 graph.load(x=x, mod=mods[i])

@@ -7,9 +7,11 @@ on the weights' version, which the pipeline bumps whenever it changes weights (L
 captures a new graph; a changed weights version drops every graph; loading a tensor whose shape or dtype differs
 from the buffer's is an error, so a stale graph is never replayed on a buffer it was not captured with.
 
-Graphs share one memory pool (their intermediates are reused across buckets; replays never overlap: the cache
-holds a lock for a whole sampling loop). Capture is injected: tests and the GPU suite's CPU rehearsal run the
-cache's logic with `capture_eager`, a stand-in that recomputes the step into the same static output.
+A cache's graphs share one memory pool (their intermediates are reused across buckets; replays never overlap: the cache
+holds a lock for a whole sampling loop). A bucket's entry is one CapturedStep by default; the step cache's entry
+(sampling/step_cache.py: CachedStep) is three of them around shared buffers. Capture is injected: tests and the GPU
+suite's CPU rehearsal run the cache's logic with `capture_eager`, a stand-in that recomputes the step into the same
+static output.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def signature(args: dict[str, torch.Tensor | None]) -> Signature:
 
 
 class CapturedStep:
-    """One captured step: its static inputs, its static output, and `replay` to run it again."""
+    """One captured step: its static inputs, its static output (a tensor or a tuple of them), and `replay` to run it
+    again."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], args: dict[str, torch.Tensor | None], capture, pool):
         # static buffers are the graph's own copies: later calls copy into them, never rebind them
@@ -55,7 +58,7 @@ class CapturedStep:
                 )
             buf.copy_(t, non_blocking=True)
 
-    def replay(self) -> torch.Tensor:
+    def replay(self):
         self._replay()
         return self.output
 
@@ -74,6 +77,10 @@ def capture_cuda(fn, inputs: dict[str, torch.Tensor | None], pool):
     return graph.replay, output
 
 
+def _tensors(output) -> tuple:
+    return (output,) if isinstance(output, torch.Tensor) else tuple(output)
+
+
 def capture_eager(fn, inputs: dict[str, torch.Tensor | None], pool):
     """A stand-in for capture_cuda on any device: 'replay' recomputes fn from the static inputs into the static
     output, so the static-buffer plumbing is exercised as a real replay reads it (a stale buffer, or a graph reused
@@ -81,22 +88,25 @@ def capture_eager(fn, inputs: dict[str, torch.Tensor | None], pool):
     output = fn(**inputs)
 
     def replay():
-        output.copy_(fn(**inputs))
+        for buf, t in zip(_tensors(output), _tensors(fn(**inputs)), strict=True):
+            buf.copy_(t)
 
     return replay, output
 
 
 class StepGraphs:
-    """The graph cache of one pipeline: signature -> CapturedStep, least recently used dropped past max_graphs."""
+    """The graph cache of one pipeline: signature -> entry (a CapturedStep of fn unless `entry` builds another kind
+    from fn, the arguments, capture and the pool), least recently used dropped past max_graphs. Caches given one
+    `lock` take turns: a capture never runs beside another cache's replay."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], capture=capture_cuda, max_graphs: int = 8):
+    def __init__(self, fn, capture=capture_cuda, max_graphs: int = 8, entry=CapturedStep, lock=None):
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
-        self.fn, self.capture, self.max_graphs = fn, capture, max_graphs
+        self.fn, self.capture, self.max_graphs, self.entry = fn, capture, max_graphs, entry
         self._graphs: OrderedDict[Signature, CapturedStep] = OrderedDict()
         self._version = None
         self._pool = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if lock is None else lock
         self.captures = 0  # how many graphs were captured in all (tests and benchmarks read it)
 
     def __len__(self) -> int:
@@ -111,7 +121,7 @@ class StepGraphs:
 
     @contextmanager
     def session(self, args: dict[str, torch.Tensor | None], version):
-        """The captured step for these arguments (captured now if new), held exclusively for one sampling loop."""
+        """The entry for these arguments (captured now if new), held exclusively for one sampling loop."""
         with self._lock:
             if version != self._version:
                 self._graphs.clear()  # weights changed: every graph would read them, none may be reused
@@ -121,7 +131,7 @@ class StepGraphs:
             if entry is None:
                 if self._pool is None and self.capture is capture_cuda:
                     self._pool = torch.cuda.graph_pool_handle()
-                entry = CapturedStep(self.fn, args, self.capture, self._pool)
+                entry = self.entry(self.fn, args, self.capture, self._pool)
                 self.captures += 1
                 self._graphs[key] = entry
                 while len(self._graphs) > self.max_graphs:

@@ -17,9 +17,19 @@ on the largest delta of its rows, so a request batched with others skips no more
 
 Each step's decision reads delta on the host (one `.item()`, a device sync per step): the next step's kernels are
 not queued until the current step's first block has finished. On a GPU that costs the launch overlap of one step
-(tens of microseconds on FLUX sizes, against a full step's hundreds of milliseconds); it is also why the CUDA-graphed
-denoiser and the TensorRT engines take no step cache (a graph replays a fixed sequence of kernels, the engine is one
-call of the whole transformer).
+(tens of microseconds on FLUX sizes, against a full step's hundreds of milliseconds; an estimate, not measured).
+
+With the CUDA-graphed denoiser (denoisers.Graphed) the same arithmetic runs as three captured graphs per shape
+bucket (CachedStep, an entry of graphs.StepGraphs beside the plain step's): `first` (input projections, double
+block 0 and delta against the static r_full), `full` (the remaining blocks and the final layer; it refreshes the
+static r_full and rest) and `cached` (the final layer over the first block's output plus rest). Each step replays
+`first`, reads delta on the host (the same one sync) and replays `full` or `cached`: the kernels and values of the
+eager hoisted cache, bit for bit (tests/test_step_cache.py, with graphs.capture_eager). r_full and rest live with
+the bucket's graphs, so a loop never reads another loop's cache: its first step runs in full. Still to measure on
+a GPU: the sync's cost between two replays, the second graph pool's memory, and the steps per second gained.
+
+A TensorRT engine runs the whole transformer as one call, and a streamed placement makes one fixed pass over the
+blocks per loop: neither takes a step cache (cacheable says why).
 """
 
 from __future__ import annotations
@@ -30,21 +40,24 @@ import torch
 
 from kontext_rt.errors import InputError
 from kontext_rt.model.transformer import FirstBlock
-from kontext_rt.sampling.denoisers import Hoisted, PerStep, _timesteps
+from kontext_rt.sampling import check_step_cache
+from kontext_rt.sampling.denoisers import Graphed, Hoisted, PerStep, _timesteps
+from kontext_rt.sampling.graphs import CapturedStep
 from kontext_rt.sampling.loop import Conditioning, Denoiser
 
 
 def cacheable(denoiser: Denoiser) -> tuple:
     """(model, ops, hoist) of a denoiser over the runtime's model, or an InputError saying why it takes no cache."""
+    if type(denoiser) is Graphed:
+        return denoiser.hoisted.model, denoiser.hoisted.ops, True
     if type(denoiser) is Hoisted:
         return denoiser.model, denoiser.ops, True
     if type(denoiser) is PerStep and denoiser.model is not None:
         return denoiser.model, denoiser.ops, False
     raise InputError(
-        f"step_cache needs the eager or triton backend without CUDA graphs and with the transformer resident (this "
-        f"pipeline runs {type(denoiser).__name__}): each step's skip decision is read on the host, and a CUDA graph "
-        "or a TensorRT engine runs the whole transformer as one fixed call (a streamed placement, one fixed pass "
-        "over the blocks)"
+        f"step_cache needs the eager or triton backend with the transformer resident (this pipeline runs "
+        f"{type(denoiser).__name__}): a step skips the blocks after the first, and a TensorRT engine runs the whole "
+        "transformer as one call, a streamed placement one fixed pass over the blocks per loop"
     )
 
 
@@ -54,15 +67,69 @@ def relative_l1(now: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return (now - last).abs().mean((1, 2)) / last.abs().mean((1, 2))
 
 
+def delta(r: torch.Tensor, r_full: torch.Tensor) -> torch.Tensor:
+    """The batch's decision number, a 0-d float32 tensor: every row skips together, on the largest change."""
+    return relative_l1(r, r_full).max()
+
+
+def target_residual(first: FirstBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, r): double block 0's output over the target tokens (B, N, C) and its residual r = out - in in float32
+    (a bf16 difference loses the small changes)."""
+    out = first.x[:, : first.n]
+    return out, out.float() - first.x_in[:, : first.n].float()
+
+
+def from_cache(out: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """A skipped step's last hidden state: the first block's output plus the cached residual of the others."""
+    return (out.float() + rest).to(out.dtype)
+
+
+class CachedStep:
+    """One shape bucket's step under the cache as three captured graphs (module docstring) around the cache buffers
+    r_full and rest (B, N, C) float32, which live as long as the graphs. An entry of graphs.StepGraphs: built from
+    Hoisted (the model, op table and dtype), the step's arguments, the capture and the pool."""
+
+    def __init__(self, hoisted: Hoisted, args: dict, capture, pool):
+        model, ops, dtype = hoisted.model, hoisted.ops, hoisted.dtype
+        batch, n = args["x"].shape[:2]
+        self.r_full = torch.zeros(batch, n, model.cfg.hidden_size, device=args["x"].device)
+        self.rest = torch.zeros_like(self.r_full)
+
+        def first(x, mod, ctx, txt, cos, sin):
+            block = model.first_block(x.to(dtype), ctx, txt, mod.split(model.mod_widths, -1), cos, sin, ops)
+            _, r = target_residual(block)
+            return block.x, block.txt, r, delta(r, self.r_full)  # delta is read only once r_full is this loop's
+
+        self.first = CapturedStep(first, args, capture, pool)
+        x1, txt1, r, _ = self.first.output  # the static outputs the other two graphs read
+        static = self.first.inputs
+        block = FirstBlock(x1, txt1, None, n)  # x_in is not read after the first block
+
+        def full():
+            mods = static["mod"].split(model.mod_widths, -1)
+            hidden = model.remaining_blocks(block, mods, static["cos"], static["sin"], ops)
+            self.r_full.copy_(r)
+            self.rest.copy_(hidden.float() - x1[:, :n].float())
+            return model.output(hidden, mods, ops).float()
+
+        def cached():
+            mods = static["mod"].split(model.mod_widths, -1)
+            return model.output(from_cache(x1[:, :n], self.rest), mods, ops).float()
+
+        self.full = CapturedStep(full, {}, capture, pool)
+        self.cached = CapturedStep(cached, {}, capture, pool)
+        self.load = self.first.load  # every input is the first graph's
+
+
 class FirstBlockCache(Denoiser):
     """A loop over the runtime's model that skips the blocks after the first when the first block's residual
     barely moved (module docstring). One instance per loop: model_calls and cached_steps count that loop."""
 
-    def __init__(self, denoiser: Denoiser, threshold: float):
-        if not float(threshold) >= 0:  # the public check (arguments.check_step_cache) is the pipeline's
-            raise InputError(f"step_cache must be >= 0, got {threshold!r}")
+    def __init__(self, denoiser: Denoiser, threshold: float | None):
+        check_step_cache(threshold)  # the public check, one source: None or 0 never skips
         self.model, self.ops, self.hoist = cacheable(denoiser)
-        self.dtype, self.threshold = denoiser.dtype, float(threshold)
+        self.graphed = denoiser if type(denoiser) is Graphed else None
+        self.dtype, self.threshold = denoiser.dtype, float(threshold or 0)
         self.model_calls = self.cached_steps = 0
 
     def _mods(self, sigmas, cond: Conditioning, x):
@@ -74,8 +141,11 @@ class FirstBlockCache(Denoiser):
             return lambda i: table[i]
         return lambda i: self.model.modulation_table(timesteps[i][None], cond.guidance, cond.pooled, self.ops)[0]
 
-    @contextmanager
     def prepare(self, sigmas, cond: Conditioning, x):
+        return self._eager(sigmas, cond, x) if self.graphed is None else self._graphed(sigmas, cond, x)
+
+    @contextmanager
+    def _eager(self, sigmas, cond: Conditioning, x):
         mod_of = self._mods(sigmas, cond, x)
         model, ops = self.model, self.ops
         cache: dict[str, torch.Tensor] = {}  # r_full: first block's residual, rest: the remaining blocks', (B, N, C)
@@ -83,10 +153,9 @@ class FirstBlockCache(Denoiser):
         def velocity(i: int, x: torch.Tensor) -> torch.Tensor:
             mods = mod_of(i).split(model.mod_widths, -1)
             first: FirstBlock = model.first_block(x.to(self.dtype), cond.ctx, cond.txt, mods, cond.cos, cond.sin, ops)
-            out = first.x[:, : first.n]
-            r = out.float() - first.x_in[:, : first.n].float()  # float32: a bf16 difference loses the small changes
-            if cache and relative_l1(r, cache["r_full"]).max().item() < self.threshold:  # the host sync
-                hidden = (out.float() + cache["rest"]).to(out.dtype)
+            out, r = target_residual(first)
+            if cache and delta(r, cache["r_full"]).item() < self.threshold:  # the host sync
+                hidden = from_cache(out, cache["rest"])
                 self.cached_steps += 1
             else:
                 hidden = model.remaining_blocks(first, mods, cond.cos, cond.sin, ops)
@@ -95,3 +164,22 @@ class FirstBlockCache(Denoiser):
             return model.output(hidden, mods, ops).float()  # the loop's solver takes the step
 
         yield velocity
+
+    @contextmanager
+    def _graphed(self, sigmas, cond: Conditioning, x):
+        graphed = self.graphed
+        with graphed.loop(graphed.cache_graphs, sigmas, cond, x) as (mods, step):
+            refreshed = False  # r_full and rest are this loop's once its first full step has run
+
+            def velocity(i: int, x: torch.Tensor) -> torch.Tensor:
+                nonlocal refreshed
+                step.load(x=x, mod=mods[i])
+                d = step.first.replay()[-1]
+                if refreshed and d.item() < self.threshold:  # the host sync, between two replays
+                    self.cached_steps += 1
+                    return step.cached.replay()  # static outputs: the solver reads them before the next replay
+                refreshed = True
+                self.model_calls += 1
+                return step.full.replay()
+
+            yield velocity
