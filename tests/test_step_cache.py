@@ -313,3 +313,18 @@ def test_the_server_field_reaches_the_request():
     fields = parse_fields(GenerateFields, {"prompt": "x", "step_cache": 0.25})
     assert to_request(fields, [], Settings()).step_cache == 0.25
     assert to_request(parse_fields(GenerateFields, {"prompt": "x"}), [], Settings()).step_cache is None
+
+
+def test_the_cache_runs_over_fp8_linears(kontext_dir):
+    """FP8 linears are the model's own modules: threshold 0 is the FP8 pipeline's uncached loop bit for bit, and a
+    huge one runs one full call (its first step) and answers the rest from the cache, with finite latents."""
+    from kontext_rt import Optimizations
+
+    pipe = Pipeline.from_pretrained(kontext_dir, dtype=torch.bfloat16, optimize=Optimizations(fp8="dynamic"))
+    kwargs = dict(width=48, height=32, steps=4, seed=2, output="latent")
+    want = pipe.generate("a red square", **kwargs)
+    assert torch.equal(pipe.generate("a red square", step_cache=0, **kwargs), want)
+    report = RunReport()
+    got = pipe.generate("a red square", step_cache=HUGE, report=report, **kwargs)
+    assert (report.model_calls, report.cached_steps) == (1, 3)
+    assert torch.isfinite(got).all() and not torch.equal(got, want)

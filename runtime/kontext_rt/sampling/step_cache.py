@@ -28,6 +28,10 @@ eager hoisted cache, bit for bit (tests/test_step_cache.py, with graphs.capture_
 the bucket's graphs, so a loop never reads another loop's cache: its first step runs in full. Still to measure on
 a GPU: the sync's cost between two replays, the second graph pool's memory, and the steps per second gained.
 
+FP8 linears are the model's own modules (model/fp8_linear.py), so the cache runs over them unchanged: the first
+block and the rest run in FP8 as the uncached step does, and delta and rest stay float32. The GPU suite's
+`fewer-calls` phase times a cached and a full step on its best FP8 rung, hoisted and graphed.
+
 A TensorRT engine runs the whole transformer as one call, and a streamed placement makes one fixed pass over the
 blocks per loop: neither takes a step cache (cacheable says why).
 """
