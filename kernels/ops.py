@@ -6,7 +6,16 @@ is chosen.
 
 from __future__ import annotations
 
-from kontext_rt.kernels import _launch, fp8_quant, modulation, qk_norm_rope, reference, rope_attention, row_linear
+from kontext_rt.kernels import (
+    _launch,
+    fp8_quant,
+    modulation,
+    prepass,
+    qk_norm_rope,
+    reference,
+    rope_attention,
+    row_linear,
+)
 
 HEAD_DIMS = _launch.HEAD_DIMS
 modulate = modulation.modulate_op
@@ -35,6 +44,13 @@ def attention_sdpa(q, k, v, q_scales, k_scales, split, cos, sin):
     re-rotates every k tile for every q block."""
     q, k = qk_norm_rope.qk_norm_rope_op(q, k, *q_scales, *k_scales, split, cos, sin)
     return reference.attention(q, k, v)
+
+
+def attention_prepass(q, k, v, q_scales, k_scales, split, cos, sin, fp8: bool = False, smooth_k: bool = False):
+    """reference.attention_prepass's signature and results (descales None without fp8), as one registered op:
+    norm, RoPE, optional smoothing of k, FA3's (B, L, H, D) layout and optional per-(batch, head) e4m3."""
+    out = prepass.attention_prepass_op(q, k, v, *q_scales, *k_scales, split, cos, sin, fp8, smooth_k)
+    return out if fp8 else (*out[:3], None, None, None)
 
 
 def interpreted() -> bool:

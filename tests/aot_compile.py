@@ -58,6 +58,15 @@ ALIGNED = {
         *("sin_ptr", "stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "stride_kl"),
     ),
 }
+PREPASS_ALIGNED = (
+    *("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_out_ptr", "v_out_ptr", "qs0_ptr", "qs1_ptr", "ks0_ptr", "ks1_ptr"),
+    *("cos_ptr", "sin_ptr", "amax_ptr", "col_ptr", "mean_ptr", "stride_qb", "stride_qh", "stride_ql", "stride_kb"),
+    *("stride_kh", "stride_kl", "stride_vb", "stride_vh", "stride_vl"),
+)
+
+
+def aligned(name: str) -> tuple:
+    return PREPASS_ALIGNED if name.startswith("attention_prepass") else ALIGNED.get(name, ())
 
 
 def compile_kernel(kernel, types: dict, constexprs: dict, warps: int, stages: int, arch: int, aligned=()) -> dict:
@@ -150,10 +159,36 @@ def jobs():
         )
 
 
+def prepass_jobs():
+    """The pre-pass's three kernels with its launcher's constexprs, at FLUX's head dim, bf16 in: the write pass
+    plain and in its heaviest mode, the statistics pass and its reduction. fp8 on sm_90 only: Triton has no e4m3
+    (fp8e4nv) before sm_89, and FA3's FP8 forward is Hopper's; sm_80 compiles the bf16 modes with smooth_k."""
+    from kontext_rt.kernels import prepass
+
+    io = ("q_ptr", "k_ptr", "v_ptr", "qs0_ptr", "qs1_ptr", "ks0_ptr", "ks1_ptr")
+    f32 = ("cos_ptr", "sin_ptr", "amax_ptr", "col_ptr", "mean_ptr", "qd_ptr", "kd_ptr", "vd_ptr")
+    for arch, fp8 in ((90, True), (80, False)):
+        out = "*fp8e4nv" if fp8 else "*bf16"
+        types = {p: "*bf16" for p in io} | {p: "*fp32" for p in f32} | {"eps": "fp32"}
+        plain = types | {p: "*bf16" for p in ("q_out_ptr", "k_out_ptr", "v_out_ptr")}
+        types |= {p: out for p in ("q_out_ptr", "k_out_ptr", "v_out_ptr")}
+        mode = "fp8 smooth_k" if fp8 else "smooth_k"
+        flags = dict(HALF=64, FP8=fp8, SMOOTH=True)
+        const = dict(HALF=64, FP8=False, SMOOTH=False, BLOCK=prepass.BLOCK_L_GPU)
+        yield f"attention_prepass write plain sm_{arch}", prepass._write_kernel, plain, const, 4, 1, arch
+        const = flags | dict(BLOCK=prepass.BLOCK_L_GPU)
+        yield f"attention_prepass write {mode} sm_{arch}", prepass._write_kernel, types, const, 4, 1, arch
+        yield f"attention_prepass stats {mode} sm_{arch}", prepass._stats_kernel, types, const, 4, 1, arch
+        const = flags | dict(BLOCK_T=prepass.BLOCK_PARTIALS, K_DTYPE=triton.language.bfloat16)
+        yield f"attention_prepass finalize {mode} sm_{arch}", prepass._finalize_kernel, types, const, 4, 3, arch
+
+
 def main() -> int:
+    selected = sys.argv[1] if len(sys.argv) > 1 else ""  # a name prefix, to compile a few kernels by hand
     results = {
-        name: compile_kernel(kernel, types, const, w, s, arch, ALIGNED.get(name, ()))
-        for name, kernel, types, const, w, s, arch in jobs()
+        name: compile_kernel(kernel, types, const, w, s, arch, aligned(name))
+        for name, kernel, types, const, w, s, arch in (*jobs(), *prepass_jobs())
+        if name.startswith(selected)
     }
     json.dump(results, sys.stdout, indent=1)
     return 0

@@ -98,3 +98,37 @@ def test_the_norm_rope_kernel_moves_q_and_k_in_16_byte_accesses(compiled):
     accesses = compiled["qk_norm_rope D=128"]["global_accesses"]
     assert accesses.get("ld.global.v4.b32", 0) >= 8 and accesses.get("st.global.v4.b32", 0) >= 8, accesses
     assert "st.global.b16" not in accesses and accesses.get("ld.global.b16", 0) <= 4, accesses
+
+
+PREPASS = [
+    *("attention_prepass write plain sm_90", "attention_prepass write fp8 smooth_k sm_90"),
+    *("attention_prepass stats fp8 smooth_k sm_90", "attention_prepass finalize fp8 smooth_k sm_90"),
+    *("attention_prepass write plain sm_80", "attention_prepass write smooth_k sm_80"),
+    *("attention_prepass stats smooth_k sm_80", "attention_prepass finalize smooth_k sm_80"),
+]
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no ptxas to compile NVIDIA targets with")
+def test_the_prepass_compiles_without_spills_and_moves_rows_in_16_byte_accesses(compiled):
+    """Memory-bound like the norm+RoPE kernel: every q, k, v row is read as 16-byte vectors in both passes and
+    written as 16-byte vectors, bf16 (8 values) or e4m3 (16 values); only the scales are read 2 bytes at a time.
+    The fp8 write divides by the descale as torch does (div.rn), as does the reduction for the descales and the
+    mean. (fp8 is compiled for sm_90 only: Triton has no e4m3 type before sm_89.)"""
+    for name in PREPASS:
+        assert compiled[name]["spill_bytes"] == 0, (name, compiled[name])
+        accesses = compiled[name]["global_accesses"]
+        assert not any(form.endswith((".b8", ".b16", ".u8", ".u16")) for form in accesses if form.startswith("st.")), (
+            name,
+            accesses,
+        )
+        assert accesses.get("ld.global.b16", 0) <= 4, (name, accesses)
+        if " write " in name or " stats " in name:
+            # per thread, a (32, 128) bf16 tile is 4 loads of 16 bytes, cos and sin (32, 64) float32 8 together
+            tensors = 1 if name.startswith("attention_prepass stats smooth_k") else 3  # k only, or q, k and v
+            assert accesses.get("ld.global.v4.b32", 0) >= 8 + 4 * tensors, (name, accesses)
+    for name in PREPASS[:2] + PREPASS[4:6]:
+        stores = compiled[name]["global_accesses"].get("st.global.v4.b32", 0)
+        assert stores >= (6 if "fp8" in name else 12), (name, stores)  # 32 values per thread per tensor
+    for name in ("attention_prepass write fp8 smooth_k sm_90", "attention_prepass finalize fp8 smooth_k sm_90"):
+        div = compiled[name]["fp32_div"]
+        assert div["rn"] > 0 and div["full"] == 0, (name, div)
