@@ -10,7 +10,9 @@ two-kernel variant (norm+RoPE pass, then plain flash attention), and torch SDPA 
 efficient backends, alone and with norm + RoPE done separately (torch ops, as the eager backend does, or the
 Triton norm+RoPE kernel). TFLOP/s = 4 * B * H * L^2 * D / time, the attention FLOPs only, so a variant that
 also spends time on RoPE shows it as a lower rate. The norm+RoPE and modulation kernels are reported in GB/s
-against the device-to-device copy rate measured in the same run (their memory floor).
+against the device-to-device copy rate measured in the same run (their memory floor), and so is the attention
+pre-pass (QK norm + RoPE + FA3's layout, plain bf16 and with per-head FP8 quantization, with and without k
+smoothing) against the same work in torch ops.
 
 Every timed kernel is first checked against the float32 reference: its error may be at most twice that of the
 eager bf16 path, plus one bf16 ulp (tests/kernel_inputs.py's rule). --smoke runs the whole script on the CPU
@@ -139,6 +141,57 @@ def norm_rope_section(shape, device, reps, copy_gbs):
     return {name: norm_rope_case(length, shape, device, reps, copy_gbs) for name, length in shape["lengths"].items()}
 
 
+PREPASS_MODES = {"bf16": {}, "fp8": {"fp8": True}, "fp8+smooth_k": {"fp8": True, "smooth_k": True}}
+
+
+def prepass_case(length, shape, device, reps, copy_gbs):
+    """The attention pre-pass (kernels/prepass.py) in each mode against the same work in torch ops (reference.
+    attention_prepass, bf16 on the device). GB/s over the floor of its traffic: one read of q, k, v and one write
+    of each in the output dtype (the fp8 modes' second read, for the per-head statistics, counts against them).
+    Checks: the bf16 mode's q and k against the float32 reference (the rule of the other kernels); the fp8 modes'
+    e4m3 output equal to quantize_per_head of the kernel's own bf16 output, bit for bit (the kernel's contract)."""
+    import torch
+
+    from kontext_rt.kernels import reference
+    from kontext_rt.kernels.prepass import attention_prepass
+
+    import kernel_cases as cases
+
+    q, k, v, qs, ks, split, cos, sin = cases.attention_inputs(
+        length, device, heads=shape["heads"], head_dim=shape["head_dim"], text=shape["text"]
+    )
+    args = (q, k, v, qs, ks, split, cos, sin)
+    plain = attention_prepass(*args)
+    truth = reference.attention_prepass(q.float(), k.float(), v.float(), [t.float() for t in qs],
+                                        [t.float() for t in ks], split, cos, sin)  # fmt: skip
+    eager = reference.attention_prepass(*args)
+    checks = {n: _error_bound(g, t, e) for n, g, t, e in zip("qk", plain[:2], truth[:2], eager[:2], strict=True)}
+    for mode, kw in PREPASS_MODES.items():
+        if not kw:
+            continue
+        got = attention_prepass(*args, **kw)
+        base = attention_prepass(*args, smooth_k=kw.get("smooth_k", False))
+        same = all(
+            torch.equal(g.view(torch.uint8), reference.quantize_per_head(b)[0].view(torch.uint8))
+            and torch.equal(d, reference.quantize_per_head(b)[1])
+            for g, d, b in zip(got[:3], got[3:], base[:3], strict=True)
+        )
+        checks[mode] = {"equals_quantize_per_head_of_its_bf16_output": same, "ok": bool(same)}
+    timings = {}
+    for mode, kw in PREPASS_MODES.items():
+        out_bytes = 1 if kw.get("fp8") else q.element_size()
+        nbytes = 3 * q.numel() * (q.element_size() + out_bytes) + 2 * cos.numel() * cos.element_size()
+        timings[f"triton {mode}"] = _timed(lambda kw=kw: attention_prepass(*args, **kw), device, reps,
+                                           nbytes=nbytes, copy_gbs=copy_gbs)  # fmt: skip
+        timings[f"eager {mode}"] = _timed(lambda kw=kw: reference.attention_prepass(*args, **kw), device, reps,
+                                          nbytes=nbytes, copy_gbs=copy_gbs)  # fmt: skip
+    return {"length": length, "checks": checks, "timings": timings}
+
+
+def prepass_section(shape, device, reps, copy_gbs):
+    return {name: prepass_case(length, shape, device, reps, copy_gbs) for name, length in shape["lengths"].items()}
+
+
 def modulation_section(shape, device, reps, copy_gbs):
     from kontext_rt.kernels import modulation, reference
 
@@ -259,12 +312,15 @@ def run(smoke: bool, reps: int, write) -> dict:
             torch.cuda.empty_cache()
     result["qk_norm_rope"] = norm_rope_section(shape, device, reps, copy_gbs)
     write(result)
+    result["attention_prepass"] = prepass_section(shape, device, reps, copy_gbs)
+    write(result)
     result["modulation"] = modulation_section(shape, device, reps, copy_gbs)
     write(result)
     result["fp8_quant"] = fp8_quant_section(shape, device, reps, copy_gbs)
     result["goals_one_context"] = goals(result["attention"]) if device == "cuda" else "not evaluated: interpreter"
     checks = [c for s in result["attention"].values() for c in s["checks"].values()]
     checks += [c for s in result["qk_norm_rope"].values() for c in s["checks"].values()]
+    checks += [c for s in result["attention_prepass"].values() for c in s["checks"].values()]
     checks += [s["checks"] for s in result["modulation"].values()]
     checks += [s["checks"] for s in result["fp8_quant"].values()]
     result["all_checks_ok"] = all(c["ok"] for c in checks)
