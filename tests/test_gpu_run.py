@@ -69,10 +69,12 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
         "kernels",
         "tensorrt",
         "memory",
+        "torchao",
         "compile",
         "train",
     }
-    assert record["phases"].pop("train") == {"status": "skipped", "reason": "opt-in (--only train)"}
+    for opt_in in ("train", "torchao"):
+        assert record["phases"].pop(opt_in) == {"status": "skipped", "reason": f"opt-in (--only {opt_in})"}
     assert all(p["status"] == "ok" for p in record["phases"].values()), record["phases"]
     # the distribution's version (PyPI's CUDA wheel says 2.11.0 where torch.__version__ says 2.11.0+cu130)
     assert record["env"]["imports"]["kontext_rt"]["ok"] and record["env"]["packages"]["torch"] == version("torch")
@@ -113,7 +115,7 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     # the README's tables are rendered from these files: a row per rung, the figures as in the JSON
     table = _module("ladder_table").render(tmp_path)
     assert "CPU REHEARSAL" in table
-    for rung in _rungs(None):
+    for rung in _rungs("core") + _rungs("compile"):  # the opt-in torchao part did not run
         row = {**suite["ladder"], **compiled["ladder"]}[rung]["kontext"]
         assert f"| {rung} | {row['ms_per_step']:.1f} |" in table
     assert f"| diffusers (baseline, eager bf16) | {suite['diffusers']['kontext']['ms_per_step']:.1f} |" in table
@@ -411,3 +413,39 @@ def test_a_table_of_rungs_the_suite_cannot_run_is_refused(change, message):
     rungs = _module("rungs")
     with pytest.raises(ValueError, match=message):
         rungs.check(change(rungs, rungs.Rung))
+
+
+def test_the_torchao_part_times_torchaos_fp8_linears_on_a_model_of_its_own(tmp_path):
+    """--part torchao (gpu_run's opt-in torchao phase): torchao quantizes the linears the runtime's fp8 rung
+    converts, no more and no fewer, and the rung is timed and written as the other parts' rungs are."""
+    suite = _module("gpu_suite")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "gpu" / "gpu_suite.py"),
+            "--rehearse",
+            "--part",
+            "torchao",
+            "--out",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    found = _load(tmp_path / "suite-torchao.json")
+    assert list(found["phases"]) == list(suite.PHASES["torchao"])
+    assert list(found["ladder"]) == _rungs("torchao") == ["torchao-fp8"]
+    assert set(found["ladder"]["torchao-fp8"]) == {"kontext", "text-to-image"}
+    from kontext_rt.config import PRESETS
+    from kontext_rt.model.fp8_linear import convert
+
+    model = _module("suite_parts").random_transformer(PRESETS["tiny"], "cpu", torch.bfloat16)
+    assert found["torchao"]["linears"] == len(convert(model)) > 0  # the runtime's FP8 linears, one for one
+    assert "bypassed" in found["torchao"]["rehearsal"]
+    table = _module("ladder_table").render  # the table reads the part's file beside the core's
+    (tmp_path / "suite.json").write_text(json.dumps({**found, "part": "core", "ladder": {}}))
+    assert "| torchao-fp8 |" in table(tmp_path)

@@ -19,7 +19,9 @@ rung, the best bf16 rung and the best fp8 rung; the fewer-calls options' step ti
 (DPM-Solver++ 2M against Euler, hoisted and graphed; the step cache's cached and full steps); the on-device
 exactness checks (hoisted == per-step, graphs == no
 graphs, the FP8 quantizer == torch); the FP8 drift against bf16. Every phase is written to <out>/suite.json (or
-suite-compile.json) and the chart to <out>/suite-ladder.png as soon as it ends (benchmarks/machine/phases.py).
+suite-compile.json, suite-torchao.json) and the chart to <out>/suite-ladder.png as soon as it ends
+(benchmarks/machine/phases.py). The torchao part (opt-in) times torchao 0.18's float8 dynamic row-wise linears on a
+model of its own, as the fp8 rung: the library's answer to the runtime's FP8 path, side by side.
 
 --rehearse runs the same phases on the CPU: the tiny preset, the Triton kernels in the interpreter, an eager
 stand-in for CUDA-graph capture, torch's own _scaled_mm if it takes row-wise scales on the CPU (else a stand-in
@@ -70,6 +72,10 @@ PHASES = {  # in order, the rungs' from rungs.py; core() and compile_part() run 
         *("checks", "edits-bf16", "profile-bf16", "fp8-convert", "fp8-drift", "fp8-quantizer"),
         *names("core", fp8=True),
         *("edits-fp8", "fewer-calls", "profile-fp8"),
+    ),
+    "torchao": (
+        *("setup", "triton-backend", "model", "torchao-convert"),
+        *(r.name for r in rungs("torchao")),
     ),
     "compile": (
         *("setup", "triton-backend", "model"),
@@ -312,6 +318,33 @@ class Suite:
         self.result["checks"]["fp8_quantizer_kernel"] = found
         require({k: v for k, v in found.items() if isinstance(v, bool)})
 
+    def torchao_convert(self):
+        """The blocks' FP8-eligible linears (the ones the runtime's fp8 rung converts) quantized in place by torchao:
+        float8 dynamic activations and weights with row-wise scales, flux-fast's setting. On the CPU rehearsal
+        torchao refuses FP8 below compute capability 8.9; its hardware check is bypassed there (recorded), so the
+        rest of its path runs."""
+        import torchao
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        from kontext_rt.model.fp8_linear import fp8_eligible
+
+        info = {"torchao": torchao.__version__, "config": "Float8DynamicActivationFloat8WeightConfig(PerRow())"}
+        if self.args.rehearse:
+            import torchao.quantization.quant_api as quant_api
+
+            quant_api._check_hardware_support = lambda granularity: None
+            info["rehearsal"] = "torchao's FP8 hardware check bypassed on the CPU"
+        names = []
+
+        def eligible(module, name):
+            chosen = isinstance(module, torch.nn.Linear) and fp8_eligible(name)
+            names.extend([name] * chosen)
+            return chosen
+
+        quantize_(self.model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=eligible)
+        self.result["torchao"] = info | {"linears": len(names)}
+        self.denoisers.clear()
+
     def compile_blocks(self):
         backend = self.args.compile_backend
         for block in (*self.model.double_blocks, *self.model.single_blocks):
@@ -387,6 +420,18 @@ def core(s: Suite) -> None:
     )
 
 
+def torchao_part(s: Suite) -> None:
+    """torchao's float8 linears on a model of their own (its own process, opt-in: --only torchao in gpu_run), timed
+    as the runtime's fp8 rung is, to compare the library's FP8 path with the hand-written one."""
+    r = s.record
+    r.run("setup", s.setup)
+    r.run("triton-backend", s.triton_backend, needs=["setup"])
+    r.run("model", s.build_model, needs=["setup"])
+    r.run("torchao-convert", s.torchao_convert, needs=["model"])
+    for rung in rungs("torchao"):
+        s.run_rung(rung)
+
+
 def compile_part(s: Suite) -> None:
     """The rungs with torch.compile (compile = fp8 + graphs + torch.compile of each block): rebuilt from scratch in
     its own process, so the core's results never wait on (or die with) inductor."""
@@ -404,7 +449,7 @@ def compile_part(s: Suite) -> None:
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for suite.json / suite-compile.json and the chart")
-    p.add_argument("--part", choices=("core", "compile"), default="core")
+    p.add_argument("--part", choices=tuple(PHASES), default="core")
     p.add_argument("--deadline-s", type=float, default=285.0, help="skip phases that would not end before this")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--no-diffusers", action="store_true")
@@ -455,13 +500,14 @@ def new_suite(args) -> Suite:
     }
     suite = Suite(args, device, cfg, layouts, result, step_s=0.05 if rehearse else 0.5)
     core_file = args.out / "suite.json"
-    if args.part == "compile" and core_file.exists():
+    if args.part != "core" and core_file.exists():
         suite.core = json.loads(core_file.read_text())
         ladder = suite.core.get("ladder", {})
-        timed = [ladder[r.name]["kontext"] for r in rungs("core", COMPILE_FP8) if "kontext" in ladder.get(r.name, {})]
+        fp8 = COMPILE_FP8 if args.part == "compile" else True
+        timed = [ladder[r.name]["kontext"] for r in rungs("core", fp8) if "kontext" in ladder.get(r.name, {})]
         if timed:  # the compile rungs' estimate starts from the last core rung of their precision
             suite.step_s = timed[-1]["ms_per_step"] / 1e3
-    name = "suite.json" if args.part == "core" else "suite-compile.json"
+    name = "suite.json" if args.part == "core" else f"suite-{args.part}.json"
     suite.record = Record(
         args.out / name, result, args.deadline_s, f"suite {args.part}", args.broken, suite.before_write
     )
@@ -477,7 +523,7 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     suite = new_suite(args)
-    (core if args.part == "core" else compile_part)(suite)
+    {"core": core, "torchao": torchao_part, "compile": compile_part}[args.part](suite)
     record = suite.record
     say(
         f"[suite {args.part}] done in {record.elapsed_s():.0f} s; failed: {', '.join(record.failed()) or 'none'}; "

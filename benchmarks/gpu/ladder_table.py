@@ -4,12 +4,12 @@
     python benchmarks/gpu/ladder_table.py benchmarks/results/<device>-<date>/ [--png]
     python benchmarks/gpu/ladder_table.py --rungs       # the table of rungs (rungs.py), as the docs show it
 
-Reads suite.json, suite-compile.json (if present) and kernels.json (if present) from that folder and prints the
-speed ladder (with diffusers in the same run as the baseline), the end-to-end edits, the H100 goals beside what was
-measured, and the fused attention kernel's rate. Every figure is copied from the JSON, never typed by hand; the
-rows follow rungs.py's order (a rung an older run has and the table no longer does comes after them).
---png redraws the folder's suite-ladder.png from both parts' ladders: for a compile part run in its own command,
-whose chart has only its own rung.
+Reads suite.json, suite-torchao.json and suite-compile.json (if present) and kernels.json (if present) from that
+folder and prints the speed ladder (with diffusers in the same run as the baseline), the end-to-end edits, the H100
+goals beside what was measured, and the fused attention kernel's rate. Every figure is copied from the JSON, never
+typed by hand; the rows follow rungs.py's order (a rung an older run has and the table no longer does comes after
+them). --png redraws the folder's suite-ladder.png from both parts' ladders: for a compile part run in its own
+command, whose chart has only its own rung.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ from rungs import GOALS, RUNGS, goals, ordered  # noqa: E402
 def _load(folder: Path, name: str) -> dict:
     path = folder / name
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _later_parts(folder: Path) -> dict:
+    """The rungs of the parts run after the core, each in its own process (suite-torchao.json, suite-compile.json),
+    as one result: their ladders merged."""
+    found = [_load(folder, f"suite-{part}.json") for part in ("torchao", "compile")]
+    return {"ladder": {k: v for part in found for k, v in part.get("ladder", {}).items()}}
 
 
 def _ms(row, layout):
@@ -166,7 +173,7 @@ def fewer_calls(suite: dict) -> list[str]:
 
 
 def render(folder: Path) -> str:
-    suite, compiled = _load(folder, "suite.json"), _load(folder, "suite-compile.json")
+    suite, compiled = _load(folder, "suite.json"), _later_parts(folder)
     if not suite:
         raise SystemExit(f"error: {folder / 'suite.json'} not found: give the folder gpu_run.sh wrote")
     head = (
@@ -186,10 +193,10 @@ def render(folder: Path) -> str:
 
 
 def redraw(folder: Path) -> Path:
-    """suite-ladder.png from suite.json and suite-compile.json, as gpu_suite draws it."""
+    """suite-ladder.png from suite.json, suite-torchao.json and suite-compile.json, as gpu_suite draws it."""
     import suite_parts
 
-    suite, compiled = _load(folder, "suite.json"), _load(folder, "suite-compile.json")
+    suite, compiled = _load(folder, "suite.json"), _later_parts(folder)
     rungs = {**suite.get("ladder", {}), **compiled.get("ladder", {})}
     labels = [r for r in ordered(rungs) if "kontext" in rungs[r]]
     base = suite.get("diffusers", {}).get("kontext", {}).get("ms_per_step")

@@ -36,6 +36,9 @@ GOALS = (
 )
 
 
+PARTS = ("core", "torchao", "compile")  # the suite's parts, in the order their rungs are listed
+
+
 @dataclass(frozen=True)
 class Rung:
     """One rung: what a pipeline loads to run it (Pipeline.from_pretrained(backend=..., optimize=...)), what it adds
@@ -46,26 +49,34 @@ class Rung:
     optimize: Optimizations
     adds: str  # what it adds to the rung before it
     goal: str | None = None  # a Goal's key
+    linears: str = "runtime"  # "torchao": the blocks' linears quantized by torchao instead (a comparison rung)
 
     @property
     def fp8(self) -> bool:
-        return self.optimize.fp8 is not None
+        return self.optimize.fp8 is not None or self.linears == "torchao"
 
     @property
     def part(self) -> str:
-        """The gpu_suite part that times it: "compile" (its own process, last) for torch.compile, else "core"."""
-        return "compile" if self.optimize.compile else "core"
+        """The gpu_suite part that times it: "compile" (its own process, last) for torch.compile, "torchao" (its own
+        process, opt-in) for torchao's linears, else "core"."""
+        if self.optimize.compile:
+            return "compile"
+        return "torchao" if self.linears == "torchao" else "core"
 
     def needs(self) -> list[str]:
         """The suite phases it needs: the model in the state it measures."""
         if self.optimize.compile:
             return ["compile-blocks"]
+        if self.linears == "torchao":
+            return ["torchao-convert"]
         if self.fp8:
             return ["fp8-convert"]
         return ["model"] + (["triton-backend"] if self.backend == "triton" else [])
 
     def settings(self) -> str:
         """backend= and optimize= as a pipeline is loaded with them (the options left at their defaults unsaid)."""
+        if self.linears == "torchao":
+            return "not a pipeline option: torchao.quantize_ on the blocks' linears, for comparison"
         changed = [
             f"{f.name}={getattr(self.optimize, f.name)!r}"
             for f in dataclasses.fields(Optimizations)
@@ -104,6 +115,15 @@ RUNGS = (
         FP8,
     ),
     Rung(
+        "torchao-fp8",
+        "triton",
+        Optimizations(cuda_graphs=True),
+        "torchao 0.18's float8 dynamic row-wise linears (flux-fast's) in place of the runtime's FP8 linears, "
+        "graphs as the fp8 rung; its own process, opt-in (--only torchao)",
+        FP8,
+        linears="torchao",
+    ),
+    Rung(
         "compile",
         "triton",
         Optimizations(cuda_graphs=True, fp8="dynamic", compile=True),
@@ -128,11 +148,15 @@ def check(rungs: tuple[Rung, ...]) -> None:
             raise ValueError(f"rung {r.name!r}: goal {r.goal!r} is none of {sorted(keys)}")
         if r.optimize.cuda_graphs and not r.optimize.hoist:
             raise ValueError(f"rung {r.name!r}: cuda_graphs replays the hoisted step, it needs hoist=True")
-        if r.fp8 and r.optimize.fp8 != "dynamic":
+        if r.linears not in ("runtime", "torchao"):
+            raise ValueError(f"rung {r.name!r}: linears {r.linears!r} is not runtime or torchao")
+        if r.linears == "torchao" and (r.optimize.fp8 is not None or r.optimize.compile):
+            raise ValueError(f"rung {r.name!r}: torchao's linears stand in for the runtime's FP8, uncompiled")
+        if r.optimize.fp8 is not None and r.optimize.fp8 != "dynamic":
             raise ValueError(f"rung {r.name!r}: the suite has no calibration file, only fp8='dynamic' runs")
-    order = [(r.part == "compile", r.fp8) for r in rungs]
+    order = [(PARTS.index(r.part), r.fp8) for r in rungs]
     if order != sorted(order):
-        raise ValueError(f"rungs out of order: core before compile, bf16 before fp8 within each ({names})")
+        raise ValueError(f"rungs out of order: core, torchao, compile; bf16 before fp8 within each ({names})")
     if len({r.fp8 for r in rungs if r.part == "compile"}) > 1:
         raise ValueError("the compile part converts its model once: its rungs are all FP8 or all bf16")
 

@@ -62,7 +62,7 @@ def torch_facts() -> dict:
 
 def imports() -> dict:
     out = {}
-    for name in ("kontext_rt", "kontext_rt.kernels.ops", "diffusers", "tensorrt"):
+    for name in ("kontext_rt", "kontext_rt.kernels.ops", "diffusers", "tensorrt", "torchao", "flash_attn_interface"):
         try:
             module = importlib.import_module(name)
             out[name] = {"ok": True, "file": getattr(module, "__file__", None)}

@@ -17,6 +17,9 @@ deadline (a kill at the deadline keeps whatever the child had already written):
     tensorrt  gpu/tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
     memory    gpu/memory_gpu.py: peak memory and ms/step of the full-size loop per placement x precision, beside
               the plan
+    torchao   opt-in (--only suite,torchao: beside the core in one command): gpu/gpu_suite.py --part torchao,
+              torchao's float8 row-wise linears on a model of their own, timed as the fp8 rung (needs the torchao
+              wheel, carried by gpu_wheels.sh)
     compile   gpu/gpu_suite.py --part compile: the inductor rung, last, with the time that is left
     train     opt-in (--only train), its own command: kontext_toy/training/train.py on the GPU for
               --train-minutes from the shipped small Kontext (kontext_toy.checkpoints.small_kontext), evaluated there;
@@ -25,7 +28,7 @@ deadline (a kill at the deadline keeps whatever the child had already written):
 Files in DIR: run.json (this record: the command, the commit (the carried wheel's, else the tree's), every phase's
 status, exit code, time and output tail; the environment),
 run.log (all output), suite.json, suite-compile.json, suite-ladder.png, kernels.json, tensorrt.json, memory.json;
-with --only train: small-kontext-gpu.tar.gz and train_log.json.
+with --only ...,torchao: suite-torchao.json; with --only train: small-kontext-gpu.tar.gz and train_log.json.
 run.json is rewritten after every phase. The exit status is 0 only when every phase succeeded.
 
 --rehearse: the tiny model on the CPU with the Triton interpreter, an eager stand-in for graph capture and, where
@@ -71,6 +74,7 @@ DEADLINES = {
     "kernels": 120,
     "tensorrt": 60,
     "memory": 150,
+    "torchao": 150,
 }  # seconds; suite and compile: see above; train: its minutes + TRAIN_OVERHEAD_S
 SUITE = BENCH / "gpu" / "gpu_suite.py"
 SCRIPTS = {  # phase -> the script it runs with --out FILE
@@ -78,8 +82,9 @@ SCRIPTS = {  # phase -> the script it runs with --out FILE
     "tensorrt": BENCH / "gpu" / "tensorrt_gpu.py",
     "memory": BENCH / "gpu" / "memory_gpu.py",
 }
-PHASES = ("install", "env", "suite", "kernels", "tensorrt", "memory", "compile", "train")
-OPT_IN = ("train",)  # run only when --only names them
+PHASES = ("install", "env", "suite", "kernels", "tensorrt", "memory", "torchao", "compile", "train")
+OPT_IN = ("torchao", "train")  # run only when --only names them
+ALONE = ("train",)  # and these only alone, in a command of their own
 TRAIN_OVERHEAD_S = 180  # the pool (100,000 edits drawn in 12 processes), the evaluation, the writes
 # the GPU training run: from the shipped model, a batch 4x the CPU runs', a pool 5x (tens of thousands of steps)
 TRAIN_ARGS = ["--batch", "128", "--pool", "100000", "--workers", "12", "--lr", "5e-4", "--edit-weight", "4"]
@@ -247,8 +252,9 @@ class Run:
             str(max(timeout_s - 15, 1)),
         ]
         cmd += ["--rehearse"] * self.args.rehearse
-        cmd += [f"--break={phase}" for which, phase in self.forward if which == part]
-        return self.child("suite" if part == "core" else "compile", cmd, timeout_s)  # the phase's name
+        tag = "suite" if part == "core" else part  # how --break names the part
+        cmd += [f"--break={phase}" for which, phase in self.forward if which == tag]
+        return self.child("suite" if part == "core" else part, cmd, timeout_s)  # the phase's name
 
     def train(self):
         """The shipped small Kontext trained further on this device; the checkpoint and its log into the results."""
@@ -300,6 +306,7 @@ class Run:
                     f"--budget-s={self.deadline('memory') - 20}",
                 ),
             ),
+            ("torchao", lambda: self.suite("torchao", self.deadline("torchao"))),
             ("compile", lambda: self.suite("compile", r.left_s())),
             ("train", self.train),
         ]
@@ -365,14 +372,14 @@ def parse(argv):
         p.error("give --out DIR (on the GPU machine $OUT is the default)")
     if args.only and (unknown := args.only - set(PHASES[2:])):
         p.error(f"--only: unknown phases {sorted(unknown)}; choose among {', '.join(PHASES[2:])}")
-    if args.only and set(OPT_IN) & args.only and len(args.only) > 1:
-        p.error(f"--only: {', '.join(OPT_IN)} runs alone, in its own command (it takes the command's time)")
+    if args.only and set(ALONE) & args.only and len(args.only) > 1:
+        p.error(f"--only: {', '.join(ALONE)} runs alone, in its own command (it takes the command's time)")
     if not 0 < args.train_minutes <= 5:
         p.error("--train-minutes must be above 0 and at most 5 (with the pool and the evaluation: one command)")
     for b in args.broken:
         which, _, phase = b.rpartition(":")
-        if which not in ("", "suite", "compile") or (not which and phase not in PHASES):
-            p.error(f"--break {b}: name a phase ({', '.join(PHASES)}) or suite:PHASE / compile:PHASE")
+        if which not in ("", "suite", "torchao", "compile") or (not which and phase not in PHASES):
+            p.error(f"--break {b}: name a phase ({', '.join(PHASES)}) or suite:PHASE / torchao:PHASE / compile:PHASE")
     args.out = args.out.resolve()
     if args.rehearse and args.out.is_relative_to((BENCH / "results").resolve()):
         p.error("--rehearse timings are not GPU timings: write them outside benchmarks/results")
