@@ -1,8 +1,9 @@
 """Context images' latent tokens, kept by content: an image edited many times is encoded once, and an output handed
 back as the next turn's context can skip its decode-encode round trip.
 
-An entry is keyed by the image's pixels (a BLAKE2 digest of its RGB bytes and size) and the size it is encoded at,
-and holds its packed latent tokens (1, N, 64) in the pipeline's dtype, on its device. Two kinds:
+An entry is keyed by the image's pixels (a BLAKE2 digest of its RGB bytes and size), the size it is encoded at and
+whether that encode runs in tiles (VAERunner.tiles), and holds its packed latent tokens (1, N, 64) in the pipeline's
+dtype, on its device. Two kinds:
 
 - "encoded": what the VAE's encoder made of those pixels at that size. Taking it is exact: the same tokens a
   fresh encode gives (the encode is the VAE's deterministic mode, one image at a time, tiled or not by size only).
@@ -53,10 +54,11 @@ class ContextCache:
         return self.capacity > 0
 
     @staticmethod
-    def key(pil: Image.Image, size: tuple[int, int]) -> tuple:
-        """(digest of the pixels, their size, the encode size): what an entry is found by."""
+    def key(pil: Image.Image, size: tuple[int, int], tiled: bool = False) -> tuple:
+        """(digest of the pixels, their size, the encode size, whether that encode runs in tiles: other tokens):
+        what an entry is found by."""
         digest = hashlib.blake2b(pil.tobytes(), digest_size=20, person=pil.mode.encode()[:16])
-        return digest.hexdigest(), pil.size, tuple(size)
+        return digest.hexdigest(), pil.size, tuple(size), bool(tiled)
 
     def get(self, key: tuple, kind: str) -> torch.Tensor | None:
         """The tokens of `kind` under key, or None (counted: a kept miss is not counted, the encoded lookup follows)."""

@@ -333,7 +333,7 @@ class Pipeline:
         cache = self.context_cache
         if not cache.enabled:
             return self._encode_context(pil, size)
-        key = cache.key(pil, size)
+        key = cache.key(pil, size, self._vae_runner.tiles("encode", *size))
         tokens = cache.get(key, "kept") if reuse else None
         if tokens is not None:
             if report is not None:
@@ -350,8 +350,11 @@ class Pipeline:
     def _keep_latents(self, images: list, z: torch.Tensor, width: int, height: int) -> None:
         """Remember the latents each output image was decoded from, for a later reuse_latents edit of it."""
         if self.context_cache.enabled:
+            tiled = self._vae_runner.tiles("encode", width, height)  # as the lookup of _context_tokens keys it
             for img, latents in zip(images, z.split(1), strict=True):
-                self.context_cache.put(self.context_cache.key(img, (width, height)), "kept", latents.to(self.dtype))
+                self.context_cache.put(
+                    self.context_cache.key(img, (width, height), tiled), "kept", latents.to(self.dtype)
+                )
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
