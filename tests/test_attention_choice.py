@@ -144,18 +144,21 @@ def test_triton_refuses_fa3_with_the_probes_reason_before_loading(kontext_dir, n
         )
 
 
-def test_capability_names_what_fa3_needs(monkeypatch):
-    with pytest.raises(attn.Fa3Unavailable, match=r"compute capability 9.0 \(sm_90a, Hopper\), not cpu"):
-        attn.capability(CPU, 128, torch.bfloat16)
+def test_the_capability_checks_name_what_fa3_needs(monkeypatch):
     with pytest.raises(attn.Fa3Unavailable, match="head dim 128, this model has 64"):
-        attn.capability(torch.device("cuda"), 64, torch.bfloat16)
+        attn.model_fits(64, torch.bfloat16)
     with pytest.raises(attn.Fa3Unavailable, match="bf16 or fp16 models"):
-        attn.capability(torch.device("cuda"), 128, torch.float32)
+        attn.model_fits(128, torch.float32)
+    attn.model_fits(128, torch.float16)
+    with pytest.raises(attn.Fa3Unavailable, match=r"compute capability 9.0 \(sm_90a, Hopper\), not cpu"):
+        attn.device_capable(CPU)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(attn.Fa3Unavailable, match=r"compute capability 9.0 .*NVIDIA A100 has \(8, 0\)"):
-        attn.capability(torch.device("cuda"), 128, torch.bfloat16)
+        attn.device_capable(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    attn.device_capable(torch.device("cuda"))
 
 
 # ---- the probe: import and one forward ----------------------------------------------------------------------------
@@ -320,3 +323,87 @@ def test_sdpa_gives_todays_pixels_bit_for_bit(kontext_dir, backend):
         pipe = Pipeline.from_pretrained(kontext_dir, backend=backend, max_sequence_length=8, optimize=optimize)
         outs.append(pipe.edit(image, "a red car", steps=2, latents=latents, output="latent", auto_resize=False))
     assert torch.equal(outs[0], outs[1])
+
+
+# ---- a whole pipeline with FA3 ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head_dim_128(tmp_path_factory):
+    """A tiny Kontext with FLUX's head dim (2 heads of 128) as a diffusers folder: a model FA3 takes."""
+    from kontext_rt.config import PRESETS, VAE_PRESETS
+    from kontext_rt.model.transformer import FluxTransformer
+    from kontext_rt.model.vae import AutoEncoder
+    from kontext_toy.checkpoints import write_diffusers_checkpoint
+
+    cfg = replace(PRESETS["tiny"], hidden_size=256, num_heads=2, axes_dim=(16, 56, 56))
+    gen = torch.Generator().manual_seed(5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model, vae = FluxTransformer(cfg), AutoEncoder(VAE_PRESETS["tiny"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:  # norm scales start at exactly 1
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    folder = tmp_path_factory.mktemp("head-dim-128")
+    write_diffusers_checkpoint(folder, model, vae, seed=5)
+    return folder
+
+
+@pytest.fixture
+def as_if_hopper(monkeypatch):
+    """Test-only: the probe's device check passes on this CPU; its model, import and forward checks still run."""
+    monkeypatch.setattr(attn, "device_capable", lambda device: None)
+
+
+@pytest.mark.parametrize("kind", ["fa3", "fa3-fp8"])
+def test_a_pipeline_loads_fa3_and_runs_it_every_step(head_dim_128, fa3, as_if_hopper, kind):
+    """From_pretrained to the last step: the check probes the (fake) module, the load puts FA3 after the pre-pass
+    in the triton op table, and every block of every step calls it: the latents are those of the triton op table
+    with that attention composed by hand, bit for bit."""
+    from PIL import Image
+
+    from kontext_rt.sampling.denoisers import for_model
+
+    fp8 = kind == "fa3-fp8"
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["q_descale"] is not None)
+        return correct_forward(*args, **kwargs)
+
+    fa3(counted)
+
+    def by_hand(q, k, v, q_scales, k_scales, split, cos, sin):
+        pre = reference.attention_prepass(q, k, v, q_scales, k_scales, split, cos, sin, fp8=fp8)
+        return correct_forward(*pre[:3], q_descale=pre[3], k_descale=pre[4], v_descale=pre[5]).flatten(2)
+
+    image = Image.fromarray((torch.arange(32 * 32 * 3) % 251).to(torch.uint8).reshape(32, 32, 3).numpy())
+    kw = dict(backend="triton", dtype=torch.bfloat16, max_sequence_length=8)
+    pipe = Pipeline.from_pretrained(head_dim_128, optimize=Optimizations(attention=kind), **kw)
+    probed = len(calls)
+    got = pipe.edit(image, "red", steps=2, seed=3, auto_resize=False, output="latent")
+    blocks = pipe.cfg.depth + pipe.cfg.depth_single_blocks
+    assert probed == 1 and len(calls) == 1 + 2 * blocks and set(calls) == {fp8}
+    ref = Pipeline.from_pretrained(head_dim_128, optimize=Optimizations(attention="sdpa"), **kw)
+    ref.denoiser = for_model(ref.transformer, replace(ref.denoiser.ops, attention=by_hand), torch.bfloat16)
+    want = ref.edit(image, "red", steps=2, seed=3, auto_resize=False, output="latent")
+    assert torch.equal(got, want)
+
+
+def test_a_bf16_fa3_pipeline_is_as_close_to_fp32_as_eager_bf16(head_dim_128, fa3, as_if_hopper):
+    """An edit with attention='fa3' (the correct fake) against the fp32 eager edit, under the kernels' rule: at
+    most twice the eager bf16 edit's own error, plus one bf16 ulp of the latents' scale."""
+    from PIL import Image
+
+    fa3()
+    image = Image.fromarray((torch.arange(32 * 32 * 3) % 251).to(torch.uint8).reshape(32, 32, 3).numpy())
+
+    def edit(**kw):
+        pipe = Pipeline.from_pretrained(head_dim_128, max_sequence_length=8, **kw)
+        return pipe.edit(image, "red", steps=2, seed=3, auto_resize=False, output="latent")
+
+    truth = edit().double()
+    eager = edit(dtype=torch.bfloat16, backend="eager")
+    got = edit(dtype=torch.bfloat16, backend="triton", optimize=Optimizations(attention="fa3"))
+    assert_close(got, truth, eager, torch.bfloat16, "fa3 edit")

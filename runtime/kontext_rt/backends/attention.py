@@ -12,8 +12,8 @@ over (B, L, H, D) tensors (bf16/fp16, or float8_e4m3fn with float32 (B, H) desca
 (bf16 for FP8 inputs), or (out, softmax_lse) as older versions of that interface do.
 
 An explicit fa3 / fa3-fp8 request passes three checks or is an InputError naming the reason:
-    capability(device, head_dim, dtype)  a CUDA GPU of compute capability 9.0 (FA3 is built for sm_90a), head
-                                         dim 128, a bf16/fp16 model
+    model_fits(head_dim, dtype)          head dim 128, a bf16/fp16 model
+    device_capable(device)               a CUDA GPU of compute capability 9.0 (FA3 is built for sm_90a)
     import_fa3(import_module)            the module, with its flash_attn_func
     forward_agrees(module, device, fp8)  one tiny forward on the device against SDPA, within the bound derived in
                                          its docstring
@@ -120,12 +120,16 @@ def prepass_for(device: torch.device) -> Callable:
 # ---- the probe ----------------------------------------------------------------------------------------------------
 
 
-def capability(device: torch.device, head_dim: int, dtype: torch.dtype) -> None:
-    """What FA3 needs of the device and the model, checked without importing it (Fa3Unavailable names the gap)."""
+def model_fits(head_dim: int, dtype: torch.dtype) -> None:
+    """What FA3 needs of the model (Fa3Unavailable names the gap)."""
     if head_dim not in FA3_HEAD_DIMS:
         raise Fa3Unavailable(f"FA3 is built for head dim 128, this model has {head_dim}")
     if dtype not in (torch.bfloat16, torch.float16):
         raise Fa3Unavailable(f"FA3 runs bf16 or fp16 models, this one loads as {dtype}")
+
+
+def device_capable(device: torch.device) -> None:
+    """What FA3 needs of the device, checked without importing it (Fa3Unavailable names the gap)."""
     if device.type != "cuda":
         raise Fa3Unavailable(f"FA3 needs a CUDA GPU of compute capability 9.0 (sm_90a, Hopper), not {device}")
     if not torch.cuda.is_available():
@@ -214,7 +218,8 @@ def forward_agrees(module, device: torch.device, fp8: bool, dtype: torch.dtype =
 
 def probe(kind: Attention, device: torch.device, head_dim: int, dtype: torch.dtype, import_module=None):
     """(module, prepass) for an FA3 kind that can run here, or Fa3Unavailable: capability, import, forward."""
-    capability(device, head_dim, dtype)
+    model_fits(head_dim, dtype)
+    device_capable(device)
     module = import_fa3(import_module or importlib.import_module)
     forward_agrees(module, device, kind is Attention.FA3_FP8, dtype)
     return module, prepass_for(device)
