@@ -642,6 +642,10 @@ def test_speed_options_give_the_apis_pixels(kontext_dir, picture, lora_file, tmp
         (["--dtype", "bf16", "--fp8", "static"], "fp8_calibration"),
         (["--fp8", "fast"], "invalid choice"),
         (["--lora", "missing.safetensors"], "missing.safetensors"),
+        (["--attention", "flash"], "invalid choice"),
+        (["--attention", "fa3"], "attention='fa3' runs FA3 in bf16 or fp16"),
+        (["--dtype", "bf16", "--attention", "fa3-fp8"], "only backend='triton' loads"),
+        (["--dtype", "bf16", "--backend", "triton", "--attention", "fa3"], "FA3 is built for head dim 128"),
     ],
 )
 def test_bad_speed_options_are_one_error_line(kontext_dir, picture, tmp_path, capsys, flags, words):
@@ -649,6 +653,21 @@ def test_bad_speed_options_are_one_error_line(kontext_dir, picture, tmp_path, ca
     code, err = run(["edit", picture, "x", "--checkpoint", kontext_dir, "-o", out, "--steps", "1", *flags], capsys)
     assert code == 2 and err.startswith("error: ") and words in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["edit", "generate", "demo", "serve"])
+def test_attention_reaches_optimize_on_every_loading_command(command):
+    """--attention is a load option: every command that loads a pipeline takes it into Optimizations, and the
+    speed summary (the server's start line) names it when it is not auto."""
+    from kontext_rt import Optimizations
+    from kontext_rt.cli_args import optimize_kwargs, speed_summary
+
+    rest = {"edit": ["in.png", "x", "--checkpoint", "c"], "generate": ["x", "--checkpoint", "c"], "demo": []}
+    argv = [command, *rest.get(command, ["--checkpoint", "c"])]
+    optimize = Optimizations(**optimize_kwargs(build_parser().parse_args([*argv, "--attention", "fa3-fp8"])))
+    assert optimize.attention == "fa3-fp8" and speed_summary(optimize, []) == "attention fa3-fp8"
+    default = Optimizations(**optimize_kwargs(build_parser().parse_args(argv)))
+    assert default.attention == "auto" and speed_summary(default, []) == "no speed options"
 
 
 def test_lora_spec_reads_an_optional_strength():

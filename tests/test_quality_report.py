@@ -174,3 +174,27 @@ def test_the_committed_report_names_the_shipped_weights():
     report = max(reports, key=lambda p: p.parent.name.rsplit("-", 3)[-3:])  # the latest date
     committed = json.loads(report.read_text())
     assert committed["checkpoint"]["weights_sha256"] == h.hexdigest() == _script().checkpoint_sha256(folder)
+
+
+@pytest.mark.parametrize("smooth_k", [False, True], ids=["plain", "smooth-k"])
+def test_fp8_attention_option_runs_the_emulated_fa3_fp8_path(cfg, smooth_k):
+    """The fp8-attention options are the bf16 model with its attention replaced by the reference pre-pass in e4m3
+    (smooth_k as named) and emulated FP8 attention: the same velocity, bit for bit, and not bf16's."""
+    from dataclasses import replace
+
+    from kontext_rt.kernels import reference
+    from kontext_rt.model.op_table import EAGER_OPS
+
+    def emulated(q, k, v, q_scales, k_scales, split, cos, sin):
+        pre = reference.attention_prepass(q, k, v, q_scales, k_scales, split, cos, sin, fp8=True, smooth_k=smooth_k)
+        return reference.attention_fp8_emulated(*pre)
+
+    pipe = _script().fp8_attention_pipeline(cfg, smooth_k)
+    model = pipe.transformer
+    inputs = _model_inputs(model.cfg, torch.bfloat16)
+    with torch.no_grad():
+        got = model(*inputs, ops=pipe.denoiser.ops)
+        want = model(*inputs, ops=replace(EAGER_OPS, attention=emulated))
+        bf16 = model(*inputs, ops=EAGER_OPS)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert not torch.equal(got, bf16)

@@ -1,14 +1,16 @@
 """What each speed option costs in quality, next to what it buys in speed: the shapes task on the CPU.
 
     python benchmarks/quality/quality_report.py --checkpoint DIR --out-json F.json --out-png F.png [--n 20] [--seed 0]
-        [--turns 3] [--steps 8] [--options bf16,fp16,fp8-dynamic,fp8-static,onnx-ort,triton,steps] [--threads 1]
+        [--turns 3] [--steps 8] [--threads 1]
+        [--options bf16,fp16,fp8-dynamic,fp8-static,fp8-attention,fp8-attention-smooth-k,onnx-ort,triton,steps]
 
 Every option edits the same held-out samples (kontext_toy.shapes, split "heldout") with the same seeds
 (sample i: seed + i) and is scored by kontext_toy.harness.compare against fp32 eager, in three groups:
 
-  precision  fp32 eager (the reference), bf16, fp16, FP8 dynamic, FP8 static and the ONNX transformer graph in
-             ONNX Runtime (CPU provider), all at --steps steps (default 8: the cost of a step count is the schedule
-             group's business, and 8 steps keep the whole report within minutes on one core)
+  precision  fp32 eager (the reference), bf16, fp16, FP8 dynamic, FP8 static, FP8 attention (attention='fa3-fp8'
+             emulated: the bf16 model with q, k, v in e4m3 per (batch, head), with and without smooth_k) and the ONNX
+             transformer graph in ONNX Runtime (CPU provider), all at --steps steps (default 8: the cost of a step
+             count is the schedule group's business, and 8 steps keep the whole report within minutes on one core)
   schedule   fp32 eager at 28, 8 and 4 steps, against 28 steps
   triton     the Triton kernels (fp32) against fp32 eager at --steps, on the first --triton-n samples only: on the
              CPU they run under the Triton interpreter (TRITON_INTERPRET=1), about 4 s per step of a 2M-parameter
@@ -66,6 +68,12 @@ OPTIONS = {
     "fp16": ("float16 weights and activations, eager backend", ()),
     "fp8-dynamic": ("FP8 e4m3 block linears, per-token activation scales (bf16 model, emulated on the CPU)", ()),
     "fp8-static": ("FP8 e4m3 block linears, static scales from the export stage's calibration", ("modelopt",)),
+    "fp8-attention": (
+        "attention='fa3-fp8' emulated: the bf16 model, q, k, v in e4m3 with one scale per (batch, head), attention "
+        "in float32 (backends.attention.EmulatedFa3)",
+        (),
+    ),
+    "fp8-attention-smooth-k": ("fp8-attention with k minus its token mean before quantization (smooth_k)", ()),
     "onnx-ort": (
         "the exported fp32 transformer graph run by ONNX Runtime's CPU provider",
         ("onnx", "onnxruntime", "onnxscript"),
@@ -73,7 +81,8 @@ OPTIONS = {
     "triton": ("the Triton kernels (fp32) under the Triton interpreter", ("triton",)),
     "steps": (f"fp32 eager at {', '.join(map(str, SCHEDULE))} steps", ()),
 }
-PER_STEP = ("bf16", "fp16", "fp8-dynamic", "fp8-static", "onnx-ort")  # the options whose latents are followed
+# the options whose latents are followed
+PER_STEP = ("bf16", "fp16", "fp8-dynamic", "fp8-static", "fp8-attention", "fp8-attention-smooth-k", "onnx-ort")
 NOT_RUN = {
     "cuda-graphs": "Optimizations(cuda_graphs=True) captures CUDA graphs and needs a CUDA device; this machine has "
     "none. It replays the hoisted step bit for bit (tests/test_graphs.py): its quality is its dtype's eager quality",
@@ -222,6 +231,23 @@ def ort_pipeline(cfg: Config, folder: Path, exporter: str | None = None):
     return pipe
 
 
+def fp8_attention_pipeline(cfg: Config, smooth_k: bool):
+    """A bf16 pipeline whose attention is the fa3-fp8 path (the reference pre-pass, e4m3 per head) with FA3's
+    forward emulated in plain torch: what the CPU can measure of FP8 attention's quality cost."""
+    from dataclasses import replace
+
+    from kontext_rt.backends.attention import AttentionChoice, EmulatedFa3
+    from kontext_rt.kernels import reference
+    from kontext_rt.model.op_table import EAGER_OPS
+    from kontext_rt.options import Attention
+    from kontext_rt.sampling.denoisers import for_model
+
+    pipe = load(cfg, dtype=torch.bfloat16)
+    choice = AttentionChoice(Attention.FA3_FP8, EmulatedFa3, reference.attention_prepass, smooth_k=smooth_k)
+    pipe.denoiser = for_model(pipe.transformer, replace(EAGER_OPS, attention=choice.op(None)), torch.bfloat16)
+    return pipe
+
+
 def calibrate_fp8(cfg: Config, folder: Path) -> tuple[Path, dict]:
     """The export stage's FP8 calibration (as Export._calibrate: a bf16 pipeline, ModelOpt's recipe, real edits)
     on train-split edits, which the held-out samples never share a (colour, kind) pair with."""
@@ -255,6 +281,9 @@ def build(name: str, cfg: Config, folder: Path) -> tuple[object, dict]:
         path, data = calibrate_fp8(cfg, folder)
         opts = Optimizations(fp8="static", fp8_calibration=path)
         return load(cfg, dtype=torch.bfloat16, optimize=opts), {"calibration": data}
+    if name in ("fp8-attention", "fp8-attention-smooth-k"):
+        smooth_k = name == "fp8-attention-smooth-k"
+        return fp8_attention_pipeline(cfg, smooth_k), {"emulated": True, "smooth_k": smooth_k}
     if name == "onnx-ort":
         return ort_pipeline(cfg, folder), {"exporter": cfg.onnx_exporter, "provider": "CPUExecutionProvider"}
     if name == "triton":
@@ -312,6 +341,9 @@ SPEED_NOTES = {
     "triton": "Triton interpreter (TRITON_INTERPRET=1) on the CPU: interpreter time, meaningless as kernel speed",
     "fp8-dynamic": "FP8 emulated on the CPU (bf16 around dequantized e4m3 products): not FP8 tensor-core speed",
     "fp8-static": "FP8 emulated on the CPU (bf16 around dequantized e4m3 products): not FP8 tensor-core speed",
+    "fp8-attention": "FP8 attention emulated on the CPU (float32 attention of dequantized e4m3): not FA3's speed",
+    "fp8-attention-smooth-k": "FP8 attention emulated on the CPU (float32 attention of dequantized e4m3): not FA3's "
+    "speed",
 }
 
 

@@ -146,6 +146,13 @@ def load_options(sp, device_help: str = "cuda if available") -> None:
         help="compute each step's modulation inside the step (default: every step's, before the loop)",
     )
     g.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "fa3", "fa3-fp8"],
+        default="auto",
+        help="the triton backend's attention: auto (today sdpa), sdpa, fa3 (FlashAttention-3, bf16/fp16) or fa3-fp8 "
+        "(lossy); fa3 needs --backend triton, a compute capability 9.0 GPU (sm_90a), head dim 128 and FA3 installed",
+    )
+    g.add_argument(
         "--lora",
         action="append",
         type=lora_spec,
@@ -163,6 +170,7 @@ def optimize_kwargs(args) -> dict:
         fp8=args.fp8,
         fp8_calibration=args.fp8_calibration,
         compile=args.compile_backend or args.compile,
+        attention=args.attention,
     )
 
 
@@ -173,6 +181,7 @@ def speed_summary(optimize, loras) -> str:
     if optimize.compile:
         parts.append(f"compiled ({'inductor' if optimize.compile is True else optimize.compile})")
     parts += [] if optimize.hoist else ["modulation per step"]
+    parts += [] if optimize.attention == "auto" else [f"attention {optimize.attention}"]
     parts += [f"LoRA {Path(path).stem} x{strength:g}" for path, strength in loras]
     return ", ".join(parts) or "no speed options"
 

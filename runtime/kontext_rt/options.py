@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -11,6 +12,22 @@ from kontext_rt.errors import InputError
 from kontext_rt.model.fp8_linear import Fp8Mode
 
 FP8_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
+
+
+class Attention(StrEnum):
+    """The attention kernel of the triton backend (Optimizations.attention, which also takes the strings).
+
+    auto     today's choice, SDPA: FA3 (bf16) may become auto's first choice once a GPU run shows it faster, not
+             before; FP8 attention stays opt-in until its quality cost on the GPU is measured and stated
+    sdpa     the norm+RoPE kernel, then torch's scaled_dot_product_attention (what every backend ran before)
+    fa3      the attention pre-pass (norm, RoPE, the (B, L, H, D) layout), then FlashAttention-3's forward in bf16
+    fa3-fp8  the same with q, k, v in FP8 e4m3, one scale per (batch, head): lossy (docs/quality.md)
+    """
+
+    AUTO = "auto"
+    SDPA = "sdpa"
+    FA3 = "fa3"
+    FA3_FP8 = "fa3-fp8"
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,10 @@ class Optimizations:
                     check() refuses any other value
     compile         torch.compile each transformer block (regional): True for inductor, or a backend name
     max_graphs      CUDA graphs kept (one per shape bucket), least recently used dropped
+    attention       "auto", "sdpa", "fa3" or "fa3-fp8" (an Attention; see its docstring): fa3 and fa3-fp8 need
+                    backend='triton', a CUDA GPU of compute capability 9.0 (sm_90a), head dim 128 and an FA3
+                    module (flash_attn_interface); fa3 runs bf16 or fp16 models, fa3-fp8 bfloat16 ones. Refused
+                    at load, with the reason, where it cannot run; only "auto" falls back (to sdpa)
     """
 
     hoist: bool = True
@@ -35,10 +56,13 @@ class Optimizations:
     fp8_calibration: str | Path | None = None
     compile: bool | str = False
     max_graphs: int = 8
+    attention: Attention | str = Attention.AUTO
 
     def __post_init__(self):
         if isinstance(self.fp8, str) and self.fp8 in {m.value for m in Fp8Mode}:
             object.__setattr__(self, "fp8", Fp8Mode(self.fp8))
+        if isinstance(self.attention, str) and self.attention in {m.value for m in Attention}:
+            object.__setattr__(self, "attention", Attention(self.attention))
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Refuse combinations that cannot run, naming the fix (before any weights are read); what a backend
@@ -65,6 +89,15 @@ class Optimizations:
                     "fp8='static' needs fp8_calibration=FILE (the export stage's calibration "
                     "safetensors), and only it uses one"
                 )
+        if not isinstance(self.attention, Attention):  # __post_init__ made each allowed string its member
+            raise InputError(f"attention must be one of {', '.join(Attention)}, got {self.attention!r}")
+        if self.attention is Attention.FA3 and dtype not in (torch.bfloat16, torch.float16):
+            raise InputError(f"attention='fa3' runs FA3 in bf16 or fp16: load with dtype=torch.bfloat16, not {dtype}")
+        if self.attention is Attention.FA3_FP8 and dtype != torch.bfloat16:
+            raise InputError(
+                f"attention='fa3-fp8' gives bfloat16 outputs (FA3's FP8 forward): load with dtype=torch.bfloat16, "
+                f"not {dtype}"
+            )
         if not isinstance(self.compile, (bool, str)):
             raise InputError(f"compile must be a bool or a torch.compile backend name, got {self.compile!r}")
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:

@@ -13,6 +13,7 @@ Nothing outside the backends compares backend names.
 
     base            LoadRequest, Accepted, Loaded, Backend: what every backend shares
     torch_backends  Eager, Triton (the runtime's own model, with an op table); prepare: LoRAs, FP8, compile
+    attention       the triton backend's attention (sdpa, fa3, fa3-fp8): FA3's probe, chosen at check time
     tensorrt        TensorRT (the engines) and the engine runner; manifest, graph_io: the artifacts' contract
     registry        resolve, checked: backends by name, and auto's order
 """

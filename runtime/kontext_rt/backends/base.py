@@ -52,6 +52,7 @@ class Accepted:
     backend: Backend
     request: LoadRequest
     input_amax: dict[str, torch.Tensor] | None = None  # static FP8: the calibration's input amax per layer name
+    attention: object = None  # triton: the attention its probe chose (backends.attention.AttentionChoice)
 
 
 class Backend:

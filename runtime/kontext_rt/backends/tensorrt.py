@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kontext_rt.backends import graph_io as io
+from kontext_rt.backends.attention import refuse_fa3
 from kontext_rt.backends.base import Accepted, Backend, Loaded, LoadRequest
 from kontext_rt.backends.manifest import GRAPHS, Manifest, Precision, engine_folder, export_command
 from kontext_rt.errors import BackendUnavailable, EngineError, InputError
@@ -241,6 +242,7 @@ class TensorRT(Backend):
                 "backend='tensorrt' runs engines: cuda_graphs, fp8 and compile apply to the eager and "
                 "triton backends (engines get FP8 from `kontext-rt export --precision fp8`)"
             )
+        refuse_fa3(optimize, self.name)
         if req.placement != Placement():
             raise InputError("backend='tensorrt' runs engines, which stay resident: placement applies to eager/triton")
         if req.loras:

@@ -3,8 +3,11 @@ the Triton kernels' (refused here, before any weights are read, where the kernel
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from kontext_rt.backends import attention
 from kontext_rt.backends.base import Accepted, Backend, Loaded, LoadRequest
 from kontext_rt.backends.prepare import lora_path, prepare
 from kontext_rt.errors import BackendUnavailable, InputError
@@ -20,8 +23,8 @@ class TorchBackend(Backend):
     ops: Ops = EAGER_OPS
 
     def check(self, req: LoadRequest) -> Accepted:
-        """Engines, head dims, every LoRA file (read against the model built on the meta device: no weights) and
-        the static FP8 calibration (read here, handed to load in the Accepted)."""
+        """Engines, head dims, the attention (probed here, handed to load in the Accepted), every LoRA file (read
+        against the model built on the meta device: no weights) and the static FP8 calibration (read here too)."""
         from kontext_rt.model import fp8_linear as fp8
         from kontext_rt.model.transformer import FluxTransformer
         from kontext_rt.weights import lora
@@ -34,6 +37,7 @@ class TorchBackend(Backend):
                 f"backend {self.name!r} supports head dims {self.ops.head_dims}, this model "
                 f"has {req.cfg.head_dim}; use backend='eager'"
             )
+        chosen_attention = self.attention_for(req)
         if req.loras:
             with torch.device("meta"):
                 shape_only = FluxTransformer(req.cfg)
@@ -42,7 +46,18 @@ class TorchBackend(Backend):
         amax = None
         if req.optimize.fp8 is fp8.Fp8Mode.STATIC:
             amax = fp8.read_calibration(req.optimize.fp8_calibration, req.checkpoint.fingerprint())
-        return Accepted(self, req, amax)
+        return Accepted(self, req, amax, chosen_attention)
+
+    def attention_for(self, req: LoadRequest) -> attention.AttentionChoice | None:
+        """The attention this backend's op table runs for the request (None: its own); refuses what it cannot."""
+        attention.refuse_fa3(req.optimize, self.name)
+        return None
+
+    def op_table(self, accepted: Accepted) -> Ops:
+        """This backend's ops, with the attention its check chose."""
+        if accepted.attention is None:
+            return self.ops
+        return replace(self.ops, attention=accepted.attention.op(self.ops.attention))
 
     def load(self, accepted: Accepted) -> Loaded:
         """The transformer is read into host memory when any of it will live there (placement) or be quantized
@@ -56,12 +71,13 @@ class TorchBackend(Backend):
         vae = req.checkpoint.load_vae(req.dtype, host if staged_vae else self.device)
         # FP8 weights are quantized on the device one linear at a time; blocks streamed from host memory go back
         # there as soon as their linears are quantized: the device never holds more than one block of them
+        ops = self.op_table(accepted)
         stack = prepare(
-            transformer, self.ops, req, self.device, accepted.input_amax, host if placement.offloads_blocks else None
+            transformer, ops, req, self.device, accepted.input_amax, host if placement.offloads_blocks else None
         )
         residency = place_transformer(transformer, placement, self.device)
         denoiser = denoisers.for_model(
-            transformer, self.ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs
+            transformer, ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs
         )
         if residency is not None:
             denoiser = residency.denoiser(denoiser)
@@ -116,6 +132,11 @@ class Triton(TorchBackend):
             quantize_rows=kernels.quantize_rows,
             head_dims=kernels.HEAD_DIMS,
         )
+
+    def attention_for(self, req: LoadRequest) -> attention.AttentionChoice:
+        """sdpa, or FA3 after the pre-pass where it was asked for (or auto prefers it) and the probe passes: an
+        explicit request that cannot run is an InputError with the probe's reason."""
+        return attention.choose(req.optimize.attention, self.device, req.cfg.head_dim, req.dtype)
 
 
 def launches(kernels, device: torch.device) -> None:
