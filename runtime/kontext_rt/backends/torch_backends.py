@@ -9,6 +9,7 @@ from kontext_rt.backends.base import Accepted, Backend, Loaded, LoadRequest
 from kontext_rt.backends.prepare import lora_path, prepare
 from kontext_rt.errors import BackendUnavailable, InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
+from kontext_rt.model.ulysses import SequenceParallel
 from kontext_rt.sampling import denoisers
 from kontext_rt.transformer_placement import place_transformer
 from kontext_rt.vae_runner import StagedVAE
@@ -60,8 +61,10 @@ class TorchBackend(Backend):
             transformer, self.ops, req, self.device, accepted.input_amax, host if placement.offloads_blocks else None
         )
         residency = place_transformer(transformer, placement, self.device)
+        # sequence parallel: the denoisers run the same loop over the model with its image tokens sharded
+        model = transformer if req.parallel is None else SequenceParallel(transformer, req.parallel.group)
         denoiser = denoisers.for_model(
-            transformer, self.ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs
+            model, self.ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs
         )
         if residency is not None:
             denoiser = residency.denoiser(denoiser)
