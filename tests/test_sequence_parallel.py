@@ -1,0 +1,165 @@
+"""Ulysses sequence parallelism (kontext_rt.model.ulysses) on the CPU: 2, 3 and 4 gloo ranks against one process.
+
+One spawn of 4 processes runs every case on three process groups: ranks {0, 1}, {0, 1, 2} and all four (so the
+groups are passed in, not only the default one). The cases: an edit with one context image, with two, and
+text-to-image (batch 2), two Euler steps each, through the runtime's own loop (denoise over Hoisted), with token
+counts that no N divides evenly and shards that hold no target token at all.
+
+Bound (habit 7, tests/float64_reference.py's rule): the parallel float32 latents within twice the single-process
+float32 error of the same loop run in float64 (float64 weights, inputs and state), hence within three times of the
+single-process float32 latents. Not bit for bit: a rank's linears run over fewer rows and its attention over fewer
+heads, which a BLAS may block and round differently. Every rank of a group ends with the same latents bit for bit.
+A padding leak (image tokens padded to a multiple of N and attended to) must break that bound: checked below.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kontext_rt.config import PRESETS
+from kontext_rt.model.op_table import EAGER_OPS
+from kontext_rt.model.transformer import FluxTransformer
+from kontext_rt.model.ulysses import SequenceParallel, shard_sizes
+from kontext_rt.sampling.denoisers import Hoisted
+from kontext_rt.sampling.loop import Conditioning, denoise
+from kontext_rt.sampling.schedule import schedule
+from tests.float64_reference import assert_float32_close, rel_err
+from tests.test_hoisting import conditioning
+
+# 12 heads: divisible by 2, 3 and 4 (FLUX's 24 by 2, 3, 4, 6, 8); head dim 16 with RoPE axes (4, 6, 6)
+CFG = dataclasses.replace(PRESETS["tiny"], hidden_size=192, num_heads=12, axes_dim=(4, 6, 6))
+TEXT = 7
+CASES = {  # name -> (batch, grids: the target's (rows, cols), then each context image's)
+    "edit": (1, [(3, 4), (4, 5)]),  # 32 image tokens: 3 and 4 ranks leave shards without a target token
+    "edit2": (1, [(3, 4), (4, 5), (3, 3)]),  # 41: no N divides it
+    "t2i": (2, [(3, 5)]),  # 15
+}
+LEAK = "edit2"  # the case run again with its image tokens padded to a multiple of N, the pads attended to
+WORLDS = (2, 3, 4)
+STEPS = 2
+
+
+def make_model() -> FluxTransformer:
+    torch.manual_seed(0)
+    model = FluxTransformer(CFG).eval()
+    with torch.no_grad():  # norm scales start at exactly 1: perturb them so a text/image scale swap shows
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape))
+    return model
+
+
+def make_case(name: str):
+    batch, grids = CASES[name]
+    gen = torch.Generator().manual_seed(len(name))
+    cond = conditioning(CFG, batch, TEXT, grids, torch.float32, gen)
+    x = torch.randn(batch, grids[0][0] * grids[0][1], 64, generator=gen)
+    return cond, x, schedule(STEPS, x.shape[1], True)
+
+
+def run_loop(model, cond, x, sigmas) -> torch.Tensor:
+    return denoise(Hoisted(model, EAGER_OPS, torch.float32), x, sigmas, cond)
+
+
+def float64_loop(model, cond: Conditioning, x, sigmas) -> torch.Tensor:
+    """The same Euler loop with float64 weights, inputs and state (the cos/sin tables stay float32, as rope_table
+    makes them for both sides)."""
+    m = copy.deepcopy(model).double()
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ts = sigmas[:-1, None].expand(-1, x.shape[0])
+    mods = m.modulation_table(ts, cond.guidance, d(cond.pooled))
+    x = x.double()
+    with torch.inference_mode():
+        for i in range(len(sigmas) - 1):
+            v = m.velocity(x, d(cond.ctx), d(cond.txt), mods[i], cond.cos, cond.sin)
+            x = x + (sigmas[i + 1].double() - sigmas[i].double()) * v
+    return x
+
+
+def leaky(cond: Conditioning, world: int) -> Conditioning:
+    """cond with zero context tokens appended up to a multiple of world image tokens, RoPE angle 0 for them: what
+    an implementation that pads to equal shards and forgets to mask the pads would compute."""
+    n_ctx = 0 if cond.ctx is None else cond.ctx.shape[1]
+    image = cond.cos.shape[0] - cond.txt.shape[1]
+    pad = -image % world or world  # at least one pad token, so the leak exists for every N
+    b = cond.txt.shape[0]
+    ctx = (
+        torch.zeros(b, n_ctx + pad, 64)
+        if cond.ctx is None
+        else torch.cat((cond.ctx, cond.ctx.new_zeros(b, pad, 64)), 1)
+    )
+    cos = torch.cat((cond.cos, torch.ones(pad, cond.cos.shape[1])))
+    sin = torch.cat((cond.sin, torch.zeros(pad, cond.sin.shape[1])))
+    return dataclasses.replace(cond, ctx=ctx, cos=cos, sin=sin)
+
+
+def _ranks(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One spawned process: every case on every group it belongs to; its latents saved as out_dir/{N}-{rank}.pt."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        groups = {n: dist.new_group(list(range(n))) for n in WORLDS}  # every rank creates every group, in order
+        for n, group in groups.items():
+            if rank >= n:
+                continue
+            sharded = SequenceParallel(model, group)
+            out = {name: run_loop(sharded, *make_case(name)) for name in CASES}
+            cond, x, sigmas = make_case(LEAK)
+            out["leak"] = run_loop(sharded, leaky(cond, n), x, sigmas)
+            torch.save(out, f"{out_dir}/{n}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def references():
+    """name -> (single-process float32 latents, float64 latents)."""
+    model = make_model()
+    return {name: (run_loop(model, *make_case(name)), float64_loop(model, *make_case(name))) for name in CASES}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict[int, list[dict]]:
+    """N -> the latents of each rank of the N-rank group, by case."""
+    folder = tmp_path_factory.mktemp("ulysses")
+    mp.spawn(_ranks, args=(max(WORLDS), str(folder / "init"), str(folder)), nprocs=max(WORLDS))
+    return {n: [torch.load(folder / f"{n}-{r}.pt") for r in range(n)] for n in WORLDS}
+
+
+def test_shards_cover_the_sequence_in_order():
+    for length in range(0, 20):
+        for world in (1, 2, 3, 4):
+            sizes = shard_sizes(length, world)
+            assert sum(sizes) == length and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_parallel_latents_within_float32_rounding(ranks, references, world, case):
+    got = ranks[world][0][case]
+    want32, want64 = references[case]
+    assert got.shape == want32.shape and got.dtype == torch.float32
+    assert_float32_close(got, want32, want64, f"{case} on {world} ranks")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_every_rank_ends_with_the_same_latents(ranks, world):
+    for other in ranks[world][1:]:
+        for case in CASES:
+            assert torch.equal(other[case], ranks[world][0][case]), case
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_padding_leak_is_caught(ranks, references, world):
+    """The bound above is tight enough to see a few pad tokens in the softmax: the leak is far outside it."""
+    want32, want64 = references[LEAK]
+    leaked = ranks[world][0]["leak"]
+    with pytest.raises(AssertionError, match="from float64"):
+        assert_float32_close(leaked, want32, want64, "padded")
+    assert rel_err(leaked, want64) > 100 * rel_err(want32, want64)
