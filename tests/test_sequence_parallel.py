@@ -21,8 +21,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
+from kontext_rt import LoadSpec, Parallel, Pipeline
 from kontext_rt.config import PRESETS
+from kontext_rt.errors import InputError
 from kontext_rt.model.op_table import EAGER_OPS
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.ulysses import SequenceParallel, shard_sizes
@@ -109,8 +112,10 @@ def leaky(cond: Conditioning, world: int) -> Conditioning:
     return dataclasses.replace(cond, ctx=ctx, cos=cos, sin=sin)
 
 
-def _ranks(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """One spawned process: every case on every group it belongs to; its latents saved as out_dir/{N}-{rank}.pt."""
+def _ranks(rank: int, world: int, init_file: str, out_dir: str, checkpoint: str) -> None:
+    """One spawned process: every case on every group it belongs to; its latents saved as out_dir/{N}-{rank}.pt.
+    Then the public API on the tiny checkpoint (2 heads): an edit with a random seed on ranks {0, 1}, and the
+    refusal of 3 ranks."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = make_model()
@@ -122,6 +127,14 @@ def _ranks(rank: int, world: int, init_file: str, out_dir: str) -> None:
             out = {name: run_loop(sharded, *make_case(name)) for name in CASES}
             cond, x, sigmas = make_case(LEAK)
             out["leak"] = run_loop(sharded, leaky(cond, n), x, sigmas)
+            if n == 2:
+                pipe = Pipeline.from_pretrained(checkpoint, parallel=Parallel(2, group), text_cache_size=0)
+                out["pipeline"] = pipe.edit(Image.new("RGB", (48, 32), (9, 90, 200)), "x", steps=1, output="latent")
+            if n == 3:
+                try:
+                    LoadSpec(checkpoint, parallel=Parallel(3, group)).check()
+                except InputError as err:
+                    out["refused"] = str(err)
             torch.save(out, f"{out_dir}/{n}-{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -135,10 +148,10 @@ def references():
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> dict[int, list[dict]]:
-    """N -> the latents of each rank of the N-rank group, by case."""
+def ranks(tmp_path_factory, kontext_dir) -> dict[int, list[dict]]:
+    """N -> what each rank of the N-rank group computed, by case."""
     folder = tmp_path_factory.mktemp("ulysses")
-    mp.spawn(_ranks, args=(max(WORLDS), str(folder / "init"), str(folder)), nprocs=max(WORLDS))
+    mp.spawn(_ranks, args=(max(WORLDS), str(folder / "init"), str(folder), str(kontext_dir)), nprocs=max(WORLDS))
     return {n: [torch.load(folder / f"{n}-{r}.pt") for r in range(n)] for n in WORLDS}
 
 
@@ -173,3 +186,13 @@ def test_a_padding_leak_is_caught(ranks, references, world):
     with pytest.raises(AssertionError, match="from float64"):
         assert_within_rounding(leaked, want32, want64, "padded")
     assert rel_err(leaked, want64) > 100 * rel_err(want32, want64)
+
+
+def test_the_pipeline_draws_one_random_seed_for_every_rank(ranks):
+    """seed=None: rank 0 draws and broadcasts it; ranks drawing their own would start from different noise."""
+    assert torch.equal(ranks[2][0]["pipeline"], ranks[2][1]["pipeline"])
+
+
+def test_ranks_that_do_not_divide_the_heads_are_refused_before_the_weights(ranks):
+    for r in range(3):
+        assert "parallel=3 does not divide the model's 2 attention heads" in ranks[3][r]["refused"]

@@ -61,12 +61,13 @@ class LoadSpec:
     def check(self) -> CheckedLoad:
         """Every argument checked before any weights are read, in the order a user fixes them: the device, dtype,
         backend and speed options, the placement and VAE tiling, the checkpoint (its configs and variant), the
-        sequence length, the LoRA list, the memory plan, then the backend's own checks. parallel: the process
-        group right after the device, the heads it must divide once the configs are read, the backend last."""
+        sequence length, the LoRA list, the memory plan, then the backend's own checks. parallel: what cannot run
+        sharded first, the process group after the speed options, the heads it must divide after the configs."""
         device = load_checks.check_device(self.device)
         parallel = Parallel.parse(self.parallel)
-        if parallel is not None:
-            parallel = parallel.check_group(device)
+        if parallel is not None:  # before the backend is made: TensorRT's may not even import here
+            engines = self.backend == "tensorrt" or (self.backend == "auto" and self.engines is not None)
+            parallel.check_backend(self.backend, engines, self.optimize is not None and self.optimize.cuda_graphs)
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {self.dtype!r}")
         precision = (
@@ -76,7 +77,7 @@ class LoadSpec:
         optimize = self.optimize or Optimizations()
         optimize.check(device, self.dtype)
         if parallel is not None:
-            parallel.check_backend(chosen.name, chosen.engines, optimize.cuda_graphs)
+            parallel = parallel.check_group(device)
         placement = Placement.parse(self.placement)
         placement.check(optimize)
         load_checks.check_vae_tiling(self.vae_tiling, self.vae_tile, chosen)
@@ -112,8 +113,6 @@ class LoadSpec:
         )
         accepted = backends.checked(chosen, request, auto=self.backend == "auto")
         chosen = accepted.backend
-        if parallel is not None:  # auto may have moved on to another backend
-            parallel.check_backend(chosen.name, chosen.engines, optimize.cuda_graphs)
         return CheckedLoad(
             self, device, chosen, optimize, placement, checkpoint, cfg, variant, trained_sizes, msl, accepted, parallel
         )

@@ -74,9 +74,9 @@ class Parallel:
     def check_backend(self, backend_name: str, engines: bool, cuda_graphs: bool) -> None:
         if engines:
             raise InputError(
-                f"parallel={self.size} cannot run backend {backend_name!r}: its engines run the whole transformer "
-                "as one graph per GPU, with no place for the all-to-alls between ranks; use backend='eager' or "
-                "'triton'"
+                f"parallel={self.size} cannot run backend {backend_name!r} (TensorRT engines): they run the whole "
+                "transformer as one graph per GPU, with no place for the all-to-alls between ranks; use "
+                "backend='eager' or 'triton'"
             )
         if cuda_graphs:
             raise InputError(

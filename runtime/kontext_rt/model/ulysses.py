@@ -59,7 +59,8 @@ class UlyssesAttention:
         three, b, heads, n_r, d = x.shape
         world, h = self.world, heads // self.world
         # dim 0 is what all_to_all_single splits: chunk j (tokens of this rank, heads of rank j) goes to rank j
-        send = x.view(three, b, world, h, n_r, d).permute(2, 4, 0, 1, 3, 5).reshape(world * n_r, three, b, h, d)
+        send = x.view(three, b, world, h, n_r, d).permute(2, 4, 0, 1, 3, 5)
+        send = send.reshape(world * n_r, three, b, h, d).contiguous()  # reshape may keep a strided view
         recv = send.new_empty(sum(self.sizes), three, b, h, d)  # chunk j: rank j's tokens, in rank (= token) order
         dist.all_to_all_single(recv, send, self.sizes, [n_r] * world, group=self.group)
         return recv.permute(1, 2, 3, 0, 4)
