@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -196,3 +199,90 @@ def test_the_pipeline_draws_one_random_seed_for_every_rank(ranks):
 def test_ranks_that_do_not_divide_the_heads_are_refused_before_the_weights(ranks):
     for r in range(3):
         assert "parallel=3 does not divide the model's 2 attention heads" in ranks[3][r]["refused"]
+
+
+# ---- the CLI under torchrun, and the refusals ---------------------------------------------------------------------
+
+
+def cli_edit(checkpoint, picture, out, cache, *extra) -> list[str]:
+    return [
+        "edit", str(picture), "make it blue", "--checkpoint", str(checkpoint), "-o", str(out), "--steps", "2",
+        "--seed", "3", "--no-auto-resize", "--cache-dir", str(cache), *extra,
+    ]  # fmt: skip
+
+
+def test_torchrun_writes_the_single_process_png(kontext_dir, tmp_path, capsys):
+    """2 ranks under torchrun against one process, on the tiny checkpoint (2 heads). The latents agree within float32
+    rounding (the bound above); the decoder then rounds to 8 bits, where a value within that noise of a rounding
+    boundary may land on either side: the PNGs agree to one level (a missing all-to-all here moves pixels by 3)."""
+    from kontext_rt.cli import main
+
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (80, 48), (200, 30, 30)).save(picture)
+    assert main(cli_edit(kontext_dir, picture, tmp_path / "one.png", tmp_path / "c1")) == 0, capsys.readouterr().err
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    args = cli_edit(kontext_dir, picture, tmp_path / "two.png", tmp_path / "c2", "--sequence-parallel", "2")
+    r = subprocess.run([*cmd, "kontext_rt.cli", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("VAE decode") == 1, r.stderr  # rank 1 stays quiet
+    one, two = (np.asarray(Image.open(tmp_path / f), dtype=np.int16) for f in ("one.png", "two.png"))
+    assert one.shape == two.shape and np.abs(one - two).max() <= 1
+
+
+def test_the_cli_needs_torchrun(kontext_dir, tmp_path, capsys, monkeypatch):
+    from kontext_rt.cli import main
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(picture)
+    code = main(cli_edit(kontext_dir, picture, tmp_path / "o.png", tmp_path / "c", "--sequence-parallel", "2"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --sequence-parallel 2 runs under torchrun") and err.count("\n") == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("value", [0, -2, "2", True, 2.0])
+def test_parallel_values_are_checked(kontext_dir, value):
+    with pytest.raises(InputError, match="parallel must be"):
+        LoadSpec(kontext_dir, parallel=value).check()
+
+
+def test_parallel_needs_an_initialized_process_group(kontext_dir):
+    assert not dist.is_initialized()
+    with pytest.raises(InputError, match=r"parallel=2 needs an initialized torch.distributed process group"):
+        LoadSpec(kontext_dir, parallel=2).check()
+
+
+def test_tensorrt_is_refused_with_the_reason(kontext_dir, tmp_path):
+    for spec in (dict(backend="tensorrt"), dict(engines=tmp_path)):
+        with pytest.raises(InputError, match="no place for the all-to-alls"):
+            LoadSpec(kontext_dir, parallel=2, **spec).check()
+
+
+def test_heads_and_cuda_graphs_are_refused():
+    with pytest.raises(InputError, match=r"does not divide the model's 24 attention heads.*\[2, 3, 4, 6, 8, 12, 24\]"):
+        Parallel(5).check_model(24)
+    Parallel(8).check_model(24)
+    with pytest.raises(InputError, match="cuda_graphs"):
+        Parallel(2).check_backend("eager", engines=False, cuda_graphs=True)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of one rank in this process, destroyed after the test."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_the_world_size_must_be_the_rank_count(kontext_dir, one_rank):
+    with pytest.raises(InputError, match="parallel=2 but the process group has 1 ranks"):
+        LoadSpec(kontext_dir, parallel=2).check()
+
+
+def test_the_step_cache_is_refused(one_rank):
+    from kontext_rt.sampling.step_cache import cacheable
+
+    with pytest.raises(InputError, match="step_cache with sequence parallelism"):
+        cacheable(Hoisted(SequenceParallel(make_model(), one_rank), EAGER_OPS, torch.float32))
