@@ -1,4 +1,5 @@
-"""Sequence parallelism as a load option: Pipeline.from_pretrained(..., parallel=N) (docs/parallel.md).
+"""Sequence parallelism as a load option: Pipeline.from_pretrained(..., parallel=N) (docs/python-api.md,
+Sequence parallelism).
 
 One edit on N ranks of an initialized torch.distributed process group (torchrun; the CLI's --sequence-parallel
 initializes it), Ulysses-style (kontext_rt.model.ulysses). The process group is given here (Parallel.group) or

@@ -124,7 +124,7 @@ class Pipeline:
         True always, False never, "auto" when the untiled call would not fit in the CUDA device's free memory.
         context_cache_size: context images' latent tokens kept by content (kontext_rt.context_cache), so an image
         edited with many prompts is encoded once; 0: off.
-        parallel: Ulysses sequence parallelism (docs/parallel.md): N ranks of an initialized torch.distributed
+        parallel: Ulysses sequence parallelism (docs/python-api.md): N ranks of an initialized torch.distributed
         process group (world size N, or kontext_rt.parallel.Parallel(N, group)), each holding 1/N of the image
         tokens; every rank calls the same methods with the same arguments and gets the same outputs.
         Every argument is checked before any weights are read; then the backend builds what it runs.

@@ -1,13 +1,14 @@
 """Ulysses sequence parallelism (DeepSpeed-Ulysses) over a torch.distributed process group of N ranks.
 
-Layout (docs/parallel.md): the image tokens [target | context...] are split into N contiguous shards whose sizes
-differ by at most one (shard_sizes), no padding: rank r holds its shard and runs every linear, norm and MLP on it.
-The T text tokens are replicated on every rank (the double blocks' text stream is recomputed per rank: T = 512
-rows against 8192 / N image rows, cheaper than moving it). Attention (UlyssesAttention) turns sequence shards into
-head shards with one all-to-all of q, k, v, runs the op table's own attention unchanged for H/N heads over the whole
-sequence [text | all image tokens] in its original order (so the full RoPE table applies as it is, and norm + RoPE
-happen inside the inner op exactly as in one process), sends the image outputs back to their token shards with a
-second all-to-all and all-gathers the text outputs over heads, so the text stream stays identical on every rank.
+Layout (docs/python-api.md, Sequence parallelism): the image tokens [target | context...] are split into N
+contiguous shards whose sizes differ by at most one (shard_sizes), no padding: rank r holds its shard and runs
+every linear, norm and MLP on it. The T text tokens are replicated on every rank (the double blocks' text stream
+is recomputed per rank: T = 512 rows against 8192 / N image rows, cheaper than moving it). Attention
+(UlyssesAttention) turns sequence shards into head shards with one all-to-all of q, k, v, runs the op table's own
+attention unchanged for H/N heads over the whole sequence [text | all image tokens] in its original order (so the
+full RoPE table applies as it is, and norm + RoPE happen inside the inner op exactly as in one process), sends the
+image outputs back to their token shards with a second all-to-all and all-gathers the text outputs over heads, so
+the text stream stays identical on every rank.
 The sharding is uneven rather than padded, so there are no padding tokens to leak into any softmax.
 
 The modulation table is replicated: it depends only on t, guidance and the pooled text, (S, B, K) numbers for a
