@@ -17,6 +17,7 @@ _EXPORTS = {
     "Request": "kontext_rt.pipeline",
     "RunReport": "kontext_rt.pipeline",
     "Optimizations": "kontext_rt.options",
+    "Parallel": "kontext_rt.parallel",
     "LoadSpec": "kontext_rt.load_spec",
     "CheckedLoad": "kontext_rt.load_spec",
     "KontextError": "kontext_rt.errors",

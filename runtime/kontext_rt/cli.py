@@ -15,6 +15,8 @@ import os
 import sys
 import traceback
 import warnings
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -149,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=positive_int, help=size_help)
     g.add_argument("--height", type=positive_int, help=size_help)
     common_options(g)
+    for sp in (e, g):
+        sp.add_argument(
+            "--sequence-parallel",
+            type=positive_int,
+            metavar="N",
+            help="one run on N processes launched by `torchrun --nproc-per-node N $(which kontext-rt) ...`, each "
+            "holding 1/N of the image tokens (N divides the attention heads: 24 -> 2, 3, 4, 6, 8); rank 0 writes",
+        )
     _export_parser(sub)
     _plan_parser(sub)
     _serve_parser(sub)
@@ -296,9 +306,12 @@ def _run(args) -> int:
     if getattr(args, "added_command", None) is not None:
         return args.added_command.run(args)
     inputs = [args.image, *args.extra_image] if args.command == "edit" else []
-    out, cache_dir = checked_run(args, inputs)
-    contexts, found = _inputs(args)
-    img, report = _generate(args, contexts, found, text_cache_dir(args, cache_dir))
+    with _process_group(args) as rank:
+        out, cache_dir = checked_run(args, inputs)
+        contexts, found = _inputs(args)
+        img, report = _generate(args, contexts, found, text_cache_dir(args, cache_dir))
+    if rank:  # the other ranks computed the same image: rank 0 writes it and speaks
+        return 0
     write_atomically(out, img.save)
     if not args.quiet:
         label = f"{img.size[0]}x{img.size[1]} -> {out}"
@@ -306,6 +319,42 @@ def _run(args) -> int:
             label = "context " + ", ".join(f"{a[0]}x{a[1]} -> {b[0]}x{b[1]}" for _, a, b in contexts) + " | " + label
         print(stage_summary(report, label), file=sys.stderr)
     return 0
+
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def _process_group(args):
+    """--sequence-parallel N: the torch.distributed process group of torchrun's N processes (gloo on the CPU, nccl
+    on CUDA, each rank on the GPU of its local rank), this rank yielded, destroyed at the end; the ranks other than
+    0 run quietly. Without the flag: nothing, rank None."""
+    n = getattr(args, "sequence_parallel", None)
+    if not n or n == 1:
+        yield None
+        return
+    import torch
+    import torch.distributed as dist
+
+    missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise UsageError(
+            f"--sequence-parallel {n} runs under torchrun (no {', '.join(missing)} in the environment): "
+            f"torchrun --nproc-per-node {n} $(which kontext-rt) {args.command} ..."
+        )
+    world, rank, local = (int(os.environ[v]) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    if world != n:
+        raise UsageError(f"--sequence-parallel {n} but torchrun started {world} processes: they must be equal")
+    device, _ = _device_dtype(args)
+    if device.startswith("cuda"):
+        args.device = device if ":" in device else f"cuda:{local}"  # one GPU per rank unless one was named
+        torch.cuda.set_device(torch.device(args.device))
+    args.quiet = args.quiet or rank != 0
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method="env://")
+    try:
+        yield rank
+    finally:
+        dist.destroy_process_group()
 
 
 def _run_size(args, contexts) -> tuple[int, int]:
@@ -350,9 +399,8 @@ def _generate(args, contexts, found, text_cache: Path | None):
     """Load the pipeline and run the command: the expensive part, after every check that can come first."""
     import kontext_rt as krt
 
-    pipe = krt.Pipeline.load(
-        load_spec(args, text_cache, _variant(args, found), checkpoint=found, plan_size=_run_size(args, contexts))
-    )
+    spec = load_spec(args, text_cache, _variant(args, found), checkpoint=found, plan_size=_run_size(args, contexts))
+    pipe = krt.Pipeline.load(replace(spec, parallel=getattr(args, "sequence_parallel", None)))
     report = krt.RunReport()
     bar = Progress(args.quiet)
     common = dict(

@@ -25,6 +25,7 @@ from kontext_rt.context_cache import check_capacity
 from kontext_rt.errors import InputError
 from kontext_rt.model.vae_tiling import DEFAULT_TILE
 from kontext_rt.options import Optimizations
+from kontext_rt.parallel import Parallel
 from kontext_rt.placement import Placement
 from kontext_rt.weights.formats import CheckpointFormat
 
@@ -55,12 +56,18 @@ class LoadSpec:
     vae_tiling: bool | str = "auto"
     vae_tile: int = DEFAULT_TILE
     context_cache_size: int = 16
+    parallel: object = None  # None or 1: one process; N or a Parallel: N ranks (kontext_rt.parallel)
 
     def check(self) -> CheckedLoad:
         """Every argument checked before any weights are read, in the order a user fixes them: the device, dtype,
         backend and speed options, the placement and VAE tiling, the checkpoint (its configs and variant), the
-        sequence length, the LoRA list, the memory plan, then the backend's own checks."""
+        sequence length, the LoRA list, the memory plan, then the backend's own checks. parallel: what cannot run
+        sharded first, the process group after the speed options, the heads it must divide after the configs."""
         device = load_checks.check_device(self.device)
+        parallel = Parallel.parse(self.parallel)
+        if parallel is not None:  # before the backend is made: TensorRT's may not even import here
+            engines = self.backend == "tensorrt" or (self.backend == "auto" and self.engines is not None)
+            parallel.check_backend(self.backend, engines, self.optimize is not None and self.optimize.cuda_graphs)
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {self.dtype!r}")
         precision = (
@@ -69,6 +76,8 @@ class LoadSpec:
         chosen = backends.resolve(self.backend, device, self.engines)
         optimize = self.optimize or Optimizations()
         optimize.check(device, self.dtype)
+        if parallel is not None:
+            parallel = parallel.check_group(device)
         placement = Placement.parse(self.placement)
         placement.check(optimize)
         load_checks.check_vae_tiling(self.vae_tiling, self.vae_tile, chosen)
@@ -76,6 +85,8 @@ class LoadSpec:
         checkpoint, cfg, variant, trained_sizes = load_checks.checkpoint(
             self.path, self.ae, self.text_encoders, self.variant
         )
+        if parallel is not None:
+            parallel.check_model(cfg.num_heads)
         msl = load_checks.sequence_length(
             variant, self.max_sequence_length, load_checks.tokenizer_limit(checkpoint.text_encoders)
         )
@@ -98,11 +109,12 @@ class LoadSpec:
             None if self.engines is None else Path(self.engines),
             precision,
             placement,
+            parallel,
         )
         accepted = backends.checked(chosen, request, auto=self.backend == "auto")
         chosen = accepted.backend
         return CheckedLoad(
-            self, device, chosen, optimize, placement, checkpoint, cfg, variant, trained_sizes, msl, accepted
+            self, device, chosen, optimize, placement, checkpoint, cfg, variant, trained_sizes, msl, accepted, parallel
         )
 
 
@@ -121,3 +133,4 @@ class CheckedLoad:
     trained_sizes: tuple[tuple[int, int], ...] | None
     max_sequence_length: int
     accepted: Accepted = field(repr=False)  # what the backend's check returned: its load takes it
+    parallel: Parallel | None = None  # with its process group resolved

@@ -20,6 +20,7 @@ from kontext_rt.load_spec import CheckedLoad, LoadSpec
 from kontext_rt.model.rope import rope_table, sequence_ids
 from kontext_rt.model.vae_tiling import DEFAULT_TILE
 from kontext_rt.options import Optimizations
+from kontext_rt.parallel import Parallel
 from kontext_rt.placement import Placement
 from kontext_rt.requests import CheckedRequest, PhaseTimer, Request, RunPlan, RunReport, check_progress, check_prompt
 from kontext_rt.sampling.loop import Conditioning, denoise
@@ -50,8 +51,10 @@ class Pipeline:
         vae_tile: int = DEFAULT_TILE,
         trained_sizes: tuple[tuple[int, int], ...] | None = None,
         context_cache_size: int = 16,
+        parallel: Parallel | None = None,
     ):
         self.cfg = cfg
+        self.parallel = parallel  # sequence parallelism (its process group resolved), or None
         self.denoiser, self.transformer = loaded.denoiser, loaded.transformer
         engines = self.transformer is None
         self._vae_runner = VAERunner(loaded.vae, device, dtype, vae_tiling, vae_tile, engines)  # holds pipe.vae
@@ -100,6 +103,7 @@ class Pipeline:
         vae_tiling: bool | str = "auto",
         vae_tile: int = DEFAULT_TILE,
         context_cache_size: int = 16,
+        parallel: int | Parallel | None = None,
     ) -> Pipeline:
         """Load a diffusers folder or a BFL single file (with ae.safetensors and a text-encoder folder).
 
@@ -120,6 +124,9 @@ class Pipeline:
         True always, False never, "auto" when the untiled call would not fit in the CUDA device's free memory.
         context_cache_size: context images' latent tokens kept by content (kontext_rt.context_cache), so an image
         edited with many prompts is encoded once; 0: off.
+        parallel: Ulysses sequence parallelism (docs/python-api.md): N ranks of an initialized torch.distributed
+        process group (world size N, or kontext_rt.parallel.Parallel(N, group)), each holding 1/N of the image
+        tokens; every rank calls the same methods with the same arguments and gets the same outputs.
         Every argument is checked before any weights are read; then the backend builds what it runs.
         """
         return cls.load(LoadSpec(**{k: v for k, v in locals().items() if k != "cls"}))  # every argument, by name
@@ -152,6 +159,7 @@ class Pipeline:
             s.vae_tile,
             spec.trained_sizes,
             s.context_cache_size,
+            spec.parallel,
         )
 
     # ---- public entry points ----------------------------------------------------------------------------------
@@ -419,8 +427,8 @@ class Pipeline:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise InputError(f"latents must be packed noise of shape [B, {want[0]}, {want[1]}], got {got}")
             return latents.to("cpu", torch.float32), None
-        if seed is None:
-            seed = secrets.randbits(63)
+        if seed is None:  # one seed for every rank under parallel (rank 0's)
+            seed = secrets.randbits(63) if self.parallel is None else self.parallel.random_seed(self.device)
         check_seed(seed)
         gen = torch.Generator().manual_seed(seed)  # noise drawn on the CPU: the same seed gives the same image anywhere
         noise = torch.randn(batch, LATENT_CHANNELS, 2 * rows, 2 * cols, generator=gen)

@@ -13,6 +13,7 @@ import torch
 from kontext_rt.backends.manifest import Precision
 from kontext_rt.config import FluxConfig
 from kontext_rt.options import Optimizations
+from kontext_rt.parallel import Parallel
 from kontext_rt.placement import Placement
 from kontext_rt.sampling.loop import Denoiser
 from kontext_rt.weights.formats import CheckpointFormat
@@ -32,6 +33,7 @@ class LoadRequest:
     engines: Path | None = None  # tensorrt: the folder `kontext-rt export --out` wrote
     engine_precision: Precision | None = None
     placement: Placement = Placement()
+    parallel: Parallel | None = None  # sequence parallelism over its (resolved) process group; None: one process
 
 
 @dataclass

@@ -12,6 +12,7 @@ from kontext_rt.backends.base import Accepted, Backend, Loaded, LoadRequest
 from kontext_rt.backends.prepare import lora_path, prepare
 from kontext_rt.errors import BackendUnavailable, InputError
 from kontext_rt.model.op_table import EAGER_OPS, Ops
+from kontext_rt.model.ulysses import SequenceParallel
 from kontext_rt.sampling import denoisers
 from kontext_rt.transformer_placement import place_transformer
 from kontext_rt.vae_runner import StagedVAE
@@ -76,9 +77,9 @@ class TorchBackend(Backend):
             transformer, ops, req, self.device, accepted.input_amax, host if placement.offloads_blocks else None
         )
         residency = place_transformer(transformer, placement, self.device)
-        denoiser = denoisers.for_model(
-            transformer, ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs
-        )
+        # sequence parallel: the denoisers run the same loop over the model with its image tokens sharded
+        model = transformer if req.parallel is None else SequenceParallel(transformer, req.parallel.group)
+        denoiser = denoisers.for_model(model, ops, req.dtype, opt.hoist, opt.cuda_graphs, max_graphs=opt.max_graphs)
         if residency is not None:
             denoiser = residency.denoiser(denoiser)
         return Loaded(denoiser, StagedVAE(vae, self.device) if staged_vae else vae, transformer, stack)

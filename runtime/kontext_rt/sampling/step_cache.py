@@ -44,6 +44,7 @@ import torch
 
 from kontext_rt.errors import InputError
 from kontext_rt.model.transformer import FirstBlock
+from kontext_rt.model.ulysses import SequenceParallel
 from kontext_rt.sampling import check_step_cache
 from kontext_rt.sampling.denoisers import Graphed, Hoisted, PerStep, _timesteps
 from kontext_rt.sampling.graphs import CapturedStep
@@ -52,12 +53,20 @@ from kontext_rt.sampling.loop import Conditioning, Denoiser
 
 def cacheable(denoiser: Denoiser) -> tuple:
     """(model, ops, hoist) of a denoiser over the runtime's model, or an InputError saying why it takes no cache."""
+    found = None
     if type(denoiser) is Graphed:
-        return denoiser.hoisted.model, denoiser.hoisted.ops, True
-    if type(denoiser) is Hoisted:
-        return denoiser.model, denoiser.ops, True
-    if type(denoiser) is PerStep and denoiser.model is not None:
-        return denoiser.model, denoiser.ops, False
+        found = denoiser.hoisted.model, denoiser.hoisted.ops, True
+    elif type(denoiser) is Hoisted:
+        found = denoiser.model, denoiser.ops, True
+    elif type(denoiser) is PerStep and denoiser.model is not None:
+        found = denoiser.model, denoiser.ops, False
+    if found is not None and isinstance(found[0], SequenceParallel):
+        raise InputError(
+            "step_cache with sequence parallelism (parallel=N): each rank would decide to skip from its own "
+            "shard of the image tokens, and ranks that decide differently stop meeting in the all-to-alls"
+        )
+    if found is not None:
+        return found
     raise InputError(
         f"step_cache needs the eager or triton backend with the transformer resident (this pipeline runs "
         f"{type(denoiser).__name__}): a step skips the blocks after the first, and a TensorRT engine runs the whole "
