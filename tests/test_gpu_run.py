@@ -92,7 +92,11 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert suite["checks"]["hoisted_equals_per_step"] and suite["checks"]["graphs_equal_no_graphs"]
     assert suite["checks"]["finite"] and suite["checks"]["fp8_quantizer_kernel"]["values_equal"]
     assert 0 < suite["fp8_drift"]["final_latent_rel_error"] < 0.1
-    assert set(suite["end_to_end_s"]) == {"eager", "graphs", "fp8"}
+    # the edits run on the reference rung and the best of each precision: the last, every rung having run
+    best = {r.name for fp8 in (False, True) for r in _module("rungs").rungs("core", fp8)[-1:]}
+    assert set(suite["end_to_end_s"]) == {"eager", *best} == {"eager", "fa3", "fp8-attention"}
+    # FA3 was probed first (the rehearsal's stand-in: the emulated module on the CPU, against SDPA)
+    assert all(found["ok"] and found["stand_in"] for found in suite["fa3"].values()) and len(suite["fa3"]) == 2
     assert list(suite["profile"]) == ["eager", "hoisted", "fp8"]
     eager_ops = {o["name"] for o in suite["profile"]["eager"]["ops"]}  # the reference ops: no kernel of ours
     assert not any(name.startswith("kontext_rt::") for name in eager_ops) and "aten::addmm" in eager_ops
@@ -200,6 +204,7 @@ def test_a_killed_suite_keeps_every_phase_it_finished(tmp_path):
         "triton-backend",
         "diffusers",
         "model",
+        "fa3-probe",
         "eager",
     ]
     assert set(suite["ladder"]["eager"]) == {"kontext", "text-to-image"}

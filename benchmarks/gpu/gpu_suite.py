@@ -67,7 +67,7 @@ def names(part: str, fp8: bool) -> list[str]:
 
 PHASES = {  # in order, the rungs' from rungs.py; core() and compile_part() run them
     "core": (
-        *("setup", "triton-backend", "diffusers", "model"),
+        *("setup", "triton-backend", "diffusers", "model", "fa3-probe"),
         *names("core", fp8=False),
         *("checks", "edits-bf16", "profile-bf16", "fp8-convert", "fp8-drift", "fp8-quantizer"),
         *names("core", fp8=True),
@@ -108,6 +108,7 @@ class Suite:
     model: object = None
     data: dict = field(default_factory=dict)
     denoisers: dict = field(default_factory=dict)
+    attention: dict = field(default_factory=dict)  # Attention kind -> the AttentionChoice fa3-probe made
     reference: tuple | None = None  # the bf16 trace the FP8 drift is measured against
     core: dict = field(default_factory=dict)  # the core part's results, when this is the compile part
     step_s: float = 0.5  # seconds per Kontext step, for phase estimates: a guess until the first rung is timed
@@ -161,6 +162,49 @@ class Suite:
         del ref, run, data  # the loop's closure holds the model too: 24 GB freed before ours is drawn
         parts.free_memory(self.device)
 
+    def fa3_probe(self):
+        """FlashAttention-3 first: import the module, run one tiny forward of each kind (bf16, FP8) on the device
+        against SDPA (backends.attention.probe: capability, import, forward within the bound of its roundings),
+        and record why when it cannot. The rehearsal probes attention.EmulatedFa3 on the CPU instead (a stand-in:
+        the tiny model's head dim is not FA3's 128, and the CPU has no FA3)."""
+        from kontext_rt.backends import attention as att
+        from kontext_rt.kernels import reference
+        from kontext_rt.options import Attention
+
+        found, failed = {}, []
+        for kind in (Attention.FA3, Attention.FA3_FP8):
+            try:
+                if self.args.rehearse:
+                    att.forward_agrees(att.EmulatedFa3, torch.device("cpu"), kind is Attention.FA3_FP8, self.dtype)
+                    choice = att.AttentionChoice(kind, att.EmulatedFa3, reference.attention_prepass)
+                else:
+                    choice = att.AttentionChoice(kind, *att.probe(kind, torch.device(self.device), 128, self.dtype))
+            except att.Fa3Unavailable as err:
+                found[kind.value] = {"ok": False, "reason": str(err)[:1000]}
+                failed.append(f"{kind.value}: {err}")
+                continue
+            self.attention[kind] = choice
+            module = choice.module
+            found[kind.value] = {
+                "ok": True,
+                "module": getattr(module, "__name__", type(module).__name__),
+                "file": getattr(module, "__file__", None),
+                "prepass": f"{choice.prepass.__module__}.{choice.prepass.__name__}",
+                **({"stand_in": "EmulatedFa3 on the CPU (rehearsal)"} if self.args.rehearse else {}),
+            }
+        self.result["fa3"] = found
+        if failed:
+            raise RuntimeError("FA3 cannot run here, its rungs are skipped: " + "; ".join(failed))
+
+    def ops_for(self, rung: Rung):
+        """The rung's op table: its backend's, with FA3 (as fa3-probe chose it) for an fa3 or fa3-fp8 rung."""
+        import dataclasses
+
+        ops = self.ops[rung.backend]
+        if not rung.fa3:
+            return ops
+        return dataclasses.replace(ops, attention=self.attention[rung.optimize.attention].op(ops.attention))
+
     def build_model(self):
         self.model = parts.random_transformer(self.cfg, self.device, self.dtype)
         self.data = {k: parts.inputs(self.cfg, lay, self.device, self.dtype) for k, lay in self.layouts.items()}
@@ -174,7 +218,7 @@ class Suite:
 
         if rung.name not in self.denoisers:
             o = rung.optimize
-            ops = self.ops[rung.backend]
+            ops = self.ops_for(rung)
             self.denoisers[rung.name] = for_model(self.model, ops, self.dtype, o.hoist, o.cuda_graphs, self.capture)
         return self.denoisers[rung.name]
 
@@ -188,7 +232,7 @@ class Suite:
 
     def loop(self, rung: Rung):
         """The rung's sampling loop, (x, sigmas, cond) -> x."""
-        return parts.loop_fn(self.model, self.ops[rung.backend], self.dtype, self.denoiser(rung))
+        return parts.loop_fn(self.model, self.ops_for(rung), self.dtype, self.denoiser(rung))
 
     def rung(self, rung: Rung):
         """Time one rung on every layout, writing after each (a kill keeps the layouts done)."""
@@ -254,12 +298,12 @@ class Suite:
         from kontext_rt.sampling.denoisers import Hoisted
 
         (rung,) = best
-        denoisers = {"hoisted": Hoisted(self.model, self.ops[rung.backend], self.dtype)}
+        denoisers = {"hoisted": Hoisted(self.model, self.ops_for(rung), self.dtype)}
         if rung.optimize.cuda_graphs:
             denoisers["graphs"] = self.denoiser(rung)
         n = self.steps
         self.result["fewer_calls"] = {"rung": rung.name} | parts.fewer_calls(
-            self.model, self.ops[rung.backend], self.dtype, denoisers, self.data["kontext"], self.device,
+            self.model, self.ops_for(rung), self.dtype, denoisers, self.data["kontext"], self.device,
             n["steps_timed"], n["repeats"], n["warmup"],
         )  # fmt: skip
         self.record.write()
@@ -277,7 +321,7 @@ class Suite:
         from kontext_rt.sampling.denoisers import for_model
 
         for rung in profiled:
-            ops = self.ops[rung.backend]
+            ops = self.ops_for(rung)
             denoiser = for_model(self.model, ops, self.dtype, rung.optimize.hoist)
             run = parts.loop_fn(self.model, ops, self.dtype, denoiser)
             found = parts.profile_steps(run, *self.data["kontext"], self.device)
@@ -383,6 +427,7 @@ def core(s: Suite) -> None:
     if not s.args.no_diffusers:
         r.run("diffusers", s.baseline, needs=["setup"], estimate_s=s.rung_estimate_s())
     r.run("model", s.build_model, needs=["setup"])
+    r.run("fa3-probe", s.fa3_probe, needs=["triton-backend"])
     for rung in rungs("core", fp8=False):
         s.run_rung(rung)
     r.run("checks", s.checks, needs=["model", "triton-backend"], estimate_s=15 * s.step_s)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from kontext_rt.options import Optimizations
+from kontext_rt.options import Attention, Optimizations
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,21 @@ class Rung:
             return "compile"
         return "torchao" if self.linears == "torchao" else "core"
 
+    @property
+    def fa3(self) -> bool:
+        """Whether it runs FlashAttention-3 (attention fa3 or fa3-fp8): the suite probes FA3 first."""
+        return self.optimize.attention in (Attention.FA3, Attention.FA3_FP8)
+
     def needs(self) -> list[str]:
-        """The suite phases it needs: the model in the state it measures."""
+        """The suite phases it needs: the model in the state it measures (and FA3 probed, for an FA3 rung)."""
+        probe = ["fa3-probe"] * self.fa3
         if self.optimize.compile:
-            return ["compile-blocks"]
+            return ["compile-blocks", *probe]
         if self.linears == "torchao":
             return ["torchao-convert"]
         if self.fp8:
-            return ["fp8-convert"]
-        return ["model"] + (["triton-backend"] if self.backend == "triton" else [])
+            return ["fp8-convert", *probe]
+        return ["model"] + (["triton-backend"] if self.backend == "triton" else []) + probe
 
     def settings(self) -> str:
         """backend= and optimize= as a pipeline is loaded with them (the options left at their defaults unsaid)."""
@@ -108,10 +114,25 @@ RUNGS = (
         BF16,
     ),
     Rung(
+        "fa3",
+        "triton",
+        Optimizations(cuda_graphs=True, attention="fa3"),
+        "FlashAttention-3's bf16 forward after the attention pre-pass (norm, RoPE, FA3's layout in one kernel), "
+        "in place of the norm+RoPE kernel and SDPA",
+        BF16,
+    ),
+    Rung(
         "fp8",
         "triton",
         Optimizations(cuda_graphs=True, fp8="dynamic"),
         "the blocks' linears in FP8 e4m3 (torch._scaled_mm, per-token activation scales)",
+        FP8,
+    ),
+    Rung(
+        "fp8-attention",
+        "triton",
+        Optimizations(cuda_graphs=True, fp8="dynamic", attention="fa3-fp8"),
+        "attention in FP8 too: the pre-pass quantizes q, k, v per (batch, head), then FA3's FP8 forward",
         FP8,
     ),
     Rung(

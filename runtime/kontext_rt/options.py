@@ -29,6 +29,9 @@ class Attention(StrEnum):
     FA3 = "fa3"
     FA3_FP8 = "fa3-fp8"
 
+    def __repr__(self) -> str:  # as the string it stands for, as Fp8Mode's: reprs of options (and docs) read so
+        return repr(self.value)
+
 
 @dataclass(frozen=True)
 class Optimizations:
