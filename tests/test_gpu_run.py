@@ -69,6 +69,7 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
         "kernels",
         "tensorrt",
         "memory",
+        "parallel",
         "torchao",
         "compile",
         "train",
@@ -76,6 +77,8 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     for opt_in in ("train", "torchao"):
         assert record["phases"].pop(opt_in) == {"status": "skipped", "reason": f"opt-in (--only {opt_in})"}
     assert all(p["status"] == "ok" for p in record["phases"].values()), record["phases"]
+    # sequence parallelism: two gloo ranks in the rehearsal (on a one-GPU machine the phase records why it did not)
+    assert record["parallel"]["ran"] and record["parallel"]["worlds"]["2"]["ms_per_step"] > 0
     # the distribution's version (PyPI's CUDA wheel says 2.11.0 where torch.__version__ says 2.11.0+cu130)
     assert record["env"]["imports"]["kontext_rt"]["ok"] and record["env"]["packages"]["torch"] == version("torch")
 

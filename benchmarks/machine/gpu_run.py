@@ -17,6 +17,8 @@ deadline (a kill at the deadline keeps whatever the child had already written):
     tensorrt  gpu/tensorrt_gpu.py: whether TensorRT imports here, and engines if it does
     memory    gpu/memory_gpu.py: peak memory and ms/step of the full-size loop per placement x precision, beside
               the plan
+    parallel  gpu/sp_gpu.py: Ulysses sequence parallelism over this machine's GPUs, ms/step on 2, 4, 8 of them
+              beside one (run.json's "parallel"); with one GPU it records that and ends at once
     torchao   opt-in (--only suite,torchao: beside the core in one command): gpu/gpu_suite.py --part torchao,
               torchao's float8 row-wise linears on a model of their own, timed as the fp8 rung (needs the torchao
               wheel, carried by gpu_wheels.sh)
@@ -74,6 +76,7 @@ DEADLINES = {
     "kernels": 120,
     "tensorrt": 60,
     "memory": 150,
+    "parallel": 150,
     "torchao": 150,
 }  # seconds; suite and compile: see above; train: its minutes + TRAIN_OVERHEAD_S
 SUITE = BENCH / "gpu" / "gpu_suite.py"
@@ -82,7 +85,7 @@ SCRIPTS = {  # phase -> the script it runs with --out FILE
     "tensorrt": BENCH / "gpu" / "tensorrt_gpu.py",
     "memory": BENCH / "gpu" / "memory_gpu.py",
 }
-PHASES = ("install", "env", "suite", "kernels", "tensorrt", "memory", "torchao", "compile", "train")
+PHASES = ("install", "env", "suite", "kernels", "tensorrt", "memory", "parallel", "torchao", "compile", "train")
 OPT_IN = ("torchao", "train")  # run only when --only names them
 ALONE = ("train",)  # and these only alone, in a command of their own
 TRAIN_OVERHEAD_S = 180  # the pool (100,000 edits drawn in 12 processes), the evaluation, the writes
@@ -241,6 +244,16 @@ class Run:
             self.data["env"] = {"error": "gpu_env.py printed more than its JSON; see run.log"}
         return details
 
+    def parallel(self):
+        """gpu/sp_gpu.py: Ulysses sequence parallelism on this machine's GPUs (with one GPU, it records that)."""
+        cmd = [str(BENCH / "gpu" / "sp_gpu.py"), *["--rehearse"] * self.args.rehearse]
+        details = self.child("parallel", cmd, self.deadline("parallel"))
+        try:
+            self.data["parallel"] = json.loads(details.pop("tail")[-1])
+        except (json.JSONDecodeError, IndexError):
+            self.data["parallel"] = {"error": "sp_gpu.py printed more than its JSON; see run.log"}
+        return details
+
     def suite(self, part, timeout_s):
         cmd = [
             str(SUITE),
@@ -306,6 +319,7 @@ class Run:
                     f"--budget-s={self.deadline('memory') - 20}",
                 ),
             ),
+            ("parallel", self.parallel),
             ("torchao", lambda: self.suite("torchao", self.deadline("torchao"))),
             ("compile", lambda: self.suite("compile", r.left_s())),
             ("train", self.train),
