@@ -100,7 +100,7 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
     assert set(suite["end_to_end_s"]) == {"eager", *best} == {"eager", "fa3", "fp8-attention"}
     # FA3 was probed first (the rehearsal's stand-in: the emulated module on the CPU, against SDPA)
     assert all(found["ok"] and found["stand_in"] for found in suite["fa3"].values()) and len(suite["fa3"]) == 2
-    assert list(suite["profile"]) == ["eager", "hoisted", "fp8"]
+    assert list(suite["profile"]) == ["diffusers", "eager", "hoisted", "fp8"]  # diffusers' with its baseline
     eager_ops = {o["name"] for o in suite["profile"]["eager"]["ops"]}  # the reference ops: no kernel of ours
     assert not any(name.startswith("kontext_rt::") for name in eager_ops) and "aten::addmm" in eager_ops
     for rung in ("hoisted", "fp8"):  # the profiles name the step's own ops, which add up to the step

@@ -12,8 +12,9 @@ diffusers' FluxTransformer2DModel (eager bf16, same sizes, built once for both l
 
 Per rung and layout: per-step latency (CUDA events, median of --repeats loops of --steps-timed steps after a short
 warm-up loop), host time per step (the CPU time to issue a loop), MFU = step FLOPs / time / the measured bf16 (FP8
-for the FP8 rungs) matmul rate, peak GPU memory. A profile of the eager step (10% slower than diffusers' on an
-H200) and of the bf16 and FP8 steps (hoisted, not graphed) names the ops that take the time ("profile"). Then
+for the FP8 rungs) matmul rate, peak GPU memory. A profile of diffusers' step and of the eager one (10% slower than
+diffusers' on an H200, with the same torch ops: the two profiles side by side say where) and of the bf16 and FP8
+steps (hoisted, not graphed) names the ops that take the time ("profile"). Then
 end-to-end edits at 4, 8 and 28 steps with VAE encode and decode (text embeddings as a cache hit) on the eager
 rung, the best bf16 rung and the best fp8 rung; the fewer-calls options' step times on the best fp8 rung
 (DPM-Solver++ 2M against Euler, hoisted and graphed; the step cache's cached and full steps); the on-device
@@ -158,6 +159,8 @@ class Suite:
             run = parts.diffusers_loop(ref, self.cfg, layout, data, self.device, self.dtype)
             ms, host = self.time_loop(run, data)
             out[key] = {"ms_per_step": ms, "host_ms_per_step": host, "peak_gib": parts.peak_gib(self.device)}
+            if key == "kontext":  # where its step goes, beside the eager rung's (same torch ops, 10% apart)
+                self.result.setdefault("profile", {})["diffusers"] = parts.profile_steps(run, *data, self.device)
             self.record.write()
         del ref, run, data  # the loop's closure holds the model too: 24 GB freed before ours is drawn
         parts.free_memory(self.device)
