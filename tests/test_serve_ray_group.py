@@ -114,6 +114,7 @@ def test_a_rank_that_does_not_run_the_call_fails_the_request_and_the_replica_is_
     (replica, actor), *_ = rank_actors(ray).items()
     rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
     rank1.__ray_call__.remote(_busy, 4 * RANK_TIMEOUT_S)  # its calls run one at a time: the next one waits behind
+    assert ray.get(rank1.ping.remote(), timeout=5)  # the health check's ping is answered while a call runs
     t0 = time.monotonic()
     status, headers, body = generate(group_port, FAST, timeout=4 * RANK_TIMEOUT_S)
     waited = time.monotonic() - t0
