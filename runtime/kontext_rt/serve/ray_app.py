@@ -61,8 +61,9 @@ class Ranks:
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress()
 class KontextDeployment:
-    """One replica: a Pipeline loaded here, and create_app's app over it (its worker thread starts with the app's
-    lifespan, which Ray runs when the replica starts and ends when it stops)."""
+    """One replica: a Pipeline loaded here (with ranks: rank 0 of a RankGroup, which the app serves), and
+    create_app's app over it (its worker thread starts with the app's lifespan, which Ray runs when the replica
+    starts and ends when it stops)."""
 
     def __init__(self, spec, settings: Settings, ranks: Ranks | None = None):
         import kontext_rt
