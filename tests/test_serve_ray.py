@@ -215,6 +215,12 @@ def test_ray_without_ray_installed_is_one_error_line(kontext_dir):
         (["--ray", "--autoscale-min", "3", "--autoscale-max", "2"], "below --autoscale-min"),
         (["--ray", "--replicas", "2", "--autoscale-min", "1", "--autoscale-max", "2"], "no --replicas"),
         (["--ray", "--replicas", "0"], "--replicas"),
+        (["--gpus-per-replica", "2"], "--gpus-per-replica needs --ray"),
+        (["--rank-timeout-s", "5"], "--rank-timeout-s needs --ray"),
+        (["--ray", "--rank-timeout-s", "5"], "--rank-timeout-s is for --gpus-per-replica N > 1"),
+        (["--ray", "--gpus-per-replica", "3"], "parallel=3 does not divide the model's 2 attention heads"),
+        (["--ray", "--gpus-per-replica", "2", "--backend", "tensorrt"], "no place for the all-to-alls"),
+        (["--ray", "--gpus-per-replica", "0"], "--gpus-per-replica"),
     ],
 )
 def test_ray_flags_are_checked_before_ray_starts(kontext_dir, flags, message, monkeypatch, capsys):

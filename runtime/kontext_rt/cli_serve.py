@@ -70,6 +70,20 @@ def _serve_parser(sub):
     r.add_argument("--autoscale-min", type=nonneg_int, help="with --ray: let Ray scale between min and max")
     r.add_argument("--autoscale-max", type=positive_int, help="with --ray: the most replicas Ray may start")
     r.add_argument("--ray-address", help="with --ray: a running Ray cluster to join (default: a local instance)")
+    r.add_argument(
+        "--gpus-per-replica",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="with --ray: each replica is one sequence-parallel group of N ranks, one GPU each on one node (N divides "
+        "the attention heads: 24 -> 2, 3, 4, 6, 8; on the CPU, N processes); default 1",
+    )
+    r.add_argument(
+        "--rank-timeout-s",
+        type=_positive_float,
+        help="with --gpus-per-replica N > 1: how long a rank waits for the others (a collective, the end of a batch) "
+        "before the request fails and the replica is replaced (default 300)",
+    )
 
 
 def _serve(args) -> int:
@@ -113,6 +127,9 @@ def _serve(args) -> int:
         return _serve_ray(args, settings)
     if args.replicas or args.autoscale_min is not None or args.autoscale_max or args.ray_address:
         raise UsageError("--replicas, --autoscale-min, --autoscale-max and --ray-address need --ray")
+    for flag, given in (("--gpus-per-replica", args.gpus_per_replica > 1), ("--rank-timeout-s", args.rank_timeout_s)):
+        if given:
+            raise UsageError(f"{flag} needs --ray (without it, serve runs one pipeline in one process)")
     sock = _bind(args.host, args.port)  # a port in use is refused before minutes of loading
     quiet_libraries()
     spec = load_spec(args, args.text_cache_dir, args.variant, context_cache_size=args.context_cache)
@@ -143,6 +160,22 @@ def _serve_ray(args, settings) -> int:
         if args.autoscale_max < args.autoscale_min:
             raise UsageError(f"--autoscale-max {args.autoscale_max} is below --autoscale-min {args.autoscale_min}")
         autoscaling = {"min_replicas": args.autoscale_min, "max_replicas": args.autoscale_max}
+    if args.rank_timeout_s is not None and args.gpus_per_replica == 1:
+        raise UsageError("--rank-timeout-s is for --gpus-per-replica N > 1 (the ranks of one replica)")
+    from kontext_rt.cli import load_spec
+
+    spec = load_spec(args, args.text_cache_dir, args.variant, context_cache_size=args.context_cache)
+    if args.gpus_per_replica > 1:
+        spec.check_sharded(args.gpus_per_replica)
+    if args.ray_address is None:  # the replicas load from this machine: a bad path is refused before Ray starts
+        from kontext_rt.weights.formats import detect
+
+        found = detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
+        if args.gpus_per_replica > 1:  # the heads it must divide, with the pipeline's own refusal
+            from kontext_rt import Parallel, load_checks
+
+            cfg = load_checks.checkpoint(found, None, None, args.variant)[1]
+            Parallel(args.gpus_per_replica).check_model(cfg.num_heads)
     try:
         import ray
         from ray import serve
@@ -152,29 +185,33 @@ def _serve_ray(args, settings) -> int:
         if e.name != "ray" and not (e.name or "").startswith("ray."):
             raise
         raise UsageError('--ray needs Ray Serve: pip install "kontext-rt[ray]"') from None
-    from kontext_rt.cli import load_spec
     from kontext_rt.cli_args import quiet_libraries, speed_summary
 
-    if args.ray_address is None:  # the replicas load from this machine: a bad path is refused before Ray starts
-        from kontext_rt.weights.formats import detect
-
-        detect(args.checkpoint, ae=args.ae, text_encoders=args.text_encoders)
     sock = _bind(args.host, args.port)  # Ray's proxy binds it; this refuses a port in use, and picks one for 0
     host, port = sock.getsockname()[:2]
     sock.close()
     quiet_libraries()
-    spec = load_spec(args, args.text_cache_dir, args.variant, context_cache_size=args.context_cache)
     ray.init(address=args.ray_address, runtime_env={"env_vars": ray_app.proxy_env()}, logging_level=args.log_level)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         try:
-            ray_app.deploy(spec, settings, args.replicas or 1, autoscaling, host, port)
+            ray_app.deploy(
+                spec,
+                settings,
+                args.replicas or 1,
+                autoscaling,
+                host,
+                port,
+                gpus_per_replica=args.gpus_per_replica,
+                rank_timeout_s=args.rank_timeout_s or ray_app.RANK_TIMEOUT_S,
+            )
         except RuntimeError as e:  # a replica could not load: Ray has logged its traceback above
             raise UsageError(f"the Ray Serve replicas did not start ({e})") from None
         count = f"{autoscaling['min_replicas']}..{autoscaling['max_replicas']}" if autoscaling else args.replicas or 1
+        ranks = f" of {args.gpus_per_replica} ranks" if args.gpus_per_replica > 1 else ""
         print(
-            f"serving {args.checkpoint} on http://{host}:{port} ({count} Ray Serve replicas, {spec.device}; "
+            f"serving {args.checkpoint} on http://{host}:{port} ({count} Ray Serve replicas{ranks}, {spec.device}; "
             f"{speed_summary(spec.optimize, spec.loras)})",
             file=sys.stderr,
         )

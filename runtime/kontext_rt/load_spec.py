@@ -66,8 +66,7 @@ class LoadSpec:
         device = load_checks.check_device(self.device)
         parallel = Parallel.parse(self.parallel)
         if parallel is not None:  # before the backend is made: TensorRT's may not even import here
-            engines = self.backend == "tensorrt" or (self.backend == "auto" and self.engines is not None)
-            parallel.check_backend(self.backend, engines, self.optimize is not None and self.optimize.cuda_graphs)
+            self.check_sharded(parallel.size)
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {self.dtype!r}")
         precision = (
@@ -116,6 +115,12 @@ class LoadSpec:
         return CheckedLoad(
             self, device, chosen, optimize, placement, checkpoint, cfg, variant, trained_sizes, msl, accepted, parallel
         )
+
+    def check_sharded(self, ranks: int) -> None:
+        """What cannot run on `ranks` sequence-parallel ranks, refused with no process group (check() does it first;
+        `serve --ray --gpus-per-replica` before Ray starts): TensorRT engines, CUDA graphs."""
+        engines = self.backend == "tensorrt" or (self.backend == "auto" and self.engines is not None)
+        Parallel(ranks).check_backend(self.backend, engines, self.optimize is not None and self.optimize.cuda_graphs)
 
 
 @dataclass(frozen=True)

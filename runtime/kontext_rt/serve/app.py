@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from kontext_rt.errors import KontextError
 from kontext_rt.serve import safety
 from kontext_rt.serve.metrics import Metrics
-from kontext_rt.serve.scheduler import DeadlineExceeded, QueueFull, Scheduler, ShuttingDown
+from kontext_rt.serve.scheduler import DeadlineExceeded, QueueFull, RankFailure, Scheduler, ShuttingDown
 from kontext_rt.serve.schemas import (
     ApiError,
     EditFields,
@@ -173,6 +173,8 @@ async def _wait(request: Request, scheduler: Scheduler, job):
         raise _timeout(job) from None
     except ShuttingDown as e:
         raise ApiError(503, str(e), None, "shutting_down", type="server_error") from None
+    except RankFailure as e:  # a rank of the replica's group failed: the worker has logged it; Ray replaces it
+        raise ApiError(503, str(e), None, "rank_failed", type="server_error", headers={"Retry-After": "5"}) from None
     except torch.OutOfMemoryError:  # the worker has logged it with its traceback
         raise ApiError(
             503,

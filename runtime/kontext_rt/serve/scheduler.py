@@ -64,6 +64,11 @@ class Abandoned(Exception):
     """Every client of a running batch went away: it stopped at a denoising step."""
 
 
+class RankFailure(Exception):
+    """A rank of the replica's sequence-parallel group failed, died or timed out (kontext_rt.serve.ray_app): the
+    request is not answered with an image, and the replica is replaced (its health check raises from now on)."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request in the scheduler: resolved with (image, report) or an exception through `future`."""

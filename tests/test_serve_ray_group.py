@@ -1,0 +1,138 @@
+"""`kontext-rt serve --ray --gpus-per-replica 2` on the CPU: one Ray Serve replica that is a gloo group of 2 ranks.
+
+The command joins a Ray instance this test process started (--ray-address), so the test can reach the replica's rank
+actor. An edit and a generation (no seed: rank 0 draws it for both ranks) answer the openai client with the pixels of
+one process running the same requests, to one 8-bit level (tests/test_sequence_parallel.py's CLI bound: the latents
+agree within float32 rounding, which the decoder's rounding to 8 bits may put on either side of a level). A rank that
+does not run the call (its actor kept busy) fails the request with a 503 rank_failed after --rank-timeout-s, not a
+hang, and Ray replaces the replica, whose new group answers again. Slow (Ray, two loads per replica), skipped
+without ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kontext_rt import Pipeline
+from tests.test_serve import PROMPT, call, client, decoded, pixels, png, wait_for
+from tests.test_serve_ray import free_port, generate, replica_threads
+
+RANKS = 2
+RANK_TIMEOUT_S = 15  # the rank timeout the server runs with: how long a request waits for a rank that is not there
+FAST = {"prompt": "a red fox", "size": "32x32", "steps": 2, "seed": 5}
+
+
+def rank_actors(ray) -> dict[str, dict]:
+    """{replica id: its rank-1 actor} (named kontext-rt-rank1::<replica id> by the replica that started it)."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"].split("::", 1)[1]: a for a in named if a["name"].startswith("kontext-rt-rank1::")}
+
+
+def within_one_level(got: Image.Image, want: Image.Image) -> None:
+    a, b = (pixels(x).astype(np.int16) for x in (got, want))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1, np.abs(a - b).max()
+
+
+@pytest.fixture(scope="module")
+def group_port(kontext_dir, tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from kontext_rt.serve import ray_app
+
+    ray.init(num_cpus=RANKS, include_dashboard=False, logging_level="warning",
+             runtime_env={"env_vars": ray_app.proxy_env()})  # fmt: skip
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    port = free_port()
+    argv = [
+        "serve", "--checkpoint", str(kontext_dir), "--ray", "--gpus-per-replica", str(RANKS), "--rank-timeout-s",
+        str(RANK_TIMEOUT_S), "--ray-address", ray.get_runtime_context().gcs_address, "--port", str(port),
+        "--max-steps", "4", "--log-level", "warning",
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "kontext_rt.cli", *argv], stdout=out, stderr=out)
+    try:
+
+        def up():
+            assert server.poll() is None, log.read_text()
+            with contextlib.suppress(OSError):
+                return call(port, "GET", "/health", timeout=5)[0] == 200
+            return False
+
+        wait_for(up, "the Ray Serve replica of 2 ranks to load", timeout=240)
+        yield port
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            assert server.wait(60) == 0, log.read_text()
+        finally:
+            server.kill()
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pipe(kontext_dir):
+    return Pipeline.from_pretrained(kontext_dir)
+
+
+@pytest.mark.slow
+def test_a_replica_of_two_ranks_answers_the_pixels_of_one_process(group_port, pipe):
+    import ray
+
+    # 12 target tokens and 4 context tokens: each rank holds target tokens (rank 1: 4 of them), so its noise counts
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    c = client(group_port)
+    extra = {"steps": 2, "seed": 3, "auto_resize": False}
+    r = c.images.with_raw_response.edit(
+        image=("a.png", png(picture), "image/png"), prompt=PROMPT, size="64x48", extra_body=extra
+    )
+    assert r.headers["x-kontext-replica"] in rank_actors(ray)  # answered by a replica that has a rank actor
+    with replica_threads():
+        want = pipe.edit(picture, PROMPT, width=64, height=48, steps=2, seed=3, auto_resize=False)
+    within_one_level(decoded(r.parse().data[0].b64_json), want)
+
+    r = c.images.generate(prompt="a red fox", size="32x32", extra_body={"steps": 2})  # rank 0 draws the seed
+    with replica_threads():
+        want = pipe.generate("a red fox", width=32, height=32, steps=2, seed=r.data[0].seed)
+    within_one_level(decoded(r.data[0].b64_json), want)
+
+
+def _busy(_actor, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@pytest.mark.slow
+def test_a_rank_that_does_not_run_the_call_fails_the_request_and_the_replica_is_replaced(group_port, pipe):
+    import ray
+
+    (replica, actor), *_ = rank_actors(ray).items()
+    rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
+    rank1.__ray_call__.remote(_busy, 4 * RANK_TIMEOUT_S)  # its calls run one at a time: the next one waits behind
+    assert ray.get(rank1.ping.remote(), timeout=5)  # the health check's ping is answered while a call runs
+    t0 = time.monotonic()
+    status, headers, body = generate(group_port, FAST, timeout=4 * RANK_TIMEOUT_S)
+    waited = time.monotonic() - t0
+    assert status == 503 and body["error"]["code"] == "rank_failed", (status, body)
+    assert headers["x-kontext-replica"] == replica
+    assert "out of step: rank 0 failed" in body["error"]["message"], body
+    assert "timed out" in body["error"]["message"].lower(), body  # gloo's collective timeout, named
+    assert RANK_TIMEOUT_S <= waited < 2 * RANK_TIMEOUT_S, waited
+
+    def replaced():  # the broken replica's health check raised; Ray started a new one with a new group
+        now = rank_actors(ray)
+        return replica not in now and len(now) == 1
+
+    wait_for(replaced, "Ray Serve to replace the replica whose rank failed", timeout=180)
+    wait_for(lambda: call(group_port, "GET", "/health", timeout=5)[0] == 200, "the new replica", timeout=60)
+    status, headers, body = generate(group_port, FAST)
+    assert status == 200, body
+    assert headers["x-kontext-replica"] != replica
+    with replica_threads():
+        want = pipe.generate(FAST["prompt"], width=32, height=32, steps=2, seed=FAST["seed"])
+    within_one_level(decoded(body["data"][0]["b64_json"]), want)
