@@ -30,6 +30,9 @@ def test_the_docs_show_the_committed_table_and_the_readme_three_of_its_rows():
     assert len(front) == 3, front
     assert "docs/images/quality-vs-calls.png" in readme and CHART.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert record["command"].startswith("python benchmarks/quality/cost_table.py --out ")
+    # the record is the script's: each row counts what it ran, and only the latents-kept row took kept latents
+    reused = {r["setting"]: r["reused_latents"] for r in record["rows"]}
+    assert reused.pop("Euler 28, latents kept") > 0 and set(reused.values()) == {0}
 
 
 def _row(name, calls, success, kept, vs):

@@ -242,6 +242,38 @@ def test_the_cli_needs_torchrun(kontext_dir, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o.png").exists()
 
 
+def test_a_named_gpu_is_refused_with_sequence_parallel(kontext_dir, tmp_path, capsys, monkeypatch):
+    """--device cuda:0 would put every rank on one GPU: refused before the process group, one line, exit 2."""
+    from kontext_rt import cli
+
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(cli, "_device_dtype", lambda args: ("cuda:0", torch.bfloat16))  # no GPU here
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("the group was started"))
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(picture)
+    args = cli_edit(kontext_dir, picture, tmp_path / "o.png", tmp_path / "c", "--sequence-parallel", "2")
+    code = cli.main([*args, "--device", "cuda:0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --device cuda:0 with --sequence-parallel 2") and err.count("\n") == 1
+
+
+def test_a_second_thread_is_refused_under_parallel(kontext_dir):
+    """Under parallel every rank must issue the same collectives in the same order: a call while another thread's
+    is running is refused at once, before it issues any (a stand-in marks the pipeline parallel; the guard comes
+    first)."""
+    pipe = Pipeline.from_pretrained(kontext_dir)
+    pipe.parallel = object()
+    assert pipe._one_at_a_time.acquire(blocking=False)  # another thread's run, in progress
+    try:
+        for seed in (1, None):  # the run's all-to-alls; the seed's broadcast
+            with pytest.raises(InputError, match="running a call on another thread"):
+                pipe.generate("x", width=32, height=32, steps=1, seed=seed)
+    finally:
+        pipe._one_at_a_time.release()
+
+
 @pytest.mark.parametrize("value", [0, -2, "2", True, 2.0])
 def test_parallel_values_are_checked(kontext_dir, value):
     with pytest.raises(InputError, match="parallel must be"):

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
             type=positive_int,
             metavar="N",
             help="one run on N processes launched by `torchrun --nproc-per-node N $(which kontext-rt) ...`, each "
-            "holding 1/N of the image tokens (N divides the attention heads: 24 -> 2, 3, 4, 6, 8); rank 0 writes",
+            "holding 1/N of the image tokens (N divides the attention heads: 24 -> 2, 3, 4, 6, 8, 12, 24); "
+            "rank 0 writes the output",
         )
     _export_parser(sub)
     _plan_parser(sub)
@@ -346,8 +347,13 @@ def _process_group(args):
     if world != n:
         raise UsageError(f"--sequence-parallel {n} but torchrun started {world} processes: they must be equal")
     device, _ = _device_dtype(args)
+    if device.startswith("cuda") and ":" in device:
+        raise UsageError(
+            f"--device {device} with --sequence-parallel {n} would put every rank on one GPU: give --device cuda, "
+            "and each rank takes the GPU of its local rank"
+        )
     if device.startswith("cuda"):
-        args.device = device if ":" in device else f"cuda:{local}"  # one GPU per rank unless one was named
+        args.device = f"cuda:{local}"  # one GPU per rank
         torch.cuda.set_device(torch.device(args.device))
     args.quiet = args.quiet or rank != 0
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method="env://")

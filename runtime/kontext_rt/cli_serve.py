@@ -76,7 +76,7 @@ def _serve_parser(sub):
         default=1,
         metavar="N",
         help="with --ray: each replica is one sequence-parallel group of N ranks, one GPU each on one node (N divides "
-        "the attention heads: 24 -> 2, 3, 4, 6, 8; on the CPU, N processes); default 1",
+        "the attention heads: 24 -> 2, 3, 4, 6, 8, 12, 24; on the CPU, N processes); default 1",
     )
     r.add_argument(
         "--rank-timeout-s",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +57,7 @@ class Pipeline:
     ):
         self.cfg = cfg
         self.parallel = parallel  # sequence parallelism (its process group resolved), or None
+        self._one_at_a_time = threading.Lock()  # under parallel: one call issuing collectives at a time
         self.denoiser, self.transformer = loaded.denoiser, loaded.transformer
         engines = self.transformer is None
         self._vae_runner = VAERunner(loaded.vae, device, dtype, vae_tiling, vae_tile, engines)  # holds pipe.vae
@@ -309,8 +312,9 @@ class Pipeline:
 
     @vae.setter
     def vae(self, vae) -> None:
-        self._vae_runner.vae = vae
-        self.context_cache.clear()  # another VAE encodes otherwise
+        with self._weights.writing():  # after the runs that read the old VAE, whose encodes could refill the cache
+            self._vae_runner.vae = vae
+            self.context_cache.clear()  # another VAE encodes otherwise
 
     @property
     def loras(self) -> list[str]:
@@ -360,9 +364,8 @@ class Pipeline:
         if self.context_cache.enabled:
             tiled = self._vae_runner.tiles("encode", width, height)  # as the lookup of _context_tokens keys it
             for img, latents in zip(images, z.split(1), strict=True):
-                self.context_cache.put(
-                    self.context_cache.key(img, (width, height), tiled), "kept", latents.to(self.dtype)
-                )
+                kept = latents.to(self.dtype, copy=True)  # its own storage: not a view keeping the batch alive
+                self.context_cache.put(self.context_cache.key(img, (width, height), tiled), "kept", kept)
 
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
@@ -420,6 +423,24 @@ class Pipeline:
         plan = RunPlan(rows, cols, x, used_seed, sig, float(guidance), output, r.solver)
         return CheckedRequest(r, pils, sizes, width, height, guidance, len(sig) - 1, plan, self)
 
+    @contextmanager
+    def _collectives(self):
+        """Under parallel, what issues collectives (a run's all-to-alls, the seed's broadcast) runs one at a time:
+        every rank must make the same collectives in the same order, which two threads of one rank cannot promise.
+        A second thread is refused at once (InputError), never left to hang or to mix the ranks' data."""
+        if self.parallel is None:
+            yield
+            return
+        if not self._one_at_a_time.acquire(blocking=False):
+            raise InputError(
+                "this sequence-parallel pipeline is running a call on another thread: under parallel=N every rank "
+                "must make the same calls in the same order, from one thread (the server's worker does so)"
+            )
+        try:
+            yield
+        finally:
+            self._one_at_a_time.release()
+
     def _initial_noise(self, latents, batch, rows, cols, seed):
         if latents is not None:
             want = (rows * cols, LATENT_CHANNELS * 4)
@@ -427,8 +448,11 @@ class Pipeline:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise InputError(f"latents must be packed noise of shape [B, {want[0]}, {want[1]}], got {got}")
             return latents.to("cpu", torch.float32), None
-        if seed is None:  # one seed for every rank under parallel (rank 0's)
-            seed = secrets.randbits(63) if self.parallel is None else self.parallel.random_seed(self.device)
+        if seed is None and self.parallel is None:
+            seed = secrets.randbits(63)
+        elif seed is None:  # one seed for every rank (rank 0's): a broadcast
+            with self._collectives():
+                seed = self.parallel.random_seed(self.device)
         check_seed(seed)
         gen = torch.Generator().manual_seed(seed)  # noise drawn on the CPU: the same seed gives the same image anywhere
         noise = torch.randn(batch, LATENT_CHANNELS, 2 * rows, 2 * cols, generator=gen)
@@ -452,7 +476,7 @@ class Pipeline:
             raise InputError("requests run together must have the same schedule (sigmas)")
         if any(c.plan.solver != checked[0].plan.solver for c in checked[1:]):
             raise InputError("requests run together must have the same solver")
-        with self._weights.reading():
+        with self._collectives(), self._weights.reading():
             txts, pooleds, ctxs, guidance = [], [], [], []
             for c, report in zip(checked, reports, strict=True):
                 n = c.plan.noise.shape[0]
