@@ -5,7 +5,9 @@ actor. An edit and a generation (no seed: rank 0 draws it for both ranks) answer
 one process running the same requests, to one 8-bit level (tests/test_sequence_parallel.py's CLI bound: the latents
 agree within float32 rounding, which the decoder's rounding to 8 bits may put on either side of a level). A rank that
 does not run the call (its actor kept busy) fails the request with a 503 rank_failed after --rank-timeout-s, not a
-hang, and Ray replaces the replica, whose new group answers again. Slow (Ray, two loads per replica), skipped
+hang; the broken group fails the next request at once, and Ray replaces the replica, whose new group answers again.
+A KontextError raised in the run on both ranks (a test's patch of each rank's pipe, through __ray_call__) is a 400
+and the group serves the next request. Slow (Ray, two loads per replica), skipped
 without ray.
 """
 
@@ -107,6 +109,68 @@ def _busy(_actor, seconds: float) -> None:
     time.sleep(seconds)
 
 
+REFUSED = "a prompt the run refuses"  # the prompt _refusing's run raises a KontextError for, on the rank it patches
+
+
+def _refusing(pipe) -> None:
+    """Patch this rank's pipe: its run raises an InputError (a KontextError) for a batch asking for REFUSED, as a
+    pipeline refusing in the run would, on every rank alike."""
+    from kontext_rt.errors import InputError
+
+    run = type(pipe).run_checked.__get__(pipe)
+
+    def run_checked(checked, reports, progress):
+        if any(c.request.prompt == REFUSED for c in checked):
+            raise InputError("refused in the run (a test's patch)")
+        return run(checked, reports, progress)
+
+    pipe.run_checked = run_checked
+
+
+def _unpatch(pipe) -> None:
+    pipe.__dict__.pop("run_checked", None)
+
+
+def _on_rank1(fn):
+    return lambda actor: fn(actor.pipe)
+
+
+def _on_rank0(fn):  # the Serve replica actor -> its KontextDeployment (Ray Serve internals) -> the group's pipe
+    return lambda actor: fn(actor._replica_impl._user_callable_wrapper._callable.group.pipe)
+
+
+def both_ranks(ray, fn) -> str:
+    """Run fn(pipe) on rank 0 (the replica) and rank 1 of the one replica; its id."""
+    (replica, actor), *_ = rank_actors(ray).items()
+    rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
+    (rank0,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(replica)
+                and a["name"].startswith("SERVE_REPLICA::")]  # fmt: skip
+    rank0 = ray.get_actor(rank0["name"], namespace=rank0["namespace"])
+    ray.get([rank0.__ray_call__.remote(_on_rank0(fn)), rank1.__ray_call__.remote(_on_rank1(fn))], timeout=30)
+    return replica
+
+
+@pytest.mark.slow
+def test_a_request_the_run_refuses_on_every_rank_leaves_the_group_serving(group_port, pipe):
+    import ray
+
+    replica = both_ranks(ray, _refusing)
+    try:
+        t0 = time.monotonic()
+        status, headers, body = generate(group_port, {**FAST, "prompt": REFUSED})
+        assert status == 400 and "refused in the run" in body["error"]["message"], (status, body)
+        assert headers["x-kontext-replica"] == replica
+        assert time.monotonic() - t0 < RANK_TIMEOUT_S / 3  # every rank refused: nobody waited for the others
+        status, headers, body = generate(group_port, FAST)
+        assert status == 200, body
+        assert headers["x-kontext-replica"] == replica  # the same group, still serving
+    finally:
+        both_ranks(ray, _unpatch)
+    with replica_threads():
+        want = pipe.generate(FAST["prompt"], width=32, height=32, steps=2, seed=FAST["seed"])
+    within_one_level(decoded(body["data"][0]["b64_json"]), want)
+
+
 @pytest.mark.slow
 def test_a_rank_that_does_not_run_the_call_fails_the_request_and_the_replica_is_replaced(group_port, pipe):
     import ray
@@ -123,6 +187,13 @@ def test_a_rank_that_does_not_run_the_call_fails_the_request_and_the_replica_is_
     assert "out of step: rank 0 failed" in body["error"]["message"], body
     assert "timed out" in body["error"]["message"].lower(), body  # gloo's collective timeout, named
     assert RANK_TIMEOUT_S <= waited < 2 * RANK_TIMEOUT_S, waited
+    # the group is broken: the next request fails at once, before Ray replaces the replica (3 failed health checks)
+    t0 = time.monotonic()
+    status, headers, again = generate(group_port, FAST, timeout=4 * RANK_TIMEOUT_S)
+    assert status == 503 and again["error"]["code"] == "rank_failed", (status, again)
+    assert headers["x-kontext-replica"] == replica
+    assert again["error"]["message"] == body["error"]["message"]  # why the group broke, named again
+    assert time.monotonic() - t0 < RANK_TIMEOUT_S / 3  # no second wait for the rank
 
     def replaced():  # the broken replica's health check raised; Ray started a new one with a new group
         now = rank_actors(ray)
