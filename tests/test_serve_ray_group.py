@@ -7,7 +7,8 @@ agree within float32 rounding, which the decoder's rounding to 8 bits may put on
 does not run the call (its actor kept busy) fails the request with a 503 rank_failed after --rank-timeout-s, not a
 hang; the broken group fails the next request at once, and Ray replaces the replica, whose new group answers again.
 A KontextError raised in the run on both ranks (a test's patch of each rank's pipe, through __ray_call__) is a 400
-and the group serves the next request. Slow (Ray, two loads per replica), skipped
+and the group serves the next request; so does a batch whose client goes away during its steps (rank 1 slowed by a
+patch), which stops on both ranks at the same step. Slow (Ray, two loads per replica), skipped
 without ray.
 """
 
@@ -169,6 +170,53 @@ def test_a_request_the_run_refuses_on_every_rank_leaves_the_group_serving(group_
     with replica_threads():
         want = pipe.generate(FAST["prompt"], width=32, height=32, steps=2, seed=FAST["seed"])
     within_one_level(decoded(body["data"][0]["b64_json"]), want)
+
+
+STEP_S = 1.5  # how long _slow_steps makes each step last (rank 1 arrives late at each step's broadcast)
+
+
+def _slow_steps(actor) -> None:
+    """Patch rank 1: each step lasts STEP_S more (rank 0 waits for it in the step's broadcast), and actor.steps
+    records the (done, total) of each step it followed and how its run ended."""
+    pipe, actor.steps = actor.pipe, []
+    run = type(pipe).run_checked.__get__(pipe)
+
+    def run_checked(checked, reports, progress):
+        def follow(done, total):
+            time.sleep(STEP_S)
+            actor.steps.append((done, total))
+            progress(done, total)
+
+        try:
+            return run(checked, reports, follow)
+        except Exception as e:
+            actor.steps.append(type(e).__name__)
+            raise
+
+    pipe.run_checked = run_checked
+
+
+def _steps(actor) -> list:
+    _unpatch(actor.pipe)
+    return actor.steps
+
+
+@pytest.mark.slow
+def test_a_batch_its_client_abandons_stops_on_every_rank_and_the_group_serves(group_port):
+    import ray
+
+    (replica, actor), *_ = rank_actors(ray).items()
+    rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
+    ray.get(rank1.__ray_call__.remote(_slow_steps), timeout=30)
+    with pytest.raises(TimeoutError):  # the client goes away during the second step (4 steps, STEP_S each)
+        generate(group_port, {**FAST, "steps": 4}, timeout=1.5 * STEP_S)
+    steps = ray.get(rank1.__ray_call__.remote(_steps), timeout=4 * STEP_S + RANK_TIMEOUT_S)  # once its run ended
+    assert steps[-1] == "Stopped" and 1 <= len(steps) - 1 < 4, steps  # rank 0 stopped it after a step, not the last
+    t0 = time.monotonic()
+    status, headers, body = generate(group_port, FAST)
+    assert status == 200, body
+    assert headers["x-kontext-replica"] == replica  # the same group, in step
+    assert time.monotonic() - t0 < RANK_TIMEOUT_S / 3
 
 
 @pytest.mark.slow
