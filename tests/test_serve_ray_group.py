@@ -4,11 +4,12 @@ The command joins a Ray instance this test process started (--ray-address), so t
 actor. An edit and a generation (no seed: rank 0 draws it for both ranks) answer the openai client with the pixels of
 one process running the same requests, to one 8-bit level (tests/test_sequence_parallel.py's CLI bound: the latents
 agree within float32 rounding, which the decoder's rounding to 8 bits may put on either side of a level). A rank that
-does not run the call (its actor kept busy) fails the request with a 503 rank_failed after --rank-timeout-s, not a
+does not run the call (a patch: its run sleeps) fails the request with a 503 rank_failed after --rank-timeout-s, not a
 hang; the broken group fails the next request at once, and Ray replaces the replica, whose new group answers again.
 A KontextError raised in the run on both ranks (a test's patch of each rank's pipe, through __ray_call__) is a 400
 and the group serves the next request; so does a batch whose client goes away during its steps (rank 1 slowed by a
-patch), which stops on both ranks at the same step. Slow (Ray, two loads per replica), skipped
+patch), which stops on both ranks at the same step, and a request rank 1's check refuses (a patch) where rank 0's
+accepts it, which the check round before the run refuses at once. Slow (Ray, two loads per replica), skipped
 without ray.
 """
 
@@ -106,8 +107,9 @@ def test_a_replica_of_two_ranks_answers_the_pixels_of_one_process(group_port, pi
     within_one_level(decoded(r.data[0].b64_json), want)
 
 
-def _busy(_actor, seconds: float) -> None:
-    time.sleep(seconds)
+def _stalling(pipe) -> None:
+    """Patch this rank's pipe: its run takes no part in the collectives (it sleeps past the others' timeout)."""
+    pipe.run_checked = lambda *args: time.sleep(4 * RANK_TIMEOUT_S)
 
 
 REFUSED = "a prompt the run refuses"  # the prompt _refusing's run raises a KontextError for, on the rank it patches
@@ -172,6 +174,46 @@ def test_a_request_the_run_refuses_on_every_rank_leaves_the_group_serving(group_
     within_one_level(decoded(body["data"][0]["b64_json"]), want)
 
 
+def _refusing_check(pipe) -> None:
+    """Patch this rank's pipe: its check refuses a request asking for REFUSED (rank 0's accepts it)."""
+    from kontext_rt.errors import InputError
+
+    check = type(pipe).check.__get__(pipe)
+
+    def refusing(request):
+        if getattr(request, "prompt", None) == REFUSED:
+            raise InputError("rank 1's check refuses it (a test's patch)")
+        return check(request)
+
+    pipe.check = refusing
+
+
+def _unpatch_check(actor) -> None:
+    actor.pipe.__dict__.pop("check", None)
+
+
+@pytest.mark.slow
+def test_a_rank_refusing_what_rank_0_accepted_fails_the_batch_at_once_and_the_group_serves(group_port):
+    import ray
+
+    (replica, actor), *_ = rank_actors(ray).items()
+    rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
+    ray.get(rank1.__ray_call__.remote(_on_rank1(_refusing_check)), timeout=30)
+    try:
+        t0 = time.monotonic()
+        status, headers, body = generate(group_port, {**FAST, "prompt": REFUSED}, timeout=4 * RANK_TIMEOUT_S)
+        assert status == 400, (status, body)
+        want = "rank 1 of the sequence-parallel group refuses the batch: rank 1's check refuses it"
+        assert body["error"]["message"].startswith(want), body
+        assert headers["x-kontext-replica"] == replica
+        assert time.monotonic() - t0 < RANK_TIMEOUT_S / 3  # the check round refused it: no collective waited
+    finally:
+        ray.get(rank1.__ray_call__.remote(_unpatch_check), timeout=30)
+    status, headers, body = generate(group_port, FAST)
+    assert status == 200, body
+    assert headers["x-kontext-replica"] == replica
+
+
 STEP_S = 1.5  # how long _slow_steps makes each step last (rank 1 arrives late at each step's broadcast)
 
 
@@ -225,11 +267,11 @@ def test_a_rank_that_does_not_run_the_call_fails_the_request_and_the_replica_is_
 
     (replica, actor), *_ = rank_actors(ray).items()
     rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
-    rank1.__ray_call__.remote(_busy, 4 * RANK_TIMEOUT_S)  # its calls run one at a time: the next one waits behind
-    assert ray.get(rank1.ping.remote(), timeout=5)  # the health check's ping is answered while a call runs
+    ray.get(rank1.__ray_call__.remote(_on_rank1(_stalling)), timeout=30)  # it checks the batch, then does not run it
     t0 = time.monotonic()
     status, headers, body = generate(group_port, FAST, timeout=4 * RANK_TIMEOUT_S)
     waited = time.monotonic() - t0
+    assert ray.get(rank1.ping.remote(), timeout=5)  # the health check's ping is answered while a call runs
     assert status == 503 and body["error"]["code"] == "rank_failed", (status, body)
     assert headers["x-kontext-replica"] == replica
     assert "out of step: rank 0 failed" in body["error"]["message"], body
