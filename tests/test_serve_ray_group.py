@@ -4,8 +4,12 @@ The command joins a Ray instance this test process started (--ray-address), so t
 actor. An edit and a generation (no seed: rank 0 draws it for both ranks) answer the openai client with the pixels of
 one process running the same requests, to one 8-bit level (tests/test_sequence_parallel.py's CLI bound: the latents
 agree within float32 rounding, which the decoder's rounding to 8 bits may put on either side of a level). A rank that
-does not run the call (its actor kept busy) fails the request with a 503 rank_failed after --rank-timeout-s, not a
-hang, and Ray replaces the replica, whose new group answers again. Slow (Ray, two loads per replica), skipped
+does not run the call (a patch: its run sleeps) fails the request with a 503 rank_failed after --rank-timeout-s, not a
+hang; the broken group fails the next request at once, and Ray replaces the replica, whose new group answers again.
+A KontextError raised in the run on both ranks (a test's patch of each rank's pipe, through __ray_call__) is a 400
+and the group serves the next request; so does a batch whose client goes away during its steps (rank 1 slowed by a
+patch), which stops on both ranks at the same step, and a request rank 1's check refuses (a patch) where rank 0's
+accepts it, which the check round before the run refuses at once. Slow (Ray, two loads per replica), skipped
 without ray.
 """
 
@@ -103,8 +107,158 @@ def test_a_replica_of_two_ranks_answers_the_pixels_of_one_process(group_port, pi
     within_one_level(decoded(r.data[0].b64_json), want)
 
 
-def _busy(_actor, seconds: float) -> None:
-    time.sleep(seconds)
+def _stalling(pipe) -> None:
+    """Patch this rank's pipe: its run takes no part in the collectives (it sleeps past the others' timeout)."""
+    pipe.run_checked = lambda *args: time.sleep(4 * RANK_TIMEOUT_S)
+
+
+REFUSED = "a prompt the run refuses"  # the prompt _refusing's run raises a KontextError for, on the rank it patches
+
+
+def _refusing(pipe) -> None:
+    """Patch this rank's pipe: its run raises an InputError (a KontextError) for a batch asking for REFUSED, as a
+    pipeline refusing in the run would, on every rank alike."""
+    from kontext_rt.errors import InputError
+
+    run = type(pipe).run_checked.__get__(pipe)
+
+    def run_checked(checked, reports, progress):
+        if any(c.request.prompt == REFUSED for c in checked):
+            raise InputError("refused in the run (a test's patch)")
+        return run(checked, reports, progress)
+
+    pipe.run_checked = run_checked
+
+
+def _unpatch(pipe) -> None:
+    pipe.__dict__.pop("run_checked", None)
+
+
+def _on_rank1(fn):
+    return lambda actor: fn(actor.pipe)
+
+
+def _on_rank0(fn):  # the Serve replica actor -> its KontextDeployment (Ray Serve internals) -> the group's pipe
+    return lambda actor: fn(actor._replica_impl._user_callable_wrapper._callable.group.pipe)
+
+
+def both_ranks(ray, fn) -> str:
+    """Run fn(pipe) on rank 0 (the replica) and rank 1 of the one replica; its id."""
+    (replica, actor), *_ = rank_actors(ray).items()
+    rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
+    (rank0,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(replica)
+                and a["name"].startswith("SERVE_REPLICA::")]  # fmt: skip
+    rank0 = ray.get_actor(rank0["name"], namespace=rank0["namespace"])
+    ray.get([rank0.__ray_call__.remote(_on_rank0(fn)), rank1.__ray_call__.remote(_on_rank1(fn))], timeout=30)
+    return replica
+
+
+@pytest.mark.slow
+def test_a_request_the_run_refuses_on_every_rank_leaves_the_group_serving(group_port, pipe):
+    import ray
+
+    replica = both_ranks(ray, _refusing)
+    try:
+        t0 = time.monotonic()
+        status, headers, body = generate(group_port, {**FAST, "prompt": REFUSED})
+        assert status == 400 and "refused in the run" in body["error"]["message"], (status, body)
+        assert headers["x-kontext-replica"] == replica
+        assert time.monotonic() - t0 < RANK_TIMEOUT_S / 3  # every rank refused: nobody waited for the others
+        status, headers, body = generate(group_port, FAST)
+        assert status == 200, body
+        assert headers["x-kontext-replica"] == replica  # the same group, still serving
+    finally:
+        both_ranks(ray, _unpatch)
+    with replica_threads():
+        want = pipe.generate(FAST["prompt"], width=32, height=32, steps=2, seed=FAST["seed"])
+    within_one_level(decoded(body["data"][0]["b64_json"]), want)
+
+
+def _refusing_check(pipe) -> None:
+    """Patch this rank's pipe: its check refuses a request asking for REFUSED (rank 0's accepts it)."""
+    from kontext_rt.errors import InputError
+
+    check = type(pipe).check.__get__(pipe)
+
+    def refusing(request):
+        if getattr(request, "prompt", None) == REFUSED:
+            raise InputError("rank 1's check refuses it (a test's patch)")
+        return check(request)
+
+    pipe.check = refusing
+
+
+def _unpatch_check(actor) -> None:
+    actor.pipe.__dict__.pop("check", None)
+
+
+@pytest.mark.slow
+def test_a_rank_refusing_what_rank_0_accepted_fails_the_batch_at_once_and_the_group_serves(group_port):
+    import ray
+
+    (replica, actor), *_ = rank_actors(ray).items()
+    rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
+    ray.get(rank1.__ray_call__.remote(_on_rank1(_refusing_check)), timeout=30)
+    try:
+        t0 = time.monotonic()
+        status, headers, body = generate(group_port, {**FAST, "prompt": REFUSED}, timeout=4 * RANK_TIMEOUT_S)
+        assert status == 400, (status, body)
+        want = "rank 1 of the sequence-parallel group refuses the batch: rank 1's check refuses it"
+        assert body["error"]["message"].startswith(want), body
+        assert headers["x-kontext-replica"] == replica
+        assert time.monotonic() - t0 < RANK_TIMEOUT_S / 3  # the check round refused it: no collective waited
+    finally:
+        ray.get(rank1.__ray_call__.remote(_unpatch_check), timeout=30)
+    status, headers, body = generate(group_port, FAST)
+    assert status == 200, body
+    assert headers["x-kontext-replica"] == replica
+
+
+STEP_S = 1.5  # how long _slow_steps makes each step last (rank 1 arrives late at each step's broadcast)
+
+
+def _slow_steps(actor) -> None:
+    """Patch rank 1: each step lasts STEP_S more (rank 0 waits for it in the step's broadcast), and actor.steps
+    records the (done, total) of each step it followed and how its run ended."""
+    pipe, actor.steps = actor.pipe, []
+    run = type(pipe).run_checked.__get__(pipe)
+
+    def run_checked(checked, reports, progress):
+        def follow(done, total):
+            time.sleep(STEP_S)
+            actor.steps.append((done, total))
+            progress(done, total)
+
+        try:
+            return run(checked, reports, follow)
+        except Exception as e:
+            actor.steps.append(type(e).__name__)
+            raise
+
+    pipe.run_checked = run_checked
+
+
+def _steps(actor) -> list:
+    _unpatch(actor.pipe)
+    return actor.steps
+
+
+@pytest.mark.slow
+def test_a_batch_its_client_abandons_stops_on_every_rank_and_the_group_serves(group_port):
+    import ray
+
+    (replica, actor), *_ = rank_actors(ray).items()
+    rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
+    ray.get(rank1.__ray_call__.remote(_slow_steps), timeout=30)
+    with pytest.raises(TimeoutError):  # the client goes away during the second step (4 steps, STEP_S each)
+        generate(group_port, {**FAST, "steps": 4}, timeout=1.5 * STEP_S)
+    steps = ray.get(rank1.__ray_call__.remote(_steps), timeout=4 * STEP_S + RANK_TIMEOUT_S)  # once its run ended
+    assert steps[-1] == "Stopped" and 1 <= len(steps) - 1 < 4, steps  # rank 0 stopped it after a step, not the last
+    t0 = time.monotonic()
+    status, headers, body = generate(group_port, FAST)
+    assert status == 200, body
+    assert headers["x-kontext-replica"] == replica  # the same group, in step
+    assert time.monotonic() - t0 < RANK_TIMEOUT_S / 3
 
 
 @pytest.mark.slow
@@ -113,16 +267,23 @@ def test_a_rank_that_does_not_run_the_call_fails_the_request_and_the_replica_is_
 
     (replica, actor), *_ = rank_actors(ray).items()
     rank1 = ray.get_actor(actor["name"], namespace=actor["namespace"])
-    rank1.__ray_call__.remote(_busy, 4 * RANK_TIMEOUT_S)  # its calls run one at a time: the next one waits behind
-    assert ray.get(rank1.ping.remote(), timeout=5)  # the health check's ping is answered while a call runs
+    ray.get(rank1.__ray_call__.remote(_on_rank1(_stalling)), timeout=30)  # it checks the batch, then does not run it
     t0 = time.monotonic()
     status, headers, body = generate(group_port, FAST, timeout=4 * RANK_TIMEOUT_S)
     waited = time.monotonic() - t0
+    assert ray.get(rank1.ping.remote(), timeout=5)  # the health check's ping is answered while a call runs
     assert status == 503 and body["error"]["code"] == "rank_failed", (status, body)
     assert headers["x-kontext-replica"] == replica
     assert "out of step: rank 0 failed" in body["error"]["message"], body
     assert "timed out" in body["error"]["message"].lower(), body  # gloo's collective timeout, named
     assert RANK_TIMEOUT_S <= waited < 2 * RANK_TIMEOUT_S, waited
+    # the group is broken: the next request fails at once, before Ray replaces the replica (3 failed health checks)
+    t0 = time.monotonic()
+    status, headers, again = generate(group_port, FAST, timeout=4 * RANK_TIMEOUT_S)
+    assert status == 503 and again["error"]["code"] == "rank_failed", (status, again)
+    assert headers["x-kontext-replica"] == replica
+    assert again["error"]["message"] == body["error"]["message"]  # why the group broke, named again
+    assert time.monotonic() - t0 < RANK_TIMEOUT_S / 3  # no second wait for the rank
 
     def replaced():  # the broken replica's health check raised; Ray started a new one with a new group
         now = rank_actors(ray)

@@ -150,23 +150,33 @@ async def _serve(request: Request, route: str, fields, files: list, model) -> JS
     )
 
 
+def _abandon(scheduler: Scheduler, job, waiting) -> None:
+    scheduler.abandon(job)
+    waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads its outcome
+
+
 async def _wait(request: Request, scheduler: Scheduler, job):
     """The job's (image, report), checking every POLL_S whether the client is gone (a queued job leaves the queue, a
     running one is abandoned) or the deadline has passed while it is still queued."""
     waiting = asyncio.wrap_future(job.future)
-    while True:
-        done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
-        if done:
-            break
-        if await request.is_disconnected():
-            if job.started is None and scheduler.cancel(job, "disconnected"):
-                raise ApiError(499, "the client closed the connection before the request started", code="disconnected")
-            if job.started is not None:  # running: it stops at its next step once no client of its batch is left
-                scheduler.abandon(job)
-                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads its outcome
-                raise ApiError(499, "the client closed the connection while the request ran", code="disconnected")
-        if scheduler.clock() > job.deadline and scheduler.cancel(job, "timeout"):
-            raise _timeout(job)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                if job.started is None and scheduler.cancel(job, "disconnected"):
+                    raise ApiError(499, "the client closed the connection before the request started",
+                                   code="disconnected")  # fmt: skip
+                if job.started is not None:  # running: it stops at its next step once no client of its batch is left
+                    _abandon(scheduler, job, waiting)
+                    raise ApiError(499, "the client closed the connection while the request ran", code="disconnected")
+            if scheduler.clock() > job.deadline and scheduler.cancel(job, "timeout"):
+                raise _timeout(job)
+    except asyncio.CancelledError:  # Ray Serve cancels the request when its client goes away (no http.disconnect)
+        if not (job.started is None and scheduler.cancel(job, "disconnected")) and not job.future.done():
+            _abandon(scheduler, job, waiting)
+        raise
     try:
         return waiting.result()
     except DeadlineExceeded:

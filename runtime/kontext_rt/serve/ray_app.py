@@ -16,10 +16,12 @@ it), opens a torch TCPStore on its node at a port the OS picks, and every rank j
 (nccl on CUDA, gloo on the CPU, the collectives' timeout rank_timeout_s) and loads the same LoadSpec with
 parallel=N. The app is rank 0's alone: its scheduler checks each request once, as with one GPU, except that the
 seed of a request without one is drawn there (RankGroup.check), so the check does no collective and every rank
-sees the same Request. For each batch the worker thread sends the checked Requests (seed included) to the rank
-actors (non-blocking remote calls), runs its own run_checked, then waits for theirs: each rank actor checks the same
-Requests (the same noise from the same seed) and runs them; only rank 0's images are returned. After each step
-rank 0 broadcasts whether the batch goes on, so an abandoned batch stops on every rank at the same step.
+sees the same Request. For each batch the worker thread first asks the rank actors to check its Requests (a check
+round: a rank refusing what rank 0 accepted fails the batch at once, an InputError naming it, no collective started);
+then it sends the checked Requests (seed included) to the rank actors (non-blocking remote calls), runs its own
+run_checked, then waits for theirs: each rank actor checks the same Requests (the same noise from the same seed)
+and runs them; only rank 0's images are returned. After each step rank 0 broadcasts whether the batch goes on, so
+an abandoned batch stops on every rank at the same step.
 Failures: a rank that does not take part makes the others' collectives time out after rank_timeout_s, and a rank
 actor that has not finished rank_timeout_s after rank 0 did, or failed, or died, or that ended other than rank 0
 did, fails the request (503 rank_failed) and marks the group broken: later calls fail at once, the health check
@@ -187,7 +189,14 @@ class RankGroup:
         same seeds give the same noise), then rank 0 runs its own; rank 0's outputs once every rank ended alike."""
         if self.broken:
             raise RankFailure(self.broken)
-        calls = [w.run.remote([c.request for c in checked]) for w in self.workers]
+        requests = [c.request for c in checked]
+        # a check round first: a rank refusing what rank 0 accepted fails the batch now, before any collective
+        answers = self._results([w.check.remote(requests) for w in self.workers], "check the batch")
+        self._raise_if_broken()
+        for rank, why in enumerate(answers, 1):
+            if why is not None:
+                raise InputError(f"rank {rank} of the sequence-parallel group refuses the batch: {why}")
+        calls = [w.run.remote(requests) for w in self.workers]
 
         def lead(done: int, total: int) -> None:  # the scheduler's progress decides; every rank learns it
             try:
@@ -217,17 +226,26 @@ class RankGroup:
 
     def _wait(self, calls: list, what: str, ending: str = "done") -> None:
         """Wait up to timeout_s for the rank actors' calls; mark the group broken unless each ended with `ending`."""
-        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=self.timeout_s)
-        for rank, call in enumerate(calls, 1):
-            if call not in ready:
-                return self._break(f"rank {rank} did not {what} within {self.timeout_s:g} s of rank 0")
-            try:
-                got = ray.get(call)
-            except Exception as e:  # it raised, or its actor died
-                return self._break(f"rank {rank} failed ({type(e).__name__}: {' '.join(str(e).split())[:500]})")
+        for rank, got in enumerate(self._results(calls, what), 1):
             if got != ending:
                 return self._break(f"rank {rank} ended with {got!r} where rank 0 ended with {ending!r}")
         return None
+
+    def _results(self, calls: list, what: str) -> list:
+        """The rank actors' answers, waited for up to timeout_s; [] (the group marked broken) where one did not come
+        (not in time, it raised, or its actor died)."""
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=self.timeout_s)
+        answers = []
+        for rank, call in enumerate(calls, 1):
+            if call not in ready:
+                self._break(f"rank {rank} did not {what} within {self.timeout_s:g} s of rank 0")
+                return []
+            try:
+                answers.append(ray.get(call))
+            except Exception as e:  # it raised, or its actor died
+                self._break(f"rank {rank} failed ({type(e).__name__}: {' '.join(str(e).split())[:500]})")
+                return []
+        return answers
 
     def _break(self, why: str) -> None:
         self.broken = (
@@ -271,6 +289,16 @@ class _Rank:
         _join_group(store, rank, ranks, timeout_s, spec.device)
         self.pipe = _load_rank(spec, ranks)
         return "done"
+
+    def check(self, requests: list) -> str | None:
+        """Why this rank refuses the Requests rank 0 accepted (its KontextError's message), or None: rank 0 asks before
+        the run, so a refusal here fails the batch with no collective started. No seed is drawn (rank 0 sent them)."""
+        try:
+            for r in requests:
+                self.pipe.check(r)
+        except KontextError as e:
+            return str(e)
+        return None
 
     def run(self, requests: list) -> str:
         """Check and run the Requests rank 0 runs; how it ended: "done", "refused" (a KontextError: rank 0 refuses
