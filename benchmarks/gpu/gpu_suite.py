@@ -49,7 +49,7 @@ BENCH = HERE.parent
 sys.path[:0] = [str(HERE), str(BENCH / "machine")]
 
 import suite_parts as parts  # noqa: E402
-from phases import Record, say  # noqa: E402
+from phases import Record, add_break_option, say  # noqa: E402
 from rungs import BY_NAME, RUNGS, Rung, goals, ordered, rungs  # noqa: E402
 
 LAYOUTS = {"kontext": (512, 4096, 4096), "text-to-image": (512, 4096, 0)}  # text, target, context tokens
@@ -502,14 +502,7 @@ def parse(argv):
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--rehearse", action="store_true", help="CPU, tiny model: checks the control flow, times nothing")
-    p.add_argument(
-        "--break",
-        dest="broken",
-        action="append",
-        default=[],
-        metavar="PHASE",
-        help="fail this phase on purpose (to check that the others still run and are written)",
-    )
+    add_break_option(p, "fail this phase on purpose (to check that the others still run and are written)")
     args = p.parse_args(argv)
     if unknown := [b for b in args.broken if b not in PHASES[args.part]]:
         p.error(f"--break {unknown[0]}: the {args.part} part has no such phase ({', '.join(PHASES[args.part])})")

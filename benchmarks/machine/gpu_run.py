@@ -63,7 +63,7 @@ sys.path[:0] = [str(HERE), str(BENCH)]  # the wheels, the phases and the results
 
 import run_folder  # noqa: E402
 import wheels  # noqa: E402
-from phases import PhaseError, Record, say  # noqa: E402
+from phases import PhaseError, Record, add_break_option, say  # noqa: E402
 from run_folder import write_json  # noqa: E402
 
 BUDGET_S = 530  # the whole run: inside one 10-minute command, with a margin for the machine's file transfers
@@ -372,14 +372,7 @@ def parse(argv):
     p.add_argument(
         "--train-minutes", type=float, default=3.0, help="the train phase's transformer budget (--only train)"
     )
-    p.add_argument(
-        "--break",
-        dest="broken",
-        action="append",
-        default=[],
-        metavar="PHASE",
-        help="fail this phase on purpose; SUITE:PHASE for one inside gpu_suite (suite: or compile:)",
-    )
+    add_break_option(p, "fail this phase on purpose; SUITE:PHASE for one inside gpu_suite (suite: or compile:)")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.out is None:

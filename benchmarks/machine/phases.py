@@ -110,3 +110,8 @@ class Record:
     def incomplete(self) -> list[str]:
         """Phases that failed or were skipped: the results are not whole."""
         return [n for n, e in self.data["phases"].items() if e["status"] != "ok"]
+
+
+def add_break_option(parser, help: str) -> None:
+    """--break PHASE (repeatable, into args.broken): the one spelling gpu_run and gpu_suite share."""
+    parser.add_argument("--break", dest="broken", action="append", default=[], metavar="PHASE", help=help)

@@ -36,7 +36,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -397,20 +396,12 @@ def _version(dist: str) -> str | None:
 
 
 def machine(threads: int) -> dict:
-    cpu = platform.processor() or None
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = names[0] if names else cpu
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "versions": {d: _version(d) for d in ("torch", "onnx", "onnxruntime", "triton", "nvidia-modelopt", "numpy")},
-    }
+    """run_folder.host's machine facts, with the threads this report ran on and the versions it depends on."""
+    return run_folder.host(
+        threads=threads,
+        torch_threads=torch.get_num_threads(),
+        versions={d: _version(d) for d in ("torch", "onnx", "onnxruntime", "triton", "nvidia-modelopt", "numpy")},
+    )
 
 
 def checkpoint_sha256(folder: Path) -> str:
