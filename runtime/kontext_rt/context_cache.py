@@ -74,6 +74,33 @@ class ContextCache:
                 self.stats.misses += 1
             return tokens
 
+    def tokens(self, pil, size: tuple[int, int], tiled: bool, reuse: bool, encode, report=None) -> torch.Tensor:
+        """One context image's tokens (1, N, 64): an earlier output's kept latents (reuse), the cached encode of the
+        same pixels at the same size and tiling, or encode(pil, size), then cached. report (a RunReport) counts
+        context_cache_hits and reused_latents."""
+        if not self.enabled:
+            return encode(pil, size)
+        key = self.key(pil, size, tiled)
+        found = self.get(key, "kept") if reuse else None
+        if found is not None:
+            if report is not None:
+                report.reused_latents += 1
+            return found
+        found = self.get(key, "encoded")
+        if found is None:
+            found = encode(pil, size)
+            self.put(key, "encoded", found)
+        elif report is not None:
+            report.context_cache_hits += 1
+        return found
+
+    def keep(self, images: list, latents: torch.Tensor, size: tuple[int, int], tiled: bool) -> None:
+        """Remember the latents (B, N, 64) each output image was decoded from, for a later reuse_latents edit of it;
+        keyed as tokens() looks it up (the size it was made at, that size's tiling)."""
+        if self.enabled:
+            for img, row in zip(images, latents.split(1), strict=True):
+                self.put(self.key(img, size, tiled), "kept", row.clone())  # its own storage, not a view of the batch
+
     def put(self, key: tuple, kind: str, tokens: torch.Tensor) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -339,34 +339,6 @@ class Pipeline:
         x = im.to_tensor(pil, *size).to(self.device, self.dtype)
         return im.pack(self._vae_runner.encode(x, *size))
 
-    def _context_tokens(self, pil, size: tuple[int, int], reuse: bool, report: RunReport | None) -> torch.Tensor:
-        """One context image's tokens (1, N, 64): an earlier output's kept latents (reuse), the cache's encode of
-        the same pixels at the same size, or a fresh encode (then cached)."""
-        cache = self.context_cache
-        if not cache.enabled:
-            return self._encode_context(pil, size)
-        key = cache.key(pil, size, self._vae_runner.tiles("encode", *size))
-        tokens = cache.get(key, "kept") if reuse else None
-        if tokens is not None:
-            if report is not None:
-                report.reused_latents += 1
-            return tokens
-        tokens = cache.get(key, "encoded")
-        if tokens is None:
-            tokens = self._encode_context(pil, size)
-            cache.put(key, "encoded", tokens)
-        elif report is not None:
-            report.context_cache_hits += 1
-        return tokens
-
-    def _keep_latents(self, images: list, z: torch.Tensor, width: int, height: int) -> None:
-        """Remember the latents each output image was decoded from, for a later reuse_latents edit of it."""
-        if self.context_cache.enabled:
-            tiled = self._vae_runner.tiles("encode", width, height)  # as the lookup of _context_tokens keys it
-            for img, latents in zip(images, z.split(1), strict=True):
-                kept = latents.to(self.dtype, copy=True)  # its own storage: not a view keeping the batch alive
-                self.context_cache.put(self.context_cache.key(img, (width, height), tiled), "kept", kept)
-
     def encode_prompt(self, prompt: str, report: RunReport | None = None):
         """(txt, pooled) for a prompt, from the cache when possible."""
         check_prompt(prompt)
@@ -484,7 +456,9 @@ class Pipeline:
                     with PhaseTimer(report, "vae_encode", self.device):
                         reuse = c.request.reuse_latents
                         ctx = [
-                            self._context_tokens(pil, size, reuse, report)
+                            self.context_cache.tokens(
+                                pil, size, self._vae_runner.tiles("encode", *size), reuse, self._encode_context, report
+                            )
                             for pil, size in zip(c.pils, c.sizes, strict=True)
                         ]
                     ctxs.append(torch.cat(ctx, 1).expand(n, -1, -1))
@@ -519,7 +493,8 @@ class Pipeline:
                 with PhaseTimer(report, "vae_decode", self.device):
                     images = im.to_pil(self._vae_runner.decode(im.unpack(z, rows, cols), cols * 16, rows * 16))
                 if c.request.reuse_latents:
-                    self._keep_latents(images, z, cols * 16, rows * 16)
+                    size = (cols * 16, rows * 16)
+                    self.context_cache.keep(images, z.to(self.dtype), size, self._vae_runner.tiles("encode", *size))
                 outputs.append(images[0] if n == 1 else images)
         return outputs
 
