@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -26,15 +28,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from kontext_rt import LoadSpec, Parallel, Pipeline
+from kontext_rt import LoadSpec, Parallel, Pipeline, RunReport
 from kontext_rt.config import PRESETS
 from kontext_rt.errors import InputError
 from kontext_rt.model.op_table import EAGER_OPS
 from kontext_rt.model.transformer import FluxTransformer
 from kontext_rt.model.ulysses import SequenceParallel, shard_sizes
-from kontext_rt.sampling.denoisers import Hoisted
+from kontext_rt.sampling import step_cache
+from kontext_rt.sampling.denoisers import Graphed, Hoisted
+from kontext_rt.sampling.graphs import capture_eager
 from kontext_rt.sampling.loop import Conditioning, denoise
 from kontext_rt.sampling.schedule import schedule
+from kontext_rt.sampling.step_cache import FirstBlockCache
 from tests.float64_reference import rel_err
 from tests.test_hoisting import conditioning
 
@@ -49,6 +54,7 @@ CASES = {  # name -> (batch, grids: the target's (rows, cols), then each context
 LEAK = "edit2"  # the case run again with its image tokens padded to a multiple of N, the pads attended to
 WORLDS = (2, 3, 4)
 STEPS = 2
+HUGE = 1e30  # a step cache threshold under which every step after the first skips
 
 
 def make_model() -> FluxTransformer:
@@ -69,8 +75,60 @@ def make_case(name: str):
     return cond, x, schedule(STEPS, x.shape[1], True)
 
 
-def run_loop(model, cond, x, sigmas) -> torch.Tensor:
+def run_loop(model, cond, x, sigmas, graphed=False) -> torch.Tensor:
+    """The hoisted loop, or with graphed=True the CUDA-graphed one with the capture stand-in (graphs.capture_eager:
+    its replays recompute the captured function from the static buffers, collectives included)."""
+    if graphed:
+        return denoise(Graphed(model, EAGER_OPS, torch.float32, capture=capture_eager), x, sigmas, cond)
     return denoise(Hoisted(model, EAGER_OPS, torch.float32), x, sigmas, cond)
+
+
+CACHE_CASE, CACHE_STEPS = "edit", 6  # 12 target tokens of 32: on 3 and 4 ranks two shards hold no target token
+
+
+def cache_case():
+    cond, x, _ = make_case(CACHE_CASE)
+    return cond, x, schedule(CACHE_STEPS, x.shape[1], True)
+
+
+def run_cached(model, threshold: float, graphed=False) -> tuple[torch.Tensor, int]:
+    """The step cache's loop over CACHE_CASE (hoisted or graphed): (latents, full model calls)."""
+    cond, x, sigmas = cache_case()
+    base = Hoisted(model, EAGER_OPS, torch.float32)
+    if graphed:
+        base = Graphed(model, EAGER_OPS, torch.float32, capture=capture_eager)
+    cache = FirstBlockCache(base, threshold)
+    return denoise(cache, x, sigmas, cond), cache.model_calls
+
+
+def delta_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A first-block residual and the cached one, (B, N, C) = (2, 12, 8): each rank takes its target rows."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(2, 12, 8, generator=gen), torch.randn(2, 12, 8, generator=gen)
+
+
+def cached_deltas(model, threshold: float) -> tuple[list[float], int]:
+    """One process's step cache over CACHE_CASE at `threshold`: (every step's delta after the first, full calls)."""
+    seen, delta = [], step_cache.delta
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step_cache, "delta", lambda r, r_full, m=None: seen.append(delta(r, r_full, m)) or seen[-1])
+        calls = run_cached(model, threshold)[1]
+    return [d.item() for d in seen], calls
+
+
+def cache_threshold(model) -> float:
+    """A threshold that skips some of CACHE_CASE's steps and not others, as far (relatively) from every delta its
+    loop meets as the candidates allow: a parallel run, whose deltas differ from one process's by float32 rounding,
+    must take the same decisions. Candidates: the midpoints between the deltas of the loop that never skips (a
+    skipping loop compares with an older full step, so its deltas differ: each candidate's own loop is checked)."""
+    deltas = sorted(cached_deltas(model, 0.0)[0])
+    best = (0.0, None)
+    for t in ((a + b) / 2 for a, b in zip(deltas, deltas[1:], strict=False)):
+        seen, calls = cached_deltas(model, t)
+        if 1 < calls < CACHE_STEPS:
+            best = max(best, (min(abs(d - t) / t for d in seen), t))
+    assert best[0] > 1e-3, f"no threshold stays clear of the deltas {deltas}: {best}"
+    return best[1]
 
 
 def float64_loop(model, cond: Conditioning, x, sigmas) -> torch.Tensor:
@@ -115,11 +173,14 @@ def leaky(cond: Conditioning, world: int) -> Conditioning:
     return dataclasses.replace(cond, ctx=ctx, cos=cos, sin=sin)
 
 
-def _ranks(rank: int, world: int, init_file: str, out_dir: str, checkpoint: str) -> None:
-    """One spawned process: every case on every group it belongs to; its latents saved as out_dir/{N}-{rank}.pt.
-    Then the public API on the tiny checkpoint (2 heads): an edit with a random seed on ranks {0, 1}, and the
-    refusal of 3 ranks."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _ranks(rank: int, world: int, init_file: str, out_dir: str, checkpoint: str, threshold: float) -> None:
+    """One spawned process: every case on every group it belongs to, hoisted and graphed, and the step cache at
+    `threshold` and at HUGE (hoisted and graphed); its results saved as out_dir/{N}-{rank}.pt. Then the public API
+    on the tiny checkpoint (2 heads): an edit with a random seed on ranks {0, 1}, the same with a step cache, and
+    the refusal of 3 ranks."""
+    # a collective that one rank never joins (ranks deciding differently) fails within a minute, not gloo's 30
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
     try:
         model = make_model()
         groups = {n: dist.new_group(list(range(n))) for n in WORLDS}  # every rank creates every group, in order
@@ -128,11 +189,23 @@ def _ranks(rank: int, world: int, init_file: str, out_dir: str, checkpoint: str)
                 continue
             sharded = SequenceParallel(model, group)
             out = {name: run_loop(sharded, *make_case(name)) for name in CASES}
+            out["graphed"] = {name: run_loop(sharded, *make_case(name), graphed=True) for name in CASES}
+            out["cached"] = {
+                (t, graphed): run_cached(sharded, t, graphed) for t in (threshold, HUGE) for graphed in (False, True)
+            }
+            r, r_full = delta_inputs()
+            rows = sharded.layout(r.shape[1], 32, TEXT)  # 12 target tokens of 32: as CACHE_CASE
+            rows = slice(rows.start, rows.start + rows.targets[rank])
+            out["delta"] = step_cache.delta(r[:, rows], r_full[:, rows], sharded)
             cond, x, sigmas = make_case(LEAK)
             out["leak"] = run_loop(sharded, leaky(cond, n), x, sigmas)
             if n == 2:
                 pipe = Pipeline.from_pretrained(checkpoint, parallel=Parallel(2, group), text_cache_size=0)
-                out["pipeline"] = pipe.edit(Image.new("RGB", (48, 32), (9, 90, 200)), "x", steps=1, output="latent")
+                picture = Image.new("RGB", (48, 32), (9, 90, 200))
+                out["pipeline"] = pipe.edit(picture, "x", steps=1, output="latent")
+                report = RunReport()
+                latents = pipe.edit(picture, "x", steps=3, seed=5, step_cache=HUGE, output="latent", report=report)
+                out["pipeline_cached"] = latents, report.model_calls, report.cached_steps
             if n == 3:
                 try:
                     LoadSpec(checkpoint, parallel=Parallel(3, group)).check()
@@ -145,16 +218,29 @@ def _ranks(rank: int, world: int, init_file: str, out_dir: str, checkpoint: str)
 
 @pytest.fixture(scope="module")
 def references():
-    """name -> (single-process float32 latents, float64 latents)."""
+    """name -> (single-process float32 latents, float64 latents); CACHE_CASE + "-long": its CACHE_STEPS loop."""
     model = make_model()
-    return {name: (run_loop(model, *make_case(name)), float64_loop(model, *make_case(name))) for name in CASES}
+    found = {name: (run_loop(model, *make_case(name)), float64_loop(model, *make_case(name))) for name in CASES}
+    found[CACHE_CASE + "-long"] = run_loop(model, *cache_case()), float64_loop(model, *cache_case())
+    return found
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, kontext_dir) -> dict[int, list[dict]]:
+def threshold() -> float:
+    return cache_threshold(make_model())
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, kontext_dir, threshold) -> dict[int, list[dict]]:
     """N -> what each rank of the N-rank group computed, by case."""
     folder = tmp_path_factory.mktemp("ulysses")
-    mp.spawn(_ranks, args=(max(WORLDS), str(folder / "init"), str(folder), str(kontext_dir)), nprocs=max(WORLDS))
+    args = (max(WORLDS), str(folder / "init"), str(folder), str(kontext_dir), threshold)
+    spawned, deadline = mp.spawn(_ranks, args=args, nprocs=max(WORLDS), join=False), time.monotonic() + 300
+    while not spawned.join(timeout=2):  # ranks stuck in a collective that another rank skipped: fail, do not hang
+        if time.monotonic() > deadline:
+            for process in spawned.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish in 300 s: a collective that not every rank joined?")
     return {n: [torch.load(folder / f"{n}-{r}.pt") for r in range(n)] for n in WORLDS}
 
 
@@ -189,6 +275,52 @@ def test_a_padding_leak_is_caught(ranks, references, world):
     with pytest.raises(AssertionError, match="from float64"):
         assert_within_rounding(leaked, want32, want64, "padded")
     assert rel_err(leaked, want64) > 100 * rel_err(want32, want64)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_cuda_graphs_under_parallel_are_the_hoisted_loop_bit_for_bit(ranks, world):
+    """Graphed over SequenceParallel, with the capture stand-in: the static buffers feed the all-to-alls, and a
+    replay gives the hoisted parallel loop's latents, on every rank."""
+    for r in range(world):
+        for case in CASES:
+            assert torch.equal(ranks[world][r]["graphed"][case], ranks[world][r][case]), (case, r)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_the_step_cache_delta_is_summed_over_the_ranks(ranks, world):
+    """Each rank holds some target rows (or none): the decision number is the whole batch's, the same bits on every
+    rank, within float32 summation error of the float64 one (two sums of 96 terms per row: 2 x 96 x eps)."""
+    r, r_full = delta_inputs()
+    want = step_cache.relative_l1(r.double(), r_full.double()).max().item()
+    for rank in range(world):
+        got = ranks[world][rank]["delta"]
+        assert torch.equal(got, ranks[world][0]["delta"]), rank
+        assert abs(got.item() - want) <= 2 * 96 * torch.finfo(torch.float32).eps * want, (got.item(), want)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_the_step_cache_under_parallel_decides_as_one_process(ranks, references, threshold, world):
+    """At a threshold that skips some steps: every rank takes one process's decisions (the delta's sums are added
+    over the ranks, so shards without a target token decide too), hoisted and graphed give the same bits, and the
+    latents are one process's cached latents within the rule above (the noise of the uncached loop, whose steps run
+    every block the cached ones run). At HUGE every step after the first skips."""
+    model = make_model()
+    noise = rel_err(*references[CACHE_CASE + "-long"])
+    for t in (threshold, HUGE):
+        want, calls = run_cached(model, t)
+        assert (1 < calls < CACHE_STEPS) if t == threshold else calls == 1
+        for r in range(world):
+            got, got_calls = ranks[world][r]["cached"][(t, False)]
+            graphed, graphed_calls = ranks[world][r]["cached"][(t, True)]
+            assert got_calls == graphed_calls == calls, (t, r)
+            assert torch.equal(graphed, got), (t, r)
+            assert torch.equal(got, ranks[world][0]["cached"][(t, False)][0])
+            assert rel_err(got, want) <= 3 * noise, f"{rel_err(got, want):.3g} > 3 x {noise:.3g} at {t}"
+
+
+def test_the_pipeline_runs_the_step_cache_under_parallel(ranks):
+    (a, calls, cached), (b, *_) = ranks[2][0]["pipeline_cached"], ranks[2][1]["pipeline_cached"]
+    assert torch.equal(a, b) and (calls, cached) == (1, 2)
 
 
 def test_the_pipeline_draws_one_random_seed_for_every_rank(ranks):
@@ -292,12 +424,10 @@ def test_tensorrt_is_refused_with_the_reason(kontext_dir, tmp_path):
             LoadSpec(kontext_dir, parallel=2, **spec).check()
 
 
-def test_heads_and_cuda_graphs_are_refused():
+def test_heads_that_do_not_divide_are_refused():
     with pytest.raises(InputError, match=r"does not divide the model's 24 attention heads.*\[2, 3, 4, 6, 8, 12, 24\]"):
         Parallel(5).check_model(24)
     Parallel(8).check_model(24)
-    with pytest.raises(InputError, match="cuda_graphs"):
-        Parallel(2).check_backend("eager", engines=False, cuda_graphs=True)
 
 
 @pytest.fixture
@@ -311,10 +441,3 @@ def one_rank(tmp_path):
 def test_the_world_size_must_be_the_rank_count(kontext_dir, one_rank):
     with pytest.raises(InputError, match="parallel=2 but the process group has 1 ranks"):
         LoadSpec(kontext_dir, parallel=2).check()
-
-
-def test_the_step_cache_is_refused(one_rank):
-    from kontext_rt.sampling.step_cache import cacheable
-
-    with pytest.raises(InputError, match="step_cache with sequence parallelism"):
-        cacheable(Hoisted(SequenceParallel(make_model(), one_rank), EAGER_OPS, torch.float32))

@@ -118,9 +118,9 @@ class LoadSpec:
 
     def check_sharded(self, ranks: int) -> None:
         """What cannot run on `ranks` sequence-parallel ranks, refused with no process group (check() does it first;
-        `serve --ray --gpus-per-replica` before Ray starts): TensorRT engines, CUDA graphs."""
+        `serve --ray --gpus-per-replica` before Ray starts): TensorRT engines."""
         engines = self.backend == "tensorrt" or (self.backend == "auto" and self.engines is not None)
-        Parallel(ranks).check_backend(self.backend, engines, self.optimize is not None and self.optimize.cuda_graphs)
+        Parallel(ranks).check_backend(self.backend, engines)
 
 
 @dataclass(frozen=True)

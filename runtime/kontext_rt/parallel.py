@@ -72,17 +72,12 @@ class Parallel:
                 f"split by heads across ranks): use one of {fits}"
             )
 
-    def check_backend(self, backend_name: str, engines: bool, cuda_graphs: bool) -> None:
+    def check_backend(self, backend_name: str, engines: bool) -> None:
         if engines:
             raise InputError(
                 f"parallel={self.size} cannot run backend {backend_name!r} (TensorRT engines): they run the whole "
                 "transformer as one graph per GPU, with no place for the all-to-alls between ranks; use "
                 "backend='eager' or 'triton'"
-            )
-        if cuda_graphs:
-            raise InputError(
-                f"parallel={self.size} with cuda_graphs: capturing the ranks' NCCL all-to-alls in CUDA graphs has "
-                "not been verified on a multi-GPU machine yet; run without cuda_graphs"
             )
 
     def random_seed(self, device: torch.device) -> int:

@@ -167,12 +167,14 @@ class LastLayer(nn.Module):
 
 class FirstBlock(NamedTuple):
     """What FluxTransformer.first_block gives: the image stream [target | context] (B, N+M, C) and text stream
-    (B, T, C) after double block 0, the image stream before it, and N, the target token count."""
+    (B, T, C) after double block 0, the image stream before it, and N, the target token count. Under sequence
+    parallelism (model/ulysses.py) x is this rank's shard, n its target tokens and layout the split; None here."""
 
     x: torch.Tensor
     txt: torch.Tensor
     x_in: torch.Tensor
     n: int
+    layout: object = None
 
 
 class FluxTransformer(nn.Module):
@@ -282,8 +284,9 @@ class FluxTransformer(nn.Module):
         # only the target tokens leave the model: the final layer is per token, context outputs are never used
         return x[:, t : t + n]
 
-    def output(self, hidden: torch.Tensor, mods, ops: Ops = EAGER_OPS) -> torch.Tensor:
-        """The final layer over the target tokens' last hidden state (B, N, C): the velocity (B, N, in_channels)."""
+    def output(self, hidden: torch.Tensor, mods, ops: Ops = EAGER_OPS, layout=None) -> torch.Tensor:
+        """The final layer over the target tokens' last hidden state (B, N, C): the velocity (B, N, in_channels).
+        layout: FirstBlock.layout, None in one process (SequenceParallel.output gathers the ranks' rows by it)."""
         return self.final_layer(hidden, mods[-1], ops)
 
     def forward(self, img, ctx, txt, pooled, timesteps, guidance, cos, sin, ops: Ops = EAGER_OPS):

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from kontext_rt.model.op_table import Ops
+from kontext_rt.model.transformer import FirstBlock
 
 
 def shard_sizes(length: int, world: int) -> list[int]:
@@ -82,49 +83,86 @@ class UlyssesAttention:
         return torch.cat(parts, -1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one step's sequence is split: the text length, every rank's image-token count (sizes) and target-token
+    count (targets: a shard is contiguous over [target | context], so its targets come first), and this rank."""
+
+    text: int
+    sizes: tuple[int, ...]
+    targets: tuple[int, ...]
+    rank: int
+
+    @property
+    def start(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def local(self) -> slice:
+        """This rank's image tokens in [target | context]."""
+        return slice(self.start, self.start + self.sizes[self.rank])
+
+
 class SequenceParallel:
-    """FluxTransformer's loop interface (modulation_table, velocity, the per-step call) with the image tokens
-    sharded over `group`: what the denoisers (sampling/denoisers.py) run in place of the model, unchanged.
+    """FluxTransformer's loop interface (modulation_table, velocity, first_block, remaining_blocks, output, the
+    per-step call) with the image tokens sharded over `group`: what the denoisers (sampling/denoisers.py) and the step
+    cache (sampling/step_cache.py) run in place of the model, unchanged.
 
     Every rank is given the same whole inputs (state, context, text, the whole sequence's cos/sin) and returns the
-    same whole velocity (B, N, 64): the sampler's state stays identical everywhere. The wrapped model is the
-    pipeline's transformer itself, so a LoRA fused into it (the same file on every rank) is used here as well."""
+    same whole velocity (B, N, 64): the sampler's state stays identical everywhere. first_block gives this rank's
+    shard (its FirstBlock.n: the target tokens in the shard; .layout: the split), remaining_blocks the shard's
+    target tokens, and output gathers every rank's velocity rows. The wrapped model is the pipeline's transformer
+    itself, so a LoRA fused into it (the same file on every rank) is used here as well."""
 
     def __init__(self, model, group):
         self.model, self.group = model, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         if model.cfg.num_heads % self.world:
             raise ValueError(f"{model.cfg.num_heads} heads cannot be split over {self.world} ranks")
+        self.cfg, self.mod_widths = model.cfg, model.mod_widths
         # one op table per (op table, text length, shards): a torch.compile'd block or a graph cache sees the same
         # object at every step of a loop, not a new one per call
         self._tables: dict[tuple, Ops] = {}
 
-    def ops_for(self, ops: Ops, text_len: int, sizes: list[int]) -> Ops:
-        key = (id(ops), text_len, tuple(sizes))
+    def layout(self, n: int, total: int, text: int) -> Layout:
+        """The split of `total` image tokens, the first `n` of them targets, after `text` text tokens."""
+        sizes = shard_sizes(total, self.world)
+        targets = [min(max(n - sum(sizes[:r]), 0), sizes[r]) for r in range(self.world)]
+        return Layout(text, tuple(sizes), tuple(targets), self.rank)
+
+    def ops_for(self, ops: Ops, layout: Layout) -> Ops:
+        key = (id(ops), layout.text, layout.sizes)
         table = self._tables.get(key)
         if table is None or table.attention.inner is not ops.attention:
-            attention = UlyssesAttention(ops.attention, self.group, text_len, sizes)
+            attention = UlyssesAttention(ops.attention, self.group, layout.text, list(layout.sizes))
             table = self._tables[key] = dataclasses.replace(ops, attention=attention)
         return table
 
     def modulation_table(self, timesteps, guidance, pooled, ops: Ops) -> torch.Tensor:
         return self.model.modulation_table(timesteps, guidance, pooled, ops)  # replicated (module docstring)
 
+    def first_block(self, img, ctx, txt, mods, cos, sin, ops: Ops) -> FirstBlock:
+        """FluxTransformer.first_block over this rank's shard of [img | ctx] (B, N + M, 64); cos/sin of the whole
+        sequence."""
+        x = img if ctx is None else torch.cat((img, ctx), 1)
+        layout = self.layout(img.shape[1], x.shape[1], txt.shape[1])
+        # the shard enters as the image stream (context None: the shard already holds its context tokens)
+        first = self.model.first_block(x[:, layout.local], None, txt, mods, cos, sin, self.ops_for(ops, layout))
+        return first._replace(n=layout.targets[self.rank], layout=layout)
+
+    def remaining_blocks(self, first: FirstBlock, mods, cos, sin, ops: Ops) -> torch.Tensor:
+        """The last hidden state of the shard's target tokens, (B, targets[rank], C)."""
+        return self.model.remaining_blocks(first, mods, cos, sin, self.ops_for(ops, first.layout))
+
+    def output(self, hidden: torch.Tensor, mods, ops: Ops, layout: Layout) -> torch.Tensor:
+        """The final layer on the shard's target tokens, then every rank's rows: the velocity (B, N, 64)."""
+        return self.gather_targets(self.model.output(hidden, mods, ops), list(layout.targets))
+
     def velocity(self, img, ctx, txt, mod, cos, sin, ops: Ops) -> torch.Tensor:
         """FluxTransformer.velocity: img (B, N, 64), ctx (B, M, 64) or None, cos/sin of the whole sequence."""
-        x = img if ctx is None else torch.cat((img, ctx), 1)
-        sizes = shard_sizes(x.shape[1], self.world)
-        start = sum(sizes[: self.rank])
-        local = x[:, start : start + sizes[self.rank]]
-        table = self.ops_for(ops, txt.shape[1], sizes)
-        mods = mod.split(self.model.mod_widths, -1)
-        # this rank's shard enters as the image stream (context None: the shard already holds its context tokens)
-        first = self.model.first_block(local, None, txt, mods, cos, sin, table)
-        hidden = self.model.remaining_blocks(first, mods, cos, sin, table)  # (B, L_r, C): every token of the shard
-        n = img.shape[1]
-        targets = [min(max(n - sum(sizes[:r]), 0), sizes[r]) for r in range(self.world)]  # target tokens per shard
-        v = self.model.output(hidden[:, : targets[self.rank]], mods, table)  # the final layer on target tokens only
-        return self.gather_targets(v, targets)
+        mods = mod.split(self.mod_widths, -1)
+        first = self.first_block(img, ctx, txt, mods, cos, sin, ops)
+        return self.output(self.remaining_blocks(first, mods, cos, sin, ops), mods, ops, first.layout)
 
     def gather_targets(self, v: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """(B, counts[rank], C) per rank -> (B, sum(counts), C) on every rank. all_gather takes equal sizes: each
@@ -134,6 +172,11 @@ class SequenceParallel:
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat([part[:, :c] for part, c in zip(parts, counts, strict=True)], 1)
+
+    def sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the group, the same bits on every rank (the step cache's decision number is made of it)."""
+        dist.all_reduce(x, group=self.group)
+        return x
 
     def __call__(self, img, ctx, txt, pooled, timesteps, guidance, cos, sin, ops: Ops) -> torch.Tensor:
         """FluxTransformer.forward (the per-step denoiser's call): this step's modulation, then velocity."""

@@ -60,11 +60,6 @@ def cacheable(denoiser: Denoiser) -> tuple:
         found = denoiser.model, denoiser.ops, True
     elif type(denoiser) is PerStep and denoiser.model is not None:
         found = denoiser.model, denoiser.ops, False
-    if found is not None and isinstance(found[0], SequenceParallel):
-        raise InputError(
-            "step_cache with sequence parallelism (parallel=N): each rank would decide to skip from its own "
-            "shard of the image tokens, and ranks that decide differently stop meeting in the all-to-alls"
-        )
     if found is not None:
         return found
     raise InputError(
@@ -80,9 +75,16 @@ def relative_l1(now: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return (now - last).abs().mean((1, 2)) / last.abs().mean((1, 2))
 
 
-def delta(r: torch.Tensor, r_full: torch.Tensor) -> torch.Tensor:
-    """The batch's decision number, a 0-d float32 tensor: every row skips together, on the largest change."""
-    return relative_l1(r, r_full).max()
+def delta(r: torch.Tensor, r_full: torch.Tensor, model=None) -> torch.Tensor:
+    """The batch's decision number, a 0-d float32 tensor: every row skips together, on the largest change.
+
+    Under sequence parallelism (model a SequenceParallel) each rank holds some of the target tokens: the two sums
+    of every row are added over the ranks first, so every rank takes the same decision from every target token."""
+    if not isinstance(model, SequenceParallel):
+        return relative_l1(r, r_full).max()
+    r, r_full = r.float(), r_full.float()
+    sums = model.sum_over_ranks(torch.stack(((r - r_full).abs().sum((1, 2)), r_full.abs().sum((1, 2)))))
+    return (sums[0] / sums[1]).max()  # the counts of the two means cancel
 
 
 def target_residual(first: FirstBlock) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,30 +106,35 @@ class CachedStep:
 
     def __init__(self, hoisted: Hoisted, args: dict, capture, pool):
         model, ops, dtype = hoisted.model, hoisted.ops, hoisted.dtype
-        batch, n = args["x"].shape[:2]
-        self.r_full = torch.zeros(batch, n, model.cfg.hidden_size, device=args["x"].device)
+        x, ctx = args["x"], args["ctx"]
+        batch, n = x.shape[:2]
+        layout = None  # one process; under sequence parallelism this rank's target tokens are the cache's rows
+        if isinstance(model, SequenceParallel):
+            layout = model.layout(n, n + (0 if ctx is None else ctx.shape[1]), args["txt"].shape[1])
+            n = layout.targets[layout.rank]
+        self.r_full = torch.zeros(batch, n, model.cfg.hidden_size, device=x.device)
         self.rest = torch.zeros_like(self.r_full)
 
         def first(x, mod, ctx, txt, cos, sin):
             block = model.first_block(x.to(dtype), ctx, txt, mod.split(model.mod_widths, -1), cos, sin, ops)
             _, r = target_residual(block)
-            return block.x, block.txt, r, delta(r, self.r_full)  # delta is read only once r_full is this loop's
+            return block.x, block.txt, r, delta(r, self.r_full, model)  # read only once r_full is this loop's
 
         self.first = CapturedStep(first, args, capture, pool)
         x1, txt1, r, _ = self.first.output  # the static outputs the other two graphs read
         static = self.first.inputs
-        block = FirstBlock(x1, txt1, None, n)  # x_in is not read after the first block
+        block = FirstBlock(x1, txt1, None, n, layout)  # x_in is not read after the first block
 
         def full():
             mods = static["mod"].split(model.mod_widths, -1)
             hidden = model.remaining_blocks(block, mods, static["cos"], static["sin"], ops)
             self.r_full.copy_(r)
             self.rest.copy_(hidden.float() - x1[:, :n].float())
-            return model.output(hidden, mods, ops).float()
+            return model.output(hidden, mods, ops, layout).float()
 
         def cached():
             mods = static["mod"].split(model.mod_widths, -1)
-            return model.output(from_cache(x1[:, :n], self.rest), mods, ops).float()
+            return model.output(from_cache(x1[:, :n], self.rest), mods, ops, layout).float()
 
         self.full = CapturedStep(full, {}, capture, pool)
         self.cached = CapturedStep(cached, {}, capture, pool)
@@ -167,14 +174,14 @@ class FirstBlockCache(Denoiser):
             mods = mod_of(i).split(model.mod_widths, -1)
             first: FirstBlock = model.first_block(x.to(self.dtype), cond.ctx, cond.txt, mods, cond.cos, cond.sin, ops)
             out, r = target_residual(first)
-            if cache and delta(r, cache["r_full"]).item() < self.threshold:  # the host sync
+            if cache and delta(r, cache["r_full"], model).item() < self.threshold:  # the host sync
                 hidden = from_cache(out, cache["rest"])
                 self.cached_steps += 1
             else:
                 hidden = model.remaining_blocks(first, mods, cond.cos, cond.sin, ops)
                 cache["r_full"], cache["rest"] = r, hidden.float() - out.float()
                 self.model_calls += 1
-            return model.output(hidden, mods, ops).float()  # the loop's solver takes the step
+            return model.output(hidden, mods, ops, first.layout).float()  # the loop's solver takes the step
 
         yield velocity
 
