@@ -85,10 +85,25 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
     ref = FluxKontextPipeline.from_pretrained(ckpt, local_files_only=True)
     ref.set_progress_bar_config(disable=True)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIDE, SIDE, 3), dtype=np.uint8))
-    rows = cols = SIDE // 16
-    n = rows * cols
     g = torch.Generator().manual_seed(0)
-    lat = torch.randn(1, n, 64, generator=g)
+    lat = torch.randn(1, (SIDE // 16) ** 2, 64, generator=g)
+    return {
+        "edit": _edit_case(pipe, ref, img, lat),
+        "forward": _forward_case(pipe, ref, lat, g),
+        **_vae_cases(pipe, ref, img, lat),
+    }
+
+
+def _inference(fn):
+    def call():
+        with torch.inference_mode():
+            return fn()
+
+    return call
+
+
+def _edit_case(pipe, ref, img, lat) -> dict:
+    """A whole edit through each pipeline, from the same initial latents."""
 
     def ours_edit():
         return pipe.edit(img, PROMPT, steps=STEPS, guidance=GUIDANCE, auto_resize=False, latents=lat)
@@ -107,6 +122,13 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
             max_sequence_length=TEXT,
         ).images[0]
 
+    return {"kontext-rt": ours_edit, "diffusers": ref_edit}
+
+
+def _forward_case(pipe, ref, lat, g) -> dict:
+    """One transformer call over the Kontext sequence; the context, text and pooled inputs drawn from `g`."""
+    rows = cols = SIDE // 16
+    n = rows * cols
     tr, rtr = pipe.transformer, ref.transformer
     ctx = torch.randn(1, n, 64, generator=g)
     txt = torch.randn(1, TEXT, tr.cfg.context_in_dim, generator=g)
@@ -131,10 +153,16 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
         )[0]
         return out[:, :n]
 
+    return {"kontext-rt": _inference(ours_forward), "diffusers": _inference(ref_forward)}
+
+
+def _vae_cases(pipe, ref, img, lat) -> dict:
+    """vae_encode (PIL -> packed tokens) and vae_decode (packed tokens -> PIL), each as its pipeline does it."""
+    rows = cols = SIDE // 16
+    vcfg = ref.vae.config
+
     def ours_encode():
         return im.pack(pipe.vae.encode(im.to_tensor(img, SIDE, SIDE)))
-
-    vcfg = ref.vae.config
 
     def ref_encode():
         x = ref.image_processor.preprocess(img, SIDE, SIDE)
@@ -149,18 +177,9 @@ def make_cases(ckpt: Path) -> dict[str, dict]:
         y = ref.vae.decode(z / vcfg.scaling_factor + vcfg.shift_factor, return_dict=False)[0]
         return ref.image_processor.postprocess(y, output_type="pil")[0]
 
-    def inference(fn):
-        def call():
-            with torch.inference_mode():
-                return fn()
-
-        return call
-
     return {
-        "edit": {"kontext-rt": ours_edit, "diffusers": ref_edit},
-        "forward": {"kontext-rt": inference(ours_forward), "diffusers": inference(ref_forward)},
-        "vae_encode": {"kontext-rt": inference(ours_encode), "diffusers": inference(ref_encode)},
-        "vae_decode": {"kontext-rt": inference(ours_decode), "diffusers": inference(ref_decode)},
+        "vae_encode": {"kontext-rt": _inference(ours_encode), "diffusers": _inference(ref_encode)},
+        "vae_decode": {"kontext-rt": _inference(ours_decode), "diffusers": _inference(ref_decode)},
     }
 
 
@@ -213,6 +232,35 @@ def _load_note(start, end) -> str:
     return f"quiet machine: 1-minute load {start[0]:.1f} -> {end[0]:.1f}, about this process alone"
 
 
+def _summary(case: str, r: dict) -> str:
+    """One line per case: both medians and the two speed ratios with their interquartile ranges."""
+    return (
+        f"{case:11s} ours {r['kontext-rt']['wall_s']['median'] * 1e3:8.1f} ms  diffusers "
+        f"{r['diffusers']['wall_s']['median'] * 1e3:8.1f} ms  wall ratio "
+        f"{r['speed_ratio_wall']['median']:.3f}x (IQR {r['speed_ratio_wall']['q1']:.3f}-"
+        f"{r['speed_ratio_wall']['q3']:.3f})  cpu ratio {r['speed_ratio_cpu']['median']:.3f}x (IQR "
+        f"{r['speed_ratio_cpu']['q1']:.3f}-{r['speed_ratio_cpu']['q3']:.3f})"
+    )
+
+
+def _setup(args) -> dict:
+    """The record's "setup": what was measured, at which sizes, how often."""
+    return {
+        "dtype": "float32",
+        "device": "cpu",
+        "threads": 1,
+        "text_tokens": TEXT,
+        "image": [SIDE, SIDE],
+        "target_tokens": (SIDE // 16) ** 2,
+        "context_tokens": (SIDE // 16) ** 2,
+        "steps": STEPS,
+        "transformer": TRANSFORMER,
+        "hidden_size": 256,
+        "pairs": args.pairs,
+        "warmup": args.warmup,
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=int, default=15, help="interleaved (ours, diffusers) pairs per case")
@@ -236,32 +284,11 @@ def main(argv=None):
         results = {}
         for case in cases:
             results[case] = measure(fns[case], args.pairs, args.warmup)
-            r = results[case]
-            print(
-                f"{case:11s} ours {r['kontext-rt']['wall_s']['median'] * 1e3:8.1f} ms  diffusers "
-                f"{r['diffusers']['wall_s']['median'] * 1e3:8.1f} ms  wall ratio "
-                f"{r['speed_ratio_wall']['median']:.3f}x (IQR {r['speed_ratio_wall']['q1']:.3f}-"
-                f"{r['speed_ratio_wall']['q3']:.3f})  cpu ratio {r['speed_ratio_cpu']['median']:.3f}x (IQR "
-                f"{r['speed_ratio_cpu']['q1']:.3f}-{r['speed_ratio_cpu']['q3']:.3f})",
-                flush=True,
-            )
+            print(_summary(case, results[case]), flush=True)
     record = {
         "what": "kontext-rt vs diffusers FluxKontextPipeline, same weights, same process; speed_ratio = "
         "diffusers time / kontext-rt time per interleaved pair (above 1: kontext-rt faster)",
-        "setup": {
-            "dtype": "float32",
-            "device": "cpu",
-            "threads": 1,
-            "text_tokens": TEXT,
-            "image": [SIDE, SIDE],
-            "target_tokens": (SIDE // 16) ** 2,
-            "context_tokens": (SIDE // 16) ** 2,
-            "steps": STEPS,
-            "transformer": TRANSFORMER,
-            "hidden_size": 256,
-            "pairs": args.pairs,
-            "warmup": args.warmup,
-        },
+        "setup": _setup(args),
         "machine": {
             **machine(),
             "load_average_start": load_start,

@@ -51,14 +51,16 @@ sys.path[:0] = [str(HERE), str(BENCH / "machine")]
 import suite_parts as parts  # noqa: E402
 from phases import Record, add_break_option, say  # noqa: E402
 from rungs import BY_NAME, RUNGS, Rung, goals, ordered, rungs  # noqa: E402
+from suite_build import BuildPhases  # noqa: E402
+from suite_measure import MeasurePhases  # noqa: E402
 
 LAYOUTS = {"kontext": (512, 4096, 4096), "text-to-image": (512, 4096, 0)}  # text, target, context tokens
 # The rehearsal's kernels run in the Triton interpreter, ~1.5 s per step even for the tiny model (one Python
 # program per token row): 2x2-token images, and as few steps as still take every branch.
 REHEARSE_LAYOUTS = {"kontext": (4, 4, 4), "text-to-image": (4, 4, 0)}
 REFERENCE = RUNGS[0]  # the first rung: edited and profiled beside the best ones
-HOISTED, GRAPHS = BY_NAME["hoisted"], BY_NAME["graphs"]  # what the exactness checks compare
-PROFILED = {"bf16": (REFERENCE, HOISTED), "fp8": rungs("core", fp8=True)[:1]}  # profiled hoisted, never graphed
+# profiled hoisted, never graphed
+PROFILED = {"bf16": (REFERENCE, BY_NAME["hoisted"]), "fp8": rungs("core", fp8=True)[:1]}
 COMPILE_FP8 = any(r.fp8 for r in rungs("compile"))  # the compile part converts its model to FP8 first
 
 
@@ -92,8 +94,9 @@ STEPS = {  # steps per timed loop, timed loops, warm-up loop, edits, FP8 drift t
 
 
 @dataclass
-class Suite:
-    """What the phases of one part share; each phase is a method."""
+class Suite(BuildPhases, MeasurePhases):
+    """What the phases of one part share; each phase is a method: the ladder's here, the setup and conversion
+    phases in suite_build.py, the measuring ones beside the ladder in suite_measure.py."""
 
     args: argparse.Namespace
     device: str
@@ -115,89 +118,7 @@ class Suite:
     step_s: float = 0.5  # seconds per Kontext step, for phase estimates: a guess until the first rung is timed
     charted: int = -1
 
-    # --- setup ---------------------------------------------------------------------------------------------------
-
-    def setup(self):
-        """The matmul rates (the MFU denominators), the FP8 matmul, the eager op table, the VAE (core part)."""
-        from kontext_rt.backends import resolve
-        from kontext_rt.config import VAE_PRESETS
-        from kontext_rt.model.fp8_linear import matmul_for
-        from kontext_rt.model.vae import AutoEncoder
-
-        n = 256 if self.args.rehearse else 8192
-        self.result["matmul_tflops"] = {
-            "bf16": parts.matmul_tflops(self.device, False, n),
-            "fp8": parts.matmul_tflops(self.device, True, n),
-        }
-        self.fp8_matmul = matmul_for(self.device)
-        self.result["fp8_matmul"] = (
-            "torch._scaled_mm (row-wise scales)"
-            if self.fp8_matmul is torch._scaled_mm
-            else "stand-in: this torch's CPU _scaled_mm takes per-tensor scales only"
-        )
-        self.ops["eager"] = resolve("eager", self.device).ops
-        if self.args.part == "core":
-            vae = AutoEncoder(VAE_PRESETS["tiny" if self.args.rehearse else "flux"])
-            self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
-
-    def triton_backend(self):
-        """The triton op table and graph capture (the interpreter and an eager stand-in in the rehearsal)."""
-        from kontext_rt.backends import resolve
-        from kontext_rt.sampling.graphs import capture_cuda, capture_eager
-
-        self.ops["triton"] = resolve("triton", self.device).ops
-        self.capture = capture_eager if self.args.rehearse else capture_cuda
-        self.result["graph_capture"] = "eager stand-in (CPU rehearsal)" if self.args.rehearse else "CUDA graphs"
-
-    def baseline(self):
-        """diffusers' transformer, built once, timed on both layouts, then freed before ours is drawn."""
-        ref = parts.random_diffusers(self.cfg, self.device, self.dtype)
-        out = self.result.setdefault("diffusers", {})
-        for key, layout in self.layouts.items():
-            data = parts.inputs(self.cfg, layout, self.device, self.dtype)
-            parts.reset_peak(self.device)
-            run = parts.diffusers_loop(ref, self.cfg, layout, data, self.device, self.dtype)
-            ms, host = self.time_loop(run, data)
-            out[key] = {"ms_per_step": ms, "host_ms_per_step": host, "peak_gib": parts.peak_gib(self.device)}
-            if key == "kontext":  # where its step goes, beside the eager rung's (same torch ops, 10% apart)
-                self.result.setdefault("profile", {})["diffusers"] = parts.profile_steps(run, *data, self.device)
-            self.record.write()
-        del ref, run, data  # the loop's closure holds the model too: 24 GB freed before ours is drawn
-        parts.free_memory(self.device)
-
-    def fa3_probe(self):
-        """FlashAttention-3 first: import the module, run one tiny forward of each kind (bf16, FP8) on the device
-        against SDPA (backends.attention.probe: capability, import, forward within the bound of its roundings),
-        and record why when it cannot. The rehearsal probes attention.EmulatedFa3 on the CPU instead (a stand-in:
-        the tiny model's head dim is not FA3's 128, and the CPU has no FA3)."""
-        from kontext_rt.backends import attention as att
-        from kontext_rt.kernels import reference
-        from kontext_rt.options import Attention
-
-        found, failed = {}, []
-        for kind in (Attention.FA3, Attention.FA3_FP8):
-            try:
-                if self.args.rehearse:
-                    att.forward_agrees(att.EmulatedFa3, torch.device("cpu"), kind is Attention.FA3_FP8, self.dtype)
-                    choice = att.AttentionChoice(kind, att.EmulatedFa3, reference.attention_prepass)
-                else:
-                    choice = att.AttentionChoice(kind, *att.probe(kind, torch.device(self.device), 128, self.dtype))
-            except att.Fa3Unavailable as err:
-                found[kind.value] = {"ok": False, "reason": str(err)[:1000]}
-                failed.append(f"{kind.value}: {err}")
-                continue
-            self.attention[kind] = choice
-            module = choice.module
-            found[kind.value] = {
-                "ok": True,
-                "module": getattr(module, "__name__", type(module).__name__),
-                "file": getattr(module, "__file__", None),
-                "prepass": f"{choice.prepass.__module__}.{choice.prepass.__name__}",
-                **({"stand_in": "EmulatedFa3 on the CPU (rehearsal)"} if self.args.rehearse else {}),
-            }
-        self.result["fa3"] = found
-        if failed:
-            raise RuntimeError("FA3 cannot run here, its rungs are skipped: " + "; ".join(failed))
+    # --- the ladder ----------------------------------------------------------------------------------------------
 
     def ops_for(self, rung: Rung):
         """The rung's op table: its backend's, with FA3 (as fa3-probe chose it) for an fa3 or fa3-fp8 rung."""
@@ -207,12 +128,6 @@ class Suite:
         if not rung.fa3:
             return ops
         return dataclasses.replace(ops, attention=self.attention[rung.optimize.attention].op(ops.attention))
-
-    def build_model(self):
-        self.model = parts.random_transformer(self.cfg, self.device, self.dtype)
-        self.data = {k: parts.inputs(self.cfg, lay, self.device, self.dtype) for k, lay in self.layouts.items()}
-
-    # --- the ladder ----------------------------------------------------------------------------------------------
 
     def denoiser(self, rung: Rung):
         """The rung's denoiser over the model, as its Optimizations say (per-step, hoisted or graphed, over its
@@ -266,71 +181,6 @@ class Suite:
     def run_rung(self, rung: Rung):
         self.record.run(rung.name, lambda: self.rung(rung), needs=rung.needs(), estimate_s=self.rung_estimate_s(rung))
 
-    def checks(self):
-        """Hoisted == per-step (over the hoisted rung's ops), graphs == no graphs."""
-        graphs = self.denoiser(GRAPHS) if self.capture is not None else None
-        found = parts.exactness(
-            self.model,
-            self.ops[HOISTED.backend],
-            self.dtype,
-            self.data["kontext"],
-            self.denoiser(HOISTED),
-            graphs,
-            self.steps["exactness"],
-        )
-        self.result["checks"].update(found)
-        require(found)
-
-    def edits(self, chosen: list[Rung]):
-        for rung in chosen:
-            run = self.loop(rung)
-            self.result["end_to_end_s"][rung.name] = parts.end_to_end(
-                self.vae,
-                run,
-                self.layouts["kontext"],
-                self.data["kontext"],
-                self.device,
-                self.dtype,
-                self.steps["edits"],
-            )
-            self.record.write()
-
-    def fewer_calls(self, best: list[Rung]):
-        """The solver's and the step cache's step times over the best rung's ops, hoisted and (if it has them)
-        graphed: suite_parts.fewer_calls."""
-        from kontext_rt.sampling.denoisers import Hoisted
-
-        (rung,) = best
-        denoisers = {"hoisted": Hoisted(self.model, self.ops_for(rung), self.dtype)}
-        if rung.optimize.cuda_graphs:
-            denoisers["graphs"] = self.denoiser(rung)
-        n = self.steps
-        self.result["fewer_calls"] = {"rung": rung.name} | parts.fewer_calls(
-            self.model, self.ops_for(rung), self.dtype, denoisers, self.data["kontext"], self.device,
-            n["steps_timed"], n["repeats"], n["warmup"],
-        )  # fmt: skip
-        self.record.write()
-
-    def fewer_calls_estimate_s(self):
-        n = self.steps  # 6 loops at most (2 solvers x 2 denoisers, 2 cache loops), one layout
-        return 1.5 * 6 * (n["warmup"] + n["repeats"] * n["steps_timed"]) * self.step_s
-
-    def edits_estimate_s(self, count=1):
-        return 1.5 * count * (1 + sum(self.steps["edits"])) * self.step_s
-
-    def profile(self, *profiled: Rung):
-        """Each rung's ops by device time, over its backend's ops and its loop, hoisted or per-step but never
-        graphed (a replay hides its kernels)."""
-        from kontext_rt.sampling.denoisers import for_model
-
-        for rung in profiled:
-            ops = self.ops_for(rung)
-            denoiser = for_model(self.model, ops, self.dtype, rung.optimize.hoist)
-            run = parts.loop_fn(self.model, ops, self.dtype, denoiser)
-            found = parts.profile_steps(run, *self.data["kontext"], self.device)
-            self.result.setdefault("profile", {})[rung.name] = found
-            self.record.write()
-
     def best(self, fp8: bool) -> list[Rung]:
         """The last core rung of a precision that hoists and succeeded (each rung adds to the one before it), if
         any: the one whose edits are timed."""
@@ -340,63 +190,6 @@ class Suite:
             if r.optimize.hoist and self.result["phases"].get(r.name, {}).get("status") == "ok"
         ]
         return ok[-1:]
-
-    # --- FP8 and compile -----------------------------------------------------------------------------------------
-
-    def fp8_convert(self, keep_reference: bool):
-        """The blocks' linears to FP8, in place; first an 8-step bf16 trace for the drift (core part only)."""
-        from kontext_rt.model.fp8_linear import convert
-
-        self.denoisers.clear()  # the bf16 graphs read the bf16 weights: they must never replay again
-        parts.free_memory(self.device)
-        if keep_reference:
-            self.reference = parts.trace(self.denoiser(HOISTED), self.data["kontext"], self.steps["drift"])
-            self.denoisers.clear()
-        convert(self.model, self.ops["triton"].quantize_rows, matmul=self.fp8_matmul)
-
-    def fp8_drift(self):
-        fp8 = parts.trace(self.denoiser(HOISTED), self.data["kontext"], self.steps["drift"])
-        self.result["fp8_drift"] = parts.drift(self.reference, fp8)
-        self.denoisers.pop(HOISTED.name)
-
-    def quantizer(self):
-        rows, cols = (40, 96) if self.args.rehearse else (8704, 3072)
-        found = parts.quantizer_check(self.device, rows, cols)
-        self.result["checks"]["fp8_quantizer_kernel"] = found
-        require({k: v for k, v in found.items() if isinstance(v, bool)})
-
-    def torchao_convert(self):
-        """The blocks' FP8-eligible linears (the ones the runtime's fp8 rung converts) quantized in place by torchao:
-        float8 dynamic activations and weights with row-wise scales, flux-fast's setting. On the CPU rehearsal
-        torchao refuses FP8 below compute capability 8.9; its hardware check is bypassed there (recorded), so the
-        rest of its path runs."""
-        import torchao
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-        from kontext_rt.model.fp8_linear import fp8_eligible
-
-        info = {"torchao": torchao.__version__, "config": "Float8DynamicActivationFloat8WeightConfig(PerRow())"}
-        if self.args.rehearse:
-            import torchao.quantization.quant_api as quant_api
-
-            quant_api._check_hardware_support = lambda granularity: None
-            info["rehearsal"] = "torchao's FP8 hardware check bypassed on the CPU"
-        names = []
-
-        def eligible(module, name):
-            chosen = isinstance(module, torch.nn.Linear) and fp8_eligible(name)
-            names.extend([name] * chosen)
-            return chosen
-
-        quantize_(self.model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=eligible)
-        self.result["torchao"] = info | {"linears": len(names)}
-        self.denoisers.clear()
-
-    def compile_blocks(self):
-        backend = self.args.compile_backend
-        for block in (*self.model.double_blocks, *self.model.single_blocks):
-            block.compile(backend=backend, fullgraph=True, dynamic=False)
-        self.result["compile_backend"] = backend
 
     # --- results -------------------------------------------------------------------------------------------------
 
@@ -415,12 +208,6 @@ class Suite:
                 self.result.pop("chart_error", None)
             except Exception as err:
                 self.result["chart_error"] = f"{type(err).__name__}: {err}"[:500]
-
-
-def require(checks: dict) -> None:
-    """A check that does not hold fails its phase (and so the run), after it was recorded."""
-    if failed := [name for name, ok in checks.items() if not ok]:
-        raise AssertionError(f"check(s) failed on this device: {', '.join(failed)}")
 
 
 def core(s: Suite) -> None:

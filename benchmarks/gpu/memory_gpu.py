@@ -93,37 +93,64 @@ def inputs(cfg, device, size: int, text_tokens: int):
     return randn(1, rows * cols, cfg.in_channels, dtype=torch.float32), cond
 
 
-def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, steps, text_tokens) -> dict:
+def placement_of(name: str):
+    """The placement preset's transformer and modulation; the text encoders on the CPU, the VAE staged."""
+    from kontext_rt.placement import PRESETS, Placement
+
+    preset = PRESETS[name]
+    return Placement(text_encoders="cpu", transformer=preset.transformer, modulation=preset.modulation, vae="staged")
+
+
+def place(host_model, cfg, fp8: bool, placement, device):
+    """(model, ops, residency, load_s): a fresh model on the device as a pipeline loads it, with the ops `auto`
+    picks, and the seconds that took (not synced: the load as the host sees it)."""
     import torch
 
-    from kontext_rt import memory
     from kontext_rt.backends import resolve
     from kontext_rt.model import fp8_linear
-    from kontext_rt.placement import PRESETS, Placement
-    from kontext_rt.sampling.denoisers import Hoisted
-    from kontext_rt.sampling.loop import denoise
-    from kontext_rt.sampling.schedule import schedule
     from kontext_rt.transformer_placement import place_transformer
 
-    cuda = device.type == "cuda"
-    preset = PRESETS[placement_name]
-    placement = Placement(
-        text_encoders="cpu", transformer=preset.transformer, modulation=preset.modulation, vae="staged"
-    )
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device) if cuda else 0
-    load = Stopwatch()  # not synced: the load as the host sees it
+    load = Stopwatch()
     model = fresh_model(cfg, host_model)
-    fp8 = precision == "fp8"
     ops = resolve("auto", device).ops  # what a pipeline runs here: the triton kernels on a GPU, eager on a CPU
     if fp8:  # as the backends do: one linear at a time on the device, offloaded blocks parked back in host memory
         park = torch.device("cpu") if placement.offloads_blocks else None
         fp8_linear.convert(model, ops.quantize_rows, None, fp8_linear.matmul_for(device), device=device, park=park)
     residency = place_transformer(model, placement, device)
-    load_s = load.elapsed_s()
+    return model, ops, residency, load.elapsed_s()
+
+
+def planned(cfg, vae_cfg, fp8: bool, placement, size, steps, text_tokens):
+    """(the plan, its highest transformer stage in bytes) for the case, without the plan's margin."""
+    import torch
+
+    from kontext_rt import memory
+
+    tokens = (size // 16) ** 2
+    p = memory.plan(
+        cfg, vae_cfg, torch.bfloat16, fp8, text_tokens, tokens, tokens, size, size, placement=placement, steps=steps
+    )
+    return p, max(p.stages["modulation table"], p.stages["denoising step"])
+
+
+def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, steps, text_tokens) -> tuple:
+    """(the case's row, its output on the CPU): one precision x placement, loaded, run and set beside its plan."""
+    import torch
+
+    from kontext_rt import memory
+    from kontext_rt.sampling.denoisers import Hoisted
+    from kontext_rt.sampling.loop import denoise
+    from kontext_rt.sampling.schedule import schedule
+
+    cuda = device.type == "cuda"
+    placement = placement_of(placement_name)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+    fp8 = precision == "fp8"
+    model, ops, residency, load_s = place(host_model, cfg, fp8, placement, device)
     loaded = (torch.cuda.memory_allocated(device) - base) if cuda else None
     load_peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
     base_reserved = torch.cuda.memory_reserved(device) if cuda else 0
@@ -139,11 +166,7 @@ def run_case(host_model, cfg, vae_cfg, precision, placement_name, device, size, 
     times = steps_watch.laps_s
     run_peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
     reserved_peak = (torch.cuda.max_memory_reserved(device) - base_reserved + loaded) if cuda else None
-    tokens = (size // 16) ** 2
-    p = memory.plan(
-        cfg, vae_cfg, torch.bfloat16, fp8, text_tokens, tokens, tokens, size, size, placement=placement, steps=steps
-    )
-    predicted = max(p.stages["modulation table"], p.stages["denoising step"])
+    p, predicted = planned(cfg, vae_cfg, fp8, placement, size, steps, text_tokens)
     row = {
         "precision": precision,
         "placement": placement.describe(),
