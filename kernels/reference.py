@@ -28,8 +28,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def rms_norm(x: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor], split: int = 0) -> torch.Tensor:
     """Per-head RMSNorm over D in float32, cast back, times the learned scale: scales[0] for tokens < split
-    (dim -2), scales[1] for the rest."""
-    y = F.rms_norm(x.to(compute_dtype(x)), x.shape[-1:], eps=EPS).to(x.dtype)
+    (dim -2), scales[1] for the rest.
+
+    F.rms_norm computes a bf16 or fp16 x in float32 itself and rounds its result once to x's dtype, the same
+    values as normalizing x.float() and casting back (bit for bit on the CPU, whose composite upcasts first;
+    CUDA's fused kernel runs the same float32 reduction for both dtypes): no float32 copy of q and k is
+    written and read back (issue 31; benchmarks/results/cpu-op-traffic-2026-12-07)."""
+    y = F.rms_norm(x, x.shape[-1:], eps=EPS)
     if split <= 0:
         return y * scales[1].to(x.dtype)
     y[..., :split, :] *= scales[0].to(x.dtype)
@@ -43,17 +48,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Written as x * cos2 + rot(x) * sin2 with cos2, sin2 the angles repeated per pair and rot(x) = (-x[2j+1], x[2j])
     interleaved: the products and sums of (x0 cos - x1 sin, x0 sin + x1 cos) exactly (negation and the order of
     a two-term sum change no bit), over contiguous tensors instead of strided halves."""
-    cd = compute_dtype(x)
-    xf = x.to(cd)
-    x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+    return _rotate(x, *_pair_angles(cos, sin, compute_dtype(x)))
+
+
+def _pair_angles(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos2, sin2 (L, D): each pair's angle repeated for both of its elements, in the compute dtype."""
+    return tuple(t.to(dtype).repeat_interleave(2, dim=-1) for t in (cos, sin))
+
+
+def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """apply_rope with its angles repeated. Only the products and the sum run in float32: rot(x) is made in
+    x's dtype (negating and interleaving are exact), a bf16 x times the float32 cos2 is computed in float32 by
+    type promotion (the exact upcast of x, as if x.float() were written first), and the float32 sum is rounded
+    into x's dtype by the add itself (on a GPU in the same kernel). The same bits as upcasting x and rot(x)
+    first, with about half the memory traffic (issue 31; benchmarks/results/cpu-op-traffic-2026-12-07)."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     rot = torch.stack((-x1, x0), dim=-1).flatten(-2)
-    cos2, sin2 = (t.to(cd).repeat_interleave(2, dim=-1) for t in (cos, sin))
-    return (xf * cos2 + rot * sin2).to(x.dtype)
+    a, b = x * cos2, rot * sin2
+    if torch.is_grad_enabled() and x.requires_grad:  # training (kontext_toy): out= records no gradient
+        return (a + b).to(x.dtype)
+    return torch.add(a, b, out=torch.empty_like(x))
 
 
 def qk_norm_rope(q, k, q_scales, k_scales, split, cos, sin):
-    """QK RMSNorm then RoPE, for one block's q and k."""
-    return apply_rope(rms_norm(q, q_scales, split), cos, sin), apply_rope(rms_norm(k, k_scales, split), cos, sin)
+    """QK RMSNorm then RoPE, for one block's q and k (one table of repeated angles for both)."""
+    angles = _pair_angles(cos, sin, compute_dtype(q))
+    return _rotate(rms_norm(q, q_scales, split), *angles), _rotate(rms_norm(k, k_scales, split), *angles)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
