@@ -78,7 +78,12 @@ def test_rehearsal_runs_every_phase_and_brings_back_at_most_8_files(tmp_path):
         assert record["phases"].pop(opt_in) == {"status": "skipped", "reason": f"opt-in (--only {opt_in})"}
     assert all(p["status"] == "ok" for p in record["phases"].values()), record["phases"]
     # sequence parallelism: two gloo ranks in the rehearsal (on a one-GPU machine the phase records why it did not)
-    assert record["parallel"]["ran"] and record["parallel"]["worlds"]["2"]["ms_per_step"] > 0
+    assert record["parallel"]["ran"] and record["parallel"]["worlds"]["2"]["graphed_ms_per_step"] > 0
+    # and, on every machine, one rank through the sequence-parallel path with its collectives in the graphs (two
+    # buckets' worth: the plain step's graph and the step cache's): on the CPU the same bits as without it
+    one = record["parallel"]["one_rank"]
+    assert one["sequence_parallel"]["captures"] == one["single"]["captures"] == 2
+    assert one["graphed_rel_diff"] == one["step_cache_rel_diff"] == 0
     # the distribution's version (PyPI's CUDA wheel says 2.11.0 where torch.__version__ says 2.11.0+cu130)
     assert record["env"]["imports"]["kontext_rt"]["ok"] and record["env"]["packages"]["torch"] == version("torch")
 
