@@ -44,7 +44,7 @@ class MeasurePhases:
         parts.free_memory(self.device)
 
     def checks(self):
-        """Hoisted == per-step (over the hoisted rung's ops), graphs == no graphs."""
+        """Hoisted == per-step (over the hoisted rung's ops), graphs == no graphs; the eager norm + RoPE's bits."""
         graphs = self.denoiser(GRAPHS) if self.capture is not None else None
         found = parts.exactness(
             self.model,
@@ -56,6 +56,9 @@ class MeasurePhases:
             self.steps["exactness"],
         )
         self.result["checks"].update(found)
+        # recorded, not required: either answer is a correct eager step; it says whether the reference's docstring
+        # claim (the same bits as upcasting first) holds on CUDA
+        self.result["reference_bits"] = parts.reference_bits(self.device)
         require(found)
 
     def edits(self, chosen: list[Rung]):

@@ -245,6 +245,29 @@ def exactness(model, ops, dtype, data, hoisted, graphs, steps) -> dict:
 
 
 @torch.inference_mode()
+def reference_bits(device, heads=24, tokens=8704, split=512, d=128) -> dict:
+    """Whether the eager table's QK norm + RoPE on bf16 q (kernels/reference.py: F.rms_norm on bf16, RoPE's products
+    by type promotion, its sum rounded by the add) gives the bits of upcasting q to float32 first (as the reference
+    did before issue 31's traffic count), on this device at one block's Kontext size: the CPU gives the same bits;
+    CUDA's fused rms_norm is expected to, unverified until this runs."""
+    import torch.nn.functional as F
+
+    from kontext_rt.kernels import reference
+
+    gen = torch.Generator(device).manual_seed(5)
+    q = torch.randn(1, heads, tokens, d, device=device, generator=gen).to(torch.bfloat16)
+    scales = tuple(1 + 0.1 * torch.randn(d, device=device, generator=gen) for _ in range(2))
+    angles = torch.rand(tokens, d // 2, device=device, generator=gen) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    got, _ = reference.qk_norm_rope(q, q, scales, scales, split, cos, sin)
+    y = F.rms_norm(q.float(), (d,), eps=reference.EPS).to(q.dtype)
+    y = torch.cat((y[..., :split, :] * scales[0].to(q.dtype), y[..., split:, :] * scales[1].to(q.dtype)), -2)
+    x0, x1 = y.float().unflatten(-1, (-1, 2)).unbind(-1)
+    want = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(q.dtype)
+    return {"equal": bool(torch.equal(got, want)), "max_abs_diff": (got.float() - want.float()).abs().max().item()}
+
+
+@torch.inference_mode()
 def trace(hoisted, data, steps) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(velocity per step, final state) of a hoisted loop without graphs: what the FP8 drift compares."""
     from kontext_rt.sampling import solvers
