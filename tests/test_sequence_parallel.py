@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import subprocess
 import sys
 import time
@@ -83,17 +82,19 @@ def run_loop(model, cond, x, sigmas, graphed=False) -> torch.Tensor:
     return denoise(Hoisted(model, EAGER_OPS, torch.float32), x, sigmas, cond)
 
 
-CACHE_CASE, CACHE_STEPS = "edit", 6  # 12 target tokens of 32: on 3 and 4 ranks two shards hold no target token
+# 12 target tokens of 32: on 3 ranks (11, 1, 0 targets) one shard holds no target token, on 4 (8, 4, 0, 0) two
+CACHE_CASE, CACHE_STEPS = "edit", 6
+BATCH_CASE = "t2i"  # batch 2: the cache's buffers, its decision and the gather over two rows (at HUGE)
 
 
-def cache_case():
-    cond, x, _ = make_case(CACHE_CASE)
+def cache_case(name: str = CACHE_CASE):
+    cond, x, _ = make_case(name)
     return cond, x, schedule(CACHE_STEPS, x.shape[1], True)
 
 
-def run_cached(model, threshold: float, graphed=False) -> tuple[torch.Tensor, int]:
-    """The step cache's loop over CACHE_CASE (hoisted or graphed): (latents, full model calls)."""
-    cond, x, sigmas = cache_case()
+def run_cached(model, threshold: float, graphed=False, name: str = CACHE_CASE) -> tuple[torch.Tensor, int]:
+    """The step cache's loop over a case (hoisted or graphed), CACHE_STEPS steps: (latents, full model calls)."""
+    cond, x, sigmas = cache_case(name)
     base = Hoisted(model, EAGER_OPS, torch.float32)
     if graphed:
         base = Graphed(model, EAGER_OPS, torch.float32, capture=capture_eager)
@@ -178,9 +179,7 @@ def _ranks(rank: int, world: int, init_file: str, out_dir: str, checkpoint: str,
     `threshold` and at HUGE (hoisted and graphed); its results saved as out_dir/{N}-{rank}.pt. Then the public API
     on the tiny checkpoint (2 heads): an edit with a random seed on ranks {0, 1}, the same with a step cache, and
     the refusal of 3 ranks."""
-    # a collective that one rank never joins (ranks deciding differently) fails within a minute, not gloo's 30
-    timeout = datetime.timedelta(seconds=60)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = make_model()
         groups = {n: dist.new_group(list(range(n))) for n in WORLDS}  # every rank creates every group, in order
@@ -194,9 +193,10 @@ def _ranks(rank: int, world: int, init_file: str, out_dir: str, checkpoint: str,
                 (t, graphed): run_cached(sharded, t, graphed) for t in (threshold, HUGE) for graphed in (False, True)
             }
             r, r_full = delta_inputs()
-            rows = sharded.layout(r.shape[1], 32, TEXT)  # 12 target tokens of 32: as CACHE_CASE
-            rows = slice(rows.start, rows.start + rows.targets[rank])
+            start = sum(shard_sizes(32, n)[:rank])  # 12 target tokens of 32 (CACHE_CASE): this rank's, if any
+            rows = slice(min(start, 12), min(start + shard_sizes(32, n)[rank], 12))
             out["delta"] = step_cache.delta(r[:, rows], r_full[:, rows], sharded)
+            out["cached_batch"] = {g: run_cached(sharded, HUGE, g, BATCH_CASE) for g in (False, True)}
             cond, x, sigmas = make_case(LEAK)
             out["leak"] = run_loop(sharded, leaky(cond, n), x, sigmas)
             if n == 2:
@@ -221,7 +221,8 @@ def references():
     """name -> (single-process float32 latents, float64 latents); CACHE_CASE + "-long": its CACHE_STEPS loop."""
     model = make_model()
     found = {name: (run_loop(model, *make_case(name)), float64_loop(model, *make_case(name))) for name in CASES}
-    found[CACHE_CASE + "-long"] = run_loop(model, *cache_case()), float64_loop(model, *cache_case())
+    for name in (CACHE_CASE, BATCH_CASE):
+        found[name + "-long"] = run_loop(model, *cache_case(name)), float64_loop(model, *cache_case(name))
     return found
 
 
@@ -240,6 +241,7 @@ def ranks(tmp_path_factory, kontext_dir, threshold) -> dict[int, list[dict]]:
         if time.monotonic() > deadline:
             for process in spawned.processes:
                 process.kill()
+                process.join()
             pytest.fail("the ranks did not finish in 300 s: a collective that not every rank joined?")
     return {n: [torch.load(folder / f"{n}-{r}.pt") for r in range(n)] for n in WORLDS}
 
@@ -316,6 +318,17 @@ def test_the_step_cache_under_parallel_decides_as_one_process(ranks, references,
             assert torch.equal(graphed, got), (t, r)
             assert torch.equal(got, ranks[world][0]["cached"][(t, False)][0])
             assert rel_err(got, want) <= 3 * noise, f"{rel_err(got, want):.3g} > 3 x {noise:.3g} at {t}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_batch_of_two_skips_under_parallel_as_in_one_process(ranks, references, world):
+    want, calls = run_cached(make_model(), HUGE, name=BATCH_CASE)
+    noise = rel_err(*references[BATCH_CASE + "-long"])
+    for r in range(world):
+        (got, got_calls), (graphed, graphed_calls) = (ranks[world][r]["cached_batch"][g] for g in (False, True))
+        assert got_calls == graphed_calls == calls == 1 and torch.equal(graphed, got)
+        assert got.shape == want.shape == (2, 15, 64)
+        assert rel_err(got, want) <= 3 * noise, f"{rel_err(got, want):.3g} > 3 x {noise:.3g}"
 
 
 def test_the_pipeline_runs_the_step_cache_under_parallel(ranks):

@@ -25,8 +25,11 @@ block 0 and delta against the static r_full), `full` (the remaining blocks and t
 static r_full and rest) and `cached` (the final layer over the first block's output plus rest). Each step replays
 `first`, reads delta on the host (the same one sync) and replays `full` or `cached`: the kernels and values of the
 eager hoisted cache, bit for bit (tests/test_step_cache.py, with graphs.capture_eager). r_full and rest live with
-the bucket's graphs, so a loop never reads another loop's cache: its first step runs in full. Still to measure on
-a GPU: the sync's cost between two replays, the second graph pool's memory, and the steps per second gained.
+the bucket's graphs, so a loop never reads another loop's cache: its first step runs in full. Under sequence
+parallelism (model/ulysses.py) the rows are this rank's target tokens, and `first` gives the two sums of delta
+over them; they are added over the ranks between the replays, outside any graph (summed_delta says why). Still to
+measure on a GPU: the sync's cost between two replays, the second graph pool's memory, and the steps per second
+gained.
 
 FP8 linears are the model's own modules (model/fp8_linear.py), so the cache runs over them unchanged: the first
 block and the rest run in FP8 as the uncached step does, and delta and rest stay float32. The GPU suite's
@@ -82,9 +85,21 @@ def delta(r: torch.Tensor, r_full: torch.Tensor, model=None) -> torch.Tensor:
     of every row are added over the ranks first, so every rank takes the same decision from every target token."""
     if not isinstance(model, SequenceParallel):
         return relative_l1(r, r_full).max()
+    return summed_delta(delta_sums(r, r_full), model)
+
+
+def delta_sums(r: torch.Tensor, r_full: torch.Tensor) -> torch.Tensor:
+    """(2, B) float32: sum |r - r_full| and sum |r_full| of each row over this rank's target tokens."""
     r, r_full = r.float(), r_full.float()
-    sums = model.sum_over_ranks(torch.stack(((r - r_full).abs().sum((1, 2)), r_full.abs().sum((1, 2)))))
-    return (sums[0] / sums[1]).max()  # the counts of the two means cancel
+    return torch.stack(((r - r_full).abs().sum((1, 2)), r_full.abs().sum((1, 2))))
+
+
+def summed_delta(sums: torch.Tensor, model) -> torch.Tensor:
+    """The decision number from every rank's delta_sums (added in place over the ranks): the counts of the two
+    means cancel. Never inside a CUDA graph: a collective captured in a graph has no NCCL timeout (the process
+    group's watchdog does not see it), and this one runs at every step, where a rank that stopped must be noticed."""
+    sums = model.sum_over_ranks(sums)
+    return (sums[0] / sums[1]).max()
 
 
 def target_residual(first: FirstBlock) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +133,12 @@ class CachedStep:
         def first(x, mod, ctx, txt, cos, sin):
             block = model.first_block(x.to(dtype), ctx, txt, mod.split(model.mod_widths, -1), cos, sin, ops)
             _, r = target_residual(block)
-            return block.x, block.txt, r, delta(r, self.r_full, model)  # read only once r_full is this loop's
+            # read only once r_full is this loop's; under parallel the sums, added over the ranks after the replay
+            return block.x, block.txt, r, delta(r, self.r_full) if layout is None else delta_sums(r, self.r_full)
 
         self.first = CapturedStep(first, args, capture, pool)
         x1, txt1, r, _ = self.first.output  # the static outputs the other two graphs read
+        assert r.shape[1] == n, (r.shape, n)  # the shard first_block made is the one sized here
         static = self.first.inputs
         block = FirstBlock(x1, txt1, None, n, layout)  # x_in is not read after the first block
 
@@ -138,6 +155,9 @@ class CachedStep:
 
         self.full = CapturedStep(full, {}, capture, pool)
         self.cached = CapturedStep(cached, {}, capture, pool)
+        # the decision number from first's last output: as it is in one process, summed over the ranks (outside
+        # the graph, on a copy of the static output) under parallel
+        self.decision = (lambda d: d) if layout is None else (lambda sums: summed_delta(sums.clone(), model))
         self.load = self.first.load  # every input is the first graph's
 
 
@@ -194,7 +214,7 @@ class FirstBlockCache(Denoiser):
             def velocity(i: int, x: torch.Tensor) -> torch.Tensor:
                 nonlocal refreshed
                 step.load(x=x, mod=mods[i])
-                d = step.first.replay()[-1]
+                d = step.decision(step.first.replay()[-1])
                 if refreshed and d.item() < self.threshold:  # the host sync, between two replays
                     self.cached_steps += 1
                     return step.cached.replay()  # static outputs: the solver reads them before the next replay

@@ -445,7 +445,7 @@ def build_app(
     }
     ranks = None
     if gpus_per_replica > 1:
-        spec.check_sharded(gpus_per_replica)  # TensorRT, CUDA graphs: before any replica starts
+        spec.check_sharded(gpus_per_replica)  # TensorRT engines: before any replica starts
         ranks = Ranks(gpus_per_replica, float(rank_timeout_s), num_cpus)
         bundle = {"CPU": num_cpus, "GPU": 1} if on_cuda else {"CPU": num_cpus}
         options["placement_group_bundles"] = [bundle] * gpus_per_replica  # the first one is the replica's
