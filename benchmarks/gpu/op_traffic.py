@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCH_DIR = str(Path(torch.__file__).parent)
-MODEL_FILE = str(ROOT / "runtime" / "kontext_rt" / "model" / "transformer.py")  # the runtime model's lines
+MODEL_FILE = str(Path("kontext_rt", "model", "transformer.py"))  # the runtime model's lines: paths ending so
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot", "_scaled_mm"}
 # ops that allocate or alias without a kernel (views are found by their schema: OpOverload.is_view)
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "_unsafe_view", "lift_fresh", "detach", "alias"}
@@ -99,9 +99,9 @@ class Tally:
             name = frame.f_code.co_filename
             if found is None and not name.startswith(TORCH_DIR) and name != __file__:
                 found = f"{Path(name).name}:{frame.f_lineno} {frame.f_code.co_name}"
-                if name == MODEL_FILE:
+                if name.endswith(MODEL_FILE):
                     return found
-            elif found is not None and name == MODEL_FILE:
+            elif found is not None and name.endswith(MODEL_FILE):
                 return f"{found} < {frame.f_lineno} {frame.f_code.co_name}"
             frame = frame.f_back
         return found or "the step's caller"  # no model frame: the denoiser's casts (runtime_model's run)
@@ -312,7 +312,8 @@ def differences(name: str, ours: dict, theirs: dict, tb_s: float, top: int) -> l
                 "diffusers_launches": b["launches"],
             }
         )
-    rows.sort(key=lambda r: (-abs(r["extra_gb"]), -abs(r[f"{name}_launches"] - r["diffusers_launches"])))
+    launches = lambda r: -abs(r[f"{name}_launches"] - r["diffusers_launches"])  # noqa: E731
+    rows.sort(key=lambda r: (-abs(r["extra_gb"]), launches(r), r["group"]))  # ties by name: one order every run
     return rows[:top]
 
 
