@@ -23,8 +23,29 @@ def test_eager_moves_fewer_bytes_and_launches_fewer_kernels_than_diffusers():
     traffic = bench_scripts.load("gpu/op_traffic.py")
     cfg = dataclasses.replace(PRESETS["flux-kontext-dev"], depth=2, depth_single_blocks=2)
     layout = (64, 256, 256)
-    eager = traffic.totals(traffic.count(*traffic.eager_model(cfg, layout, torch.bfloat16)))
+    eager = traffic.totals(traffic.count(*traffic.runtime_model(cfg, layout, torch.bfloat16)))
     theirs = traffic.totals(traffic.count(*traffic.diffusers_model(cfg, layout, torch.bfloat16)))
     assert eager["matmul_tflop"] == pytest.approx(theirs["matmul_tflop"], rel=1e-3)  # the same work, counted
     assert eager["non_matmul_gb"] <= theirs["non_matmul_gb"], (eager, theirs)
     assert eager["launches"] <= theirs["launches"], (eager, theirs)
+
+
+def test_the_triton_fp8_step_counts_its_scaled_mm_as_the_same_matmul_work():
+    """The triton table's custom ops are one launch each, and FP8 linears' torch._scaled_mm are matmuls: the
+    hoisted FP8 step does the FLOPs of the bf16 one (the modulation table made before it, not counted), in fewer
+    launches than the eager step."""
+    pytest.importorskip("triton")
+    traffic = bench_scripts.load("gpu/op_traffic.py")
+    cfg = dataclasses.replace(PRESETS["flux-kontext-dev"], depth=2, depth_single_blocks=2)
+    layout = (64, 256, 256)
+    step = {
+        fp8: traffic.count(*traffic.runtime_model(cfg, layout, torch.bfloat16, "triton", fp8, hoisted=True))
+        for fp8 in (False, True)
+    }
+    ops = {k[1] for k in step[True].rows}
+    assert {"kontext_rt.qk_norm_rope", "kontext_rt.quantize_rows", "aten._scaled_mm"} <= ops, ops
+    bf16, fp8 = (traffic.totals(t) for t in step.values())
+    eager = traffic.totals(traffic.count(*traffic.runtime_model(cfg, layout, torch.bfloat16, hoisted=True)))
+    assert fp8["matmul_tflop"] == pytest.approx(bf16["matmul_tflop"], rel=1e-9)
+    assert fp8["matmul_gb"] < bf16["matmul_gb"]  # e4m3 weights and activations
+    assert bf16["launches"] < eager["launches"] and bf16["non_matmul_gb"] < eager["non_matmul_gb"]
