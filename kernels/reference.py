@@ -137,3 +137,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y."""
     return x + gate * y
+
+
+def gelu_quantize_rows(attn: torch.Tensor | None, mlp_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 linear input of a single block's linear2 (attn (R, A), mlp_in (R, M)) or of a double block MLP's
+    second linear (attn None): the per-row e4m3 quantization (fp8_linear.quantize_rows) of cat(attn, GELU(mlp_in))
+    with GELU's tanh approximation, its value rounded to mlp_in's dtype as F.gelu returns it. The unfused path
+    exactly, which is what kernels/gelu_quant.py fuses."""
+    from kontext_rt.model.fp8_linear import quantize_rows  # the model imports this module: no cycle at import
+
+    h = F.gelu(mlp_in, approximate="tanh")
+    return quantize_rows(h if attn is None else torch.cat((attn, h), -1))
