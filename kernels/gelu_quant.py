@@ -175,6 +175,33 @@ def _check_out(q: torch.Tensor, scale: torch.Tensor, rows: int, width: int, devi
         raise ValueError(f"out tensors must be on {device}")
 
 
+def error_bound(attn: torch.Tensor | None, mlp_in: torch.Tensor, scale: torch.Tensor, ref_scale: torch.Tensor):
+    """(R, A + M) float64: how far each dequantized value q * scale of this kernel may be from the reference's
+    (reference.gelu_quantize_rows, scales ref_scale), derived from the one difference between them, GELU's tanh.
+
+    Each float32 GELU is 0.5 x (1 + t) with t within about a float32 ulp of 1 of tanh (2 eps32 |x| counts both
+    GELUs' errors), then rounded once to the input dtype, which may put the two on neighbouring values:
+    |g_k - g_r| <= delta = ulp_dtype(g_r) + 2 eps32 |x| (attn is copied: delta 0). Each q * s is within half an
+    e4m3 step (times its scale) of its own value, so |q_k s_k - q_r s_r| <= delta + max(s) * step(max(|x_k|,
+    |x_r|) / min(s)), step(u) = 2**(max(floor(log2 u), -6) - 3) (3 mantissa bits, subnormal below 2**-6), with
+    |x_k| <= |x_r| + delta. Used by tests/test_gelu_quant.py and the GPU benchmark."""
+    import torch.nn.functional as F
+
+    g = F.gelu(mlp_in, approximate="tanh").double()
+    tiny = torch.finfo(mlp_in.dtype).tiny
+    ulp = torch.finfo(mlp_in.dtype).eps * torch.exp2(torch.floor(torch.log2(g.abs().clamp(min=tiny))))
+    delta_g = ulp + 2 * torch.finfo(torch.float32).eps * mlp_in.double().abs()
+    if attn is None:
+        delta, mag = delta_g, g.abs() + delta_g
+    else:
+        delta = torch.cat((torch.zeros_like(attn, dtype=torch.float64), delta_g), -1)
+        mag = torch.cat((attn.double().abs(), g.abs() + delta_g), -1)
+    s_k, s_r = scale.double(), ref_scale.double()
+    smax, smin = torch.maximum(s_k, s_r), torch.minimum(s_k, s_r)
+    step = torch.exp2(torch.floor(torch.log2((mag / smin).clamp(min=2.0**-6))) - 3)
+    return delta + smax * step
+
+
 @torch.library.custom_op("kontext_rt::gelu_quantize_rows", mutates_args=())
 def gelu_quantize_rows_op(attn: torch.Tensor | None, mlp_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gelu_quantize_rows(attn, mlp_in)
