@@ -144,3 +144,49 @@ def test_the_op_passes_opcheck(with_attn):
     args = (attn if with_attn else None, mlp)
     torch.library.opcheck(gelu_quant.gelu_quantize_rows_op, args, test_utils=("test_schema", "test_faketensor"))
     assert_bit_for_bit(gelu_quant.gelu_quantize_rows_op(*args), gelu_quant.gelu_quantize_rows(*args))
+
+
+def fp8_layer(in_features, out_features, gen):
+    from torch import nn
+
+    linear = nn.Linear(in_features, out_features).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen) / in_features**0.5)
+    return f8.FP8Linear.from_linear(linear, matmul=f8.scaled_mm_dequantized)
+
+
+def test_gelu_linear_eager_is_the_unfused_fp8_layer_and_triton_runs_the_kernel():
+    """transformer.gelu_linear, as the single block's linear2 and the double MLP's second linear call it: with the
+    eager table, a dynamic FP8 linear gives exactly its unfused output (the eager FP8 path keeps its bits); with
+    the kernel in the table, the product of the kernel's q and scale; a static FP8 or plain linear never calls it."""
+    from kontext_rt.kernels import ops as kernels
+    from kontext_rt.model.op_table import EAGER_OPS, Ops
+    from kontext_rt.model.transformer import gelu_linear, mlp, mlp_forward
+
+    gen = torch.Generator().manual_seed(2)
+    b, length, a, m, n = 2, 7, 24, 40, 16
+    layer = fp8_layer(a + m, n, gen)
+    attn = torch.randn(b, length, a, generator=gen).bfloat16()
+    mlp_in = (3 * torch.randn(b, length, 8 + m, generator=gen)).bfloat16()[..., 8:]  # a slice, as torch.split gives
+    unfused = layer(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")), -1))
+    assert torch.equal(gelu_linear(layer, attn, mlp_in, EAGER_OPS), unfused)
+    triton_ops = Ops(gelu_quantize_rows=kernels.gelu_quantize_rows)
+    q, scale = gelu_quant.gelu_quantize_rows(attn.reshape(-1, a), mlp_in.reshape(-1, m))
+    assert torch.equal(gelu_linear(layer, attn, mlp_in, triton_ops), layer.product(q, scale, (b, length), attn.dtype))
+
+    def refuse(*_):
+        raise AssertionError("the fused op was called for a layer it does not apply to")
+
+    static = f8.FP8Linear(layer.weight, layer.weight_scale, layer.bias, matmul=f8.scaled_mm_dequantized)
+    static.input_scale = torch.tensor(0.05)
+    never = Ops(gelu_quantize_rows=refuse)
+    want = static(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")), -1))
+    assert torch.equal(gelu_linear(static, attn, mlp_in, never), want)
+
+    seq = mlp(32, m).to(torch.bfloat16)
+    x = torch.randn(b, length, 32, generator=gen).bfloat16()
+    assert torch.equal(mlp_forward(seq, x, never), seq(x))  # bf16: the Sequential itself
+    seq[2] = fp8_layer(m, 32, gen)
+    assert torch.equal(mlp_forward(seq, x, EAGER_OPS), seq(x))
+    q, scale = gelu_quant.gelu_quantize_rows(None, seq[0](x).reshape(-1, m))
+    assert torch.equal(mlp_forward(seq, x, triton_ops), seq[2].product(q, scale, (b, length), x.dtype))
