@@ -7,17 +7,18 @@ block's linear2, and of a double block MLP's second linear (no attn part).
     scale  (R, 1)      float32: one scale per row, as kernels/fp8_quant.py
 
 The result is reference.gelu_quantize_rows: quantize_rows(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")),
--1)). GELU is evaluated in float32 with torch's formula and operation order (0.5 x (1 + tanh(k (x + 0.044715
-x^3)))) and rounded to the input dtype, as F.gelu's output is, before it enters the amax and the quantization.
+-1)). GELU is evaluated in float32 (compiled, with torch's formula and operation order: 0.5 x (1 + tanh(k (x +
+0.044715 x^3)))) and rounded to the input dtype, as F.gelu's output is, before it enters the amax and the quantization.
 Unfused, torch writes the GELU output, copies it and attn into the cat, and the quantizer reads the cat back; here
 attn and mlp_in are read and only the e4m3 bytes and the scales are written.
 
 The scale needs the row's amax before any byte is written, so one program quantizes one row in two passes, as
 fp8_quant does: the first loops over the row in BLOCK-wide tiles for the amax (GELU computed on the way), the
 second reads the row again, recomputes GELU and writes. A FLUX row is 3072 + 12288 values (30 KB in bf16): the
-second read is served from L2, so DRAM sees one read and one write, and recomputing tanh is cheaper than writing
-the GELU values anywhere. Holding a whole row in registers instead would need a 16384-wide tile (64 values a
-thread at 8 warps plus GELU's temporaries) for one width only; the loop works for any width.
+second read is served from L2, so DRAM sees one read and one write, and GELU is recomputed rather than written
+anywhere (two tanh per element: whether that keeps the kernel at the memory's rate is for the GPU run to
+show). Holding a whole row in registers instead would need a 16384-wide tile (64 values a thread at 8 warps plus
+GELU's temporaries) for one width only; the loop works for any width.
 
 tanh: compiled, libdevice's tanhf, what CUDA's tanhf and so torch's GELU kernel on the GPU call (equal bits there
 are likely but not yet measured: the multiply-adds may contract differently). The interpreter has no libdevice:
