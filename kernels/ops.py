@@ -9,6 +9,7 @@ from __future__ import annotations
 from kontext_rt.kernels import (
     _launch,
     fp8_quant,
+    gelu_quant,
     modulation,
     prepass,
     qk_norm_rope,
@@ -22,6 +23,7 @@ modulate = modulation.modulate_op
 gated_residual = modulation.gated_residual_op
 row_linear_op = row_linear.row_linear_op
 quantize_rows = fp8_quant.quantize_rows_op
+gelu_quantize_rows = gelu_quant.gelu_quantize_rows_op  # (attn or None, mlp_in) -> (q, scale)
 
 
 def attention(q, k, v, q_scales, k_scales, split, cos, sin):

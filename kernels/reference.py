@@ -89,6 +89,18 @@ def rope_attention(q, k, v, q_scales, k_scales, split, cos, sin):
 
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+AMAX_FLOOR = 1e-12  # the kernels' floor too: an all-zero row gets a tiny scale, not a division by zero
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference per-row quantizer: (q (R, K) e4m3, scale (R, 1) float32), x ~= q * scale.
+
+    Both divisions are IEEE on every device. The 448 is a device tensor on purpose: on CUDA, torch divides by a
+    Python number as a multiplication by its float32 reciprocal, one ulp off the quotient for about half of all
+    amax values, so the scales would differ between the CPU and the GPU (and from the Triton kernel)."""
+    e4m3_max = torch.full((), E4M3_MAX, dtype=torch.float32, device=x.device)
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=AMAX_FLOOR) / e4m3_max
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,3 +149,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y."""
     return x + gate * y
+
+
+def gelu_quantize_rows(attn: torch.Tensor | None, mlp_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 linear input of a single block's linear2 (attn (R, A), mlp_in (R, M)) or of a double block MLP's
+    second linear (attn None): the per-row e4m3 quantization (quantize_rows) of cat(attn, GELU(mlp_in))
+    with GELU's tanh approximation, its value rounded to mlp_in's dtype as F.gelu returns it. The unfused path
+    exactly, which is what kernels/gelu_quant.py fuses."""
+    h = F.gelu(mlp_in, approximate="tanh")
+    return quantize_rows(h if attn is None else torch.cat((attn, h), -1))

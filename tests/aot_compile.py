@@ -65,7 +65,12 @@ PREPASS_ALIGNED = (
 )
 
 
+GELU_QUANT_ALIGNED = ("attn_ptr", "mlp_ptr", "q_ptr", "scale_ptr", "A", "M", "stride_ar", "stride_mr")
+
+
 def aligned(name: str) -> tuple:
+    if name.startswith("gelu_quant"):
+        return GELU_QUANT_ALIGNED
     return PREPASS_ALIGNED if name.startswith("attention_prepass") else ALIGNED.get(name, ())
 
 
@@ -159,6 +164,20 @@ def jobs():
         )
 
 
+def gelu_quant_jobs():
+    """The fused GELU + cat + e4m3 quantizer with its launcher's constexprs at FLUX's single block widths (A = 3072,
+    M = 12288; A = 0 is the same binary), sm_90 only: its output is e4m3, which Triton has no type for before
+    sm_89, and the FP8 path it feeds (_scaled_mm row-wise) is Hopper's."""
+    from kontext_rt.kernels import gelu_quant
+
+    block, warps = gelu_quant.launch_config(3072, 12288)
+    for dt in ("bf16", "fp32"):
+        types = {"attn_ptr": f"*{dt}", "mlp_ptr": f"*{dt}", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+        types |= {"amax_floor": "fp32"}
+        const = dict(BLOCK=block, INTERPRET=False)
+        yield f"gelu_quant {dt} A=3072 M=12288", gelu_quant._gelu_quant_kernel, types, const, warps, 1, 90
+
+
 def prepass_jobs():
     """The pre-pass's three kernels with its launcher's constexprs, at FLUX's head dim, bf16 in: the write pass
     plain and in its heaviest mode, the statistics pass and its reduction. fp8 on sm_90 only: Triton has no e4m3
@@ -187,7 +206,7 @@ def main() -> int:
     selected = sys.argv[1] if len(sys.argv) > 1 else ""  # a name prefix, to compile a few kernels by hand
     results = {
         name: compile_kernel(kernel, types, const, w, s, arch, aligned(name))
-        for name, kernel, types, const, w, s, arch in (*jobs(), *prepass_jobs())
+        for name, kernel, types, const, w, s, arch in (*jobs(), *gelu_quant_jobs(), *prepass_jobs())
         if name.startswith(selected)
     }
     json.dump(results, sys.stdout, indent=1)

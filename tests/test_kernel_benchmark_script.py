@@ -21,6 +21,9 @@ def test_smoke_run_writes_checked_json(tmp_path):
     assert {"triton-fused", "triton-prerotated", "sdpa-flash + torch norm+rope"} <= set(rows)
     assert rows["triton-fused"]["ms"] > 0 and "gbs" in result["qk_norm_rope"]["one-context"]["timings"]["triton"]
     assert set(result["modulation"]) == {"modulate", "gated_residual"}
+    gelu = result["gelu_quant"]
+    assert set(gelu) == {"A=96 M=384", "A=0 M=384"}  # the smoke width 96: a single block and a double MLP
+    assert all(c["checks"]["within_error_bound"] and c["timings"]["triton"]["gbs"] > 0 for c in gelu.values())
 
 
 def test_smoke_refuses_the_results_folder():

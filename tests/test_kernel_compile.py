@@ -50,6 +50,8 @@ def test_every_kernel_compiles_for_hopper_and_ampere(compiled):
         "fp8_quant fp32 K=12288",
         "row_linear bf16",
         "row_linear fp32",
+        "gelu_quant bf16 A=3072 M=12288",
+        "gelu_quant fp32 A=3072 M=12288",
     ):
         assert name in compiled
     # Hopper: the attention products run on warpgroup tensor-core instructions
@@ -132,3 +134,18 @@ def test_the_prepass_compiles_without_spills_and_moves_rows_in_16_byte_accesses(
     for name in ("attention_prepass write fp8 smooth_k sm_90", "attention_prepass finalize fp8 smooth_k sm_90"):
         div = compiled[name]["fp32_div"]
         assert div["rn"] > 0 and div["full"] == 0, (name, div)
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no ptxas to compile NVIDIA targets with")
+def test_the_gelu_quantizer_compiles_without_spills_divides_as_torch_and_moves_16_byte_vectors(compiled):
+    """The fused GELU + cat + e4m3 quantizer (sm_90 only: e4m3). Memory-bound like the quantizer it extends: attn
+    and mlp_in rows load as 16-byte vectors in both passes (4 per thread per pass for bf16 at the 4096-wide tile),
+    the e4m3 bytes store as 16-byte vectors, and its divisions (scale, quotient) are IEEE div.rn as torch's."""
+    for name in ("gelu_quant bf16 A=3072 M=12288", "gelu_quant fp32 A=3072 M=12288"):
+        r = compiled[name]
+        assert r["spill_bytes"] == 0, (name, r)
+        assert r["fp32_div"]["rn"] > 0 and r["fp32_div"]["full"] == 0 and r["fp32_div"]["approx"] == 0, (name, r)
+        accesses = r["global_accesses"]
+        assert accesses.get("ld.global.v4.b32", 0) >= 8, (name, accesses)
+        assert accesses.get("st.global.v4.b32", 0) >= 2, (name, accesses)
+        assert not any(f.endswith((".b8", ".b16", ".u8", ".u16")) for f in accesses), (name, accesses)

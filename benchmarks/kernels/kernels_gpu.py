@@ -12,7 +12,9 @@ Triton norm+RoPE kernel). TFLOP/s = 4 * B * H * L^2 * D / time, the attention FL
 also spends time on RoPE shows it as a lower rate. The norm+RoPE and modulation kernels are reported in GB/s
 against the device-to-device copy rate measured in the same run (their memory floor), and so is the attention
 pre-pass (QK norm + RoPE + FA3's layout, plain bf16 and with per-head FP8 quantization, with and without k
-smoothing) against the same work in torch ops.
+smoothing) against the same work in torch ops, the FP8 activation quantizer, and the fused GELU + cat + FP8
+quantizer of a single block's linear2 input (R = 8704 tokens, A = 3072, M = 12288) against gelu + cat +
+quantize_rows.
 
 Every timed kernel is first checked against the float32 reference: its error may be at most twice that of the
 eager bf16 path, plus one bf16 ulp (tests/kernel_inputs.py's rule). --smoke runs the whole script on the CPU
@@ -250,6 +252,69 @@ def fp8_quant_section(shape, device, reps, copy_gbs):
     return section
 
 
+def gelu_quant_section(shape, device, reps, copy_gbs):
+    """The fused GELU(tanh) + cat + per-row e4m3 quantizer on a single block's linear2 input (R tokens, A = C,
+    M = 4C) and a double block MLP's second linear input (A = 0), against the unfused paths: torch's
+    gelu + cat + quantize_rows (the eager FP8 path) and gelu + cat + the Triton quantizer (the triton backend's
+    today). Checks: within gelu_quant.error_bound of the eager composite (the contract); whether the bytes and
+    scales are equal too is recorded (libdevice's tanhf is CUDA's, so equal bits are expected but not claimed).
+    GB/s over the fused kernel's floor: one read of attn and mlp_in, one write of the e4m3 bytes and the scales.
+    The unfused paths also write the bf16 GELU, copy it and attn into the cat and read the cat back (at least
+    8 more bytes per GELU element, 4 per attn element; benchmarks/results/cpu-op-traffic-2026-12-07).
+    """
+    import torch
+
+    from kontext_rt.kernels import fp8_quant, gelu_quant, reference
+
+    length = shape["lengths"]["one-context"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    section = {}
+    for a_width, m_width in ((shape["width"], 4 * shape["width"]), (0, 4 * shape["width"])):
+        attn = torch.randn(length, a_width, device=device, dtype=torch.bfloat16, generator=gen) if a_width else None
+        mlp_in = 3 * torch.randn(length, m_width, device=device, dtype=torch.bfloat16, generator=gen)
+        (q, sq), (r, sr) = gelu_quant.gelu_quantize_rows(attn, mlp_in), reference.gelu_quantize_rows(attn, mlp_in)
+        err = (q.double() * sq.double() - r.double() * sr.double()).abs()
+        within = bool((err <= gelu_quant.error_bound(attn, mlp_in, sq, sr)).all())
+        differ = int((q.view(torch.uint8) != r.view(torch.uint8)).sum())
+        nbytes = length * (a_width + m_width) * (2 + 1) + length * 4
+
+        def triton_unfused(a=attn, m=mlp_in):
+            h = torch.nn.functional.gelu(m, approximate="tanh")
+            return fp8_quant.quantize_rows(h if a is None else torch.cat((a, h), -1))
+
+        section[f"A={a_width} M={m_width}"] = {
+            "shape": [length, a_width, m_width],
+            "bytes": nbytes,
+            "checks": {
+                "ok": within,
+                "within_error_bound": within,
+                "bit_for_bit": bool(differ == 0 and torch.equal(sq, sr)),
+                "bytes_differing": differ,
+                "scales_differing": int((sq != sr).sum()),
+            },
+            "timings": {
+                "triton": _timed(
+                    lambda a=attn, m=mlp_in: gelu_quant.gelu_quantize_rows(a, m),
+                    device,
+                    reps,
+                    nbytes=nbytes,
+                    copy_gbs=copy_gbs,
+                ),
+                "gelu+cat+triton quantize_rows": _timed(triton_unfused, device, reps, nbytes=nbytes, copy_gbs=copy_gbs),
+                "eager": _timed(
+                    lambda a=attn, m=mlp_in: reference.gelu_quantize_rows(a, m),
+                    device,
+                    reps,
+                    nbytes=nbytes,
+                    copy_gbs=copy_gbs,
+                ),
+            },
+        }
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return section
+
+
 def goals(attention):
     """The issue's bar at L=8704: the fused kernel no slower than SDPA + separate RoPE, and above 400 TFLOP/s."""
     case = attention.get("one-context")
@@ -317,12 +382,15 @@ def run(smoke: bool, reps: int, write) -> dict:
     result["modulation"] = modulation_section(shape, device, reps, copy_gbs)
     write(result)
     result["fp8_quant"] = fp8_quant_section(shape, device, reps, copy_gbs)
+    write(result)
+    result["gelu_quant"] = gelu_quant_section(shape, device, reps, copy_gbs)
     result["goals_one_context"] = goals(result["attention"]) if device == "cuda" else "not evaluated: interpreter"
     checks = [c for s in result["attention"].values() for c in s["checks"].values()]
     checks += [c for s in result["qk_norm_rope"].values() for c in s["checks"].values()]
     checks += [c for s in result["attention_prepass"].values() for c in s["checks"].values()]
     checks += [s["checks"] for s in result["modulation"].values()]
     checks += [s["checks"] for s in result["fp8_quant"].values()]
+    checks += [s["checks"] for s in result["gelu_quant"].values()]
     result["all_checks_ok"] = all(c["ok"] for c in checks)
     write(result)
     return result

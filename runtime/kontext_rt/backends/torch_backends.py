@@ -131,6 +131,7 @@ class Triton(TorchBackend):
             gated_residual=kernels.gated_residual,
             row_linear=kernels.row_linear_op,
             quantize_rows=kernels.quantize_rows,
+            gelu_quantize_rows=kernels.gelu_quantize_rows,
             head_dims=kernels.HEAD_DIMS,
         )
 

@@ -2,7 +2,7 @@
 
 The transformer's large linears (each block's qkv, attention output, MLP; the single blocks' linear1/linear2) get
 weights quantized once, per output channel; activations are quantized per token at run time (dynamic: the fused
-Triton kernel in kontext_rt.kernels.fp8_quant, or `quantize_rows` below in torch), or with one static scale per
+Triton kernel in kontext_rt.kernels.fp8_quant, or reference.quantize_rows in torch), or one static scale per
 layer from the export stage's ModelOpt calibration (`kontext-rt export --precision fp8` writes it). Modulation,
 norms, embedders and the final layer stay in the model dtype, as in the export recipe (export/fp8.HIGH_PRECISION
 gives the reasons; a test keeps the two selections equal).
@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from kontext_rt.errors import CheckpointError
+from kontext_rt.kernels.reference import AMAX_FLOOR, E4M3_MAX, quantize_rows  # the per-row quantizer's reference
 
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
-AMAX_FLOOR = 1e-12  # the kernel's floor too: an all-zero row gets a tiny scale, not a division by zero
 CALIBRATION_FORMAT = "kontext-rt fp8 amax 1"  # the header tag of the export stage's calibration files
 FP8_LINEARS = re.compile(
     r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
@@ -45,17 +44,6 @@ class Fp8Mode(StrEnum):
 def fp8_eligible(name: str) -> bool:
     """True for the linears that run in FP8 (module names of kontext_rt.model.transformer.FluxTransformer)."""
     return FP8_LINEARS.match(name) is not None
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference per-row quantizer: (q (R, K) e4m3, scale (R, 1) float32), x ~= q * scale.
-
-    Both divisions are IEEE on every device. The 448 is a device tensor on purpose: on CUDA, torch divides by a
-    Python number as a multiplication by its float32 reciprocal, one ulp off the quotient for about half of all
-    amax values, so the scales would differ between the CPU and the GPU (and from the Triton kernel)."""
-    e4m3_max = torch.full((), E4M3_MAX, dtype=torch.float32, device=x.device)
-    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=AMAX_FLOOR) / e4m3_max
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -142,15 +130,24 @@ class FP8Linear(nn.Module):
             input_scale = (input_amax.detach().float().reshape(()).clamp(min=AMAX_FLOOR) / E4M3_MAX).to(q.device)
         return cls(q, scale.reshape(1, -1).contiguous(), bias, quantize, input_scale, matmul)
 
+    @property
+    def dynamic(self) -> bool:
+        """Activations quantized per row at run time (no calibrated input scale)."""
+        return self.input_scale is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.input_scale is None:
             q, scale = self.quantize(x2)
         else:
             q = quantize_static(x2, self.input_scale)
             scale = self.input_scale.expand(x2.shape[0], 1).contiguous()
-        y = self.matmul(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype)
+        return self.product(q, scale, x.shape[:-1], x.dtype)
+
+    def product(self, q: torch.Tensor, scale: torch.Tensor, lead: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """The layer on an input already quantized: q (R, K) e4m3 and scale (R, 1), R = prod(lead); (*lead, N) in
+        dtype. forward's second half, for a caller that quantized the input itself (transformer.gelu_linear)."""
+        y = self.matmul(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

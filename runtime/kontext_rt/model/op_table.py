@@ -25,6 +25,9 @@ class Ops:
     row_linear(x (R, K), w, b): the conditioning and modulation linears, whose rows are one per image and step;
     the triton table's kernel is row-invariant, so hoisting them out of the loop changes no bit (transformer.py).
     quantize_rows(x (R, K)) -> (e4m3, scale (R, 1)): the activation quantizer of FP8 linears.
+    gelu_quantize_rows(attn (R, A) or None, mlp_in (R, M)) -> (e4m3 (R, A + M), scale (R, 1)): quantize_rows of
+    cat(attn, GELU_tanh(mlp_in)), the input of a dynamic FP8 linear2 (or double block MLP output linear) in one
+    pass; the eager value is that composite, so the eager FP8 path keeps its bits (transformer.gelu_linear).
     rows_apart: the modulation table computes each batch row on its own (its S rows one matmul per layer), so a
     request's table never depends on the rows it is batched with (a BLAS may round by shape); a traced graph keeps
     one matmul over all rows instead (export/graph_ops: a Python loop over the batch would fix its size).
@@ -35,6 +38,7 @@ class Ops:
     gated_residual: Callable = reference.gated_residual
     row_linear: Callable = F.linear
     quantize_rows: Callable = fp8.quantize_rows
+    gelu_quantize_rows: Callable = reference.gelu_quantize_rows
     head_dims: tuple[int, ...] | None = None  # the head dims the ops support; None: any
     rows_apart: bool = True
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from kontext_rt.config import FluxConfig
 from kontext_rt.errors import InputError
+from kontext_rt.model.fp8_linear import FP8Linear
 from kontext_rt.model.op_table import EAGER_OPS, Ops
 from kontext_rt.model.residency import RESIDENT
 
@@ -95,6 +96,29 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
+def gelu_linear(linear: nn.Module, attn: torch.Tensor | None, mlp_in: torch.Tensor, ops: Ops) -> torch.Tensor:
+    """linear(cat(attn, GELU_tanh(mlp_in))) (attn None: linear(GELU_tanh(mlp_in))), attn (B, L, A), mlp_in
+    (B, L, M). A dynamic FP8 linear takes its e4m3 input from ops.gelu_quantize_rows, which the triton table runs as
+    one kernel (no bf16 GELU written, no cat, no re-read: 36.6 GB per FP8 step in the single blocks alone,
+    benchmarks/results/cpu-op-traffic-2026-12-07); the eager table's composite gives the unfused bits. Any other
+    linear (bf16, static FP8) sees the unfused composite, unchanged."""
+    if not (isinstance(linear, FP8Linear) and linear.dynamic):
+        h = F.gelu(mlp_in, approximate="tanh")
+        return linear(h if attn is None else torch.cat((attn, h), -1))
+    rows = mlp_in.reshape(-1, mlp_in.shape[-1])
+    q, scale = ops.gelu_quantize_rows(None if attn is None else attn.reshape(-1, attn.shape[-1]), rows)
+    return linear.product(q, scale, mlp_in.shape[:-1], mlp_in.dtype)
+
+
+def mlp_forward(mlp: nn.Sequential, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+    """A double block's MLP (Linear, GELU, Linear) on x; with gelu_linear's fused input when its output linear is
+    a dynamic FP8 linear, else the Sequential itself."""
+    out = mlp[2]
+    if isinstance(out, FP8Linear) and out.dynamic:
+        return gelu_linear(out, None, mlp[0](x), ops)
+    return mlp(x)
+
+
 class DoubleStreamBlock(nn.Module):
     def __init__(self, cfg: FluxConfig):
         super().__init__()
@@ -123,9 +147,13 @@ class DoubleStreamBlock(nn.Module):
 
         # gated residuals: attention, then MLP
         img = ops.gated_residual(img, img_m1.gate, self.img_attn.proj(img_attn))
-        img = ops.gated_residual(img, img_m2.gate, self.img_mlp(ops.modulate(img, img_m2.shift, img_m2.scale)))
+        img = ops.gated_residual(
+            img, img_m2.gate, mlp_forward(self.img_mlp, ops.modulate(img, img_m2.shift, img_m2.scale), ops)
+        )
         txt = ops.gated_residual(txt, txt_m1.gate, self.txt_attn.proj(txt_attn))
-        txt = ops.gated_residual(txt, txt_m2.gate, self.txt_mlp(ops.modulate(txt, txt_m2.shift, txt_m2.scale)))
+        txt = ops.gated_residual(
+            txt, txt_m2.gate, mlp_forward(self.txt_mlp, ops.modulate(txt, txt_m2.shift, txt_m2.scale), ops)
+        )
         return img, txt
 
 
@@ -149,7 +177,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q_scales, k_scales = (self.norm.query_norm.scale,) * 2, (self.norm.key_norm.scale,) * 2
         attn = ops.attention(q, k, v, q_scales, k_scales, 0, cos, sin)
-        out = self.linear2(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")), -1))
+        out = gelu_linear(self.linear2, attn, mlp_in, ops)
         return ops.gated_residual(x, mod.gate, out)
 
 
