@@ -292,6 +292,29 @@ def _fake_wheel(folder, dist, version, module):
             z.writestr(name, text)
 
 
+def test_a_repacked_wheel_installs_offline_with_the_same_files(tmp_path):
+    """wheels.py repack (LZMA for big members, how FlashAttention-3's wheel fits the carry): the members and their
+    bytes unchanged, the big one LZMA, and pip installs it offline (pip reads wheels with zipfile)."""
+    wheels = _module("wheels")
+    _fake_wheel(tmp_path, "big-lib", "1.0", "big_lib")
+    wheel = tmp_path / "big_lib-1.0-py3-none-any.whl"
+    data = os.urandom(3000).hex().encode()  # 6000 bytes, compressible: LZMA has something to do
+    with zipfile.ZipFile(wheel, "a") as z:
+        z.writestr("big_lib/data.bin", data)
+    with zipfile.ZipFile(wheel) as z:
+        want = {i.filename: z.read(i) for i in z.infolist()}
+    before, after = wheels.repack(wheel, min_bytes=4096)
+    assert after < before
+    with zipfile.ZipFile(wheel) as z:
+        assert {i.filename: z.read(i) for i in z.infolist()} == want
+        kinds = {i.filename: i.compress_type for i in z.infolist()}
+    assert kinds.pop("big_lib/data.bin") == zipfile.ZIP_LZMA and set(kinds.values()) == {zipfile.ZIP_DEFLATED}
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site), str(wheel)]
+    subprocess.run(pip, check=True, capture_output=True)
+    assert (site / "big_lib" / "data.bin").read_bytes() == data
+
+
 def test_carried_wheels_install_offline_and_children_import_from_them(tmp_path):
     """The GPU machine's path: wheels/ installed with pip --no-index into a fresh folder on the children's
     PYTHONPATH; a package already installed is not shadowed; the folder is removed after the run."""

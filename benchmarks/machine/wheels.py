@@ -6,6 +6,7 @@ tree is never measured by mistake: gpu_run.py rebuilds from the tree instead (se
 It records the commit too (the GPU machine gets the tree without its git history): run.json names it.
 
     python benchmarks/machine/wheels.py manifest wheels   # after the downloads and the build (gpu_wheels.sh does it)
+    python benchmarks/machine/wheels.py repack WHEEL      # LZMA for its big members: a large wheel fits the carry
 """
 
 from __future__ import annotations
@@ -86,14 +87,41 @@ def plan(folder: Path, installed: Callable[[str], bool], root: Path = ROOT) -> d
     return {"install": install, "already_installed": present, "project_wheel_stale": stale, "built_at": built_at}
 
 
+def repack(wheel: Path, min_bytes: int = 1 << 20) -> tuple[int, int]:
+    """Rewrite `wheel` in place with LZMA for its members of min_bytes or more (deflate for the rest): (bytes before,
+    after). For the carry's 64 MiB: FlashAttention-3's wheel is 62.8 MB deflated, its one CUDA library about 29 MB
+    under LZMA. The members and their bytes stay the same, so RECORD's hashes still hold; a wheel is a zip file,
+    and pip reads it with zipfile, which reads LZMA members (CPython's lzma module)."""
+    import zipfile
+
+    before = wheel.stat().st_size
+    tmp = wheel.with_suffix(".repacking")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)  # before compress_type changes: it says how to read the member
+            info.compress_type = zipfile.ZIP_LZMA if info.file_size >= min_bytes else zipfile.ZIP_DEFLATED
+            dst.writestr(info, data)
+    tmp.replace(wheel)
+    return before, wheel.stat().st_size
+
+
+USAGE = """usage: python benchmarks/machine/wheels.py manifest WHEELS_DIR
+       python benchmarks/machine/wheels.py repack WHEEL..."""
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "manifest":
-        print("usage: python benchmarks/machine/wheels.py manifest WHEELS_DIR", file=sys.stderr)
-        return 2
-    manifest = write_manifest(Path(argv[1]))
-    print(f"{len(manifest['wheels'])} wheels, sources {manifest['source_digest'][:12]}")
-    return 0
+    if len(argv) == 2 and argv[0] == "manifest":
+        manifest = write_manifest(Path(argv[1]))
+        print(f"{len(manifest['wheels'])} wheels, sources {manifest['source_digest'][:12]}")
+        return 0
+    if len(argv) >= 2 and argv[0] == "repack":
+        for name in argv[1:]:
+            before, after = repack(Path(name))
+            print(f"{Path(name).name}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB (LZMA)")
+        return 0
+    print(USAGE, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
