@@ -135,7 +135,9 @@ def test_concurrent_requests_are_spread_over_both_replicas(ray_port, pipe):
     assert len(running) == REPLICAS
     fast = fast_pixels(pipe)
     seen = set()
-    for _ in range(3):  # Ray routes each to the less loaded of two replicas: four at once reach both
+    # Ray's proxy routes each to the replica reporting the shorter queue, from probes and a cache of them: four at once
+    # usually reach both, yet a round may put all four on one (seen 4 in 12 rounds on a busy 2-core machine)
+    for _ in range(20):
         answers = concurrently(generate, [(ray_port, {**FAST, "seed": i}) for i in range(4)])
         for i, (status, headers, body) in enumerate(answers):
             assert status == 200, body
@@ -143,7 +145,7 @@ def test_concurrent_requests_are_spread_over_both_replicas(ray_port, pipe):
             seen.add(headers["x-kontext-replica"])
         if seen == running:
             break
-    assert seen == running
+    assert seen == running, f"20 rounds of 4 concurrent requests reached only {seen} of {running}"
 
 
 @pytest.mark.slow
