@@ -198,20 +198,14 @@ def count(run, blocks) -> Tally:
 def op_table(name: str):
     """The eager table, or the triton backend's (as backends/torch_backends.Triton builds it, without its device
     checks: the kernels are imported, never launched, on meta tensors)."""
-    from kontext_rt.model.op_table import EAGER_OPS, Ops
+    from kontext_rt.model.op_table import EAGER_OPS
 
     if name == "eager":
         return EAGER_OPS
+    from kontext_rt.backends.torch_backends import triton_ops
     from kontext_rt.kernels import ops as kernels
 
-    return Ops(
-        attention=kernels.attention_sdpa,
-        modulate=kernels.modulate,
-        gated_residual=kernels.gated_residual,
-        row_linear=kernels.row_linear_op,
-        quantize_rows=kernels.quantize_rows,
-        head_dims=kernels.HEAD_DIMS,
-    )
+    return triton_ops(kernels)
 
 
 def runtime_model(cfg, layout, dtype, table: str = "eager", fp8: bool = False, hoisted: bool = False):

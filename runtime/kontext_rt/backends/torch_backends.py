@@ -85,6 +85,20 @@ class TorchBackend(Backend):
         return Loaded(denoiser, StagedVAE(vae, self.device) if staged_vae else vae, transformer, stack)
 
 
+def triton_ops(kernels) -> Ops:
+    """The triton backend's op table from the kernels module (kontext_rt.kernels.ops), checked or not: the backend
+    builds it after its device checks, benchmarks/gpu/op_traffic.py to count it on meta tensors."""
+    return Ops(
+        attention=kernels.attention_sdpa,
+        modulate=kernels.modulate,
+        gated_residual=kernels.gated_residual,
+        row_linear=kernels.row_linear_op,
+        quantize_rows=kernels.quantize_rows,
+        gelu_quantize_rows=kernels.gelu_quantize_rows,
+        head_dims=kernels.HEAD_DIMS,
+    )
+
+
 class Eager(TorchBackend):
     name = "eager"
 
@@ -125,15 +139,7 @@ class Triton(TorchBackend):
                 )
         else:
             raise BackendUnavailable(f"backend 'triton' runs on CUDA devices, not {device.type}; use backend='eager'")
-        self.ops = Ops(
-            attention=kernels.attention_sdpa,
-            modulate=kernels.modulate,
-            gated_residual=kernels.gated_residual,
-            row_linear=kernels.row_linear_op,
-            quantize_rows=kernels.quantize_rows,
-            gelu_quantize_rows=kernels.gelu_quantize_rows,
-            head_dims=kernels.HEAD_DIMS,
-        )
+        self.ops = triton_ops(kernels)
 
     def attention_for(self, req: LoadRequest) -> attention.AttentionChoice:
         """sdpa, or FA3 after the pre-pass where it was asked for (or auto prefers it) and the probe passes: an
