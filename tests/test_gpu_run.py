@@ -292,6 +292,24 @@ def _fake_wheel(folder, dist, version, module):
             z.writestr(name, text)
 
 
+def test_compile_goes_on_the_fastest_core_rung_of_its_precision():
+    """The compile part reads the core's ladder: FA3's FP8 attention when that rung was the fastest FP8 one (a bf16
+    rung, faster or not, is another precision), the runtime's own attention otherwise, as rungs.py when none ran."""
+    from types import SimpleNamespace
+
+    suite = _module("gpu_suite")
+    ms = {"fp8": 300.0, "fp8-attention": 250.0, "graphs": 100.0}
+    s = SimpleNamespace(core={"ladder": {k: {"kontext": {"ms_per_step": v}} for k, v in ms.items()}}, result={})
+    (rung,) = suite.compile_on_best(s)
+    assert rung.name == "compile" and rung.optimize.compile and rung.fa3 and rung.optimize.attention == "fa3-fp8"
+    assert s.result["compile_on"] == {"rung": "fp8-attention", "ms_per_step": 250.0, "attention": "fa3-fp8"}
+    s.core["ladder"]["fp8"]["kontext"]["ms_per_step"] = 200.0
+    (rung,) = suite.compile_on_best(s)
+    assert not rung.fa3 and s.result["compile_on"]["rung"] == "fp8"
+    s.core = {}
+    assert [r.name for r in suite.compile_on_best(s)] == _rungs("compile") and s.result["compile_on"]["rung"] is None
+
+
 def test_a_repacked_wheel_installs_offline_with_the_same_files(tmp_path):
     """wheels.py repack (LZMA for big members, how FlashAttention-3's wheel fits the carry): the members and their
     bytes unchanged, the big one LZMA, and pip installs it offline (pip reads wheels with zipfile)."""

@@ -37,7 +37,7 @@ import json
 import os
 import platform
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -84,6 +84,7 @@ PHASES = {  # in order, the rungs' from rungs.py; core() and compile_part() run 
         *("setup", "triton-backend", "model"),
         *("fp8-convert",) * COMPILE_FP8,
         "compile-blocks",
+        "fa3-probe",  # only when the fastest core rung ran FA3 (compile_on_best)
         *(r.name for r in rungs("compile")),
     ),
 }
@@ -277,8 +278,30 @@ def compile_part(s: Suite) -> None:
     if COMPILE_FP8:
         r.run("fp8-convert", lambda: s.fp8_convert(keep_reference=False), needs=["model", "triton-backend"])
     r.run("compile-blocks", s.compile_blocks, needs=["fp8-convert"] if COMPILE_FP8 else ["model", "triton-backend"])
-    for rung in rungs("compile"):  # inductor compiles on first use, inside the rung's warm-up loops
+    chosen = compile_on_best(s)
+    if any(rung.fa3 for rung in chosen):
+        r.run("fa3-probe", s.fa3_probe, needs=["setup"])
+    for rung in chosen:  # inductor compiles on first use, inside the rung's warm-up loops
         s.run_rung(rung)
+
+
+def compile_on_best(s: Suite) -> list[Rung]:
+    """The compile rungs on the attention of the fastest core rung of their precision that the core part timed
+    (its suite.json, written earlier in the same run): torch.compile goes on top of the best one, FA3 included
+    where FA3 won. As rungs.py has them when the core part timed none (the record says which it took)."""
+    ladder = s.core.get("ladder", {})
+    timed = [
+        (ladder[r.name]["kontext"]["ms_per_step"], r)
+        for r in rungs("core", COMPILE_FP8)
+        if "kontext" in ladder.get(r.name, {})
+    ]
+    if not timed:
+        s.result["compile_on"] = {"rung": None, "why": "the core part timed no rung of this precision"}
+        return list(rungs("compile"))
+    ms, best = min(timed, key=lambda t: t[0])
+    attention = best.optimize.attention
+    s.result["compile_on"] = {"rung": best.name, "ms_per_step": ms, "attention": str(attention)}
+    return [replace(r, optimize=replace(r.optimize, attention=attention)) for r in rungs("compile")]
 
 
 def parse(argv):
