@@ -293,21 +293,12 @@ def gelu_quant_section(shape, device, reps, copy_gbs):
                 "scales_differing": int((sq != sr).sum()),
             },
             "timings": {
-                "triton": _timed(
-                    lambda a=attn, m=mlp_in: gelu_quant.gelu_quantize_rows(a, m),
-                    device,
-                    reps,
-                    nbytes=nbytes,
-                    copy_gbs=copy_gbs,
-                ),
-                "gelu+cat+triton quantize_rows": _timed(triton_unfused, device, reps, nbytes=nbytes, copy_gbs=copy_gbs),
-                "eager": _timed(
-                    lambda a=attn, m=mlp_in: reference.gelu_quantize_rows(a, m),
-                    device,
-                    reps,
-                    nbytes=nbytes,
-                    copy_gbs=copy_gbs,
-                ),
+                name: _timed(fn, device, reps, nbytes=nbytes, copy_gbs=copy_gbs)
+                for name, fn in (
+                    ("triton", lambda a=attn, m=mlp_in: gelu_quant.gelu_quantize_rows(a, m)),
+                    ("gelu+cat+triton quantize_rows", triton_unfused),
+                    ("eager", lambda a=attn, m=mlp_in: reference.gelu_quantize_rows(a, m)),
+                )
             },
         }
         if device == "cuda":
